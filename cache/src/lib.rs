@@ -1,0 +1,1 @@
+//! lc cache engine
