@@ -1,1 +1,32 @@
-//! lc cache engine
+//! lc's cache engine: the dm-lc log-structured write-back cache as a userspace library.
+//!
+//! One *cache device* (fast) holds a superblock and a ring of segments; up to 255
+//! *backing devices* (slow) are cached through it. Writes are appended to the open
+//! segment in RAM, sealed segments are written to the ring by the flusher thread, and
+//! dirty lines are written back to the backing devices by the writeback thread. After a
+//! crash, [`Cache::open`] replays the valid part of the log. `docs/FORMAT.md` describes
+//! the on-disk records and `docs/DESIGN.md` the data path, threads and lock order.
+//!
+//! The engine knows nothing of SCSI or TCMU.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod device;
+mod engine;
+pub mod error;
+mod flush;
+pub mod format;
+pub mod index;
+mod recovery;
+pub mod stats;
+pub mod testing;
+pub mod tunables;
+mod writeback;
+
+pub use device::{BlockDevice, FileDevice, MemDevice};
+pub use engine::{Backing, Cache, DrainProgress, OpenOptions};
+pub use error::{Error, Result};
+pub use format::Geometry;
+pub use recovery::{format_device, probe, FormatOptions, RecoveryReport};
+pub use stats::Stats;
+pub use tunables::Tunables;

@@ -1,0 +1,898 @@
+//! The engine's shared state and its user-facing operations: write, read, flush,
+//! discard, drain, tunables, stats, close.
+//!
+//! Invariants (all under `Inner::state`):
+//! - `index` maps every cached (device, line) to its newest copy; a copy's dirty bits
+//!   include the dirty bits of every older copy of the same line (partial writes merge).
+//! - Segment ids `wb_id < id <= flushed_id` are on the cache device and dirty; ids in
+//!   `ram` (sealed, maybe being written) and the open segment are in RAM.
+//! - The slot of segment `id` may be written only when `id <= wb_id + nr_segments`,
+//!   where `wb_id` is the id persisted in the superblock: a crash never finds a reused
+//!   slot that recovery still needs.
+//! - A read that found a line on the cache device is valid only if that segment's slot
+//!   was not reused meanwhile: `loc.seg + nr_segments > write_started_id`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use slog::{info, o, warn, Logger};
+
+use crate::device::{AlignedBuf, BlockDevice};
+use crate::error::{Error, Result};
+use crate::format::{
+    crc, Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR,
+    SECTORS_PER_LINE,
+};
+use crate::index::{key, Index, Loc};
+use crate::stats::{counter_index, Counters, Stats};
+use crate::tunables::Tunables;
+
+/// A backing device handed to [`Cache::open`].
+#[derive(Clone)]
+pub struct Backing {
+    /// Device id, 0..=254, unique within a cache; recorded with the dirty lines.
+    pub id: u8,
+    /// The device.
+    pub dev: Arc<dyn BlockDevice>,
+    /// A label identifying it across restarts (up to 32 bytes; e.g. the LUN name).
+    pub label: String,
+}
+
+/// Options for [`Cache::open`].
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Segment buffers in RAM (at least 2). Default: 64 MiB worth.
+    pub ram_buffers: Option<usize>,
+    /// Initial tunables.
+    pub tunables: Tunables,
+    /// Logger; the engine logs state changes and errors, never per I/O.
+    pub logger: Logger,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            ram_buffers: None,
+            tunables: Tunables::default(),
+            logger: Logger::root(slog::Discard, o!()),
+        }
+    }
+}
+
+/// Progress of a [`Cache::drain`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Dirty lines of the device when the drain started (grows if more arrive).
+    pub total: u64,
+    /// Dirty lines left.
+    pub remaining: u64,
+}
+
+/// The segment being filled.
+pub(crate) struct OpenSeg {
+    pub id: u64,
+    pub buf: AlignedBuf,
+    pub entries: Vec<Entry>,
+    pub last_write: Instant,
+}
+
+/// A sealed segment: header encoded in `buf`, immutable until flushed.
+pub(crate) struct Sealed {
+    pub id: u64,
+    pub buf: AlignedBuf,
+    pub len: usize,
+}
+
+pub(crate) struct BackingSlot {
+    pub dev: Arc<dyn BlockDevice>,
+    pub label: String,
+    pub dirty: u64,
+    pub needs_flush: bool,
+}
+
+pub(crate) struct State {
+    pub index: Index,
+    pub backing: Vec<Option<BackingSlot>>,
+    pub open: Option<OpenSeg>,
+    pub next_id: u64,
+    pub ram: BTreeMap<u64, Arc<Sealed>>,
+    pub pool: Vec<AlignedBuf>,
+    pub ram_buffers: usize,
+    pub prev_crc: u32,
+    pub write_started_id: u64,
+    pub flushed_id: u64,
+    pub wb_id: u64,
+    pub sb_seq: u64,
+    /// Earliest pending flush request and the highest segment id it waits for.
+    pub flush_req: Option<(Instant, u64)>,
+    pub seal_requested: bool,
+    pub need_space: bool,
+    pub drains: u32,
+    pub commit_requested: bool,
+    pub tunables: Tunables,
+    pub counters: Counters,
+    pub cache_bytes_written: u64,
+    pub backing_bytes_written: u64,
+    pub partial_segments: u64,
+    pub failed: Option<String>,
+    pub stop_flush: bool,
+    pub stop_writeback: bool,
+}
+
+pub(crate) struct Inner {
+    pub cache: Arc<dyn BlockDevice>,
+    pub geo: Geometry,
+    pub uuid: [u8; 16],
+    pub nonce: u64,
+    pub state: Mutex<State>,
+    /// Wakes callers waiting for buffers, flush progress or drain progress.
+    pub io_cv: Condvar,
+    /// Wakes the flusher and writeback threads.
+    pub worker_cv: Condvar,
+    pub log: Logger,
+}
+
+/// A cache: one cache device fronting up to 255 backing devices.
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    closed: bool,
+}
+
+enum Src {
+    Backing,
+    Zero,
+    Ram(Box<[u8; LINE as usize]>, u8),
+    Disk(Loc),
+}
+
+fn sector_mask(first: u64, count: u64) -> u8 {
+    debug_assert!(first + count <= SECTORS_PER_LINE && count > 0);
+    let m = if count == 8 {
+        0xffu16
+    } else {
+        (1u16 << count) - 1
+    };
+    (m << first) as u8
+}
+
+impl Inner {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn wait_io<'a>(
+        &self,
+        g: MutexGuard<'a, State>,
+        t: Duration,
+    ) -> MutexGuard<'a, State> {
+        self.io_cv
+            .wait_timeout(g, t)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    fn cache_desc(&self) -> String {
+        self.cache.describe()
+    }
+
+    /// Seals the open segment (if it has lines): encodes its header, moves it to `ram`.
+    pub(crate) fn seal(&self, st: &mut State) {
+        let has_lines = st.open.as_ref().is_some_and(|o| !o.entries.is_empty());
+        if !has_lines {
+            return;
+        }
+        let mut o = st.open.take().expect("open segment");
+        let hl = self.geo.header_len();
+        let n = o.entries.len();
+        let len = hl + n * LINE as usize;
+        let data_crc = crc(&o.buf[hl..len]);
+        let hdr = SegmentHeader {
+            id: o.id,
+            lap: self.geo.lap(o.id),
+            nonce: self.nonce,
+            prev_crc: st.prev_crc,
+            data_crc,
+            uuid: self.uuid,
+            entries: std::mem::take(&mut o.entries),
+        };
+        st.prev_crc = hdr.encode_into(&mut o.buf[..hl]);
+        if n < self.geo.lines_per_segment as usize {
+            st.partial_segments += 1;
+        }
+        st.ram.insert(
+            o.id,
+            Arc::new(Sealed {
+                id: o.id,
+                buf: o.buf,
+                len,
+            }),
+        );
+        self.worker_cv.notify_all();
+    }
+
+    /// Makes sure an open segment with a free line exists, sealing a full one and
+    /// taking a buffer from the pool. Returns `false` when no buffer is free (all are
+    /// sealed and waiting for the flusher); the caller waits on `io_cv` and retries.
+    fn ensure_open(&self, st: &mut State) -> bool {
+        if let Some(o) = &st.open {
+            if o.entries.len() < self.geo.lines_per_segment as usize {
+                return true;
+            }
+            self.seal(st);
+        }
+        match st.pool.pop() {
+            Some(buf) => {
+                let id = st.next_id;
+                st.next_id += 1;
+                st.open = Some(OpenSeg {
+                    id,
+                    buf,
+                    entries: Vec::with_capacity(self.geo.lines_per_segment as usize),
+                    last_write: Instant::now(),
+                });
+                true
+            }
+            None => {
+                self.worker_cv.notify_all();
+                false
+            }
+        }
+    }
+
+    fn slot_reused(&self, st: &State, seg: u64) -> bool {
+        seg + self.geo.nr_segments <= st.write_started_id
+    }
+
+    /// Copies line `slot` of an in-RAM segment.
+    fn ram_line(&self, st: &State, loc: Loc) -> Option<Box<[u8; LINE as usize]>> {
+        let start = |slot: u16| self.geo.header_len() + slot as usize * LINE as usize;
+        let mut out = Box::new([0u8; LINE as usize]);
+        if let Some(o) = st.open.as_ref().filter(|o| o.id == loc.seg) {
+            let s = start(loc.slot);
+            out.copy_from_slice(&o.buf[s..s + LINE as usize]);
+            return Some(out);
+        }
+        let seg = st.ram.get(&loc.seg)?;
+        let s = start(loc.slot);
+        out.copy_from_slice(&seg.buf[s..s + LINE as usize]);
+        Some(out)
+    }
+
+    fn read_cache_line(&self, loc: Loc, buf: &mut [u8]) -> Result<()> {
+        let off = self.geo.line_offset(loc.seg, loc.slot as u32);
+        self.cache
+            .read_at(buf, off)
+            .map_err(|e| Error::io(&self.cache_desc(), off, e))
+    }
+
+    fn check_range(
+        &self,
+        st: &State,
+        dev: u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        let bs = self.geo.block_size as u64;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Error::Invalid(format!(
+                "offset {offset} / length {len} not aligned to the {bs}-byte block size"
+            )));
+        }
+        let b = st
+            .backing
+            .get(dev as usize)
+            .and_then(|b| b.as_ref())
+            .ok_or_else(|| Error::Invalid(format!("backing device {dev} is not attached")))?;
+        match offset.checked_add(len) {
+            Some(end) if end <= b.dev.size() => Ok(b.dev.clone()),
+            _ => Err(Error::Invalid(format!(
+                "range {offset}+{len} beyond the end of backing device {dev} ({} bytes)",
+                b.dev.size()
+            ))),
+        }
+    }
+
+    /// Writes the sectors `mask` of one line; `data` holds exactly those sectors.
+    /// Returns the id of the segment that holds the line.
+    fn write_line(&self, dev: u8, line: u64, first: u64, data: &[u8], tomb: bool) -> Result<u64> {
+        let count = data.len() as u64 / SECTOR;
+        let mask = if tomb {
+            FULL_LINE
+        } else {
+            sector_mask(first, count)
+        };
+        let k = key(dev, line);
+        let mut st = self.lock();
+        // A line read from the cache device while the lock was released.
+        let mut fetched: Option<(Loc, Box<[u8; LINE as usize]>)> = None;
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            if !self.ensure_open(&mut st) {
+                st = self.wait_io(st, Duration::from_millis(100));
+                continue;
+            }
+            let old = st.index.get(k);
+            let open_id = st.open.as_ref().expect("open").id;
+            let hl = self.geo.header_len();
+            // Overwrite in place in the open segment.
+            if let Some(loc) = old.filter(|l| l.seg == open_id) {
+                let o = st.open.as_mut().expect("open");
+                let s = hl + loc.slot as usize * LINE as usize;
+                let line_buf = &mut o.buf[s..s + LINE as usize];
+                let e = &mut o.entries[loc.slot as usize];
+                let (dirty, flags) = if tomb {
+                    line_buf.fill(0);
+                    (0, ENTRY_TOMBSTONE)
+                } else {
+                    if loc.tomb {
+                        line_buf.fill(0);
+                    }
+                    let at = (first * SECTOR) as usize;
+                    line_buf[at..at + data.len()].copy_from_slice(data);
+                    (
+                        if loc.tomb {
+                            FULL_LINE
+                        } else {
+                            loc.dirty | mask
+                        },
+                        0,
+                    )
+                };
+                e.dirty = dirty;
+                e.flags = flags;
+                o.last_write = Instant::now();
+                st.index.insert(
+                    k,
+                    Loc {
+                        dirty,
+                        tomb: flags != 0,
+                        ..loc
+                    },
+                );
+                if !tomb {
+                    st.counters[counter_index(true, true, true, mask == FULL_LINE)] += 1;
+                }
+                return Ok(open_id);
+            }
+            // Older data this partial write must keep.
+            let mut base: Option<Box<[u8; LINE as usize]>> = None;
+            let mut base_bits = 0u8;
+            if !tomb && mask != FULL_LINE {
+                if let Some(loc) = old {
+                    if loc.tomb {
+                        base = Some(Box::new([0u8; LINE as usize]));
+                        base_bits = FULL_LINE;
+                    } else if loc.dirty & !mask != 0 {
+                        if let Some(b) = self.ram_line(&st, loc) {
+                            base = Some(b);
+                        } else if let Some((_, b)) = fetched.take().filter(|(l, _)| *l == loc) {
+                            base = Some(b);
+                        } else {
+                            drop(st);
+                            let mut b = Box::new([0u8; LINE as usize]);
+                            let r = self.read_cache_line(loc, &mut b[..]);
+                            st = self.lock();
+                            r?;
+                            if !self.slot_reused(&st, loc.seg) {
+                                fetched = Some((loc, b));
+                            }
+                            continue;
+                        }
+                        base_bits = loc.dirty;
+                    }
+                }
+            }
+            let o = st.open.as_mut().expect("open");
+            let slot = o.entries.len();
+            let s = hl + slot * LINE as usize;
+            let line_buf = &mut o.buf[s..s + LINE as usize];
+            match &base {
+                Some(b) => line_buf.copy_from_slice(&b[..]),
+                None => line_buf.fill(0),
+            }
+            let (dirty, flags) = if tomb {
+                (0, ENTRY_TOMBSTONE)
+            } else {
+                let at = (first * SECTOR) as usize;
+                line_buf[at..at + data.len()].copy_from_slice(data);
+                (base_bits | mask, 0)
+            };
+            o.entries.push(Entry {
+                sector: line * SECTORS_PER_LINE,
+                dev,
+                dirty,
+                flags,
+            });
+            o.last_write = Instant::now();
+            let loc = Loc {
+                seg: open_id,
+                slot: slot as u16,
+                dirty,
+                tomb,
+            };
+            if st.index.insert(k, loc).is_none() {
+                if let Some(b) = st.backing[dev as usize].as_mut() {
+                    b.dirty += 1;
+                }
+            }
+            if !tomb {
+                let on_ram = old.is_some_and(|l| st.ram.contains_key(&l.seg));
+                st.counters[counter_index(true, old.is_some(), on_ram, mask == FULL_LINE)] += 1;
+            }
+            return Ok(open_id);
+        }
+    }
+
+    /// Waits until segment `target` and all before it are on the cache device and the
+    /// cache device was flushed.
+    pub(crate) fn wait_durable(&self, target: u64) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.flushed_id >= target {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            if st.open.as_ref().is_some_and(|o| o.id <= target) {
+                let now = Instant::now();
+                st.flush_req = Some(match st.flush_req {
+                    Some((t, m)) => (t, m.max(target)),
+                    None => (now, target),
+                });
+            }
+            self.worker_cv.notify_all();
+            st = self.wait_io(st, Duration::from_millis(50));
+        }
+    }
+}
+
+impl Cache {
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Cache {
+        let mut threads = Vec::new();
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("lc-flush".into())
+                .spawn(move || crate::flush::run(&i))
+                .expect("spawn lc-flush"),
+        );
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("lc-writeback".into())
+                .spawn(move || crate::writeback::run(&i))
+                .expect("spawn lc-writeback"),
+        );
+        Cache {
+            inner,
+            threads,
+            closed: false,
+        }
+    }
+
+    /// The cache's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.inner.geo
+    }
+
+    /// Size in bytes of backing device `dev`, if attached.
+    pub fn backing_size(&self, dev: u8) -> Option<u64> {
+        let st = self.inner.lock();
+        st.backing
+            .get(dev as usize)
+            .and_then(|b| b.as_ref())
+            .map(|b| b.dev.size())
+    }
+
+    /// Writes `data` at byte `offset` of backing device `dev` through the cache.
+    /// Completes once the data is in RAM; with `fua`, once it is durable on the cache
+    /// device.
+    pub fn write(&self, dev: u8, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        {
+            let st = self.inner.lock();
+            self.inner
+                .check_range(&st, dev, offset, data.len() as u64)?;
+        }
+        let mut last_seg = 0;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let line = off / LINE;
+            let in_line = off % LINE;
+            let n = ((LINE - in_line) as usize).min(data.len() - pos);
+            let seg =
+                self.inner
+                    .write_line(dev, line, in_line / SECTOR, &data[pos..pos + n], false)?;
+            last_seg = last_seg.max(seg);
+            pos += n;
+        }
+        if fua && last_seg > 0 {
+            self.inner.wait_durable(last_seg)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset` of backing device `dev`.
+    pub fn read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        let backing = {
+            let st = inner.lock();
+            inner.check_range(&st, dev, offset, buf.len() as u64)?
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first_line = offset / LINE;
+        let last_line = (offset + buf.len() as u64 - 1) / LINE;
+        'retry: loop {
+            // 1. Plan every line under the lock; copy RAM-resident data now.
+            let mut plan: Vec<Src> = Vec::with_capacity((last_line - first_line + 1) as usize);
+            {
+                let mut st = inner.lock();
+                for line in first_line..=last_line {
+                    let full =
+                        offset <= line * LINE && (line + 1) * LINE <= offset + buf.len() as u64;
+                    let src = match st.index.get(key(dev, line)) {
+                        None => Src::Backing,
+                        Some(l) if l.tomb => Src::Zero,
+                        Some(l) => match inner.ram_line(&st, l) {
+                            Some(b) => Src::Ram(b, l.dirty),
+                            None => Src::Disk(l),
+                        },
+                    };
+                    let (hit, on_ram) = match &src {
+                        Src::Backing => (false, false),
+                        Src::Ram(..) => (true, true),
+                        _ => (true, false),
+                    };
+                    st.counters[counter_index(false, hit, on_ram, full)] += 1;
+                    plan.push(src);
+                }
+            }
+            // 2. Backing reads for every run of lines that needs backing data.
+            let needs_backing = |s: &Src| match s {
+                Src::Backing => true,
+                Src::Zero => false,
+                Src::Ram(_, d) => *d != FULL_LINE,
+                Src::Disk(l) => l.dirty != FULL_LINE,
+            };
+            let mut i = 0;
+            while i < plan.len() {
+                if !needs_backing(&plan[i]) {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j + 1 < plan.len() && needs_backing(&plan[j + 1]) {
+                    j += 1;
+                }
+                let start = ((first_line + i as u64) * LINE).max(offset);
+                let end = ((first_line + j as u64 + 1) * LINE).min(offset + buf.len() as u64);
+                let bo = (start - offset) as usize;
+                let be = (end - offset) as usize;
+                backing
+                    .read_at(&mut buf[bo..be], start)
+                    .map_err(|e| Error::io(&backing.describe(), start, e))?;
+                i = j + 1;
+            }
+            // 3. Cache-device reads for lines that live there.
+            let mut disk: Vec<(usize, Box<[u8; LINE as usize]>)> = Vec::new();
+            for (i, s) in plan.iter().enumerate() {
+                if let Src::Disk(l) = s {
+                    let mut b = Box::new([0u8; LINE as usize]);
+                    inner.read_cache_line(*l, &mut b[..])?;
+                    disk.push((i, b));
+                }
+            }
+            if !disk.is_empty() {
+                let st = inner.lock();
+                for s in &plan {
+                    if let Src::Disk(l) = s {
+                        if inner.slot_reused(&st, l.seg) {
+                            continue 'retry;
+                        }
+                    }
+                }
+            }
+            // 4. Overlay cached sectors.
+            let mut disk_iter = disk.into_iter();
+            for (i, s) in plan.into_iter().enumerate() {
+                let line = first_line + i as u64;
+                let (data, bits): (Box<[u8; LINE as usize]>, u8) = match s {
+                    Src::Backing => continue,
+                    Src::Zero => (Box::new([0u8; LINE as usize]), FULL_LINE),
+                    Src::Ram(b, d) => (b, d),
+                    Src::Disk(l) => (disk_iter.next().expect("disk line").1, l.dirty),
+                };
+                for sec in 0..SECTORS_PER_LINE {
+                    if bits & (1 << sec) == 0 {
+                        continue;
+                    }
+                    let s_off = line * LINE + sec * SECTOR;
+                    if s_off < offset || s_off + SECTOR > offset + buf.len() as u64 {
+                        continue;
+                    }
+                    let bo = (s_off - offset) as usize;
+                    let lo = (sec * SECTOR) as usize;
+                    buf[bo..bo + SECTOR as usize].copy_from_slice(&data[lo..lo + SECTOR as usize]);
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    /// Makes every write completed before this call durable (SCSI SYNCHRONIZE CACHE).
+    pub fn flush(&self) -> Result<()> {
+        let (target, to_flush) = {
+            let mut st = self.inner.lock();
+            let target = last_written_id(&st);
+            let mut devs = Vec::new();
+            for b in st.backing.iter_mut().flatten() {
+                if b.needs_flush {
+                    b.needs_flush = false;
+                    devs.push(b.dev.clone());
+                }
+            }
+            (target, devs)
+        };
+        for d in to_flush {
+            d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+        }
+        self.inner.wait_durable(target)
+    }
+
+    /// Discards a range: cached lines in it are dropped (dirty ones too, through discard
+    /// records in the log) and the discard is passed to the backing device. Afterwards
+    /// the range reads as zeros.
+    pub fn discard(&self, dev: u8, offset: u64, len: u64) -> Result<()> {
+        let backing = {
+            let st = self.inner.lock();
+            self.inner.check_range(&st, dev, offset, len)?
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let full_start = offset.div_ceil(LINE) * LINE;
+        let full_end = end / LINE * LINE;
+        // Partial lines at either end are written as zeros through the log.
+        if full_start >= full_end {
+            self.write(dev, offset, &vec![0u8; len as usize], false)?;
+            return Ok(());
+        }
+        let zeros = vec![0u8; LINE as usize];
+        if offset < full_start {
+            self.write(dev, offset, &zeros[..(full_start - offset) as usize], false)?;
+        }
+        if full_end < end {
+            self.write(dev, full_end, &zeros[..(end - full_end) as usize], false)?;
+        }
+        let (l0, l1) = (full_start / LINE, full_end / LINE);
+        let cached: Vec<u64> = {
+            let st = self.inner.lock();
+            if l1 - l0 <= st.index.len() as u64 {
+                (l0..l1)
+                    .filter(|&l| st.index.get(key(dev, l)).is_some())
+                    .collect()
+            } else {
+                let mut v: Vec<u64> = st
+                    .index
+                    .iter()
+                    .map(|(k, _)| crate::index::unkey(k))
+                    .filter(|&(d, l)| d == dev && l >= l0 && l < l1)
+                    .map(|(_, l)| l)
+                    .collect();
+                v.sort_unstable();
+                v
+            }
+        };
+        for line in cached {
+            self.inner.write_line(dev, line, 0, &[], true)?;
+        }
+        backing
+            .discard(full_start, full_end - full_start)
+            .map_err(|e| Error::io(&backing.describe(), full_start, e))?;
+        let mut st = self.inner.lock();
+        if let Some(b) = st.backing[dev as usize].as_mut() {
+            b.needs_flush = true;
+        }
+        Ok(())
+    }
+
+    /// Writes back every dirty line of backing device `dev` (the detach step), calling
+    /// `progress` as lines are written back; returns when the device has no dirty line.
+    pub fn drain(&self, dev: u8, progress: &mut dyn FnMut(DrainProgress)) -> Result<()> {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        if st
+            .backing
+            .get(dev as usize)
+            .and_then(|b| b.as_ref())
+            .is_none()
+        {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} is not attached"
+            )));
+        }
+        st.drains += 1;
+        let mut total = st.backing[dev as usize].as_ref().map_or(0, |b| b.dirty);
+        info!(inner.log, "drain started"; "dev" => dev, "dirty_lines" => total);
+        let result = loop {
+            let remaining = st.backing[dev as usize].as_ref().map_or(0, |b| b.dirty);
+            total = total.max(remaining);
+            drop(st);
+            progress(DrainProgress { total, remaining });
+            st = inner.lock();
+            if remaining == 0 {
+                break Ok(());
+            }
+            if let Some(f) = &st.failed {
+                break Err(Error::Failed(f.clone()));
+            }
+            if st.open.as_ref().is_some_and(|o| !o.entries.is_empty()) {
+                st.seal_requested = true;
+            }
+            inner.worker_cv.notify_all();
+            st = inner.wait_io(st, Duration::from_millis(100));
+        };
+        st.drains -= 1;
+        info!(inner.log, "drain finished"; "dev" => dev, "ok" => result.is_ok());
+        result
+    }
+
+    /// Seals the open segment and waits until everything written so far is durable.
+    pub fn seal_now(&self) -> Result<()> {
+        let target = {
+            let mut st = self.inner.lock();
+            self.inner.seal(&mut st);
+            last_written_id(&st)
+        };
+        self.inner.wait_durable(target)
+    }
+
+    /// Writes the superblock now and waits for it.
+    pub fn commit_superblock(&self) -> Result<()> {
+        let mut st = self.inner.lock();
+        let seq = st.sb_seq;
+        st.commit_requested = true;
+        self.inner.worker_cv.notify_all();
+        while st.sb_seq == seq {
+            if let Some(f) = &st.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            st = self.inner.wait_io(st, Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Resets the access counters.
+    pub fn clear_stats(&self) {
+        self.inner.lock().counters = [0; 16];
+    }
+
+    /// Sets a tunable by name (see [`Tunables::set`]).
+    pub fn set_tunable(&self, key: &str, value: &str) -> Result<()> {
+        let mut st = self.inner.lock();
+        let mut t = st.tunables.clone();
+        t.set(key, value)?;
+        st.tunables = t;
+        info!(self.inner.log, "tunable set"; "key" => key, "value" => value);
+        self.inner.worker_cv.notify_all();
+        Ok(())
+    }
+
+    /// The current tunables.
+    pub fn tunables(&self) -> Tunables {
+        self.inner.lock().tunables.clone()
+    }
+
+    /// A statistics snapshot.
+    pub fn stats(&self) -> Stats {
+        let st = self.inner.lock();
+        let seg = self.inner.geo.segment_size as u64;
+        let buffers = st.pool.len() + st.ram.len() + st.open.is_some() as usize;
+        Stats {
+            counters: st.counters,
+            dirty_lines: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.dirty)))
+                .collect(),
+            last_flushed_id: st.flushed_id,
+            last_writeback_id: st.wb_id,
+            open_segment_id: st.open.as_ref().map_or(st.next_id, |o| o.id),
+            nr_segments: self.inner.geo.nr_segments,
+            dirty_segments: (st.next_id - 1 - st.wb_id)
+                + st.open
+                    .as_ref()
+                    .map_or(0, |o| (!o.entries.is_empty()) as u64),
+            cache_bytes_written: st.cache_bytes_written,
+            backing_bytes_written: st.backing_bytes_written,
+            ram_bytes: buffers.max(st.ram_buffers) as u64 * seg + st.index.memory_bytes() as u64,
+            index_bytes: st.index.memory_bytes() as u64,
+            index_entries: st.index.len() as u64,
+            partial_segments: st.partial_segments,
+        }
+    }
+
+    /// The error that stopped the cache, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.lock().failed.clone()
+    }
+
+    /// Flushes everything, writes the superblock and stops the worker threads.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        {
+            let mut st = self.inner.lock();
+            st.stop_flush = true;
+            self.inner.worker_cv.notify_all();
+        }
+        // threads[0] is the flusher: it seals and writes everything before writeback stops.
+        if !self.threads.is_empty() {
+            let _ = self.threads.remove(0).join();
+        }
+        {
+            let mut st = self.inner.lock();
+            st.stop_writeback = true;
+            self.inner.worker_cv.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let st = self.inner.lock();
+        match &st.failed {
+            Some(f) => {
+                warn!(self.inner.log, "cache closed after failure"; "error" => f.as_str());
+                Err(Error::Failed(f.clone()))
+            }
+            None => {
+                info!(self.inner.log, "cache closed"; "last_flushed_id" => st.flushed_id,
+                      "last_writeback_id" => st.wb_id);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Id of the newest segment holding any line (the open one only if it has lines).
+fn last_written_id(st: &State) -> u64 {
+    match &st.open {
+        Some(o) if !o.entries.is_empty() => o.id,
+        Some(o) => o.id - 1,
+        None => st.next_id - 1,
+    }
+}
+
+pub(crate) fn backing_table(st: &State) -> Vec<Option<crate::format::BackingRecord>> {
+    let mut v = vec![None; MAX_BACKING];
+    for (i, b) in st.backing.iter().enumerate() {
+        if let Some(b) = b {
+            v[i] = Some(crate::format::BackingRecord {
+                size: b.dev.size(),
+                label: b.label.clone(),
+            });
+        }
+    }
+    v
+}

@@ -1,0 +1,486 @@
+//! On-disk format v1: geometry, the superblock and segment headers, with explicit
+//! little-endian encoding and crc32c checksums. `docs/FORMAT.md` is the reference for
+//! every field; the tests here pin the sizes and offsets it gives.
+//!
+//! Layout of a cache device (S = segment size):
+//! ```text
+//! [0, S)              superblock region: copy A at 0, copy B at SB_COPY_SIZE
+//! [S*(1+k), S*(2+k))  segment slot k, k in 0..nr_segments
+//! ```
+//! A segment is a header of `header_blocks` 4 KiB blocks followed by up to
+//! `lines_per_segment` 4 KiB cache lines.
+
+use crate::error::{Error, Result};
+
+/// Bytes per sector: the unit of backing-device addresses and dirty bits.
+pub const SECTOR: u64 = 512;
+/// Bytes per cache line.
+pub const LINE: u64 = 4096;
+/// Sectors per cache line (one dirty bit each).
+pub const SECTORS_PER_LINE: u64 = LINE / SECTOR;
+/// All dirty bits set.
+pub const FULL_LINE: u8 = 0xff;
+/// The on-disk format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Superblock magic.
+pub const SB_MAGIC: [u8; 8] = *b"lcCACHE\0";
+/// Segment header magic.
+pub const SEG_MAGIC: [u8; 8] = *b"lcSEGHD\0";
+/// Bytes of one superblock copy.
+pub const SB_COPY_SIZE: usize = 16384;
+/// Entries in the backing-device table (device ids 0..=254).
+pub const MAX_BACKING: usize = 255;
+/// Smallest and largest segment sizes.
+pub const MIN_SEGMENT: u32 = 64 << 10;
+/// Largest segment size.
+pub const MAX_SEGMENT: u32 = 4 << 20;
+/// Fixed part of a segment header, before the entries.
+pub const SEG_FIXED: usize = 64;
+/// Bytes per segment-header entry.
+pub const ENTRY_SIZE: usize = 16;
+/// Entry flag: the line is a discard record (tombstone) with no data.
+pub const ENTRY_TOMBSTONE: u8 = 1;
+
+const SB_TABLE_OFF: usize = 128;
+const SB_ENTRY_SIZE: usize = 48;
+const SB_LABEL_LEN: usize = 32;
+const SB_CRC_OFF: usize = SB_COPY_SIZE - 4;
+
+/// crc32c of `data`.
+pub fn crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+fn le_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The fixed shape of a formatted cache device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Logical block size exposed to users: 512 or 4096.
+    pub block_size: u32,
+    /// Segment size in bytes: a power of two in [`MIN_SEGMENT`, `MAX_SEGMENT`].
+    pub segment_size: u32,
+    /// Number of segment slots in the ring.
+    pub nr_segments: u64,
+    /// 4 KiB blocks taken by a segment header.
+    pub header_blocks: u32,
+    /// Cache lines per segment.
+    pub lines_per_segment: u32,
+}
+
+impl Geometry {
+    /// Computes the geometry for a device of `device_size` bytes, validating the inputs.
+    pub fn new(block_size: u32, segment_size: u32, device_size: u64) -> Result<Self> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(Error::Invalid(format!(
+                "block size {block_size}: must be 512 or 4096"
+            )));
+        }
+        if !segment_size.is_power_of_two() || !(MIN_SEGMENT..=MAX_SEGMENT).contains(&segment_size) {
+            return Err(Error::Invalid(format!(
+                "segment size {segment_size}: must be a power of two from 64 KiB to 4 MiB"
+            )));
+        }
+        let blocks = segment_size / LINE as u32;
+        let mut header_blocks = 1;
+        while SEG_FIXED + (blocks - header_blocks) as usize * ENTRY_SIZE + 4
+            > header_blocks as usize * LINE as usize
+        {
+            header_blocks += 1;
+        }
+        let slots = device_size / segment_size as u64;
+        if slots < 3 {
+            return Err(Error::Invalid(format!(
+                "device of {device_size} bytes too small: need at least 3 segments of {segment_size} bytes"
+            )));
+        }
+        Ok(Geometry {
+            block_size,
+            segment_size,
+            nr_segments: slots - 1,
+            header_blocks,
+            lines_per_segment: blocks - header_blocks,
+        })
+    }
+
+    /// Header length in bytes.
+    pub fn header_len(&self) -> usize {
+        self.header_blocks as usize * LINE as usize
+    }
+
+    /// Byte offset of segment `id` (ids start at 1) on the cache device.
+    pub fn segment_offset(&self, id: u64) -> u64 {
+        let slot = (id - 1) % self.nr_segments;
+        self.segment_size as u64 * (1 + slot)
+    }
+
+    /// Byte offset of line `slot` of segment `id`.
+    pub fn line_offset(&self, id: u64, slot: u32) -> u64 {
+        self.segment_offset(id) + self.header_len() as u64 + slot as u64 * LINE
+    }
+
+    /// The lap of segment `id`: how many times the ring has been walked when it is written.
+    pub fn lap(&self, id: u64) -> u64 {
+        (id - 1) / self.nr_segments + 1
+    }
+
+    /// Cache capacity in lines.
+    pub fn total_lines(&self) -> u64 {
+        self.nr_segments * self.lines_per_segment as u64
+    }
+}
+
+/// One row of the superblock's backing-device table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRecord {
+    /// Size of the backing device in bytes when it was attached.
+    pub size: u64,
+    /// A label identifying it (up to 32 bytes of UTF-8, e.g. a LUN name).
+    pub label: String,
+}
+
+/// The superblock (both copies hold the same fields; the newer valid `seq` wins).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Geometry fixed at format time.
+    pub geometry: Geometry,
+    /// Random id of this formatted cache; segment headers carry it too.
+    pub uuid: [u8; 16],
+    /// Commit sequence number; copy `seq % 2` is written.
+    pub seq: u64,
+    /// Every segment with an id at or below this has been written back.
+    pub last_writeback_id: u64,
+    /// Backing-device table indexed by device id.
+    pub backing: Vec<Option<BackingRecord>>,
+}
+
+impl Superblock {
+    /// Byte offset of the copy that commit number `seq` writes.
+    pub fn copy_offset(seq: u64) -> u64 {
+        (seq % 2) * SB_COPY_SIZE as u64
+    }
+
+    /// Encodes one superblock copy.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SB_COPY_SIZE];
+        b[0..8].copy_from_slice(&SB_MAGIC);
+        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 12, self.geometry.block_size);
+        put_u32(&mut b, 16, self.geometry.segment_size);
+        put_u32(&mut b, 20, self.geometry.header_blocks);
+        put_u32(&mut b, 24, self.geometry.lines_per_segment);
+        put_u64(&mut b, 32, self.geometry.nr_segments);
+        b[40..56].copy_from_slice(&self.uuid);
+        put_u64(&mut b, 56, self.seq);
+        put_u64(&mut b, 64, self.last_writeback_id);
+        for (id, rec) in self.backing.iter().enumerate().take(MAX_BACKING) {
+            if let Some(rec) = rec {
+                let off = SB_TABLE_OFF + id * SB_ENTRY_SIZE;
+                b[off] = id as u8;
+                b[off + 1] = 1;
+                put_u64(&mut b, off + 8, rec.size);
+                let label = rec.label.as_bytes();
+                let n = label.len().min(SB_LABEL_LEN);
+                b[off + 16..off + 16 + n].copy_from_slice(&label[..n]);
+            }
+        }
+        let c = crc(&b[..SB_CRC_OFF]);
+        put_u32(&mut b, SB_CRC_OFF, c);
+        b
+    }
+
+    /// Decodes one copy. `device` names the cache device in errors.
+    pub fn decode(b: &[u8], device: &str) -> Result<Self> {
+        let bad = |reason: String| Error::BadFormat {
+            device: device.to_string(),
+            reason,
+        };
+        if b.len() < SB_COPY_SIZE {
+            return Err(bad("superblock truncated".into()));
+        }
+        if b[0..8] != SB_MAGIC {
+            return Err(bad(
+                "no lc superblock (bad magic): not an lc cache device, or not formatted".into(),
+            ));
+        }
+        if le_u32(b, SB_CRC_OFF) != crc(&b[..SB_CRC_OFF]) {
+            return Err(bad("superblock checksum mismatch".into()));
+        }
+        let version = le_u32(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        let geometry = Geometry {
+            block_size: le_u32(b, 12),
+            segment_size: le_u32(b, 16),
+            header_blocks: le_u32(b, 20),
+            lines_per_segment: le_u32(b, 24),
+            nr_segments: le_u64(b, 32),
+        };
+        // Recompute from first principles: a superblock must describe a geometry we make.
+        let expect = Geometry::new(
+            geometry.block_size,
+            geometry.segment_size,
+            geometry.segment_size.max(1) as u64 * geometry.nr_segments.saturating_add(1),
+        )
+        .map_err(|e| bad(format!("superblock geometry invalid: {e}")))?;
+        if expect != geometry {
+            return Err(bad("superblock geometry inconsistent".into()));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[40..56]);
+        let mut backing = vec![None; MAX_BACKING];
+        for (id, slot) in backing.iter_mut().enumerate() {
+            let off = SB_TABLE_OFF + id * SB_ENTRY_SIZE;
+            if b[off + 1] == 1 {
+                let raw = &b[off + 16..off + 16 + SB_LABEL_LEN];
+                let end = raw.iter().position(|&c| c == 0).unwrap_or(SB_LABEL_LEN);
+                *slot = Some(BackingRecord {
+                    size: le_u64(b, off + 8),
+                    label: String::from_utf8_lossy(&raw[..end]).into_owned(),
+                });
+            }
+        }
+        Ok(Superblock {
+            geometry,
+            uuid,
+            seq: le_u64(b, 56),
+            last_writeback_id: le_u64(b, 64),
+            backing,
+        })
+    }
+}
+
+/// One cache line's record in a segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Backing sector (512-byte units) of the line's first sector; a multiple of 8.
+    pub sector: u64,
+    /// Backing device id.
+    pub dev: u8,
+    /// One bit per sector of the line that holds dirty data.
+    pub dirty: u8,
+    /// [`ENTRY_TOMBSTONE`] or 0.
+    pub flags: u8,
+}
+
+impl Entry {
+    /// True for a discard record.
+    pub fn is_tombstone(&self) -> bool {
+        self.flags & ENTRY_TOMBSTONE != 0
+    }
+}
+
+/// A segment header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Global segment id (1, 2, ...).
+    pub id: u64,
+    /// Lap of the ring; must equal `geometry.lap(id)`.
+    pub lap: u64,
+    /// Random per-open nonce of the session that wrote the segment.
+    pub nonce: u64,
+    /// crc32c of the previous segment's header (0 for the first after a clean ring).
+    pub prev_crc: u32,
+    /// crc32c of the used lines' data, `entries.len() * 4096` bytes.
+    pub data_crc: u32,
+    /// Cache uuid.
+    pub uuid: [u8; 16],
+    /// The used lines, in slot order.
+    pub entries: Vec<Entry>,
+}
+
+impl SegmentHeader {
+    /// Encodes into `out` (exactly `geometry.header_len()` bytes); returns the header crc.
+    pub fn encode_into(&self, out: &mut [u8]) -> u32 {
+        out.fill(0);
+        out[0..8].copy_from_slice(&SEG_MAGIC);
+        put_u32(out, 12, self.entries.len() as u32);
+        put_u64(out, 16, self.id);
+        put_u64(out, 24, self.lap);
+        put_u64(out, 32, self.nonce);
+        put_u32(out, 40, self.prev_crc);
+        put_u32(out, 44, self.data_crc);
+        out[48..64].copy_from_slice(&self.uuid);
+        for (i, e) in self.entries.iter().enumerate() {
+            let off = SEG_FIXED + i * ENTRY_SIZE;
+            put_u64(out, off, e.sector);
+            out[off + 8] = e.dev;
+            out[off + 9] = e.dirty;
+            out[off + 10] = e.flags;
+        }
+        let crc_off = out.len() - 4;
+        let c = crc(&out[..crc_off]);
+        put_u32(out, crc_off, c);
+        c
+    }
+
+    /// Decodes and validates a header against the geometry. Returns the header and its crc.
+    /// Any inconsistency is an error: recovery never trusts such a header.
+    pub fn decode(b: &[u8], g: &Geometry) -> std::result::Result<(Self, u32), String> {
+        let len = g.header_len();
+        if b.len() < len {
+            return Err("header truncated".into());
+        }
+        let b = &b[..len];
+        if b[0..8] != SEG_MAGIC {
+            return Err("bad segment magic".into());
+        }
+        let stored = le_u32(b, len - 4);
+        let c = crc(&b[..len - 4]);
+        if stored != c {
+            return Err("segment header checksum mismatch".into());
+        }
+        let n = le_u32(b, 12) as usize;
+        if n > g.lines_per_segment as usize {
+            return Err(format!("segment claims {n} lines"));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[48..64]);
+        let mut entries = Vec::with_capacity(n);
+        for i in 0..n {
+            let off = SEG_FIXED + i * ENTRY_SIZE;
+            let e = Entry {
+                sector: le_u64(b, off),
+                dev: b[off + 8],
+                dirty: b[off + 9],
+                flags: b[off + 10],
+            };
+            if !e.sector.is_multiple_of(SECTORS_PER_LINE)
+                || e.dev as usize >= MAX_BACKING
+                || e.flags & !ENTRY_TOMBSTONE != 0
+                || (e.dirty == 0) != e.is_tombstone()
+            {
+                return Err(format!("entry {i} malformed"));
+            }
+            entries.push(e);
+        }
+        Ok((
+            SegmentHeader {
+                id: le_u64(b, 16),
+                lap: le_u64(b, 24),
+                nonce: le_u64(b, 32),
+                prev_crc: le_u32(b, 40),
+                data_crc: le_u32(b, 44),
+                uuid,
+                entries,
+            },
+            c,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_matches_format_doc() {
+        // docs/FORMAT.md: 1 MiB segments have a 2-block header and 254 lines.
+        let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
+        assert_eq!(
+            (g.header_blocks, g.lines_per_segment, g.nr_segments),
+            (2, 254, 63)
+        );
+        let g = Geometry::new(4096, 64 << 10, 1 << 20).unwrap();
+        assert_eq!((g.header_blocks, g.lines_per_segment), (1, 15));
+        let g = Geometry::new(512, 4 << 20, 64 << 20).unwrap();
+        assert_eq!((g.header_blocks, g.lines_per_segment), (5, 1019));
+        assert_eq!(g.segment_offset(1), 4 << 20);
+        assert_eq!(g.segment_offset(1 + g.nr_segments), 4 << 20);
+        assert_eq!(g.lap(g.nr_segments + 1), 2);
+        assert!(Geometry::new(1024, 1 << 20, 64 << 20).is_err());
+        assert!(Geometry::new(512, 3 << 20, 64 << 20).is_err());
+        assert!(Geometry::new(512, 32 << 10, 64 << 20).is_err());
+        assert!(Geometry::new(512, 1 << 20, 2 << 20).is_err());
+    }
+
+    #[test]
+    fn superblock_round_trip_and_layout() {
+        let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
+        let mut backing = vec![None; MAX_BACKING];
+        backing[3] = Some(BackingRecord {
+            size: 12345,
+            label: "disk0".into(),
+        });
+        let sb = Superblock {
+            geometry: g,
+            uuid: [7; 16],
+            seq: 9,
+            last_writeback_id: 42,
+            backing,
+        };
+        let b = sb.encode();
+        assert_eq!(b.len(), SB_COPY_SIZE);
+        assert_eq!(&b[0..8], b"lcCACHE\0");
+        assert_eq!(le_u64(&b, 64), 42);
+        assert_eq!(b[SB_TABLE_OFF + 3 * SB_ENTRY_SIZE], 3);
+        assert_eq!(Superblock::decode(&b, "t").unwrap(), sb);
+        let mut bad = b.clone();
+        bad[100] ^= 1;
+        assert!(Superblock::decode(&bad, "t").is_err());
+        let mut v2 = b.clone();
+        put_u32(&mut v2, 8, 2);
+        let c = crc(&v2[..SB_CRC_OFF]);
+        put_u32(&mut v2, SB_CRC_OFF, c);
+        let e = Superblock::decode(&v2, "t").unwrap_err().to_string();
+        assert!(e.contains("version 2"), "{e}");
+    }
+
+    #[test]
+    fn segment_header_round_trip_and_corruption() {
+        let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
+        let h = SegmentHeader {
+            id: 5,
+            lap: 1,
+            nonce: 99,
+            prev_crc: 1234,
+            data_crc: 5678,
+            uuid: [1; 16],
+            entries: vec![
+                Entry {
+                    sector: 8,
+                    dev: 1,
+                    dirty: 0xff,
+                    flags: 0,
+                },
+                Entry {
+                    sector: 80,
+                    dev: 2,
+                    dirty: 0,
+                    flags: ENTRY_TOMBSTONE,
+                },
+            ],
+        };
+        let mut buf = vec![0u8; g.header_len()];
+        let c = h.encode_into(&mut buf);
+        assert_eq!(&buf[0..8], b"lcSEGHD\0");
+        assert_eq!(le_u64(&buf, SEG_FIXED), 8);
+        let (d, c2) = SegmentHeader::decode(&buf, &g).unwrap();
+        assert_eq!((d, c2), (h, c));
+        for i in 0..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 0x40;
+            assert!(
+                SegmentHeader::decode(&b, &g).is_err(),
+                "flip at {i} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Counters and the statistics snapshot.
+
+/// dm-lc's 16 counters, indexed by [`counter_index`]: (write?, hit?, on RAM buffer?, full line?).
+pub type Counters = [u64; 16];
+
+/// Index into [`Counters`] for one line access.
+pub fn counter_index(write: bool, hit: bool, on_ram: bool, full: bool) -> usize {
+    (write as usize) << 3 | (hit as usize) << 2 | (on_ram as usize) << 1 | full as usize
+}
+
+/// A point-in-time view of a cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Per-line access counters, see [`counter_index`].
+    pub counters: Counters,
+    /// Dirty lines per backing device id (only attached ids).
+    pub dirty_lines: Vec<(u8, u64)>,
+    /// Highest segment id that is on the cache device and flushed.
+    pub last_flushed_id: u64,
+    /// Highest segment id written back (and persisted in the superblock).
+    pub last_writeback_id: u64,
+    /// Id of the segment being filled in RAM.
+    pub open_segment_id: u64,
+    /// Segment slots in the ring.
+    pub nr_segments: u64,
+    /// Segments holding dirty data (flushed or in RAM, not yet written back).
+    pub dirty_segments: u64,
+    /// Bytes written to the cache device (segments and superblocks).
+    pub cache_bytes_written: u64,
+    /// Bytes written to backing devices by writeback.
+    pub backing_bytes_written: u64,
+    /// RAM held by segment buffers and the index, in bytes.
+    pub ram_bytes: u64,
+    /// Index bytes alone.
+    pub index_bytes: u64,
+    /// Live index entries.
+    pub index_entries: u64,
+    /// Segments sealed before they were full (flush deadline or idle timer).
+    pub partial_segments: u64,
+}
+
+/// Names of the 16 counters in [`counter_index`] order, for listings.
+pub fn counter_name(i: usize) -> String {
+    format!(
+        "{}_{}_{}_{}",
+        if i & 8 != 0 { "write" } else { "read" },
+        if i & 4 != 0 { "hit" } else { "miss" },
+        if i & 2 != 0 { "ram" } else { "disk" },
+        if i & 1 != 0 { "full" } else { "partial" }
+    )
+}

@@ -1,0 +1,145 @@
+//! Runtime-settable tunables, their defaults and validation.
+
+use crate::error::{Error, Result};
+
+/// Tunables of one cache. Defaults are those of [`Tunables::default`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunables {
+    /// Write dirty data back in the background when above the threshold (default true).
+    pub writeback_enabled: bool,
+    /// Write back regardless of the threshold (default false).
+    pub writeback_force: bool,
+    /// Dirty share of the ring, in percent, above which writeback runs (default 70).
+    pub writeback_threshold: u32,
+    /// Segments written back per batch, 1..=64 (default 8).
+    pub writeback_batch: u32,
+    /// Sort and merge the dirty lines of a batch before writing them back (default true).
+    pub writeback_sort: bool,
+    /// Longest time a flush or FUA write waits for a partial segment to be sealed,
+    /// 0..=1000 ms (default 3).
+    pub barrier_deadline_ms: u32,
+    /// Superblock commit period in seconds, 1..=3600 (default 10).
+    pub superblock_commit_interval_s: u32,
+    /// Seal the open segment after this many idle seconds, 0 = never (default 5).
+    pub flush_interval_s: u32,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Tunables {
+            writeback_enabled: true,
+            writeback_force: false,
+            writeback_threshold: 70,
+            writeback_batch: 8,
+            writeback_sort: true,
+            barrier_deadline_ms: 3,
+            superblock_commit_interval_s: 10,
+            flush_interval_s: 5,
+        }
+    }
+}
+
+/// Every tunable name, for listings.
+pub const NAMES: &[&str] = &[
+    "writeback_enabled",
+    "writeback_force",
+    "writeback_threshold",
+    "writeback_batch",
+    "writeback_sort",
+    "barrier_deadline_ms",
+    "superblock_commit_interval_s",
+    "flush_interval_s",
+];
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(Error::Tunable {
+            key: key.into(),
+            reason: format!("{v:?} is not a boolean (true/false/1/0)"),
+        }),
+    }
+}
+
+fn parse_range(key: &str, v: &str, lo: u32, hi: u32) -> Result<u32> {
+    let n: u32 = v.parse().map_err(|_| Error::Tunable {
+        key: key.into(),
+        reason: format!("{v:?} is not a number"),
+    })?;
+    if n < lo || n > hi {
+        return Err(Error::Tunable {
+            key: key.into(),
+            reason: format!("{n} out of range {lo}..={hi}"),
+        });
+    }
+    Ok(n)
+}
+
+impl Tunables {
+    /// Sets one tunable from its text form; the value is validated first.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let v = value.trim();
+        match key {
+            "writeback_enabled" => self.writeback_enabled = parse_bool(key, v)?,
+            "writeback_force" => self.writeback_force = parse_bool(key, v)?,
+            "writeback_sort" => self.writeback_sort = parse_bool(key, v)?,
+            "writeback_threshold" => self.writeback_threshold = parse_range(key, v, 0, 100)?,
+            "writeback_batch" => self.writeback_batch = parse_range(key, v, 1, 64)?,
+            "barrier_deadline_ms" => self.barrier_deadline_ms = parse_range(key, v, 0, 1000)?,
+            "superblock_commit_interval_s" => {
+                self.superblock_commit_interval_s = parse_range(key, v, 1, 3600)?
+            }
+            "flush_interval_s" => self.flush_interval_s = parse_range(key, v, 0, 3600)?,
+            _ => {
+                return Err(Error::Tunable {
+                    key: key.into(),
+                    reason: format!("unknown tunable; known: {}", NAMES.join(", ")),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tunable as (name, value text).
+    pub fn list(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("writeback_enabled", self.writeback_enabled.to_string()),
+            ("writeback_force", self.writeback_force.to_string()),
+            ("writeback_threshold", self.writeback_threshold.to_string()),
+            ("writeback_batch", self.writeback_batch.to_string()),
+            ("writeback_sort", self.writeback_sort.to_string()),
+            ("barrier_deadline_ms", self.barrier_deadline_ms.to_string()),
+            (
+                "superblock_commit_interval_s",
+                self.superblock_commit_interval_s.to_string(),
+            ),
+            ("flush_interval_s", self.flush_interval_s.to_string()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_validates_every_key() {
+        let mut t = Tunables::default();
+        t.set("writeback_threshold", "50").unwrap();
+        assert_eq!(t.writeback_threshold, 50);
+        assert!(t.set("writeback_threshold", "101").is_err());
+        assert!(t.set("writeback_batch", "0").is_err());
+        assert!(t.set("writeback_enabled", "maybe").is_err());
+        assert!(t
+            .set("nope", "1")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown"));
+        for (k, v) in Tunables::default().list() {
+            t.set(k, &v).unwrap();
+        }
+        assert_eq!(t, Tunables::default());
+        assert_eq!(t.list().len(), NAMES.len());
+    }
+}

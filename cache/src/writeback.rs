@@ -1,0 +1,342 @@
+//! The writeback thread (`lc-writeback`, dm-lc's "migration"): takes up to
+//! `writeback_batch` flushed segments after `wb_id`, reads them back from the cache
+//! device, picks the copies that must reach the backing devices, sorts them by
+//! (device, sector) and merges adjacent runs, writes them, flushes the backing devices,
+//! persists the new `wb_id` in the superblock, and only then drops the written-back
+//! lines from the index and lets the flusher reuse their slots.
+//!
+//! Which copy of a line is written back: the copy in segment S is written if the index
+//! still points at it, or if the newest copy lives in a segment that was not yet flushed
+//! when the batch was planned (the old copy is then the durable one and must not be
+//! lost when S's slot is reused). A copy superseded by a flushed newer copy is skipped.
+//!
+//! Also runs the periodic superblock commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slog::{info, warn};
+
+use crate::device::{AlignedBuf, BlockDevice};
+use crate::engine::{backing_table, Inner, State};
+use crate::error::{Error, Result};
+use crate::format::{SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
+use crate::index::{key, Loc};
+
+/// One line copy picked for writeback.
+struct Item {
+    dev: u8,
+    sector: u64,
+    dirty: u8,
+    tomb: bool,
+    seg: u64,
+    slot: u16,
+    data_off: usize,
+    buf: usize,
+}
+
+/// Pause before retrying a writeback that failed on a backing device.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+
+fn should_run(inner: &Inner, st: &State) -> bool {
+    if st.wb_id >= st.flushed_id {
+        return false;
+    }
+    let t = &st.tunables;
+    let dirty_pct = (st.flushed_id - st.wb_id) * 100 / inner.geo.nr_segments;
+    t.writeback_force
+        || st.need_space
+        || st.drains > 0
+        || st.stop_writeback
+        || (t.writeback_enabled && dirty_pct > t.writeback_threshold as u64)
+}
+
+/// Body of the writeback thread.
+pub(crate) fn run(inner: &Inner) {
+    let mut last_commit = Instant::now();
+    let mut last_error: Option<Instant> = None;
+    let mut st = inner.lock();
+    loop {
+        let interval = Duration::from_secs(st.tunables.superblock_commit_interval_s as u64);
+        let stopping = st.stop_writeback;
+        if st.failed.is_none()
+            && (st.commit_requested || last_commit.elapsed() >= interval || stopping)
+        {
+            st.commit_requested = false;
+            drop(st);
+            if let Err(e) = commit(inner, None) {
+                warn!(inner.log, "superblock commit failed"; "error" => %e);
+            }
+            last_commit = Instant::now();
+            st = inner.lock();
+            inner.io_cv.notify_all();
+        }
+        if stopping {
+            break;
+        }
+        let backoff = last_error.is_some_and(|t| t.elapsed() < RETRY_DELAY);
+        if backoff || !should_run(inner, &st) || st.failed.is_some() {
+            st = inner
+                .worker_cv
+                .wait_timeout(
+                    st,
+                    if backoff {
+                        RETRY_DELAY
+                    } else {
+                        Duration::from_millis(500)
+                    },
+                )
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        let first = st.wb_id + 1;
+        let last = st
+            .flushed_id
+            .min(st.wb_id + st.tunables.writeback_batch as u64);
+        let sort = st.tunables.writeback_sort;
+        drop(st);
+        match write_back(inner, first, last, sort) {
+            Ok(()) => {
+                last_error = None;
+                last_commit = Instant::now();
+            }
+            Err(WbError::Cache(e)) => {
+                warn!(inner.log, "cache device failed during writeback; cache stops"; "error" => %e);
+                let mut st = inner.lock();
+                st.failed = Some(e.to_string());
+                inner.io_cv.notify_all();
+                inner.worker_cv.notify_all();
+                drop(st);
+            }
+            Err(WbError::Backing(e)) => {
+                if last_error.is_none() {
+                    warn!(inner.log, "writeback failed; retrying"; "segments" => format!("{first}..={last}"), "error" => %e);
+                }
+                last_error = Some(Instant::now());
+            }
+        }
+        st = inner.lock();
+    }
+    info!(inner.log, "writeback stopped"; "last_writeback_id" => st.wb_id);
+}
+
+/// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
+pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
+    let (sb, off) = {
+        let mut st = inner.lock();
+        st.sb_seq += 1;
+        let sb = Superblock {
+            geometry: inner.geo,
+            uuid: inner.uuid,
+            seq: st.sb_seq,
+            last_writeback_id: new_wb.unwrap_or(st.wb_id),
+            backing: backing_table(&st),
+        };
+        (sb.encode(), Superblock::copy_offset(st.sb_seq))
+    };
+    let desc = inner.cache.describe();
+    inner
+        .cache
+        .write_at(&sb, off)
+        .and_then(|_| inner.cache.flush())
+        .map_err(|e| Error::io(&desc, off, e))?;
+    inner.lock().cache_bytes_written += sb.len() as u64;
+    Ok(())
+}
+
+/// A writeback failure: on the cache device (fatal) or on a backing device (retried).
+enum WbError {
+    Cache(Error),
+    Backing(Error),
+}
+
+fn write_back(
+    inner: &Inner,
+    first: u64,
+    last: u64,
+    sort: bool,
+) -> std::result::Result<(), WbError> {
+    let (bufs, headers) = read_segments(inner, first, last).map_err(WbError::Cache)?;
+    let items = write_items(inner, &bufs, &headers, sort).map_err(WbError::Backing)?;
+    // Persist progress, then release the lines and the slots.
+    commit(inner, Some(last)).map_err(WbError::Cache)?;
+    let mut st = inner.lock();
+    st.wb_id = last;
+    for it in &items {
+        let k = key(it.dev, it.sector / SECTORS_PER_LINE);
+        let loc = Loc {
+            seg: it.seg,
+            slot: it.slot,
+            dirty: it.dirty,
+            tomb: it.tomb,
+        };
+        if st.index.remove_if(k, loc) {
+            if let Some(b) = st.backing[it.dev as usize].as_mut() {
+                b.dirty = b.dirty.saturating_sub(1);
+            }
+        }
+    }
+    st.need_space = false;
+    inner.io_cv.notify_all();
+    inner.worker_cv.notify_all();
+    Ok(())
+}
+
+/// Reads segments `first..=last` back from the cache device and checks them.
+fn read_segments(
+    inner: &Inner,
+    first: u64,
+    last: u64,
+) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
+    let geo = &inner.geo;
+    let hl = geo.header_len();
+    let desc = inner.cache.describe();
+    let mut bufs = Vec::new();
+    let mut headers = Vec::new();
+    for id in first..=last {
+        let mut buf = AlignedBuf::new(geo.segment_size as usize);
+        let off = geo.segment_offset(id);
+        inner
+            .cache
+            .read_at(&mut buf, off)
+            .map_err(|e| Error::io(&desc, off, e))?;
+        let (h, _) = SegmentHeader::decode(&buf, geo).map_err(|r| Error::BadFormat {
+            device: desc.clone(),
+            reason: format!("segment {id} unreadable for writeback: {r}"),
+        })?;
+        if h.id != id || h.uuid != inner.uuid {
+            return Err(Error::BadFormat {
+                device: desc.clone(),
+                reason: format!("slot of segment {id} holds segment {}", h.id),
+            });
+        }
+        let n = h.entries.len();
+        if crate::format::crc(&buf[hl..hl + n * LINE as usize]) != h.data_crc {
+            return Err(Error::BadFormat {
+                device: desc.clone(),
+                reason: format!("segment {id} data checksum mismatch"),
+            });
+        }
+        headers.push(h);
+        bufs.push(buf);
+    }
+    Ok((bufs, headers))
+}
+
+/// Picks the copies to write back, writes them (sorted and merged when `sort`) and
+/// flushes the backing devices. Returns the copies written.
+fn write_items(
+    inner: &Inner,
+    bufs: &[AlignedBuf],
+    headers: &[SegmentHeader],
+    sort: bool,
+) -> Result<Vec<Item>> {
+    let hl = inner.geo.header_len();
+    // Decide, under the lock, which copies to write.
+    let mut items: Vec<Item> = Vec::new();
+    let devs: HashMap<u8, Arc<dyn BlockDevice>>;
+    {
+        let st = inner.lock();
+        let flushed = st.flushed_id;
+        let mut pos: HashMap<u64, usize> = HashMap::new();
+        for (b, h) in headers.iter().enumerate() {
+            for (slot, e) in h.entries.iter().enumerate() {
+                let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+                let take = match st.index.get(k) {
+                    Some(l) if l.seg == h.id && l.slot as usize == slot => true,
+                    Some(l) => l.seg > h.id && l.seg > flushed,
+                    None => false,
+                };
+                if !take {
+                    continue;
+                }
+                let it = Item {
+                    dev: e.dev,
+                    sector: e.sector,
+                    dirty: e.dirty,
+                    tomb: e.is_tombstone(),
+                    seg: h.id,
+                    slot: slot as u16,
+                    data_off: hl + slot * LINE as usize,
+                    buf: b,
+                };
+                // A later copy in this batch replaces an earlier one.
+                match pos.get(&k) {
+                    Some(&i) => items[i] = it,
+                    None => {
+                        pos.insert(k, items.len());
+                        items.push(it);
+                    }
+                }
+            }
+        }
+        devs = st
+            .backing
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.dev.clone())))
+            .collect();
+    }
+    if sort {
+        items.sort_by_key(|i| (i.dev, i.sector));
+    }
+    // 3. Write: runs of dirty sectors, merged across adjacent lines.
+    let mut written = 0u64;
+    let mut touched: Vec<u8> = Vec::new();
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_start: Option<(u8, u64)> = None; // (dev, first sector)
+    let flush_run =
+        |run: &mut Vec<u8>, start: &mut Option<(u8, u64)>, written: &mut u64| -> Result<()> {
+            if let Some((dev, sector)) = start.take() {
+                let d = devs.get(&dev).ok_or_else(|| {
+                    Error::Invalid(format!("dirty data for detached backing device {dev}"))
+                })?;
+                let off = sector * SECTOR;
+                d.write_at(run, off)
+                    .map_err(|e| Error::io(&d.describe(), off, e))?;
+                *written += run.len() as u64;
+                run.clear();
+            }
+            Ok(())
+        };
+    for it in &items {
+        if !touched.contains(&it.dev) {
+            touched.push(it.dev);
+        }
+        if it.tomb {
+            flush_run(&mut run, &mut run_start, &mut written)?;
+            let d = devs.get(&it.dev).ok_or_else(|| {
+                Error::Invalid(format!("dirty data for detached backing device {}", it.dev))
+            })?;
+            let off = it.sector * SECTOR;
+            d.discard(off, LINE)
+                .map_err(|e| Error::io(&d.describe(), off, e))?;
+            continue;
+        }
+        let data = &bufs[it.buf][it.data_off..it.data_off + LINE as usize];
+        for s in 0..SECTORS_PER_LINE {
+            if it.dirty & (1 << s) == 0 {
+                flush_run(&mut run, &mut run_start, &mut written)?;
+                continue;
+            }
+            let sector = it.sector + s;
+            let contiguous = matches!(run_start, Some((d, st)) if d == it.dev && st + (run.len() as u64 / SECTOR) == sector);
+            if !contiguous {
+                flush_run(&mut run, &mut run_start, &mut written)?;
+                run_start = Some((it.dev, sector));
+            }
+            let lo = (s * SECTOR) as usize;
+            run.extend_from_slice(&data[lo..lo + SECTOR as usize]);
+        }
+    }
+    flush_run(&mut run, &mut run_start, &mut written)?;
+    for dev in &touched {
+        if let Some(d) = devs.get(dev) {
+            d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+        }
+    }
+    inner.lock().backing_bytes_written += written;
+    Ok(items)
+}

@@ -1,0 +1,121 @@
+//! Shared helpers for the engine's integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use lc_cache::{
+    format_device, Backing, BlockDevice, Cache, FormatOptions, MemDevice, OpenOptions, Tunables,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// A seed from the environment (`LC_SEED`) or random; printed so failures can be replayed.
+pub fn seed(name: &str) -> u64 {
+    let s = std::env::var("LC_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("{name}: seed {s} (rerun with LC_SEED={s})");
+    s
+}
+
+/// Number of cases: `LC_CASES` or the default.
+pub fn cases(default: usize) -> usize {
+    std::env::var("LC_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn rng(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed)
+}
+
+/// Tunables that make a small cache exercise writeback, deadlines and wrap-around.
+pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
+    Tunables {
+        writeback_threshold: rng.gen_range(0..=90),
+        writeback_batch: rng.gen_range(1..=4),
+        writeback_sort: rng.gen_bool(0.7),
+        writeback_enabled: rng.gen_bool(0.8),
+        barrier_deadline_ms: rng.gen_range(0..=2),
+        flush_interval_s: 0,
+        ..Tunables::default()
+    }
+}
+
+/// Formats a fresh in-memory cache device.
+pub fn mem_cache(size: u64, block_size: u32, segment_size: u32) -> Arc<dyn BlockDevice> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(size));
+    format_device(
+        dev.as_ref(),
+        FormatOptions {
+            block_size,
+            segment_size,
+        },
+    )
+    .unwrap();
+    dev
+}
+
+pub fn backings(devs: &[Arc<dyn BlockDevice>]) -> Vec<Backing> {
+    devs.iter()
+        .enumerate()
+        .map(|(i, d)| Backing {
+            id: i as u8,
+            dev: d.clone(),
+            label: format!("disk{i}"),
+        })
+        .collect()
+}
+
+pub fn open(
+    cache: Arc<dyn BlockDevice>,
+    devs: &[Arc<dyn BlockDevice>],
+    t: Tunables,
+    bufs: usize,
+) -> Cache {
+    Cache::open(
+        cache,
+        backings(devs),
+        OpenOptions {
+            ram_buffers: Some(bufs),
+            tunables: t,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .0
+}
+
+/// The content of sector `sector` of device `dev` written by write number `serial`
+/// (serial 0 = zeros): serial, sector and device up front, a pseudo-random fill after,
+/// so any sector read back names the write it came from and a torn or foreign sector
+/// is recognised.
+pub fn tagged_sector(serial: u64, dev: u8, sector: u64, out: &mut [u8]) {
+    if serial == 0 {
+        out.fill(0);
+        return;
+    }
+    out[0..8].copy_from_slice(&serial.to_le_bytes());
+    out[8..16].copy_from_slice(&sector.to_le_bytes());
+    out[16] = dev;
+    let mut x = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sector.rotate_left(17) ^ dev as u64;
+    for b in out[17..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+/// Which write a sector's content came from, or None when it matches none (garbage).
+pub fn decode_sector(dev: u8, sector: u64, data: &[u8]) -> Option<u64> {
+    if data.iter().all(|&b| b == 0) {
+        return Some(0);
+    }
+    let serial = u64::from_le_bytes(data[0..8].try_into().unwrap());
+    let mut expect = vec![0u8; data.len()];
+    tagged_sector(serial, dev, sector, &mut expect);
+    (serial != 0 && expect == data).then_some(serial)
+}

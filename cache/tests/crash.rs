@@ -1,0 +1,277 @@
+//! Crash tests. All devices (cache and backing) live in one [`CrashWorld`]; the power is
+//! cut after a random number of device operations, which lands in the middle of
+//! flushes, writeback, superblock commits and recovery itself. The devices are then
+//! materialised as a power cut could leave them (flushed data plus any subset of
+//! unflushed writes, possibly torn at sector granularity), the cache is reopened, and
+//! every sector must read either its last durable value or a value written later —
+//! never older data, never garbage.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lc_cache::testing::CrashWorld;
+use lc_cache::{format_device, Backing, BlockDevice, Cache, FormatOptions, OpenOptions};
+use rand::rngs::SmallRng;
+use rand::Rng;
+
+const SEG: u64 = 64 << 10;
+
+/// Per backing sector: every value it may have held (write serials, 0 = zeros) in
+/// order, and the index of the last durable one.
+struct Model {
+    hist: Vec<Vec<Vec<u64>>>,
+    durable: Vec<Vec<usize>>,
+    serial: u64,
+}
+
+impl Model {
+    fn new(ndev: usize, sectors: usize) -> Self {
+        Model {
+            hist: vec![vec![vec![0]; sectors]; ndev],
+            durable: vec![vec![0; sectors]; ndev],
+            serial: 0,
+        }
+    }
+
+    fn flushed(&mut self) {
+        for (h, d) in self.hist.iter().zip(self.durable.iter_mut()) {
+            for (hs, ds) in h.iter().zip(d.iter_mut()) {
+                *ds = hs.len() - 1;
+            }
+        }
+    }
+
+    /// After a successful recovery the values read are the new durable baseline.
+    fn rebase(&mut self, dev: usize, sector: usize, serial: u64) {
+        self.hist[dev][sector] = vec![serial];
+        self.durable[dev][sector] = 0;
+    }
+
+    fn check(&self, dev: usize, sector: usize, got: Option<u64>) -> Result<(), String> {
+        let h = &self.hist[dev][sector];
+        let d = self.durable[dev][sector];
+        match got {
+            None => Err(format!(
+                "dev {dev} sector {sector}: garbage (history {h:?}, durable idx {d})"
+            )),
+            Some(s) if h[d..].contains(&s) => Ok(()),
+            Some(s) => Err(format!(
+                "dev {dev} sector {sector}: read serial {s}, allowed {:?} (history {h:?})",
+                &h[d..]
+            )),
+        }
+    }
+}
+
+struct Setup {
+    ndev: usize,
+    backing_size: u64,
+    block: u64,
+}
+
+fn open_in(
+    world: &CrashWorld,
+    images: Vec<Vec<u8>>,
+    setup: &Setup,
+    rng: &mut SmallRng,
+) -> Result<Cache, String> {
+    let mut devs: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    for (i, img) in images.into_iter().enumerate() {
+        devs.push(world.add(&format!("dev{i}"), img));
+    }
+    let cache = devs.remove(0);
+    let backing: Vec<Backing> = backings(&devs);
+    assert_eq!(backing.len(), setup.ndev);
+    Cache::open(
+        cache,
+        backing,
+        OpenOptions {
+            ram_buffers: Some(rng.gen_range(2..4)),
+            tunables: random_tunables(rng),
+            ..Default::default()
+        },
+    )
+    .map(|(c, _)| c)
+    .map_err(|e| e.to_string())
+}
+
+/// Runs random I/O until the power is cut; updates the model as operations complete.
+fn workload(
+    c: &Cache,
+    world: &CrashWorld,
+    m: &mut Model,
+    setup: &Setup,
+    rng: &mut SmallRng,
+    max_ops: usize,
+) {
+    let blocks_total = setup.backing_size / setup.block;
+    for _ in 0..max_ops {
+        if world.is_cut() {
+            return;
+        }
+        let dev = rng.gen_range(0..setup.ndev);
+        let blocks = rng.gen_range(1..=blocks_total.min(6));
+        let start = rng.gen_range(0..=blocks_total - blocks);
+        let (off, len) = (start * setup.block, blocks * setup.block);
+        let s0 = (off / 512) as usize;
+        let ns = (len / 512) as usize;
+        match rng.gen_range(0..100) {
+            0..=69 => {
+                m.serial += 1;
+                let serial = m.serial;
+                let mut data = vec![0u8; len as usize];
+                for i in 0..ns {
+                    tagged_sector(
+                        serial,
+                        dev as u8,
+                        (s0 + i) as u64,
+                        &mut data[i * 512..(i + 1) * 512],
+                    );
+                    m.hist[dev][s0 + i].push(serial);
+                }
+                let fua = rng.gen_bool(0.15);
+                if c.write(dev as u8, off, &data, fua).is_ok() && fua {
+                    for i in 0..ns {
+                        m.durable[dev][s0 + i] = m.hist[dev][s0 + i].len() - 1;
+                    }
+                }
+            }
+            70..=84 => {
+                if c.flush().is_ok() {
+                    m.flushed();
+                }
+            }
+            85..=92 => {
+                for i in 0..ns {
+                    m.hist[dev][s0 + i].push(0);
+                }
+                let _ = c.discard(dev as u8, off, len);
+            }
+            93..=95 => {
+                let mut buf = vec![0u8; len as usize];
+                if c.read(dev as u8, off, &mut buf).is_ok() && !world.is_cut() {
+                    // Before the cut reads must see the newest value.
+                    for i in 0..ns {
+                        let got =
+                            decode_sector(dev as u8, (s0 + i) as u64, &buf[i * 512..(i + 1) * 512]);
+                        assert_eq!(
+                            got,
+                            m.hist[dev][s0 + i].last().copied(),
+                            "live read dev {dev} sector {}",
+                            s0 + i
+                        );
+                    }
+                }
+            }
+            96..=97 => {
+                let _ = c.seal_now();
+            }
+            _ => {
+                let _ = c.drain(dev as u8, &mut |_| {});
+            }
+        }
+    }
+}
+
+/// Reopens after a crash (retrying when the power is cut during recovery itself) and
+/// checks every sector against the model; then rebases the model on what was read.
+fn recover_and_check(
+    images: Vec<Vec<u8>>,
+    m: &mut Model,
+    setup: &Setup,
+    rng: &mut SmallRng,
+    ctx: &str,
+) -> (CrashWorld, Cache) {
+    let mut images = images;
+    loop {
+        let world = CrashWorld::new();
+        // Sometimes cut the power during recovery.
+        let cut_in_recovery = rng.gen_bool(0.2);
+        if cut_in_recovery {
+            world.cut_after(rng.gen_range(0..6));
+        }
+        let opened = open_in(&world, images.clone(), setup, rng);
+        if cut_in_recovery {
+            // The cut lands in recovery or just after it; either way, crash again.
+            world.cut_now();
+        }
+        match opened {
+            Ok(c) if !world.is_cut() => {
+                for dev in 0..setup.ndev {
+                    let mut buf = vec![0u8; setup.backing_size as usize];
+                    c.read(dev as u8, 0, &mut buf)
+                        .unwrap_or_else(|e| panic!("{ctx}: read after recovery: {e}"));
+                    for s in 0..(setup.backing_size / 512) as usize {
+                        let got = decode_sector(dev as u8, s as u64, &buf[s * 512..(s + 1) * 512]);
+                        if let Err(e) = m.check(dev, s, got) {
+                            panic!("{ctx}: {e}");
+                        }
+                        m.rebase(dev, s, got.expect("checked"));
+                    }
+                }
+                return (world, c);
+            }
+            Ok(c) => {
+                drop(c);
+                images = world.crash_images(rng);
+            }
+            Err(e) if cut_in_recovery => {
+                assert!(e.contains("power cut"), "{ctx}: recovery failed: {e}");
+                images = world.crash_images(rng);
+            }
+            Err(e) => panic!("{ctx}: recovery failed: {e}"),
+        }
+    }
+}
+
+fn run_case(seed: u64) {
+    let mut rng = rng(seed);
+    let block = if rng.gen_bool(0.5) { 512u32 } else { 4096 };
+    let setup = Setup {
+        ndev: rng.gen_range(1..=2),
+        backing_size: rng.gen_range(8..32u64) * 4096,
+        block: block as u64,
+    };
+    let slots = rng.gen_range(3..8u64);
+    let world = CrashWorld::new();
+    let cache = world.add("cache", vec![0u8; (SEG * (slots + 1)) as usize]);
+    format_device(
+        cache.as_ref(),
+        FormatOptions {
+            block_size: block,
+            segment_size: SEG as u32,
+        },
+    )
+    .unwrap();
+    let mut images = vec![world.crash_images(&mut rng).remove(0)];
+    for _ in 0..setup.ndev {
+        images.push(vec![0u8; setup.backing_size as usize]);
+    }
+    let mut m = Model::new(setup.ndev, (setup.backing_size / 512) as usize);
+    let (mut world, mut c) = recover_and_check(
+        images,
+        &mut m,
+        &setup,
+        &mut rng,
+        &format!("seed {seed} initial"),
+    );
+    for round in 0..3 {
+        let ctx = format!("seed {seed} round {round}");
+        world.cut_after(rng.gen_range(0..400));
+        workload(&c, &world, &mut m, &setup, &mut rng, 300);
+        world.cut_now();
+        drop(c);
+        let images = world.crash_images(&mut rng);
+        (world, c) = recover_and_check(images, &mut m, &setup, &mut rng, &ctx);
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_power_cuts_at_random_points() {
+    let base = seed("crash");
+    for i in 0..cases(300) as u64 {
+        run_case(base.wrapping_add(i));
+    }
+}
