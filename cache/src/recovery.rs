@@ -130,6 +130,7 @@ pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
 }
 
 struct Replay {
+    wb_id: u64,
     index: Index,
     last_id: u64,
     last_crc: u32,
@@ -148,19 +149,21 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
     let mut last_id = sb.last_writeback_id;
     let mut last_crc = 0u32;
     let mut buf = AlignedBuf::new(geo.segment_size as usize);
-    let mut id = sb.last_writeback_id + 1;
-    while id - sb.last_writeback_id <= geo.nr_segments {
+    let mut start = sb.last_writeback_id;
+    let mut id = start + 1;
+    while id - start <= geo.nr_segments {
         let off = geo.segment_offset(id);
         dev.read_at(&mut buf[..hl], off)
             .map_err(|e| Error::io(&desc, off, e))?;
         let (h, hcrc) = match SegmentHeader::decode(&buf[..hl], geo) {
             Ok(x) => x,
             Err(reason) => {
-                // A slot never written since format has no magic: a normal end.
-                if buf[..8] != crate::format::SEG_MAGIC[..] {
-                    break;
+                // A slot never written since format has no magic: a normal end, unless
+                // the next segment of the log is there (then this one was damaged).
+                let no_magic = buf[..8] != crate::format::SEG_MAGIC[..];
+                if !no_magic || next_present(dev, sb, id + 1)? {
+                    report.stop_reason = Some(format!("segment {id}: {reason}"));
                 }
-                report.stop_reason = Some(format!("segment {id}: {reason}"));
                 break;
             }
         };
@@ -169,6 +172,22 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
         let verdict: std::result::Result<(), Option<String>> = if h.uuid != sb.uuid || h.id < id {
             Err(None)
         } else if h.id > id {
+            if (h.id - id) % geo.nr_segments == 0 {
+                // The slot was reused for a later lap, which the flusher does only after
+                // every segment up to `h.id - nr_segments` was written back and that was
+                // committed: the superblock we read is older than that commit (its newer
+                // copy is damaged). Restart the walk from the proven point.
+                let proven = h.id - geo.nr_segments;
+                report.last_writeback_id = proven;
+                report.replayed_segments = 0;
+                report.restored_lines = 0;
+                index = Index::with_capacity(planned);
+                last_id = proven;
+                last_crc = 0;
+                start = proven;
+                id = proven + 1;
+                continue;
+            }
             Err(Some(format!("slot of segment {id} holds segment {}", h.id)))
         } else if h.lap != geo.lap(id) {
             Err(Some(format!(
@@ -176,7 +195,7 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
                 h.lap,
                 geo.lap(id)
             )))
-        } else if id > sb.last_writeback_id + 1 && h.prev_crc != last_crc {
+        } else if id > start + 1 && h.prev_crc != last_crc {
             Err(Some(format!(
                 "segment {id}: not chained to segment {}",
                 id - 1
@@ -185,7 +204,14 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
             Ok(())
         };
         if let Err(reason) = verdict {
-            report.stop_reason = reason;
+            report.stop_reason = match reason {
+                Some(r) => Some(r),
+                None if next_present(dev, sb, id + 1)? => Some(format!(
+                    "segment {id} missing but segment {} present",
+                    id + 1
+                )),
+                None => None,
+            };
             break;
         }
         let n = h.entries.len();
@@ -214,11 +240,23 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
         id += 1;
     }
     Ok(Replay {
+        wb_id: start,
         index,
         last_id,
         last_crc,
         report,
     })
+}
+
+/// True when the slot of segment `id` holds a valid header of exactly that segment of
+/// this cache: evidence that the log went on past a segment that failed its checks.
+fn next_present(dev: &dyn BlockDevice, sb: &Superblock, id: u64) -> Result<bool> {
+    let geo = &sb.geometry;
+    let mut buf = AlignedBuf::new(geo.header_len());
+    let off = geo.segment_offset(id);
+    dev.read_at(&mut buf, off)
+        .map_err(|e| Error::io(&dev.describe(), off, e))?;
+    Ok(matches!(SegmentHeader::decode(&buf, geo), Ok((h, _)) if h.id == id && h.uuid == sb.uuid))
 }
 
 impl Cache {
@@ -313,7 +351,7 @@ impl Cache {
         }
         let report = r.report.clone();
         info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
-              "last_writeback_id" => sb.last_writeback_id, "replayed_segments" => report.replayed_segments,
+              "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
               "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
         let state = State {
             index: r.index,
@@ -328,7 +366,7 @@ impl Cache {
             prev_crc: r.last_crc,
             write_started_id: r.last_id,
             flushed_id: r.last_id,
-            wb_id: sb.last_writeback_id,
+            wb_id: r.wb_id,
             sb_seq: sb.seq,
             flush_req: None,
             seal_requested: false,
