@@ -172,7 +172,7 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
         let verdict: std::result::Result<(), Option<String>> = if h.uuid != sb.uuid || h.id < id {
             Err(None)
         } else if h.id > id {
-            if (h.id - id) % geo.nr_segments == 0 {
+            if (h.id - id).is_multiple_of(geo.nr_segments) {
                 // The slot was reused for a later lap, which the flusher does only after
                 // every segment up to `h.id - nr_segments` was written back and that was
                 // committed: the superblock we read is older than that commit (its newer
