@@ -25,7 +25,7 @@ fn build(seed: u64) -> (Vec<u8>, Vec<u8>, Vec<Vec<u64>>) {
         writeback_enabled: false,
         ..Tunables::default()
     };
-    let c = open(cache.clone(), &[backing.clone()], t, 2);
+    let c = open(cache.clone(), std::slice::from_ref(&backing), t, 2);
     let sectors = (BACKING / 512) as usize;
     let mut hist = vec![vec![0u64]; sectors];
     let mut serial = 0;
@@ -63,7 +63,11 @@ fn open_image(
 ) -> lc_cache::Result<(Cache, lc_cache::RecoveryReport, Arc<dyn BlockDevice>)> {
     let cdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(cache, "cache"));
     let bdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.to_vec(), "backing"));
-    let (c, r) = Cache::open(cdev, backings(&[bdev.clone()]), OpenOptions::default())?;
+    let (c, r) = Cache::open(
+        cdev,
+        backings(std::slice::from_ref(&bdev)),
+        OpenOptions::default(),
+    )?;
     Ok((c, r, bdev))
 }
 
@@ -162,7 +166,7 @@ fn newer_superblock_copy_lost_after_slot_reuse_still_recovers() {
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
     let c = open(
         cache.clone(),
-        &[backing.clone()],
+        std::slice::from_ref(&backing),
         Tunables {
             writeback_threshold: 0,
             ..Tunables::default()
