@@ -223,9 +223,13 @@ fn newer_superblock_copy_lost_after_slot_reuse_still_recovers() {
 fn wrong_format_and_unformatted_devices_are_refused_clearly() {
     let back: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
     let blank: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let e = Cache::open(blank, backings(&[back.clone()]), OpenOptions::default())
-        .err()
-        .unwrap();
+    let e = Cache::open(
+        blank,
+        backings(std::slice::from_ref(&back)),
+        OpenOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("not an lc cache"), "{e}");
     let (mut img, b, _) = build(1);
     // Version 2 with a valid checksum in both copies.
