@@ -1,1 +1,302 @@
-fn main() {}
+//! Engine benchmark: a program that prints figures, not a test.
+//!
+//! Run: `cargo bench -p lc-cache --bench engine` (env: `LC_BENCH_DIR` for the scratch
+//! directory, default a temporary directory under the current directory; `LC_BENCH_MB`
+//! for the amount of random writes, default 512).
+//!
+//! All devices are regular files on the same file system, measured in one run so the
+//! ratios are meaningful on a shared, noisy machine:
+//! - random 4 KiB writes through the engine, flushing every 1 MiB written;
+//! - sequential 1 MiB writes to a file, `fdatasync` after each (the log's physical limit);
+//! - random 4 KiB writes straight to the backing file, `fdatasync` every 1 MiB;
+//! - writeback throughput with and without sorting;
+//! - recovery time per GiB of cache;
+//! - RAM (index) per GiB of cache.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lc_cache::device::{create_file, AlignedBuf};
+use lc_cache::{
+    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions, Tunables,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const BACKING_SIZE: u64 = 8 * GIB;
+const CACHE_SIZE: u64 = GIB + MIB;
+const FLUSH_EVERY: u64 = 256; // 4 KiB writes per flush = 1 MiB
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+fn dev(path: &Path, size: u64) -> Arc<dyn BlockDevice> {
+    create_file(path, size).expect("create scratch file");
+    Arc::new(FileDevice::open(path, false).expect("open scratch file"))
+}
+
+fn drop_caches() -> bool {
+    // Best effort (root only): make the recovery figure a cold-cache one.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/sys/vm/drop_caches")
+        .and_then(|mut f| f.write_all(b"3\n"))
+        .is_ok()
+}
+
+fn open_cache(
+    cache: &Arc<dyn BlockDevice>,
+    backing: &Arc<dyn BlockDevice>,
+    t: Tunables,
+) -> (Cache, lc_cache::RecoveryReport) {
+    Cache::open(
+        cache.clone(),
+        vec![Backing {
+            id: 0,
+            dev: backing.clone(),
+            label: "bench".into(),
+        }],
+        OpenOptions {
+            tunables: t,
+            ..Default::default()
+        },
+    )
+    .expect("open cache")
+}
+
+fn no_writeback() -> Tunables {
+    Tunables {
+        writeback_enabled: false,
+        flush_interval_s: 0,
+        ..Tunables::default()
+    }
+}
+
+/// Random 4 KiB writes through the engine from `threads` threads, each flushing after
+/// every 1 MiB it wrote; returns (IOPS, elapsed, time the threads spent in flush / threads).
+fn engine_random_writes(
+    cache: &Cache,
+    n: u64,
+    threads: u64,
+    seed: u64,
+) -> (f64, Duration, Duration) {
+    let start = Instant::now();
+    let in_flush: Duration = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = SmallRng::seed_from_u64(seed + t);
+                    let mut buf = vec![0u8; 4096];
+                    let mut in_flush = Duration::ZERO;
+                    for i in 0..n / threads {
+                        rng.fill(&mut buf[..64]);
+                        let off = rng.gen_range(0..BACKING_SIZE / 4096) * 4096;
+                        cache.write(0, off, &buf, false).expect("write");
+                        if (i + 1) % FLUSH_EVERY == 0 {
+                            let f = Instant::now();
+                            cache.flush().expect("flush");
+                            in_flush += f.elapsed();
+                        }
+                    }
+                    in_flush
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("writer")).sum()
+    });
+    cache.flush().expect("flush");
+    let d = start.elapsed();
+    (n as f64 / d.as_secs_f64(), d, in_flush / threads as u32)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; accept and ignore arguments.
+    let mb: u64 = std::env::var("LC_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let dir = match std::env::var("LC_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d),
+        Err(_) => tempfile::tempdir_in("."),
+    }
+    .expect("scratch dir");
+    let p = dir.path();
+    println!(
+        "lc-cache engine benchmark (scratch dir {}, {} MiB of random writes)",
+        p.display(),
+        mb
+    );
+    let n = mb * MIB / 4096;
+
+    // Rounds alternate the sequential baseline and the engine so that the shared
+    // machine's noise hits both alike; the ratio is taken per round and the median shown.
+    let cache_dev = dev(&p.join("cache.img"), CACHE_SIZE);
+    let backing = dev(&p.join("backing.img"), BACKING_SIZE);
+    let geo = format_device(cache_dev.as_ref(), FormatOptions::default()).expect("format");
+    let (cache, _) = open_cache(&cache_dev, &backing, no_writeback());
+    let seq = dev(&p.join("seq.img"), CACHE_SIZE);
+    let block = AlignedBuf::new(MIB as usize);
+    let rounds = 3u64;
+    let per_round = n / rounds / 2;
+    let mut rows: Vec<(f64, f64, f64)> = Vec::new(); // (seq MiB/s, engine QD1 MiB/s, engine 4 threads MiB/s)
+    let mut seq_pos = 0u64;
+    let mut split = (Duration::ZERO, Duration::ZERO);
+    for r in 0..rounds {
+        let mbs = per_round * 4096 / MIB;
+        let start = Instant::now();
+        for _ in 0..mbs {
+            seq.write_at(&block, (seq_pos % (CACHE_SIZE / MIB - 1)) * MIB)
+                .expect("seq write");
+            seq.flush().expect("seq flush");
+            seq_pos += 1;
+        }
+        let seq_bw = mbps(mbs * MIB, start.elapsed());
+        let (iops1, d1, f1) = engine_random_writes(&cache, per_round, 1, 100 + r);
+        split.0 += d1 - f1;
+        split.1 += f1;
+        let (iops4, _, _) = engine_random_writes(&cache, per_round, 4, 200 + r * 4);
+        rows.push((
+            seq_bw,
+            iops1 * 4096.0 / MIB as f64,
+            iops4 * 4096.0 / MIB as f64,
+        ));
+    }
+    let stats = cache.stats();
+    cache.close().expect("close");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("number"));
+        v[v.len() / 2]
+    };
+    let eng_bw = median(rows.iter().map(|r| r.1).collect());
+    let eng4_bw = median(rows.iter().map(|r| r.2).collect());
+    let iops = eng_bw * MIB as f64 / 4096.0;
+
+    // The same writes straight to the backing file, fdatasync every 1 MiB.
+    let direct = dev(&p.join("direct.img"), BACKING_SIZE);
+    let mut rng = SmallRng::seed_from_u64(9);
+    let mut buf = vec![0u8; 4096];
+    let direct_n = n.min(32768);
+    let start = Instant::now();
+    let mut done = 0;
+    for i in 0..direct_n {
+        rng.fill(&mut buf[..64]);
+        let off = rng.gen_range(0..BACKING_SIZE / 4096) * 4096;
+        direct.write_at(&buf, off).expect("direct write");
+        done += 1;
+        if (i + 1) % FLUSH_EVERY == 0 {
+            direct.flush().expect("direct flush");
+            if start.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+        }
+    }
+    direct.flush().expect("direct flush");
+    let direct_iops = done as f64 / start.elapsed().as_secs_f64();
+    drop(direct);
+    let _ = std::fs::remove_file(p.join("direct.img"));
+
+    println!();
+    println!("random 4 KiB writes, each writer flushes after every 1 MiB it wrote (median of {rounds} rounds):");
+    println!(
+        "  round   sequential MiB/s   engine QD1 MiB/s   ratio   engine 4 writers MiB/s   ratio"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "  {:>5}   {:>16.1}   {:>16.1}   {:>5.2}   {:>22.1}   {:>5.2}",
+            i + 1,
+            r.0,
+            r.1,
+            r.1 / r.0,
+            r.2,
+            r.2 / r.0
+        );
+    }
+    let ratio1 = median(rows.iter().map(|r| r.1 / r.0).collect());
+    let ratio4 = median(rows.iter().map(|r| r.2 / r.0).collect());
+    println!("  engine QD1        {:>10.0} IOPS  {:>8.1} MiB/s  ({:.2} s copying in, {:.2} s waiting for flushes)", iops, eng_bw, split.0.as_secs_f64(), split.1.as_secs_f64());
+    println!(
+        "  engine 4 writers  {:>10.0} IOPS  {:>8.1} MiB/s",
+        eng4_bw * MIB as f64 / 4096.0,
+        eng4_bw
+    );
+    println!(
+        "  straight to backing file  {:>10.0} IOPS  {:>8.1} MiB/s",
+        direct_iops,
+        direct_iops * 4096.0 / MIB as f64
+    );
+    println!(
+        "  speed-up over the backing file: QD1 {:.1}x, 4 writers {:.1}x",
+        iops / direct_iops,
+        eng4_bw * MIB as f64 / 4096.0 / direct_iops
+    );
+    println!("engine random-write bandwidth / sequential bandwidth: QD1 {:.2}, 4 writers {:.2} (target >= 0.8)", ratio1, ratio4);
+    println!(
+        "segments written {}, partial {}, cache bytes written {} MiB",
+        stats.last_flushed_id,
+        stats.partial_segments,
+        stats.cache_bytes_written / MIB
+    );
+
+    // 4. Recovery time per GiB of cache (the log from step 2 is still dirty).
+    let dropped = drop_caches();
+    let start = Instant::now();
+    let (cache, report) = open_cache(&cache_dev, &backing, no_writeback());
+    let rec = start.elapsed();
+    let replayed_bytes = report.replayed_segments * geo.segment_size as u64;
+    let index_bytes = cache.stats().index_bytes;
+    cache.close().expect("close");
+    println!();
+    println!(
+        "recovery: {} segments ({} MiB, {} lines) in {:.3} s = {:.2} s per GiB of cache{}",
+        report.replayed_segments,
+        replayed_bytes / MIB,
+        report.restored_lines,
+        rec.as_secs_f64(),
+        rec.as_secs_f64() / (replayed_bytes as f64 / GIB as f64),
+        if dropped {
+            " (page cache dropped first)"
+        } else {
+            " (page cache not dropped)"
+        }
+    );
+    let cache_gib = (geo.nr_segments * geo.segment_size as u64) as f64 / GIB as f64;
+    println!(
+        "RAM: index {:.2} MiB for {:.2} GiB of cache = {:.2} MiB per GiB (target <= 8); segment buffers {} MiB",
+        index_bytes as f64 / MIB as f64,
+        cache_gib,
+        index_bytes as f64 / MIB as f64 / cache_gib,
+        64
+    );
+
+    // 5. Writeback throughput, sorted and unsorted, from the same dirty log.
+    println!();
+    let wb_mb = mb.min(256);
+    for sort in [true, false] {
+        let cache_dev = dev(&p.join("wb-cache.img"), CACHE_SIZE);
+        let backing = dev(&p.join("wb-backing.img"), BACKING_SIZE);
+        format_device(cache_dev.as_ref(), FormatOptions::default()).expect("format");
+        let (cache, _) = open_cache(&cache_dev, &backing, no_writeback());
+        let _ = engine_random_writes(&cache, wb_mb * MIB / 4096, 1, 7);
+        let dirty = cache.stats().dirty_lines[0].1;
+        cache
+            .set_tunable("writeback_sort", if sort { "true" } else { "false" })
+            .expect("tunable");
+        cache.set_tunable("writeback_batch", "32").expect("tunable");
+        let start = Instant::now();
+        cache.drain(0, &mut |_| {}).expect("drain");
+        let d = start.elapsed();
+        cache.close().expect("close");
+        println!(
+            "writeback {:<8} {} dirty lines in {:.2} s = {:>8.1} MiB/s",
+            if sort { "sorted" } else { "unsorted" },
+            dirty,
+            d.as_secs_f64(),
+            mbps(dirty * 4096, d)
+        );
+    }
+}

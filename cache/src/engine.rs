@@ -102,6 +102,12 @@ pub(crate) struct State {
     pub ram_buffers: usize,
     pub prev_crc: u32,
     pub write_started_id: u64,
+    /// Highest segment id written to the cache device (maybe not yet flushed).
+    pub written_id: u64,
+    /// When `written_id` first got ahead of `flushed_id`.
+    pub unflushed_since: Option<Instant>,
+    /// Highest segment id a caller waits to be durable.
+    pub durable_req: u64,
     pub flushed_id: u64,
     pub wb_id: u64,
     pub sb_seq: u64,
@@ -110,6 +116,9 @@ pub(crate) struct State {
     pub seal_requested: bool,
     pub need_space: bool,
     pub drains: u32,
+    /// Callers currently inside [`Cache::write`]: a flush waits the barrier deadline for
+    /// more lines only when some other write could join the segment.
+    pub active_writers: u32,
     pub commit_requested: bool,
     pub tunables: Tunables,
     pub counters: Counters,
@@ -436,6 +445,7 @@ impl Inner {
             if st.flushed_id >= target {
                 return Ok(());
             }
+            st.durable_req = st.durable_req.max(target);
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
             }
@@ -495,10 +505,21 @@ impl Cache {
     /// device.
     pub fn write(&self, dev: u8, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         {
-            let st = self.inner.lock();
+            let mut st = self.inner.lock();
             self.inner
                 .check_range(&st, dev, offset, data.len() as u64)?;
+            st.active_writers += 1;
         }
+        let r = self.write_lines(dev, offset, data);
+        self.inner.lock().active_writers -= 1;
+        let last_seg = r?;
+        if fua && last_seg > 0 {
+            self.inner.wait_durable(last_seg)?;
+        }
+        Ok(())
+    }
+
+    fn write_lines(&self, dev: u8, offset: u64, data: &[u8]) -> Result<u64> {
         let mut last_seg = 0;
         let mut pos = 0usize;
         while pos < data.len() {
@@ -512,10 +533,7 @@ impl Cache {
             last_seg = last_seg.max(seg);
             pos += n;
         }
-        if fua && last_seg > 0 {
-            self.inner.wait_durable(last_seg)?;
-        }
-        Ok(())
+        Ok(last_seg)
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of backing device `dev`.
