@@ -412,6 +412,30 @@ mod tests {
     }
 
     #[test]
+    fn format_doc_tables_match_the_code() {
+        let doc = include_str!("../../docs/FORMAT.md");
+        let mut rows = 0;
+        for line in doc.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // Segment geometry table: | S | header_blocks | lines_per_segment |
+            if cells.len() == 5 && cells[1].ends_with("iB") && cells[2].parse::<u32>().is_ok() {
+                let (num, unit) = cells[1].split_once(' ').expect("size with unit");
+                let s: u32 = num.parse::<u32>().expect("size")
+                    * if unit == "MiB" { 1 << 20 } else { 1 << 10 };
+                let g = Geometry::new(512, s, s as u64 * 4).expect("geometry");
+                assert_eq!(cells[2].parse::<u32>().unwrap(), g.header_blocks, "{line}");
+                assert_eq!(cells[3].parse::<u32>().unwrap(), g.lines_per_segment, "{line}");
+                rows += 1;
+            }
+        }
+        assert_eq!(rows, 3, "segment geometry table not found in docs/FORMAT.md");
+        assert!(doc.contains(&format!("| {SB_CRC_OFF} | u32 | crc |")));
+        assert!(doc.contains(&format!("| {SB_TABLE_OFF} | 255 × {SB_ENTRY_SIZE} B | backing table |")));
+        assert!(doc.contains(&format!("| {SEG_FIXED} | {ENTRY_SIZE} B × n | entries |")));
+        assert!(doc.contains(&format!("superblock copy A ({SB_COPY_SIZE} bytes)")));
+    }
+
+    #[test]
     fn superblock_round_trip_and_layout() {
         let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
         let mut backing = vec![None; MAX_BACKING];
