@@ -424,13 +424,22 @@ mod tests {
                     * if unit == "MiB" { 1 << 20 } else { 1 << 10 };
                 let g = Geometry::new(512, s, s as u64 * 4).expect("geometry");
                 assert_eq!(cells[2].parse::<u32>().unwrap(), g.header_blocks, "{line}");
-                assert_eq!(cells[3].parse::<u32>().unwrap(), g.lines_per_segment, "{line}");
+                assert_eq!(
+                    cells[3].parse::<u32>().unwrap(),
+                    g.lines_per_segment,
+                    "{line}"
+                );
                 rows += 1;
             }
         }
-        assert_eq!(rows, 3, "segment geometry table not found in docs/FORMAT.md");
+        assert_eq!(
+            rows, 3,
+            "segment geometry table not found in docs/FORMAT.md"
+        );
         assert!(doc.contains(&format!("| {SB_CRC_OFF} | u32 | crc |")));
-        assert!(doc.contains(&format!("| {SB_TABLE_OFF} | 255 × {SB_ENTRY_SIZE} B | backing table |")));
+        assert!(doc.contains(&format!(
+            "| {SB_TABLE_OFF} | 255 × {SB_ENTRY_SIZE} B | backing table |"
+        )));
         assert!(doc.contains(&format!("| {SEG_FIXED} | {ENTRY_SIZE} B × n | entries |")));
         assert!(doc.contains(&format!("superblock copy A ({SB_COPY_SIZE} bytes)")));
     }

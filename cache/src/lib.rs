@@ -27,6 +27,8 @@ pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use engine::{Backing, Cache, DrainProgress, OpenOptions};
 pub use error::{Error, Result};
 pub use format::Geometry;
-pub use recovery::{format_device, probe, FormatOptions, RecoveryReport};
+pub use recovery::{
+    check_device, format_device, probe, CheckReport, FormatOptions, RecoveryReport,
+};
 pub use stats::Stats;
 pub use tunables::Tunables;

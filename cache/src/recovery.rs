@@ -248,6 +248,53 @@ fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Repl
     })
 }
 
+/// What [`check_device`] found.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    /// The newest valid superblock.
+    pub superblock: Superblock,
+    /// The log walk, as recovery would do it.
+    pub log: RecoveryReport,
+    /// Dirty lines (and discard records) per backing device id.
+    pub dirty_lines: Vec<(u8, u64)>,
+}
+
+/// Read-only metadata check of a cache device: reads the superblock and walks the log
+/// exactly as recovery would, without writing anything or starting threads.
+pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
+    let sb = probe(dev)?.ok_or_else(|| Error::BadFormat {
+        device: dev.describe(),
+        reason: "not an lc cache device (no superblock)".into(),
+    })?;
+    let geo = sb.geometry;
+    let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
+    if dev.size() < needed {
+        return Err(Error::BadFormat {
+            device: dev.describe(),
+            reason: format!(
+                "device is {} bytes but was formatted for {needed}",
+                dev.size()
+            ),
+        });
+    }
+    let r = replay(dev, &sb, 1024)?;
+    let mut counts = vec![0u64; MAX_BACKING];
+    for (k, _) in r.index.iter() {
+        counts[crate::index::unkey(k).0 as usize] += 1;
+    }
+    let dirty_lines = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(i, &n)| (i as u8, n))
+        .collect();
+    Ok(CheckReport {
+        superblock: sb,
+        log: r.report,
+        dirty_lines,
+    })
+}
+
 /// True when the slot of segment `id` holds a valid header of exactly that segment of
 /// this cache: evidence that the log went on past a segment that failed its checks.
 fn next_present(dev: &dyn BlockDevice, sb: &Superblock, id: u64) -> Result<bool> {
