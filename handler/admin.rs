@@ -1,0 +1,178 @@
+//! Offline administration of cache devices: `lc format` and `lc check`. These work on
+//! the device directly and need no running daemon.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use lc_cache::{check_device, format_device, probe, BlockDevice, FileDevice, FormatOptions};
+
+use crate::units::human;
+
+/// Options of `lc format`.
+pub struct FormatArgs<'a> {
+    /// The cache device (block device or regular file).
+    pub device: &'a Path,
+    /// Logical block size, 512 or 4096.
+    pub block_size: u32,
+    /// Segment size in bytes.
+    pub segment_size: u32,
+    /// Skip the confirmation.
+    pub yes: bool,
+    /// Format even if the device holds an lc cache.
+    pub force: bool,
+}
+
+/// Formats a cache device. `confirm` supplies the answer to the confirmation prompt
+/// (stdin in the CLI); output goes to `out`.
+pub fn format(
+    args: &FormatArgs,
+    confirm: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<(), String> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open(args.device, false)
+            .map_err(|e| format!("cannot open {}: {e}", args.device.display()))?,
+    );
+    let existing = match probe(dev.as_ref()) {
+        Ok(sb) => sb.map(|sb| sb.geometry),
+        // A damaged lc superblock still means lc data may be there.
+        Err(e) => {
+            if !args.force {
+                return Err(format!("{e}; refusing to format without --force"));
+            }
+            None
+        }
+    };
+    if let Some(g) = existing {
+        if !args.force {
+            return Err(format!(
+                "{} already holds an lc cache ({} segments of {}); formatting destroys its dirty data. \
+                 Run `lc check` first, drain it, or pass --force",
+                args.device.display(),
+                g.nr_segments,
+                human(g.segment_size as u64)
+            ));
+        }
+    }
+    if !args.yes {
+        write!(
+            out,
+            "Format {} ({}) as an lc cache? Everything on it is lost. Type 'yes': ",
+            args.device.display(),
+            human(dev.size())
+        )
+        .map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        confirm.read_line(&mut answer).map_err(|e| e.to_string())?;
+        if answer.trim() != "yes" {
+            return Err("not confirmed; nothing written".into());
+        }
+    }
+    let g = format_device(
+        dev.as_ref(),
+        FormatOptions {
+            block_size: args.block_size,
+            segment_size: args.segment_size,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    writeln!(
+        out,
+        "formatted {}: block size {}, {} segments of {} ({} lines each), {} of cache",
+        args.device.display(),
+        g.block_size,
+        g.nr_segments,
+        human(g.segment_size as u64),
+        g.lines_per_segment,
+        human(g.total_lines() * 4096)
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Result of `lc check`: the text (or JSON) to print and whether the log is intact.
+pub struct CheckOutcome {
+    /// What to print.
+    pub text: String,
+    /// False when the log walk stopped at a damaged segment.
+    pub clean: bool,
+}
+
+/// Read-only metadata check of a cache device.
+pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
+    let dev = FileDevice::open(device, false)
+        .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
+    let r = check_device(&dev).map_err(|e| e.to_string())?;
+    let g = r.superblock.geometry;
+    let backing: Vec<serde_json::Value> = r
+        .superblock
+        .backing
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.as_ref().map(|b| (i, b)))
+        .map(|(i, b)| {
+            serde_json::json!({
+                "id": i,
+                "label": b.label,
+                "size": b.size,
+                "dirty_lines": r.dirty_lines.iter().find(|(d, _)| *d as usize == i).map_or(0, |x| x.1),
+            })
+        })
+        .collect();
+    let clean = r.log.stop_reason.is_none();
+    let text =
+        if json {
+            serde_json::json!({
+                "device": device.display().to_string(),
+                "format_version": lc_cache::format::FORMAT_VERSION,
+                "block_size": g.block_size,
+                "segment_size": g.segment_size,
+                "nr_segments": g.nr_segments,
+                "lines_per_segment": g.lines_per_segment,
+                "superblock_seq": r.superblock.seq,
+                "last_writeback_id": r.log.last_writeback_id,
+                "dirty_segments": r.log.replayed_segments,
+                "dirty_lines": r.log.restored_lines,
+                "damage": r.log.stop_reason,
+                "backing": backing,
+            })
+            .to_string()
+        } else {
+            let mut t = format!(
+                "{}: lc cache, format v{}, block size {}, {} segments of {} ({} lines each)\n",
+                device.display(),
+                lc_cache::format::FORMAT_VERSION,
+                g.block_size,
+                g.nr_segments,
+                human(g.segment_size as u64),
+                g.lines_per_segment
+            );
+            t += &format!(
+                "superblock commit {}, written back through segment {}\n",
+                r.superblock.seq, r.log.last_writeback_id
+            );
+            t += &format!(
+                "log: {} dirty segments, {} dirty lines\n",
+                r.log.replayed_segments, r.log.restored_lines
+            );
+            for b in &backing {
+                t += &format!(
+                    "backing {}: {:?}, {} bytes, {} dirty lines\n",
+                    b["id"],
+                    b["label"].as_str().unwrap_or(""),
+                    b["size"],
+                    b["dirty_lines"]
+                );
+            }
+            match &r.log.stop_reason {
+                None => t += "log intact\n",
+                Some(reason) => t += &format!(
+                    "DAMAGE: the log ends early: {reason}; later segments will not be replayed\n"
+                ),
+            }
+            t
+        };
+    Ok(CheckOutcome { text, clean })
+}

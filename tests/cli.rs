@@ -1,0 +1,123 @@
+//! The `lc` command line, run as a user would: format and check on files.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn lc() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lc"))
+}
+
+fn image(dir: &std::path::Path, name: &str, size: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+#[test]
+fn format_then_check_reports_an_intact_empty_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = image(dir.path(), "cache.img", 64 << 20);
+    let out = lc()
+        .args(["format", "--yes", "--segment-size", "256KiB"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("255 segments of 256.0 KiB"), "{text}");
+
+    let out = lc().arg("check").arg(&dev).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("log intact") && text.contains("0 dirty lines"),
+        "{text}"
+    );
+
+    let out = lc().args(["check", "--json"]).arg(&dev).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["segment_size"], 256 << 10);
+    assert_eq!(v["damage"], serde_json::Value::Null);
+}
+
+#[test]
+fn format_refuses_an_lc_device_without_force_and_asks_for_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = image(dir.path(), "cache.img", 16 << 20);
+    assert!(lc()
+        .args(["format", "-y"])
+        .arg(&dev)
+        .status()
+        .unwrap()
+        .success());
+    let out = lc().args(["format", "-y"]).arg(&dev).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds an lc cache"));
+
+    // Without --yes, anything but "yes" leaves the device alone.
+    let mut child = lc()
+        .args(["format", "--force", "--block-size", "4096"])
+        .arg(&dev)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"no\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not confirmed"));
+    let v: serde_json::Value = serde_json::from_slice(
+        &lc()
+            .args(["check", "--json"])
+            .arg(&dev)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(v["block_size"], 512, "declined format must not write");
+}
+
+#[test]
+fn bad_arguments_and_foreign_devices_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = image(dir.path(), "cache.img", 16 << 20);
+    let out = lc()
+        .args(["format", "-y", "--segment-size", "3MiB"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("power of two"),
+        "{out:?}"
+    );
+    let out = lc()
+        .args(["format", "-y", "--block-size", "1024"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("512 or 4096"),
+        "{out:?}"
+    );
+    let out = lc().arg("check").arg(&dev).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an lc cache"),
+        "{out:?}"
+    );
+    let out = lc()
+        .arg("check")
+        .arg(dir.path().join("missing"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot open"),
+        "{out:?}"
+    );
+}
