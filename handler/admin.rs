@@ -122,57 +122,58 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
         })
         .collect();
     let clean = r.log.stop_reason.is_none();
-    let text =
-        if json {
-            serde_json::json!({
-                "device": device.display().to_string(),
-                "format_version": lc_cache::format::FORMAT_VERSION,
-                "block_size": g.block_size,
-                "segment_size": g.segment_size,
-                "nr_segments": g.nr_segments,
-                "lines_per_segment": g.lines_per_segment,
-                "superblock_seq": r.superblock.seq,
-                "last_writeback_id": r.log.last_writeback_id,
-                "dirty_segments": r.log.replayed_segments,
-                "dirty_lines": r.log.restored_lines,
-                "damage": r.log.stop_reason,
-                "backing": backing,
-            })
-            .to_string()
-        } else {
-            let mut t = format!(
-                "{}: lc cache, format v{}, block size {}, {} segments of {} ({} lines each)\n",
-                device.display(),
-                lc_cache::format::FORMAT_VERSION,
-                g.block_size,
-                g.nr_segments,
-                human(g.segment_size as u64),
-                g.lines_per_segment
-            );
+    let text = if json {
+        serde_json::json!({
+            "device": device.display().to_string(),
+            "format_version": lc_cache::format::FORMAT_VERSION,
+            "block_size": g.block_size,
+            "segment_size": g.segment_size,
+            "nr_segments": g.nr_segments,
+            "lines_per_segment": g.lines_per_segment,
+            "superblock_seq": r.superblock.seq,
+            "last_writeback_id": r.log.last_writeback_id,
+            "dirty_segments": r.log.replayed_segments,
+            "dirty_lines": r.log.restored_lines,
+            "damage": r.log.stop_reason,
+            "backing": backing,
+        })
+        .to_string()
+    } else {
+        let mut t = format!(
+            "{}: lc cache, format v{}, block size {}, {} segments of {} ({} lines each)\n",
+            device.display(),
+            lc_cache::format::FORMAT_VERSION,
+            g.block_size,
+            g.nr_segments,
+            human(g.segment_size as u64),
+            g.lines_per_segment
+        );
+        t += &format!(
+            "superblock commit {}, written back through segment {}\n",
+            r.superblock.seq, r.log.last_writeback_id
+        );
+        t += &format!(
+            "log: {} dirty segments, {} dirty lines\n",
+            r.log.replayed_segments, r.log.restored_lines
+        );
+        for b in &backing {
             t += &format!(
-                "superblock commit {}, written back through segment {}\n",
-                r.superblock.seq, r.log.last_writeback_id
+                "backing {}: {:?}, {} bytes, {} dirty lines\n",
+                b["id"],
+                b["label"].as_str().unwrap_or(""),
+                b["size"],
+                b["dirty_lines"]
             );
-            t += &format!(
-                "log: {} dirty segments, {} dirty lines\n",
-                r.log.replayed_segments, r.log.restored_lines
-            );
-            for b in &backing {
+        }
+        match &r.log.stop_reason {
+            None => t += "log intact\n",
+            Some(reason) => {
                 t += &format!(
-                    "backing {}: {:?}, {} bytes, {} dirty lines\n",
-                    b["id"],
-                    b["label"].as_str().unwrap_or(""),
-                    b["size"],
-                    b["dirty_lines"]
-                );
-            }
-            match &r.log.stop_reason {
-                None => t += "log intact\n",
-                Some(reason) => t += &format!(
                     "DAMAGE: the log ends early: {reason}; later segments will not be replayed\n"
-                ),
+                )
             }
-            t
-        };
+        }
+        t
+    };
     Ok(CheckOutcome { text, clean })
 }

@@ -574,20 +574,28 @@ impl Cache {
                 }
             }
             // 2. Backing reads for every run of lines that needs backing data.
-            let needs_backing = |s: &Src| match s {
+            // Sectors of line `i` the caller asked for.
+            let end_off = offset + buf.len() as u64;
+            let wanted = |i: usize| {
+                let ls = (first_line + i as u64) * LINE;
+                let a = offset.max(ls);
+                let b = end_off.min(ls + LINE);
+                sector_mask((a - ls) / SECTOR, (b - a) / SECTOR)
+            };
+            let needs_backing = |i: usize, s: &Src| match s {
                 Src::Backing => true,
                 Src::Zero => false,
-                Src::Ram(_, d) => *d != FULL_LINE,
-                Src::Disk(l) => l.dirty != FULL_LINE,
+                Src::Ram(_, d) => wanted(i) & !*d != 0,
+                Src::Disk(l) => wanted(i) & !l.dirty != 0,
             };
             let mut i = 0;
             while i < plan.len() {
-                if !needs_backing(&plan[i]) {
+                if !needs_backing(i, &plan[i]) {
                     i += 1;
                     continue;
                 }
                 let mut j = i;
-                while j + 1 < plan.len() && needs_backing(&plan[j + 1]) {
+                while j + 1 < plan.len() && needs_backing(j + 1, &plan[j + 1]) {
                     j += 1;
                 }
                 let start = ((first_line + i as u64) * LINE).max(offset);

@@ -1,0 +1,148 @@
+//! I/O errors: a failing backing device surfaces as an error naming the failing offset
+//! and the cache keeps serving; a failing cache device stops writes cleanly; dropping a
+//! cache without `close` keeps what was flushed.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lc_cache::testing::FaultDevice;
+use lc_cache::{BlockDevice, Cache, Error, MemDevice, OpenOptions, Tunables};
+
+const SEG: u32 = 64 << 10;
+
+#[test]
+fn backing_read_error_names_the_offset_and_other_devices_keep_working() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let bad = Arc::new(FaultDevice::new(Arc::new(MemDevice::new(1 << 20))));
+    let good: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let c = open(
+        cache,
+        &[bad.clone() as Arc<dyn BlockDevice>, good.clone()],
+        Tunables::default(),
+        2,
+    );
+    bad.faults.lock().unwrap().bad_read_sectors.insert(100);
+    let mut buf = vec![0u8; 8192];
+    let e = c.read(0, 96 * 512, &mut buf).unwrap_err();
+    assert!(
+        matches!(e, Error::Io { offset, .. } if offset == 96 * 512),
+        "{e}"
+    );
+    // Cached data of the failing device is still served; the good device is untouched.
+    c.write(0, 100 * 512, &[7u8; 512], false).unwrap();
+    let mut one = [0u8; 512];
+    c.read(0, 100 * 512, &mut one).unwrap();
+    assert_eq!(one, [7u8; 512]);
+    c.write(1, 0, &[9u8; 4096], true).unwrap();
+    c.read(1, 0, &mut buf[..4096]).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 9));
+    c.close().unwrap();
+}
+
+#[test]
+fn writeback_retries_a_failing_backing_device_and_loses_nothing() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let mem = Arc::new(MemDevice::new(1 << 20));
+    let bad = Arc::new(FaultDevice::new(mem.clone()));
+    let c = open(
+        cache,
+        &[bad.clone() as Arc<dyn BlockDevice>],
+        Tunables {
+            writeback_threshold: 0,
+            ..Tunables::default()
+        },
+        2,
+    );
+    bad.faults.lock().unwrap().bad_write_sectors.extend(0..2048);
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 253) as u8).collect();
+    c.write(0, 0, &data, false).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Writeback cannot progress, the data is served from the cache meanwhile.
+    assert!(c.stats().dirty_lines[0].1 > 0);
+    let mut back = vec![0u8; data.len()];
+    c.read(0, 0, &mut back).unwrap();
+    assert!(back == data);
+    bad.faults.lock().unwrap().bad_write_sectors.clear();
+    c.drain(0, &mut |_| {}).unwrap();
+    c.close().unwrap();
+    let mut raw = vec![0u8; data.len()];
+    mem.read_at(&mut raw, 0).unwrap();
+    assert!(raw == data, "backing device after the fault cleared");
+}
+
+#[test]
+fn cache_device_failure_fails_flushes_but_keeps_reads_and_never_panics() {
+    let mem: Arc<dyn BlockDevice> = mem_cache(SEG as u64 * 8, 512, SEG);
+    let faulty = Arc::new(FaultDevice::new(mem));
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let (c, _) = Cache::open(faulty.clone(), backings(&[backing]), OpenOptions::default()).unwrap();
+    c.write(0, 0, &[5u8; 4096], true).unwrap();
+    faulty
+        .faults
+        .lock()
+        .unwrap()
+        .bad_write_sectors
+        .extend(0..1 << 20);
+    c.write(0, 8192, &[6u8; 4096], false).unwrap();
+    let e = c.flush().unwrap_err();
+    assert!(e.to_string().contains("cache failed"), "{e}");
+    let mut buf = [0u8; 4096];
+    c.read(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, [5u8; 4096]);
+    assert!(c.write(0, 0, &[1u8; 4096], false).is_err());
+    assert!(c.failure().is_some());
+    assert!(c.close().is_err());
+}
+
+#[test]
+fn drop_without_close_keeps_flushed_and_fua_data() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    {
+        let c = open(
+            cache.clone(),
+            std::slice::from_ref(&backing),
+            Tunables {
+                writeback_enabled: false,
+                ..Tunables::default()
+            },
+            2,
+        );
+        c.write(0, 0, &[1u8; 8192], false).unwrap();
+        c.flush().unwrap();
+        c.write(0, 65536, &[2u8; 512], true).unwrap();
+    }
+    let c = open(cache, &[backing], Tunables::default(), 2);
+    let mut buf = vec![0u8; 8192];
+    c.read(0, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    c.read(0, 65536, &mut buf[..512]).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 2));
+}
+
+#[test]
+fn bad_requests_are_refused_with_reasons() {
+    let cache = mem_cache(SEG as u64 * 8, 4096, SEG);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let c = open(cache, &[backing], Tunables::default(), 2);
+    let e = c
+        .write(0, 512, &[0u8; 4096], false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not aligned"), "{e}");
+    let e = c
+        .write(0, 1 << 20, &[0u8; 4096], false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("beyond the end"), "{e}");
+    let e = c.write(3, 0, &[0u8; 4096], false).unwrap_err().to_string();
+    assert!(e.contains("not attached"), "{e}");
+    let mut b = [0u8; 4096];
+    assert!(c.read(0, u64::MAX - 100, &mut b).is_err());
+    assert!(c.discard(0, 4096, u64::MAX).is_err());
+    assert!(c.set_tunable("writeback_batch", "1000").is_err());
+    assert!(c.drain(9, &mut |_| {}).is_err());
+}
