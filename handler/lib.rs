@@ -4,4 +4,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+#[path = "../sys/mod.rs"]
+pub mod sys;
 pub mod units;
