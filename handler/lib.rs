@@ -4,6 +4,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod ring;
+pub mod shm;
 #[path = "../sys/mod.rs"]
 pub mod sys;
 pub mod units;

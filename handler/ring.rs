@@ -1,0 +1,535 @@
+//! The TCMU command ring (`docs/tcmu.md` §1): mailbox validation, fetching entries from
+//! our tail to `cmd_head`, gathering Data-Out and scattering Data-In through the
+//! iovecs, and completing commands — in ring order, or out of order when the kernel
+//! offers `CAP_OOOC` (the "steal the slot at the tail" scheme of §1.10).
+//!
+//! Safe code over [`SharedMap`]: every offset the kernel hands us (entry lengths,
+//! `cdb_off`, iovecs) is validated before use, and a malformed entry is a
+//! [`RingError`] that makes the caller stop serving the device, never an out-of-bounds
+//! access.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::shm::{OutOfBounds, SharedMap};
+use crate::sys;
+
+/// Byte offsets inside the mailbox and entries (pinned by the tests in `sys/`).
+mod off {
+    pub const MB_VERSION: u64 = 0;
+    pub const MB_FLAGS: u64 = 2;
+    pub const MB_CMDR_OFF: u64 = 4;
+    pub const MB_CMDR_SIZE: u64 = 8;
+    pub const MB_CMD_HEAD: u64 = 12;
+    pub const MB_CMD_TAIL: u64 = 64;
+    pub const HDR_LEN_OP: u64 = 0;
+    pub const HDR_CMD_ID: u64 = 4;
+    pub const HDR_UFLAGS: u64 = 7;
+    pub const REQ_IOV_CNT: u64 = 8;
+    pub const REQ_IOV_BIDI_CNT: u64 = 12;
+    pub const REQ_CDB_OFF: u64 = 24;
+    pub const REQ_IOV: u64 = 48;
+    pub const RSP_STATUS: u64 = 8;
+    pub const RSP_READ_LEN: u64 = 12;
+    pub const RSP_SENSE: u64 = 16;
+    pub const TMR_TYPE: u64 = 8;
+    pub const TMR_CMD_CNT: u64 = 12;
+    pub const TMR_CMD_IDS: u64 = 32;
+}
+
+/// Size of the mailbox at the start of the map.
+pub const MAILBOX_SIZE: u64 = std::mem::size_of::<sys::tcmu_mailbox>() as u64;
+/// Size of a command entry without extra iovecs.
+pub const CMD_ENTRY_SIZE: u64 = std::mem::size_of::<sys::tcmu_cmd_entry>() as u64;
+/// Bytes of sense data in a response.
+pub const SENSE_SIZE: usize = sys::TCMU_SENSE_BUFFERSIZE as usize;
+/// Largest CDB the SCSI core passes (`SCSI_MAX_VARLEN_CDB_SIZE`).
+pub const MAX_CDB: usize = 260;
+
+/// A malformed ring or entry. The device must stop being served.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The mailbox is not one we can serve.
+    #[error("mailbox: {0}")]
+    Mailbox(String),
+    /// An entry the kernel wrote is inconsistent.
+    #[error("entry at ring offset {offset}: {reason}")]
+    Entry {
+        /// Ring offset of the entry.
+        offset: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An access fell outside the mapping.
+    #[error(transparent)]
+    Bounds(#[from] OutOfBounds),
+    /// A completion for a command id that is not outstanding.
+    #[error("completion for unknown command id {0}")]
+    UnknownId(u16),
+}
+
+/// One iovec of a command, as offsets into the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoVec {
+    /// Offset from the map start (inside the data area).
+    pub off: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A SCSI command fetched from the ring, copied out of shared memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// The kernel's id for the command.
+    pub cmd_id: u16,
+    /// The CDB.
+    pub cdb: Vec<u8>,
+    /// Data-Out or Data-In iovecs.
+    pub iovs: Vec<IoVec>,
+    /// Extra Data-In iovecs of a bidirectional command.
+    pub bidi_iovs: Vec<IoVec>,
+}
+
+impl Command {
+    /// Total length of `iovs`.
+    pub fn data_len(&self) -> u64 {
+        self.iovs.iter().map(|v| v.len).sum()
+    }
+}
+
+/// A task-management notification (`TCMU_OP_TMR`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tmr {
+    /// `tcmu_tmr_type`.
+    pub tmr_type: u8,
+    /// Ids of aborted commands still on the ring.
+    pub cmd_ids: Vec<u16>,
+}
+
+/// What [`Ring::fetch`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// A command to execute and complete.
+    Cmd(Command),
+    /// A task-management notification (already consumed; no completion).
+    Tmr(Tmr),
+}
+
+/// A command's response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// SAM status (GOOD 0, CHECK CONDITION 2, ...).
+    pub status: u8,
+    /// Sense data for CHECK CONDITION (fixed format, up to 96 bytes).
+    pub sense: Vec<u8>,
+    /// Bytes of Data-In actually produced, if fewer than the iovecs hold
+    /// (reported with `TCMU_UFLAG_READ_LEN` when the kernel supports it).
+    pub read_len: Option<u32>,
+}
+
+/// How the handler is told of new entries and tells the kernel of completions.
+pub trait Doorbell: Send {
+    /// The descriptor to poll for readability.
+    fn fd(&self) -> RawFd;
+    /// Clears the pending event (before scanning the ring).
+    fn ack(&self) -> io::Result<()>;
+    /// Tells the kernel the tail moved.
+    fn kick(&self) -> io::Result<()>;
+}
+
+/// The doorbell of a real `/dev/uioN`: read 4 bytes to clear, write 4 bytes to kick.
+pub struct UioDoorbell(pub OwnedFd);
+
+impl Doorbell for UioDoorbell {
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+    fn ack(&self) -> io::Result<()> {
+        let mut b = [0u8; 4];
+        match rustix::io::read(&self.0, &mut b) {
+            Ok(_) => Ok(()),
+            Err(e) if e == rustix::io::Errno::AGAIN => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn kick(&self) -> io::Result<()> {
+        rustix::io::write(&self.0, &1u32.to_ne_bytes())?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    off: u32,
+    len: u32,
+    /// Command id for CMD slots, None for PAD/TMR/unknown (skipped on completion).
+    cmd: Option<u16>,
+    /// In-order mode: the response, once the command completed.
+    done: Option<Response>,
+}
+
+/// The command ring of one device.
+pub struct Ring {
+    map: SharedMap,
+    cmdr_off: u64,
+    cmdr_size: u32,
+    data_off: u64,
+    flags: u16,
+    /// Where our next fetch starts (ring offset).
+    fetch_tail: u32,
+    /// The `cmd_tail` we last published.
+    tail: u32,
+    /// Fetched entries not yet passed by the tail, in ring order.
+    slots: VecDeque<Slot>,
+    /// Completions written since the last [`Ring::publish`].
+    moved: bool,
+}
+
+fn entry_err(offset: u32, reason: impl Into<String>) -> RingError {
+    RingError::Entry {
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// Length of a CDB from its opcode (`scsi_command_size`), reading byte 7 for
+/// variable-length CDBs (0x7f).
+pub fn cdb_len(cdb_head: &[u8]) -> Option<usize> {
+    let op = *cdb_head.first()?;
+    if op == 0x7f {
+        return cdb_head.get(7).map(|&n| 8 + n as usize);
+    }
+    Some(match op >> 5 {
+        0 => 6,
+        1 | 2 => 10,
+        3 | 5 => 12,
+        4 => 16,
+        _ => 10,
+    })
+}
+
+impl Ring {
+    /// Validates the mailbox of `map` and takes over the ring at the current `cmd_tail`.
+    pub fn new(map: SharedMap) -> Result<Ring, RingError> {
+        let version = map.read_u16(off::MB_VERSION)?;
+        if version as u32 != sys::TCMU_MAILBOX_VERSION {
+            return Err(RingError::Mailbox(format!(
+                "version {version}, lc speaks version {}",
+                sys::TCMU_MAILBOX_VERSION
+            )));
+        }
+        let flags = map.read_u16(off::MB_FLAGS)?;
+        let cmdr_off = map.read_u32(off::MB_CMDR_OFF)? as u64;
+        let cmdr_size = map.read_u32(off::MB_CMDR_SIZE)?;
+        let data_off = cmdr_off + cmdr_size as u64;
+        if cmdr_off < MAILBOX_SIZE
+            || !cmdr_off.is_multiple_of(8)
+            || cmdr_size < 64
+            || cmdr_size % 8 != 0
+            || data_off > map.len() as u64
+        {
+            return Err(RingError::Mailbox(format!(
+                "ring at {cmdr_off}+{cmdr_size} does not fit the {}-byte map",
+                map.len()
+            )));
+        }
+        let tail = map.read_u32(off::MB_CMD_TAIL)?;
+        if tail >= cmdr_size || tail % 8 != 0 {
+            return Err(RingError::Mailbox(format!("cmd_tail {tail} invalid")));
+        }
+        Ok(Ring {
+            map,
+            cmdr_off,
+            cmdr_size,
+            data_off,
+            flags,
+            fetch_tail: tail,
+            tail,
+            slots: VecDeque::new(),
+            moved: false,
+        })
+    }
+
+    /// Mailbox capability flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// True when the kernel accepts out-of-order completions.
+    pub fn out_of_order(&self) -> bool {
+        self.flags as u32 & sys::TCMU_MAILBOX_FLAG_CAP_OOOC != 0
+    }
+
+    /// Commands fetched and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.cmd.is_some() && s.done.is_none())
+            .count()
+    }
+
+    fn abs(&self, ring_off: u32) -> u64 {
+        self.cmdr_off + ring_off as u64
+    }
+
+    fn iovec(&self, entry: u32, at: u64) -> Result<IoVec, RingError> {
+        let base = self.map.read_u64(at)?;
+        let len = self.map.read_u64(at + 8)?;
+        match base.checked_add(len) {
+            Some(end) if base >= self.data_off && end <= self.map.len() as u64 => {
+                Ok(IoVec { off: base, len })
+            }
+            _ => Err(entry_err(
+                entry,
+                format!("iovec {base}+{len} outside the data area"),
+            )),
+        }
+    }
+
+    /// Fetches every entry between our tail and `cmd_head`.
+    pub fn fetch(&mut self) -> Result<Vec<Fetched>, RingError> {
+        let head = self.map.load_acquire_u32(off::MB_CMD_HEAD)?;
+        if head >= self.cmdr_size || head % 8 != 0 {
+            return Err(RingError::Mailbox(format!("cmd_head {head} invalid")));
+        }
+        let mut out = Vec::new();
+        while self.fetch_tail != head {
+            let at = self.fetch_tail;
+            let e = self.abs(at);
+            let len_op = self.map.read_u32(e + off::HDR_LEN_OP)?;
+            let len = len_op & !(sys::TCMU_OP_MASK);
+            let op = len_op & sys::TCMU_OP_MASK;
+            let dist = (head + self.cmdr_size - at) % self.cmdr_size;
+            if len < 8 || len > dist || at as u64 + len as u64 > self.cmdr_size as u64 {
+                return Err(entry_err(at, format!("length {len} (head {head})")));
+            }
+            let mut slot = Slot {
+                off: at,
+                len,
+                cmd: None,
+                done: None,
+            };
+            if op == sys::tcmu_opcode_TCMU_OP_CMD {
+                let cmd = self.parse_cmd(at, len)?;
+                slot.cmd = Some(cmd.cmd_id);
+                if self
+                    .slots
+                    .iter()
+                    .any(|s| s.cmd == Some(cmd.cmd_id) && s.done.is_none())
+                {
+                    return Err(entry_err(
+                        at,
+                        format!("command id {} already outstanding", cmd.cmd_id),
+                    ));
+                }
+                out.push(Fetched::Cmd(cmd));
+            } else if op == sys::tcmu_opcode_TCMU_OP_TMR {
+                if (len as u64) < off::TMR_CMD_IDS {
+                    return Err(entry_err(at, "TMR entry too short"));
+                }
+                let tmr_type = self.map.read_u8(e + off::TMR_TYPE)?;
+                let n = self.map.read_u32(e + off::TMR_CMD_CNT)? as u64;
+                if off::TMR_CMD_IDS + 2 * n > len as u64 {
+                    return Err(entry_err(
+                        at,
+                        format!("TMR with {n} ids does not fit {len} bytes"),
+                    ));
+                }
+                let cmd_ids = (0..n)
+                    .map(|i| self.map.read_u16(e + off::TMR_CMD_IDS + 2 * i))
+                    .collect::<Result<_, _>>()?;
+                out.push(Fetched::Tmr(Tmr { tmr_type, cmd_ids }));
+            } else if op != sys::tcmu_opcode_TCMU_OP_PAD {
+                // An opcode this build does not know: tell the kernel, skip it.
+                let uf = self.map.read_u8(e + off::HDR_UFLAGS)?;
+                self.map
+                    .write_u8(e + off::HDR_UFLAGS, uf | sys::TCMU_UFLAG_UNKNOWN_OP as u8)?;
+            }
+            self.slots.push_back(slot);
+            self.fetch_tail = (at + len) % self.cmdr_size;
+        }
+        // Entries that need no completion at the front can be passed at once.
+        self.pass_prefix()?;
+        Ok(out)
+    }
+
+    fn parse_cmd(&self, at: u32, len: u32) -> Result<Command, RingError> {
+        let e = self.abs(at);
+        let cmd_id = self.map.read_u16(e + off::HDR_CMD_ID)?;
+        let n = self.map.read_u32(e + off::REQ_IOV_CNT)? as u64;
+        let nb = self.map.read_u32(e + off::REQ_IOV_BIDI_CNT)? as u64;
+        let iov_end = off::REQ_IOV + 16 * (n + nb);
+        if n + nb > (len as u64) / 16 || iov_end > len as u64 {
+            return Err(entry_err(
+                at,
+                format!("{n}+{nb} iovecs do not fit {len} bytes"),
+            ));
+        }
+        let cdb_off = self.map.read_u64(e + off::REQ_CDB_OFF)?;
+        let entry_end = e + len as u64;
+        if cdb_off < e + iov_end || cdb_off >= entry_end {
+            return Err(entry_err(
+                at,
+                format!("cdb_off {cdb_off} outside the entry"),
+            ));
+        }
+        let avail = (entry_end - cdb_off) as usize;
+        let mut head = [0u8; 8];
+        let hn = avail.min(8);
+        self.map.read(cdb_off, &mut head[..hn])?;
+        let cl = cdb_len(&head[..hn]).ok_or_else(|| entry_err(at, "CDB truncated"))?;
+        if cl > avail || cl > MAX_CDB {
+            return Err(entry_err(
+                at,
+                format!("CDB of {cl} bytes, {avail} available"),
+            ));
+        }
+        let mut cdb = vec![0u8; cl];
+        self.map.read(cdb_off, &mut cdb)?;
+        let iovs = (0..n)
+            .map(|i| self.iovec(at, e + off::REQ_IOV + 16 * i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bidi_iovs = (n..n + nb)
+            .map(|i| self.iovec(at, e + off::REQ_IOV + 16 * i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Command {
+            cmd_id,
+            cdb,
+            iovs,
+            bidi_iovs,
+        })
+    }
+
+    /// Copies a command's Data-Out bytes out of the ring.
+    pub fn gather(&self, iovs: &[IoVec]) -> Result<Vec<u8>, RingError> {
+        let total: u64 = iovs.iter().map(|v| v.len).sum();
+        let mut out = vec![0u8; total as usize];
+        let mut pos = 0usize;
+        for v in iovs {
+            self.map.read(v.off, &mut out[pos..pos + v.len as usize])?;
+            pos += v.len as usize;
+        }
+        Ok(out)
+    }
+
+    /// Copies Data-In bytes into a command's iovecs (at most their total length);
+    /// the rest of the iovecs is zeroed so no stale data reaches the initiator.
+    pub fn scatter(&self, iovs: &[IoVec], data: &[u8]) -> Result<(), RingError> {
+        let mut pos = 0usize;
+        for v in iovs {
+            let n = (v.len as usize).min(data.len().saturating_sub(pos));
+            self.map.write(v.off, &data[pos..pos + n])?;
+            if (n as u64) < v.len {
+                self.map.fill(v.off + n as u64, v.len - n as u64, 0)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write_response(&self, slot_off: u32, cmd_id: u16, r: &Response) -> Result<(), RingError> {
+        let e = self.abs(slot_off);
+        self.map.write_u16(e + off::HDR_CMD_ID, cmd_id)?;
+        let mut uflags = 0u8;
+        let mut read_len = 0u32;
+        if let Some(n) = r.read_len {
+            if self.flags as u32 & sys::TCMU_MAILBOX_FLAG_CAP_READ_LEN != 0 {
+                uflags |= sys::TCMU_UFLAG_READ_LEN as u8;
+                read_len = n;
+            }
+        }
+        self.map.write_u8(e + off::HDR_UFLAGS, uflags)?;
+        self.map.write_u8(e + off::RSP_STATUS, r.status)?;
+        self.map.write_u32(e + off::RSP_READ_LEN, read_len)?;
+        let mut sense = [0u8; SENSE_SIZE];
+        let n = r.sense.len().min(SENSE_SIZE);
+        sense[..n].copy_from_slice(&r.sense[..n]);
+        self.map.write(e + off::RSP_SENSE, &sense)?;
+        Ok(())
+    }
+
+    /// Advances the tail over leading entries that need nothing more.
+    fn pass_prefix(&mut self) -> Result<(), RingError> {
+        while let Some(front) = self.slots.front() {
+            match (&front.cmd, &front.done) {
+                (None, _) => {}
+                (Some(id), Some(r)) => self.write_response(front.off, *id, r)?,
+                (Some(_), None) => break,
+            }
+            let s = self.slots.pop_front().expect("front");
+            self.tail = (s.off + s.len) % self.cmdr_size;
+            self.moved = true;
+        }
+        Ok(())
+    }
+
+    /// Records the completion of `cmd_id`. Call [`Ring::publish`] afterwards.
+    pub fn complete(&mut self, cmd_id: u16, r: Response) -> Result<(), RingError> {
+        if !self
+            .slots
+            .iter()
+            .any(|s| s.cmd == Some(cmd_id) && s.done.is_none())
+        {
+            return Err(RingError::UnknownId(cmd_id));
+        }
+        if self.out_of_order() {
+            // Steal the first CMD slot at the tail for this completion (§1.10): the
+            // kernel identifies the command by the id written into the slot.
+            self.pass_prefix()?;
+            let pos = self
+                .slots
+                .iter()
+                .position(|s| s.cmd.is_some())
+                .expect("a CMD slot");
+            let front_id = self.slots[pos].cmd.expect("cmd");
+            if front_id != cmd_id {
+                // The finishing command's own slot now stands for the one whose slot
+                // we take: swap their ids so the bookkeeping stays one slot per id.
+                let own = self
+                    .slots
+                    .iter()
+                    .position(|s| s.cmd == Some(cmd_id) && s.done.is_none())
+                    .expect("outstanding");
+                self.slots[own].cmd = Some(front_id);
+            }
+            self.slots[pos].cmd = Some(cmd_id);
+            self.slots[pos].done = Some(r);
+        } else {
+            let s = self
+                .slots
+                .iter_mut()
+                .find(|s| s.cmd == Some(cmd_id) && s.done.is_none())
+                .expect("outstanding");
+            s.done = Some(r);
+        }
+        self.pass_prefix()
+    }
+
+    /// Publishes the tail (release store) if it moved; returns whether a kick is due.
+    pub fn publish(&mut self) -> Result<bool, RingError> {
+        if !self.moved {
+            return Ok(false);
+        }
+        self.map.store_release_u32(off::MB_CMD_TAIL, self.tail)?;
+        self.moved = false;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cdb_lengths_follow_the_group_code() {
+        assert_eq!(cdb_len(&[0x00]), Some(6));
+        assert_eq!(cdb_len(&[0x28]), Some(10));
+        assert_eq!(cdb_len(&[0x55]), Some(10));
+        assert_eq!(cdb_len(&[0xa8]), Some(12));
+        assert_eq!(cdb_len(&[0x88]), Some(16));
+        assert_eq!(cdb_len(&[0x7f, 0, 0, 0, 0, 0, 0, 24]), Some(32));
+        assert_eq!(cdb_len(&[0x7f, 0]), None);
+        assert_eq!(cdb_len(&[]), None);
+    }
+}

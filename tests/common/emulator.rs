@@ -1,0 +1,337 @@
+//! A kernel-side TCMU ring emulator: lays out a mapping exactly as
+//! `target_core_user` does (mailbox, command ring, data area in a memfd), queues
+//! commands as the kernel's `queue_cmd_ring` would (PAD at the wrap, 1 byte kept free,
+//! data blocks, iovecs as map offsets, ids 1..65535), signals the handler through an
+//! eventfd, and reaps completions like `tcmu_handle_completions` (walking from its last
+//! cleaned offset to `cmd_tail`, finding each command by the id in the slot).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use lc::ring::{cdb_len, Doorbell};
+use lc::shm::{memfd, SharedMap};
+
+pub const CMDR_OFF: u64 = 128;
+pub const BLOCK: u64 = 4096;
+pub const FLAG_OOOC: u16 = 1;
+pub const FLAG_READ_LEN: u16 = 2;
+pub const FLAG_TMR: u16 = 4;
+
+struct Inflight {
+    blocks: Vec<usize>,
+    iovs: Vec<(u64, u64)>,
+    data_in_len: usize,
+}
+
+/// What the initiator gets back for a command.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub cmd_id: u16,
+    pub status: u8,
+    pub sense: Vec<u8>,
+    pub data_in: Vec<u8>,
+}
+
+/// The kernel's side of one TCMU device.
+pub struct Emulator {
+    fd: OwnedFd,
+    pub map: SharedMap,
+    pub map_len: usize,
+    pub cmdr_size: u32,
+    pub data_off: u64,
+    head: u32,
+    last_cleaned: u32,
+    blocks: Vec<bool>,
+    inflight: HashMap<u16, Inflight>,
+    next_id: u16,
+    to_handler: OwnedFd,
+    to_kernel: OwnedFd,
+}
+
+/// The handler's doorbell on an emulated device.
+pub struct EmuDoorbell {
+    to_handler: OwnedFd,
+    to_kernel: OwnedFd,
+}
+
+impl Doorbell for EmuDoorbell {
+    fn fd(&self) -> RawFd {
+        self.to_handler.as_raw_fd()
+    }
+    fn ack(&self) -> std::io::Result<()> {
+        let mut b = [0u8; 8];
+        match rustix::io::read(&self.to_handler, &mut b) {
+            Ok(_) => Ok(()),
+            Err(e) if e == rustix::io::Errno::AGAIN => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn kick(&self) -> std::io::Result<()> {
+        rustix::io::write(&self.to_kernel, &1u64.to_ne_bytes())?;
+        Ok(())
+    }
+}
+
+fn eventfd() -> OwnedFd {
+    rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+    )
+    .unwrap()
+}
+
+impl Emulator {
+    /// A device with a `cmdr_size`-byte ring and `data_size` bytes of data area.
+    pub fn new(cmdr_size: u32, data_size: u64, flags: u16) -> Emulator {
+        let data_off = CMDR_OFF + cmdr_size as u64;
+        assert_eq!(data_off % BLOCK, 0, "data area must be page aligned");
+        let map_len = (data_off + data_size) as usize;
+        let fd = memfd("tcmu-emulator", map_len as u64).unwrap();
+        let map = SharedMap::map(fd.as_fd(), map_len).unwrap();
+        map.write_u16(0, 2).unwrap();
+        map.write_u16(2, flags).unwrap();
+        map.write_u32(4, CMDR_OFF as u32).unwrap();
+        map.write_u32(8, cmdr_size).unwrap();
+        Emulator {
+            fd,
+            map,
+            map_len,
+            cmdr_size,
+            data_off,
+            head: 0,
+            last_cleaned: 0,
+            blocks: vec![false; (data_size / BLOCK) as usize],
+            inflight: HashMap::new(),
+            next_id: 1,
+            to_handler: eventfd(),
+            to_kernel: eventfd(),
+        }
+    }
+
+    /// The default geometry of a real device scaled down: 64 KiB ring, 4 MiB data.
+    pub fn small(flags: u16) -> Emulator {
+        Emulator::new((64 << 10) - CMDR_OFF as u32, 4 << 20, flags)
+    }
+
+    /// A second mapping of the same memory, as the handler's mmap of /dev/uioN.
+    pub fn handler_map(&self) -> SharedMap {
+        SharedMap::map(self.fd.as_fd(), self.map_len).unwrap()
+    }
+
+    /// The handler's doorbell.
+    pub fn doorbell(&self) -> EmuDoorbell {
+        EmuDoorbell {
+            to_handler: self.to_handler.try_clone().unwrap(),
+            to_kernel: self.to_kernel.try_clone().unwrap(),
+        }
+    }
+
+    /// The fd the emulator watches for the handler's kicks.
+    pub fn kernel_fd(&self) -> &OwnedFd {
+        &self.to_kernel
+    }
+
+    fn used(&self) -> u32 {
+        (self.head + self.cmdr_size - self.last_cleaned) % self.cmdr_size
+    }
+
+    fn alloc_blocks(&mut self, bytes: usize) -> Option<Vec<usize>> {
+        let need = bytes.div_ceil(BLOCK as usize);
+        let free: Vec<usize> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| !**u)
+            .map(|(i, _)| i)
+            .take(need)
+            .collect();
+        if free.len() < need {
+            return None;
+        }
+        for &b in &free {
+            self.blocks[b] = true;
+        }
+        Some(free)
+    }
+
+    fn iovs_for(&self, blocks: &[usize], bytes: usize) -> Vec<(u64, u64)> {
+        let mut iovs: Vec<(u64, u64)> = Vec::new();
+        let mut left = bytes as u64;
+        for &b in blocks {
+            let n = left.min(BLOCK);
+            let off = self.data_off + b as u64 * BLOCK;
+            match iovs.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += n,
+                _ => iovs.push((off, n)),
+            }
+            left -= n;
+        }
+        iovs
+    }
+
+    fn kick_handler(&self) {
+        rustix::io::write(&self.to_handler, &1u64.to_ne_bytes()).unwrap();
+    }
+
+    /// Reserves `len` bytes of ring at the head (writing a PAD if it would wrap);
+    /// returns the entry's ring offset, or None if the ring is full.
+    fn reserve(&mut self, len: u32) -> Option<u32> {
+        let to_end = self.cmdr_size - self.head;
+        let pad = if to_end < len { to_end } else { 0 };
+        if self.cmdr_size - self.used() - 1 < pad + len {
+            return None;
+        }
+        if pad > 0 {
+            let e = CMDR_OFF + self.head as u64;
+            self.map.fill(e, 8, 0).unwrap();
+            self.map.write_u32(e, pad).unwrap(); // op PAD = 0
+            self.head = 0;
+        }
+        Some(self.head)
+    }
+
+    fn publish_head(&mut self, at: u32, len: u32) {
+        self.head = (at + len) % self.cmdr_size;
+        self.map.store_release_u32(12, self.head).unwrap();
+        self.kick_handler();
+    }
+
+    /// Queues a command: Data-Out bytes copied into data blocks, or room for
+    /// `data_in_len` bytes of Data-In. Returns its id, or None when the ring or the
+    /// data area is full (the kernel would queue it internally).
+    pub fn submit(&mut self, cdb: &[u8], data_out: &[u8], data_in_len: usize) -> Option<u16> {
+        let bytes = data_out.len().max(data_in_len);
+        let blocks = self.alloc_blocks(bytes)?;
+        let iovs = self.iovs_for(&blocks, bytes);
+        let base = (48 + 16 * iovs.len() as u32).max(112);
+        let len = base + (cdb.len() as u32).div_ceil(8) * 8;
+        let Some(at) = self.reserve(len) else {
+            for &b in &blocks {
+                self.blocks[b] = false;
+            }
+            return None;
+        };
+        let id = self.next_id;
+        self.next_id = if self.next_id == u16::MAX {
+            1
+        } else {
+            self.next_id + 1
+        };
+        let e = CMDR_OFF + at as u64;
+        self.map.fill(e, len as u64, 0).unwrap();
+        self.map.write_u32(e, len | 1).unwrap();
+        self.map.write_u16(e + 4, id).unwrap();
+        self.map.write_u32(e + 8, iovs.len() as u32).unwrap();
+        self.map.write_u64(e + 24, e + base as u64).unwrap();
+        for (i, (o, l)) in iovs.iter().enumerate() {
+            self.map.write_u64(e + 48 + 16 * i as u64, *o).unwrap();
+            self.map.write_u64(e + 56 + 16 * i as u64, *l).unwrap();
+        }
+        self.map.write(e + base as u64, cdb).unwrap();
+        let mut pos = 0;
+        for (o, l) in &iovs {
+            let n = (*l as usize).min(data_out.len().saturating_sub(pos));
+            self.map.write(*o, &data_out[pos..pos + n]).unwrap();
+            pos += n;
+        }
+        self.inflight.insert(
+            id,
+            Inflight {
+                blocks,
+                iovs,
+                data_in_len,
+            },
+        );
+        self.publish_head(at, len);
+        Some(id)
+    }
+
+    /// Writes raw entry bytes (for malformed-entry tests) and publishes them.
+    pub fn submit_raw(&mut self, entry: &[u8]) {
+        let len = entry.len() as u32;
+        let at = self.reserve(len).expect("ring space");
+        self.map.write(CMDR_OFF + at as u64, entry).unwrap();
+        self.publish_head(at, len);
+    }
+
+    /// Queues a TMR notification listing `ids`; false when the ring is full.
+    pub fn submit_tmr(&mut self, tmr_type: u8, ids: &[u16]) -> bool {
+        let len = (32 + 2 * ids.len() as u32).div_ceil(8) * 8;
+        let Some(at) = self.reserve(len) else {
+            return false;
+        };
+        let e = CMDR_OFF + at as u64;
+        self.map.fill(e, len as u64, 0).unwrap();
+        self.map.write_u32(e, len | 2).unwrap();
+        self.map.write_u8(e + 8, tmr_type).unwrap();
+        self.map.write_u32(e + 12, ids.len() as u32).unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            self.map.write_u16(e + 32 + 2 * i as u64, *id).unwrap();
+        }
+        self.publish_head(at, len);
+        true
+    }
+
+    /// Commands queued and not reaped.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Processes completions up to the handler's `cmd_tail` (what the kernel does on
+    /// a kick). Panics on an unknown id, which would mark a real ring broken.
+    pub fn reap(&mut self) -> Vec<Completion> {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.to_kernel, &mut b);
+        let tail = self.map.load_acquire_u32(64).unwrap();
+        let mut out = Vec::new();
+        while self.last_cleaned != tail {
+            let e = CMDR_OFF + self.last_cleaned as u64;
+            let len_op = self.map.read_u32(e).unwrap();
+            let len = len_op & !7;
+            assert!(len >= 8, "zero-length entry at {}", self.last_cleaned);
+            if len_op & 7 == 1 {
+                let id = self.map.read_u16(e + 4).unwrap();
+                let inf = self
+                    .inflight
+                    .remove(&id)
+                    .unwrap_or_else(|| panic!("cmd_id {id} not found, ring is broken"));
+                let status = self.map.read_u8(e + 8).unwrap();
+                let uflags = self.map.read_u8(e + 7).unwrap();
+                let mut sense = vec![0u8; 96];
+                self.map.read(e + 16, &mut sense).unwrap();
+                let mut n = inf.data_in_len;
+                if uflags & 2 != 0 {
+                    let rl = self.map.read_u32(e + 12).unwrap() as usize;
+                    if rl != 0 {
+                        n = n.min(rl);
+                    }
+                }
+                let mut data_in = vec![0u8; inf.data_in_len];
+                let mut pos = 0;
+                for (o, l) in &inf.iovs {
+                    let k = (*l as usize).min(inf.data_in_len.saturating_sub(pos));
+                    self.map.read(*o, &mut data_in[pos..pos + k]).unwrap();
+                    pos += k;
+                }
+                data_in.truncate(n);
+                for b in inf.blocks {
+                    self.blocks[b] = false;
+                }
+                out.push(Completion {
+                    cmd_id: id,
+                    status,
+                    sense,
+                    data_in,
+                });
+            }
+            self.last_cleaned = (self.last_cleaned + len) % self.cmdr_size;
+        }
+        out
+    }
+
+    /// Length of the CDB at the start of `cdb` (for tests building raw entries).
+    pub fn cdb_len(cdb: &[u8]) -> usize {
+        cdb_len(cdb).unwrap()
+    }
+}
