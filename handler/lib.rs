@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod ring;
+pub mod scsi;
 pub mod shm;
 #[path = "../sys/mod.rs"]
 pub mod sys;

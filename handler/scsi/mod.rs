@@ -1,0 +1,756 @@
+//! SCSI disk emulation (SPC-4 / SBC-3 subset) over a [`BlockBackend`]: no TCMU and no
+//! cache-engine knowledge. [`execute`] takes a CDB, the gathered Data-Out bytes and the
+//! room for Data-In, and returns status, sense and Data-In. Bad input gets CHECK
+//! CONDITION with the matching sense; nothing here panics on any input.
+
+pub mod cdb;
+pub mod sense;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cdb::{op, Cdb, SUPPORTED};
+use sense::{asc, key, CHECK_CONDITION, GOOD};
+
+/// An I/O error of the backend, with the failing byte offset if known.
+#[derive(Debug, Clone)]
+pub struct IoError {
+    /// Failing byte offset (for the INFORMATION field of MEDIUM ERROR sense).
+    pub offset: Option<u64>,
+    /// What happened (logged by the caller).
+    pub message: String,
+}
+
+/// What a LUN stores blocks in.
+pub trait BlockBackend: Send + Sync {
+    /// Reads `buf.len()` bytes at byte `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Writes `data` at byte `offset`; durable before returning when `fua`.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError>;
+    /// Makes all completed writes durable.
+    fn flush(&self) -> Result<(), IoError>;
+    /// Discards a byte range (reads as zeros afterwards).
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError>;
+}
+
+/// Static description of a LUN.
+#[derive(Clone, Debug)]
+pub struct LunConfig {
+    /// T10 vendor id (8 bytes, space padded).
+    pub vendor: String,
+    /// Product id (16 bytes).
+    pub product: String,
+    /// Product revision (4 bytes).
+    pub revision: String,
+    /// Unit serial number (VPD 0x80).
+    pub serial: String,
+    /// Logical block size, 512 or 4096.
+    pub block_size: u32,
+    /// Capacity in blocks.
+    pub num_blocks: u64,
+    /// Largest transfer in blocks (from `hw_max_sectors`).
+    pub max_transfer_blocks: u32,
+    /// Largest UNMAP / WRITE SAME range in blocks.
+    pub max_unmap_blocks: u32,
+    /// Largest number of UNMAP block descriptors.
+    pub max_unmap_descriptors: u32,
+    /// Medium rotation rate for VPD 0xB1 (1 = non-rotating).
+    pub rotation_rate: u16,
+}
+
+impl LunConfig {
+    /// Defaults for an lc LUN of `num_blocks` blocks.
+    pub fn new(serial: &str, block_size: u32, num_blocks: u64) -> Self {
+        LunConfig {
+            vendor: "LIO-ORG".into(),
+            product: "lc".into(),
+            revision: "0001".into(),
+            serial: serial.into(),
+            block_size,
+            num_blocks,
+            max_transfer_blocks: (8 << 20) / block_size,
+            max_unmap_blocks: (1 << 30) / block_size,
+            max_unmap_descriptors: 256,
+            rotation_rate: 1,
+        }
+    }
+}
+
+/// A LUN: its configuration and mutable mode state.
+pub struct LunState {
+    /// Configuration.
+    pub cfg: LunConfig,
+    wce: AtomicBool,
+}
+
+impl LunState {
+    /// A LUN with the write cache enabled.
+    pub fn new(cfg: LunConfig) -> Self {
+        LunState {
+            cfg,
+            wce: AtomicBool::new(true),
+        }
+    }
+
+    /// Write cache enabled (WCE in the caching mode page).
+    pub fn write_cache(&self) -> bool {
+        self.wce.load(Ordering::Relaxed)
+    }
+}
+
+/// A command's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScsiResponse {
+    /// SAM status.
+    pub status: u8,
+    /// Sense data (empty unless CHECK CONDITION).
+    pub sense: Vec<u8>,
+    /// Data-In bytes.
+    pub data_in: Vec<u8>,
+}
+
+impl ScsiResponse {
+    fn good(data_in: Vec<u8>) -> Self {
+        ScsiResponse {
+            status: GOOD,
+            sense: Vec::new(),
+            data_in,
+        }
+    }
+
+    fn check(k: u8, a: (u8, u8), info: Option<u64>) -> Self {
+        ScsiResponse {
+            status: CHECK_CONDITION,
+            sense: sense::fixed(k, a, info),
+            data_in: Vec::new(),
+        }
+    }
+
+    fn illegal(a: (u8, u8)) -> Self {
+        Self::check(key::ILLEGAL_REQUEST, a, None)
+    }
+}
+
+/// True when the command touches the backend (and may block): run it on a worker.
+pub fn needs_backend(cdb: &[u8]) -> bool {
+    matches!(
+        cdb::parse(cdb),
+        Ok(Cdb::Read { .. }
+            | Cdb::Write { .. }
+            | Cdb::SyncCache { .. }
+            | Cdb::WriteSame { .. }
+            | Cdb::Unmap { .. }
+            | Cdb::Verify { bytchk: 1, .. })
+    )
+}
+
+fn pad(s: &str, n: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = s
+        .bytes()
+        .filter(|b| (0x20..0x7f).contains(b))
+        .take(n)
+        .collect();
+    v.resize(n, b' ');
+    v
+}
+
+fn truncate(mut v: Vec<u8>, alloc: usize) -> Vec<u8> {
+    v.truncate(alloc);
+    v
+}
+
+/// Executes one command.
+pub fn execute(
+    lun: &LunState,
+    cdb_bytes: &[u8],
+    data_out: &[u8],
+    data_in_len: usize,
+    be: &dyn BlockBackend,
+) -> ScsiResponse {
+    let cmd = match cdb::parse(cdb_bytes) {
+        Ok(c) => c,
+        Err(a) => return ScsiResponse::illegal(a),
+    };
+    let cfg = &lun.cfg;
+    let bs = cfg.block_size as u64;
+    // LBA range and transfer checks shared by the block commands.
+    let range = |lba: u64, blocks: u64| -> Result<(), ScsiResponse> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= cfg.num_blocks => Ok(()),
+            _ => Err(ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE)),
+        }
+    };
+    let r = match cmd {
+        Cdb::TestUnitReady | Cdb::StartStopUnit => ScsiResponse::good(Vec::new()),
+        Cdb::RequestSense { alloc } => {
+            // No pending sense is kept: report NO SENSE.
+            ScsiResponse::good(truncate(sense::fixed(key::NO_SENSE, (0, 0), None), alloc))
+        }
+        Cdb::Inquiry { evpd, page, alloc } => match inquiry(cfg, evpd, page) {
+            Some(d) => ScsiResponse::good(truncate(d, alloc)),
+            None => ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB),
+        },
+        Cdb::ReadCapacity10 => {
+            let last = cfg.num_blocks.saturating_sub(1).min(0xffff_ffff) as u32;
+            let mut d = last.to_be_bytes().to_vec();
+            d.extend_from_slice(&cfg.block_size.to_be_bytes());
+            ScsiResponse::good(d)
+        }
+        Cdb::ReadCapacity16 { alloc } => {
+            let mut d = vec![0u8; 32];
+            d[0..8].copy_from_slice(&cfg.num_blocks.saturating_sub(1).to_be_bytes());
+            d[8..12].copy_from_slice(&cfg.block_size.to_be_bytes());
+            d[14] = 0x80 | 0x40; // LBPME, LBPRZ: unmapped blocks read as zeros
+            ScsiResponse::good(truncate(d, alloc))
+        }
+        Cdb::ModeSense {
+            page,
+            subpage,
+            pc,
+            dbd,
+            alloc,
+            ten,
+        } => mode_sense(lun, page, subpage, pc, dbd, ten)
+            .map(|d| ScsiResponse::good(truncate(d, alloc)))
+            .unwrap_or_else(|r| r),
+        Cdb::ModeSelect { pf, sp, len, ten } => mode_select(lun, pf, sp, len, ten, data_out),
+        Cdb::ReportLuns { alloc } => {
+            let mut d = vec![0u8; 16];
+            d[3] = 8;
+            ScsiResponse::good(truncate(d, alloc))
+        }
+        Cdb::ReportOpcodes {
+            options,
+            opcode,
+            sa,
+            alloc,
+        } => match report_opcodes(options, opcode, sa) {
+            Ok(d) => ScsiResponse::good(truncate(d, alloc)),
+            Err(r) => r,
+        },
+        Cdb::Read {
+            lba,
+            blocks,
+            fua: _,
+        } => {
+            if let Err(r) = range(lba, blocks) {
+                return r;
+            }
+            if blocks > cfg.max_transfer_blocks as u64 {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            }
+            let len = (blocks * bs) as usize;
+            // The buffer the initiator gave must hold the transfer the CDB asks for.
+            if data_in_len < len {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            }
+            let mut buf = vec![0u8; len];
+            match be.read(lba * bs, &mut buf) {
+                Ok(()) => ScsiResponse::good(buf),
+                Err(e) => ScsiResponse::check(
+                    key::MEDIUM_ERROR,
+                    asc::READ_ERROR,
+                    Some(e.offset.map_or(lba, |o| o / bs)),
+                ),
+            }
+        }
+        Cdb::Write { lba, blocks, fua } => {
+            if let Err(r) = range(lba, blocks) {
+                return r;
+            }
+            if blocks > cfg.max_transfer_blocks as u64 {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            }
+            // Data-Out must be exactly what the CDB transfers; anything else means the
+            // transfer length field is inconsistent with the command as received.
+            if data_out.len() as u64 != blocks * bs {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            }
+            write_or_error(be, lba * bs, data_out, fua || !lun.write_cache(), bs)
+        }
+        Cdb::SyncCache { lba, blocks } => {
+            if let Err(r) = range(lba, blocks) {
+                return r;
+            }
+            match be.flush() {
+                Ok(()) => ScsiResponse::good(Vec::new()),
+                Err(e) => ScsiResponse::check(
+                    key::MEDIUM_ERROR,
+                    asc::WRITE_ERROR,
+                    e.offset.map(|o| o / bs),
+                ),
+            }
+        }
+        Cdb::WriteSame {
+            lba,
+            blocks,
+            unmap,
+            ndob,
+        } => write_same(lun, be, lba, blocks, unmap, ndob, data_out),
+        Cdb::Unmap { len } => unmap(cfg, be, len, data_out),
+        Cdb::Verify {
+            lba,
+            blocks,
+            bytchk,
+        } => {
+            if let Err(r) = range(lba, blocks) {
+                return r;
+            }
+            if bytchk == 0 {
+                return ScsiResponse::good(Vec::new());
+            }
+            if data_out.len() as u64 != blocks * bs || blocks > cfg.max_transfer_blocks as u64 {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            }
+            let mut buf = vec![0u8; data_out.len()];
+            if let Err(e) = be.read(lba * bs, &mut buf) {
+                return ScsiResponse::check(
+                    key::MEDIUM_ERROR,
+                    asc::READ_ERROR,
+                    Some(e.offset.map_or(lba, |o| o / bs)),
+                );
+            }
+            match buf.iter().zip(data_out).position(|(a, b)| a != b) {
+                None => ScsiResponse::good(Vec::new()),
+                // INFORMATION = offset of the first miscompared byte.
+                Some(i) => {
+                    ScsiResponse::check(key::MISCOMPARE, asc::MISCOMPARE_VERIFY, Some(i as u64))
+                }
+            }
+        }
+    };
+    r
+}
+
+fn write_or_error(
+    be: &dyn BlockBackend,
+    off: u64,
+    data: &[u8],
+    fua: bool,
+    bs: u64,
+) -> ScsiResponse {
+    match be.write(off, data, fua) {
+        Ok(()) => ScsiResponse::good(Vec::new()),
+        Err(e) => ScsiResponse::check(
+            key::MEDIUM_ERROR,
+            asc::WRITE_ERROR,
+            Some(e.offset.unwrap_or(off) / bs),
+        ),
+    }
+}
+
+fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
+    if !evpd {
+        let mut d = vec![0u8; 36];
+        d[2] = 0x06; // SPC-4
+        d[3] = 0x12; // HiSup, response data format 2
+        d[4] = 31;
+        d[7] = 0x02; // CmdQue
+        d[8..16].copy_from_slice(&pad(&cfg.vendor, 8));
+        d[16..32].copy_from_slice(&pad(&cfg.product, 16));
+        d[32..36].copy_from_slice(&pad(&cfg.revision, 4));
+        return Some(d);
+    }
+    let body: Vec<u8> = match page {
+        0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+        0x80 => cfg
+            .serial
+            .bytes()
+            .filter(|b| (0x20..0x7f).contains(b))
+            .take(250)
+            .collect(),
+        0x83 => {
+            let mut v = Vec::new();
+            // NAA IEEE Registered Extended (6): a stable id derived from the serial.
+            let h = crc32c_like(cfg.serial.as_bytes());
+            let mut naa = [0u8; 16];
+            naa[0] = 0x60 | 0x01; // NAA 6, OUI 0x001405 (LIO's) upper nibble
+            naa[1] = 0x40;
+            naa[2] = 0x50;
+            naa[3..11].copy_from_slice(&h.to_be_bytes());
+            naa[11..15].copy_from_slice(&(h as u32 ^ 0x5a5a_5a5a).to_be_bytes());
+            v.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
+            v.extend_from_slice(&naa);
+            // T10 vendor id designator: vendor + serial.
+            let mut t10 = pad(&cfg.vendor, 8);
+            t10.extend(
+                cfg.serial
+                    .bytes()
+                    .filter(|b| (0x20..0x7f).contains(b))
+                    .take(200),
+            );
+            v.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
+            v.extend_from_slice(&t10);
+            v
+        }
+        0xb0 => {
+            let mut v = vec![0u8; 0x3c];
+            v[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+            v[2..4].copy_from_slice(&((4096 / cfg.block_size).max(1) as u16).to_be_bytes());
+            v[4..8].copy_from_slice(&cfg.max_transfer_blocks.to_be_bytes());
+            v[8..12].copy_from_slice(&cfg.max_transfer_blocks.to_be_bytes());
+            v[16..20].copy_from_slice(&cfg.max_unmap_blocks.to_be_bytes());
+            v[20..24].copy_from_slice(&cfg.max_unmap_descriptors.to_be_bytes());
+            v[24..28].copy_from_slice(&(4096 / cfg.block_size).max(1).to_be_bytes());
+            v[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
+            v[32..40].copy_from_slice(&(cfg.max_unmap_blocks as u64).to_be_bytes());
+            v
+        }
+        0xb1 => {
+            let mut v = vec![0u8; 0x3c];
+            v[0..2].copy_from_slice(&cfg.rotation_rate.to_be_bytes());
+            v
+        }
+        0xb2 => vec![0x00, 0x80 | 0x40 | 0x20 | 0x04, 0x00, 0x00], // LBPU, LBPWS, LBPWS10, LBPRZ
+        _ => return None,
+    };
+    let mut d = vec![0x00, page];
+    d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    d.extend_from_slice(&body);
+    Some(d)
+}
+
+/// A small deterministic hash for the NAA identifier (FNV-1a 64).
+fn crc32c_like(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn caching_page(wce: bool, changeable: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x08;
+    p[1] = 0x12;
+    if changeable || wce {
+        p[2] = 0x04;
+    }
+    p
+}
+
+fn control_page(changeable: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p[0] = 0x0a;
+    p[1] = 0x0a;
+    if !changeable {
+        p[2] = 0x00; // TST 0, D_SENSE 0: fixed-format sense
+        p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+    }
+    p
+}
+
+fn mode_sense(
+    lun: &LunState,
+    page: u8,
+    subpage: u8,
+    pc: u8,
+    dbd: bool,
+    ten: bool,
+) -> Result<Vec<u8>, ScsiResponse> {
+    if pc == 3 {
+        return Err(ScsiResponse::illegal(asc::SAVING_NOT_SUPPORTED));
+    }
+    if subpage != 0 && !(page == 0x3f && subpage == 0xff) {
+        return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB));
+    }
+    let changeable = pc == 1;
+    let wce = if pc == 2 { true } else { lun.write_cache() };
+    let mut pages = Vec::new();
+    match page {
+        0x08 => pages.extend(caching_page(wce, changeable)),
+        0x0a => pages.extend(control_page(changeable)),
+        0x3f => {
+            pages.extend(caching_page(wce, changeable));
+            pages.extend(control_page(changeable));
+        }
+        _ => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+    }
+    let cfg = &lun.cfg;
+    let mut bd = Vec::new();
+    if !dbd {
+        bd = vec![0u8; 8];
+        let n = cfg.num_blocks.min(0xff_ffff) as u32;
+        bd[1..4].copy_from_slice(&n.to_be_bytes()[1..4]);
+        bd[5..8].copy_from_slice(&cfg.block_size.to_be_bytes()[1..4]);
+        if changeable {
+            bd.fill(0);
+        }
+    }
+    let dev_specific = 0x10; // DPOFUA: FUA is honoured
+    let mut d = if ten {
+        let mut h = vec![0u8; 8];
+        let len = (6 + bd.len() + pages.len()) as u16;
+        h[0..2].copy_from_slice(&len.to_be_bytes());
+        h[3] = dev_specific;
+        h[6..8].copy_from_slice(&(bd.len() as u16).to_be_bytes());
+        h
+    } else {
+        vec![
+            (3 + bd.len() + pages.len()) as u8,
+            0,
+            dev_specific,
+            bd.len() as u8,
+        ]
+    };
+    d.extend(bd);
+    d.extend(pages);
+    Ok(d)
+}
+
+fn mode_select(
+    lun: &LunState,
+    pf: bool,
+    sp: bool,
+    len: usize,
+    ten: bool,
+    data: &[u8],
+) -> ScsiResponse {
+    if !pf || sp {
+        // Only SPC page format, and nothing can be saved.
+        return ScsiResponse::illegal(if sp {
+            asc::SAVING_NOT_SUPPORTED
+        } else {
+            asc::INVALID_FIELD_IN_CDB
+        });
+    }
+    if data.len() != len {
+        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+    }
+    if len == 0 {
+        return ScsiResponse::good(Vec::new());
+    }
+    let (hl, bdl) = if ten {
+        if len < 8 {
+            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        }
+        (8, u16::from_be_bytes([data[6], data[7]]) as usize)
+    } else {
+        if len < 4 {
+            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        }
+        (4, data[3] as usize)
+    };
+    let mut p = hl + bdl;
+    if p > len {
+        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+    }
+    let mut new_wce = lun.write_cache();
+    while p < len {
+        if p + 2 > len {
+            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        }
+        let code = data[p] & 0x3f;
+        let plen = data[p + 1] as usize + 2;
+        if data[p] & 0x40 != 0 || p + plen > len {
+            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+        }
+        let page = &data[p..p + plen];
+        match code {
+            0x08 if plen == 20 => {
+                // Only WCE may change; every other byte must equal the current page.
+                let cur = caching_page(false, false);
+                let differs = page.iter().zip(&cur).enumerate().any(|(i, (a, b))| {
+                    if i == 2 {
+                        a & !0x04 != *b
+                    } else {
+                        a != b
+                    }
+                });
+                if differs {
+                    return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+                }
+                new_wce = page[2] & 0x04 != 0;
+            }
+            0x0a if page == control_page(false).as_slice() => {}
+            _ => return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM),
+        }
+        p += plen;
+    }
+    lun.wce.store(new_wce, Ordering::Relaxed);
+    ScsiResponse::good(Vec::new())
+}
+
+fn report_opcodes(options: u8, opcode: u8, sa: u16) -> Result<Vec<u8>, ScsiResponse> {
+    let usage = |len: usize, opcode: u8| {
+        let mut u = vec![0xffu8; len];
+        u[0] = opcode;
+        u[len - 1] = 0x07; // control byte: NACA etc. not used
+        u
+    };
+    match options {
+        0 => {
+            let mut d = vec![0u8; 4];
+            for &(o, s, len) in SUPPORTED {
+                let mut desc = vec![o, 0, 0, 0, 0, 0, 0, 0];
+                if let Some(s) = s {
+                    desc[2..4].copy_from_slice(&s.to_be_bytes());
+                    desc[5] = 0x01; // SERVACTV
+                }
+                desc[6..8].copy_from_slice(&(len as u16).to_be_bytes());
+                d.extend(desc);
+            }
+            let n = (d.len() - 4) as u32;
+            d[0..4].copy_from_slice(&n.to_be_bytes());
+            Ok(d)
+        }
+        1 | 2 => {
+            let found = SUPPORTED.iter().find(|(o, s, _)| {
+                *o == opcode
+                    && if options == 1 {
+                        s.is_none()
+                    } else {
+                        *s == Some(sa)
+                    }
+            });
+            // Options 1 on a command with service actions is an error (SPC-4 6.35.2).
+            if options == 1
+                && SUPPORTED
+                    .iter()
+                    .any(|(o, s, _)| *o == opcode && s.is_some())
+            {
+                return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB));
+            }
+            let mut d = vec![0u8; 4];
+            match found {
+                Some(&(o, _, len)) => {
+                    d[1] = 0x03; // supported, per standard
+                    d[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                    let mut u = usage(len, o);
+                    if options == 2 {
+                        u[1] = sa as u8;
+                    }
+                    d.extend(u);
+                }
+                None => d[1] = 0x01, // not supported
+            }
+            Ok(d)
+        }
+        _ => Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_same(
+    lun: &LunState,
+    be: &dyn BlockBackend,
+    lba: u64,
+    blocks: u64,
+    unmap: bool,
+    ndob: bool,
+    data: &[u8],
+) -> ScsiResponse {
+    let cfg = &lun.cfg;
+    let bs = cfg.block_size as u64;
+    if blocks == 0 || blocks > cfg.max_unmap_blocks as u64 {
+        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+    }
+    match lba.checked_add(blocks) {
+        Some(end) if end <= cfg.num_blocks => {}
+        _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
+    }
+    let block: Vec<u8> = if ndob {
+        if !data.is_empty() {
+            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+        }
+        vec![0u8; bs as usize]
+    } else {
+        if data.len() as u64 != bs {
+            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+        }
+        data.to_vec()
+    };
+    if unmap && block.iter().all(|&b| b == 0) {
+        // Unmapped blocks read as zeros (LBPRZ), so the discard is the write.
+        return match be.discard(lba * bs, blocks * bs) {
+            Ok(()) => ScsiResponse::good(Vec::new()),
+            Err(e) => ScsiResponse::check(
+                key::MEDIUM_ERROR,
+                asc::WRITE_ERROR,
+                Some(e.offset.map_or(lba, |o| o / bs)),
+            ),
+        };
+    }
+    // Replicate in chunks of at most 1 MiB.
+    let per = ((1u64 << 20) / bs).max(1);
+    let chunk: Vec<u8> = block.repeat(per.min(blocks) as usize);
+    let mut done = 0;
+    while done < blocks {
+        let n = per.min(blocks - done);
+        let r = write_or_error(
+            be,
+            (lba + done) * bs,
+            &chunk[..(n * bs) as usize],
+            !lun.write_cache(),
+            bs,
+        );
+        if r.status != GOOD {
+            return r;
+        }
+        done += n;
+    }
+    ScsiResponse::good(Vec::new())
+}
+
+fn unmap(cfg: &LunConfig, be: &dyn BlockBackend, len: usize, data: &[u8]) -> ScsiResponse {
+    let bs = cfg.block_size as u64;
+    if len == 0 {
+        return ScsiResponse::good(Vec::new());
+    }
+    if data.len() != len || len < 8 {
+        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+    }
+    let bd_len = u16::from_be_bytes([data[2], data[3]]) as usize;
+    if !bd_len.is_multiple_of(16) || 8 + bd_len > len {
+        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+    }
+    let n = bd_len / 16;
+    if n > cfg.max_unmap_descriptors as usize {
+        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+    }
+    let descs: Vec<(u64, u64)> = (0..n)
+        .map(|i| {
+            let d = &data[8 + 16 * i..24 + 16 * i];
+            (
+                u64::from_be_bytes(d[0..8].try_into().expect("8")),
+                u32::from_be_bytes(d[8..12].try_into().expect("4")) as u64,
+            )
+        })
+        .collect();
+    // Validate every descriptor before touching any data.
+    for &(lba, count) in &descs {
+        if count > cfg.max_unmap_blocks as u64 {
+            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+        }
+        match lba.checked_add(count) {
+            Some(end) if end <= cfg.num_blocks => {}
+            _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
+        }
+    }
+    for (lba, count) in descs {
+        if count == 0 {
+            continue;
+        }
+        if let Err(e) = be.discard(lba * bs, count * bs) {
+            return ScsiResponse::check(
+                key::MEDIUM_ERROR,
+                asc::WRITE_ERROR,
+                Some(e.offset.map_or(lba, |o| o / bs)),
+            );
+        }
+    }
+    ScsiResponse::good(Vec::new())
+}
+
+/// The opcode of a CDB, for logs.
+pub fn opcode_name(cdb: &[u8]) -> &'static str {
+    match cdb.first() {
+        Some(&op::READ_10) | Some(&op::READ_16) | Some(&op::READ_6) | Some(&op::READ_12) => "READ",
+        Some(&op::WRITE_10) | Some(&op::WRITE_16) | Some(&op::WRITE_6) | Some(&op::WRITE_12) => {
+            "WRITE"
+        }
+        Some(&op::SYNCHRONIZE_CACHE_10) | Some(&op::SYNCHRONIZE_CACHE_16) => "SYNCHRONIZE CACHE",
+        Some(&op::UNMAP) => "UNMAP",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,619 @@
+//! Unit tests of the SCSI emulation against an in-memory backend.
+
+use super::*;
+use rand::{Rng, SeedableRng};
+use std::sync::Mutex;
+
+struct Mem {
+    data: Mutex<Vec<u8>>,
+    fail_at: Option<u64>,
+    flushes: Mutex<u32>,
+    fua_writes: Mutex<u32>,
+}
+
+impl Mem {
+    fn new(size: usize) -> Self {
+        Mem {
+            data: Mutex::new(vec![0; size]),
+            fail_at: None,
+            flushes: Mutex::new(0),
+            fua_writes: Mutex::new(0),
+        }
+    }
+    fn failing(size: usize, at: u64) -> Self {
+        Mem {
+            fail_at: Some(at),
+            ..Mem::new(size)
+        }
+    }
+    fn check(&self, off: u64, len: u64) -> Result<(), IoError> {
+        match self.fail_at {
+            Some(f) if f >= off && f < off + len => Err(IoError {
+                offset: Some(f),
+                message: "injected".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl BlockBackend for Mem {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.check(offset, buf.len() as u64)?;
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        self.check(offset, data.len() as u64)?;
+        if fua {
+            *self.fua_writes.lock().unwrap() += 1;
+        }
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        *self.flushes.lock().unwrap() += 1;
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.check(offset, len)?;
+        self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+const BLOCKS: u64 = 2048;
+
+fn lun(bs: u32) -> LunState {
+    LunState::new(LunConfig::new("serial-123", bs, BLOCKS))
+}
+
+fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
+    assert_eq!(r.status, CHECK_CONDITION, "{r:?}");
+    (r.sense[2], r.sense[12], r.sense[13])
+}
+
+fn info(r: &ScsiResponse) -> u32 {
+    assert!(r.sense[0] & 0x80 != 0, "VALID");
+    u32::from_be_bytes(r.sense[3..7].try_into().unwrap())
+}
+
+fn rw16(opcode: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = opcode;
+    c[1] = flags;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn rw10(opcode: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 10];
+    c[0] = opcode;
+    c[1] = flags;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+#[test]
+fn write_then_read_every_flavour() {
+    for bs in [512u32, 4096] {
+        let l = lun(bs);
+        let m = Mem::new((BLOCKS * bs as u64) as usize);
+        let b = bs as usize;
+        let cases: Vec<(Vec<u8>, Vec<u8>, u64, usize)> = vec![
+            (vec![0x0a, 0, 0, 5, 2, 0], vec![0x08, 0, 0, 5, 2, 0], 5, 2),
+            (rw10(0x2a, 10, 3, 0x08), rw10(0x28, 10, 3, 0), 10, 3),
+            (
+                vec![0xaa, 0, 0, 0, 0, 20, 0, 0, 0, 4, 0, 0],
+                vec![0xa8, 0, 0, 0, 0, 20, 0, 0, 0, 4, 0, 0],
+                20,
+                4,
+            ),
+            (
+                rw16(0x8a, BLOCKS - 1, 1, 0),
+                rw16(0x88, BLOCKS - 1, 1, 0),
+                BLOCKS - 1,
+                1,
+            ),
+        ];
+        for (w, r, lba, n) in cases {
+            let data: Vec<u8> = (0..n * b).map(|i| (i as u64 * 7 + lba) as u8).collect();
+            let resp = execute(&l, &w, &data, 0, &m);
+            assert_eq!(resp.status, GOOD, "{w:?}");
+            let resp = execute(&l, &r, &[], n * b, &m);
+            assert_eq!(resp.status, GOOD);
+            assert_eq!(resp.data_in, data);
+            assert_eq!(
+                &m.data.lock().unwrap()[lba as usize * b..][..n * b],
+                &data[..]
+            );
+        }
+        assert!(
+            *m.fua_writes.lock().unwrap() >= 1,
+            "FUA bit reaches the backend"
+        );
+    }
+}
+
+#[test]
+fn read6_length_zero_means_256_blocks_and_ranges_are_checked() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    assert_eq!(
+        execute(&l, &[0x08, 0, 0, 0, 0, 0], &[], 256 * 512, &m)
+            .data_in
+            .len(),
+        256 * 512
+    );
+    let r = execute(&l, &rw16(0x88, BLOCKS, 1, 0), &[], 512, &m);
+    assert_eq!(sense_of(&r), (key::ILLEGAL_REQUEST, 0x21, 0));
+    let r = execute(&l, &rw16(0x88, u64::MAX, 2, 0), &[], 1024, &m);
+    assert_eq!(
+        sense_of(&r),
+        (key::ILLEGAL_REQUEST, 0x21, 0),
+        "LBA+len overflow"
+    );
+    let r = execute(&l, &rw10(0x28, 0, 0, 0), &[], 0, &m);
+    assert_eq!(r.status, GOOD, "zero-length READ(10) transfers nothing");
+    let big = LunState::new(LunConfig::new("big", 512, 1 << 20));
+    let r = execute(&big, &rw16(0x88, 0, 20000, 0), &[], 0, &m);
+    assert_eq!(
+        sense_of(&r),
+        (key::ILLEGAL_REQUEST, 0x24, 0),
+        "beyond max transfer"
+    );
+    let r = execute(&l, &rw10(0x2a, 0, 2, 0), &[0u8; 512], 0, &m);
+    assert_eq!(
+        sense_of(&r),
+        (key::ILLEGAL_REQUEST, 0x24, 0),
+        "data-out shorter than the CDB"
+    );
+    let r = execute(&l, &rw10(0x28, 0, 2, 0), &[], 512, &m);
+    assert_eq!(
+        sense_of(&r),
+        (key::ILLEGAL_REQUEST, 0x24, 0),
+        "data-in room shorter than the CDB"
+    );
+}
+
+#[test]
+fn io_errors_are_medium_errors_with_the_failing_lba() {
+    let l = lun(512);
+    let m = Mem::failing((BLOCKS * 512) as usize, 100 * 512 + 17);
+    let r = execute(&l, &rw10(0x28, 96, 8, 0), &[], 4096, &m);
+    assert_eq!(sense_of(&r), (key::MEDIUM_ERROR, 0x11, 0));
+    assert_eq!(info(&r), 100);
+    let r = execute(&l, &rw10(0x2a, 99, 2, 0), &[1u8; 1024], 0, &m);
+    assert_eq!(sense_of(&r), (key::MEDIUM_ERROR, 0x0c, 0));
+    assert_eq!(info(&r), 100);
+}
+
+#[test]
+fn unknown_opcodes_and_short_cdbs() {
+    let l = lun(512);
+    let m = Mem::new(1 << 20);
+    for c in [
+        &[0xc5u8, 0, 0, 0, 0, 0][..],
+        &[0x04, 0, 0, 0, 0, 0],
+        &[0x7f, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        assert_eq!(
+            sense_of(&execute(&l, c, &[], 0, &m)),
+            (key::ILLEGAL_REQUEST, 0x20, 0)
+        );
+    }
+    assert_eq!(
+        sense_of(&execute(&l, &[0x28, 0], &[], 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &[], &[], 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x20, 0)
+    );
+}
+
+#[test]
+fn inquiry_standard_and_vpd_pages() {
+    let l = lun(4096);
+    let m = Mem::new(1 << 20);
+    let r = execute(&l, &[0x12, 0, 0, 0, 96, 0], &[], 96, &m);
+    assert_eq!(r.data_in.len(), 36);
+    assert_eq!(&r.data_in[8..16], b"LIO-ORG ");
+    assert_eq!(&r.data_in[16..18], b"lc");
+    assert_eq!(r.data_in[2], 6);
+    assert_eq!(
+        execute(&l, &[0x12, 0, 0, 0, 5, 0], &[], 96, &m)
+            .data_in
+            .len(),
+        5,
+        "allocation length"
+    );
+    let pages = execute(&l, &[0x12, 1, 0, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(&pages[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    let sn = execute(&l, &[0x12, 1, 0x80, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(&sn[4..], b"serial-123");
+    let id = execute(&l, &[0x12, 1, 0x83, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(
+        (id[4] & 0x0f, id[5] & 0x0f, id[7]),
+        (1, 3, 16),
+        "NAA designator first"
+    );
+    let bl = execute(&l, &[0x12, 1, 0xb0, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(
+        u32::from_be_bytes(bl[8..12].try_into().unwrap()),
+        (8 << 20) / 4096,
+        "max transfer"
+    );
+    assert_eq!(
+        u32::from_be_bytes(bl[24..28].try_into().unwrap()),
+        256,
+        "max unmap descriptors"
+    );
+    let lbp = execute(&l, &[0x12, 1, 0xb2, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(lbp[5] & 0xe4, 0xe4);
+    assert_eq!(
+        sense_of(&execute(&l, &[0x12, 1, 0x99, 0, 255, 0], &[], 255, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &[0x12, 2, 0, 0, 255, 0], &[], 255, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &[0x12, 0, 0x80, 0, 255, 0], &[], 255, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+#[test]
+fn read_capacity_10_and_16() {
+    let l = lun(512);
+    let m = Mem::new(1 << 20);
+    let r = execute(&l, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8, &m).data_in;
+    assert_eq!(
+        u32::from_be_bytes(r[0..4].try_into().unwrap()),
+        BLOCKS as u32 - 1
+    );
+    assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 512);
+    let mut c = [0u8; 16];
+    c[0] = 0x9e;
+    c[1] = 0x10;
+    c[13] = 32;
+    let r = execute(&l, &c, &[], 32, &m).data_in;
+    assert_eq!(u64::from_be_bytes(r[0..8].try_into().unwrap()), BLOCKS - 1);
+    assert_eq!(r[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
+    let big = LunState::new(LunConfig::new("x", 512, 1 << 33));
+    let r = execute(&big, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8, &m).data_in;
+    assert_eq!(&r[0..4], &[0xff; 4], "capacity beyond 32 bits");
+}
+
+#[test]
+fn mode_sense_reports_wce_and_dpofua_and_mode_select_toggles_wce() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let r = execute(&l, &[0x1a, 0, 0x08, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(r[2] & 0x10, 0x10, "DPOFUA");
+    assert_eq!(r[3], 8, "block descriptor");
+    assert_eq!(r[4 + 8], 0x08);
+    assert_eq!(r[4 + 8 + 2] & 0x04, 0x04, "WCE");
+    let r10 = execute(
+        &l,
+        &[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 0x01, 0, 0],
+        &[],
+        256,
+        &m,
+    )
+    .data_in;
+    assert_eq!(u16::from_be_bytes([r10[6], r10[7]]), 0, "DBD");
+    assert_eq!(r10[8], 0x08);
+    assert_eq!(r10[8 + 20], 0x0a);
+    assert_eq!(
+        sense_of(&execute(&l, &[0x1a, 0, 0xc8, 0, 255, 0], &[], 255, &m)),
+        (key::ILLEGAL_REQUEST, 0x39, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &[0x1a, 0, 0x19, 0, 255, 0], &[], 255, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    // MODE SELECT(6): header + caching page with WCE cleared.
+    let mut p = vec![0u8, 0, 0, 0];
+    let mut page = caching_page(false, false);
+    p.append(&mut page);
+    let r = execute(&l, &[0x15, 0x10, 0, 0, p.len() as u8, 0], &p, 0, &m);
+    assert_eq!(r.status, GOOD, "{r:?}");
+    assert!(!l.write_cache());
+    let r = execute(&l, &[0x1a, 0x08, 0x08, 0, 255, 0], &[], 255, &m).data_in;
+    assert_eq!(r[4 + 2] & 0x04, 0);
+    // With WCE off every write is forced durable.
+    let before = *m.fua_writes.lock().unwrap();
+    execute(&l, &rw10(0x2a, 0, 1, 0), &[1u8; 512], 0, &m);
+    assert_eq!(*m.fua_writes.lock().unwrap(), before + 1);
+    // Changing anything else is refused; saving is refused.
+    let mut bad = p.clone();
+    bad[4 + 3] = 0xff;
+    assert_eq!(
+        sense_of(&execute(
+            &l,
+            &[0x15, 0x10, 0, 0, bad.len() as u8, 0],
+            &bad,
+            0,
+            &m
+        )),
+        (key::ILLEGAL_REQUEST, 0x26, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(
+            &l,
+            &[0x15, 0x11, 0, 0, p.len() as u8, 0],
+            &p,
+            0,
+            &m
+        )),
+        (key::ILLEGAL_REQUEST, 0x39, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &[0x15, 0x10, 0, 0, 40, 0], &p, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x1a, 0)
+    );
+    let mut on = p.clone();
+    on[4 + 2] = 0x04;
+    assert_eq!(
+        execute(&l, &[0x15, 0x10, 0, 0, on.len() as u8, 0], &on, 0, &m).status,
+        GOOD
+    );
+    assert!(l.write_cache());
+}
+
+#[test]
+fn sync_cache_flushes_and_checks_the_range() {
+    let l = lun(512);
+    let m = Mem::new(1 << 20);
+    assert_eq!(
+        execute(&l, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0, &m).status,
+        GOOD
+    );
+    let mut c = [0u8; 16];
+    c[0] = 0x91;
+    assert_eq!(execute(&l, &c, &[], 0, &m).status, GOOD);
+    assert_eq!(*m.flushes.lock().unwrap(), 2);
+    assert_eq!(
+        sense_of(&execute(
+            &l,
+            &rw10(0x35, BLOCKS as u32 + 1, 0, 0),
+            &[],
+            0,
+            &m
+        )),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+}
+
+#[test]
+fn write_same_replicates_or_unmaps() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let block: Vec<u8> = (0..512).map(|i| i as u8).collect();
+    assert_eq!(
+        execute(&l, &rw10(0x41, 4, 3, 0), &block, 0, &m).status,
+        GOOD
+    );
+    assert_eq!(
+        &m.data.lock().unwrap()[4 * 512..7 * 512],
+        &block.repeat(3)[..]
+    );
+    assert_eq!(
+        execute(&l, &rw10(0x41, 4, 2, 0x08), &[0u8; 512], 0, &m).status,
+        GOOD
+    );
+    assert!(m.data.lock().unwrap()[4 * 512..6 * 512]
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(&m.data.lock().unwrap()[6 * 512..7 * 512], &block[..]);
+    assert_eq!(
+        execute(&l, &rw16(0x93, 6, 1, 0x09), &[], 0, &m).status,
+        GOOD,
+        "NDOB + UNMAP"
+    );
+    assert!(m.data.lock().unwrap()[6 * 512..7 * 512]
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(
+        sense_of(&execute(&l, &rw10(0x41, 0, 0, 0), &block, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0),
+        "WSNZ"
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &rw10(0x41, 0, 1, 0), &block[..100], 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &rw16(0x93, BLOCKS - 1, 2, 0), &block, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    // A large WRITE SAME goes in bounded chunks.
+    assert_eq!(
+        execute(&l, &rw16(0x93, 0, BLOCKS as u32, 0), &block, 0, &m).status,
+        GOOD
+    );
+    assert_eq!(
+        &m.data.lock().unwrap()[(BLOCKS as usize - 1) * 512..],
+        &block[..]
+    );
+}
+
+fn unmap_params(descs: &[(u64, u32)]) -> Vec<u8> {
+    let mut p = vec![0u8; 8];
+    let bd = (descs.len() * 16) as u16;
+    p[0..2].copy_from_slice(&(bd + 6).to_be_bytes());
+    p[2..4].copy_from_slice(&bd.to_be_bytes());
+    for (lba, n) in descs {
+        p.extend_from_slice(&lba.to_be_bytes());
+        p.extend_from_slice(&n.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+    }
+    p
+}
+
+#[test]
+fn unmap_parameter_lists() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    m.data.lock().unwrap().fill(0xaa);
+    let cdb = |len: usize| vec![0x42, 0, 0, 0, 0, 0, 0, (len >> 8) as u8, len as u8, 0];
+    let p = unmap_params(&[(0, 2), (10, 1), (20, 0)]);
+    assert_eq!(execute(&l, &cdb(p.len()), &p, 0, &m).status, GOOD);
+    {
+        let d = m.data.lock().unwrap();
+        assert!(d[..1024].iter().all(|&b| b == 0));
+        assert!(d[1024..5120].iter().all(|&b| b == 0xaa));
+        assert!(d[5120..5632].iter().all(|&b| b == 0));
+    }
+    assert_eq!(execute(&l, &cdb(0), &[], 0, &m).status, GOOD, "empty list");
+    let p = unmap_params(&[(BLOCKS - 1, 2)]);
+    assert_eq!(
+        sense_of(&execute(&l, &cdb(p.len()), &p, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    let mut p = unmap_params(&[(0, 1)]);
+    p[3] = 15; // descriptor length not a multiple of 16
+    assert_eq!(
+        sense_of(&execute(&l, &cdb(p.len()), &p, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x1a, 0)
+    );
+    let p = unmap_params(&[(0, 1)]);
+    assert_eq!(
+        sense_of(&execute(&l, &cdb(p.len() + 8), &p, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x1a, 0)
+    );
+    let many: Vec<(u64, u32)> = (0..300).map(|i| (i, 1)).collect();
+    let p = unmap_params(&many);
+    assert_eq!(
+        sense_of(&execute(&l, &cdb(p.len()), &p, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x26, 0)
+    );
+    let mut anchor = cdb(24);
+    anchor[1] = 1;
+    assert_eq!(
+        sense_of(&execute(&l, &anchor, &unmap_params(&[(0, 1)]), 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+#[test]
+fn verify_with_and_without_byte_check() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let data = vec![3u8; 1024];
+    execute(&l, &rw10(0x2a, 8, 2, 0), &data, 0, &m);
+    assert_eq!(execute(&l, &rw10(0x2f, 8, 2, 0), &[], 0, &m).status, GOOD);
+    assert_eq!(
+        execute(&l, &rw10(0x2f, 8, 2, 0x02), &data, 0, &m).status,
+        GOOD
+    );
+    let mut other = data.clone();
+    other[700] = 4;
+    let r = execute(&l, &rw16(0x8f, 8, 2, 0x02), &other, 0, &m);
+    assert_eq!(sense_of(&r), (key::MISCOMPARE, 0x1d, 0));
+    assert_eq!(info(&r), 700);
+    assert_eq!(
+        sense_of(&execute(&l, &rw10(0x2f, BLOCKS as u32, 1, 0), &[], 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+}
+
+#[test]
+fn report_supported_operation_codes() {
+    let l = lun(512);
+    let m = Mem::new(1 << 20);
+    let c = |opts: u8, opc: u8, sa: u16| {
+        let mut c = vec![
+            0xa3,
+            0x0c,
+            opts,
+            opc,
+            (sa >> 8) as u8,
+            sa as u8,
+            0,
+            0,
+            0x10,
+            0,
+            0,
+            0,
+        ];
+        c[6..10].copy_from_slice(&4096u32.to_be_bytes());
+        c
+    };
+    let all = execute(&l, &c(0, 0, 0), &[], 4096, &m).data_in;
+    let n = u32::from_be_bytes(all[0..4].try_into().unwrap()) as usize;
+    assert_eq!(n, SUPPORTED.len() * 8);
+    assert!(all[4..]
+        .chunks(8)
+        .any(|d| d[0] == 0x8a && u16::from_be_bytes([d[6], d[7]]) == 16));
+    let one = execute(&l, &c(1, 0x28, 0), &[], 4096, &m).data_in;
+    assert_eq!((one[1] & 7, u16::from_be_bytes([one[2], one[3]])), (3, 10));
+    assert_eq!(one[4], 0x28);
+    let none = execute(&l, &c(1, 0xc0, 0), &[], 4096, &m).data_in;
+    assert_eq!(none[1] & 7, 1);
+    let sa = execute(&l, &c(2, 0x9e, 0x10), &[], 4096, &m).data_in;
+    assert_eq!(sa[1] & 7, 3);
+    assert_eq!(
+        sense_of(&execute(&l, &c(1, 0x9e, 0), &[], 4096, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &c(5, 0, 0), &[], 4096, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+#[test]
+fn needs_backend_only_for_io_commands() {
+    assert!(needs_backend(&rw10(0x28, 0, 1, 0)));
+    assert!(needs_backend(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    assert!(!needs_backend(&[0x12, 0, 0, 0, 36, 0]));
+    assert!(!needs_backend(&[0x00; 6]));
+    assert!(!needs_backend(&rw10(0x2f, 0, 1, 0)));
+}
+
+#[test]
+fn random_cdbs_never_panic_and_responses_are_well_formed() {
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let l = LunState::new(LunConfig {
+        max_unmap_blocks: 64,
+        ..LunConfig::new("fuzz", 512, 4096)
+    });
+    let m = Mem::new(4096 * 512);
+    let known: Vec<u8> = SUPPORTED.iter().map(|s| s.0).collect();
+    for _ in 0..20000 {
+        let len = [6, 10, 12, 16, rng.gen_range(0..20)][rng.gen_range(0..5)];
+        let mut c: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        if !c.is_empty() && rng.gen_bool(0.8) {
+            c[0] = known[rng.gen_range(0..known.len())];
+            // Keep transfers small so the test stays fast.
+            for b in c.iter_mut().skip(2) {
+                if rng.gen_bool(0.6) {
+                    *b = 0;
+                }
+            }
+        }
+        let dlen = [0usize, 512, 1024, 24, rng.gen_range(0..2048)][rng.gen_range(0..5)];
+        let data: Vec<u8> = (0..dlen).map(|_| rng.gen()).collect();
+        let r = execute(&l, &c, &data, rng.gen_range(0..65536), &m);
+        assert!(
+            r.status == GOOD || r.status == CHECK_CONDITION,
+            "seed {seed}"
+        );
+        if r.status == CHECK_CONDITION {
+            assert_eq!(r.sense.len(), sense::SENSE_LEN, "seed {seed}");
+            assert!(r.data_in.is_empty());
+        } else {
+            assert!(r.sense.is_empty());
+        }
+    }
+}
