@@ -4,6 +4,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod device;
+pub mod event_loop;
 pub mod ring;
 pub mod scsi;
 pub mod shm;
