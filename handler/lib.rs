@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod device;
 pub mod event_loop;
+pub mod netlink;
 pub mod ring;
 pub mod scsi;
 pub mod shm;

@@ -1,0 +1,582 @@
+//! Generic netlink with the kernel's `TCM-USER` family (`docs/tcmu.md` §2): resolving
+//! the family and its `config` multicast group through nlctrl, joining it, receiving
+//! ADDED / REMOVED / RECONFIG device events, answering them with the `*_DONE` replies,
+//! and `SET_FEATURES`.
+//!
+//! The socket is `netlink-sys`'s; the messages (a 16-byte `nlmsghdr`, a 4-byte
+//! `genlmsghdr`, then 4-byte-aligned attributes) are encoded and decoded here as pure
+//! functions so they are unit-tested without a kernel.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use netlink_sys::{Socket, SocketAddr};
+
+use crate::sys;
+
+const NETLINK_GENERIC: isize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const CTRL_ATTR_MCAST_GROUPS: u16 = 7;
+const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
+const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The TCMU family name and multicast group.
+pub const FAMILY: &str = "TCM-USER";
+/// The multicast group carrying device events.
+pub const GROUP: &str = "config";
+/// Genl version of the messages we send.
+pub const VERSION: u8 = 2;
+
+/// A decoded netlink message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Msg {
+    /// `nlmsg_type` (the family id for genl messages).
+    pub msg_type: u16,
+    /// `nlmsg_flags`.
+    pub flags: u16,
+    /// `nlmsg_seq`.
+    pub seq: u32,
+    /// Bytes after the 16-byte header.
+    pub payload: Vec<u8>,
+}
+
+/// An attribute value to encode.
+#[derive(Clone, Debug)]
+pub enum Attr<'a> {
+    /// NUL-terminated string.
+    Str(&'a str),
+    /// u8.
+    U8(u8),
+    /// u32 (native endian).
+    U32(u32),
+    /// s32.
+    S32(i32),
+    /// u16.
+    U16(u16),
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Encodes one generic netlink message.
+pub fn encode(
+    msg_type: u16,
+    flags: u16,
+    seq: u32,
+    cmd: u8,
+    version: u8,
+    attrs: &[(u16, Attr)],
+) -> Vec<u8> {
+    let mut b = vec![0u8; 16];
+    b.extend_from_slice(&[cmd, version, 0, 0]);
+    for (t, a) in attrs {
+        let val: Vec<u8> = match a {
+            Attr::Str(s) => {
+                let mut v = s.as_bytes().to_vec();
+                v.push(0);
+                v
+            }
+            Attr::U8(x) => vec![*x],
+            Attr::U16(x) => x.to_ne_bytes().to_vec(),
+            Attr::U32(x) => x.to_ne_bytes().to_vec(),
+            Attr::S32(x) => x.to_ne_bytes().to_vec(),
+        };
+        let len = 4 + val.len();
+        b.extend_from_slice(&(len as u16).to_ne_bytes());
+        b.extend_from_slice(&t.to_ne_bytes());
+        b.extend_from_slice(&val);
+        b.resize(align4(b.len()), 0);
+    }
+    let total = b.len() as u32;
+    b[0..4].copy_from_slice(&total.to_ne_bytes());
+    b[4..6].copy_from_slice(&msg_type.to_ne_bytes());
+    b[6..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&seq.to_ne_bytes());
+    b
+}
+
+/// Splits a datagram into messages. Malformed lengths are errors, never panics.
+pub fn parse_messages(buf: &[u8]) -> Result<Vec<Msg>, String> {
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[p..p + 4].try_into().expect("4")) as usize;
+        if len < 16 || p + len > buf.len() {
+            return Err(format!(
+                "netlink message length {len} at {p} of {}",
+                buf.len()
+            ));
+        }
+        out.push(Msg {
+            msg_type: u16::from_ne_bytes(buf[p + 4..p + 6].try_into().expect("2")),
+            flags: u16::from_ne_bytes(buf[p + 6..p + 8].try_into().expect("2")),
+            seq: u32::from_ne_bytes(buf[p + 8..p + 12].try_into().expect("4")),
+            payload: buf[p + 16..p + len].to_vec(),
+        });
+        p += align4(len);
+    }
+    Ok(out)
+}
+
+/// Parses attributes (type, value) of a genl payload after `skip` bytes of headers.
+pub fn parse_attrs(b: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p + 4 <= b.len() {
+        let len = u16::from_ne_bytes([b[p], b[p + 1]]) as usize;
+        let t = u16::from_ne_bytes([b[p + 2], b[p + 3]]) & NLA_TYPE_MASK;
+        if len < 4 || p + len > b.len() {
+            return Err(format!("attribute length {len} at {p}"));
+        }
+        out.push((t, b[p + 4..p + len].to_vec()));
+        p += align4(len);
+    }
+    Ok(out)
+}
+
+fn attr<'a>(attrs: &'a [(u16, Vec<u8>)], t: u16) -> Option<&'a [u8]> {
+    attrs
+        .iter()
+        .find(|(k, _)| *k == t)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn attr_u32(attrs: &[(u16, Vec<u8>)], t: u16) -> Option<u32> {
+    attr(attrs, t)
+        .and_then(|v| v.get(..4))
+        .map(|v| u32::from_ne_bytes(v.try_into().expect("4")))
+}
+
+fn attr_str(attrs: &[(u16, Vec<u8>)], t: u16) -> Option<String> {
+    attr(attrs, t).map(|v| {
+        let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
+        String::from_utf8_lossy(&v[..end]).into_owned()
+    })
+}
+
+/// What a RECONFIG event changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconfig {
+    /// New `dev_config` string.
+    Config(String),
+    /// New size in bytes.
+    Size(u64),
+    /// New emulate_write_cache.
+    WriteCache(bool),
+    /// None of the known attributes.
+    Unknown,
+}
+
+/// A device event from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The genl command (ADDED / REMOVED / RECONFIG).
+    pub cmd: u8,
+    /// Genl header version (replies are expected only when > 1).
+    pub version: u8,
+    /// The UIO name, `tcm-user/<hba>/<name>/<dev_config>`.
+    pub device: String,
+    /// UIO minor (`/dev/uio<minor>`).
+    pub minor: u32,
+    /// Device id to echo in the reply.
+    pub device_id: Option<u32>,
+    /// For RECONFIG.
+    pub change: Option<Reconfig>,
+}
+
+/// Decodes a TCMU event from a genl payload (header + attributes).
+pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
+    if payload.len() < 4 {
+        return Err("genl header truncated".into());
+    }
+    let (cmd, version) = (payload[0], payload[1]);
+    let attrs = parse_attrs(&payload[4..])?;
+    let device = attr_str(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEVICE as u16)
+        .ok_or("event without TCMU_ATTR_DEVICE")?;
+    let minor = attr_u32(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_MINOR as u16)
+        .ok_or("event without TCMU_ATTR_MINOR")?;
+    let device_id = attr_u32(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16);
+    if version > 1 && device_id.is_none() {
+        return Err("version 2 event without TCMU_ATTR_DEVICE_ID".into());
+    }
+    let change = (cmd == sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE as u8).then(|| {
+        if let Some(c) = attr_str(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEV_CFG as u16) {
+            Reconfig::Config(c.trim_end_matches('\n').to_string())
+        } else if let Some(v) =
+            attr(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEV_SIZE as u16).and_then(|v| v.get(..8))
+        {
+            Reconfig::Size(u64::from_ne_bytes(v.try_into().expect("8")))
+        } else if let Some(v) =
+            attr(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_WRITECACHE as u16).and_then(|v| v.first())
+        {
+            Reconfig::WriteCache(*v != 0)
+        } else {
+            Reconfig::Unknown
+        }
+    });
+    Ok(Event {
+        cmd,
+        version,
+        device,
+        minor,
+        device_id,
+        change,
+    })
+}
+
+/// Reads (family id, `config` group id) out of an nlctrl GETFAMILY reply payload.
+pub fn parse_family(payload: &[u8]) -> Result<(u16, u32), String> {
+    if payload.len() < 4 {
+        return Err("nlctrl reply truncated".into());
+    }
+    let attrs = parse_attrs(&payload[4..])?;
+    let id = attr(&attrs, CTRL_ATTR_FAMILY_ID)
+        .and_then(|v| v.get(..2))
+        .map(|v| u16::from_ne_bytes(v.try_into().expect("2")))
+        .ok_or("no family id")?;
+    let groups = attr(&attrs, CTRL_ATTR_MCAST_GROUPS).ok_or("no multicast groups")?;
+    for (_, g) in parse_attrs(groups)? {
+        let ga = parse_attrs(&g)?;
+        if attr_str(&ga, CTRL_ATTR_MCAST_GRP_NAME).as_deref() == Some(GROUP) {
+            let gid = attr_u32(&ga, CTRL_ATTR_MCAST_GRP_ID).ok_or("group without id")?;
+            return Ok((id, gid));
+        }
+    }
+    Err(format!("family {FAMILY} has no {GROUP:?} group"))
+}
+
+/// The reply command for an event command.
+pub fn done_cmd(event_cmd: u8) -> Option<u8> {
+    match event_cmd as u32 {
+        sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE => {
+            Some(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE_DONE as u8)
+        }
+        sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE => {
+            Some(sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE_DONE as u8)
+        }
+        sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE => {
+            Some(sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE_DONE as u8)
+        }
+        _ => None,
+    }
+}
+
+/// The TCM-USER netlink connection.
+pub struct TcmuNetlink {
+    sock: Socket,
+    family: u16,
+    seq: u32,
+}
+
+fn errno_of(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .map_or(0, |v| i32::from_ne_bytes(v.try_into().expect("4")))
+}
+
+impl TcmuNetlink {
+    /// Opens a socket, resolves the family and group, joins the group. Fails with a
+    /// clear error when `target_core_user` is not loaded.
+    pub fn connect() -> io::Result<TcmuNetlink> {
+        let mut sock = Socket::new(NETLINK_GENERIC)?;
+        sock.bind_auto()?;
+        let req = encode(
+            GENL_ID_CTRL,
+            NLM_F_REQUEST,
+            1,
+            CTRL_CMD_GETFAMILY,
+            1,
+            &[(CTRL_ATTR_FAMILY_NAME, Attr::Str(FAMILY))],
+        );
+        sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
+        let (buf, _) = sock.recv_from_full()?;
+        let msgs = parse_messages(&buf).map_err(io::Error::other)?;
+        let m = msgs
+            .first()
+            .ok_or_else(|| io::Error::other("empty nlctrl reply"))?;
+        if m.msg_type == NLMSG_ERROR {
+            let e = errno_of(&m.payload);
+            return Err(io::Error::other(format!(
+                "generic netlink family {FAMILY} not found ({}); is the target_core_user module loaded?",
+                io::Error::from_raw_os_error(-e)
+            )));
+        }
+        let (family, group) = parse_family(&m.payload).map_err(io::Error::other)?;
+        sock.add_membership(group)?;
+        sock.set_non_blocking(true)?;
+        Ok(TcmuNetlink {
+            sock,
+            family,
+            seq: 1,
+        })
+    }
+
+    /// Asks the kernel to wait for our `*_DONE` replies (SET_FEATURES). Returns false
+    /// on kernels without the operation.
+    pub fn set_features(&mut self, reply_supported: bool) -> io::Result<bool> {
+        self.seq += 1;
+        let seq = self.seq;
+        let req = encode(
+            self.family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            sys::tcmu_genl_cmd_TCMU_CMD_SET_FEATURES as u8,
+            VERSION,
+            &[(
+                sys::tcmu_genl_attr_TCMU_ATTR_SUPP_KERN_CMD_REPLY as u16,
+                Attr::U8(reply_supported as u8),
+            )],
+        );
+        self.sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
+        // The ack arrives among possible multicast events; wait briefly for it.
+        for _ in 0..100 {
+            match self.sock.recv_from_full() {
+                Ok((buf, _)) => {
+                    for m in parse_messages(&buf).map_err(io::Error::other)? {
+                        if m.msg_type == NLMSG_ERROR && m.seq == seq {
+                            let e = errno_of(&m.payload);
+                            return if e == 0 {
+                                Ok(true)
+                            } else if -e == libc::EOPNOTSUPP || -e == libc::EINVAL {
+                                Ok(false)
+                            } else {
+                                Err(io::Error::from_raw_os_error(-e))
+                            };
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("no answer to SET_FEATURES"))
+    }
+
+    /// Drains pending events (non-blocking). Undecodable messages are returned as
+    /// errors in the list so the caller can log them; they never stop the loop.
+    pub fn recv_events(&mut self) -> io::Result<Vec<Result<Event, String>>> {
+        let mut out = Vec::new();
+        loop {
+            match self.sock.recv_from_full() {
+                Ok((buf, _)) => match parse_messages(&buf) {
+                    Ok(msgs) => {
+                        for m in msgs {
+                            if m.msg_type == self.family {
+                                out.push(parse_event(&m.payload));
+                            } else if m.msg_type != NLMSG_DONE && m.msg_type != NLMSG_ERROR {
+                                out.push(Err(format!(
+                                    "unexpected netlink message type {}",
+                                    m.msg_type
+                                )));
+                            }
+                        }
+                    }
+                    Err(e) => out.push(Err(e)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends the `*_DONE` reply for `ev` with `status` (0 or -errno).
+    pub fn reply(&mut self, ev: &Event, status: i32) -> io::Result<()> {
+        let (Some(cmd), Some(id)) = (done_cmd(ev.cmd), ev.device_id) else {
+            return Ok(());
+        };
+        if ev.version < 2 {
+            return Ok(());
+        }
+        self.seq += 1;
+        let msg = encode(
+            self.family,
+            NLM_F_REQUEST,
+            self.seq,
+            cmd,
+            VERSION,
+            &[
+                (
+                    sys::tcmu_genl_attr_TCMU_ATTR_CMD_STATUS as u16,
+                    Attr::S32(status),
+                ),
+                (
+                    sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16,
+                    Attr::U32(id),
+                ),
+            ],
+        );
+        self.sock.send_to(&msg, &SocketAddr::new(0, 0), 0)?;
+        Ok(())
+    }
+
+    /// The socket fd, for the event loop.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_event(cmd: u32, extra: &[(u16, Attr)]) -> Vec<u8> {
+        let mut attrs = vec![
+            (
+                sys::tcmu_genl_attr_TCMU_ATTR_DEVICE as u16,
+                Attr::Str("tcm-user/0/disk0/lc/disk0"),
+            ),
+            (sys::tcmu_genl_attr_TCMU_ATTR_MINOR as u16, Attr::U32(3)),
+            (
+                sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16,
+                Attr::U32(77),
+            ),
+        ];
+        attrs.extend(extra.iter().cloned());
+        encode(0x1a, 0, 0, cmd as u8, 2, &attrs)
+    }
+
+    #[test]
+    fn added_and_reconfig_events_decode() {
+        let buf = kernel_event(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE, &[]);
+        let m = parse_messages(&buf).unwrap();
+        assert_eq!(m.len(), 1);
+        let e = parse_event(&m[0].payload).unwrap();
+        assert_eq!(e.device, "tcm-user/0/disk0/lc/disk0");
+        assert_eq!((e.minor, e.device_id, e.change), (3, Some(77), None));
+        let mut buf = kernel_event(
+            sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE,
+            &[(4, Attr::Str("lc/disk1\n"))],
+        );
+        buf.extend(kernel_event(
+            sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE,
+            &[(6, Attr::U8(0))],
+        ));
+        let m = parse_messages(&buf).unwrap();
+        assert_eq!(
+            parse_event(&m[0].payload).unwrap().change,
+            Some(Reconfig::Config("lc/disk1".into()))
+        );
+        assert_eq!(
+            parse_event(&m[1].payload).unwrap().change,
+            Some(Reconfig::WriteCache(false))
+        );
+    }
+
+    #[test]
+    fn size_reconfig_with_64bit_value() {
+        // DEV_SIZE is emitted with a PAD attribute before it; build it by hand.
+        let mut payload = vec![sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE as u8, 2, 0, 0];
+        let body = encode(
+            0,
+            0,
+            0,
+            0,
+            0,
+            &[
+                (1, Attr::Str("tcm-user/0/d/lc/x")),
+                (2, Attr::U32(1)),
+                (8, Attr::U32(5)),
+            ],
+        );
+        payload.extend_from_slice(&body[20..]);
+        payload.extend_from_slice(&[4, 0, 3, 0]); // PAD
+        payload.extend_from_slice(&12u16.to_ne_bytes());
+        payload.extend_from_slice(&5u16.to_ne_bytes());
+        payload.extend_from_slice(&(1u64 << 33).to_ne_bytes());
+        assert_eq!(
+            parse_event(&payload).unwrap().change,
+            Some(Reconfig::Size(1 << 33))
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        assert!(parse_messages(&[40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        let buf = encode(0x1a, 0, 0, 1, 2, &[(2, Attr::U32(1))]);
+        let m = parse_messages(&buf).unwrap();
+        assert!(parse_event(&m[0].payload).unwrap_err().contains("DEVICE"));
+        let buf = encode(0x1a, 0, 0, 1, 2, &[(1, Attr::Str("x")), (2, Attr::U32(1))]);
+        assert!(parse_event(&parse_messages(&buf).unwrap()[0].payload)
+            .unwrap_err()
+            .contains("DEVICE_ID"));
+        assert!(parse_attrs(&[9, 0, 1, 0]).is_err());
+        assert!(parse_event(&[1]).is_err());
+    }
+
+    #[test]
+    fn replies_carry_status_and_device_id() {
+        let msg = encode(
+            0x1a,
+            NLM_F_REQUEST,
+            5,
+            4,
+            2,
+            &[(7, Attr::S32(-2)), (8, Attr::U32(77))],
+        );
+        let m = parse_messages(&msg).unwrap();
+        assert_eq!(
+            (m[0].msg_type, m[0].seq, m[0].payload[0], m[0].payload[1]),
+            (0x1a, 5, 4, 2)
+        );
+        let a = parse_attrs(&m[0].payload[4..]).unwrap();
+        assert_eq!(
+            a,
+            vec![
+                (7, (-2i32).to_ne_bytes().to_vec()),
+                (8, 77u32.to_ne_bytes().to_vec())
+            ]
+        );
+        assert_eq!(done_cmd(1), Some(4));
+        assert_eq!(done_cmd(3), Some(6));
+        assert_eq!(done_cmd(9), None);
+    }
+
+    #[test]
+    fn family_reply_yields_family_and_group_ids() {
+        let mut groups = Vec::new();
+        for (i, (name, id)) in [("other", 9u32), (GROUP, 11)].iter().enumerate() {
+            let inner = encode(
+                0,
+                0,
+                0,
+                0,
+                0,
+                &[
+                    (CTRL_ATTR_MCAST_GRP_ID, Attr::U32(*id)),
+                    (CTRL_ATTR_MCAST_GRP_NAME, Attr::Str(name)),
+                ],
+            );
+            let inner = &inner[20..];
+            groups.extend_from_slice(&((4 + inner.len()) as u16).to_ne_bytes());
+            groups.extend_from_slice(&((i + 1) as u16).to_ne_bytes());
+            groups.extend_from_slice(inner);
+        }
+        let mut payload = encode(
+            0,
+            0,
+            0,
+            1,
+            2,
+            &[
+                (CTRL_ATTR_FAMILY_ID, Attr::U16(0x1a)),
+                (CTRL_ATTR_FAMILY_NAME, Attr::Str(FAMILY)),
+            ],
+        )[16..]
+            .to_vec();
+        payload.extend_from_slice(&((4 + groups.len()) as u16).to_ne_bytes());
+        payload.extend_from_slice(&CTRL_ATTR_MCAST_GROUPS.to_ne_bytes());
+        payload.extend_from_slice(&groups);
+        assert_eq!(parse_family(&payload).unwrap(), (0x1a, 11));
+    }
+}
