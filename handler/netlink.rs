@@ -143,7 +143,7 @@ pub fn parse_attrs(b: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
     Ok(out)
 }
 
-fn attr<'a>(attrs: &'a [(u16, Vec<u8>)], t: u16) -> Option<&'a [u8]> {
+fn attr(attrs: &[(u16, Vec<u8>)], t: u16) -> Option<&[u8]> {
     attrs
         .iter()
         .find(|(k, _)| *k == t)
