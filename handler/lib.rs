@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod config;
 pub mod device;
 pub mod event_loop;
 pub mod netlink;
@@ -12,4 +13,5 @@ pub mod scsi;
 pub mod shm;
 #[path = "../sys/mod.rs"]
 pub mod sys;
+pub mod uio;
 pub mod units;

@@ -1,0 +1,230 @@
+//! Finding and opening TCMU devices: `/sys/class/uio/*/name`
+//! (`tcm-user/<hba>/<name>/<subtype>/<cfgstring>`), the exact map size, `/dev/uioN`,
+//! and the configfs files of a user backstore (`action/block_dev`,
+//! `action/reset_ring`, `attrib/*`). Roots are parameters so tests use a fake tree.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::ring::UioDoorbell;
+use crate::shm::SharedMap;
+
+/// A TCMU device as seen in sysfs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UioDevice {
+    /// `uioN`.
+    pub uio: String,
+    /// HBA index (`core/user_<hba>`).
+    pub hba: u32,
+    /// Storage object name.
+    pub name: String,
+    /// Handler subtype (`lc`).
+    pub subtype: String,
+    /// What follows `<subtype>/` in the dev_config.
+    pub cfgstring: String,
+}
+
+/// Parses a UIO name; None for names that are not TCMU devices.
+pub fn parse_name(name: &str) -> Option<(u32, String, String, String)> {
+    let rest = name.trim_end_matches('\n').strip_prefix("tcm-user/")?;
+    let mut parts = rest.splitn(4, '/');
+    let hba = parts.next()?.parse().ok()?;
+    let dev = parts.next()?.to_string();
+    let subtype = parts.next()?.to_string();
+    let cfg = parts.next().unwrap_or("").to_string();
+    Some((hba, dev, subtype, cfg))
+}
+
+/// Every TCMU device of `subtype` under `<sysfs>/class/uio`.
+pub fn scan(sysfs: &Path, subtype: &str) -> io::Result<Vec<UioDevice>> {
+    let dir = sysfs.join("class/uio");
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let uio = e.file_name().to_string_lossy().into_owned();
+        let Ok(name) = fs::read_to_string(e.path().join("name")) else {
+            continue;
+        };
+        if let Some((hba, name, st, cfgstring)) = parse_name(&name) {
+            if st == subtype {
+                out.push(UioDevice {
+                    uio,
+                    hba,
+                    name,
+                    subtype: st,
+                    cfgstring,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.uio.cmp(&b.uio));
+    Ok(out)
+}
+
+/// `maps/map0/size` of `uio` (printed in hex with 0x).
+pub fn map_size(sysfs: &Path, uio: &str) -> io::Result<usize> {
+    let p = sysfs.join("class/uio").join(uio).join("maps/map0/size");
+    let t = fs::read_to_string(&p)?;
+    let t = t.trim();
+    let v = t
+        .strip_prefix("0x")
+        .map(|h| u64::from_str_radix(h, 16))
+        .unwrap_or_else(|| t.parse())
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {t:?} is not a size", p.display()),
+            )
+        })?;
+    usize::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "map size too large"))
+}
+
+/// Opens `/dev/<uio>` and maps exactly `size` bytes.
+pub fn open(dev_dir: &Path, uio: &str, size: usize) -> io::Result<(SharedMap, UioDoorbell)> {
+    let path = dev_dir.join(uio);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let fd: std::os::fd::OwnedFd = f.into();
+    let map = SharedMap::map(fd.as_fd(), size)?;
+    Ok((map, UioDoorbell(fd)))
+}
+
+/// The configfs directory of user backstores (`.../target/core`).
+#[derive(Clone, Debug)]
+pub struct Configfs {
+    /// Usually `/sys/kernel/config/target/core`.
+    pub root: PathBuf,
+}
+
+impl Default for Configfs {
+    fn default() -> Self {
+        Configfs {
+            root: PathBuf::from("/sys/kernel/config/target/core"),
+        }
+    }
+}
+
+impl Configfs {
+    /// The storage object's directory.
+    pub fn dir(&self, hba: u32, name: &str) -> PathBuf {
+        self.root.join(format!("user_{hba}")).join(name)
+    }
+
+    /// Writes `action/<file>`; a missing file (older kernel) is not an error.
+    pub fn action(&self, hba: u32, name: &str, file: &str, value: &str) -> io::Result<bool> {
+        write_existing(&self.dir(hba, name).join("action").join(file), value)
+    }
+
+    /// Reads `attrib/<file>`, trimmed.
+    pub fn attrib(&self, hba: u32, name: &str, file: &str) -> Option<String> {
+        fs::read_to_string(self.dir(hba, name).join("attrib").join(file))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Reads a numeric attribute.
+    pub fn attrib_u64(&self, hba: u32, name: &str, file: &str) -> Option<u64> {
+        self.attrib(hba, name, file)?.parse().ok()
+    }
+
+    /// The unit serial (`wwn/vpd_unit_serial`, "T10 VPD Unit Serial Number: ...").
+    pub fn unit_serial(&self, hba: u32, name: &str) -> Option<String> {
+        let s = fs::read_to_string(self.dir(hba, name).join("wwn/vpd_unit_serial")).ok()?;
+        let s = s.trim();
+        Some(s.rsplit(':').next().unwrap_or(s).trim().to_string()).filter(|s| !s.is_empty())
+    }
+}
+
+/// `/sys/module/target_core_user/parameters/<name>` writes (ENOENT tolerated).
+pub fn module_param(sysfs: &Path, name: &str, value: &str) -> io::Result<bool> {
+    write_existing(
+        &sysfs.join("module/target_core_user/parameters").join(name),
+        value,
+    )
+}
+
+/// Writes an existing sysfs/configfs file (never creates one); false if it is absent.
+fn write_existing(path: &Path, value: &str) -> io::Result<bool> {
+    use std::io::Write;
+    match fs::OpenOptions::new().write(true).open(path) {
+        Ok(mut f) => f.write_all(value.as_bytes()).map(|_| true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_cfgstrings_keep_slashes() {
+        assert_eq!(
+            parse_name("tcm-user/3/disk0/lc/disk0\n"),
+            Some((3, "disk0".into(), "lc".into(), "disk0".into()))
+        );
+        assert_eq!(
+            parse_name("tcm-user/0/d/file//var/img").unwrap().3,
+            "/var/img"
+        );
+        assert!(parse_name("tcm-user/0/d").is_none(), "no dev_config");
+        assert!(parse_name("uio_pdrv").is_none());
+        assert!(parse_name("tcm-user/x/d/lc/a").is_none());
+    }
+
+    #[test]
+    fn scan_finds_only_our_subtype_and_reads_hex_sizes() {
+        let t = tempfile::tempdir().unwrap();
+        let mk = |uio: &str, name: &str| {
+            let d = t.path().join("class/uio").join(uio);
+            fs::create_dir_all(d.join("maps/map0")).unwrap();
+            fs::write(d.join("name"), name).unwrap();
+            fs::write(d.join("maps/map0/size"), "0x0000000040800000\n").unwrap();
+        };
+        mk("uio0", "tcm-user/0/a/lc/disk0\n");
+        mk("uio1", "tcm-user/1/b/file//x\n");
+        mk("uio2", "other\n");
+        let found = scan(t.path(), "lc").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].uio.as_str(), found[0].cfgstring.as_str()),
+            ("uio0", "disk0")
+        );
+        assert_eq!(map_size(t.path(), "uio0").unwrap(), 0x4080_0000);
+        assert!(scan(&t.path().join("missing"), "lc").unwrap().is_empty());
+    }
+
+    #[test]
+    fn configfs_actions_tolerate_missing_files() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Configfs {
+            root: t.path().to_path_buf(),
+        };
+        fs::create_dir_all(c.dir(0, "d").join("action")).unwrap();
+        fs::create_dir_all(c.dir(0, "d").join("attrib")).unwrap();
+        fs::create_dir_all(c.dir(0, "d").join("wwn")).unwrap();
+        fs::write(c.dir(0, "d").join("action/block_dev"), "").unwrap();
+        assert!(c.action(0, "d", "block_dev", "1").unwrap());
+        assert!(!c.action(0, "d", "reset_ring", "1").unwrap());
+        fs::write(c.dir(0, "d").join("attrib/hw_block_size"), "4096\n").unwrap();
+        assert_eq!(c.attrib_u64(0, "d", "hw_block_size"), Some(4096));
+        fs::write(
+            c.dir(0, "d").join("wwn/vpd_unit_serial"),
+            "T10 VPD Unit Serial Number: 1234-abcd\n",
+        )
+        .unwrap();
+        assert_eq!(c.unit_serial(0, "d").as_deref(), Some("1234-abcd"));
+    }
+}
