@@ -4,7 +4,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod device;
 pub mod event_loop;
 pub mod netlink;

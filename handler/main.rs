@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use lc::control::Request;
+
+const DEFAULT_SOCKET: &str = "/run/lc/control.sock";
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +21,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the daemon: serve every TCMU device of subtype `lc` (user:lc backstores).
+    Serve {
+        /// Configuration file.
+        #[arg(long, default_value = "/etc/lc/lc.toml")]
+        config: PathBuf,
+        /// Log level (overrides the config): error, warning, info, debug.
+        #[arg(long)]
+        log_level: Option<String>,
+    },
     /// Format a cache device (destroys its content).
     Format {
         /// Cache device: a block device or a regular file.
@@ -43,55 +55,129 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Caches, LUNs and served devices of the running daemon.
+    Status {
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Statistics of the running daemon's caches.
+    Stats {
+        /// Only this cache.
+        cache: Option<String>,
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Set a tunable of a cache (see docs/CONFIG.md).
+    Set {
+        /// Cache name.
+        cache: String,
+        /// Tunable name.
+        key: String,
+        /// New value.
+        value: String,
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Seal the open segment of a cache and wait until everything is durable.
+    Flush {
+        /// Cache name.
+        cache: String,
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Write the superblock of a cache now.
+    Commit {
+        /// Cache name.
+        cache: String,
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Reset the access counters of a cache.
+    ClearStats {
+        /// Cache name.
+        cache: String,
+        #[command(flatten)]
+        c: Conn,
+    },
+    /// Write back every dirty line of a LUN's backing device (the detach step).
+    Drain {
+        /// LUN name.
+        lun: String,
+        #[command(flatten)]
+        c: Conn,
+    },
+}
+
+#[derive(clap::Args)]
+struct Conn {
+    /// Control socket of the daemon.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
+    let result = match cli.cmd {
+        Cmd::Serve { config, log_level } => lc::config::load(&config).and_then(|cfg| {
+            let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
+            lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
+        }),
         Cmd::Format {
             device,
             block_size,
             segment_size,
             yes,
             force,
-        } => {
-            let segment_size = match lc::units::parse_size(&segment_size)
-                .and_then(|s| u32::try_from(s).map_err(|_| format!("segment size {s} too large")))
-            {
-                Ok(s) => s,
-                Err(e) => return fail(&format!("--segment-size: {e}")),
-            };
-            let args = lc::admin::FormatArgs {
-                device: &device,
-                block_size,
-                segment_size,
-                yes,
-                force,
-            };
-            let stdin = std::io::stdin();
-            match lc::admin::format(&args, &mut stdin.lock(), &mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
+        } => lc::units::parse_size(&segment_size)
+            .and_then(|s| u32::try_from(s).map_err(|_| format!("segment size {s} too large")))
+            .map_err(|e| format!("--segment-size: {e}"))
+            .and_then(|segment_size| {
+                let args = lc::admin::FormatArgs {
+                    device: &device,
+                    block_size,
+                    segment_size,
+                    yes,
+                    force,
+                };
+                lc::admin::format(&args, &mut std::io::stdin().lock(), &mut std::io::stdout())
+            }),
         Cmd::Check { device, json } => match lc::admin::check(&device, json) {
             Ok(o) => {
                 print!("{}", o.text);
                 if json {
                     println!();
                 }
-                if o.clean {
+                return if o.clean {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::from(1)
-                }
+                };
             }
-            Err(e) => fail(&e),
+            Err(e) => Err(e),
         },
+        Cmd::Status { c } => lc::cli::run(&c.socket, Request::Status, c.json),
+        Cmd::Stats { cache, c } => lc::cli::run(&c.socket, Request::Stats { cache }, c.json),
+        Cmd::Set {
+            cache,
+            key,
+            value,
+            c,
+        } => lc::cli::run(&c.socket, Request::Set { cache, key, value }, c.json),
+        Cmd::Flush { cache, c } => lc::cli::run(&c.socket, Request::Flush { cache }, c.json),
+        Cmd::Commit { cache, c } => lc::cli::run(&c.socket, Request::Commit { cache }, c.json),
+        Cmd::ClearStats { cache, c } => {
+            lc::cli::run(&c.socket, Request::ClearStats { cache }, c.json)
+        }
+        Cmd::Drain { lun, c } => lc::cli::run(&c.socket, Request::Drain { lun }, c.json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lc: {e}");
+            ExitCode::from(2)
+        }
     }
-}
-
-fn fail(msg: &str) -> ExitCode {
-    eprintln!("lc: {msg}");
-    ExitCode::from(2)
 }

@@ -1,0 +1,114 @@
+//! The `lc` subcommands that talk to a running daemon, and logger setup. `main.rs`
+//! parses arguments and calls these.
+
+use std::path::Path;
+
+use serde_json::Value;
+use slog::{o, Drain, Logger};
+
+use crate::control::{request, Request};
+
+/// A terminal/journald-friendly logger at `level` (error, warning, info, debug).
+pub fn logger(level: &str) -> Logger {
+    let lvl = match level {
+        "error" => slog::Level::Error,
+        "warning" => slog::Level::Warning,
+        "debug" => slog::Level::Debug,
+        _ => slog::Level::Info,
+    };
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter_level(lvl)
+        .fuse();
+    Logger::root(drain, o!())
+}
+
+fn table(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(caches) = v["caches"].as_array() {
+        out += "CACHE      DEVICE                          SEGMENTS  DIRTY  WRITTEN-BACK  STATE\n";
+        for c in caches {
+            out += &format!(
+                "{:<10} {:<31} {:>8} {:>6} {:>13}  {}\n",
+                c["name"].as_str().unwrap_or(""),
+                c["device"].as_str().unwrap_or(""),
+                c["nr_segments"],
+                c["dirty_segments"],
+                c["last_writeback_id"],
+                c["failure"]
+                    .as_str()
+                    .map_or("ok".to_string(), |f| format!("FAILED: {f}"))
+            );
+        }
+    }
+    if let Some(luns) = v["luns"].as_array() {
+        out +=
+            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES\n";
+        for l in luns {
+            out += &format!(
+                "{:<10} {:<10} {:>3}  {:<31} {:<10} {}\n",
+                l["name"].as_str().unwrap_or(""),
+                l["cache"].as_str().unwrap_or(""),
+                l["backing_id"],
+                l["backing"].as_str().unwrap_or(""),
+                l["served_by"].as_str().unwrap_or("-"),
+                l["dirty_lines"]
+            );
+        }
+    }
+    if let Some(stats) = v["stats"].as_object() {
+        for (name, s) in stats {
+            out += &format!("cache {name}\n");
+            if let Some(m) = s.as_object() {
+                for (k, val) in m {
+                    if k == "counters" || k == "tunables" {
+                        if let Some(inner) = val.as_object() {
+                            for (ik, iv) in inner {
+                                out += &format!("  {k}.{ik:<28} {iv}\n");
+                            }
+                        }
+                    } else {
+                        out += &format!("  {k:<37} {val}\n");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Sends `req` and prints the answer (a table, or JSON with `json`).
+pub fn run(socket: &Path, req: Request, json: bool) -> Result<(), String> {
+    let drain = matches!(req, Request::Drain { .. });
+    let bar = drain.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "draining {bar:40} {pos}/{len} lines written back ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let v = request(socket, &req, &mut |p| {
+        if let Some(b) = &bar {
+            let total = p["total"].as_u64().unwrap_or(0);
+            let remaining = p["remaining"].as_u64().unwrap_or(0);
+            b.set_length(total);
+            b.set_position(total.saturating_sub(remaining));
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    if json {
+        println!("{v}");
+    } else {
+        let t = table(&v);
+        if !t.is_empty() {
+            print!("{t}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! `lc serve`: opens the configured caches, claims every TCMU device of subtype `lc`
+//! (those that exist at start-up, re-attached with the block/reset/attach/unblock
+//! sequence of `docs/tcmu.md` §6.6, and those announced later over netlink), serves
+//! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
+//! stops taking commands, lets in-flight ones finish, and closes the caches cleanly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use slog::{error, info, warn, Logger};
+
+use lc_cache::{Backing, BlockDevice, Cache, FileDevice, OpenOptions};
+
+use crate::config::Loaded;
+use crate::control::{self, Handler, Request};
+use crate::device::{Device, EngineBackend};
+use crate::event_loop::EventLoop;
+use crate::netlink::{Event, TcmuNetlink};
+use crate::ring::Ring;
+use crate::scsi::{LunConfig, LunState};
+use crate::sys;
+use crate::uio::{self, Configfs, UioDevice};
+
+/// Where the kernel's files are (parameters so tests can point elsewhere).
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// sysfs root, `/sys`.
+    pub sysfs: PathBuf,
+    /// Device nodes, `/dev`.
+    pub dev: PathBuf,
+    /// configfs target core, `/sys/kernel/config/target/core`.
+    pub configfs: Configfs,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            sysfs: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
+            configfs: Configfs::default(),
+        }
+    }
+}
+
+/// A LUN as the daemon knows it.
+#[derive(Clone)]
+struct LunInfo {
+    cache: String,
+    id: u8,
+}
+
+/// A TCMU device being served.
+#[derive(Clone, Debug)]
+struct ServedDev {
+    uio: String,
+    lun: String,
+    token: usize,
+}
+
+/// The daemon's state shared with control threads.
+pub struct Shared {
+    cfg: Loaded,
+    caches: HashMap<String, Arc<Cache>>,
+    luns: HashMap<String, LunInfo>,
+    served: Mutex<Vec<ServedDev>>,
+    log: Logger,
+}
+
+impl Shared {
+    /// Opens every configured cache with its backing devices.
+    pub fn open(cfg: Loaded, log: Logger) -> Result<Arc<Shared>, String> {
+        let mut caches = HashMap::new();
+        let mut luns = HashMap::new();
+        for c in &cfg.caches {
+            let s = &c.section;
+            let dev: Arc<dyn BlockDevice> = Arc::new(
+                FileDevice::open(&s.device, s.o_direct)
+                    .map_err(|e| format!("cache {}: {}: {e}", s.name, s.device.display()))?,
+            );
+            let mut backing = Vec::new();
+            for l in cfg.luns.iter().filter(|l| l.cache == s.name) {
+                let b: Arc<dyn BlockDevice> = Arc::new(
+                    FileDevice::open(&l.backing, s.o_direct)
+                        .map_err(|e| format!("lun {}: {}: {e}", l.name, l.backing.display()))?,
+                );
+                backing.push(Backing {
+                    id: l.backing_id,
+                    dev: b,
+                    label: l.name.clone(),
+                });
+                luns.insert(
+                    l.name.clone(),
+                    LunInfo {
+                        cache: s.name.clone(),
+                        id: l.backing_id,
+                    },
+                );
+            }
+            let seg = lc_cache::probe(dev.as_ref())
+                .map_err(|e| format!("cache {}: {e}", s.name))?
+                .ok_or_else(|| {
+                    format!(
+                        "cache {}: {} is not formatted (run `lc format {}`)",
+                        s.name,
+                        s.device.display(),
+                        s.device.display()
+                    )
+                })?
+                .geometry
+                .segment_size as u64;
+            let (cache, report) = Cache::open(
+                dev,
+                backing,
+                OpenOptions {
+                    ram_buffers: Some((c.ram_bytes / seg).max(2) as usize),
+                    tunables: c.tunables.clone(),
+                    logger: log.new(slog::o!("cache" => s.name.clone())),
+                },
+            )
+            .map_err(|e| format!("cache {}: {e}", s.name))?;
+            if let Some(r) = &report.stop_reason {
+                warn!(log, "cache log damaged; recovered the valid prefix"; "cache" => &s.name, "reason" => r);
+            }
+            caches.insert(s.name.clone(), Arc::new(cache));
+        }
+        Ok(Arc::new(Shared {
+            cfg,
+            caches,
+            luns,
+            served: Mutex::new(Vec::new()),
+            log,
+        }))
+    }
+
+    /// The cache and backing id serving `lun`.
+    pub fn lun_cache(&self, lun: &str) -> Option<(Arc<Cache>, u8)> {
+        let l = self.luns.get(lun)?;
+        Some((self.caches.get(&l.cache)?.clone(), l.id))
+    }
+
+    fn cache(&self, name: &str) -> Result<&Arc<Cache>, String> {
+        self.caches.get(name).ok_or_else(|| {
+            let known: Vec<&String> = self.caches.keys().collect();
+            format!("no cache {name:?} (known: {known:?})")
+        })
+    }
+
+    fn active_luns(&self) -> Vec<String> {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|s| s.lun.clone())
+            .collect()
+    }
+
+    /// Closes every cache (flush + superblock commit).
+    pub fn close(&self) {
+        for (name, c) in &self.caches {
+            if let Err(e) = c.seal_now().and_then(|_| c.commit_superblock()) {
+                error!(self.log, "closing cache failed"; "cache" => name, "error" => %e);
+            }
+        }
+    }
+}
+
+fn stats_json(c: &Cache) -> Value {
+    let s = c.stats();
+    let counters: serde_json::Map<String, Value> = (0..16)
+        .map(|i| (lc_cache::stats::counter_name(i), json!(s.counters[i])))
+        .collect();
+    json!({
+        "counters": counters,
+        "dirty_lines": s.dirty_lines.iter().map(|(d, n)| json!({"backing_id": d, "lines": n})).collect::<Vec<_>>(),
+        "last_flushed_id": s.last_flushed_id,
+        "last_writeback_id": s.last_writeback_id,
+        "open_segment_id": s.open_segment_id,
+        "nr_segments": s.nr_segments,
+        "dirty_segments": s.dirty_segments,
+        "cache_bytes_written": s.cache_bytes_written,
+        "backing_bytes_written": s.backing_bytes_written,
+        "ram_bytes": s.ram_bytes,
+        "index_bytes": s.index_bytes,
+        "partial_segments": s.partial_segments,
+        "tunables": c.tunables().list().into_iter().collect::<HashMap<_, _>>(),
+        "failure": c.failure(),
+    })
+}
+
+impl Handler for Shared {
+    fn handle(&self, req: Request, progress: &mut dyn FnMut(Value)) -> Result<Value, String> {
+        match req {
+            Request::Status => {
+                let served = self
+                    .served
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let luns: Vec<Value> = self
+                    .cfg
+                    .luns
+                    .iter()
+                    .map(|l| {
+                        let dev = served.iter().find(|s| s.lun == l.name);
+                        let dirty = self.caches.get(&l.cache).map_or(0, |c| {
+                            c.stats().dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        });
+                        json!({"name": l.name, "cache": l.cache, "backing": l.backing, "backing_id": l.backing_id,
+                               "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty})
+                    })
+                    .collect();
+                let caches: Vec<Value> = self
+                    .cfg
+                    .caches
+                    .iter()
+                    .map(|c| {
+                        let s = self.caches[&c.section.name].stats();
+                        json!({"name": c.section.name, "device": c.section.device, "nr_segments": s.nr_segments,
+                               "dirty_segments": s.dirty_segments, "last_writeback_id": s.last_writeback_id,
+                               "failure": self.caches[&c.section.name].failure()})
+                    })
+                    .collect();
+                Ok(json!({"caches": caches, "luns": luns}))
+            }
+            Request::Stats { cache } => {
+                let mut out = serde_json::Map::new();
+                for (name, c) in &self.caches {
+                    if cache.as_ref().is_none_or(|n| n == name) {
+                        out.insert(name.clone(), stats_json(c));
+                    }
+                }
+                if let Some(n) = cache {
+                    self.cache(&n)?;
+                }
+                Ok(json!({ "stats": out }))
+            }
+            Request::Set { cache, key, value } => {
+                self.cache(&cache)?
+                    .set_tunable(&key, &value)
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            Request::Flush { cache } => {
+                self.cache(&cache)?.seal_now().map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            Request::Commit { cache } => {
+                self.cache(&cache)?
+                    .commit_superblock()
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            Request::ClearStats { cache } => {
+                self.cache(&cache)?.clear_stats();
+                Ok(json!({}))
+            }
+            Request::Drain { lun } => {
+                let l = self
+                    .luns
+                    .get(&lun)
+                    .ok_or_else(|| format!("no lun {lun:?}"))?
+                    .clone();
+                let c = self.cache(&l.cache)?;
+                let mut last = None;
+                c.drain(l.id, &mut |p| {
+                    if last != Some(p.remaining) {
+                        last = Some(p.remaining);
+                        progress(json!({"remaining": p.remaining, "total": p.total}));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+                info!(self.log, "lun drained"; "lun" => &lun);
+                Ok(json!({"lun": lun, "dirty_lines": 0}))
+            }
+            Request::Check { cfgstring, size } => {
+                self.cfg
+                    .check_cfgstring(&cfgstring, size, &self.active_luns())?;
+                Ok(json!({}))
+            }
+        }
+    }
+}
+
+/// Builds the served device for a UIO device (after validating its cfgstring).
+fn make_device(sh: &Shared, paths: &Paths, u: &UioDevice) -> Result<Device, String> {
+    let cfs = &paths.configfs;
+    let size = cfs.attrib_u64(u.hba, &u.name, "dev_size");
+    let lun = sh
+        .cfg
+        .check_cfgstring(&u.cfgstring, size, &sh.active_luns())?
+        .clone();
+    let info = &sh.luns[&lun.name];
+    let cache = sh.cache(&info.cache)?.clone();
+    let backing_size = cache
+        .backing_size(info.id)
+        .ok_or("backing device not attached")?;
+    let size = size.unwrap_or(backing_size);
+    let bs = cfs
+        .attrib_u64(u.hba, &u.name, "hw_block_size")
+        .unwrap_or(512) as u32;
+    let cbs = cache.geometry().block_size;
+    if !bs.is_multiple_of(cbs) {
+        return Err(format!("hw_block_size {bs} is not a multiple of cache block size {cbs}; format the cache with --block-size 512 or create the backstore with hw_block_size={cbs}"));
+    }
+    let max_sectors = cfs
+        .attrib_u64(u.hba, &u.name, "hw_max_sectors")
+        .unwrap_or(128)
+        .max(1) as u32;
+    let serial = cfs
+        .unit_serial(u.hba, &u.name)
+        .unwrap_or_else(|| u.name.clone());
+    let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
+    lc.max_transfer_blocks = max_sectors;
+    let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
+    let (map, bell) = uio::open(&paths.dev, &u.uio, map_size).map_err(|e| e.to_string())?;
+    let ring = Ring::new(map).map_err(|e| e.to_string())?;
+    Ok(Device::new(
+        &format!("{}/{}", u.hba, u.name),
+        ring,
+        Box::new(bell),
+        Arc::new(LunState::new(lc)),
+        Arc::new(EngineBackend {
+            cache,
+            dev: info.id,
+        }),
+        sh.log.new(slog::o!("lun" => lun.name.clone())),
+    ))
+}
+
+fn attach(sh: &Shared, paths: &Paths, el: &mut EventLoop, u: &UioDevice) -> Result<(), String> {
+    let dev = make_device(sh, paths, u)?;
+    let token = el.add_device(dev).map_err(|e| e.to_string())?;
+    let lun = u.cfgstring.trim_start_matches("lc/").to_string();
+    sh.served
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ServedDev {
+            uio: u.uio.clone(),
+            lun,
+            token,
+        });
+    Ok(())
+}
+
+fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNetlink, ev: Event) {
+    let parsed = uio::parse_name(&ev.device);
+    let status = match ev.cmd as u32 {
+        sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE => match parsed {
+            Some((hba, name, st, cfgstring)) if st == "lc" => {
+                let u = UioDevice {
+                    uio: format!("uio{}", ev.minor),
+                    hba,
+                    name,
+                    subtype: st,
+                    cfgstring,
+                };
+                match attach(sh, paths, el, &u) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        error!(sh.log, "refusing device"; "device" => &ev.device, "error" => &e);
+                        -libc::EINVAL
+                    }
+                }
+            }
+            // Not ours: like tcmu-runner, refuse so the creation fails visibly.
+            _ => -libc::ENOENT,
+        },
+        sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE => {
+            let uio = format!("uio{}", ev.minor);
+            let found = {
+                let mut s = sh.served.lock().unwrap_or_else(|e| e.into_inner());
+                let i = s.iter().position(|d| d.uio == uio);
+                i.map(|i| s.remove(i))
+            };
+            if let Some(d) = found {
+                el.remove_device(d.token);
+            }
+            0
+        }
+        sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE => {
+            warn!(sh.log, "reconfiguration not supported"; "device" => &ev.device, "change" => format!("{:?}", ev.change));
+            -libc::EOPNOTSUPP
+        }
+        _ => return,
+    };
+    if let Err(e) = nl.reply(&ev, status) {
+        error!(sh.log, "netlink reply failed"; "error" => %e);
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let io_threads = cfg.daemon.io_threads;
+    let socket = cfg.daemon.control_socket.clone();
+    let sh = Shared::open(cfg, log.clone())?;
+    let mut el = EventLoop::new(io_threads, log.clone()).map_err(|e| e.to_string())?;
+    // Start-up: block netlink, join, re-attach existing devices, unblock.
+    let _ = uio::module_param(&paths.sysfs, "block_netlink", "1");
+    let _ = uio::module_param(&paths.sysfs, "reset_netlink", "1");
+    let mut nl = TcmuNetlink::connect().map_err(|e| format!("netlink: {e}"))?;
+    match nl.set_features(true) {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            log,
+            "kernel does not support netlink replies; device creation is not synchronous"
+        ),
+        Err(e) => warn!(log, "SET_FEATURES failed"; "error" => %e),
+    }
+    let existing = uio::scan(&paths.sysfs, "lc").map_err(|e| e.to_string())?;
+    for u in existing {
+        let cfs = &paths.configfs;
+        let _ = cfs.action(u.hba, &u.name, "block_dev", "1");
+        let _ = cfs.action(u.hba, &u.name, "reset_ring", "1");
+        if let Err(e) = attach(&sh, &paths, &mut el, &u) {
+            error!(log, "cannot serve existing device"; "uio" => &u.uio, "error" => &e);
+        }
+        let _ = cfs.action(u.hba, &u.name, "block_dev", "0");
+    }
+    let _ = uio::module_param(&paths.sysfs, "block_netlink", "0");
+    let nl_token = el.add_source(nl.fd()).map_err(|e| e.to_string())?;
+    let listener = control::listen(&socket)?;
+    let ctl_token = el
+        .add_source(std::os::fd::AsRawFd::as_raw_fd(&listener))
+        .map_err(|e| e.to_string())?;
+    let handler: Arc<dyn Handler> = sh.clone();
+    info!(log, "serving"; "control_socket" => socket.display().to_string());
+    while !stop.load(Ordering::Relaxed) {
+        let ready = el
+            .run_once(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        for t in ready {
+            if t == nl_token {
+                match nl.recv_events() {
+                    Ok(evs) => {
+                        for ev in evs {
+                            match ev {
+                                Ok(ev) => handle_event(&sh, &paths, &mut el, &mut nl, ev),
+                                Err(e) => warn!(log, "bad netlink message"; "error" => e),
+                            }
+                        }
+                    }
+                    Err(e) => error!(log, "netlink receive failed"; "error" => %e),
+                }
+            } else if t == ctl_token {
+                control::accept_all(&listener, &handler);
+            }
+        }
+    }
+    info!(log, "stopping");
+    for d in sh
+        .served
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+    {
+        el.remove_device(d.token);
+    }
+    let _ = std::fs::remove_file(&socket);
+    sh.close();
+    Ok(())
+}
