@@ -425,6 +425,24 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         let _ = cfs.action(u.hba, &u.name, "block_dev", "0");
     }
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "0");
+    // D-Bus for targetcli: refuse to run beside tcmu-runner (it owns the name).
+    let _dbus = if sh.cfg.daemon.dbus {
+        let sh2 = sh.clone();
+        match crate::dbus::DbusService::start(crate::dbus::Bus::System, move |cfg| {
+            sh2.cfg
+                .check_cfgstring(cfg, None, &sh2.active_luns())
+                .map(|_| ())
+        }) {
+            Ok(s) => Some(s),
+            Err(e) if e.contains("already owned") => return Err(e),
+            Err(e) => {
+                warn!(log, "no D-Bus service (targetcli will not list user:lc)"; "error" => e);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let nl_token = el.add_source(nl.fd()).map_err(|e| e.to_string())?;
     let listener = control::listen(&socket)?;
     let ctl_token = el

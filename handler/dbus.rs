@@ -1,0 +1,103 @@
+//! The D-Bus face targetcli looks for (`docs/tcmu.md` §5.4): the name
+//! `org.kernel.TCMUService1` on the system bus, an ObjectManager at
+//! `/org/kernel/TCMUService1`, and exactly one object under it,
+//! `/org/kernel/TCMUService1/lc`, with interface `org.kernel.TCMUService1`
+//! (property `ConfigDesc`, method `CheckConfig(s) -> (bs)`).
+//!
+//! zbus's blocking connection runs its own executor thread; [`DbusService`] keeps the
+//! connection alive and releases the name when dropped.
+
+use zbus::blocking::connection::Builder;
+use zbus::blocking::Connection;
+
+/// Bus name targetcli talks to.
+pub const BUS_NAME: &str = "org.kernel.TCMUService1";
+/// Object path of the ObjectManager.
+pub const MANAGER_PATH: &str = "/org/kernel/TCMUService1";
+/// Object path of the lc handler.
+pub const HANDLER_PATH: &str = "/org/kernel/TCMUService1/lc";
+
+/// What `targetcli` shows as help for `cfgstring`.
+pub const CONFIG_DESC: &str =
+    "lc/<lun>: the name of a [[lun]] in /etc/lc/lc.toml (its cache and backing device). \
+The size given to create must not exceed the backing device. Example: cfgstring=disk0";
+
+type CheckFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+struct LcHandler {
+    check: CheckFn,
+}
+
+#[zbus::interface(name = "org.kernel.TCMUService1")]
+impl LcHandler {
+    /// Help text for the cfgstring.
+    #[zbus(property)]
+    fn config_desc(&self) -> String {
+        CONFIG_DESC.to_string()
+    }
+
+    /// Validates a configuration string (with its "lc/" prefix): (ok, reason).
+    fn check_config(&self, cfgstring: &str) -> (bool, String) {
+        match (self.check)(cfgstring) {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e),
+        }
+    }
+}
+
+/// The running D-Bus service.
+pub struct DbusService {
+    _conn: Connection,
+}
+
+/// Where to connect.
+#[derive(Clone, Debug)]
+pub enum Bus {
+    /// The system bus.
+    System,
+    /// A bus at this address (tests).
+    Address(String),
+}
+
+impl DbusService {
+    /// Owns the name and serves the objects. Fails clearly when the name is taken
+    /// (tcmu-runner running).
+    pub fn start(
+        bus: Bus,
+        check: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<DbusService, String> {
+        let builder = match &bus {
+            Bus::System => Builder::system(),
+            Bus::Address(a) => Builder::address(a.as_str()),
+        }
+        .map_err(|e| format!("D-Bus: {e}"))?;
+        let conn = builder
+            .serve_at(MANAGER_PATH, zbus::fdo::ObjectManager)
+            .and_then(|b| {
+                b.serve_at(
+                    HANDLER_PATH,
+                    LcHandler {
+                        check: Box::new(check),
+                    },
+                )
+            })
+            .and_then(|b| b.build())
+            .map_err(|e| format!("D-Bus: {e}"))?;
+        // Ask for the name without queueing: if someone owns it, say who probably does.
+        let taken = || {
+            format!(
+                "D-Bus name {BUS_NAME} is already owned (is tcmu-runner running? it answers device events for \
+                 subtypes it does not know with an error; stop it: systemctl stop tcmu-runner)"
+            )
+        };
+        match conn.request_name_with_flags(BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+        {
+            Ok(
+                zbus::fdo::RequestNameReply::PrimaryOwner
+                | zbus::fdo::RequestNameReply::AlreadyOwner,
+            ) => Ok(DbusService { _conn: conn }),
+            Ok(_) | Err(zbus::Error::NameTaken) => Err(taken()),
+            Err(e) => Err(format!("D-Bus: requesting {BUS_NAME}: {e}")),
+        }
+    }
+}
