@@ -389,3 +389,18 @@ backing_id = 0
             .contains("/dev/sda"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../examples/lc.toml");
+        let c = super::parse(text, std::path::Path::new("examples/lc.toml")).unwrap();
+        assert_eq!(c.luns[0].name, "disk0");
+        // Every tunable documented in CONFIG.md exists.
+        let doc = include_str!("../docs/CONFIG.md");
+        for name in lc_cache::tunables::NAMES {
+            assert!(doc.contains(&format!("`{name}`")), "docs/CONFIG.md lacks {name}");
+        }
+    }
+}
