@@ -400,7 +400,10 @@ mod example_tests {
         // Every tunable documented in CONFIG.md exists.
         let doc = include_str!("../docs/CONFIG.md");
         for name in lc_cache::tunables::NAMES {
-            assert!(doc.contains(&format!("`{name}`")), "docs/CONFIG.md lacks {name}");
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "docs/CONFIG.md lacks {name}"
+            );
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub struct EventLoop {
     next_device: usize,
     next_source: usize,
     events: Events,
+    woken: Arc<AtomicBool>,
     log: Logger,
 }
 
@@ -40,11 +42,16 @@ impl EventLoop {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done_tx, done_rx) = channel();
         let w = waker.clone();
+        // One wake-up covers every result queued before the loop drains the channel.
+        let woken = Arc::new(AtomicBool::new(false));
+        let flag = woken.clone();
         let pool = WorkerPool::new(
             workers,
             done_tx,
             Arc::new(move || {
-                let _ = w.wake();
+                if !flag.swap(true, Ordering::AcqRel) {
+                    let _ = w.wake();
+                }
             }),
         );
         Ok(EventLoop {
@@ -56,6 +63,7 @@ impl EventLoop {
             next_device: FIRST_DEVICE,
             next_source: 1,
             events: Events::with_capacity(256),
+            woken,
             log,
         })
     }
@@ -150,6 +158,8 @@ impl EventLoop {
             }
         }
         // Completions from the workers: complete them all, then one kick per device.
+        // Clear the wake flag before draining so a result sent after the drain wakes us.
+        self.woken.store(false, Ordering::Release);
         let mut touched = Vec::new();
         while let Ok(done) = self.done_rx.try_recv() {
             touched.push(done.device);

@@ -1,0 +1,210 @@
+//! Ring benchmark: 4 KiB random writes and reads through the TCMU ring emulator, the
+//! event loop, the I/O workers and the engine, at queue depths 1, 32 and 128, with
+//! IOPS and p50/p99 latency, beside engine-only figures of the same run.
+//!
+//! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per row).
+
+#[path = "../tests/common/emulator.rs"]
+#[allow(dead_code)]
+mod emulator;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use emulator::{Emulator, FLAG_OOOC, FLAG_READ_LEN};
+use lc::device::{Device, EngineBackend};
+use lc::event_loop::EventLoop;
+use lc::ring::Ring;
+use lc::scsi::{LunConfig, LunState};
+use lc_cache::{
+    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions, Tunables,
+};
+use rand::{Rng, SeedableRng};
+
+const BACKING: u64 = 1 << 30;
+const WORKERS: usize = 4;
+
+fn rw16(opcode: u8, lba: u64, blocks: u32) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = opcode;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn main() {
+    let ops: usize = std::env::var("LC_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20000);
+    let dir = tempfile::tempdir_in(".").expect("scratch dir");
+    let cpath = dir.path().join("cache.img");
+    let bpath = dir.path().join("backing.img");
+    lc_cache::device::create_file(&cpath, 512 << 20).unwrap();
+    lc_cache::device::create_file(&bpath, BACKING).unwrap();
+    let cdev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&cpath, false).unwrap());
+    format_device(cdev.as_ref(), FormatOptions::default()).unwrap();
+    let bdev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&bpath, false).unwrap());
+    let (cache, _) = Cache::open(
+        cdev,
+        vec![Backing {
+            id: 0,
+            dev: bdev,
+            label: "bench".into(),
+        }],
+        OpenOptions {
+            tunables: Tunables {
+                writeback_enabled: false,
+                ..Tunables::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let blocks = BACKING / 4096;
+    // Pre-fill part of the range so reads hit cached lines (RAM and cache device).
+    let fill = 32768u64;
+    for i in 0..fill {
+        cache.write(0, i * 4096, &[i as u8; 4096], false).unwrap();
+    }
+    cache.flush().unwrap();
+
+    println!("ring benchmark: 4 KiB random I/O, {ops} commands per row, {WORKERS} I/O workers, files in {}", dir.path().display());
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "", "IOPS", "p50 us", "p99 us"
+    );
+
+    // Engine only: WORKERS threads calling the engine back to back.
+    let mut engine_iops = HashMap::new();
+    for write in [true, false] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let per = ops / WORKERS;
+        std::thread::scope(|s| {
+            for t in 0..WORKERS {
+                let cache = cache.clone();
+                s.spawn(move || {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(t as u64);
+                    let mut buf = vec![0u8; 4096];
+                    for _ in 0..per {
+                        let lba = rng.gen_range(0..if write { blocks } else { fill });
+                        if write {
+                            cache.write(0, lba * 4096, &buf, false).unwrap();
+                        } else {
+                            cache.read(0, lba * 4096, &mut buf).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        let iops = (per * WORKERS) as f64 / start.elapsed().as_secs_f64();
+        engine_iops.insert(write, iops);
+        println!(
+            "{:<34} {:>10.0}",
+            format!(
+                "engine only, {} threads, {}",
+                WORKERS,
+                if write { "write" } else { "read" }
+            ),
+            iops
+        );
+    }
+
+    for write in [true, false] {
+        for qd in [1usize, 32, 128] {
+            let mut emu = Emulator::new(
+                (8 << 20) - emulator::CMDR_OFF as u32,
+                64 << 20,
+                FLAG_OOOC | FLAG_READ_LEN,
+            );
+            let mut el =
+                EventLoop::new(WORKERS, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+            let lun = Arc::new(LunState::new(LunConfig::new("bench", 4096, blocks)));
+            el.add_device(Device::new(
+                "bench",
+                Ring::new(emu.handler_map()).unwrap(),
+                Box::new(emu.doorbell()),
+                lun,
+                Arc::new(EngineBackend {
+                    cache: cache.clone(),
+                    dev: 0,
+                }),
+                slog::Logger::root(slog::Discard, slog::o!()),
+            ))
+            .unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            let waker = el.waker();
+            let th = std::thread::spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    el.run_once(Some(Duration::from_millis(20))).unwrap();
+                }
+            });
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(qd as u64);
+            let data = vec![7u8; 4096];
+            let mut started: HashMap<u16, Instant> = HashMap::new();
+            let mut lat = Vec::with_capacity(ops);
+            let mut submitted = 0;
+            let t0 = Instant::now();
+            while lat.len() < ops {
+                while started.len() < qd && submitted < ops {
+                    let lba = rng.gen_range(0..if write { blocks } else { fill });
+                    let id = if write {
+                        emu.submit(&rw16(0x8a, lba, 1), &data, 0)
+                    } else {
+                        emu.submit(&rw16(0x88, lba, 1), &[], 4096)
+                    };
+                    match id {
+                        Some(id) => {
+                            started.insert(id, Instant::now());
+                            submitted += 1;
+                        }
+                        None => break,
+                    }
+                }
+                let mut fds = [rustix::event::PollFd::new(
+                    emu.kernel_fd(),
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(
+                    &mut fds,
+                    Some(&rustix::time::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 1_000_000,
+                    }),
+                );
+                for c in emu.reap() {
+                    assert_eq!(c.status, 0);
+                    if let Some(t) = started.remove(&c.cmd_id) {
+                        lat.push(t.elapsed());
+                    }
+                }
+            }
+            let iops = ops as f64 / t0.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            let _ = waker.wake();
+            th.join().unwrap();
+            let p50 = pct(&mut lat, 0.5).as_secs_f64() * 1e6;
+            let p99 = pct(&mut lat, 0.99).as_secs_f64() * 1e6;
+            let ratio = iops / engine_iops[&write];
+            println!(
+                "{:<34} {:>10.0} {:>10.1} {:>10.1}   ({:.2} of engine only)",
+                format!("ring {} QD{qd}", if write { "write" } else { "read" }),
+                iops,
+                p50,
+                p99,
+                ratio
+            );
+        }
+    }
+}
