@@ -5,7 +5,6 @@
 //! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per row).
 
 #[path = "../tests/common/emulator.rs"]
-#[allow(dead_code)]
 mod emulator;
 
 use std::collections::HashMap;
