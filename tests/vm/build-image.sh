@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the guest image for the real-kernel tests: a Debian bookworm root
+# file system from Debian's archive with LIO's userspace (targetcli-fb, rtslib, dbus,
+# open-iscsi, sg3-utils, fio, ...) and Debian's kernel, packed into an ext4 image
+# without loop mounts. Prints the cache directory holding rootfs.img, vmlinuz, initrd.img.
+# Cached under /var/cache/lc-vm/<hash of this recipe>; rebuilt when the recipe changes.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+PACKAGES="linux-image-amd64 targetcli-fb python3-rtslib-fb python3-gi dbus open-iscsi sg3-utils lsscsi fio e2fsprogs xfsprogs kmod dmsetup procps iproute2 util-linux coreutils psmisc"
+recipe_hash=$( (cat "$here/build-image.sh" "$here/guest/lc-init"; echo "$PACKAGES") | sha256sum | cut -c1-16)
+cache_root=${LC_VM_CACHE:-/var/cache/lc-vm}
+out="$cache_root/$recipe_hash"
+if [ -f "$out/done" ]; then
+    echo "$out"
+    exit 0
+fi
+
+log() { echo "[build-image $(date +%T)] $*" >&2; }
+t0=$(date +%s)
+if ! command -v debootstrap >/dev/null || ! command -v mke2fs >/dev/null; then
+    log "installing debootstrap, e2fsprogs"
+    $SUDO apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap e2fsprogs >&2
+fi
+
+# The Debian mirror this host's apt uses (one-line or deb822 sources).
+mirror=$(grep -hE '^deb (\[[^]]*\] )?(https?|file)://' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | grep -E ' (bookworm|stable) ' | awk '{for(i=2;i<=NF;i++) if ($i ~ /^(https?|file):/) {print $i; exit}}' | head -1 || true)
+if [ -z "$mirror" ]; then
+    mirror=$(awk '/^URIs:/{u=$2} /^Suites:/ && / bookworm( |$)/{print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 || true)
+fi
+[ -n "$mirror" ] || { echo "build-image: cannot find a Debian bookworm mirror in /etc/apt/sources.list*" >&2; exit 1; }
+log "mirror $mirror"
+
+work="$cache_root/build-$recipe_hash"
+$SUDO rm -rf "$work"
+$SUDO mkdir -p "$work"
+root="$work/rootfs"
+log "debootstrap (minbase + $PACKAGES)"
+$SUDO debootstrap --variant=minbase --include="$(echo $PACKAGES | tr ' ' ',')" bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
+    || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
+t1=$(date +%s)
+log "debootstrap done in $((t1 - t0)) s"
+
+$SUDO install -m 0755 "$here/guest/lc-init" "$root/sbin/lc-init"
+echo "lc-guest" | $SUDO tee "$root/etc/hostname" >/dev/null
+# open-iscsi needs an initiator name; targetcli wants /etc/target.
+echo "InitiatorName=iqn.2026-11.org.lc:guest" | $SUDO tee "$root/etc/iscsi/initiatorname.iscsi" >/dev/null
+$SUDO mkdir -p "$root/etc/target" "$root/payload"
+
+kver=$(ls "$root/lib/modules" | sort -V | tail -1)
+$SUDO cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
+$SUDO cp "$root/boot/initrd.img-$kver" "$work/initrd.img"
+$SUDO chmod 0644 "$work/vmlinuz" "$work/initrd.img"
+log "kernel $kver"
+
+size_mb=$(( $($SUDO du -sm "$root" | cut -f1) + 768 ))
+$SUDO mke2fs -q -t ext4 -L lcroot -d "$root" "$work/rootfs.img" "${size_mb}M"
+$SUDO rm -rf "$root"
+echo "$kver" | $SUDO tee "$work/kernel-version" >/dev/null
+$SUDO mv "$work" "$out"
+$SUDO touch "$out/done"
+log "image ready in $(( $(date +%s) - t0 )) s: $out"
+echo "$out"

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The real-kernel test harness: one command. Builds or reuses the guest image
+# (build-image.sh), builds lc, boots a QEMU guest (TCG; KVM hangs on these machines)
+# with a cache "SSD" disk and a throttled "HDD" disk, runs the scenarios inside it and
+# prints a pass/fail summary. Exit status is non-zero on any failure or timeout.
+#
+#   tests/vm/run.sh                 # all default scenarios
+#   tests/vm/run.sh selftest lc-basic
+#
+# Results and logs: $LC_VM_RESULTS (default target/vm-results).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+scenarios=("$@")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain)
+results=${LC_VM_RESULTS:-$top/target/vm-results}
+log() { echo "[vm $(date +%T)] $*" >&2; }
+t0=$(date +%s)
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    log "installing qemu-system-x86"
+    $SUDO apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-system-x86 >&2
+fi
+image=$("$here/build-image.sh")
+t_image=$(date +%s)
+log "image $image ($((t_image - t0)) s)"
+
+log "building lc (release)"
+(cd "$top" && cargo build --release --quiet --bin lc)
+
+payload=$(mktemp -d "${TMPDIR:-/tmp}/lc-vm-payload.XXXXXX")
+trap 'rm -rf "$payload"' EXIT
+mkdir -p "$payload/bin" "$payload/results" "$payload/scenarios" "$payload/disks"
+cp "$top/target/release/lc" "$payload/bin/lc"
+cp "$here"/scenarios/*.sh "$payload/scenarios/"
+cp "$here/guest/guest-init.sh" "$payload/guest-init.sh"
+cp "$here/guest/lc.toml" "$payload/lc.toml"
+cp "$top/targetcli/lc-dbus.conf" "$payload/lc-dbus.conf"
+printf '%s\n' "${scenarios[@]}" >"$payload/scenarios.list"
+for s in "${scenarios[@]}"; do
+    [ -f "$here/scenarios/$s.sh" ] || { echo "no scenario $s (tests/vm/scenarios/$s.sh)" >&2; exit 2; }
+done
+
+# Disks: the root image is used read-only through a snapshot; cache and HDD are fresh.
+disks=${LC_VM_DISKS:-$payload/disks}
+mkdir -p "$disks"
+[ -f "$disks/ssd.img" ] || truncate -s 1G "$disks/ssd.img"
+[ -f "$disks/hdd.img" ] || truncate -s 2G "$disks/hdd.img"
+
+boot() {
+    local accel="-accel tcg,thread=multi"
+    timeout "${LC_VM_TIMEOUT:-3000}" qemu-system-x86_64 $accel -m 2048 -smp 2 -nographic -no-reboot \
+        -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
+        -append "root=/dev/vda rw console=ttyS0 init=/sbin/lc-init panic=-1 quiet" \
+        -drive "file=$image/rootfs.img,if=virtio,format=raw,snapshot=on" \
+        -drive "file=$disks/ssd.img,if=virtio,format=raw,cache=none,aio=threads" \
+        -drive "file=$disks/hdd.img,if=virtio,format=raw,cache=none,aio=threads,throttling.iops-total=${LC_VM_HDD_IOPS:-300}" \
+        -virtfs "local,path=$payload,mount_tag=payload,security_model=none" \
+        >"$payload/results/serial.log" 2>&1
+}
+log "booting the guest (TCG) for: ${scenarios[*]}"
+t_boot=$(date +%s)
+set +e
+boot
+qrc=$?
+set -e
+t_end=$(date +%s)
+
+rm -rf "$results"
+mkdir -p "$results"
+cp -r "$payload/results/." "$results/"
+pass=0; fail=0
+printf '\n%-20s %-6s %s\n' SCENARIO RESULT SECONDS
+for s in "${scenarios[@]}"; do
+    if [ -f "$results/$s.rc" ]; then
+        read -r rc secs <"$results/$s.rc"
+    else
+        rc=timeout; secs=-
+    fi
+    if [ "$rc" = 0 ]; then res=PASS; pass=$((pass + 1)); else res=FAIL; fail=$((fail + 1)); fi
+    printf '%-20s %-6s %s\n' "$s" "$res" "$secs"
+done
+echo
+echo "image $((t_image - t0)) s, guest $((t_end - t_boot)) s (qemu exit $qrc); logs in $results"
+echo "vm: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,50 @@
+# Helpers shared by the guest scenarios (sourced).
+set -euo pipefail
+fail() { echo "FAIL: $*" >&2; [ -f /tmp/lc.log ] && { echo "--- lc log"; tail -50 /tmp/lc.log; } >&2; exit 1; }
+step() { echo "--- $*"; }
+
+start_lc() {
+    mkdir -p /run/lc
+    lc serve --config /etc/lc/lc.toml >>/tmp/lc.log 2>&1 &
+    echo $! >/tmp/lc.pid
+    for _ in $(seq 150); do
+        [ -S /run/lc/control.sock ] && return 0
+        kill -0 "$(cat /tmp/lc.pid)" 2>/dev/null || fail "lc serve exited"
+        sleep 0.2
+    done
+    fail "lc serve did not open its control socket"
+}
+
+stop_lc() {
+    local pid; pid=$(cat /tmp/lc.pid)
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+    fail "lc serve did not stop"
+}
+
+# The /dev/sdX of the loopback LUN whose SCSI model is $1.
+lun_dev() {
+    local model=$1 d
+    for _ in $(seq 100); do
+        d=$(lsscsi | awk -v m="$model" '$3 == "LIO-ORG" && $4 == m {print $NF}' | head -1)
+        if [ -n "$d" ] && [ -b "$d" ]; then echo "$d"; return 0; fi
+        sleep 0.2
+    done
+    lsscsi >&2
+    fail "no /dev/sdX with model $model"
+}
+
+loopback_lun() {
+    local backstore=$1 wwn
+    targetcli /loopback create >/dev/null
+    wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
+    targetcli "/loopback/$wwn/luns" create "$backstore" >/dev/null
+    echo "$wwn"
+}
+
+fio_verify() {
+    local dev=$1 size=$2 rw=${3:-randwrite}
+    fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw="$rw" \
+        --size="$size" --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=1 --output-format=terse >/tmp/fio.out \
+        || { cat /tmp/fio.out; fail "fio verify on $dev"; }
+}
