@@ -417,12 +417,16 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     let existing = uio::scan(&paths.sysfs, "lc").map_err(|e| e.to_string())?;
     for u in existing {
         let cfs = &paths.configfs;
-        let _ = cfs.action(u.hba, &u.name, "block_dev", "1");
-        let _ = cfs.action(u.hba, &u.name, "reset_ring", "1");
+        let blocked = cfs.action(u.hba, &u.name, "block_dev", "1");
+        let reset = cfs.action(u.hba, &u.name, "reset_ring", "1");
+        info!(log, "re-attaching existing device"; "uio" => &u.uio, "device" => format!("{}/{}", u.hba, u.name),
+              "block_dev" => format!("{blocked:?}"), "reset_ring" => format!("{reset:?}"));
         if let Err(e) = attach(&sh, &paths, &mut el, &u) {
             error!(log, "cannot serve existing device"; "uio" => &u.uio, "error" => &e);
         }
-        let _ = cfs.action(u.hba, &u.name, "block_dev", "0");
+        if let Err(e) = cfs.action(u.hba, &u.name, "block_dev", "0") {
+            error!(log, "unblocking device failed"; "uio" => &u.uio, "error" => %e);
+        }
     }
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "0");
     // D-Bus for targetcli: refuse to run beside tcmu-runner (it owns the name).

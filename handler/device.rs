@@ -175,7 +175,8 @@ impl Device {
         log: Logger,
     ) -> Device {
         info!(log, "device attached"; "device" => name, "blocks" => lun.cfg.num_blocks,
-              "block_size" => lun.cfg.block_size, "out_of_order" => ring.out_of_order());
+              "block_size" => lun.cfg.block_size, "out_of_order" => ring.out_of_order(),
+              "ring" => ring.describe());
         Device {
             name: name.to_string(),
             ring,

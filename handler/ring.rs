@@ -251,6 +251,18 @@ impl Ring {
         })
     }
 
+    /// "head H tail T size S flags F", for logs.
+    pub fn describe(&self) -> String {
+        let head = self
+            .map
+            .load_acquire_u32(off::MB_CMD_HEAD)
+            .unwrap_or(u32::MAX);
+        format!(
+            "head {head} tail {} size {} flags {:#x}",
+            self.tail, self.cmdr_size, self.flags
+        )
+    }
+
     /// Mailbox capability flags.
     pub fn flags(&self) -> u16 {
         self.flags

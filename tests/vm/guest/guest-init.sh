@@ -15,6 +15,8 @@ install -m 0644 /payload/lc-dbus.conf /etc/dbus-1/system.d/lc.conf
 mkdir -p /run/dbus /etc/lc
 dbus-daemon --system --fork
 cp /payload/lc.toml /etc/lc/lc.toml
+# Keep the daemon log and the kernel log visible from the host while scenarios run.
+( while sleep 5; do cp /tmp/lc.log "$R/lc.log" 2>/dev/null; dmesg >"$R/dmesg.log" 2>/dev/null; done ) &
 echo "guest up: $(uname -r), $(nproc) cpus; disks: $(ls /sys/block | tr '\n' ' ')"
 for s in $(cat /payload/scenarios.list); do
     echo "=== scenario $s"

@@ -16,11 +16,14 @@ for round in 1 2 3; do
     step "more load, then kill -9 the daemon in the middle of it"
     fio --name=noise --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 --bs=4k --rw=randwrite \
         --offset=512M --size=256M --time_based --runtime=30 --output-format=terse >/dev/null 2>&1 &
+    noise=$!
     sleep 3
     kill -9 "$(cat /tmp/lc.pid)"
     sleep 1
+    step "restart lc"
     start_lc
-    wait || true
+    step "wait for the load to end (it may see errors while the daemon was down)"
+    wait "$noise" || true
     step "verify the flushed pattern"
     fio --name=w --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite \
         --offset=${off}M --size=64M --verify=crc32c --verify_only=1 --randrepeat=1 --verify_fatal=1 \
