@@ -4,7 +4,7 @@
 # the same backstore over iSCSI on 127.0.0.1 with fio verify.
 source /payload/scenarios/lib.sh
 step "format the cache, start lc"
-lc format -y /dev/vdb
+lc format -y --force /dev/vdb
 start_lc
 step "targetcli sees user:lc"
 targetcli ls /backstores | tee /tmp/ls.txt

@@ -1,7 +1,7 @@
 # Scenario 5: fill the cache with dirty data, lc drain, read the backing device alone
 # with lc stopped and compare; the LUN deletes cleanly.
 source /payload/scenarios/lib.sh
-lc format -y /dev/vdb
+lc format -y --force /dev/vdb
 cat >/etc/lc/lc.toml <<TOML
 [daemon]
 control_socket = "/run/lc/control.sock"

@@ -2,7 +2,7 @@
 # (the start-up re-attach sequence), verify every block written before the last
 # completed flush; repeated.
 source /payload/scenarios/lib.sh
-lc format -y /dev/vdb
+lc format -y --force /dev/vdb
 start_lc
 targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
 loopback_lun /backstores/user:lc/disk0 >/dev/null

@@ -2,7 +2,7 @@
 # reach the initiator as MEDIUM ERROR, the daemon keeps serving another LUN, and
 # nothing acknowledged is lost once the fault clears.
 source /payload/scenarios/lib.sh
-lc format -y /dev/vdb
+lc format -y --force /dev/vdb
 half=$(( $(blockdev --getsz /dev/vdc) / 2 ))
 dmsetup create hddA --table "0 $half linear /dev/vdc 0"
 dmsetup create hddB --table "0 $half linear /dev/vdc $half"

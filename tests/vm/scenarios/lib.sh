@@ -48,3 +48,13 @@ fio_verify() {
         --size="$size" --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=1 --output-format=terse >/tmp/fio.out \
         || { cat /tmp/fio.out; fail "fio verify on $dev"; }
 }
+
+# Every scenario starts from a clean guest: no sessions, no LIO objects, no daemon,
+# no device-mapper devices, the default config.
+iscsiadm -m node --logoutall=all >/dev/null 2>&1 || true
+targetcli clearconfig confirm=True >/dev/null 2>&1 || true
+pkill -x lc >/dev/null 2>&1 || true
+for _ in $(seq 50); do pgrep -x lc >/dev/null || break; sleep 0.2; done
+dmsetup remove_all >/dev/null 2>&1 || true
+rm -f /run/lc/control.sock /tmp/lc.log
+cp /payload/lc.toml /etc/lc/lc.toml
