@@ -13,6 +13,7 @@ control_socket = "/run/lc/control.sock"
 [[cache]]
 name = "c0"
 device = "/dev/vdb"
+o_direct = true    # reads must reach the failing device, not the page cache
 [[lun]]
 name = "disk0"
 cache = "c0"
