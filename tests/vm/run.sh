@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-powercut)
 results=${LC_VM_RESULTS:-$top/target/vm-results}
 log() { echo "[vm $(date +%T)] $*" >&2; }
 t0=$(date +%s)
@@ -65,6 +65,16 @@ t_boot=$(date +%s)
 set +e
 boot
 qrc=$?
+# A scenario that ends in a hard power-off continues in a second boot on the same disks.
+if printf '%s\n' "${scenarios[@]}" | grep -qx lc-powercut; then
+    log "second boot after the power cut"
+    mv "$payload/results/serial.log" "$payload/results/serial-boot1.log"
+    mv "$payload/results/console.log" "$payload/results/console-boot1.log" 2>/dev/null
+    echo lc-powercut-2 >"$payload/scenarios.list"
+    boot
+    qrc=$?
+    scenarios+=(lc-powercut-2)
+fi
 set -e
 t_end=$(date +%s)
 
