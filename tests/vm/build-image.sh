@@ -9,7 +9,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 PACKAGES="linux-image-amd64 targetcli-fb python3-rtslib-fb python3-gi dbus open-iscsi sg3-utils lsscsi fio e2fsprogs xfsprogs kmod dmsetup procps iproute2 util-linux coreutils psmisc"
-recipe_hash=$( (cat "$here/build-image.sh" "$here/guest/lc-init"; echo "$PACKAGES") | sha256sum | cut -c1-16)
+# For the benchmark rows (best effort): tcmu-runner (user:file), dm-writeboost built
+# against the guest kernel's headers.
+BENCH_PACKAGES="tcmu-runner dm-writeboost-dkms linux-headers-amd64 make gcc"
+recipe_hash=$( (cat "$here/build-image.sh" "$here/guest/lc-init"; echo "$PACKAGES $BENCH_PACKAGES") | sha256sum | cut -c1-16)
 cache_root=${LC_VM_CACHE:-/var/cache/lc-vm}
 out="$cache_root/$recipe_hash"
 if [ -f "$out/done" ]; then
@@ -44,6 +47,28 @@ $SUDO debootstrap --variant=minbase --include="$(echo $PACKAGES | tr ' ' ',')" b
 t1=$(date +%s)
 log "debootstrap done in $((t1 - t0)) s"
 
+# Benchmark extras, best effort: the tests do not depend on them.
+$SUDO mount -t proc proc "$root/proc"
+trap '$SUDO umount "$root/proc" 2>/dev/null || true' EXIT
+if $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PACKAGES >"$work/bench-packages.log" 2>&1; then
+    kv=$(ls "$root/lib/modules" | sort -V | tail -1)
+    src=$(ls -d "$root"/usr/src/dm-writeboost-* 2>/dev/null | head -1)
+    if [ -n "$src" ] && $SUDO chroot "$root" sh -c "cd /usr/src/$(basename "$src") && make PWD=/usr/src/$(basename "$src") KERNEL_TREE=/usr/src/linux-headers-$kv" >"$work/writeboost.log" 2>&1; then
+        ko=$(find "$src" -name 'dm-writeboost.ko' | head -1)
+        $SUDO install -D -m 0644 "$ko" "$root/lib/modules/$kv/extra/dm-writeboost.ko"
+        $SUDO chroot "$root" depmod "$kv"
+        log "dm-writeboost built for $kv"
+    else
+        log "dm-writeboost not built (see $work/writeboost.log); its benchmark row will be skipped"
+    fi
+    # The image must not start tcmu-runner through D-Bus activation behind lc's back.
+    $SUDO rm -f "$root/usr/share/dbus-1/system-services/org.kernel.TCMUService1.service"
+else
+    log "benchmark packages not installed (see $work/bench-packages.log)"
+fi
+$SUDO umount "$root/proc" || true
+trap - EXIT
+$SUDO chroot "$root" apt-get clean >/dev/null 2>&1 || true
 $SUDO install -m 0755 "$here/guest/lc-init" "$root/sbin/lc-init"
 echo "lc-guest" | $SUDO tee "$root/etc/hostname" >/dev/null
 # open-iscsi needs an initiator name; targetcli wants /etc/target.

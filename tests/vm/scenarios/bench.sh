@@ -1,0 +1,66 @@
+# The benchmark of issue 4, in one boot: the same fio jobs (4 KiB random write QD32,
+# 4 KiB random read QD32, 1 MiB sequential write) against the lc LUN (SSD cache +
+# throttled HDD), the kernel block backstore on the HDD, tcmu-runner's user:file on
+# the HDD, dm-writeboost on the same two disks, and the raw SSD. Prints a table with
+# ratios. Not part of the default run: tests/vm/run.sh bench
+source /payload/scenarios/lib.sh
+RT=${LC_BENCH_RUNTIME:-15}
+out=/payload/results/bench-table.txt
+job() { # dev rw bs qd -> IOPS
+    fio --name=b --filename="$1" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" \
+        --time_based --runtime="$RT" --size=512M --output-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))'
+}
+row() { # name dev
+    local w r s
+    w=$(job "$2" randwrite 4k 32); r=$(job "$2" randread 4k 32); s=$(job "$2" write 1M 4)
+    printf '%-22s %12s %12s %14s\n' "$1" "$w" "$r" "$s" | tee -a "$out"
+    eval "W_$3=$w"
+}
+printf '%-22s %12s %12s %14s\n' "device" "randwrite" "randread" "seqwrite 1M" | tee "$out"
+printf '%-22s %12s %12s %14s\n' "" "4K QD32 IOPS" "4K QD32 IOPS" "QD4 IOPS" | tee -a "$out"
+row "raw SSD" /dev/vdb ssd
+targetcli /backstores/block create name=hddblk dev=/dev/vdc >/dev/null
+wwn=$(loopback_lun /backstores/block/hddblk)
+row "block backstore (HDD)" "$(lun_dev hddblk)" blk
+targetcli clearconfig confirm=True >/dev/null
+lc format -y --force /dev/vdb >/dev/null
+start_lc
+targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
+loopback_lun /backstores/user:lc/disk0 >/dev/null
+row "lc (SSD + HDD)" "$(lun_dev lc)" lc
+lc stats c0 | grep -E "dirty_segments|last_writeback_id" | tee -a "$out"
+targetcli clearconfig confirm=True >/dev/null
+stop_lc
+if command -v tcmu-runner >/dev/null; then
+    tcmu-runner >/tmp/tcmu-runner.log 2>&1 &
+    sleep 3
+    if targetcli /backstores/user:file create name=f0 size=1G cfgstring=/dev/vdc >/dev/null 2>&1; then
+        loopback_lun /backstores/user:file/f0 >/dev/null
+        row "tcmu-runner user:file" "$(lun_dev f0)" file
+    else
+        echo "tcmu-runner user:file: not available" | tee -a "$out"
+    fi
+    targetcli clearconfig confirm=True >/dev/null 2>&1 || true
+    pkill tcmu-runner || true
+else
+    echo "tcmu-runner: not installed in the image" | tee -a "$out"
+fi
+if modprobe dm-writeboost 2>/dev/null; then
+    wipefs -a /dev/vdb >/dev/null 2>&1 || true
+    dd if=/dev/zero of=/dev/vdb bs=1M count=1 oflag=direct status=none
+    dmsetup create wb --table "0 $(blockdev --getsz /dev/vdc) writeboost /dev/vdc /dev/vdb"
+    dmsetup mknodes
+    row "dm-writeboost" /dev/mapper/wb wb
+    dmsetup remove wb
+else
+    echo "dm-writeboost: module not available" | tee -a "$out"
+fi
+python3 - "$out" <<PY | tee -a "$out"
+import sys
+vals = {"lc": ${W_lc:-0}, "file": ${W_file:-0}, "wb": ${W_wb:-0}, "blk": ${W_blk:-0}, "ssd": ${W_ssd:-0}}
+lc = vals["lc"]
+for k, name in [("file", "tcmu-runner user:file"), ("blk", "block backstore"), ("wb", "dm-writeboost"), ("ssd", "raw SSD")]:
+    if vals[k]:
+        print(f"lc random write / {name}: {lc / vals[k]:.2f}x")
+PY
