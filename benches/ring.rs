@@ -16,6 +16,7 @@ use emulator::{Emulator, FLAG_OOOC, FLAG_READ_LEN};
 use lc::device::{Device, EngineBackend};
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
+use lc::scsi::cdb::build16;
 use lc::scsi::{LunConfig, LunState};
 use lc_cache::{
     format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions, Tunables,
@@ -24,14 +25,6 @@ use rand::{Rng, SeedableRng};
 
 const BACKING: u64 = 1 << 30;
 const WORKERS: usize = 4;
-
-fn rw16(opcode: u8, lba: u64, blocks: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = opcode;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -159,9 +152,9 @@ fn main() {
                 while started.len() < qd && submitted < ops {
                     let lba = rng.gen_range(0..if write { blocks } else { fill });
                     let id = if write {
-                        emu.submit(&rw16(0x8a, lba, 1), &data, 0)
+                        emu.submit(&build16(0x8a, lba, 1, 0), &data, 0)
                     } else {
-                        emu.submit(&rw16(0x88, lba, 1), &[], 4096)
+                        emu.submit(&build16(0x88, lba, 1, 0), &[], 4096)
                     };
                     match id {
                         Some(id) => {

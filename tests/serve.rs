@@ -14,6 +14,7 @@ use common::emulator::*;
 use lc::device::{Device, EngineBackend};
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
+use lc::scsi::cdb::{build10 as rw10, build16 as rw16};
 use lc::scsi::{LunConfig, LunState};
 use lc_cache::{
     format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions,
@@ -177,24 +178,6 @@ fn submit(emu: &mut Emulator, cdb: &[u8], out: &[u8], inlen: usize) -> u16 {
         std::thread::sleep(Duration::from_millis(1));
         emu.reap();
     }
-}
-
-fn rw16(opcode: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = opcode;
-    c[1] = flags;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-fn rw10(opcode: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 10];
-    c[0] = opcode;
-    c[1] = flags;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 #[test]

@@ -195,6 +195,27 @@ pub const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (op::WRITE_12, None, 12),
 ];
 
+/// Builds a 16-byte CDB of the READ(16)/WRITE(16) shape (LBA in bytes 2-9, length in
+/// 10-13), for initiator-side tools, tests and benchmarks.
+pub fn build16(opcode: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = opcode;
+    c[1] = flags;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+/// Builds a 10-byte CDB of the READ(10)/WRITE(10) shape (LBA in bytes 2-5, length in 7-8).
+pub fn build10(opcode: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 10];
+    c[0] = opcode;
+    c[1] = flags;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
 fn be(b: &[u8]) -> u64 {
     b.iter().fold(0u64, |a, &x| (a << 8) | x as u64)
 }

@@ -1,6 +1,7 @@
 //! Unit tests of the SCSI emulation against an in-memory backend.
 
 use super::*;
+use cdb::{build10 as rw10, build16 as rw16};
 use rand::{Rng, SeedableRng};
 use std::sync::Mutex;
 
@@ -78,24 +79,6 @@ fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
 fn info(r: &ScsiResponse) -> u32 {
     assert!(r.sense[0] & 0x80 != 0, "VALID");
     u32::from_be_bytes(r.sense[3..7].try_into().unwrap())
-}
-
-fn rw16(opcode: u8, lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = opcode;
-    c[1] = flags;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-fn rw10(opcode: u8, lba: u32, blocks: u16, flags: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 10];
-    c[0] = opcode;
-    c[1] = flags;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
 }
 
 #[test]
