@@ -1,6 +1,8 @@
 //! Ring benchmark: 4 KiB random writes and reads through the TCMU ring emulator, the
 //! event loop, the I/O workers and the engine, at queue depths 1, 32 and 128, with
-//! IOPS and p50/p99 latency, beside engine-only figures of the same run.
+//! IOPS and p50/p99 latency, beside engine-only figures of the same run. Each row runs
+//! twice: every command on a worker ("workers only"), and with the non-blocking
+//! commands served on the loop thread ("inline", the daemon's default).
 //!
 //! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per row).
 
@@ -62,12 +64,21 @@ fn main() {
     .unwrap();
     let cache = Arc::new(cache);
     let blocks = BACKING / 4096;
-    // Pre-fill part of the range so reads hit cached lines (RAM and cache device).
+    // Part of the range the read rows read, cached (RAM and cache device).
     let fill = 32768u64;
-    for i in 0..fill {
-        cache.write(0, i * 4096, &[i as u8; 4096], false).unwrap();
-    }
-    cache.flush().unwrap();
+    let prefill = |cache: &Cache| {
+        for i in 0..fill {
+            cache.write(0, i * 4096, &[i as u8; 4096], false).unwrap();
+        }
+        cache.flush().unwrap();
+    };
+    // Every row starts from the same state: nothing dirty (writeback is off, so a full
+    // ring would otherwise slow the later write rows down), then the read range cached.
+    let reset = |cache: &Cache| {
+        cache.drain(0, &mut |_| {}).unwrap();
+        prefill(cache);
+    };
+    reset(&cache);
 
     println!("ring benchmark: 4 KiB random I/O, {ops} commands per row, {WORKERS} I/O workers, files in {}", dir.path().display());
     println!(
@@ -78,6 +89,7 @@ fn main() {
     // Engine only: WORKERS threads calling the engine back to back.
     let mut engine_iops = HashMap::new();
     for write in [true, false] {
+        reset(&cache);
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let per = ops / WORKERS;
@@ -112,8 +124,13 @@ fn main() {
         );
     }
 
-    for write in [true, false] {
-        for qd in [1usize, 32, 128] {
+    for (write, qd, inline) in [true, false]
+        .into_iter()
+        .flat_map(|w| [1usize, 32, 128].map(|q| (w, q)))
+        .flat_map(|(w, q)| [false, true].map(|i| (w, q, i)))
+    {
+        {
+            reset(&cache);
             let mut emu = Emulator::new(
                 (8 << 20) - emulator::CMDR_OFF as u32,
                 64 << 20,
@@ -122,7 +139,7 @@ fn main() {
             let mut el =
                 EventLoop::new(WORKERS, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
             let lun = Arc::new(LunState::new(LunConfig::new("bench", 4096, blocks)));
-            el.add_device(Device::new(
+            let mut device = Device::new(
                 "bench",
                 Ring::new(emu.handler_map()).unwrap(),
                 Box::new(emu.doorbell()),
@@ -132,8 +149,9 @@ fn main() {
                     dev: 0,
                 }),
                 slog::Logger::root(slog::Discard, slog::o!()),
-            ))
-            .unwrap();
+            );
+            device.set_inline(inline);
+            el.add_device(device).unwrap();
             let stop = Arc::new(AtomicBool::new(false));
             let s2 = stop.clone();
             let waker = el.waker();
@@ -191,7 +209,11 @@ fn main() {
             let ratio = iops / engine_iops[&write];
             println!(
                 "{:<34} {:>10.0} {:>10.1} {:>10.1}   ({:.2} of engine only)",
-                format!("ring {} QD{qd}", if write { "write" } else { "read" }),
+                format!(
+                    "ring {} QD{qd}, {}",
+                    if write { "write" } else { "read" },
+                    if inline { "inline" } else { "workers only" }
+                ),
                 iops,
                 p50,
                 p99,

@@ -255,18 +255,20 @@ impl Inner {
         seg + self.geo.nr_segments <= st.write_started_id
     }
 
+    /// Line `slot` of an in-RAM segment (open or sealed and not yet released).
+    fn ram_slice<'a>(&self, st: &'a State, loc: Loc) -> Option<&'a [u8]> {
+        let s = self.geo.header_len() + loc.slot as usize * LINE as usize;
+        let buf = match st.open.as_ref().filter(|o| o.id == loc.seg) {
+            Some(o) => &o.buf,
+            None => &st.ram.get(&loc.seg)?.buf,
+        };
+        Some(&buf[s..s + LINE as usize])
+    }
+
     /// Copies line `slot` of an in-RAM segment.
     fn ram_line(&self, st: &State, loc: Loc) -> Option<Box<[u8; LINE as usize]>> {
-        let start = |slot: u16| self.geo.header_len() + slot as usize * LINE as usize;
         let mut out = Box::new([0u8; LINE as usize]);
-        if let Some(o) = st.open.as_ref().filter(|o| o.id == loc.seg) {
-            let s = start(loc.slot);
-            out.copy_from_slice(&o.buf[s..s + LINE as usize]);
-            return Some(out);
-        }
-        let seg = st.ram.get(&loc.seg)?;
-        let s = start(loc.slot);
-        out.copy_from_slice(&seg.buf[s..s + LINE as usize]);
+        out.copy_from_slice(self.ram_slice(st, loc)?);
         Some(out)
     }
 
@@ -305,8 +307,18 @@ impl Inner {
     }
 
     /// Writes the sectors `mask` of one line; `data` holds exactly those sectors.
-    /// Returns the id of the segment that holds the line.
-    fn write_line(&self, dev: u8, line: u64, first: u64, data: &[u8], tomb: bool) -> Result<u64> {
+    /// Returns the id of the segment that holds the line. Without `wait`, returns
+    /// `Ok(None)` instead of waiting for a RAM buffer or reading older data of a
+    /// partial line from the cache device; nothing was changed then.
+    fn write_line(
+        &self,
+        dev: u8,
+        line: u64,
+        first: u64,
+        data: &[u8],
+        tomb: bool,
+        wait: bool,
+    ) -> Result<Option<u64>> {
         let count = data.len() as u64 / SECTOR;
         let mask = if tomb {
             FULL_LINE
@@ -322,6 +334,9 @@ impl Inner {
                 return Err(Error::Failed(f.clone()));
             }
             if !self.ensure_open(&mut st) {
+                if !wait {
+                    return Ok(None);
+                }
                 st = self.wait_io(st, Duration::from_millis(100));
                 continue;
             }
@@ -366,7 +381,7 @@ impl Inner {
                 if !tomb {
                     st.counters[counter_index(true, true, true, mask == FULL_LINE)] += 1;
                 }
-                return Ok(open_id);
+                return Ok(Some(open_id));
             }
             // Older data this partial write must keep.
             let mut base: Option<Box<[u8; LINE as usize]>> = None;
@@ -382,6 +397,9 @@ impl Inner {
                         } else if let Some((_, b)) = fetched.take().filter(|(l, _)| *l == loc) {
                             base = Some(b);
                         } else {
+                            if !wait {
+                                return Ok(None);
+                            }
                             drop(st);
                             let mut b = Box::new([0u8; LINE as usize]);
                             let r = self.read_cache_line(loc, &mut b[..]);
@@ -433,7 +451,7 @@ impl Inner {
                 let on_ram = old.is_some_and(|l| st.ram.contains_key(&l.seg));
                 st.counters[counter_index(true, old.is_some(), on_ram, mask == FULL_LINE)] += 1;
             }
-            return Ok(open_id);
+            return Ok(Some(open_id));
         }
     }
 
@@ -510,16 +528,18 @@ impl Cache {
                 .check_range(&st, dev, offset, data.len() as u64)?;
             st.active_writers += 1;
         }
-        let r = self.write_lines(dev, offset, data);
+        let r = self.write_lines(dev, offset, data, true);
         self.inner.lock().active_writers -= 1;
-        let last_seg = r?;
+        let last_seg = r?.expect("a waiting write completes");
         if fua && last_seg > 0 {
             self.inner.wait_durable(last_seg)?;
         }
         Ok(())
     }
 
-    fn write_lines(&self, dev: u8, offset: u64, data: &[u8]) -> Result<u64> {
+    /// Writes line by line; `Ok(None)` when a line would have to wait and `wait` is
+    /// off (earlier lines are written then, with the caller's data).
+    fn write_lines(&self, dev: u8, offset: u64, data: &[u8], wait: bool) -> Result<Option<u64>> {
         let mut last_seg = 0;
         let mut pos = 0usize;
         while pos < data.len() {
@@ -527,13 +547,91 @@ impl Cache {
             let line = off / LINE;
             let in_line = off % LINE;
             let n = ((LINE - in_line) as usize).min(data.len() - pos);
-            let seg =
-                self.inner
-                    .write_line(dev, line, in_line / SECTOR, &data[pos..pos + n], false)?;
+            let Some(seg) = self.inner.write_line(
+                dev,
+                line,
+                in_line / SECTOR,
+                &data[pos..pos + n],
+                false,
+                wait,
+            )?
+            else {
+                return Ok(None);
+            };
             last_seg = last_seg.max(seg);
             pos += n;
         }
-        Ok(last_seg)
+        Ok(Some(last_seg))
+    }
+
+    /// [`Cache::write`] without FUA that never blocks: `None` when it would have to
+    /// wait (no free RAM buffer, or a partial line whose older sectors are on the cache
+    /// device). Lines written before that point hold the caller's data; the caller
+    /// completes the request with [`Cache::write`], which rewrites them.
+    pub fn try_write(&self, dev: u8, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        {
+            let mut st = self.inner.lock();
+            if let Err(e) = self.inner.check_range(&st, dev, offset, data.len() as u64) {
+                return Some(Err(e));
+            }
+            st.active_writers += 1;
+        }
+        let r = self.write_lines(dev, offset, data, false);
+        self.inner.lock().active_writers -= 1;
+        match r {
+            Ok(Some(_)) => Some(Ok(())),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// [`Cache::read`] that never blocks: served only when every requested sector is
+    /// in a RAM segment buffer (or discarded), `None` otherwise.
+    pub fn try_read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        if let Err(e) = inner.check_range(&st, dev, offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        let end = offset + buf.len() as u64;
+        let (first_line, last_line) = (offset / LINE, (end - 1) / LINE);
+        // The byte range of line `line` the caller asked for, relative to the line.
+        let span = |line: u64| {
+            let ls = line * LINE;
+            (
+                (offset.max(ls) - ls) as usize,
+                (end.min(ls + LINE) - ls) as usize,
+            )
+        };
+        for line in first_line..=last_line {
+            let l = st.index.get(key(dev, line))?;
+            if l.tomb {
+                continue;
+            }
+            let (a, b) = span(line);
+            let wanted = sector_mask(a as u64 / SECTOR, (b - a) as u64 / SECTOR);
+            if wanted & !l.dirty != 0 {
+                return None;
+            }
+            inner.ram_slice(&st, l)?;
+        }
+        for line in first_line..=last_line {
+            let l = st.index.get(key(dev, line)).expect("checked above");
+            let (a, b) = span(line);
+            let at = (line * LINE + a as u64 - offset) as usize;
+            let dst = &mut buf[at..at + (b - a)];
+            if l.tomb {
+                dst.fill(0);
+            } else {
+                dst.copy_from_slice(&inner.ram_slice(&st, l).expect("checked above")[a..b]);
+            }
+            let full = a == 0 && b == LINE as usize;
+            st.counters[counter_index(false, true, !l.tomb, full)] += 1;
+        }
+        Some(Ok(()))
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of backing device `dev`.
@@ -719,7 +817,7 @@ impl Cache {
             }
         };
         for line in cached {
-            self.inner.write_line(dev, line, 0, &[], true)?;
+            self.inner.write_line(dev, line, 0, &[], true, true)?;
         }
         backing
             .discard(full_start, full_end - full_start)

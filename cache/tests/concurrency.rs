@@ -63,13 +63,24 @@ fn concurrent_io_with_background_flush_and_writeback() {
                         match rng.gen_range(0..10) {
                             0..=4 => {
                                 let data: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
-                                c.write(dev as u8, base_off + off, &data, rng.gen_bool(0.05))
-                                    .unwrap();
+                                let at = base_off + off;
+                                // The daemon's non-blocking path first, half the time.
+                                match rng.gen_bool(0.5).then(|| c.try_write(dev as u8, at, &data)) {
+                                    Some(Some(r)) => r.unwrap(),
+                                    _ => c.write(dev as u8, at, &data, rng.gen_bool(0.05)).unwrap(),
+                                }
                                 model[dev][r].copy_from_slice(&data);
                             }
                             5..=8 => {
                                 let mut buf = vec![0u8; n as usize];
-                                c.read(dev as u8, base_off + off, &mut buf).unwrap();
+                                let at = base_off + off;
+                                match rng
+                                    .gen_bool(0.5)
+                                    .then(|| c.try_read(dev as u8, at, &mut buf))
+                                {
+                                    Some(Some(r)) => r.unwrap(),
+                                    _ => c.read(dev as u8, at, &mut buf).unwrap(),
+                                }
                                 assert!(
                                     buf == model[dev][r],
                                     "seed {seed} thread {t} step {step}: read mismatch"

@@ -132,7 +132,13 @@ fn workload(
                     m.hist[dev][s0 + i].push(serial);
                 }
                 let fua = rng.gen_bool(0.15);
-                if c.write(dev as u8, off, &data, fua).is_ok() && fua {
+                // Plain writes also take the daemon's non-blocking path first.
+                let inline = !fua && rng.gen_bool(0.5);
+                let ok = match inline.then(|| c.try_write(dev as u8, off, &data)).flatten() {
+                    Some(r) => r.is_ok(),
+                    None => c.write(dev as u8, off, &data, fua).is_ok(),
+                };
+                if ok && fua {
                     for i in 0..ns {
                         m.durable[dev][s0 + i] = m.hist[dev][s0 + i].len() - 1;
                     }
@@ -151,7 +157,15 @@ fn workload(
             }
             93..=95 => {
                 let mut buf = vec![0u8; len as usize];
-                if c.read(dev as u8, off, &mut buf).is_ok() && !world.is_cut() {
+                let ok = match rng
+                    .gen_bool(0.5)
+                    .then(|| c.try_read(dev as u8, off, &mut buf))
+                    .flatten()
+                {
+                    Some(r) => r.is_ok(),
+                    None => c.read(dev as u8, off, &mut buf).is_ok(),
+                };
+                if ok && !world.is_cut() {
                     // Before the cut reads must see the newest value.
                     for i in 0..ns {
                         let got =

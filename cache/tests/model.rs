@@ -15,8 +15,10 @@ struct Case {
     backing_size: u64,
 }
 
-fn run_case(seed: u64, ops: usize) {
+/// Runs one case; returns how many writes and reads the non-blocking calls served.
+fn run_case(seed: u64, ops: usize) -> (u64, u64) {
     let mut rng = rng(seed);
+    let mut inline_served = (0u64, 0u64);
     let block_size = if rng.gen_bool(0.5) { 512 } else { 4096 };
     let seg = 64 << 10;
     let slots = rng.gen_range(3..12u64);
@@ -50,12 +52,31 @@ fn run_case(seed: u64, ops: usize) {
             0..=44 => {
                 let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 let fua = rng.gen_bool(0.1);
-                c.write(dev as u8, off, &data, fua).expect(&ctx);
+                // Half the plain writes take the non-blocking path first, as the
+                // daemon's event loop does, and fall back to the blocking one.
+                let inline = !fua && rng.gen_bool(0.5);
+                match inline.then(|| c.try_write(dev as u8, off, &data)).flatten() {
+                    Some(r) => {
+                        r.expect(&ctx);
+                        inline_served.0 += 1;
+                    }
+                    None => c.write(dev as u8, off, &data, fua).expect(&ctx),
+                }
                 model[dev][off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             45..=79 => {
                 let mut buf = vec![0u8; len as usize];
-                c.read(dev as u8, off, &mut buf).expect(&ctx);
+                match rng
+                    .gen_bool(0.5)
+                    .then(|| c.try_read(dev as u8, off, &mut buf))
+                    .flatten()
+                {
+                    Some(r) => {
+                        r.expect(&ctx);
+                        inline_served.1 += 1;
+                    }
+                    None => c.read(dev as u8, off, &mut buf).expect(&ctx),
+                }
                 assert!(
                     buf == model[dev][off as usize..(off + len) as usize],
                     "read mismatch: {ctx}"
@@ -102,21 +123,39 @@ fn run_case(seed: u64, ops: usize) {
         devs[dev].read_at(&mut buf, 0).unwrap();
         assert!(buf == *m, "seed {seed}: backing device {dev} after drain");
     }
+    inline_served
+}
+
+/// The non-blocking calls must actually serve requests, or the model test above
+/// checks nothing of them.
+fn assert_inline_served(served: (u64, u64)) {
+    assert!(
+        served.0 > 0 && served.1 > 0,
+        "try_write served {}, try_read served {}",
+        served.0,
+        served.1
+    );
 }
 
 #[test]
 fn engine_matches_reference_disks_under_random_operations() {
     let base = seed("model");
     let n = cases(400);
+    let mut served = (0, 0);
     for i in 0..n as u64 {
-        run_case(base.wrapping_add(i), 150);
+        let s = run_case(base.wrapping_add(i), 150);
+        served = (served.0 + s.0, served.1 + s.1);
     }
+    assert_inline_served(served);
 }
 
 #[test]
 fn long_sequences_wrap_the_ring_many_times() {
     let base = seed("model-long");
+    let mut served = (0, 0);
     for i in 0..cases(400) as u64 / 40 {
-        run_case(base.wrapping_add(i), 3000);
+        let s = run_case(base.wrapping_add(i), 3000);
+        served = (served.0 + s.0, served.1 + s.1);
     }
+    assert_inline_served(served);
 }

@@ -30,6 +30,59 @@ pub trait BlockBackend: Send + Sync {
     fn flush(&self) -> Result<(), IoError>;
     /// Discards a byte range (reads as zeros afterwards).
     fn discard(&self, offset: u64, len: u64) -> Result<(), IoError>;
+    /// [`BlockBackend::read`] that never blocks: `None` when it would have to wait
+    /// for a device. The default never serves.
+    fn try_read(&self, _offset: u64, _buf: &mut [u8]) -> Option<Result<(), IoError>> {
+        None
+    }
+    /// [`BlockBackend::write`] without FUA that never blocks: `None` when it would
+    /// have to wait; the write is then repeated with [`BlockBackend::write`].
+    fn try_write(&self, _offset: u64, _data: &[u8]) -> Option<Result<(), IoError>> {
+        None
+    }
+}
+
+/// A backend view that only takes the non-blocking calls and records whether one
+/// of them would have blocked.
+struct NonBlocking<'a> {
+    be: &'a dyn BlockBackend,
+    blocked: std::sync::atomic::AtomicBool,
+}
+
+impl NonBlocking<'_> {
+    fn would_block(&self) -> IoError {
+        self.blocked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        IoError {
+            offset: None,
+            message: "would block".into(),
+        }
+    }
+}
+
+impl BlockBackend for NonBlocking<'_> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        if self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.would_block());
+        }
+        self.be
+            .try_read(offset, buf)
+            .unwrap_or_else(|| Err(self.would_block()))
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        if fua || self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.would_block());
+        }
+        self.be
+            .try_write(offset, data)
+            .unwrap_or_else(|| Err(self.would_block()))
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        Err(self.would_block())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> Result<(), IoError> {
+        Err(self.would_block())
+    }
 }
 
 /// Static description of a LUN.
@@ -156,6 +209,25 @@ fn pad(s: &str, n: usize) -> Vec<u8> {
 fn truncate(mut v: Vec<u8>, alloc: usize) -> Vec<u8> {
     v.truncate(alloc);
     v
+}
+
+/// Executes one command if that needs no blocking backend call (a read served from
+/// RAM, a plain write with a free RAM buffer, or no I/O at all); `None` otherwise, and
+/// the command is then run with [`execute`] where blocking is allowed. A command cut
+/// short here may have written part of its data; `execute` writes it all again.
+pub fn try_execute(
+    lun: &LunState,
+    cdb_bytes: &[u8],
+    data_out: &[u8],
+    data_in_len: usize,
+    be: &dyn BlockBackend,
+) -> Option<ScsiResponse> {
+    let nb = NonBlocking {
+        be,
+        blocked: Default::default(),
+    };
+    let r = execute(lun, cdb_bytes, data_out, data_in_len, &nb);
+    (!nb.blocked.into_inner()).then_some(r)
 }
 
 /// Executes one command.

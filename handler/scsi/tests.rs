@@ -10,6 +10,8 @@ struct Mem {
     fail_at: Option<u64>,
     flushes: Mutex<u32>,
     fua_writes: Mutex<u32>,
+    /// Whether the non-blocking calls serve (as an engine with the data in RAM).
+    inline: bool,
 }
 
 impl Mem {
@@ -19,6 +21,7 @@ impl Mem {
             fail_at: None,
             flushes: Mutex::new(0),
             fua_writes: Mutex::new(0),
+            inline: false,
         }
     }
     fn failing(size: usize, at: u64) -> Self {
@@ -63,6 +66,53 @@ impl BlockBackend for Mem {
         self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
+        self.inline.then(|| self.read(offset, buf))
+    }
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+        self.inline.then(|| self.write(offset, data, false))
+    }
+}
+
+#[test]
+fn try_execute_serves_only_what_needs_no_blocking_call() {
+    let l = lun(512);
+    let data = vec![0x5au8; 1024];
+    let write = rw10(0x2a, 8, 2, 0);
+    let read = rw10(0x28, 8, 2, 0);
+    // A backend that cannot serve without blocking: I/O commands are left alone.
+    let m = Mem::new((BLOCKS * 512) as usize);
+    assert!(try_execute(&l, &write, &data, 0, &m).is_none());
+    assert!(try_execute(&l, &read, &[], 1024, &m).is_none());
+    assert!(m.data.lock().unwrap().iter().all(|&b| b == 0));
+    // Commands without I/O, and bad ones, are answered at once.
+    let inq = try_execute(&l, &[0x12, 0, 0, 0, 96, 0], &[], 96, &m).expect("inquiry");
+    assert_eq!(inq.status, GOOD);
+    let bad =
+        try_execute(&l, &rw10(0x2a, BLOCKS as u32, 1, 0), &data[..512], 0, &m).expect("range");
+    assert_eq!(sense_of(&bad), (key::ILLEGAL_REQUEST, 0x21, 0));
+    // A backend with the data in RAM: plain writes and reads are served...
+    let m = Mem {
+        inline: true,
+        ..Mem::new((BLOCKS * 512) as usize)
+    };
+    assert_eq!(try_execute(&l, &write, &data, 0, &m).unwrap().status, GOOD);
+    let r = try_execute(&l, &read, &[], 1024, &m).unwrap();
+    assert_eq!((r.status, &r.data_in[..]), (GOOD, &data[..]));
+    // ...but FUA writes, flushes and unmaps wait for devices, so never here.
+    assert!(try_execute(&l, &rw10(0x2a, 8, 2, 0x08), &data, 0, &m).is_none());
+    assert!(try_execute(&l, &rw10(0x35, 0, 0, 0), &[], 0, &m).is_none());
+    assert_eq!(
+        *m.flushes.lock().unwrap() + *m.fua_writes.lock().unwrap(),
+        0
+    );
+    let mut unmap = vec![0u8; 24];
+    unmap[1] = 22;
+    unmap[3] = 16;
+    unmap[8..16].copy_from_slice(&8u64.to_be_bytes());
+    unmap[16..20].copy_from_slice(&2u32.to_be_bytes());
+    assert!(try_execute(&l, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &unmap, 0, &m).is_none());
+    assert_eq!(&m.data.lock().unwrap()[8 * 512..10 * 512], &data[..]);
 }
 
 const BLOCKS: u64 = 2048;
