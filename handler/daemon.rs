@@ -286,7 +286,12 @@ impl Handler for Shared {
 }
 
 /// Builds the served device for a UIO device (after validating its cfgstring).
-fn make_device(sh: &Shared, paths: &Paths, u: &UioDevice) -> Result<Device, String> {
+fn make_device(
+    sh: &Shared,
+    paths: &Paths,
+    u: &UioDevice,
+    busy_wait: Duration,
+) -> Result<Device, String> {
     let cfs = &paths.configfs;
     let size = cfs.attrib_u64(u.hba, &u.name, "dev_size");
     let lun = sh
@@ -316,7 +321,8 @@ fn make_device(sh: &Shared, paths: &Paths, u: &UioDevice) -> Result<Device, Stri
     let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
     lc.max_transfer_blocks = max_sectors;
     let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
-    let (map, bell) = uio::open(&paths.dev, &u.uio, map_size).map_err(|e| e.to_string())?;
+    let (map, bell) =
+        uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
     let ring = Ring::new(map).map_err(|e| e.to_string())?;
     Ok(Device::new(
         &format!("{}/{}", u.hba, u.name),
@@ -331,8 +337,14 @@ fn make_device(sh: &Shared, paths: &Paths, u: &UioDevice) -> Result<Device, Stri
     ))
 }
 
-fn attach(sh: &Shared, paths: &Paths, el: &mut EventLoop, u: &UioDevice) -> Result<(), String> {
-    let dev = make_device(sh, paths, u)?;
+fn attach(
+    sh: &Shared,
+    paths: &Paths,
+    el: &mut EventLoop,
+    u: &UioDevice,
+    busy_wait: Duration,
+) -> Result<(), String> {
+    let dev = make_device(sh, paths, u, busy_wait)?;
     let token = el.add_device(dev).map_err(|e| e.to_string())?;
     let lun = u.cfgstring.trim_start_matches("lc/").to_string();
     sh.served
@@ -358,7 +370,7 @@ fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNet
                     subtype: st,
                     cfgstring,
                 };
-                match attach(sh, paths, el, &u) {
+                match attach(sh, paths, el, &u, Duration::ZERO) {
                     Ok(()) => 0,
                     Err(e) => {
                         error!(sh.log, "refusing device"; "device" => &ev.device, "error" => &e);
@@ -421,7 +433,9 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         let reset = cfs.action(u.hba, &u.name, "reset_ring", "1");
         info!(log, "re-attaching existing device"; "uio" => &u.uio, "device" => format!("{}/{}", u.hba, u.name),
               "block_dev" => format!("{blocked:?}"), "reset_ring" => format!("{reset:?}"));
-        if let Err(e) = attach(&sh, &paths, &mut el, &u) {
+        // A device that exists already may still be held by a predecessor that is
+        // dying (killed in the middle of a long flush).
+        if let Err(e) = attach(&sh, &paths, &mut el, &u, Duration::from_secs(20)) {
             error!(log, "cannot serve existing device"; "uio" => &u.uio, "error" => &e);
         }
         if let Err(e) = cfs.action(u.hba, &u.name, "block_dev", "0") {

@@ -59,6 +59,9 @@ pub enum Bus {
     Address(String),
 }
 
+/// How long a taken bus name is asked for again before the daemon refuses to start.
+const NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl DbusService {
     /// Owns the name and serves the objects. Fails clearly when the name is taken
     /// (tcmu-runner running).
@@ -90,14 +93,24 @@ impl DbusService {
                  subtypes it does not know with an error; stop it: systemctl stop tcmu-runner)"
             )
         };
-        match conn.request_name_with_flags(BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())
-        {
-            Ok(
-                zbus::fdo::RequestNameReply::PrimaryOwner
-                | zbus::fdo::RequestNameReply::AlreadyOwner,
-            ) => Ok(DbusService { _conn: conn }),
-            Ok(_) | Err(zbus::Error::NameTaken) => Err(taken()),
-            Err(e) => Err(format!("D-Bus: requesting {BUS_NAME}: {e}")),
+        // A predecessor killed a moment ago may still own the name until the bus
+        // notices its connection is gone: ask again for a few seconds before refusing.
+        let deadline = std::time::Instant::now() + NAME_WAIT;
+        loop {
+            let flags = zbus::fdo::RequestNameFlags::DoNotQueue.into();
+            match conn.request_name_with_flags(BUS_NAME, flags) {
+                Ok(
+                    zbus::fdo::RequestNameReply::PrimaryOwner
+                    | zbus::fdo::RequestNameReply::AlreadyOwner,
+                ) => return Ok(DbusService { _conn: conn }),
+                Ok(_) | Err(zbus::Error::NameTaken) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(taken());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                Err(e) => return Err(format!("D-Bus: requesting {BUS_NAME}: {e}")),
+            }
         }
     }
 }

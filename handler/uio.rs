@@ -88,14 +88,45 @@ pub fn map_size(sysfs: &Path, uio: &str) -> io::Result<usize> {
 }
 
 /// Opens `/dev/<uio>` and maps exactly `size` bytes.
-pub fn open(dev_dir: &Path, uio: &str, size: usize) -> io::Result<(SharedMap, UioDoorbell)> {
+///
+/// The kernel lets one process at a time open a TCMU uio device (EBUSY otherwise). A
+/// daemon killed a moment ago keeps it open until its last thread leaves the kernel
+/// (a thread in a long device flush), so EBUSY is retried for up to `busy_wait`.
+pub fn open(
+    dev_dir: &Path,
+    uio: &str,
+    size: usize,
+    busy_wait: std::time::Duration,
+) -> io::Result<(SharedMap, UioDoorbell)> {
     let path = dev_dir.join(uio);
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let deadline = std::time::Instant::now() + busy_wait;
+    let f = loop {
+        match fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => break f,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                let why = if e.raw_os_error() == Some(libc::EBUSY) {
+                    " (another process has it open: a previous lc, or tcmu-runner)"
+                } else {
+                    ""
+                };
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}{why}", path.display()),
+                ));
+            }
+        }
+    };
     let fd: std::os::fd::OwnedFd = f.into();
     let map = SharedMap::map(fd.as_fd(), size)?;
     Ok((map, UioDoorbell(fd)))

@@ -92,6 +92,22 @@ for s in "${scenarios[@]}"; do
     if [ "$rc" = 0 ]; then res=PASS; pass=$((pass + 1)); else res=FAIL; fail=$((fail + 1)); fi
     printf '%-20s %-6s %s\n' "$s" "$res" "$secs"
 done
+# A failure explains itself in CI's output: the end of its scenario log, the daemon's
+# log and the kernel's log.
+for s in "${scenarios[@]}"; do
+    [ -f "$results/$s.rc" ] && [ "$(cut -d' ' -f1 "$results/$s.rc")" = 0 ] && continue
+    for f in "$s.log" "$s.lc.log" "$s.dmesg.log"; do
+        [ -f "$results/$f" ] || continue
+        echo
+        echo "--- last lines of $f"
+        tail -40 "$results/$f"
+    done
+done
+if [ "$fail" -ne 0 ] && [ -f "$results/serial.log" ]; then
+    echo
+    echo "--- last lines of serial.log"
+    tail -20 "$results/serial.log"
+fi
 echo
 echo "image $((t_image - t0)) s, guest $((t_end - t_boot)) s (qemu exit $qrc); logs in $results"
 echo "vm: $pass passed, $fail failed"

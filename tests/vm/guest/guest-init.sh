@@ -25,5 +25,9 @@ for s in $(cat /payload/scenarios.list); do
     rc=$?
     echo "$rc $(( $(date +%s) - start ))" >"$R/$s.rc"
     echo "=== scenario $s: rc=$rc"
+    if [ "$rc" != 0 ]; then
+        cp /tmp/lc.log "$R/$s.lc.log" 2>/dev/null
+        dmesg >"$R/$s.dmesg.log" 2>/dev/null
+    fi
     sync
 done

@@ -15,12 +15,16 @@ for round in 1 2 3; do
         --verify_state_save=1 --output-format=terse >/dev/null
     step "more load, then kill -9 the daemon in the middle of it"
     fio --name=noise --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 --bs=4k --rw=randwrite \
-        --offset=512M --size=256M --time_based --runtime=30 --output-format=terse >/dev/null 2>&1 &
+        --offset=512M --size=256M --time_based --runtime=15 --output-format=terse >/dev/null 2>&1 &
     noise=$!
     sleep 3
-    kill -9 "$(cat /tmp/lc.pid)"
-    sleep 1
-    step "restart lc"
+    pid=$(cat /tmp/lc.pid)
+    kill -9 "$pid"
+    # Like systemd before a restart, wait until the process is gone: a thread in a
+    # long device flush keeps it (and its uio fd) alive until the flush returns.
+    t=$(date +%s)
+    wait "$pid" 2>/dev/null || true
+    step "restart lc (the killed process took $(( $(date +%s) - t )) s to exit)"
     start_lc
     step "wait for the load to end (it may see errors while the daemon was down)"
     wait "$noise" || true

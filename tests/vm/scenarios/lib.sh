@@ -1,6 +1,12 @@
 # Helpers shared by the guest scenarios (sourced).
 set -euo pipefail
-fail() { echo "FAIL: $*" >&2; [ -f /tmp/lc.log ] && { echo "--- lc log"; tail -50 /tmp/lc.log; } >&2; exit 1; }
+fail() {
+    echo "FAIL: $*" >&2
+    [ -f /tmp/lc.log ] && { echo "--- lc log"; tail -50 /tmp/lc.log; } >&2
+    # Background load must not outlive the scenario and disturb the next one.
+    jobs -p | xargs -r kill 2>/dev/null
+    exit 1
+}
 step() { echo "--- $*"; }
 
 start_lc() {
@@ -51,6 +57,7 @@ fio_verify() {
 
 # Every scenario starts from a clean guest: no sessions, no LIO objects, no daemon,
 # no device-mapper devices, the default config.
+pkill -x fio >/dev/null 2>&1 || true
 iscsiadm -m node --logoutall=all >/dev/null 2>&1 || true
 targetcli clearconfig confirm=True >/dev/null 2>&1 || true
 pkill -x lc >/dev/null 2>&1 || true
