@@ -31,7 +31,7 @@ pub fn format(
     out: &mut dyn Write,
 ) -> Result<(), String> {
     let dev: Arc<dyn BlockDevice> = Arc::new(
-        FileDevice::open(args.device, false)
+        FileDevice::open_exclusive(args.device, false)
             .map_err(|e| format!("cannot open {}: {e}", args.device.display()))?,
     );
     let existing = match probe(dev.as_ref()) {

@@ -61,6 +61,33 @@ struct ServedDev {
     token: usize,
 }
 
+/// Opens a cache or backing device for the daemon's exclusive use. A device still busy
+/// is asked for again for a while: a predecessor killed a moment ago holds its devices
+/// until its last thread leaves the kernel (a long flush on a slow disk).
+fn open_exclusive(
+    path: &std::path::Path,
+    direct: bool,
+    log: &Logger,
+) -> std::io::Result<FileDevice> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut said = false;
+    loop {
+        match FileDevice::open_exclusive(path, direct) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    warn!(log, "device busy, waiting up to 20 s for it"; "device" => path.display().to_string());
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The daemon's state shared with control threads.
 pub struct Shared {
     cfg: Loaded,
@@ -78,14 +105,14 @@ impl Shared {
         for c in &cfg.caches {
             let s = &c.section;
             let dev: Arc<dyn BlockDevice> = Arc::new(
-                FileDevice::open(&s.device, s.o_direct)
-                    .map_err(|e| format!("cache {}: {}: {e}", s.name, s.device.display()))?,
+                open_exclusive(&s.device, s.o_direct, &log)
+                    .map_err(|e| format!("cache {}: {e}", s.name))?,
             );
             let mut backing = Vec::new();
             for l in cfg.luns.iter().filter(|l| l.cache == s.name) {
                 let b: Arc<dyn BlockDevice> = Arc::new(
-                    FileDevice::open(&l.backing, s.o_direct)
-                        .map_err(|e| format!("lun {}: {}: {e}", l.name, l.backing.display()))?,
+                    open_exclusive(&l.backing, s.o_direct, &log)
+                        .map_err(|e| format!("lun {}: {e}", l.name))?,
                 );
                 backing.push(Backing {
                     id: l.backing_id,

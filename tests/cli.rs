@@ -81,6 +81,28 @@ fn format_refuses_an_lc_device_without_force_and_asks_for_confirmation() {
     )
     .unwrap();
     assert_eq!(v["block_size"], 512, "declined format must not write");
+
+    // A device a daemon holds (here: this process, the same exclusive open) is never
+    // formatted, even with --force.
+    let held = lc_cache::FileDevice::open_exclusive(&dev, false).unwrap();
+    let out = lc()
+        .args(["format", "-y", "--force"])
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+    assert!(lc()
+        .args(["format", "-y", "--force"])
+        .arg(&dev)
+        .status()
+        .unwrap()
+        .success());
 }
 
 #[test]

@@ -92,14 +92,48 @@ pub struct FileDevice {
 impl FileDevice {
     /// Opens `path` read-write; with `direct`, I/O bypasses the page cache (`O_DIRECT`).
     pub fn open(path: &Path, direct: bool) -> io::Result<Self> {
+        Self::open_with(path, direct, false)
+    }
+
+    /// Opens `path` read-write for exclusive use, as the daemon and `lc format` do: a
+    /// block device with `O_EXCL` (the kernel refuses it while it is mounted, part of a
+    /// device-mapper table or opened so by another process), a regular file under an
+    /// exclusive advisory lock. A device in use fails with
+    /// [`io::ErrorKind::ResourceBusy`].
+    pub fn open_exclusive(path: &Path, direct: bool) -> io::Result<Self> {
+        Self::open_with(path, direct, true)
+    }
+
+    fn open_with(path: &Path, direct: bool, exclusive: bool) -> io::Result<Self> {
+        let busy = || {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{}: in use (mounted, claimed by device-mapper, or opened by another lc)",
+                    path.display()
+                ),
+            )
+        };
         let mut opts = OpenOptions::new();
         opts.read(true).write(true);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
+        let mut flags = if direct { libc::O_DIRECT } else { 0 };
+        // Linux gives O_EXCL without O_CREAT a meaning only for block devices.
+        if exclusive {
+            flags |= libc::O_EXCL;
         }
-        let mut file = opts.open(path).map_err(|e| annotate(path, e))?;
+        opts.custom_flags(flags);
+        let mut file = opts.open(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => busy(),
+            _ => annotate(path, e),
+        })?;
         let meta = file.metadata()?;
         let is_block = meta.file_type().is_block_device();
+        if exclusive && meta.is_file() {
+            file.try_lock().map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => busy(),
+                std::fs::TryLockError::Error(e) => annotate(path, e),
+            })?;
+        }
         let size = if is_block {
             file.seek(SeekFrom::End(0))?
         } else if meta.is_file() {
@@ -301,6 +335,24 @@ impl BlockDevice for MemDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclusive_opens_exclude_each_other_but_not_plain_opens() {
+        let dir = std::env::temp_dir().join(format!("lc-excl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dev.img");
+        create_file(&p, 1 << 20).unwrap();
+        let a = FileDevice::open_exclusive(&p, false).unwrap();
+        let e = FileDevice::open_exclusive(&p, false)
+            .err()
+            .expect("second exclusive open");
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains("in use"), "{e}");
+        FileDevice::open(&p, false).expect("plain open (size checks) still works");
+        drop(a);
+        FileDevice::open_exclusive(&p, false).expect("free again after close");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn aligned_buf_is_aligned() {
