@@ -61,6 +61,28 @@ if $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
     else
         log "dm-writeboost not built (see $work/writeboost.log); its benchmark row will be skipped"
     fi
+    # tcmu-runner's user:file handler (file_example.c) is built upstream but never
+    # installed, so Debian's package lacks it: build it from Debian's source package of
+    # the same version and put it beside the packaged handlers.
+    if $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive MIRROR="$mirror" sh -ec '
+        echo "deb-src $MIRROR bookworm main" >/etc/apt/sources.list.d/lc-src.list
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends dpkg-dev cmake pkg-config libnl-3-dev \
+            libnl-genl-3-dev libglib2.0-dev libkmod-dev zlib1g-dev
+        rm -rf /usr/src/tcmu-runner-src && mkdir /usr/src/tcmu-runner-src && cd /usr/src/tcmu-runner-src
+        apt-get source -q tcmu-runner
+        cd tcmu-runner-*/ && mkdir -p build && cd build
+        cmake .. -Dwith-glfs=false -Dwith-rbd=false -Dwith-qcow=false -Dwith-zbc=false \
+            -Dwith-fbo=false -Dwith-tcmalloc=false -DSUPPORT_SYSTEMD=OFF
+        make handler_file
+        dir=$(dirname "$(find / -xdev -name handler_rbd.so -path "*tcmu-runner*" | head -1)")
+        install -m 0644 "$(find . -name handler_file.so | head -1)" "$dir/handler_file.so"
+        rm -rf /usr/src/tcmu-runner-src /etc/apt/sources.list.d/lc-src.list
+        apt-get update -q' >"$work/tcmu-file.log" 2>&1; then
+        log "tcmu-runner user:file handler built"
+    else
+        log "tcmu-runner user:file handler not built (see $work/tcmu-file.log); its benchmark row will be skipped"
+    fi
     # The image must not start tcmu-runner through D-Bus activation behind lc's back.
     $SUDO rm -f "$root/usr/share/dbus-1/system-services/org.kernel.TCMUService1.service"
 else
