@@ -26,6 +26,9 @@ pub struct DaemonSection {
     /// Own `org.kernel.TCMUService1` on the system bus (for targetcli).
     #[serde(default = "yes")]
     pub dbus: bool,
+    /// Microseconds the event loop keeps polling idle rings before it sleeps.
+    #[serde(default)]
+    pub busy_poll_us: u64,
 }
 
 fn default_socket() -> PathBuf {
@@ -48,6 +51,7 @@ impl Default for DaemonSection {
             log_level: default_level(),
             io_threads: default_io_threads(),
             dbus: true,
+            busy_poll_us: 0,
         }
     }
 }
@@ -149,6 +153,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, String> {
         return Err(at(format!(
             "daemon.io_threads: {} out of range 1..=256",
             c.daemon.io_threads
+        )));
+    }
+    if c.daemon.busy_poll_us > 10_000 {
+        return Err(at(format!(
+            "daemon.busy_poll_us: {} out of range 0..=10000",
+            c.daemon.busy_poll_us
         )));
     }
     let mut caches = Vec::new();
@@ -333,6 +343,7 @@ backing_id = 0
     fn every_bad_key_is_named() {
         assert!(err("[daemon]\nbogus = 1").contains("bogus"));
         assert!(err("[daemon]\nlog_level = \"loud\"").contains("daemon.log_level"));
+        assert!(err("[daemon]\nbusy_poll_us = 20000").contains("daemon.busy_poll_us"));
         assert!(
             err(&GOOD.replace("writeback_threshold = 50", "writeback_threshold = 500"))
                 .contains("tunables.writeback_threshold")

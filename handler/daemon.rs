@@ -441,6 +441,7 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     let socket = cfg.daemon.control_socket.clone();
     let sh = Shared::open(cfg, log.clone())?;
     let mut el = EventLoop::new(io_threads, log.clone()).map_err(|e| e.to_string())?;
+    el.set_busy_poll(Duration::from_micros(sh.cfg.daemon.busy_poll_us));
     // Start-up: block netlink, join, re-attach existing devices, unblock.
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "1");
     let _ = uio::module_param(&paths.sysfs, "reset_netlink", "1");

@@ -233,11 +233,22 @@ impl Device {
     /// Handles readiness of the device fd: fetches new entries, answers what needs no
     /// I/O at once, hands the rest to the workers.
     pub fn on_readable(&mut self, token: usize, pool: &WorkerPool) {
+        let _ = self.bell.ack();
+        self.serve(token, pool);
+    }
+
+    /// Whether the kernel queued commands not fetched yet (a shared-memory load, no
+    /// system call: the event loop's busy poll).
+    pub fn pending(&self) -> bool {
+        self.failed.is_none() && self.ring.pending()
+    }
+
+    /// Fetches new entries, answers what needs no I/O at once, hands the rest to the
+    /// workers.
+    pub fn serve(&mut self, token: usize, pool: &WorkerPool) {
         if self.failed.is_some() {
-            let _ = self.bell.ack();
             return;
         }
-        let _ = self.bell.ack();
         let fetched = match self.ring.fetch() {
             Ok(f) => f,
             Err(e) => return self.fail(e),

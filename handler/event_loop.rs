@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -32,8 +32,13 @@ pub struct EventLoop {
     next_source: usize,
     events: Events,
     woken: Arc<AtomicBool>,
+    busy_poll: Duration,
     log: Logger,
 }
+
+/// The longest one [`EventLoop::run_once`] busy-polls before it looks at its other
+/// sources again.
+const MAX_SPIN: Duration = Duration::from_millis(10);
 
 impl EventLoop {
     /// A loop with `workers` I/O threads.
@@ -64,8 +69,16 @@ impl EventLoop {
             next_source: 1,
             events: Events::with_capacity(256),
             woken,
+            busy_poll: Duration::ZERO,
             log,
         })
+    }
+
+    /// After serving, keep polling the rings (shared-memory loads, no sleeping) until
+    /// they have been idle for `d`: a command that arrives meanwhile is fetched without
+    /// a wake-up of this thread. Zero (the default) sleeps in `epoll_wait` at once.
+    pub fn set_busy_poll(&mut self, d: Duration) {
+        self.busy_poll = d;
     }
 
     /// A handle that wakes the loop from another thread.
@@ -157,7 +170,16 @@ impl EventLoop {
                 d.on_readable(id, &self.pool);
             }
         }
-        // Completions from the workers: complete them all, then one kick per device.
+        self.complete_done();
+        if !self.busy_poll.is_zero() && !self.devices.is_empty() {
+            self.spin();
+        }
+        Ok(ready)
+    }
+
+    /// Completions from the workers: complete them all, then one kick per device.
+    /// Returns whether there were any.
+    fn complete_done(&mut self) -> bool {
         // Clear the wake flag before draining so a result sent after the drain wakes us.
         self.woken.store(false, Ordering::Release);
         let mut touched = Vec::new();
@@ -167,11 +189,35 @@ impl EventLoop {
         }
         touched.sort_unstable();
         touched.dedup();
+        let any = !touched.is_empty();
         for id in touched {
             if let Some(d) = self.devices.get_mut(&id) {
                 d.publish();
             }
         }
-        Ok(ready)
+        any
+    }
+
+    /// The busy poll of [`EventLoop::set_busy_poll`].
+    fn spin(&mut self) {
+        let start = Instant::now();
+        let mut last_work = start;
+        loop {
+            let mut any = false;
+            for (&id, d) in self.devices.iter_mut() {
+                if d.pending() {
+                    d.serve(id, &self.pool);
+                    any = true;
+                }
+            }
+            any |= self.complete_done();
+            let now = Instant::now();
+            if any {
+                last_work = now;
+            } else if now - last_work >= self.busy_poll || now - start >= MAX_SPIN {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 }

@@ -299,6 +299,13 @@ impl Ring {
         }
     }
 
+    /// Whether the kernel queued entries not fetched yet (one shared-memory load).
+    pub fn pending(&self) -> bool {
+        self.map
+            .load_acquire_u32(off::MB_CMD_HEAD)
+            .is_ok_and(|head| head != self.fetch_tail)
+    }
+
     /// Fetches every entry between our tail and `cmd_head`.
     pub fn fetch(&mut self) -> Result<Vec<Fetched>, RingError> {
         let head = self.map.load_acquire_u32(off::MB_CMD_HEAD)?;

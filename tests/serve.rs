@@ -77,7 +77,12 @@ struct Served {
 
 impl Served {
     fn start(devs: Vec<Device>) -> Served {
+        Served::start_polling(devs, Duration::ZERO)
+    }
+
+    fn start_polling(devs: Vec<Device>, busy_poll: Duration) -> Served {
         let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        el.set_busy_poll(busy_poll);
         for d in devs {
             el.add_device(d).unwrap();
         }
@@ -246,11 +251,20 @@ fn scsi_commands_through_the_ring_reach_the_cache_and_survive_reopen() {
 
 #[test]
 fn many_outstanding_commands_complete_out_of_order_across_wraps() {
+    // Inline serving (the default), every command on a worker, and the busy poll.
+    for (inline, poll) in [(true, 0), (false, 0), (true, 300)] {
+        outstanding_commands(inline, Duration::from_micros(poll));
+    }
+}
+
+fn outstanding_commands(inline: bool, busy_poll: Duration) {
     let f = files();
     let cache = open_cache(&f);
     // A small ring so it wraps many times.
     let mut emu = Emulator::new(8192 - CMDR_OFF as u32, 8 << 20, FLAG_OOOC);
-    let served = Served::start(vec![device(&emu, &cache, "disk0")]);
+    let mut dev = device(&emu, &cache, "disk0");
+    dev.set_inline(inline);
+    let served = Served::start_polling(vec![dev], busy_poll);
     let mut ids = Vec::new();
     let mut expect = Vec::new();
     for round in 0..20u32 {

@@ -29,6 +29,12 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// A short name for messages (a path, "mem", ...).
     fn describe(&self) -> String;
+    /// [`BlockDevice::read_at`] only if it needs no waiting for the device (for a file
+    /// or block device: the range is in the page cache); `None` otherwise, and nothing
+    /// was read. The default never reads.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 /// A heap buffer whose data starts at a [`DIRECT_ALIGN`]-aligned address, as `O_DIRECT`
@@ -197,6 +203,31 @@ impl BlockDevice for FileDevice {
         self.file.read_exact_at(buf, offset)
     }
 
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        // O_DIRECT reads always wait for the device.
+        if self.direct {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, buf.len()) {
+            return Some(Err(e));
+        }
+        let len = buf.len();
+        let r = rustix::io::preadv2(
+            &self.file,
+            &mut [io::IoSliceMut::new(buf)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        );
+        match r {
+            Ok(n) if n == len => Some(Ok(())),
+            // Partly cached, not cached (EAGAIN), or no RWF_NOWAIT here: the caller
+            // reads with waiting.
+            Ok(_) => None,
+            Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::OPNOTSUPP => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, data.len())?;
         if self.needs_bounce(data.as_ptr(), data.len(), offset) {
@@ -307,6 +338,11 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
+    /// Memory never waits: every read is served.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        Some(self.read_at(buf, offset))
+    }
+
     fn write_at(&self, src: &[u8], offset: u64) -> io::Result<()> {
         let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
         let len = data.len();
@@ -351,6 +387,30 @@ mod tests {
         FileDevice::open(&p, false).expect("plain open (size checks) still works");
         drop(a);
         FileDevice::open_exclusive(&p, false).expect("free again after close");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn try_read_at_serves_cached_pages_only_and_never_direct() {
+        let dir = std::env::temp_dir().join(format!("lc-nowait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dev.img");
+        create_file(&p, 1 << 20).unwrap();
+        let d = FileDevice::open(&p, false).unwrap();
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
+        d.write_at(&data, 8192).unwrap();
+        // Just written, so cached: served, with the right bytes.
+        let mut b = vec![0u8; 8192];
+        d.try_read_at(&mut b, 12288)
+            .expect("freshly written pages are cached")
+            .unwrap();
+        assert_eq!(b, data[4096..12288]);
+        // Out of range is an error, not "would block".
+        assert!(d.try_read_at(&mut b, (1 << 20) - 4096).unwrap().is_err());
+        // O_DIRECT always waits for the device.
+        if let Ok(direct) = FileDevice::open(&p, true) {
+            assert!(direct.try_read_at(&mut b, 0).is_none());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

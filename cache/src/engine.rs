@@ -585,72 +585,46 @@ impl Cache {
         }
     }
 
-    /// [`Cache::read`] that never blocks: served only when every requested sector is
-    /// in a RAM segment buffer (or discarded), `None` otherwise.
+    /// [`Cache::read`] that never blocks: `None` when it would have to wait for a
+    /// device (a line neither in a RAM segment buffer nor readable without waiting,
+    /// e.g. not in the page cache).
     pub fn try_read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
-        let inner = &self.inner;
-        let mut st = inner.lock();
-        if let Err(e) = inner.check_range(&st, dev, offset, buf.len() as u64) {
-            return Some(Err(e));
-        }
-        if buf.is_empty() {
-            return Some(Ok(()));
-        }
-        let end = offset + buf.len() as u64;
-        let (first_line, last_line) = (offset / LINE, (end - 1) / LINE);
-        // The byte range of line `line` the caller asked for, relative to the line.
-        let span = |line: u64| {
-            let ls = line * LINE;
-            (
-                (offset.max(ls) - ls) as usize,
-                (end.min(ls + LINE) - ls) as usize,
-            )
-        };
-        for line in first_line..=last_line {
-            let l = st.index.get(key(dev, line))?;
-            if l.tomb {
-                continue;
-            }
-            let (a, b) = span(line);
-            let wanted = sector_mask(a as u64 / SECTOR, (b - a) as u64 / SECTOR);
-            if wanted & !l.dirty != 0 {
-                return None;
-            }
-            inner.ram_slice(&st, l)?;
-        }
-        for line in first_line..=last_line {
-            let l = st.index.get(key(dev, line)).expect("checked above");
-            let (a, b) = span(line);
-            let at = (line * LINE + a as u64 - offset) as usize;
-            let dst = &mut buf[at..at + (b - a)];
-            if l.tomb {
-                dst.fill(0);
-            } else {
-                dst.copy_from_slice(&inner.ram_slice(&st, l).expect("checked above")[a..b]);
-            }
-            let full = a == 0 && b == LINE as usize;
-            st.counters[counter_index(false, true, !l.tomb, full)] += 1;
-        }
-        Some(Ok(()))
+        self.read_impl(dev, offset, buf, false).transpose()
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of backing device `dev`.
     pub fn read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_impl(dev, offset, buf, true)
+            .map(|r| r.expect("a waiting read completes"))
+    }
+
+    /// The read path; without `wait`, `Ok(None)` as soon as a device read would block.
+    fn read_impl(&self, dev: u8, offset: u64, buf: &mut [u8], wait: bool) -> Result<Option<()>> {
         let inner = &self.inner;
         let backing = {
             let st = inner.lock();
             inner.check_range(&st, dev, offset, buf.len() as u64)?
         };
         if buf.is_empty() {
-            return Ok(());
+            return Ok(Some(()));
         }
+        // A device read; `None` when it would block and blocking is not allowed.
+        let dev_read =
+            |d: &dyn BlockDevice, b: &mut [u8], off: u64| -> Option<std::io::Result<()>> {
+                if wait {
+                    Some(d.read_at(b, off))
+                } else {
+                    d.try_read_at(b, off)
+                }
+            };
         let first_line = offset / LINE;
         let last_line = (offset + buf.len() as u64 - 1) / LINE;
         'retry: loop {
             // 1. Plan every line under the lock; copy RAM-resident data now.
             let mut plan: Vec<Src> = Vec::with_capacity((last_line - first_line + 1) as usize);
+            let mut counted: Vec<usize> = Vec::with_capacity(plan.capacity());
             {
-                let mut st = inner.lock();
+                let st = inner.lock();
                 for line in first_line..=last_line {
                     let full =
                         offset <= line * LINE && (line + 1) * LINE <= offset + buf.len() as u64;
@@ -667,7 +641,7 @@ impl Cache {
                         Src::Ram(..) => (true, true),
                         _ => (true, false),
                     };
-                    st.counters[counter_index(false, hit, on_ram, full)] += 1;
+                    counted.push(counter_index(false, hit, on_ram, full));
                     plan.push(src);
                 }
             }
@@ -700,9 +674,10 @@ impl Cache {
                 let end = ((first_line + j as u64 + 1) * LINE).min(offset + buf.len() as u64);
                 let bo = (start - offset) as usize;
                 let be = (end - offset) as usize;
-                backing
-                    .read_at(&mut buf[bo..be], start)
-                    .map_err(|e| Error::io(&backing.describe(), start, e))?;
+                let Some(r) = dev_read(backing.as_ref(), &mut buf[bo..be], start) else {
+                    return Ok(None);
+                };
+                r.map_err(|e| Error::io(&backing.describe(), start, e))?;
                 i = j + 1;
             }
             // 3. Cache-device reads for lines that live there.
@@ -710,18 +685,27 @@ impl Cache {
             for (i, s) in plan.iter().enumerate() {
                 if let Src::Disk(l) = s {
                     let mut b = Box::new([0u8; LINE as usize]);
-                    inner.read_cache_line(*l, &mut b[..])?;
+                    let off = inner.geo.line_offset(l.seg, l.slot as u32);
+                    let Some(r) = dev_read(inner.cache.as_ref(), &mut b[..], off) else {
+                        return Ok(None);
+                    };
+                    r.map_err(|e| Error::io(&inner.cache_desc(), off, e))?;
                     disk.push((i, b));
                 }
             }
-            if !disk.is_empty() {
-                let st = inner.lock();
-                for s in &plan {
-                    if let Src::Disk(l) = s {
-                        if inner.slot_reused(&st, l.seg) {
-                            continue 'retry;
+            {
+                let mut st = inner.lock();
+                if !disk.is_empty() {
+                    for s in &plan {
+                        if let Src::Disk(l) = s {
+                            if inner.slot_reused(&st, l.seg) {
+                                continue 'retry;
+                            }
                         }
                     }
+                }
+                for c in counted {
+                    st.counters[c] += 1;
                 }
             }
             // 4. Overlay cached sectors.
@@ -747,7 +731,7 @@ impl Cache {
                     buf[bo..bo + SECTOR as usize].copy_from_slice(&data[lo..lo + SECTOR as usize]);
                 }
             }
-            return Ok(());
+            return Ok(Some(()));
         }
     }
 

@@ -185,6 +185,11 @@ impl BlockDevice for CrashDevice {
         })
     }
 
+    /// Served like a cached page: the crash tests take the non-blocking read path too.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        Some(self.read_at(buf, offset))
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.check(offset, data.len() as u64)?;
         self.op(|d| {
@@ -271,6 +276,15 @@ impl BlockDevice for FaultDevice {
             }
         }
         self.inner.read_at(buf, offset)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        {
+            let f = self.faults();
+            if f.dead || Self::hits(&f.bad_read_sectors, offset, buf.len() as u64) {
+                return Some(Err(eio()));
+            }
+        }
+        self.inner.try_read_at(buf, offset)
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         {

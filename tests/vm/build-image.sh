@@ -71,7 +71,7 @@ if $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
             libnl-genl-3-dev libglib2.0-dev libkmod-dev zlib1g-dev
         rm -rf /usr/src/tcmu-runner-src && mkdir /usr/src/tcmu-runner-src && cd /usr/src/tcmu-runner-src
         apt-get source -q tcmu-runner
-        cd tcmu-runner-*/ && mkdir -p build && cd build
+        cd "$(find . -mindepth 1 -maxdepth 1 -type d | head -1)" && mkdir -p build && cd build
         cmake .. -Dwith-glfs=false -Dwith-rbd=false -Dwith-qcow=false -Dwith-zbc=false \
             -Dwith-fbo=false -Dwith-tcmalloc=false -DSUPPORT_SYSTEMD=OFF
         make handler_file
@@ -104,7 +104,8 @@ $SUDO chmod 0644 "$work/vmlinuz" "$work/initrd.img"
 log "kernel $kver"
 
 size_mb=$(( $($SUDO du -sm "$root" | cut -f1) + 768 ))
-$SUDO mke2fs -q -t ext4 -L lcroot -d "$root" "$work/rootfs.img" "${size_mb}M"
+# (stdout is this script's answer: the image directory; mke2fs chats there.)
+$SUDO mke2fs -q -t ext4 -L lcroot -d "$root" "$work/rootfs.img" "${size_mb}M" >&2
 $SUDO rm -rf "$root"
 echo "$kver" | $SUDO tee "$work/kernel-version" >/dev/null
 $SUDO mv "$work" "$out"

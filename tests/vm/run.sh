@@ -23,7 +23,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     $SUDO apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-system-x86 >&2
 fi
-image=$("$here/build-image.sh")
+image=$("$here/build-image.sh" | tail -1)
 t_image=$(date +%s)
 log "image $image ($((t_image - t0)) s)"
 
