@@ -1,8 +1,9 @@
 //! Ring benchmark: 4 KiB random writes and reads through the TCMU ring emulator, the
 //! event loop, the I/O workers and the engine, at queue depths 1, 32 and 128, with
 //! IOPS and p50/p99 latency, beside engine-only figures of the same run. Each row runs
-//! twice: every command on a worker ("workers only"), and with the non-blocking
-//! commands served on the loop thread ("inline", the daemon's default).
+//! three times: every command on a worker ("workers only"), with the non-blocking
+//! commands served on the loop thread ("inline", the daemon's default), and inline with
+//! the loop busy-polling the ring for 50 µs before it sleeps (`busy_poll_us`).
 //!
 //! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per row).
 
@@ -82,7 +83,7 @@ fn main() {
 
     println!("ring benchmark: 4 KiB random I/O, {ops} commands per row, {WORKERS} I/O workers, files in {}", dir.path().display());
     println!(
-        "{:<34} {:>10} {:>10} {:>10}",
+        "{:<38} {:>10} {:>10} {:>10}",
         "", "IOPS", "p50 us", "p99 us"
     );
 
@@ -114,7 +115,7 @@ fn main() {
         let iops = (per * WORKERS) as f64 / start.elapsed().as_secs_f64();
         engine_iops.insert(write, iops);
         println!(
-            "{:<34} {:>10.0}",
+            "{:<38} {:>10.0}",
             format!(
                 "engine only, {} threads, {}",
                 WORKERS,
@@ -124,10 +125,13 @@ fn main() {
         );
     }
 
-    for (write, qd, inline) in [true, false]
+    // Modes: every command on a worker; inline (the daemon's default); inline with a
+    // 50 µs busy poll.
+    let modes = [(false, 0u64), (true, 0), (true, 50)];
+    for (write, qd, (inline, poll_us)) in [true, false]
         .into_iter()
         .flat_map(|w| [1usize, 32, 128].map(|q| (w, q)))
-        .flat_map(|(w, q)| [false, true].map(|i| (w, q, i)))
+        .flat_map(|(w, q)| modes.map(|m| (w, q, m)))
     {
         {
             reset(&cache);
@@ -152,6 +156,7 @@ fn main() {
             );
             device.set_inline(inline);
             el.add_device(device).unwrap();
+            el.set_busy_poll(Duration::from_micros(poll_us));
             let stop = Arc::new(AtomicBool::new(false));
             let s2 = stop.clone();
             let waker = el.waker();
@@ -208,11 +213,15 @@ fn main() {
             let p99 = pct(&mut lat, 0.99).as_secs_f64() * 1e6;
             let ratio = iops / engine_iops[&write];
             println!(
-                "{:<34} {:>10.0} {:>10.1} {:>10.1}   ({:.2} of engine only)",
+                "{:<38} {:>10.0} {:>10.1} {:>10.1}   ({:.2} of engine only)",
                 format!(
                     "ring {} QD{qd}, {}",
                     if write { "write" } else { "read" },
-                    if inline { "inline" } else { "workers only" }
+                    match (inline, poll_us) {
+                        (false, _) => "workers only".to_string(),
+                        (true, 0) => "inline".to_string(),
+                        (true, p) => format!("inline, poll {p}us"),
+                    }
                 ),
                 iops,
                 p50,

@@ -27,7 +27,7 @@ pub struct DaemonSection {
     #[serde(default = "yes")]
     pub dbus: bool,
     /// Microseconds the event loop keeps polling idle rings before it sleeps.
-    #[serde(default)]
+    #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
 }
 
@@ -40,6 +40,9 @@ fn default_level() -> String {
 fn default_io_threads() -> usize {
     4
 }
+fn default_busy_poll_us() -> u64 {
+    50
+}
 fn yes() -> bool {
     true
 }
@@ -51,7 +54,7 @@ impl Default for DaemonSection {
             log_level: default_level(),
             io_threads: default_io_threads(),
             dbus: true,
-            busy_poll_us: 0,
+            busy_poll_us: default_busy_poll_us(),
         }
     }
 }
@@ -337,6 +340,7 @@ backing_id = 0
         assert_eq!(c.caches[0].tunables.writeback_threshold, 50);
         assert_eq!(c.luns[0].backing_id, 0);
         assert_eq!(c.daemon.io_threads, 4);
+        assert_eq!(c.daemon.busy_poll_us, 50);
     }
 
     #[test]

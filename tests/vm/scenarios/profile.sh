@@ -17,7 +17,7 @@ loopback_lun /backstores/ramdisk/r0 >/dev/null
 d=$(lun_dev r0)
 echo "ramdisk backstore: randwrite QD32 $(iops "$d" randwrite 32 16M)  randread QD32 $(iops "$d" randread 32 16M)  randwrite QD1 $(iops "$d" randwrite 1 16M)  TUR/s $(turs "$d")"
 targetcli clearconfig confirm=True >/dev/null
-for poll in ${LC_PROFILE_POLL:-0 50 200}; do
+for poll in ${LC_PROFILE_POLL:-0 100 1000}; do
     cp /payload/lc.toml /etc/lc/lc.toml
     sed -i "/^\[daemon\]/a busy_poll_us = $poll" /etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
