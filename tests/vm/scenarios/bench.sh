@@ -10,7 +10,8 @@ out=/payload/results/bench-table.txt
 job() { # dev rw bs qd -> IOPS
     fio --name=b --filename="$1" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" \
         --time_based --runtime="$RT" --size=512M --output-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))'
+        | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))' \
+        || echo 0  # a row that cannot run reads 0, the others still run
 }
 row() { # name dev
     local w r s
@@ -56,7 +57,8 @@ if command -v tcmu-runner >/dev/null; then
     # cache sits under this row.)
     if err=$(targetcli /backstores/user:file create name=f0 size=1G cfgstring=/dev/vdc 2>&1); then
         loopback_lun /backstores/user:file/f0 >/dev/null
-        row "tcmu-runner user:file" "$(lun_dev f0)" file
+        # tcmu-runner answers INQUIRY with its own product id, not the backstore name.
+        row "tcmu-runner user:file" "$(lun_dev TCMU)" file
     else
         echo "tcmu-runner user:file: not available: $err" | tee -a "$out"
     fi
