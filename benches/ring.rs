@@ -87,15 +87,16 @@ fn main() {
         "", "IOPS", "p50 us", "p99 us"
     );
 
-    // Engine only: WORKERS threads calling the engine back to back.
+    // Engine only: one thread (as many as the loop thread that serves inline) and
+    // WORKERS threads calling the engine back to back.
     let mut engine_iops = HashMap::new();
-    for write in [true, false] {
+    for (write, threads) in [(true, 1), (true, WORKERS), (false, 1), (false, WORKERS)] {
         reset(&cache);
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
-        let per = ops / WORKERS;
+        let per = ops / threads;
         std::thread::scope(|s| {
-            for t in 0..WORKERS {
+            for t in 0..threads {
                 let cache = cache.clone();
                 s.spawn(move || {
                     let mut rng = rand::rngs::SmallRng::seed_from_u64(t as u64);
@@ -112,13 +113,14 @@ fn main() {
             }
         });
         stop.store(true, Ordering::Relaxed);
-        let iops = (per * WORKERS) as f64 / start.elapsed().as_secs_f64();
-        engine_iops.insert(write, iops);
+        let iops = (per * threads) as f64 / start.elapsed().as_secs_f64();
+        engine_iops.insert((write, threads), iops);
         println!(
             "{:<38} {:>10.0}",
             format!(
-                "engine only, {} threads, {}",
-                WORKERS,
+                "engine only, {} thread{}, {}",
+                threads,
+                if threads == 1 { "" } else { "s" },
                 if write { "write" } else { "read" }
             ),
             iops
@@ -211,9 +213,12 @@ fn main() {
             th.join().unwrap();
             let p50 = pct(&mut lat, 0.5).as_secs_f64() * 1e6;
             let p99 = pct(&mut lat, 0.99).as_secs_f64() * 1e6;
-            let ratio = iops / engine_iops[&write];
+            let (r1, rn) = (
+                iops / engine_iops[&(write, 1)],
+                iops / engine_iops[&(write, WORKERS)],
+            );
             println!(
-                "{:<38} {:>10.0} {:>10.1} {:>10.1}   ({:.2} of engine only)",
+                "{:<38} {:>10.0} {:>10.1} {:>10.1}   ({r1:.2} / {rn:.2} of engine only, 1 / {WORKERS} threads)",
                 format!(
                     "ring {} QD{qd}, {}",
                     if write { "write" } else { "read" },
@@ -226,7 +231,6 @@ fn main() {
                 iops,
                 p50,
                 p99,
-                ratio
             );
         }
     }
