@@ -19,7 +19,7 @@ use crate::config::Loaded;
 use crate::control::{self, Handler, Request};
 use crate::device::{Device, EngineBackend};
 use crate::event_loop::EventLoop;
-use crate::netlink::{Event, TcmuNetlink};
+use crate::netlink::{Event, Reconfig, TcmuNetlink};
 use crate::ring::Ring;
 use crate::scsi::{LunConfig, LunState};
 use crate::sys;
@@ -59,6 +59,52 @@ struct ServedDev {
     uio: String,
     lun: String,
     token: usize,
+    /// Its capacity and write cache, changed by RECONFIG events.
+    state: Arc<LunState>,
+}
+
+/// Applies a RECONFIG event (a live write of `attrib/dev_size`,
+/// `attrib/emulate_write_cache` or `attrib/dev_config`) to a served LUN and says what
+/// changed; an error refuses the change (the kernel then fails the attribute write
+/// and keeps the old value).
+fn reconfigure(
+    state: &LunState,
+    lun: &str,
+    backing_size: u64,
+    change: Option<&Reconfig>,
+) -> Result<String, String> {
+    match change {
+        Some(Reconfig::Size(size)) => {
+            let bs = state.cfg.block_size as u64;
+            if *size == 0 || size % bs != 0 {
+                return Err(format!(
+                    "dev_size {size} is not a positive multiple of the block size {bs}"
+                ));
+            }
+            if *size > backing_size {
+                return Err(format!(
+                    "dev_size {size} exceeds the backing device of lun {lun:?} ({backing_size} bytes)"
+                ));
+            }
+            state.resize(size / bs);
+            Ok(format!("capacity now {} blocks of {bs} bytes", size / bs))
+        }
+        Some(Reconfig::WriteCache(on)) => {
+            state.set_write_cache(*on);
+            Ok(format!("write cache {}", if *on { "on" } else { "off" }))
+        }
+        Some(Reconfig::Config(c)) => {
+            let name = c.trim_end_matches('\n');
+            if name.strip_prefix("lc/").unwrap_or(name) == lun {
+                Ok("cfgstring unchanged".into())
+            } else {
+                Err(format!(
+                    "cannot switch a live device from lun {lun:?} to {name:?}: delete the backstore and create it again"
+                ))
+            }
+        }
+        Some(Reconfig::Unknown) | None => Err("unknown reconfiguration".into()),
+    }
 }
 
 /// Opens a cache or backing device for the daemon's exclusive use. A device still busy
@@ -372,6 +418,7 @@ fn attach(
     busy_wait: Duration,
 ) -> Result<(), String> {
     let dev = make_device(sh, paths, u, busy_wait)?;
+    let state = dev.lun();
     let token = el.add_device(dev).map_err(|e| e.to_string())?;
     let lun = u.cfgstring.trim_start_matches("lc/").to_string();
     sh.served
@@ -381,6 +428,7 @@ fn attach(
             uio: u.uio.clone(),
             lun,
             token,
+            state,
         });
     Ok(())
 }
@@ -421,8 +469,37 @@ fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNet
             0
         }
         sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE => {
-            warn!(sh.log, "reconfiguration not supported"; "device" => &ev.device, "change" => format!("{:?}", ev.change));
-            -libc::EOPNOTSUPP
+            let uio = format!("uio{}", ev.minor);
+            let served = sh
+                .served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|d| d.uio == uio)
+                .cloned();
+            let r = match served {
+                None => Err("device not served by this daemon".to_string()),
+                Some(d) => {
+                    let backing = sh.lun_cache(&d.lun).and_then(|(c, id)| c.backing_size(id));
+                    match backing {
+                        None => Err("backing device not attached".to_string()),
+                        Some(b) => reconfigure(&d.state, &d.lun, b, ev.change.as_ref()),
+                    }
+                }
+            };
+            match r {
+                Ok(what) => {
+                    info!(sh.log, "device reconfigured"; "device" => &ev.device, "change" => what);
+                    0
+                }
+                Err(e) => {
+                    error!(sh.log, "reconfiguration refused"; "device" => &ev.device, "error" => e);
+                    match ev.change {
+                        Some(Reconfig::Size(_)) => -libc::EINVAL,
+                        _ => -libc::EOPNOTSUPP,
+                    }
+                }
+            }
         }
         _ => return,
     };
@@ -530,4 +607,33 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     let _ = std::fs::remove_file(&socket);
     sh.close();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconfig_resizes_within_the_backing_device_and_toggles_the_write_cache() {
+        let st = LunState::new(LunConfig::new("s", 512, 100));
+        let backing = 1 << 20;
+        let r = |c: Reconfig| reconfigure(&st, "disk0", backing, Some(&c));
+        assert!(r(Reconfig::Size(1 << 20)).is_ok());
+        assert_eq!(st.num_blocks(), 2048);
+        let e = r(Reconfig::Size((1 << 20) + 512)).unwrap_err();
+        assert!(e.contains("exceeds the backing device"), "{e}");
+        let e = r(Reconfig::Size(1000)).unwrap_err();
+        assert!(e.contains("multiple of the block size 512"), "{e}");
+        assert!(r(Reconfig::Size(0)).is_err());
+        assert_eq!(st.num_blocks(), 2048, "refused sizes change nothing");
+        assert!(r(Reconfig::WriteCache(false)).is_ok());
+        assert!(!st.write_cache());
+        assert!(r(Reconfig::WriteCache(true)).is_ok());
+        assert!(st.write_cache());
+        assert!(r(Reconfig::Config("lc/disk0\n".into())).is_ok());
+        let e = r(Reconfig::Config("lc/disk1".into())).unwrap_err();
+        assert!(e.contains("delete the backstore"), "{e}");
+        assert!(r(Reconfig::Unknown).is_err());
+        assert!(reconfigure(&st, "disk0", backing, None).is_err());
+    }
 }

@@ -186,7 +186,7 @@ impl Device {
         backend: Arc<dyn BlockBackend>,
         log: Logger,
     ) -> Device {
-        info!(log, "device attached"; "device" => name, "blocks" => lun.cfg.num_blocks,
+        info!(log, "device attached"; "device" => name, "blocks" => lun.num_blocks(),
               "block_size" => lun.cfg.block_size, "out_of_order" => ring.out_of_order(),
               "ring" => ring.describe());
         Device {
@@ -314,6 +314,12 @@ impl Device {
             });
         }
         self.publish();
+    }
+
+    /// The LUN's mode state (capacity, write cache), shared with the daemon, which
+    /// changes it on RECONFIG events.
+    pub fn lun(&self) -> Arc<LunState> {
+        self.lun.clone()
     }
 
     /// Completes a command a worker finished.

@@ -6,7 +6,7 @@
 pub mod cdb;
 pub mod sense;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cdb::{op, Cdb, SUPPORTED};
 use sense::{asc, key, CHECK_CONDITION, GOOD};
@@ -129,24 +129,50 @@ impl LunConfig {
 }
 
 /// A LUN: its configuration and mutable mode state.
+#[derive(Debug)]
 pub struct LunState {
-    /// Configuration.
+    /// Configuration (`num_blocks` is the capacity at creation; see
+    /// [`LunState::num_blocks`]).
     pub cfg: LunConfig,
     wce: AtomicBool,
+    blocks: AtomicU64,
+    capacity_changed: AtomicBool,
 }
 
 impl LunState {
     /// A LUN with the write cache enabled.
     pub fn new(cfg: LunConfig) -> Self {
         LunState {
+            blocks: AtomicU64::new(cfg.num_blocks),
             cfg,
             wce: AtomicBool::new(true),
+            capacity_changed: AtomicBool::new(false),
         }
     }
 
     /// Write cache enabled (WCE in the caching mode page).
     pub fn write_cache(&self) -> bool {
         self.wce.load(Ordering::Relaxed)
+    }
+
+    /// Enables or disables the write cache (`attrib/emulate_write_cache` written on a
+    /// live device). Disabled, every write is forced to the cache device (as FUA).
+    pub fn set_write_cache(&self, on: bool) {
+        self.wce.store(on, Ordering::Relaxed);
+    }
+
+    /// Current capacity in blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Changes the capacity (`attrib/dev_size` written on a live device); the next
+    /// command other than INQUIRY and REQUEST SENSE gets UNIT ATTENTION / CAPACITY
+    /// DATA HAS CHANGED, once, so the initiator rereads the capacity.
+    pub fn resize(&self, blocks: u64) {
+        if self.blocks.swap(blocks, Ordering::Relaxed) != blocks {
+            self.capacity_changed.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -242,12 +268,21 @@ pub fn execute(
         Ok(c) => c,
         Err(a) => return ScsiResponse::illegal(a),
     };
+    // A pending capacity change is reported once, before anything else, the way the
+    // target core reports its own unit attentions.
+    if !matches!(cmd, Cdb::Inquiry { .. } | Cdb::RequestSense { .. })
+        && lun.capacity_changed.load(Ordering::Acquire)
+        && lun.capacity_changed.swap(false, Ordering::AcqRel)
+    {
+        return ScsiResponse::check(key::UNIT_ATTENTION, asc::CAPACITY_CHANGED, None);
+    }
     let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
+    let num_blocks = lun.num_blocks();
     // LBA range and transfer checks shared by the block commands.
     let range = |lba: u64, blocks: u64| -> Result<(), ScsiResponse> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= cfg.num_blocks => Ok(()),
+            Some(end) if end <= num_blocks => Ok(()),
             _ => Err(ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE)),
         }
     };
@@ -262,14 +297,14 @@ pub fn execute(
             None => ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB),
         },
         Cdb::ReadCapacity10 => {
-            let last = cfg.num_blocks.saturating_sub(1).min(0xffff_ffff) as u32;
+            let last = num_blocks.saturating_sub(1).min(0xffff_ffff) as u32;
             let mut d = last.to_be_bytes().to_vec();
             d.extend_from_slice(&cfg.block_size.to_be_bytes());
             ScsiResponse::good(d)
         }
         Cdb::ReadCapacity16 { alloc } => {
             let mut d = vec![0u8; 32];
-            d[0..8].copy_from_slice(&cfg.num_blocks.saturating_sub(1).to_be_bytes());
+            d[0..8].copy_from_slice(&num_blocks.saturating_sub(1).to_be_bytes());
             d[8..12].copy_from_slice(&cfg.block_size.to_be_bytes());
             d[14] = 0x80 | 0x40; // LBPME, LBPRZ: unmapped blocks read as zeros
             ScsiResponse::good(truncate(d, alloc))
@@ -358,7 +393,7 @@ pub fn execute(
             unmap,
             ndob,
         } => write_same(lun, be, lba, blocks, unmap, ndob, data_out),
-        Cdb::Unmap { len } => unmap(cfg, be, len, data_out),
+        Cdb::Unmap { len } => unmap(lun, be, len, data_out),
         Cdb::Verify {
             lba,
             blocks,
@@ -539,7 +574,7 @@ fn mode_sense(
     let mut bd = Vec::new();
     if !dbd {
         bd = vec![0u8; 8];
-        let n = cfg.num_blocks.min(0xff_ffff) as u32;
+        let n = lun.num_blocks().min(0xff_ffff) as u32;
         bd[1..4].copy_from_slice(&n.to_be_bytes()[1..4]);
         bd[5..8].copy_from_slice(&cfg.block_size.to_be_bytes()[1..4]);
         if changeable {
@@ -715,7 +750,7 @@ fn write_same(
         return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
     }
     match lba.checked_add(blocks) {
-        Some(end) if end <= cfg.num_blocks => {}
+        Some(end) if end <= lun.num_blocks() => {}
         _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
     }
     let block: Vec<u8> = if ndob {
@@ -761,7 +796,8 @@ fn write_same(
     ScsiResponse::good(Vec::new())
 }
 
-fn unmap(cfg: &LunConfig, be: &dyn BlockBackend, len: usize, data: &[u8]) -> ScsiResponse {
+fn unmap(lun: &LunState, be: &dyn BlockBackend, len: usize, data: &[u8]) -> ScsiResponse {
+    let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
     if len == 0 {
         return ScsiResponse::good(Vec::new());
@@ -792,7 +828,7 @@ fn unmap(cfg: &LunConfig, be: &dyn BlockBackend, len: usize, data: &[u8]) -> Scs
             return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
         }
         match lba.checked_add(count) {
-            Some(end) if end <= cfg.num_blocks => {}
+            Some(end) if end <= lun.num_blocks() => {}
             _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
         }
     }

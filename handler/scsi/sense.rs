@@ -13,6 +13,8 @@ pub mod key {
     pub const NOT_READY: u8 = 0x2;
     /// MEDIUM ERROR.
     pub const MEDIUM_ERROR: u8 = 0x3;
+    /// UNIT ATTENTION.
+    pub const UNIT_ATTENTION: u8 = 0x6;
     /// HARDWARE ERROR.
     pub const HARDWARE_ERROR: u8 = 0x4;
     /// ILLEGAL REQUEST.
@@ -41,6 +43,8 @@ pub mod asc {
     pub const READ_ERROR: (u8, u8) = (0x11, 0x00);
     /// MISCOMPARE DURING VERIFY OPERATION.
     pub const MISCOMPARE_VERIFY: (u8, u8) = (0x1d, 0x00);
+    /// CAPACITY DATA HAS CHANGED.
+    pub const CAPACITY_CHANGED: (u8, u8) = (0x2a, 0x09);
     /// INTERNAL TARGET FAILURE.
     pub const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
 }

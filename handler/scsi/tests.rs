@@ -325,6 +325,69 @@ fn read_capacity_10_and_16() {
 }
 
 #[test]
+fn resize_reports_capacity_changed_once_and_moves_the_range() {
+    let l = lun(512);
+    let m = Mem {
+        inline: true,
+        ..Mem::new((BLOCKS * 2 * 512) as usize)
+    };
+    let tur = [0u8; 6];
+    let cap10 = [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let beyond = rw10(0x2a, BLOCKS as u32, 1, 0);
+    let data = vec![7u8; 512];
+    assert_eq!(
+        sense_of(&execute(&l, &beyond, &data, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    l.resize(BLOCKS * 2);
+    // INQUIRY and REQUEST SENSE pass; the next other command gets the unit attention,
+    // even when it is answered on the inline path, and only once.
+    assert_eq!(
+        execute(&l, &[0x12, 0, 0, 0, 96, 0], &[], 96, &m).status,
+        GOOD
+    );
+    assert_eq!(
+        execute(&l, &[0x03, 0, 0, 0, 18, 0], &[], 18, &m).status,
+        GOOD
+    );
+    let ua = try_execute(&l, &beyond, &data, 0, &m).expect("answered at once");
+    assert_eq!(sense_of(&ua), (key::UNIT_ATTENTION, 0x2a, 0x09));
+    assert_eq!(execute(&l, &tur, &[], 0, &m).status, GOOD);
+    let r = execute(&l, &cap10, &[], 8, &m).data_in;
+    assert_eq!(
+        u32::from_be_bytes(r[0..4].try_into().unwrap()),
+        BLOCKS as u32 * 2 - 1
+    );
+    assert_eq!(execute(&l, &beyond, &data, 0, &m).status, GOOD);
+    // Setting the same size again is no change; shrinking is one.
+    l.resize(BLOCKS * 2);
+    assert_eq!(execute(&l, &tur, &[], 0, &m).status, GOOD);
+    l.resize(BLOCKS);
+    assert_eq!(
+        sense_of(&execute(&l, &tur, &[], 0, &m)),
+        (key::UNIT_ATTENTION, 0x2a, 0x09)
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &beyond, &data, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+}
+
+#[test]
+fn write_cache_off_makes_every_write_fua() {
+    let l = lun(512);
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let data = vec![1u8; 512];
+    assert_eq!(execute(&l, &rw10(0x2a, 0, 1, 0), &data, 0, &m).status, GOOD);
+    assert_eq!(*m.fua_writes.lock().unwrap(), 0);
+    l.set_write_cache(false);
+    let ms = execute(&l, &[0x1a, 0, 0x08, 0, 64, 0], &[], 64, &m).data_in;
+    assert_eq!(ms[4 + ms[3] as usize + 2] & 0x04, 0, "WCE clear: {ms:?}");
+    assert_eq!(execute(&l, &rw10(0x2a, 0, 1, 0), &data, 0, &m).status, GOOD);
+    assert_eq!(*m.fua_writes.lock().unwrap(), 1);
+}
+
+#[test]
 fn mode_sense_reports_wce_and_dpofua_and_mode_select_toggles_wce() {
     let l = lun(512);
     let m = Mem::new((BLOCKS * 512) as usize);

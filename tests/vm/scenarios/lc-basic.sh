@@ -1,7 +1,8 @@
 # Scenarios 1-3: targetcli lists user:lc (D-Bus), creates a backstore with a good
 # cfgstring and refuses a bad one with the daemon's message; a loopback /dev/sdX with
 # the right INQUIRY, capacity, WCE and DPOFUA; fio verify; ext4 and xfs round trips;
-# the same backstore over iSCSI on 127.0.0.1 with fio verify.
+# live reconfiguration (dev_size, emulate_write_cache); the same backstore over iSCSI
+# on 127.0.0.1 with fio verify.
 source /payload/scenarios/lib.sh
 step "format the cache, start lc"
 lc format -y --force /dev/vdb
@@ -30,6 +31,31 @@ grep -q "Device size: 1073741824 bytes" /tmp/cap.txt || fail "size"
 sg_modes --page=8 "$dev" | tee /tmp/modes.txt
 grep -qi "dpofua=1" /tmp/modes.txt || fail "DPOFUA"
 [ "$(cat /sys/block/$(basename "$dev")/queue/write_cache)" = "write back" ] || fail "kernel does not see a write-back cache (WCE=1)"
+step "live reconfiguration (RECONFIG events): grow, refuse beyond the backing device, write cache off and on, shrink back"
+so=/backstores/user:lc/disk0
+sd=$(basename "$dev")
+rescan() { echo 1 >"/sys/block/$sd/device/rescan"; }
+targetcli $so set attribute dev_size=1610612736 || fail "growing disk0 to 1.5 GiB refused"
+sg_turs -v "$dev" >/tmp/tur.txt 2>&1 || true
+cat /tmp/tur.txt
+grep -qi "capacity data has changed" /tmp/tur.txt || dmesg | grep -qi "capacity data has changed" \
+    || fail "no UNIT ATTENTION / CAPACITY DATA HAS CHANGED after the resize"
+rescan
+[ "$(blockdev --getsize64 "$dev")" = 1610612736 ] || fail "the initiator does not see 1.5 GiB after a rescan"
+if targetcli $so set attribute dev_size=4294967296 >/tmp/big.txt 2>&1; then
+    cat /tmp/big.txt; fail "a size beyond the 2 GiB backing device was accepted"
+fi
+[ "$(cat /sys/kernel/config/target/core/user_*/disk0/attrib/dev_size)" = 1610612736 ] || fail "refused size was stored"
+grep -q "exceeds the backing device" /tmp/lc.log || fail "the daemon did not say why it refused the size"
+targetcli $so set attribute emulate_write_cache=0 || fail "write cache off refused"
+rescan
+[ "$(cat /sys/block/$sd/queue/write_cache)" = "write through" ] || fail "WCE still set after emulate_write_cache=0"
+targetcli $so set attribute emulate_write_cache=1 || fail "write cache on refused"
+targetcli $so set attribute dev_size=1073741824 || fail "shrinking back to 1 GiB refused"
+sg_turs "$dev" >/dev/null 2>&1 || true
+rescan
+[ "$(cat /sys/block/$sd/queue/write_cache)" = "write back" ] || fail "WCE not back after emulate_write_cache=1"
+[ "$(blockdev --getsize64 "$dev")" = 1073741824 ] || fail "the initiator does not see 1 GiB again"
 step "fio randwrite + verify"
 fio_verify "$dev" 64M
 step "ext4 round trip"
