@@ -271,8 +271,7 @@ impl Loaded {
         size: Option<u64>,
         active: &[String],
     ) -> Result<&LunSection, String> {
-        let name = cfg.trim_end_matches('\n');
-        let name = name.strip_prefix("lc/").unwrap_or(name);
+        let name = lun_name(cfg);
         if name.contains([',', ':', '\n']) {
             return Err(format!(
                 "cfgstring {name:?} may not contain ',' ':' or newlines"
@@ -303,6 +302,13 @@ impl Loaded {
         }
         Ok(lun)
     }
+}
+
+/// The LUN a cfgstring names, as targetcli and the kernel pass it: `lc/<lun>` or
+/// `<lun>`, with the trailing newline a `dev_config` write may carry.
+pub fn lun_name(cfgstring: &str) -> &str {
+    let name = cfgstring.trim_end_matches('\n');
+    name.strip_prefix("lc/").unwrap_or(name)
 }
 
 #[cfg(test)]

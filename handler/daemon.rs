@@ -94,12 +94,12 @@ fn reconfigure(
             Ok(format!("write cache {}", if *on { "on" } else { "off" }))
         }
         Some(Reconfig::Config(c)) => {
-            let name = c.trim_end_matches('\n');
-            if name.strip_prefix("lc/").unwrap_or(name) == lun {
+            if crate::config::lun_name(c) == lun {
                 Ok("cfgstring unchanged".into())
             } else {
                 Err(format!(
-                    "cannot switch a live device from lun {lun:?} to {name:?}: delete the backstore and create it again"
+                    "cannot switch a live device from lun {lun:?} to {:?}: delete the backstore and create it again",
+                    c.trim_end_matches('\n')
                 ))
             }
         }
@@ -420,7 +420,7 @@ fn attach(
     let dev = make_device(sh, paths, u, busy_wait)?;
     let state = dev.lun();
     let token = el.add_device(dev).map_err(|e| e.to_string())?;
-    let lun = u.cfgstring.trim_start_matches("lc/").to_string();
+    let lun = crate::config::lun_name(&u.cfgstring).to_string();
     sh.served
         .lock()
         .unwrap_or_else(|e| e.into_inner())

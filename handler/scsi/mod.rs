@@ -166,6 +166,14 @@ impl LunState {
         self.blocks.load(Ordering::Relaxed)
     }
 
+    /// LBA OUT OF RANGE unless blocks `lba .. lba + blocks` lie within the capacity.
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<(), ScsiResponse> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.num_blocks() => Ok(()),
+            _ => Err(ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE)),
+        }
+    }
+
     /// Changes the capacity (`attrib/dev_size` written on a live device); the next
     /// command other than INQUIRY and REQUEST SENSE gets UNIT ATTENTION / CAPACITY
     /// DATA HAS CHANGED, once, so the initiator rereads the capacity.
@@ -279,13 +287,6 @@ pub fn execute(
     let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
     let num_blocks = lun.num_blocks();
-    // LBA range and transfer checks shared by the block commands.
-    let range = |lba: u64, blocks: u64| -> Result<(), ScsiResponse> {
-        match lba.checked_add(blocks) {
-            Some(end) if end <= num_blocks => Ok(()),
-            _ => Err(ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE)),
-        }
-    };
     let r = match cmd {
         Cdb::TestUnitReady | Cdb::StartStopUnit => ScsiResponse::good(Vec::new()),
         Cdb::RequestSense { alloc } => {
@@ -339,7 +340,7 @@ pub fn execute(
             blocks,
             fua: _,
         } => {
-            if let Err(r) = range(lba, blocks) {
+            if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
             if blocks > cfg.max_transfer_blocks as u64 {
@@ -361,7 +362,7 @@ pub fn execute(
             }
         }
         Cdb::Write { lba, blocks, fua } => {
-            if let Err(r) = range(lba, blocks) {
+            if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
             if blocks > cfg.max_transfer_blocks as u64 {
@@ -375,7 +376,7 @@ pub fn execute(
             write_or_error(be, lba * bs, data_out, fua || !lun.write_cache(), bs)
         }
         Cdb::SyncCache { lba, blocks } => {
-            if let Err(r) = range(lba, blocks) {
+            if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
             match be.flush() {
@@ -399,7 +400,7 @@ pub fn execute(
             blocks,
             bytchk,
         } => {
-            if let Err(r) = range(lba, blocks) {
+            if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
             if bytchk == 0 {
@@ -749,9 +750,8 @@ fn write_same(
     if blocks == 0 || blocks > cfg.max_unmap_blocks as u64 {
         return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
     }
-    match lba.checked_add(blocks) {
-        Some(end) if end <= lun.num_blocks() => {}
-        _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
+    if let Err(r) = lun.check_range(lba, blocks) {
+        return r;
     }
     let block: Vec<u8> = if ndob {
         if !data.is_empty() {
@@ -827,9 +827,8 @@ fn unmap(lun: &LunState, be: &dyn BlockBackend, len: usize, data: &[u8]) -> Scsi
         if count > cfg.max_unmap_blocks as u64 {
             return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
         }
-        match lba.checked_add(count) {
-            Some(end) if end <= lun.num_blocks() => {}
-            _ => return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE),
+        if let Err(r) = lun.check_range(lba, count) {
+            return r;
         }
     }
     for (lba, count) in descs {

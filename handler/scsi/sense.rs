@@ -13,12 +13,12 @@ pub mod key {
     pub const NOT_READY: u8 = 0x2;
     /// MEDIUM ERROR.
     pub const MEDIUM_ERROR: u8 = 0x3;
-    /// UNIT ATTENTION.
-    pub const UNIT_ATTENTION: u8 = 0x6;
     /// HARDWARE ERROR.
     pub const HARDWARE_ERROR: u8 = 0x4;
     /// ILLEGAL REQUEST.
     pub const ILLEGAL_REQUEST: u8 = 0x5;
+    /// UNIT ATTENTION.
+    pub const UNIT_ATTENTION: u8 = 0x6;
     /// MISCOMPARE.
     pub const MISCOMPARE: u8 = 0xe;
 }
