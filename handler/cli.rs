@@ -36,25 +36,47 @@ fn table(v: &Value) -> String {
                 c["nr_segments"],
                 c["dirty_segments"],
                 c["last_writeback_id"],
-                c["failure"]
-                    .as_str()
-                    .map_or("ok".to_string(), |f| format!("FAILED: {f}"))
+                cache_state(c)
             );
         }
     }
     if let Some(luns) = v["luns"].as_array() {
         out +=
-            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES\n";
+            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES\n";
         for l in luns {
+            let lost = match (
+                l["lost_lines"].as_u64(),
+                l["unreadable_after_damage"].as_bool(),
+            ) {
+                (_, Some(true)) => "unknown".to_string(),
+                (Some(n), _) => n.to_string(),
+                _ => "0".to_string(),
+            };
             out += &format!(
-                "{:<10} {:<10} {:>3}  {:<31} {:<10} {}\n",
+                "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}\n",
                 l["name"].as_str().unwrap_or(""),
                 l["cache"].as_str().unwrap_or(""),
                 l["backing_id"],
                 l["backing"].as_str().unwrap_or(""),
                 l["served_by"].as_str().unwrap_or("-"),
-                l["dirty_lines"]
+                l["dirty_lines"],
+                lost
             );
+        }
+    }
+    if let Some(a) = v.get("accepted").filter(|a| !a.is_null()) {
+        out += &format!("damaged segments {}: loss accepted\n", a["segments"]);
+        for r in a["lost_ranges"].as_array().into_iter().flatten() {
+            out += &format!(
+                "lost: backing {} ({}) sectors {}..+{} now read older data\n",
+                r["backing_id"],
+                r["lun"].as_str().unwrap_or("-"),
+                r["sector"],
+                r["sectors"]
+            );
+        }
+        if let Some(s) = a["unknown_after_segment"].as_u64() {
+            out += &format!("lines not rewritten since segment {s} now read older data\n");
         }
     }
     if let Some(stats) = v["stats"].as_object() {
@@ -76,6 +98,35 @@ fn table(v: &Value) -> String {
         }
     }
     out
+}
+
+/// The STATE column of a cache: failed, damaged (and what is lost), or ok.
+fn cache_state(c: &Value) -> String {
+    if let Some(f) = c["failure"].as_str() {
+        return format!("FAILED: {f}");
+    }
+    let d = &c["damage"];
+    if d.is_null() {
+        return "ok".into();
+    }
+    let lost: u64 = d["lost_lines"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter_map(|x| x["lines"].as_u64()).sum());
+    let unknown = d["unknown_after_segment"]
+        .as_u64()
+        .map_or(String::new(), |s| {
+            format!(", lines not rewritten since segment {s} unreadable")
+        });
+    if lost == 0 && unknown.is_empty() {
+        return format!(
+            "ok (damaged segments {} kept until written back)",
+            d["segments"]
+        );
+    }
+    format!(
+        "DAMAGED: segments {} lost {lost} lines{unknown}; rewrite them or `lc accept-loss`",
+        d["segments"]
+    )
 }
 
 /// Sends `req` and prints the answer (a table, or JSON with `json`).

@@ -195,8 +195,9 @@ impl Shared {
                 },
             )
             .map_err(|e| format!("cache {}: {e}", s.name))?;
-            if let Some(r) = &report.stop_reason {
-                warn!(log, "cache log damaged; recovered the valid prefix"; "cache" => &s.name, "reason" => r);
+            if !report.damaged.is_empty() {
+                error!(log, "cache log damaged: reads of lost data fail until rewritten or `lc accept-loss`";
+                       "cache" => &s.name, "segments" => format!("{:?}", report.damaged));
             }
             caches.insert(s.name.clone(), Arc::new(cache));
         }
@@ -241,6 +242,26 @@ impl Shared {
     }
 }
 
+/// Damage of a cache as the control protocol shows it: the damaged segments, lost lines
+/// per backing device (with the LUN's name when configured), lost sector ranges.
+fn damage_json(
+    d: &lc_cache::DamageReport,
+    luns: &[crate::config::LunSection],
+    cache: &str,
+) -> Value {
+    let lun_of = |id: u8| {
+        luns.iter()
+            .find(|l| l.cache == cache && l.backing_id == id)
+            .map(|l| l.name.clone())
+    };
+    json!({
+        "segments": d.segments,
+        "lost_lines": d.lost_lines.iter().map(|(id, n)| json!({"backing_id": id, "lun": lun_of(*id), "lines": n})).collect::<Vec<_>>(),
+        "lost_ranges": d.lost_ranges.iter().map(|(id, s, n)| json!({"backing_id": id, "lun": lun_of(*id), "sector": s, "sectors": n})).collect::<Vec<_>>(),
+        "unknown_after_segment": (d.unknown_upto > 0).then_some(d.unknown_upto),
+    })
+}
+
 fn stats_json(c: &Cache) -> Value {
     let s = c.stats();
     let counters: serde_json::Map<String, Value> = (0..16)
@@ -279,11 +300,17 @@ impl Handler for Shared {
                     .iter()
                     .map(|l| {
                         let dev = served.iter().find(|s| s.lun == l.name);
-                        let dirty = self.caches.get(&l.cache).map_or(0, |c| {
-                            c.stats().dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        let stats = self.caches.get(&l.cache).map(|c| c.stats());
+                        let dirty = stats.as_ref().map_or(0, |s| {
+                            s.dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        });
+                        let damage = stats.as_ref().and_then(|s| s.damage.as_ref());
+                        let lost = damage.map_or(0, |d| {
+                            d.lost_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
                         });
                         json!({"name": l.name, "cache": l.cache, "backing": l.backing, "backing_id": l.backing_id,
-                               "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty})
+                               "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty, "lost_lines": lost,
+                               "unreadable_after_damage": damage.is_some_and(|d| d.unknown_upto > 0)})
                     })
                     .collect();
                 let caches: Vec<Value> = self
@@ -294,7 +321,8 @@ impl Handler for Shared {
                         let s = self.caches[&c.section.name].stats();
                         json!({"name": c.section.name, "device": c.section.device, "nr_segments": s.nr_segments,
                                "dirty_segments": s.dirty_segments, "last_writeback_id": s.last_writeback_id,
-                               "failure": self.caches[&c.section.name].failure()})
+                               "failure": self.caches[&c.section.name].failure(),
+                               "damage": s.damage.as_ref().map(|d| damage_json(d, &self.cfg.luns, &c.section.name))})
                     })
                     .collect();
                 Ok(json!({"caches": caches, "luns": luns}))
@@ -303,7 +331,12 @@ impl Handler for Shared {
                 let mut out = serde_json::Map::new();
                 for (name, c) in &self.caches {
                     if cache.as_ref().is_none_or(|n| n == name) {
-                        out.insert(name.clone(), stats_json(c));
+                        let mut v = stats_json(c);
+                        v["damage"] = c
+                            .stats()
+                            .damage
+                            .map_or(Value::Null, |d| damage_json(&d, &self.cfg.luns, name));
+                        out.insert(name.clone(), v);
                     }
                 }
                 if let Some(n) = cache {
@@ -330,6 +363,12 @@ impl Handler for Shared {
             Request::ClearStats { cache } => {
                 self.cache(&cache)?.clear_stats();
                 Ok(json!({}))
+            }
+            Request::AcceptLoss { cache } => {
+                let report = self.cache(&cache)?.accept_loss();
+                warn!(self.log, "operator accepted data loss"; "cache" => &cache,
+                      "lost_lines" => format!("{:?}", report.lost_lines), "unknown_upto" => report.unknown_upto);
+                Ok(json!({"accepted": damage_json(&report, &self.cfg.luns, &cache)}))
             }
             Request::Drain { lun } => {
                 let l = self

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 
 use slog::{info, o, warn, Logger};
 
+use crate::damage::{Damage, DamageReport};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    crc, Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR,
-    SECTORS_PER_LINE,
+    crc, Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SEAL_AHEAD,
+    SECTOR, SECTORS_PER_LINE,
 };
 use crate::index::{key, Index, Loc};
 use crate::stats::{counter_index, Counters, Stats};
@@ -126,6 +127,8 @@ pub(crate) struct State {
     pub backing_bytes_written: u64,
     pub partial_segments: u64,
     pub failed: Option<String>,
+    /// Damaged log segments and the data lost with them (see `damage.rs`).
+    pub damage: Damage,
     pub stop_flush: bool,
     pub stop_writeback: bool,
 }
@@ -203,6 +206,7 @@ impl Inner {
             lap: self.geo.lap(o.id),
             nonce: self.nonce,
             prev_crc: st.prev_crc,
+            durable: st.flushed_id,
             data_crc,
             uuid: self.uuid,
             entries: std::mem::take(&mut o.entries),
@@ -231,6 +235,11 @@ impl Inner {
                 return true;
             }
             self.seal(st);
+        }
+        if st.next_id > st.flushed_id + SEAL_AHEAD {
+            // The format's promise (FORMAT.md): wait for the flusher to catch up.
+            self.worker_cv.notify_all();
+            return false;
         }
         match st.pool.pop() {
             Some(buf) => {
@@ -337,6 +346,9 @@ impl Inner {
                 if !wait {
                     return Ok(None);
                 }
+                if let Some(segment) = log_blocked(&st) {
+                    return Err(Error::LogBlocked { segment });
+                }
                 st = self.wait_io(st, Duration::from_millis(100));
                 continue;
             }
@@ -370,6 +382,7 @@ impl Inner {
                 e.dirty = dirty;
                 e.flags = flags;
                 o.last_write = Instant::now();
+                st.damage.supersede(k, mask);
                 st.index.insert(
                     k,
                     Loc {
@@ -383,15 +396,21 @@ impl Inner {
                 }
                 return Ok(Some(open_id));
             }
-            // Older data this partial write must keep.
+            // Older data this partial write must keep (never sectors lost to damage).
+            let Some(keep) = st.damage.mergeable(k, old, mask) else {
+                return Err(Error::Lost {
+                    dev,
+                    offset: line * LINE,
+                });
+            };
             let mut base: Option<Box<[u8; LINE as usize]>> = None;
             let mut base_bits = 0u8;
             if !tomb && mask != FULL_LINE {
                 if let Some(loc) = old {
                     if loc.tomb {
                         base = Some(Box::new([0u8; LINE as usize]));
-                        base_bits = FULL_LINE;
-                    } else if loc.dirty & !mask != 0 {
+                        base_bits = keep;
+                    } else if keep & !mask != 0 {
                         if let Some(b) = self.ram_line(&st, loc) {
                             base = Some(b);
                         } else if let Some((_, b)) = fetched.take().filter(|(l, _)| *l == loc) {
@@ -410,7 +429,7 @@ impl Inner {
                             }
                             continue;
                         }
-                        base_bits = loc.dirty;
+                        base_bits = keep;
                     }
                 }
             }
@@ -442,6 +461,7 @@ impl Inner {
                 dirty,
                 tomb,
             };
+            st.damage.supersede(k, mask);
             if st.index.insert(k, loc).is_none() {
                 if let Some(b) = st.backing[dev as usize].as_mut() {
                     b.dirty += 1;
@@ -466,6 +486,9 @@ impl Inner {
             st.durable_req = st.durable_req.max(target);
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
+            }
+            if let Some(segment) = log_blocked(&st) {
+                return Err(Error::LogBlocked { segment });
             }
             if st.open.as_ref().is_some_and(|o| o.id <= target) {
                 let now = Instant::now();
@@ -619,6 +642,14 @@ impl Cache {
             };
         let first_line = offset / LINE;
         let last_line = (offset + buf.len() as u64 - 1) / LINE;
+        // Sectors of line `i` (counted from `first_line`) the caller asked for.
+        let end_off = offset + buf.len() as u64;
+        let wanted = |i: usize| {
+            let ls = (first_line + i as u64) * LINE;
+            let a = offset.max(ls);
+            let b = end_off.min(ls + LINE);
+            sector_mask((a - ls) / SECTOR, (b - a) / SECTOR)
+        };
         'retry: loop {
             // 1. Plan every line under the lock; copy RAM-resident data now.
             let mut plan: Vec<Src> = Vec::with_capacity((last_line - first_line + 1) as usize);
@@ -628,7 +659,20 @@ impl Cache {
                 for line in first_line..=last_line {
                     let full =
                         offset <= line * LINE && (line + 1) * LINE <= offset + buf.len() as u64;
-                    let src = match st.index.get(key(dev, line)) {
+                    let loc = st.index.get(key(dev, line));
+                    if st.damage.unresolved()
+                        && !st.damage.readable(
+                            key(dev, line),
+                            wanted((line - first_line) as usize),
+                            loc,
+                        )
+                    {
+                        return Err(Error::Lost {
+                            dev,
+                            offset: (line * LINE).max(offset),
+                        });
+                    }
+                    let src = match loc {
                         None => Src::Backing,
                         Some(l) if l.tomb => Src::Zero,
                         Some(l) => match inner.ram_line(&st, l) {
@@ -646,14 +690,6 @@ impl Cache {
                 }
             }
             // 2. Backing reads for every run of lines that needs backing data.
-            // Sectors of line `i` the caller asked for.
-            let end_off = offset + buf.len() as u64;
-            let wanted = |i: usize| {
-                let ls = (first_line + i as u64) * LINE;
-                let a = offset.max(ls);
-                let b = end_off.min(ls + LINE);
-                sector_mask((a - ls) / SECTOR, (b - a) / SECTOR)
-            };
             let needs_backing = |i: usize, s: &Src| match s {
                 Src::Backing => true,
                 Src::Zero => false,
@@ -927,7 +963,28 @@ impl Cache {
             index_bytes: st.index.memory_bytes() as u64,
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
+            damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
+                .then(|| st.damage.report()),
         }
+    }
+
+    /// The operator's decision after damage (`lc accept-loss`): returns what was lost,
+    /// then stops refusing it. Reads of those sectors return the older data again (an
+    /// older cached copy or the backing device's), and writeback may pass the damaged
+    /// segments, which frees their slots.
+    pub fn accept_loss(&self) -> DamageReport {
+        let mut st = self.inner.lock();
+        let report = st.damage.report();
+        if st.damage.unresolved() {
+            warn!(self.inner.log, "loss accepted: older data readable again";
+                  "segments" => format!("{:?}", report.segments),
+                  "lost_lines" => format!("{:?}", report.lost_lines),
+                  "unknown_upto" => report.unknown_upto);
+        }
+        st.damage.lost.clear();
+        st.damage.unknown_upto = 0;
+        self.inner.worker_cv.notify_all();
+        report
     }
 
     /// The error that stopped the cache, if any.
@@ -981,6 +1038,13 @@ impl Drop for Cache {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// The first damaged segment, when writes cannot go on: the flusher waits for free
+/// slots and writeback cannot free any because it stops before damaged segments.
+fn log_blocked(st: &State) -> Option<u64> {
+    let limit = st.damage.writeback_limit();
+    (st.need_space && limit <= st.wb_id).then(|| limit + 1)
 }
 
 /// Id of the newest segment holding any line (the open one only if it has lines).

@@ -37,6 +37,9 @@ pub struct Stats {
     pub index_entries: u64,
     /// Segments sealed before they were full (flush deadline or idle timer).
     pub partial_segments: u64,
+    /// Damage recovery found in the log and what of it is still lost; `None` when the
+    /// log is intact.
+    pub damage: Option<crate::DamageReport>,
 }
 
 /// Names of the 16 counters in [`counter_index`] order, for listings.

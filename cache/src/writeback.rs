@@ -40,7 +40,7 @@ struct Item {
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 fn should_run(inner: &Inner, st: &State) -> bool {
-    if st.wb_id >= st.flushed_id {
+    if st.wb_id >= st.flushed_id.min(st.damage.writeback_limit()) {
         return false;
     }
     let t = &st.tunables;
@@ -94,10 +94,13 @@ pub(crate) fn run(inner: &Inner) {
         let first = st.wb_id + 1;
         let last = st
             .flushed_id
-            .min(st.wb_id + st.tunables.writeback_batch as u64);
+            .min(st.wb_id + st.tunables.writeback_batch as u64)
+            .min(st.damage.writeback_limit());
         let sort = st.tunables.writeback_sort;
+        // Damaged segments hold nothing that can be written back.
+        let skip: Vec<u64> = st.damage.segments.range(first..=last).copied().collect();
         drop(st);
-        match write_back(inner, first, last, sort) {
+        match write_back(inner, first, last, &skip, sort) {
             Ok(()) => {
                 last_error = None;
                 last_commit = Instant::now();
@@ -132,6 +135,7 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
             uuid: inner.uuid,
             seq: st.sb_seq,
             last_writeback_id: new_wb.unwrap_or(st.wb_id),
+            durable_id: st.flushed_id,
             backing: backing_table(&st),
         };
         (sb.encode(), Superblock::copy_offset(st.sb_seq))
@@ -156,14 +160,16 @@ fn write_back(
     inner: &Inner,
     first: u64,
     last: u64,
+    skip: &[u64],
     sort: bool,
 ) -> std::result::Result<(), WbError> {
-    let (bufs, headers) = read_segments(inner, first, last).map_err(WbError::Cache)?;
+    let (bufs, headers) = read_segments(inner, first, last, skip).map_err(WbError::Cache)?;
     let items = write_items(inner, &bufs, &headers, sort).map_err(WbError::Backing)?;
     // Persist progress, then release the lines and the slots.
     commit(inner, Some(last)).map_err(WbError::Cache)?;
     let mut st = inner.lock();
     st.wb_id = last;
+    st.damage.passed(last);
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -184,18 +190,19 @@ fn write_back(
     Ok(())
 }
 
-/// Reads segments `first..=last` back from the cache device and checks them.
+/// Reads segments `first..=last` but `skip` back from the cache device and checks them.
 fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,
+    skip: &[u64],
 ) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
     let geo = &inner.geo;
     let hl = geo.header_len();
     let desc = inner.cache.describe();
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
-    for id in first..=last {
+    for id in (first..=last).filter(|id| !skip.contains(id)) {
         let mut buf = AlignedBuf::new(geo.segment_size as usize);
         let off = geo.segment_offset(id);
         inner
