@@ -42,7 +42,7 @@ fn table(v: &Value) -> String {
     }
     if let Some(luns) = v["luns"].as_array() {
         out +=
-            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES\n";
+            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES  STATE\n";
         for l in luns {
             let lost = match (
                 l["lost_lines"].as_u64(),
@@ -53,14 +53,22 @@ fn table(v: &Value) -> String {
                 _ => "0".to_string(),
             };
             out += &format!(
-                "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}\n",
+                "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
                 l["name"].as_str().unwrap_or(""),
                 l["cache"].as_str().unwrap_or(""),
                 l["backing_id"],
                 l["backing"].as_str().unwrap_or(""),
                 l["served_by"].as_str().unwrap_or("-"),
                 l["dirty_lines"],
-                lost
+                lost,
+                match l["writeback_failing_since"].as_u64() {
+                    Some(t) => format!(
+                        "writeback failing since {} ({})",
+                        utc(t),
+                        l["writeback_error"].as_str().unwrap_or("")
+                    ),
+                    None => "ok".into(),
+                }
             );
         }
     }
@@ -98,6 +106,12 @@ fn table(v: &Value) -> String {
         }
     }
     out
+}
+
+/// RFC 3339 UTC time of seconds since the epoch.
+fn utc(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        .to_string()
 }
 
 /// The STATE column of a cache: failed, damaged (and what is lost), or ok.

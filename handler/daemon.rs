@@ -262,6 +262,11 @@ fn damage_json(
     })
 }
 
+fn epoch_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn stats_json(c: &Cache) -> Value {
     let s = c.stats();
     let counters: serde_json::Map<String, Value> = (0..16)
@@ -280,6 +285,7 @@ fn stats_json(c: &Cache) -> Value {
         "ram_bytes": s.ram_bytes,
         "index_bytes": s.index_bytes,
         "partial_segments": s.partial_segments,
+        "writeback_failures": s.writeback_failures.iter().map(|f| json!({"backing_id": f.dev, "since": epoch_secs(f.since), "error": f.error})).collect::<Vec<_>>(),
         "tunables": c.tunables().list().into_iter().collect::<HashMap<_, _>>(),
         "failure": c.failure(),
     })
@@ -308,9 +314,14 @@ impl Handler for Shared {
                         let lost = damage.map_or(0, |d| {
                             d.lost_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
                         });
+                        let failing = stats.as_ref().and_then(|s| {
+                            s.writeback_failures.iter().find(|f| f.dev == l.backing_id).cloned()
+                        });
                         json!({"name": l.name, "cache": l.cache, "backing": l.backing, "backing_id": l.backing_id,
                                "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty, "lost_lines": lost,
-                               "unreadable_after_damage": damage.is_some_and(|d| d.unknown_upto > 0)})
+                               "unreadable_after_damage": damage.is_some_and(|d| d.unknown_upto > 0),
+                               "writeback_failing_since": failing.as_ref().map(|f| epoch_secs(f.since)),
+                               "writeback_error": failing.map(|f| f.error)})
                     })
                     .collect();
                 let caches: Vec<Value> = self

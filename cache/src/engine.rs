@@ -91,6 +91,39 @@ pub(crate) struct BackingSlot {
     pub label: String,
     pub dirty: u64,
     pub needs_flush: bool,
+    /// Writeback to this device is failing: since when, and the last error.
+    pub failing: Option<BackingFailure>,
+}
+
+/// A backing device whose writeback fails (kept until a batch succeeds).
+#[derive(Clone, Debug)]
+pub(crate) struct BackingFailure {
+    pub since: Instant,
+    pub since_wall: std::time::SystemTime,
+    pub error: String,
+}
+
+impl State {
+    /// The refusal for a write to backing device `dev` when writeback to it has failed
+    /// for longer than `writeback_fail_timeout_s`.
+    fn backing_refusal(&self, dev: u8) -> Option<Error> {
+        let timeout = Duration::from_secs(self.tunables.writeback_fail_timeout_s as u64);
+        let f = self.backing.get(dev as usize)?.as_ref()?.failing.as_ref()?;
+        (f.since.elapsed() >= timeout).then(|| Error::BackingFailed {
+            dev,
+            secs: f.since.elapsed().as_secs(),
+            reason: f.error.clone(),
+        })
+    }
+
+    /// The refusal for a caller waiting for log space (or durability) that writeback
+    /// cannot make because a backing device has failed for too long.
+    fn stuck_refusal(&self) -> Option<Error> {
+        if !self.need_space {
+            return None;
+        }
+        (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
+    }
 }
 
 pub(crate) struct State {
@@ -349,6 +382,9 @@ impl Inner {
                 if let Some(segment) = log_blocked(&st) {
                     return Err(Error::LogBlocked { segment });
                 }
+                if let Some(e) = st.stuck_refusal() {
+                    return Err(e);
+                }
                 st = self.wait_io(st, Duration::from_millis(100));
                 continue;
             }
@@ -490,6 +526,9 @@ impl Inner {
             if let Some(segment) = log_blocked(&st) {
                 return Err(Error::LogBlocked { segment });
             }
+            if let Some(e) = st.stuck_refusal() {
+                return Err(e);
+            }
             if st.open.as_ref().is_some_and(|o| o.id <= target) {
                 let now = Instant::now();
                 st.flush_req = Some(match st.flush_req {
@@ -549,6 +588,9 @@ impl Cache {
             let mut st = self.inner.lock();
             self.inner
                 .check_range(&st, dev, offset, data.len() as u64)?;
+            if let Some(e) = st.backing_refusal(dev) {
+                return Err(e);
+            }
             st.active_writers += 1;
         }
         let r = self.write_lines(dev, offset, data, true);
@@ -595,6 +637,9 @@ impl Cache {
         {
             let mut st = self.inner.lock();
             if let Err(e) = self.inner.check_range(&st, dev, offset, data.len() as u64) {
+                return Some(Err(e));
+            }
+            if let Some(e) = st.backing_refusal(dev) {
                 return Some(Err(e));
             }
             st.active_writers += 1;
@@ -965,6 +1010,19 @@ impl Cache {
             partial_segments: st.partial_segments,
             damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
                 .then(|| st.damage.report()),
+            writeback_failures: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| {
+                    let f = b.as_ref()?.failing.as_ref()?;
+                    Some(crate::stats::WritebackFailure {
+                        dev: i as u8,
+                        since: f.since_wall,
+                        error: f.error.clone(),
+                    })
+                })
+                .collect(),
         }
     }
 

@@ -51,6 +51,18 @@ pub enum Error {
         /// The first damaged segment id.
         segment: u64,
     },
+    /// Writeback to this backing device has been failing for longer than
+    /// `writeback_fail_timeout_s`: writes that need it to make progress are refused
+    /// rather than left waiting. Its dirty data stays in the cache.
+    #[error("backing device {dev}: writeback failing for {secs} s ({reason}); write refused")]
+    BackingFailed {
+        /// Backing device id.
+        dev: u8,
+        /// Seconds since writeback to it first failed.
+        secs: u64,
+        /// The last writeback error.
+        reason: String,
+    },
     /// The engine stopped accepting writes after an unrecoverable cache-device error.
     #[error("cache failed: {0}")]
     Failed(String),

@@ -486,6 +486,7 @@ impl Cache {
                 label: b.label.clone(),
                 dirty: 0,
                 needs_flush: false,
+                failing: None,
             });
         }
         let ram_buffers = opts
