@@ -33,9 +33,9 @@ fn table(v: &Value) -> String {
                 "{:<10} {:<31} {:>8} {:>6} {:>13}  {}\n",
                 c["name"].as_str().unwrap_or(""),
                 c["device"].as_str().unwrap_or(""),
-                c["nr_segments"],
-                c["dirty_segments"],
-                c["last_writeback_id"],
+                c["nr_segments"].as_u64().unwrap_or(0),
+                c["dirty_segments"].as_u64().unwrap_or(0),
+                c["last_writeback_id"].as_u64().unwrap_or(0),
                 cache_state(c)
             );
         }
@@ -56,10 +56,10 @@ fn table(v: &Value) -> String {
                 "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
                 l["name"].as_str().unwrap_or(""),
                 l["cache"].as_str().unwrap_or(""),
-                l["backing_id"],
+                l["backing_id"].as_u64().unwrap_or(0),
                 l["backing"].as_str().unwrap_or(""),
                 l["served_by"].as_str().unwrap_or("-"),
-                l["dirty_lines"],
+                l["dirty_lines"].as_u64().unwrap_or(0),
                 lost,
                 match l["writeback_failing_since"].as_u64() {
                     Some(t) => format!(
