@@ -173,23 +173,11 @@ impl Shared {
                     },
                 );
             }
-            let seg = lc_cache::probe(dev.as_ref())
-                .map_err(|e| format!("cache {}: {e}", s.name))?
-                .ok_or_else(|| {
-                    format!(
-                        "cache {}: {} is not formatted (run `lc format {}`)",
-                        s.name,
-                        s.device.display(),
-                        s.device.display()
-                    )
-                })?
-                .geometry
-                .segment_size as u64;
             let (cache, report) = Cache::open(
                 dev,
                 backing,
                 OpenOptions {
-                    ram_buffers: Some((c.ram_bytes / seg).max(2) as usize),
+                    ram_bytes: c.ram_bytes,
                     tunables: c.tunables.clone(),
                     logger: log.new(slog::o!("cache" => s.name.clone())),
                 },

@@ -39,7 +39,7 @@ pub struct Stats {
     pub partial_segments: u64,
     /// Damage recovery found in the log and what of it is still lost; `None` when the
     /// log is intact.
-    pub damage: Option<crate::DamageReport>,
+    pub damage: Option<crate::damage::DamageReport>,
     /// Backing devices whose writeback is failing (retried with back-off; their dirty
     /// lines stay in the cache).
     pub writeback_failures: Vec<WritebackFailure>,
