@@ -820,23 +820,31 @@ impl Cache {
             self.write(dev, full_end, &zeros[..(end - full_end) as usize], false)?;
         }
         let (l0, l1) = (full_start / LINE, full_end / LINE);
+        // Lines with a cached copy, and lines lost to damage (a discard record makes
+        // them read as zeros, like the rest of the range).
         let cached: Vec<u64> = {
             let st = self.inner.lock();
-            if l1 - l0 <= st.index.len() as u64 {
+            let lost = st
+                .damage
+                .lost
+                .range(key(dev, l0)..key(dev, l1))
+                .map(|(&k, _)| crate::index::unkey(k).1);
+            let mut v: Vec<u64> = if l1 - l0 <= st.index.len() as u64 {
                 (l0..l1)
                     .filter(|&l| st.index.get(key(dev, l)).is_some())
                     .collect()
             } else {
-                let mut v: Vec<u64> = st
-                    .index
+                st.index
                     .iter()
                     .map(|(k, _)| crate::index::unkey(k))
                     .filter(|&(d, l)| d == dev && l >= l0 && l < l1)
                     .map(|(_, l)| l)
-                    .collect();
-                v.sort_unstable();
-                v
-            }
+                    .collect()
+            };
+            v.extend(lost);
+            v.sort_unstable();
+            v.dedup();
+            v
         };
         for line in cached {
             self.inner.write_line(dev, line, 0, &[], true, true)?;
