@@ -394,8 +394,9 @@ fn make_device(
     let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
     lc.max_transfer_blocks = max_sectors;
     let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
-    let (map, bell) =
+    let (map, mut bell) =
         uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
+    bell.set_actions(cfs.dir(u.hba, &u.name).join("action"));
     let ring = Ring::new(map).map_err(|e| e.to_string())?;
     Ok(Device::new(
         &format!("{}/{}", u.hba, u.name),

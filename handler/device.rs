@@ -10,9 +10,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use slog::{error, info, Logger};
+use slog::{error, info, warn, Logger};
 
-use crate::ring::{Command, Doorbell, Fetched, IoVec, Response, Ring, RingError};
+use crate::ring::{Command, Doorbell, Fetched, IoVec, Malformed, Response, Ring, RingError};
 use crate::scsi::{self, BlockBackend, IoError, LunState};
 
 /// The engine as a SCSI block backend for one backing device id.
@@ -161,6 +161,20 @@ struct InFlight {
     iovs: Vec<IoVec>,
 }
 
+/// Whether a device is served.
+#[derive(Debug)]
+enum State {
+    Serving,
+    /// The ring lost its framing: no fetching until the commands on workers are back,
+    /// then the kernel resets the ring and serving resumes.
+    Resetting,
+    /// No longer served (mapping gone, or a broken ring that cannot be reset).
+    Failed(String),
+}
+
+/// Malformed entries logged per device; later ones are only counted.
+const MALFORMED_LOGGED: u64 = 10;
+
 /// One LUN served from a ring.
 pub struct Device {
     /// Name for logs (`<hba>/<name>`).
@@ -170,7 +184,11 @@ pub struct Device {
     lun: Arc<LunState>,
     backend: Arc<dyn BlockBackend>,
     inflight: Vec<InFlight>,
-    failed: Option<String>,
+    state: State,
+    malformed: u64,
+    resets: u64,
+    /// Why the ring is being reset.
+    broken_by: Option<String>,
     /// Whether commands that need no blocking I/O are served on the loop thread.
     inline: bool,
     log: Logger,
@@ -196,7 +214,10 @@ impl Device {
             lun,
             backend,
             inflight: Vec::new(),
-            failed: None,
+            state: State::Serving,
+            malformed: 0,
+            resets: 0,
+            broken_by: None,
             inline: true,
             log,
         }
@@ -215,7 +236,20 @@ impl Device {
 
     /// Why the device stopped being served, if it did.
     pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
+        match &self.state {
+            State::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// How many times the ring was reset after it lost its framing.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Malformed entries completed with an error (or skipped) so far.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
     }
 
     /// Commands handed to workers and not yet completed.
@@ -223,10 +257,62 @@ impl Device {
         self.inflight.len()
     }
 
-    fn fail(&mut self, e: RingError) {
-        if self.failed.is_none() {
-            error!(self.log, "device failed: malformed ring, no longer served"; "device" => &self.name, "error" => %e);
-            self.failed = Some(e.to_string());
+    fn fail(&mut self, why: String) {
+        if !matches!(self.state, State::Failed(_)) {
+            error!(self.log, "device failed, no longer served"; "device" => &self.name, "error" => &why);
+            self.state = State::Failed(why);
+        }
+    }
+
+    /// The ring cannot be served as it is. A gone mapping fails the device; anything
+    /// else is a ring that lost its framing: reset it (once the workers have handed
+    /// back every command of this device: a completion after the reset would name a
+    /// freed id and break the kernel's ring).
+    fn ring_broken(&mut self, e: RingError) {
+        if e.is_gone() || self.ring.is_gone() {
+            return self.fail(format!("{e}"));
+        }
+        if matches!(self.state, State::Serving) {
+            error!(self.log, "ring unusable, resetting it"; "device" => &self.name, "error" => %e,
+                   "on_workers" => self.inflight.len());
+            self.state = State::Resetting;
+            self.broken_by = Some(e.to_string());
+        }
+        self.try_reset();
+    }
+
+    fn try_reset(&mut self) {
+        if !matches!(self.state, State::Resetting) || !self.inflight.is_empty() {
+            return;
+        }
+        let why = self.broken_by.take().unwrap_or_default();
+        match self.bell.reset_ring() {
+            Ok(true) => match self.ring.restart() {
+                Ok(()) => {
+                    self.resets += 1;
+                    self.state = State::Serving;
+                    info!(self.log, "ring reset, serving again"; "device" => &self.name,
+                          "ring" => self.ring.describe());
+                }
+                Err(e) => self.fail(format!("{why}; after the ring reset: {e}")),
+            },
+            Ok(false) => self.fail(format!("{why} (and this kernel cannot reset the ring)")),
+            Err(e) => self.fail(format!("{why}; ring reset failed: {e}")),
+        }
+    }
+
+    /// A malformed entry: a command gets CHECK CONDITION (HARDWARE ERROR / INTERNAL
+    /// TARGET FAILURE) and the ring goes on.
+    fn refuse(&mut self, m: Malformed) -> Result<(), RingError> {
+        self.malformed += 1;
+        if self.malformed <= MALFORMED_LOGGED {
+            warn!(self.log, "malformed ring entry refused"; "device" => &self.name,
+                  "offset" => m.offset, "cmd_id" => m.cmd_id, "fault" => %m.fault,
+                  "count" => self.malformed);
+        }
+        match m.cmd_id {
+            Some(id) => self.finish(id, &[], scsi::ScsiResponse::internal_failure()),
+            None => Ok(()),
         }
     }
 
@@ -240,30 +326,37 @@ impl Device {
     /// Whether the kernel queued commands not fetched yet (a shared-memory load, no
     /// system call: the event loop's busy poll).
     pub fn pending(&self) -> bool {
-        self.failed.is_none() && self.ring.pending()
+        matches!(self.state, State::Serving) && self.ring.pending()
     }
 
     /// Fetches new entries, answers what needs no I/O at once, hands the rest to the
     /// workers.
     pub fn serve(&mut self, token: usize, pool: &WorkerPool) {
-        if self.failed.is_some() {
+        self.try_reset();
+        if !matches!(self.state, State::Serving) {
             return;
         }
         let fetched = match self.ring.fetch() {
             Ok(f) => f,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.ring_broken(e),
         };
         for f in fetched {
             let cmd: Command = match f {
                 Fetched::Cmd(c) => c,
                 // Aborted commands are still completed normally (tcmu.md 1.7).
                 Fetched::Tmr(_) => continue,
+                Fetched::Malformed(m) => {
+                    if let Err(e) = self.refuse(m) {
+                        return self.ring_broken(e);
+                    }
+                    continue;
+                }
             };
             let data_in_len = cmd.data_len() as usize;
             if !scsi::needs_backend(&cmd.cdb) {
                 let data_out = match self.ring.gather(&cmd.iovs) {
                     Ok(d) => d,
-                    Err(e) => return self.fail(e),
+                    Err(e) => return self.ring_broken(e),
                 };
                 let r = scsi::execute(
                     &self.lun,
@@ -273,7 +366,7 @@ impl Device {
                     self.backend.as_ref(),
                 );
                 if let Err(e) = self.finish(cmd.cmd_id, &cmd.iovs, r) {
-                    return self.fail(e);
+                    return self.ring_broken(e);
                 }
                 continue;
             }
@@ -281,7 +374,7 @@ impl Device {
             let data_out = if writes {
                 match self.ring.gather(&cmd.iovs) {
                     Ok(d) => d,
-                    Err(e) => return self.fail(e),
+                    Err(e) => return self.ring_broken(e),
                 }
             } else {
                 Vec::new()
@@ -294,7 +387,7 @@ impl Device {
                 if let Some(r) = scsi::try_execute(&self.lun, &cmd.cdb, &data_out, din, be) {
                     let iovs = if writes { &[][..] } else { &cmd.iovs[..] };
                     if let Err(e) = self.finish(cmd.cmd_id, iovs, r) {
-                        return self.fail(e);
+                        return self.ring_broken(e);
                     }
                     continue;
                 }
@@ -328,11 +421,22 @@ impl Device {
             return;
         };
         let f = self.inflight.swap_remove(i);
-        if self.failed.is_some() {
+        if !matches!(self.state, State::Serving) {
+            // Resetting: the kernel completes it (BUSY) with the reset. Failed: nobody.
             return;
         }
         if let Err(e) = self.finish(done.cmd_id, &f.iovs, done.response) {
-            self.fail(e)
+            self.ring_broken(e)
+        }
+    }
+
+    /// After a batch of [`Device::on_done`]: resets a ring whose commands are all
+    /// back and serves it again, and publishes the tail.
+    pub fn after_completions(&mut self, token: usize, pool: &WorkerPool) {
+        if matches!(self.state, State::Resetting) {
+            self.serve(token, pool);
+        } else {
+            self.publish();
         }
     }
 
@@ -367,7 +471,7 @@ impl Device {
                 }
             }
             Ok(false) => {}
-            Err(e) => self.fail(e),
+            Err(e) => self.ring_broken(e),
         }
     }
 }

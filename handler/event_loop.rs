@@ -192,7 +192,7 @@ impl EventLoop {
         let any = !touched.is_empty();
         for id in touched {
             if let Some(d) = self.devices.get_mut(&id) {
-                d.publish();
+                d.after_completions(id, &self.pool);
             }
         }
         any

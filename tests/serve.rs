@@ -296,8 +296,109 @@ fn outstanding_commands(inline: bool, busy_poll: Duration) {
     }
 }
 
+/// A raw WRITE(10) CMD entry of 1 block with these iovecs.
+fn raw_write(iovs: &[(u64, u64)]) -> Vec<u8> {
+    let base = (48 + 16 * iovs.len()).max(112);
+    let mut e = vec![0u8; base + 16];
+    let len = e.len() as u32;
+    e[0..4].copy_from_slice(&(len | 1).to_ne_bytes());
+    e[8..12].copy_from_slice(&(iovs.len() as u32).to_ne_bytes());
+    e[24..32].copy_from_slice(&(CMDR_OFF + base as u64).to_ne_bytes());
+    for (i, (o, l)) in iovs.iter().enumerate() {
+        e[48 + 16 * i..56 + 16 * i].copy_from_slice(&o.to_ne_bytes());
+        e[56 + 16 * i..64 + 16 * i].copy_from_slice(&l.to_ne_bytes());
+    }
+    e[base..base + 10].copy_from_slice(&rw10(0x2a, 0, 1, 0));
+    e
+}
+
+fn write_then_read_back(emu: &mut Emulator, lba: u64, byte: u8) {
+    let id = submit(emu, &rw16(0x8a, lba, 8, 0), &[byte; 4096], 0);
+    assert_eq!(wait_for(emu, &[id])[0].status, 0, "write at {lba}");
+    let id = submit(emu, &rw16(0x88, lba, 8, 0), &[], 4096);
+    let c = wait_for(emu, &[id]).remove(0);
+    assert!(
+        c.status == 0 && c.data_in == vec![byte; 4096],
+        "read at {lba}"
+    );
+}
+
 #[test]
-fn a_malformed_entry_fails_its_device_and_the_other_keeps_serving() {
+fn hostile_iovecs_get_check_condition_and_the_same_lun_keeps_serving() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let served = Served::start(vec![device(&emu, &cache, "disk0")]);
+    let data = emu.data_off;
+    let whole = emu.map_len as u64 - data;
+    let cases = [
+        // 64 copies of the whole data area: the old code allocated 64 x 4 MiB.
+        ("overlapping", raw_write(&[(data, whole); 64])),
+        ("outside the map", raw_write(&[(1 << 40, 4096)])),
+        ("in the command ring", raw_write(&[(CMDR_OFF, 512)])),
+    ];
+    for (i, (what, e)) in cases.iter().enumerate() {
+        let id = emu.submit_raw_cmd(e);
+        let c = wait_for(&mut emu, &[id]).remove(0);
+        assert_eq!(
+            (c.status, c.sense[2], c.sense[12], c.sense[13]),
+            (2, 4, 0x44, 0),
+            "{what}: CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE"
+        );
+        write_then_read_back(&mut emu, 8 * i as u64, i as u8 + 1);
+    }
+    assert!(served.failures.lock().unwrap().is_empty());
+}
+
+#[test]
+fn an_entry_that_breaks_the_ring_resets_it_and_the_lun_serves_again() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let served = Served::start(vec![device(&emu, &cache, "disk0")]);
+    write_then_read_back(&mut emu, 0, 1);
+    // A length running past cmd_head: the next entry cannot be found.
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&(16384u32 | 1).to_ne_bytes());
+    emu.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.resets() == 0 {
+        assert!(Instant::now() < deadline, "ring not reset");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 1..20 {
+        write_then_read_back(&mut emu, 8 * i, i as u8);
+    }
+    assert_eq!(emu.resets(), 1);
+    assert!(served.failures.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_broken_ring_without_reset_fails_its_device_and_the_other_keeps_serving() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut good = Emulator::small(FLAG_OOOC);
+    let mut bad = Emulator::small(FLAG_OOOC);
+    bad.set_can_reset(false);
+    let served = Served::start(vec![
+        device(&good, &cache, "good"),
+        device(&bad, &cache, "bad"),
+    ]);
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&1u32.to_ne_bytes()); // length 0
+    bad.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.failures.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "broken ring not detected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let why = served.failures.lock().unwrap()[0].clone();
+    assert!(why.contains("cannot reset"), "{why}");
+    write_then_read_back(&mut good, 0, 5);
+}
+
+#[test]
+fn a_sigbus_on_one_mapping_fails_that_device_and_the_other_keeps_serving() {
     let f = files();
     let cache = open_cache(&f);
     let mut good = Emulator::small(FLAG_OOOC);
@@ -306,22 +407,21 @@ fn a_malformed_entry_fails_its_device_and_the_other_keeps_serving() {
         device(&good, &cache, "good"),
         device(&bad, &cache, "bad"),
     ]);
-    // An iovec pointing outside the map.
-    let mut e = vec![0u8; 128];
-    e[0..4].copy_from_slice(&(128u32 | 1).to_ne_bytes());
-    e[4..6].copy_from_slice(&9u16.to_ne_bytes());
-    e[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    e[24..32].copy_from_slice(&(CMDR_OFF + 112).to_ne_bytes());
-    e[48..56].copy_from_slice(&(1u64 << 40).to_ne_bytes());
-    e[56..64].copy_from_slice(&4096u64.to_ne_bytes());
-    e[112] = 0x2a;
-    bad.submit_raw(&e);
+    write_then_read_back(&mut bad, 0, 3);
+    // The kernel removes the device's memory; the handler touches it on the next event.
+    bad.truncate_backing();
+    bad.ring_doorbell();
     let deadline = Instant::now() + Duration::from_secs(10);
     while served.failures.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "malformed entry not detected");
+        assert!(
+            Instant::now() < deadline,
+            "SIGBUS not turned into a device failure"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(served.failures.lock().unwrap()[0].contains("outside the data area"));
-    let id = submit(&mut good, &rw10(0x2a, 0, 8, 0), &[5u8; 4096], 0);
-    assert_eq!(wait_for(&mut good, &[id])[0].status, 0);
+    let why = served.failures.lock().unwrap()[0].clone();
+    assert!(why.contains("SIGBUS"), "{why}");
+    for i in 0..10 {
+        write_then_read_back(&mut good, 8 * i, i as u8);
+    }
 }

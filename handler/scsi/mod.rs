@@ -212,6 +212,12 @@ impl ScsiResponse {
         }
     }
 
+    /// CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE: what a command
+    /// whose ring entry was malformed gets.
+    pub fn internal_failure() -> Self {
+        Self::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None)
+    }
+
     fn illegal(a: (u8, u8)) -> Self {
         Self::check(key::ILLEGAL_REQUEST, a, None)
     }
