@@ -2,12 +2,14 @@
 //! target_core_user, a Device + EventLoop serve it from a cache engine on files.
 //! SCSI commands of every size class and flavour, FUA and SYNCHRONIZE CACHE
 //! durability across a reopen, many outstanding commands completed out of order,
-//! wrap-around, and malformed entries failing one device while another keeps going.
+//! wrap-around, hostile entries (error completions, ring resets, SIGBUS), clean stops
+//! that complete slow commands, and a hung backing device that never stalls another
+//! LUN.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::emulator::*;
@@ -15,9 +17,10 @@ use lc::device::{Device, EngineBackend};
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
 use lc::scsi::cdb::{build10 as rw10, build16 as rw16};
+use lc::scsi::{BlockBackend, IoError};
 use lc::scsi::{LunConfig, LunState};
 use lc_cache::{
-    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions,
+    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, MemDevice, OpenOptions,
 };
 use rand::{Rng, SeedableRng};
 
@@ -83,6 +86,12 @@ impl Served {
     fn start_polling(devs: Vec<Device>, busy_poll: Duration) -> Served {
         let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         el.set_busy_poll(busy_poll);
+        Served::start_loop(el, devs)
+    }
+
+    /// Runs `el` with `devs` until dropped; the drop stops the loop the way the daemon
+    /// does on SIGTERM ([`EventLoop::shutdown`]).
+    fn start_loop(mut el: EventLoop, devs: Vec<Device>) -> Served {
         for d in devs {
             el.add_device(d).unwrap();
         }
@@ -101,6 +110,7 @@ impl Served {
                     }
                 }
             }
+            drop(el.shutdown());
             el
         });
         Served {
@@ -123,16 +133,24 @@ impl Drop for Served {
 }
 
 fn device(emu: &Emulator, cache: &Arc<Cache>, name: &str) -> Device {
+    device_on(
+        emu,
+        name,
+        Arc::new(EngineBackend {
+            cache: cache.clone(),
+            dev: 0,
+        }),
+    )
+}
+
+fn device_on(emu: &Emulator, name: &str, backend: Arc<dyn BlockBackend>) -> Device {
     let lun = Arc::new(LunState::new(LunConfig::new(name, 512, BACKING / 512)));
     Device::new(
         name,
         Ring::new(emu.handler_map()).unwrap(),
         Box::new(emu.doorbell()),
         lun,
-        Arc::new(EngineBackend {
-            cache: cache.clone(),
-            dev: 0,
-        }),
+        backend,
         slog::Logger::root(slog::Discard, slog::o!()),
     )
 }
@@ -424,4 +442,283 @@ fn a_sigbus_on_one_mapping_fails_that_device_and_the_other_keeps_serving() {
     for i in 0..10 {
         write_then_read_back(&mut good, 8 * i, i as u8);
     }
+}
+
+/// A backend whose writes take `delay` (a slow disk), recording the threads that ran
+/// them.
+struct SlowWrites {
+    inner: EngineBackend,
+    delay: Duration,
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    /// Each thread that ran a write holds a clone until it exits.
+    threads_alive: Arc<()>,
+}
+
+thread_local! {
+    static HOLD: std::cell::RefCell<Option<Arc<()>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl SlowWrites {
+    fn new(cache: &Arc<Cache>, delay: Duration) -> Arc<SlowWrites> {
+        Arc::new(SlowWrites {
+            inner: EngineBackend {
+                cache: cache.clone(),
+                dev: 0,
+            },
+            delay,
+            started: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            threads_alive: Arc::new(()),
+        })
+    }
+
+    fn wait_started(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.started.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "slow command never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl BlockBackend for SlowWrites {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        HOLD.with(|h| *h.borrow_mut() = Some(self.threads_alive.clone()));
+        self.started.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        let r = self.inner.write(offset, data, fua);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.inner.discard(offset, len)
+    }
+}
+
+#[test]
+fn a_clean_stop_completes_a_slow_command_and_publishes_the_tail_before_workers_exit() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(1500));
+    let mut dev = device_on(&emu, "disk0", slow.clone());
+    dev.set_inline(false);
+    let served = Served::start(vec![dev]);
+    let id = submit(&mut emu, &rw16(0x8a, 0, 8, 0), &[9u8; 4096], 0);
+    slow.wait_started(1);
+    // SIGTERM while the write is on a worker (the old loop gave up after 1 s).
+    drop(served);
+    assert_eq!(slow.finished.load(Ordering::SeqCst), 1);
+    let done = emu.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, 0)],
+        "the slow write's completion and the tail are published by the stop"
+    );
+    assert_eq!(
+        Arc::strong_count(&slow.threads_alive),
+        1,
+        "worker threads have exited when the stop returns"
+    );
+    let mut buf = vec![0u8; 4096];
+    cache.read(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![9u8; 4096]);
+}
+
+#[test]
+fn removing_a_device_waits_for_its_slow_command_while_the_others_are_served() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut a = Emulator::small(FLAG_OOOC);
+    let mut b = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(1500));
+    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    let ida = el.add_device(device_on(&a, "a", slow.clone())).unwrap();
+    el.add_device(device(&b, &cache, "b")).unwrap();
+    let id = submit(&mut a, &rw16(0x8a, 0, 8, 0), &[4u8; 4096], 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slow.started.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        el.run_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    // Another LUN's initiator, during the removal.
+    let other = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        write_then_read_back(&mut b, 64, 6);
+        t.elapsed()
+    });
+    let dev = el.remove_device(ida).expect("device");
+    assert_eq!(dev.busy(), 0);
+    let done = a.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, 0)]
+    );
+    let took = other.join().unwrap();
+    assert!(
+        took < Duration::from_millis(1000),
+        "the other LUN waited {took:?} during the removal"
+    );
+}
+
+/// A disk whose reads wait while it is held (a hung HDD), and always need waiting
+/// (never served inline).
+struct HangingDisk {
+    inner: MemDevice,
+    held: Mutex<bool>,
+    released: Condvar,
+    reads: AtomicUsize,
+}
+
+impl HangingDisk {
+    fn new(size: u64, held: bool) -> Arc<HangingDisk> {
+        Arc::new(HangingDisk {
+            inner: MemDevice::new(size),
+            held: Mutex::new(held),
+            released: Condvar::new(),
+            reads: AtomicUsize::new(0),
+        })
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.released.notify_all();
+    }
+}
+
+impl BlockDevice for HangingDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let mut h = self.held.lock().unwrap();
+        while *h {
+            h = self.released.wait(h).unwrap();
+        }
+        drop(h);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "hanging".into()
+    }
+}
+
+#[test]
+fn a_hung_backing_device_never_stalls_another_lun() {
+    let cache_dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(32 << 20));
+    format_device(
+        cache_dev.as_ref(),
+        FormatOptions {
+            block_size: 512,
+            segment_size: 256 << 10,
+        },
+    )
+    .unwrap();
+    let stuck = HangingDisk::new(BACKING, true);
+    let healthy = HangingDisk::new(BACKING, false);
+    let (cache, _) = Cache::open(
+        cache_dev,
+        vec![
+            Backing {
+                id: 0,
+                dev: stuck.clone(),
+                label: "stuck".into(),
+            },
+            Backing {
+                id: 1,
+                dev: healthy.clone(),
+                label: "healthy".into(),
+            },
+        ],
+        OpenOptions::default(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let mut a = Emulator::small(FLAG_OOOC);
+    let mut b = Emulator::small(FLAG_OOOC);
+    let be = |dev| -> Arc<dyn BlockBackend> {
+        Arc::new(EngineBackend {
+            cache: cache.clone(),
+            dev,
+        })
+    };
+    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    el.set_queue_deadline(Duration::from_millis(1500));
+    let served = Served::start_loop(
+        el,
+        vec![
+            device_on(&a, "stuck", be(0)),
+            device_on(&b, "healthy", be(1)),
+        ],
+    );
+    // Eight reads on the hung LUN: four hold its workers, four wait for them.
+    let hung: Vec<u16> = (0..8u64)
+        .map(|i| submit(&mut a, &rw16(0x88, i * 8, 8, 0), &[], 4096))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stuck.reads.load(Ordering::SeqCst) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "hung reads never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The healthy LUN's 4 KiB reads (misses: they go to its disk through a worker).
+    for i in 0..5u64 {
+        let t = Instant::now();
+        let id = submit(&mut b, &rw16(0x88, i * 8, 8, 0), &[], 4096);
+        let c = wait_for(&mut b, &[id]).remove(0);
+        let took = t.elapsed();
+        assert_eq!(c.status, 0);
+        assert!(
+            took < Duration::from_millis(100),
+            "healthy LUN's READ took {took:?} while another LUN is hung"
+        );
+    }
+    assert!(
+        healthy.reads.load(Ordering::SeqCst) >= 5,
+        "reads reached the disk"
+    );
+    assert_eq!(
+        stuck.reads.load(Ordering::SeqCst),
+        4,
+        "at most 4 workers per LUN"
+    );
+    // The four that never got a worker come back as errors, not hangs.
+    let expired = wait_for(&mut a, &hung[4..]);
+    for c in &expired {
+        assert_eq!(
+            (c.status, c.sense[2], c.sense[12], c.sense[13]),
+            (2, 0x0b, 0x2e, 0x01),
+            "ABORTED COMMAND / COMMAND TIMEOUT BEFORE PROCESSING"
+        );
+    }
+    stuck.release();
+    let released = wait_for(&mut a, &hung[..4]);
+    assert!(released
+        .iter()
+        .all(|c| c.status == 0 && c.data_in == vec![0u8; 4096]));
+    drop(served);
 }
