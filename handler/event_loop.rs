@@ -129,7 +129,8 @@ impl EventLoop {
             .registry()
             .register(&mut SourceFd(&fd), Token(id), Interest::READABLE)?;
         dev.set_workers(Workers::new(
-            &format!("lc-io-{}", id - FIRST_DEVICE),
+            // Thread names hold 15 bytes: "lc-io-999.999" at most.
+            &format!("lc-io-{}", (id - FIRST_DEVICE) % 1000),
             self.io_threads,
             self.done_tx.clone(),
             self.notify.clone(),

@@ -140,7 +140,7 @@ impl Workers {
         let done = self.done.clone();
         let notify = self.notify.clone();
         let r = std::thread::Builder::new()
-            .name(format!("{}.{}", self.name, self.spawned))
+            .name(format!("{}.{}", self.name, self.spawned % 1000))
             .spawn(move || work(&shared, &done, &notify));
         self.spawned += 1;
         match r {

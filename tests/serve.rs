@@ -722,3 +722,42 @@ fn a_hung_backing_device_never_stalls_another_lun() {
         .all(|c| c.status == 0 && c.data_in == vec![0u8; 4096]));
     drop(served);
 }
+
+#[test]
+fn a_ring_reset_waits_until_the_workers_have_handed_back_the_devices_commands() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(500));
+    let mut dev = device_on(&emu, "disk0", slow.clone());
+    dev.set_inline(false);
+    let served = Served::start(vec![dev]);
+    let id = submit(&mut emu, &rw16(0x8a, 0, 8, 0), &[1u8; 4096], 0);
+    slow.wait_started(1);
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&(16384u32 | 1).to_ne_bytes());
+    emu.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.resets() == 0 {
+        assert!(Instant::now() < deadline, "ring not reset");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        slow.finished.load(Ordering::SeqCst),
+        1,
+        "the ring was reset while a worker still ran one of its commands"
+    );
+    // The kernel completed it (BUSY) with the reset; the handler must not complete
+    // it again (the emulator panics on an unknown id, as a real ring breaks).
+    let done = emu.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, BUSY)]
+    );
+    let id = submit(&mut emu, &rw16(0x88, 0, 8, 0), &[], 4096);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert_eq!(c.status, 0);
+    assert!(served.failures.lock().unwrap().is_empty());
+}
