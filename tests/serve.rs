@@ -761,3 +761,80 @@ fn a_ring_reset_waits_until_the_workers_have_handed_back_the_devices_commands() 
     assert_eq!(c.status, 0);
     assert!(served.failures.lock().unwrap().is_empty());
 }
+
+/// A logger that keeps every record as "message key=value ...".
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+impl slog::Drain for Capture {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, r: &slog::Record, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        struct Line<'a>(&'a mut String);
+        impl slog::Serializer for Line<'_> {
+            fn emit_arguments(&mut self, k: slog::Key, v: &std::fmt::Arguments) -> slog::Result {
+                self.0.push_str(&format!(" {k}={v}"));
+                Ok(())
+            }
+        }
+        let mut s = r.msg().to_string();
+        let _ = slog::KV::serialize(&r.kv(), r, &mut Line(&mut s));
+        self.0.lock().unwrap().push(s);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
+    let cache_dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(32 << 20));
+    format_device(
+        cache_dev.as_ref(),
+        FormatOptions {
+            block_size: 512,
+            segment_size: 256 << 10,
+        },
+    )
+    .unwrap();
+    let disk = HangingDisk::new(BACKING, true);
+    let (cache, _) = Cache::open(
+        cache_dev,
+        vec![Backing {
+            id: 0,
+            dev: disk.clone(),
+            label: "hung".into(),
+        }],
+        OpenOptions::default(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let logs = Capture::default();
+    let mut el = EventLoop::new(4, slog::Logger::root(logs.clone(), slog::o!())).unwrap();
+    el.set_stop_bound(Duration::from_millis(300));
+    el.add_device(device(&emu, &cache, "disk0")).unwrap();
+    let id = submit(&mut emu, &rw16(0x88, 0, 8, 0), &[], 4096);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk.reads.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "read never reached the disk");
+        el.run_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    let t = Instant::now();
+    let devs = el.shutdown();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "the stop took {took:?} with a 300 ms bound"
+    );
+    assert_eq!(devs[0].busy(), 1, "the hung command is left unanswered");
+    assert!(emu.reap().is_empty());
+    let lines = logs.0.lock().unwrap().clone();
+    let said = lines
+        .iter()
+        .find(|l| l.contains("still running after the bound"))
+        .unwrap_or_else(|| panic!("no log of the hung command: {lines:#?}"));
+    assert!(
+        said.contains(&format!("cmd_id: {id}")) && said.contains("READ"),
+        "{said}"
+    );
+    disk.release();
+}
