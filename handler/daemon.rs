@@ -2,7 +2,9 @@
 //! (those that exist at start-up, re-attached with the block/reset/attach/unblock
 //! sequence of `docs/tcmu.md` §6.6, and those announced later over netlink), serves
 //! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
-//! stops taking commands, lets in-flight ones finish, and closes the caches cleanly.
+//! stops taking commands, lets in-flight ones finish (up to a bound, logging what is
+//! still running then), completes them on their rings, stops the I/O workers, and
+//! only then closes the caches.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -432,8 +434,9 @@ fn make_device(
     let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
     lc.max_transfer_blocks = max_sectors;
     let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
-    let (map, bell) =
+    let (map, mut bell) =
         uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
+    bell.set_actions(cfs.dir(u.hba, &u.name).join("action"));
     let ring = Ring::new(map).map_err(|e| e.to_string())?;
     Ok(Device::new(
         &format!("{}/{}", u.hba, u.name),
@@ -634,14 +637,11 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         }
     }
     info!(log, "stopping");
-    for d in sh
-        .served
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(..)
-    {
-        el.remove_device(d.token);
-    }
+    sh.served.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    // Every command on a worker is completed and published, and every worker has
+    // exited, before the caches close.
+    drop(el.shutdown());
+    drop(el);
     let _ = std::fs::remove_file(&socket);
     sh.close();
     Ok(())
