@@ -614,6 +614,11 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let handler: Arc<dyn Handler> = sh.clone();
     info!(log, "serving"; "control_socket" => socket.display().to_string());
+    // systemd (Type=notify): ready once the control socket listens and every device
+    // that existed at start is re-attached. Without NOTIFY_SOCKET this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!(log, "sd_notify READY failed"; "error" => %e);
+    }
     while !stop.load(Ordering::Relaxed) {
         let ready = el
             .run_once(Some(Duration::from_millis(200)))
@@ -637,6 +642,7 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         }
     }
     info!(log, "stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     sh.served.lock().unwrap_or_else(|e| e.into_inner()).clear();
     // Every command on a worker is completed and published, and every worker has
     // exited, before the caches close.
@@ -644,6 +650,13 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     drop(el);
     let _ = std::fs::remove_file(&socket);
     sh.close();
+    // Leave the kernel as we found it: with command replies still announced, the next
+    // `enable` of a user: device (targetctl restore at boot) would wait in D state
+    // for a reply nobody sends.
+    match nl.set_features(false) {
+        Ok(_) => info!(log, "netlink command replies turned off"),
+        Err(e) => warn!(log, "SET_FEATURES (replies off) failed"; "error" => %e),
+    }
     Ok(())
 }
 

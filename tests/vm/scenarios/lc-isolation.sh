@@ -54,6 +54,16 @@ done
 [ -b "$d1" ] || { lsscsi; fail "no second lc LUN"; }
 echo "disk0 is $d0, disk1 is $d1"
 
+diag() {
+    echo "--- diagnostics: $*"
+    ps -eo pid,stat,wchan:32,args | grep -E "dd |fio|lc |dmsetup" | grep -v grep
+    for t in /proc/"$(cat /tmp/lc.pid)"/task/*; do
+        echo "task $(cat "$t/comm"): $(tr '\n' ' ' <"$t/stack" 2>/dev/null | cut -c1-300)"
+    done
+    dmsetup info -c
+    dmesg | tail -30
+    fail "$*"
+}
 p99_ms() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(round(j["jobs"][0]["read"]["clat_ns"]["percentile"]["99.000000"]/1e6, 2))' "$1"; }
 iops() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(int(j["jobs"][0][sys.argv[2]]["iops"]))' "$1" "$2"; }
 
@@ -64,16 +74,23 @@ fio --name=base --filename="$d1" --direct=1 --ioengine=libaio --iodepth=1 --bs=4
 echo "disk1 read p99 before: $(p99_ms /tmp/base.json) ms"
 dmsetup suspend hddA
 # Eight readers of disk0's (uncached) backing device: they hang in the daemon's workers.
+readers=()
 for i in $(seq 8); do
     dd if="$d0" of=/dev/null bs=4k count=1 skip=$((i * 1000)) iflag=direct status=none 2>/dev/null &
+    readers+=($!)
 done
 sleep 2
 fio --name=hung --filename="$d1" --direct=1 --ioengine=libaio --iodepth=1 --bs=4k --rw=randread \
     --size=32M --runtime=10 --time_based --output-format=json >/tmp/hung.json
 p99=$(p99_ms /tmp/hung.json)
 echo "disk1 read p99 while disk0's backing device hangs: $p99 ms"
-dmsetup resume hddA
-wait
+timeout 30 dmsetup resume hddA || diag "dmsetup resume hung"
+for _ in $(seq 120); do
+    alive=0; for p in "${readers[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.5
+done
+[ "$alive" = 0 ] || diag "disk0's readers still hang 60 s after its backing device came back"
 python3 -c "import sys; sys.exit(0 if float('$p99') <= 100 else 1)" \
     || fail "disk1's reads stalled behind disk0's hung backing device (p99 $p99 ms)"
 
@@ -133,6 +150,7 @@ echo "lc stopped in $(( $(date +%s) - t )) s"
 rm -f /run/lc/control.sock
 start_lc
 wait "$fio_pid" || { cat /tmp/term.out; fail "fio saw errors across the stop"; }
-dmesg | grep -iE "abort|timing out|timed out|host reset|device reset|bus reset" | tee /tmp/aborts.txt
-[ -s /tmp/aborts.txt ] && fail "commands aborted or timed out across SIGTERM"
+dmesg | grep -iE "abort|timing out|timed out|host reset|device reset|bus reset" >/tmp/aborts.txt || true
+[ -s /tmp/aborts.txt ] && { cat /tmp/aborts.txt; fail "commands aborted or timed out across SIGTERM"; }
+echo "kernel log across the stop:"; dmesg
 echo "lc-isolation ok"
