@@ -103,6 +103,6 @@ echo -n "dev_size=16777216" >"$d/control"
 enable_pid=$!
 for _ in $(seq 100); do kill -0 "$enable_pid" 2>/dev/null || break; sleep 0.2; done
 kill -0 "$enable_pid" 2>/dev/null && fail "enable hangs after lc stopped (netlink replies left on)"
-echo 0 >"$d/enable" 2>/dev/null || true
-rmdir "$d" 2>/dev/null || true
+rmdir "$d" || fail "cannot remove the device enabled without a daemon"
+rmdir "$(dirname "$d")" || true
 echo "lc-damage ok"
