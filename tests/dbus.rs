@@ -98,7 +98,7 @@ fn targetcli_sees_user_lc_and_check_config_answers() {
     let (ok, why) = call("lc/bogus");
     assert!(!ok && why.contains("bogus"), "{why}");
 
-    let e = DbusService::start(Bus::Address(bus.address.clone()), |_| Ok(()))
+    let e = DbusService::start(Bus::Address(bus.address.clone()), |_| Ok::<(), String>(()))
         .err()
         .unwrap();
     assert!(
