@@ -2,7 +2,7 @@
 //! validation of cfgstrings given to `targetcli`. Everything is checked once at load;
 //! errors name the file and the key.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -164,11 +164,10 @@ pub enum ConfigError {
     SameDevice(Box<DeviceClash>),
 }
 
-/// One device configured under two keys.
+/// One device configured under two keys, or a partition and its whole disk.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "config {}: {second} ({}) is the same device as {first} ({}); each device may be \
-     configured once",
+    "config {}: {second} ({}) {overlap} {first} ({}); each device may be configured once",
     file.display(),
     second_path.display(),
     first_path.display()
@@ -184,6 +183,29 @@ pub struct DeviceClash {
     pub second: DeviceKey,
     /// Its path under that key.
     pub second_path: PathBuf,
+    /// How the second overlaps the first.
+    pub overlap: Overlap,
+}
+
+/// How two configured devices overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlap {
+    /// The same block device, or the same file.
+    Same,
+    /// The second is a partition of the first.
+    PartitionOf,
+    /// The second is the whole disk the first is a partition of.
+    DiskOf,
+}
+
+impl fmt::Display for Overlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Overlap::Same => "is the same device as",
+            Overlap::PartitionOf => "is a partition of",
+            Overlap::DiskOf => "is the whole disk holding",
+        })
+    }
 }
 
 /// The key under which a device is configured.
@@ -227,21 +249,68 @@ fn device_identity(path: &Path) -> DeviceIdentity {
     }
 }
 
-/// Refuses a device configured under two keys; `devices` in file order.
-fn check_distinct_devices(file: &Path, devices: &[(DeviceKey, &Path)]) -> Result<(), ConfigError> {
-    let mut seen: HashMap<DeviceIdentity, usize> = HashMap::new();
-    for (i, (_, p)) in devices.iter().enumerate() {
-        let id = device_identity(p);
-        if let Some(&j) = seen.get(&id) {
+/// The whole disk a partition belongs to (its device number), from
+/// `<sysfs>/dev/block/MAJ:MIN`; None for a whole disk or when sysfs does not say.
+fn whole_disk(sysfs: &Path, rdev: u64) -> Option<u64> {
+    let node = sysfs.join(format!(
+        "dev/block/{}:{}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    ));
+    let real = std::fs::canonicalize(node).ok()?;
+    if !real.join("partition").exists() {
+        return None;
+    }
+    let text = std::fs::read_to_string(real.parent()?.join("dev")).ok()?;
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(rustix::fs::makedev(
+        major.parse().ok()?,
+        minor.parse().ok()?,
+    ))
+}
+
+/// Refuses a device configured under two keys (`devices` in file order), or a
+/// partition beside its whole disk (`sysfs` tells which is which).
+fn check_distinct_devices(
+    file: &Path,
+    devices: &[(DeviceKey, &Path)],
+    sysfs: &Path,
+) -> Result<(), ConfigError> {
+    let ids: Vec<(DeviceIdentity, Option<u64>)> = devices
+        .iter()
+        .map(|(_, p)| {
+            let id = device_identity(p);
+            let disk = match id {
+                DeviceIdentity::Block(rdev) => whole_disk(sysfs, rdev),
+                _ => None,
+            };
+            (id, disk)
+        })
+        .collect();
+    for (i, (id, disk)) in ids.iter().enumerate() {
+        for (j, (earlier, earlier_disk)) in ids[..i].iter().enumerate() {
+            let overlap = match (id, earlier) {
+                _ if id == earlier => Overlap::Same,
+                (DeviceIdentity::Block(a), DeviceIdentity::Block(b)) => {
+                    if *disk == Some(*b) {
+                        Overlap::PartitionOf
+                    } else if *earlier_disk == Some(*a) {
+                        Overlap::DiskOf
+                    } else {
+                        continue;
+                    }
+                }
+                _ => continue,
+            };
             return Err(ConfigError::SameDevice(Box::new(DeviceClash {
                 file: file.to_path_buf(),
                 first: devices[j].0.clone(),
                 first_path: devices[j].1.to_path_buf(),
                 second: devices[i].0.clone(),
-                second_path: p.to_path_buf(),
+                second_path: devices[i].1.to_path_buf(),
+                overlap,
             })));
         }
-        seen.insert(id, i);
     }
     Ok(())
 }
@@ -448,7 +517,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 .map(|l| (DeviceKey::Lun(l.name.clone()), l.backing.as_path())),
         )
         .collect();
-    check_distinct_devices(path, &devices)?;
+    check_distinct_devices(path, &devices, Path::new("/sys"))?;
     Ok(Loaded {
         path: path.to_path_buf(),
         daemon: c.daemon,
@@ -659,6 +728,72 @@ backing_id = 0
         } else {
             eprintln!("no block device in /dev: the st_rdev case is not exercised here");
         }
+    }
+
+    #[test]
+    fn a_partition_beside_its_whole_disk_is_refused() {
+        // Device nodes need root (mknod); sysfs is a fake tree in the same directory.
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: no device nodes, the partition case is not exercised");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sysfs = d.join("sys");
+        let disk = sysfs.join("devices/virtual/block/sdz");
+        std::fs::create_dir_all(disk.join("sdz1")).unwrap();
+        std::fs::create_dir_all(disk.join("sdz2")).unwrap();
+        std::fs::write(disk.join("dev"), "259:100\n").unwrap();
+        std::fs::write(disk.join("sdz1/partition"), "1\n").unwrap();
+        std::fs::write(disk.join("sdz2/partition"), "2\n").unwrap();
+        std::fs::create_dir_all(sysfs.join("dev/block")).unwrap();
+        for (node, target) in [
+            ("259:100", "sdz"),
+            ("259:101", "sdz/sdz1"),
+            ("259:102", "sdz/sdz2"),
+        ] {
+            std::os::unix::fs::symlink(
+                format!("../../devices/virtual/block/{target}"),
+                sysfs.join("dev/block").join(node),
+            )
+            .unwrap();
+        }
+        let node = |name: &str, minor: u32| {
+            let p = d.join(name);
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &p,
+                rustix::fs::FileType::BlockDevice,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(259, minor),
+            )
+            .unwrap();
+            p
+        };
+        let (whole, p1, p2) = (node("sdz", 100), node("sdz1", 101), node("sdz2", 102));
+        let cache = d.join("cache.img");
+        std::fs::File::create(&cache).unwrap();
+        let check = |a: &Path, b: &Path| {
+            let devices = [
+                (DeviceKey::Cache("c0".into()), cache.as_path()),
+                (DeviceKey::Lun("disk0".into()), a),
+                (DeviceKey::Lun("disk1".into()), b),
+            ];
+            check_distinct_devices(Path::new("lc.toml"), &devices, &sysfs)
+                .map_err(|e| e.to_string())
+        };
+        // Two partitions of one disk are distinct devices.
+        check(&p1, &p2).unwrap();
+        let e = check(&whole, &p2).unwrap_err();
+        assert!(
+            e.contains("lun disk1: backing") && e.contains("is a partition of lun disk0: backing"),
+            "{e}"
+        );
+        let e = check(&p1, &whole).unwrap_err();
+        assert!(
+            e.contains("is the whole disk holding lun disk0: backing"),
+            "{e}"
+        );
     }
 
     #[test]
