@@ -678,6 +678,23 @@ mod tests {
     }
 
     #[test]
+    fn control_md_states_the_default_limits() {
+        let doc = include_str!("../docs/CONTROL.md");
+        let l = Limits::default();
+        for want in [
+            format!(
+                "At most {} connections are served at once",
+                l.max_connections
+            ),
+            format!("too many control connections ({} open)", l.max_connections),
+            format!("no complete request for {} s", l.idle_timeout.as_secs()),
+            format!("cannot be written for {} s", l.write_timeout.as_secs()),
+        ] {
+            assert!(doc.contains(&want), "docs/CONTROL.md lacks {want:?}");
+        }
+    }
+
+    #[test]
     fn only_root_or_the_daemons_user_may_connect() {
         assert!(peer_allowed(0, 0));
         assert!(peer_allowed(0, 1000));
