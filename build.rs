@@ -1,30 +1,129 @@
-//! Generates `sys/` bindings: bindgen over the kernel's TCMU UAPI header
-//! (`linux/target_core_user.h`, Debian package linux-libc-dev; override the path with
-//! `LC_TCMU_HEADER`). Needs libclang (Debian: libclang-dev).
+//! The TCMU bindings of `sys/` are checked in (`sys/tcmu_generated.rs`), so a default
+//! build runs nothing here and needs no libclang.
+//!
+//! With the `regen-bindings` feature this regenerates them: bindgen over the kernel's
+//! TCMU UAPI header (`linux/target_core_user.h`, Debian package linux-libc-dev; another
+//! path in `LC_TCMU_HEADER`) into `$OUT_DIR/tcmu_generated.rs`, which `sys/mod.rs` then
+//! includes instead of the checked-in file. Needs libclang (Debian: libclang-dev).
+//! `LC_BINDINGS_OUT=<path>` (relative: to the checkout) also writes the result there:
+//! `.ci/run` diffs such a copy against the checked-in file, and
+//! `LC_BINDINGS_OUT=sys/tcmu_generated.rs cargo build --features regen-bindings`
+//! updates the checked-in file.
 
 fn main() {
-    let header = std::env::var("LC_TCMU_HEADER")
-        .unwrap_or_else(|_| "/usr/include/linux/target_core_user.h".to_string());
-    println!("cargo:rerun-if-changed={header}");
-    println!("cargo:rerun-if-env-changed=LC_TCMU_HEADER");
     println!("cargo:rerun-if-changed=build.rs");
-    let bindings = bindgen::Builder::default()
-        .header(&header)
-        .allowlist_type("tcmu_.*")
-        .allowlist_var("TCMU_.*")
-        .allowlist_type("tcmu_genl_cmd|tcmu_genl_attr")
-        // `struct tcmu_mailbox` is `__packed` with an `__aligned(64)` member, which Rust
-        // cannot express (`repr(packed)` forbids `align`); sys/mod.rs defines it.
-        .blocklist_type("tcmu_mailbox")
-        .derive_debug(true)
-        .derive_default(true)
-        .layout_tests(true)
-        .generate()
-        .unwrap_or_else(|e| {
-            panic!("bindgen over {header} failed ({e}); install linux-libc-dev and libclang-dev")
-        });
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    bindings
-        .write_to_file(out.join("tcmu.rs"))
-        .expect("write bindings");
+    #[cfg(feature = "regen-bindings")]
+    regen::run();
+}
+
+#[cfg(feature = "regen-bindings")]
+mod regen {
+    use std::path::{Path, PathBuf};
+
+    const CHECKED_IN: &str = "sys/tcmu_generated.rs";
+
+    pub fn run() {
+        let header = std::env::var("LC_TCMU_HEADER")
+            .unwrap_or_else(|_| "/usr/include/linux/target_core_user.h".to_string());
+        println!("cargo:rerun-if-changed={header}");
+        println!("cargo:rerun-if-env-changed=LC_TCMU_HEADER");
+        println!("cargo:rerun-if-env-changed=LC_BINDINGS_OUT");
+        println!("cargo:rerun-if-changed={CHECKED_IN}");
+
+        let bindings = bindgen::Builder::default()
+            .header(&header)
+            .allowlist_type("tcmu_.*")
+            .allowlist_var("TCMU_.*")
+            .allowlist_type("tcmu_genl_cmd|tcmu_genl_attr")
+            // `struct tcmu_mailbox` is `__packed` with an `__aligned(64)` member, which
+            // Rust cannot express (`repr(packed)` forbids `align`); sys/mod.rs defines it.
+            .blocklist_type("tcmu_mailbox")
+            .derive_debug(true)
+            .derive_default(true)
+            .layout_tests(true)
+            // In-process and pinned by Cargo.lock, so the output does not depend on
+            // which rustfmt the machine has.
+            .formatter(bindgen::Formatter::Prettyplease)
+            .generate()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "bindgen over {header} failed ({e}); install linux-libc-dev and libclang-dev"
+                )
+            });
+        let text = format!("{}{}", provenance(Path::new(&header)), bindings);
+
+        let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+        write(&out.join("tcmu_generated.rs"), &text);
+        if let Some(extra) = std::env::var_os("LC_BINDINGS_OUT") {
+            let extra = PathBuf::from(extra);
+            // Rerun when that copy is missing or changed, so it is always written.
+            println!("cargo:rerun-if-changed={}", extra.display());
+            write(&extra, &text);
+        }
+        let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
+        let checked_in = std::fs::read_to_string(Path::new(&manifest_dir).join(CHECKED_IN));
+        if checked_in.ok().as_deref() != Some(text.as_str()) {
+            println!(
+                "cargo:warning=the bindings generated from {header} differ from the checked-in \
+                 {CHECKED_IN}; this build uses the new ones (LC_BINDINGS_OUT={CHECKED_IN} \
+                 to update the file)"
+            );
+        }
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text)
+            .unwrap_or_else(|e| panic!("cannot write the bindings to {}: {e}", path.display()));
+    }
+
+    /// The comment that opens the generated file: the header, the kernel version its
+    /// directory's `linux/version.h` states and, on Debian, the package that installed
+    /// it. Plain `//` lines: the file is `include!`d, where inner doc comments are refused.
+    fn provenance(header: &Path) -> String {
+        let name = "linux/target_core_user.h";
+        let version_h = header.with_file_name("version.h");
+        println!("cargo:rerun-if-changed={}", version_h.display());
+        let kernel = std::fs::read_to_string(&version_h)
+            .ok()
+            .and_then(|s| {
+                let field = |key: &str| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix(&format!("#define {key} ")))
+                        .map(str::trim)
+                        .map(str::to_owned)
+                };
+                Some(format!(
+                    "{}.{}.{}",
+                    field("LINUX_VERSION_MAJOR")?,
+                    field("LINUX_VERSION_PATCHLEVEL")?,
+                    field("LINUX_VERSION_SUBLEVEL")?
+                ))
+            })
+            .unwrap_or_else(|| "unknown".to_string());
+        let package = debian_package(header).unwrap_or_else(|| "not from a Debian package".into());
+        format!(
+            "// Generated by build.rs (feature `regen-bindings`) with bindgen from the kernel's\n\
+             // UAPI header {name}; do not edit. Regenerate: see build.rs.\n\
+             // Kernel headers: Linux {kernel} ({package}).\n\n"
+        )
+    }
+
+    /// `linux-libc-dev 6.1.187-1`: the Debian package owning `header`, if any.
+    fn debian_package(header: &Path) -> Option<String> {
+        let owner = std::process::Command::new("dpkg-query")
+            .arg("--search")
+            .arg(header)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let owner = String::from_utf8(owner.stdout).ok()?;
+        let pkg = owner.split(':').next()?.trim().to_string();
+        let version = std::process::Command::new("dpkg-query")
+            .args(["--show", "--showformat=${Version}", &pkg])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let version = String::from_utf8(version.stdout).ok()?;
+        Some(format!("Debian {pkg} {}", version.trim()))
+    }
 }

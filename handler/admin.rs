@@ -121,7 +121,23 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
             })
         })
         .collect();
-    let clean = r.log.stop_reason.is_none();
+    // A torn tail (a crash mid-write) loses nothing acknowledged: not damage. A damaged
+    // superblock copy loses nothing either (the other copy is used) but is reported.
+    let clean = r.damage.is_none();
+    let dirty_lines: u64 = r.dirty_lines.iter().map(|x| x.1).sum();
+    let damage = r.damage.as_ref().map(|d| {
+        let lun_of = |id: u8| {
+            r.superblock.backing[id as usize]
+                .as_ref()
+                .map(|b| b.label.clone())
+        };
+        serde_json::json!({
+            "segments": r.log.damaged.iter().map(|(id, why)| serde_json::json!({"id": id, "reason": why})).collect::<Vec<_>>(),
+            "lost_lines": d.lost_lines.iter().map(|(id, n)| serde_json::json!({"backing_id": id, "label": lun_of(*id), "lines": n})).collect::<Vec<_>>(),
+            "lost_ranges": d.lost_ranges.iter().map(|(id, s, n)| serde_json::json!({"backing_id": id, "sector": s, "sectors": n})).collect::<Vec<_>>(),
+            "unknown_after_segment": (d.unknown_upto > 0).then_some(d.unknown_upto),
+        })
+    });
     let text = if json {
         serde_json::json!({
             "device": device.display().to_string(),
@@ -131,10 +147,13 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
             "nr_segments": g.nr_segments,
             "lines_per_segment": g.lines_per_segment,
             "superblock_seq": r.superblock.seq,
+            "superblock_copies": r.superblock_copies.iter().map(|c| c.clone().unwrap_or_else(|| "ok".into())).collect::<Vec<_>>(),
             "last_writeback_id": r.log.last_writeback_id,
             "dirty_segments": r.log.replayed_segments,
-            "dirty_lines": r.log.restored_lines,
-            "damage": r.log.stop_reason,
+            "dirty_lines": dirty_lines,
+            "line_copies": r.log.restored_lines,
+            "torn_tail": r.log.tail,
+            "damage": damage,
             "backing": backing,
         })
         .to_string()
@@ -152,9 +171,16 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
             "superblock commit {}, written back through segment {}\n",
             r.superblock.seq, r.log.last_writeback_id
         );
+        for (name, c) in ["A", "B"].iter().zip(&r.superblock_copies) {
+            if let Some(why) = c {
+                t += &format!(
+                    "superblock copy {name} damaged ({why}); the other copy is used and the next commit rewrites it\n"
+                );
+            }
+        }
         t += &format!(
-            "log: {} dirty segments, {} dirty lines\n",
-            r.log.replayed_segments, r.log.restored_lines
+            "log: {} dirty segments, {} dirty lines ({} line copies)\n",
+            r.log.replayed_segments, dirty_lines, r.log.restored_lines
         );
         for b in &backing {
             t += &format!(
@@ -165,12 +191,29 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
                 b["dirty_lines"]
             );
         }
-        match &r.log.stop_reason {
+        if let Some(tail) = &r.log.tail {
+            t += &format!(
+                "log ends at a torn segment ({tail}): a write cut short, never acknowledged as durable; nothing is lost\n"
+            );
+        }
+        match &r.damage {
             None => t += "log intact\n",
-            Some(reason) => {
-                t += &format!(
-                    "DAMAGE: the log ends early: {reason}; later segments will not be replayed\n"
-                )
+            Some(d) => {
+                for (id, why) in &r.log.damaged {
+                    t += &format!("DAMAGE: segment {id} was durable but fails its checks: {why}\n");
+                }
+                for (id, n) in &d.lost_lines {
+                    let label = r.superblock.backing[*id as usize]
+                        .as_ref()
+                        .map_or(String::new(), |b| format!(" ({:?})", b.label));
+                    t += &format!("DAMAGE: backing {id}{label}: {n} lines lost; reads of them fail until rewritten or `lc accept-loss`\n");
+                }
+                if d.unknown_upto > 0 {
+                    t += &format!(
+                        "DAMAGE: segment {}'s header is unreadable: every line not written again after it is refused\n",
+                        d.unknown_upto
+                    );
+                }
             }
         }
         t

@@ -33,28 +33,58 @@ fn table(v: &Value) -> String {
                 "{:<10} {:<31} {:>8} {:>6} {:>13}  {}\n",
                 c["name"].as_str().unwrap_or(""),
                 c["device"].as_str().unwrap_or(""),
-                c["nr_segments"],
-                c["dirty_segments"],
-                c["last_writeback_id"],
-                c["failure"]
-                    .as_str()
-                    .map_or("ok".to_string(), |f| format!("FAILED: {f}"))
+                c["nr_segments"].as_u64().unwrap_or(0),
+                c["dirty_segments"].as_u64().unwrap_or(0),
+                c["last_writeback_id"].as_u64().unwrap_or(0),
+                cache_state(c)
             );
         }
     }
     if let Some(luns) = v["luns"].as_array() {
         out +=
-            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES\n";
+            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES  STATE\n";
         for l in luns {
+            let lost = match (
+                l["lost_lines"].as_u64(),
+                l["unreadable_after_damage"].as_bool(),
+            ) {
+                (_, Some(true)) => "unknown".to_string(),
+                (Some(n), _) => n.to_string(),
+                _ => "0".to_string(),
+            };
             out += &format!(
-                "{:<10} {:<10} {:>3}  {:<31} {:<10} {}\n",
+                "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
                 l["name"].as_str().unwrap_or(""),
                 l["cache"].as_str().unwrap_or(""),
-                l["backing_id"],
+                l["backing_id"].as_u64().unwrap_or(0),
                 l["backing"].as_str().unwrap_or(""),
                 l["served_by"].as_str().unwrap_or("-"),
-                l["dirty_lines"]
+                l["dirty_lines"].as_u64().unwrap_or(0),
+                lost,
+                match l["writeback_failing_since"].as_u64() {
+                    Some(t) => format!(
+                        "writeback failing since {} ({})",
+                        utc(t),
+                        l["writeback_error"].as_str().unwrap_or("")
+                    ),
+                    None => "ok".into(),
+                }
             );
+        }
+    }
+    if let Some(a) = v.get("accepted").filter(|a| !a.is_null()) {
+        out += &format!("damaged segments {}: loss accepted\n", a["segments"]);
+        for r in a["lost_ranges"].as_array().into_iter().flatten() {
+            out += &format!(
+                "lost: backing {} ({}) sectors {}..+{} now read older data\n",
+                r["backing_id"],
+                r["lun"].as_str().unwrap_or("-"),
+                r["sector"],
+                r["sectors"]
+            );
+        }
+        if let Some(s) = a["unknown_after_segment"].as_u64() {
+            out += &format!("lines not rewritten since segment {s} now read older data\n");
         }
     }
     if let Some(stats) = v["stats"].as_object() {
@@ -76,6 +106,41 @@ fn table(v: &Value) -> String {
         }
     }
     out
+}
+
+/// RFC 3339 UTC time of seconds since the epoch.
+fn utc(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        .to_string()
+}
+
+/// The STATE column of a cache: failed, damaged (and what is lost), or ok.
+fn cache_state(c: &Value) -> String {
+    if let Some(f) = c["failure"].as_str() {
+        return format!("FAILED: {f}");
+    }
+    let d = &c["damage"];
+    if d.is_null() {
+        return "ok".into();
+    }
+    let lost: u64 = d["lost_lines"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter_map(|x| x["lines"].as_u64()).sum());
+    let unknown = d["unknown_after_segment"]
+        .as_u64()
+        .map_or(String::new(), |s| {
+            format!(", lines not rewritten since segment {s} unreadable")
+        });
+    if lost == 0 && unknown.is_empty() {
+        return format!(
+            "ok (damaged segments {} kept until written back)",
+            d["segments"]
+        );
+    }
+    format!(
+        "DAMAGED: segments {} lost {lost} lines{unknown}; rewrite them or `lc accept-loss`",
+        d["segments"]
+    )
 }
 
 /// Sends `req` and prints the answer (a table, or JSON with `json`).

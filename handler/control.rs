@@ -62,6 +62,12 @@ pub enum Request {
         /// Cache name.
         cache: String,
     },
+    /// The operator accepts data lost to cache log damage: reply with what was lost,
+    /// then stop refusing reads of it (older data becomes readable).
+    AcceptLoss {
+        /// Cache name.
+        cache: String,
+    },
     /// Write back every dirty line of a LUN's backing device (progress lines, then a
     /// final line).
     Drain {

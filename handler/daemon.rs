@@ -2,7 +2,9 @@
 //! (those that exist at start-up, re-attached with the block/reset/attach/unblock
 //! sequence of `docs/tcmu.md` §6.6, and those announced later over netlink), serves
 //! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
-//! stops taking commands, lets in-flight ones finish, and closes the caches cleanly.
+//! stops taking commands, lets in-flight ones finish (up to a bound, logging what is
+//! still running then), completes them on their rings, stops the I/O workers, and
+//! only then closes the caches.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -173,30 +175,19 @@ impl Shared {
                     },
                 );
             }
-            let seg = lc_cache::probe(dev.as_ref())
-                .map_err(|e| format!("cache {}: {e}", s.name))?
-                .ok_or_else(|| {
-                    format!(
-                        "cache {}: {} is not formatted (run `lc format {}`)",
-                        s.name,
-                        s.device.display(),
-                        s.device.display()
-                    )
-                })?
-                .geometry
-                .segment_size as u64;
             let (cache, report) = Cache::open(
                 dev,
                 backing,
                 OpenOptions {
-                    ram_buffers: Some((c.ram_bytes / seg).max(2) as usize),
+                    ram_bytes: c.ram_bytes,
                     tunables: c.tunables.clone(),
                     logger: log.new(slog::o!("cache" => s.name.clone())),
                 },
             )
             .map_err(|e| format!("cache {}: {e}", s.name))?;
-            if let Some(r) = &report.stop_reason {
-                warn!(log, "cache log damaged; recovered the valid prefix"; "cache" => &s.name, "reason" => r);
+            if !report.damaged.is_empty() {
+                error!(log, "cache log damaged: reads of lost data fail until rewritten or `lc accept-loss`";
+                       "cache" => &s.name, "segments" => format!("{:?}", report.damaged));
             }
             caches.insert(s.name.clone(), Arc::new(cache));
         }
@@ -241,6 +232,31 @@ impl Shared {
     }
 }
 
+/// Damage of a cache as the control protocol shows it: the damaged segments, lost lines
+/// per backing device (with the LUN's name when configured), lost sector ranges.
+fn damage_json(
+    d: &lc_cache::DamageReport,
+    luns: &[crate::config::LunSection],
+    cache: &str,
+) -> Value {
+    let lun_of = |id: u8| {
+        luns.iter()
+            .find(|l| l.cache == cache && l.backing_id == id)
+            .map(|l| l.name.clone())
+    };
+    json!({
+        "segments": d.segments,
+        "lost_lines": d.lost_lines.iter().map(|(id, n)| json!({"backing_id": id, "lun": lun_of(*id), "lines": n})).collect::<Vec<_>>(),
+        "lost_ranges": d.lost_ranges.iter().map(|(id, s, n)| json!({"backing_id": id, "lun": lun_of(*id), "sector": s, "sectors": n})).collect::<Vec<_>>(),
+        "unknown_after_segment": (d.unknown_upto > 0).then_some(d.unknown_upto),
+    })
+}
+
+fn epoch_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn stats_json(c: &Cache) -> Value {
     let s = c.stats();
     let counters: serde_json::Map<String, Value> = (0..16)
@@ -259,6 +275,7 @@ fn stats_json(c: &Cache) -> Value {
         "ram_bytes": s.ram_bytes,
         "index_bytes": s.index_bytes,
         "partial_segments": s.partial_segments,
+        "writeback_failures": s.writeback_failures.iter().map(|f| json!({"backing_id": f.dev, "since": epoch_secs(f.since), "error": f.error})).collect::<Vec<_>>(),
         "tunables": c.tunables().list().into_iter().collect::<HashMap<_, _>>(),
         "failure": c.failure(),
     })
@@ -279,11 +296,22 @@ impl Handler for Shared {
                     .iter()
                     .map(|l| {
                         let dev = served.iter().find(|s| s.lun == l.name);
-                        let dirty = self.caches.get(&l.cache).map_or(0, |c| {
-                            c.stats().dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        let stats = self.caches.get(&l.cache).map(|c| c.stats());
+                        let dirty = stats.as_ref().map_or(0, |s| {
+                            s.dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        });
+                        let damage = stats.as_ref().and_then(|s| s.damage.as_ref());
+                        let lost = damage.map_or(0, |d| {
+                            d.lost_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
+                        });
+                        let failing = stats.as_ref().and_then(|s| {
+                            s.writeback_failures.iter().find(|f| f.dev == l.backing_id).cloned()
                         });
                         json!({"name": l.name, "cache": l.cache, "backing": l.backing, "backing_id": l.backing_id,
-                               "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty})
+                               "served_by": dev.map(|d| d.uio.clone()), "dirty_lines": dirty, "lost_lines": lost,
+                               "unreadable_after_damage": damage.is_some_and(|d| d.unknown_upto > 0),
+                               "writeback_failing_since": failing.as_ref().map(|f| epoch_secs(f.since)),
+                               "writeback_error": failing.map(|f| f.error)})
                     })
                     .collect();
                 let caches: Vec<Value> = self
@@ -294,7 +322,8 @@ impl Handler for Shared {
                         let s = self.caches[&c.section.name].stats();
                         json!({"name": c.section.name, "device": c.section.device, "nr_segments": s.nr_segments,
                                "dirty_segments": s.dirty_segments, "last_writeback_id": s.last_writeback_id,
-                               "failure": self.caches[&c.section.name].failure()})
+                               "failure": self.caches[&c.section.name].failure(),
+                               "damage": s.damage.as_ref().map(|d| damage_json(d, &self.cfg.luns, &c.section.name))})
                     })
                     .collect();
                 Ok(json!({"caches": caches, "luns": luns}))
@@ -303,7 +332,12 @@ impl Handler for Shared {
                 let mut out = serde_json::Map::new();
                 for (name, c) in &self.caches {
                     if cache.as_ref().is_none_or(|n| n == name) {
-                        out.insert(name.clone(), stats_json(c));
+                        let mut v = stats_json(c);
+                        v["damage"] = c
+                            .stats()
+                            .damage
+                            .map_or(Value::Null, |d| damage_json(&d, &self.cfg.luns, name));
+                        out.insert(name.clone(), v);
                     }
                 }
                 if let Some(n) = cache {
@@ -330,6 +364,12 @@ impl Handler for Shared {
             Request::ClearStats { cache } => {
                 self.cache(&cache)?.clear_stats();
                 Ok(json!({}))
+            }
+            Request::AcceptLoss { cache } => {
+                let report = self.cache(&cache)?.accept_loss();
+                warn!(self.log, "operator accepted data loss"; "cache" => &cache,
+                      "lost_lines" => format!("{:?}", report.lost_lines), "unknown_upto" => report.unknown_upto);
+                Ok(json!({"accepted": damage_json(&report, &self.cfg.luns, &cache)}))
             }
             Request::Drain { lun } => {
                 let l = self
@@ -394,8 +434,9 @@ fn make_device(
     let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
     lc.max_transfer_blocks = max_sectors;
     let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
-    let (map, bell) =
+    let (map, mut bell) =
         uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
+    bell.set_actions(cfs.dir(u.hba, &u.name).join("action"));
     let ring = Ring::new(map).map_err(|e| e.to_string())?;
     Ok(Device::new(
         &format!("{}/{}", u.hba, u.name),
@@ -596,14 +637,11 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         }
     }
     info!(log, "stopping");
-    for d in sh
-        .served
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(..)
-    {
-        el.remove_device(d.token);
-    }
+    sh.served.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    // Every command on a worker is completed and published, and every worker has
+    // exited, before the caches close.
+    drop(el.shutdown());
+    drop(el);
     let _ = std::fs::remove_file(&socket);
     sh.close();
     Ok(())

@@ -19,3 +19,4 @@ pub mod shm;
 pub mod sys;
 pub mod uio;
 pub mod units;
+pub mod workers;

@@ -99,6 +99,14 @@ enum Cmd {
         #[command(flatten)]
         c: Conn,
     },
+    /// Accept data lost to cache log damage: print what was lost (backing device and
+    /// sector ranges), then let reads return the older data instead of failing.
+    AcceptLoss {
+        /// Cache name.
+        cache: String,
+        #[command(flatten)]
+        c: Conn,
+    },
     /// Write back every dirty line of a LUN's backing device (the detach step).
     Drain {
         /// LUN name.
@@ -172,6 +180,9 @@ fn main() -> ExitCode {
         Cmd::Commit { cache, c } => lc::cli::run(&c.socket, Request::Commit { cache }, c.json),
         Cmd::ClearStats { cache, c } => {
             lc::cli::run(&c.socket, Request::ClearStats { cache }, c.json)
+        }
+        Cmd::AcceptLoss { cache, c } => {
+            lc::cli::run(&c.socket, Request::AcceptLoss { cache }, c.json)
         }
         Cmd::Drain { lun, c } => lc::cli::run(&c.socket, Request::Drain { lun }, c.json),
     };

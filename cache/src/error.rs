@@ -35,6 +35,34 @@ pub enum Error {
         /// Why the value was refused.
         reason: String,
     },
+    /// The newest durable copy of this data was in a damaged log segment: it is lost,
+    /// and the older data is not returned in its place (see `lc accept-loss`).
+    #[error("backing device {dev}: data at byte offset {offset} was lost to cache-device damage")]
+    Lost {
+        /// Backing device id.
+        dev: u8,
+        /// Byte offset of the first lost line touched by the request.
+        offset: u64,
+    },
+    /// Writes cannot proceed: the log is full up to a damaged segment that is kept as
+    /// evidence while data it held is lost (rewrite the lost data or accept the loss).
+    #[error("cache log full up to damaged segment {segment}; rewrite the lost data or run `lc accept-loss`")]
+    LogBlocked {
+        /// The first damaged segment id.
+        segment: u64,
+    },
+    /// Writeback to this backing device has been failing for longer than
+    /// `writeback_fail_timeout_s`: writes that need it to make progress are refused
+    /// rather than left waiting. Its dirty data stays in the cache.
+    #[error("backing device {dev}: writeback failing for {secs} s ({reason}); write refused")]
+    BackingFailed {
+        /// Backing device id.
+        dev: u8,
+        /// Seconds since writeback to it first failed.
+        secs: u64,
+        /// The last writeback error.
+        reason: String,
+    },
     /// The engine stopped accepting writes after an unrecoverable cache-device error.
     #[error("cache failed: {0}")]
     Failed(String),
@@ -53,10 +81,11 @@ impl Error {
         }
     }
 
-    /// The failing byte offset of an I/O error on a backing device, if known.
+    /// The failing byte offset of an I/O error on a backing device, or of lost data,
+    /// if known.
     pub fn io_offset(&self) -> Option<u64> {
         match self {
-            Error::Io { offset, .. } => Some(*offset),
+            Error::Io { offset, .. } | Error::Lost { offset, .. } => Some(*offset),
             _ => None,
         }
     }

@@ -36,6 +36,10 @@ pub const MIN_SEGMENT: u32 = 64 << 10;
 pub const MAX_SEGMENT: u32 = 4 << 20;
 /// Fixed part of a segment header, before the entries.
 pub const SEG_FIXED: usize = 64;
+/// A segment is opened (given its id) only while `id <= durable + SEAL_AHEAD`, where
+/// `durable` is the newest durable segment id. Recovery relies on it: if segment `n`
+/// was durable and the log went on, a segment in `n+1 ..= n + 2*SEAL_AHEAD` says so.
+pub const SEAL_AHEAD: u64 = 2048;
 /// Bytes per segment-header entry.
 pub const ENTRY_SIZE: usize = 16;
 /// Entry flag: the line is a discard record (tombstone) with no data.
@@ -164,6 +168,10 @@ pub struct Superblock {
     pub seq: u64,
     /// Every segment with an id at or below this has been written back.
     pub last_writeback_id: u64,
+    /// Every segment with an id at or below this was durable when this copy was
+    /// written (0: not recorded). Recovery takes it as proof, like a header's
+    /// `durable`.
+    pub durable_id: u64,
     /// Backing-device table indexed by device id.
     pub backing: Vec<Option<BackingRecord>>,
 }
@@ -187,6 +195,7 @@ impl Superblock {
         b[40..56].copy_from_slice(&self.uuid);
         put_u64(&mut b, 56, self.seq);
         put_u64(&mut b, 64, self.last_writeback_id);
+        put_u64(&mut b, 72, self.durable_id);
         for (id, rec) in self.backing.iter().enumerate().take(MAX_BACKING) {
             if let Some(rec) = rec {
                 let off = SB_TABLE_OFF + id * SB_ENTRY_SIZE;
@@ -262,6 +271,7 @@ impl Superblock {
             uuid,
             seq: le_u64(b, 56),
             last_writeback_id: le_u64(b, 64),
+            durable_id: le_u64(b, 72),
             backing,
         })
     }
@@ -298,6 +308,10 @@ pub struct SegmentHeader {
     pub nonce: u64,
     /// crc32c of the previous segment's header (0 for the first after a clean ring).
     pub prev_crc: u32,
+    /// Newest segment id that was durable (written and the cache device flushed) when
+    /// this header was sealed; 0 when not recorded. Stored as `durable_back`, the
+    /// distance back from `id` (see [`SegmentHeader::encode_into`]).
+    pub durable: u64,
     /// crc32c of the used lines' data, `entries.len() * 4096` bytes.
     pub data_crc: u32,
     /// Cache uuid.
@@ -311,6 +325,10 @@ impl SegmentHeader {
     pub fn encode_into(&self, out: &mut [u8]) -> u32 {
         out.fill(0);
         out[0..8].copy_from_slice(&SEG_MAGIC);
+        // durable_back: 0 means "not recorded"; a distance too large for u32 is stored
+        // as u32::MAX, which claims an older (still true) durable point.
+        let back = self.id.saturating_sub(self.durable).min(u32::MAX as u64) as u32;
+        put_u32(out, 8, if self.durable == 0 { 0 } else { back.max(1) });
         put_u32(out, 12, self.entries.len() as u32);
         put_u64(out, 16, self.id);
         put_u64(out, 24, self.lap);
@@ -371,9 +389,16 @@ impl SegmentHeader {
             }
             entries.push(e);
         }
+        let id = le_u64(b, 16);
+        let back = le_u32(b, 8) as u64;
         Ok((
             SegmentHeader {
-                id: le_u64(b, 16),
+                id,
+                durable: if back == 0 {
+                    0
+                } else {
+                    id.saturating_sub(back)
+                },
                 lap: le_u64(b, 24),
                 nonce: le_u64(b, 32),
                 prev_crc: le_u32(b, 40),
@@ -457,6 +482,7 @@ mod tests {
             uuid: [7; 16],
             seq: 9,
             last_writeback_id: 42,
+            durable_id: 45,
             backing,
         };
         let b = sb.encode();
@@ -484,6 +510,7 @@ mod tests {
             lap: 1,
             nonce: 99,
             prev_crc: 1234,
+            durable: 3,
             data_crc: 5678,
             uuid: [1; 16],
             entries: vec![
@@ -505,8 +532,18 @@ mod tests {
         let c = h.encode_into(&mut buf);
         assert_eq!(&buf[0..8], b"lcSEGHD\0");
         assert_eq!(le_u64(&buf, SEG_FIXED), 8);
+        assert_eq!(le_u32(&buf, 8), 2, "durable_back = id - durable");
         let (d, c2) = SegmentHeader::decode(&buf, &g).unwrap();
-        assert_eq!((d, c2), (h, c));
+        assert_eq!((d, c2), (h.clone(), c));
+        // Not recorded (format v1 logs before the field): 0 on disk, 0 decoded.
+        let old = SegmentHeader {
+            durable: 0,
+            ..h.clone()
+        };
+        old.encode_into(&mut buf);
+        assert_eq!(le_u32(&buf, 8), 0);
+        assert_eq!(SegmentHeader::decode(&buf, &g).unwrap().0.durable, 0);
+        h.encode_into(&mut buf);
         for i in 0..buf.len() {
             let mut b = buf.clone();
             b[i] ^= 0x40;

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod damage;
 pub mod device;
 mod engine;
 pub mod error;
@@ -18,11 +19,13 @@ mod flush;
 pub mod format;
 pub mod index;
 mod recovery;
+mod state;
 pub mod stats;
 pub mod testing;
 pub mod tunables;
 mod writeback;
 
+pub use damage::DamageReport;
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use engine::{Backing, Cache, DrainProgress, OpenOptions};
 pub use error::{Error, Result};

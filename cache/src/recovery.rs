@@ -1,5 +1,6 @@
-//! Formatting a cache device and opening one: reading the superblock, replaying the log
-//! after `last_writeback_id` into the index, and resuming after the last valid segment.
+//! Formatting a cache device, reading its superblock, and replaying its log after
+//! `last_writeback_id` into an index ([`replay`], which `Cache::open` and
+//! [`check_device`] share).
 //!
 //! Replay walks ids `wb+1, wb+2, ...` and stops at the first segment that fails any
 //! check: header magic and crc32c, cache uuid, id and lap matching the slot, the chain
@@ -7,17 +8,14 @@
 //! crc32c of the line data. Nothing after a failed segment is trusted. Recovery itself
 //! writes nothing, so a crash during recovery leaves the device as it was.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use slog::{info, warn};
-
+use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::engine::{Backing, BackingSlot, Cache, Inner, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
-    crc, Geometry, SegmentHeader, Superblock, LINE, MAX_BACKING, SB_COPY_SIZE, SECTORS_PER_LINE,
+    crc, Geometry, SegmentHeader, Superblock, FULL_LINE, LINE, MAX_BACKING, SB_COPY_SIZE,
+    SEAL_AHEAD, SECTORS_PER_LINE,
 };
 use crate::index::{key, Index, Loc};
 
@@ -48,12 +46,16 @@ pub struct RecoveryReport {
     pub replayed_segments: u64,
     /// Dirty lines (and discard records) restored into the index.
     pub restored_lines: u64,
-    /// Why replay stopped, if it stopped at a segment that failed a check rather
-    /// than at one that was never written.
-    pub stop_reason: Option<String>,
+    /// Where and why the log ended, when it ended at a segment that failed a check
+    /// (a torn tail: written but never made durable, so nothing acknowledged is lost)
+    /// rather than at a slot holding no segment of this log.
+    pub tail: Option<String>,
+    /// Damaged segments: ids that failed a check although a later segment proves they
+    /// were durable, with the reason. Their data is lost ([`crate::damage::DamageReport`]).
+    pub damaged: Vec<(u64, String)>,
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
@@ -84,6 +86,7 @@ pub fn format_device(dev: &dyn BlockDevice, opts: FormatOptions) -> Result<Geome
             uuid,
             seq,
             last_writeback_id: 0,
+            durable_id: 0,
             backing: vec![None; MAX_BACKING],
         };
         let off = Superblock::copy_offset(seq);
@@ -94,25 +97,36 @@ pub fn format_device(dev: &dyn BlockDevice, opts: FormatOptions) -> Result<Geome
     Ok(geo)
 }
 
-/// Reads the newest valid superblock copy. `Ok(None)` means the device holds no lc
-/// superblock at all (neither copy has the magic).
-pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
+/// Reads and decodes both superblock copies: `None` when the device is too small to
+/// hold them, else each copy decoded or its error, and whether either has the magic.
+fn read_copies(dev: &dyn BlockDevice) -> Result<Option<(Vec<Result<Superblock>>, bool)>> {
     let desc = dev.describe();
     if dev.size() < 2 * SB_COPY_SIZE as u64 {
         return Ok(None);
     }
-    let mut best: Option<Superblock> = None;
-    let mut errors = Vec::new();
+    let mut copies = Vec::new();
     let mut any_magic = false;
     for copy in 0..2u64 {
         let mut b = vec![0u8; SB_COPY_SIZE];
         let off = copy * SB_COPY_SIZE as u64;
         dev.read_at(&mut b, off)
             .map_err(|e| Error::io(&desc, off, e))?;
-        if b[..8] == crate::format::SB_MAGIC {
-            any_magic = true;
-        }
-        match Superblock::decode(&b, &desc) {
+        any_magic |= b[..8] == crate::format::SB_MAGIC;
+        copies.push(Superblock::decode(&b, &desc));
+    }
+    Ok(Some((copies, any_magic)))
+}
+
+/// Reads the newest valid superblock copy. `Ok(None)` means the device holds no lc
+/// superblock at all (neither copy has the magic).
+pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
+    let Some((copies, any_magic)) = read_copies(dev)? else {
+        return Ok(None);
+    };
+    let mut best: Option<Superblock> = None;
+    let mut errors = Vec::new();
+    for c in copies {
+        match c {
             Ok(sb) if best.as_ref().is_none_or(|b| sb.seq > b.seq) => best = Some(sb),
             Ok(_) => {}
             Err(e) => errors.push(e),
@@ -129,142 +143,246 @@ pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
     }
 }
 
-struct Replay {
-    wb_id: u64,
-    index: Index,
-    last_id: u64,
-    last_crc: u32,
-    report: RecoveryReport,
+/// What replay rebuilt from the log, and its report.
+pub(crate) struct Replay {
+    /// The writeback point the walk started from (the superblock's, or a later one
+    /// proven by a reused slot).
+    pub wb_id: u64,
+    pub index: Index,
+    /// The last segment walked (replayed or damaged) and its header crc (0 when its
+    /// header is unknown).
+    pub last_id: u64,
+    pub last_crc: u32,
+    pub damage: Damage,
+    pub report: RecoveryReport,
 }
 
-fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
+/// The durability claims (`SegmentHeader::durable`) of the segments ahead of the walk:
+/// read lazily, only once the walk meets a segment that fails its checks.
+struct Claims {
+    /// Highest claim seen.
+    max: u64,
+    /// Slots read so far: ids up to this one.
+    scanned_to: u64,
+}
+
+impl Claims {
+    /// True when some valid segment after `id` (within `2 * SEAL_AHEAD` of it and
+    /// inside the ring window ending at `window_end`) says `id` was durable.
+    fn cover(
+        &mut self,
+        dev: &dyn BlockDevice,
+        sb: &Superblock,
+        id: u64,
+        window_end: u64,
+    ) -> Result<bool> {
+        let end = window_end.min(id + 2 * SEAL_AHEAD);
+        self.scanned_to = self.scanned_to.max(id);
+        while self.max < id && self.scanned_to < end {
+            self.scanned_to += 1;
+            if let Some(h) = header_of(dev, sb, self.scanned_to)? {
+                self.max = self.max.max(h.0.durable);
+            }
+        }
+        Ok(self.max >= id)
+    }
+}
+
+/// A segment the walk could not take.
+struct Bad {
+    /// Its header with its crc, when the header itself is sound and of this slot.
+    header: Option<(SegmentHeader, u32)>,
+    reason: String,
+    /// The slot holds no segment of this log at all (never written since format, or
+    /// left from an earlier lap): the normal end of a log.
+    foreign: bool,
+}
+
+/// Walks the log from the superblock's writeback point (FORMAT.md, "Recovery"): replays
+/// every intact segment into an index, tells a torn tail (the log ends) from damage (a
+/// segment a later one proves durable), and records what the damage lost.
+pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
     let geo = &sb.geometry;
     let hl = geo.header_len();
     let desc = dev.describe();
     let mut index = Index::with_capacity(planned);
+    let mut damage = Damage::default();
     let mut report = RecoveryReport {
         last_writeback_id: sb.last_writeback_id,
         ..Default::default()
     };
     let mut last_id = sb.last_writeback_id;
     let mut last_crc = 0u32;
+    // False after a damaged segment whose header is unknown: the next one cannot be
+    // checked against it.
+    let mut chain_known = true;
+    let mut claims = Claims {
+        max: sb.durable_id,
+        scanned_to: 0,
+    };
     let mut buf = AlignedBuf::new(geo.segment_size as usize);
     let mut start = sb.last_writeback_id;
     let mut id = start + 1;
     while id - start <= geo.nr_segments {
+        let window_end = start + geo.nr_segments;
         let off = geo.segment_offset(id);
         dev.read_at(&mut buf[..hl], off)
             .map_err(|e| Error::io(&desc, off, e))?;
-        let (h, hcrc) = match SegmentHeader::decode(&buf[..hl], geo) {
-            Ok(x) => x,
-            Err(reason) => {
-                // A slot never written since format has no magic: a normal end, unless
-                // the next segment of the log is there (then this one was damaged).
-                let no_magic = buf[..8] != crate::format::SEG_MAGIC[..];
-                if !no_magic || next_present(dev, sb, id + 1)? {
-                    report.stop_reason = Some(format!("segment {id}: {reason}"));
+        let checked: std::result::Result<(SegmentHeader, u32), Bad> =
+            match SegmentHeader::decode(&buf[..hl], geo) {
+                Err(reason) => Err(Bad {
+                    header: None,
+                    reason,
+                    foreign: buf[..8] != crate::format::SEG_MAGIC[..],
+                }),
+                Ok((h, _)) if h.uuid != sb.uuid || h.id < id => Err(Bad {
+                    header: None,
+                    reason: format!("slot holds segment {} of an earlier lap or format", h.id),
+                    foreign: true,
+                }),
+                Ok((h, _)) if h.id > id && (h.id - id).is_multiple_of(geo.nr_segments) => {
+                    // The slot was reused for a later lap, which the flusher does only
+                    // after every segment up to `h.id - nr_segments` was written back and
+                    // that was committed: the superblock we read is older than that
+                    // commit (its newer copy is damaged). Restart from the proven point.
+                    let proven = h.id - geo.nr_segments;
+                    report = RecoveryReport {
+                        last_writeback_id: proven,
+                        ..Default::default()
+                    };
+                    index = Index::with_capacity(planned);
+                    damage = Damage::default();
+                    claims = Claims {
+                        max: sb.durable_id,
+                        scanned_to: 0,
+                    };
+                    chain_known = true;
+                    last_id = proven;
+                    last_crc = 0;
+                    start = proven;
+                    id = proven + 1;
+                    continue;
+                }
+                Ok((h, _)) if h.id > id => Err(Bad {
+                    header: None,
+                    reason: format!("slot holds segment {}", h.id),
+                    foreign: false,
+                }),
+                Ok((h, _)) if h.lap != geo.lap(id) => Err(Bad {
+                    header: None,
+                    reason: format!("lap {} != {}", h.lap, geo.lap(id)),
+                    foreign: false,
+                }),
+                Ok((h, hcrc)) => {
+                    let chained = id == start + 1 || h.prev_crc == last_crc;
+                    if chain_known && !chained {
+                        Err(Bad {
+                            header: Some((h, hcrc)),
+                            reason: format!("not chained to segment {}", id - 1),
+                            foreign: false,
+                        })
+                    } else if !chain_known && !claims.cover(dev, sb, id, window_end)? {
+                        // After a damaged segment of unknown content only a segment
+                        // proven durable can be taken: anything else may be left over
+                        // from before an earlier recovery.
+                        Err(Bad {
+                            header: Some((h, hcrc)),
+                            reason: format!("cannot be chained to damaged segment {}", id - 1),
+                            foreign: false,
+                        })
+                    } else {
+                        let dlen = h.entries.len() * LINE as usize;
+                        dev.read_at(&mut buf[hl..hl + dlen], off + hl as u64)
+                            .map_err(|e| Error::io(&desc, off + hl as u64, e))?;
+                        if crc(&buf[hl..hl + dlen]) != h.data_crc {
+                            Err(Bad {
+                                header: Some((h, hcrc)),
+                                reason: "data checksum mismatch".into(),
+                                foreign: false,
+                            })
+                        } else {
+                            Ok((h, hcrc))
+                        }
+                    }
+                }
+            };
+        match checked {
+            Ok((h, hcrc)) => {
+                for (slot, e) in h.entries.iter().enumerate() {
+                    let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+                    damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
+                    index.insert(
+                        k,
+                        Loc {
+                            seg: id,
+                            slot: slot as u16,
+                            dirty: e.dirty,
+                            tomb: e.is_tombstone(),
+                        },
+                    );
+                    report.restored_lines += 1;
+                }
+                report.replayed_segments += 1;
+                last_crc = hcrc;
+                chain_known = true;
+            }
+            Err(bad) if claims.cover(dev, sb, id, window_end)? => {
+                // A later segment says this one was durable: damage, not the end.
+                damage.add_segment(id, bad.header.as_ref().map(|(h, _)| &h.entries[..]));
+                report.damaged.push((id, bad.reason));
+                match bad.header {
+                    Some((_, hcrc)) => {
+                        last_crc = hcrc;
+                        chain_known = true;
+                    }
+                    None => chain_known = false,
+                }
+            }
+            Err(bad) => {
+                if !bad.foreign {
+                    report.tail = Some(format!("segment {id}: {}", bad.reason));
                 }
                 break;
             }
-        };
-        // `Err(None)`: the log simply ends here (a slot from an earlier lap or an
-        // earlier format); `Err(Some(reason))`: a segment that fails a check.
-        let verdict: std::result::Result<(), Option<String>> = if h.uuid != sb.uuid || h.id < id {
-            Err(None)
-        } else if h.id > id {
-            if (h.id - id).is_multiple_of(geo.nr_segments) {
-                // The slot was reused for a later lap, which the flusher does only after
-                // every segment up to `h.id - nr_segments` was written back and that was
-                // committed: the superblock we read is older than that commit (its newer
-                // copy is damaged). Restart the walk from the proven point.
-                let proven = h.id - geo.nr_segments;
-                report.last_writeback_id = proven;
-                report.replayed_segments = 0;
-                report.restored_lines = 0;
-                index = Index::with_capacity(planned);
-                last_id = proven;
-                last_crc = 0;
-                start = proven;
-                id = proven + 1;
-                continue;
-            }
-            Err(Some(format!("slot of segment {id} holds segment {}", h.id)))
-        } else if h.lap != geo.lap(id) {
-            Err(Some(format!(
-                "segment {id}: lap {} != {}",
-                h.lap,
-                geo.lap(id)
-            )))
-        } else if id > start + 1 && h.prev_crc != last_crc {
-            Err(Some(format!(
-                "segment {id}: not chained to segment {}",
-                id - 1
-            )))
-        } else {
-            Ok(())
-        };
-        if let Err(reason) = verdict {
-            report.stop_reason = match reason {
-                Some(r) => Some(r),
-                None if next_present(dev, sb, id + 1)? => Some(format!(
-                    "segment {id} missing but segment {} present",
-                    id + 1
-                )),
-                None => None,
-            };
-            break;
         }
-        let n = h.entries.len();
-        let dlen = n * LINE as usize;
-        dev.read_at(&mut buf[hl..hl + dlen], off + hl as u64)
-            .map_err(|e| Error::io(&desc, off + hl as u64, e))?;
-        if crc(&buf[hl..hl + dlen]) != h.data_crc {
-            report.stop_reason = Some(format!("segment {id}: data checksum mismatch"));
-            break;
-        }
-        for (slot, e) in h.entries.iter().enumerate() {
-            index.insert(
-                key(e.dev, e.sector / SECTORS_PER_LINE),
-                Loc {
-                    seg: id,
-                    slot: slot as u16,
-                    dirty: e.dirty,
-                    tomb: e.is_tombstone(),
-                },
-            );
-            report.restored_lines += 1;
-        }
-        report.replayed_segments += 1;
         last_id = id;
-        last_crc = hcrc;
         id += 1;
+    }
+    if !chain_known {
+        // Resuming after a segment of unknown header: nothing to chain to.
+        last_crc = 0;
     }
     Ok(Replay {
         wb_id: start,
         index,
         last_id,
         last_crc,
+        damage,
         report,
     })
 }
 
-/// What [`check_device`] found.
-#[derive(Clone, Debug)]
-pub struct CheckReport {
-    /// The newest valid superblock.
-    pub superblock: Superblock,
-    /// The log walk, as recovery would do it.
-    pub log: RecoveryReport,
-    /// Dirty lines (and discard records) per backing device id.
-    pub dirty_lines: Vec<(u8, u64)>,
+/// The header in the slot of segment `id`, if it is exactly that segment of this cache.
+fn header_of(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    id: u64,
+) -> Result<Option<(SegmentHeader, u32)>> {
+    let geo = &sb.geometry;
+    let mut buf = AlignedBuf::new(geo.header_len());
+    let off = geo.segment_offset(id);
+    dev.read_at(&mut buf, off)
+        .map_err(|e| Error::io(&dev.describe(), off, e))?;
+    Ok(SegmentHeader::decode(&buf, geo)
+        .ok()
+        .filter(|(h, _)| h.id == id && h.uuid == sb.uuid && h.lap == geo.lap(id)))
 }
 
-/// Read-only metadata check of a cache device: reads the superblock and walks the log
-/// exactly as recovery would, without writing anything or starting threads.
-pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
+/// The newest valid superblock of a cache device that is as large as it says.
+pub(crate) fn superblock_of(dev: &dyn BlockDevice) -> Result<Superblock> {
     let sb = probe(dev)?.ok_or_else(|| Error::BadFormat {
         device: dev.describe(),
-        reason: "not an lc cache device (no superblock)".into(),
+        reason: "not an lc cache device (no superblock); format it first".into(),
     })?;
     let geo = sb.geometry;
     let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
@@ -277,6 +395,29 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
             ),
         });
     }
+    Ok(sb)
+}
+
+/// What [`check_device`] found.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    /// The newest valid superblock.
+    pub superblock: Superblock,
+    /// The log walk, as recovery would do it.
+    pub log: RecoveryReport,
+    /// Dirty lines (and discard records) per backing device id: lines, not copies.
+    pub dirty_lines: Vec<(u8, u64)>,
+    /// What recovery would find lost, when the log is damaged.
+    pub damage: Option<crate::damage::DamageReport>,
+    /// Each superblock copy (A, B): `None` when sound, else why it is not. One damaged
+    /// copy loses nothing (the other is used) but the next commit rewrites it.
+    pub superblock_copies: [Option<String>; 2],
+}
+
+/// Read-only metadata check of a cache device: reads the superblock and walks the log
+/// exactly as recovery would, without writing anything or starting threads.
+pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
+    let sb = superblock_of(dev)?;
     let r = replay(dev, &sb, 1024)?;
     let mut counts = vec![0u64; MAX_BACKING];
     for (k, _) in r.index.iter() {
@@ -288,161 +429,17 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
         .filter(|(_, &n)| n > 0)
         .map(|(i, &n)| (i as u8, n))
         .collect();
+    let copies = read_copies(dev)?.map(|(c, _)| c).unwrap_or_default();
+    let status = |i: usize| {
+        copies
+            .get(i)
+            .and_then(|c| c.as_ref().err().map(|e| e.to_string()))
+    };
     Ok(CheckReport {
         superblock: sb,
         log: r.report,
         dirty_lines,
+        damage: (!r.damage.segments.is_empty()).then(|| r.damage.report()),
+        superblock_copies: [status(0), status(1)],
     })
-}
-
-/// True when the slot of segment `id` holds a valid header of exactly that segment of
-/// this cache: evidence that the log went on past a segment that failed its checks.
-fn next_present(dev: &dyn BlockDevice, sb: &Superblock, id: u64) -> Result<bool> {
-    let geo = &sb.geometry;
-    let mut buf = AlignedBuf::new(geo.header_len());
-    let off = geo.segment_offset(id);
-    dev.read_at(&mut buf, off)
-        .map_err(|e| Error::io(&dev.describe(), off, e))?;
-    Ok(matches!(SegmentHeader::decode(&buf, geo), Ok((h, _)) if h.id == id && h.uuid == sb.uuid))
-}
-
-impl Cache {
-    /// Opens a formatted cache device with its backing devices, replays the log and
-    /// starts the flusher and writeback threads.
-    ///
-    /// Refused: a device that is not an lc cache or of another format version; dirty
-    /// data for a backing device id that is not given, or given with another label.
-    pub fn open(
-        cache: Arc<dyn BlockDevice>,
-        backing: Vec<Backing>,
-        opts: OpenOptions,
-    ) -> Result<(Cache, RecoveryReport)> {
-        let desc = cache.describe();
-        let sb = probe(cache.as_ref())?.ok_or_else(|| Error::BadFormat {
-            device: desc.clone(),
-            reason: "not an lc cache device (no superblock); format it first".into(),
-        })?;
-        let geo = sb.geometry;
-        let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
-        if cache.size() < needed {
-            return Err(Error::BadFormat {
-                device: desc,
-                reason: format!(
-                    "device is {} bytes but was formatted for {needed}",
-                    cache.size()
-                ),
-            });
-        }
-        let mut slots: Vec<Option<BackingSlot>> = (0..MAX_BACKING).map(|_| None).collect();
-        for b in &backing {
-            if b.id as usize >= MAX_BACKING {
-                return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
-            }
-            if slots[b.id as usize].is_some() {
-                return Err(Error::Invalid(format!(
-                    "backing device id {} given twice",
-                    b.id
-                )));
-            }
-            if b.label.len() > 32 {
-                return Err(Error::Invalid(format!(
-                    "label {:?} longer than 32 bytes",
-                    b.label
-                )));
-            }
-            slots[b.id as usize] = Some(BackingSlot {
-                dev: b.dev.clone(),
-                label: b.label.clone(),
-                dirty: 0,
-                needs_flush: false,
-            });
-        }
-        let ram_buffers = opts
-            .ram_buffers
-            .unwrap_or((64 << 20) / geo.segment_size as usize)
-            .max(2);
-        let planned =
-            ((geo.nr_segments as usize + ram_buffers) * geo.lines_per_segment as usize).max(64);
-        let started = Instant::now();
-        let r = replay(cache.as_ref(), &sb, planned)?;
-        if let Some(reason) = &r.report.stop_reason {
-            warn!(opts.logger, "log replay stopped at an invalid segment"; "cache" => &desc, "reason" => reason);
-        }
-        // Every dirty line must belong to a backing device given now, with its old label.
-        for (k, _) in r.index.iter() {
-            let (dev, _) = crate::index::unkey(k);
-            let old = sb.backing[dev as usize]
-                .as_ref()
-                .map(|b| b.label.clone())
-                .unwrap_or_default();
-            match &mut slots[dev as usize] {
-                None => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} ({old:?}), which is not attached"
-                        ),
-                    })
-                }
-                Some(s) if sb.backing[dev as usize].is_some() && s.label != old => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} labelled {old:?}, but {:?} was given with that id",
-                            s.label
-                        ),
-                    })
-                }
-                Some(s) => s.dirty += 1,
-            }
-        }
-        let report = r.report.clone();
-        info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
-              "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
-              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
-        let state = State {
-            index: r.index,
-            backing: slots,
-            open: None,
-            next_id: r.last_id + 1,
-            ram: BTreeMap::new(),
-            pool: (0..ram_buffers)
-                .map(|_| AlignedBuf::new(geo.segment_size as usize))
-                .collect(),
-            ram_buffers,
-            prev_crc: r.last_crc,
-            write_started_id: r.last_id,
-            written_id: r.last_id,
-            unflushed_since: None,
-            durable_req: 0,
-            flushed_id: r.last_id,
-            wb_id: r.wb_id,
-            sb_seq: sb.seq,
-            flush_req: None,
-            seal_requested: false,
-            need_space: false,
-            drains: 0,
-            active_writers: 0,
-            commit_requested: false,
-            tunables: opts.tunables.clone(),
-            counters: [0; 16],
-            cache_bytes_written: 0,
-            backing_bytes_written: 0,
-            partial_segments: 0,
-            failed: None,
-            stop_flush: false,
-            stop_writeback: false,
-        };
-        let inner = Arc::new(Inner {
-            cache,
-            geo,
-            uuid: sb.uuid,
-            nonce: random_u64(),
-            state: Mutex::new(state),
-            io_cv: Condvar::new(),
-            worker_cv: Condvar::new(),
-            log: opts.logger,
-        });
-        Ok((Cache::from_inner(inner), report))
-    }
 }

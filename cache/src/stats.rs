@@ -37,6 +37,23 @@ pub struct Stats {
     pub index_entries: u64,
     /// Segments sealed before they were full (flush deadline or idle timer).
     pub partial_segments: u64,
+    /// Damage recovery found in the log and what of it is still lost; `None` when the
+    /// log is intact.
+    pub damage: Option<crate::damage::DamageReport>,
+    /// Backing devices whose writeback is failing (retried with back-off; their dirty
+    /// lines stay in the cache).
+    pub writeback_failures: Vec<WritebackFailure>,
+}
+
+/// A backing device whose writeback fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WritebackFailure {
+    /// Backing device id.
+    pub dev: u8,
+    /// When writeback to it first failed (wall clock).
+    pub since: std::time::SystemTime,
+    /// The last error.
+    pub error: String,
 }
 
 /// Names of the 16 counters in [`counter_index`] order, for listings.

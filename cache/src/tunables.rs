@@ -22,6 +22,10 @@ pub struct Tunables {
     pub superblock_commit_interval_s: u32,
     /// Seal the open segment after this many idle seconds, 0 = never (default 5).
     pub flush_interval_s: u32,
+    /// Once writeback to a backing device has failed for this many seconds, writes to
+    /// that device, and writes that wait for log space it holds, fail instead of
+    /// waiting, 1..=3600 (default 20).
+    pub writeback_fail_timeout_s: u32,
 }
 
 impl Default for Tunables {
@@ -35,6 +39,7 @@ impl Default for Tunables {
             barrier_deadline_ms: 3,
             superblock_commit_interval_s: 10,
             flush_interval_s: 5,
+            writeback_fail_timeout_s: 20,
         }
     }
 }
@@ -49,6 +54,7 @@ pub const NAMES: &[&str] = &[
     "barrier_deadline_ms",
     "superblock_commit_interval_s",
     "flush_interval_s",
+    "writeback_fail_timeout_s",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -91,6 +97,9 @@ impl Tunables {
                 self.superblock_commit_interval_s = parse_range(key, v, 1, 3600)?
             }
             "flush_interval_s" => self.flush_interval_s = parse_range(key, v, 0, 3600)?,
+            "writeback_fail_timeout_s" => {
+                self.writeback_fail_timeout_s = parse_range(key, v, 1, 3600)?
+            }
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -115,6 +124,10 @@ impl Tunables {
                 self.superblock_commit_interval_s.to_string(),
             ),
             ("flush_interval_s", self.flush_interval_s.to_string()),
+            (
+                "writeback_fail_timeout_s",
+                self.writeback_fail_timeout_s.to_string(),
+            ),
         ]
     }
 }

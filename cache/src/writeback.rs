@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use slog::{info, warn};
 
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::engine::{backing_table, Inner, State};
 use crate::error::{Error, Result};
 use crate::format::{SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
+use crate::state::{backing_table, BackingFailure, Inner, State};
 
 /// One line copy picked for writeback.
 struct Item {
@@ -36,11 +36,14 @@ struct Item {
     buf: usize,
 }
 
-/// Pause before retrying a writeback that failed on a backing device.
+/// Pause before the first retry of a writeback that failed on a backing device; it
+/// doubles with each failure up to [`MAX_RETRY_DELAY`].
 const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Longest pause between retries of a failing backing device.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 fn should_run(inner: &Inner, st: &State) -> bool {
-    if st.wb_id >= st.flushed_id {
+    if st.wb_id >= st.flushed_id.min(st.damage.writeback_limit()) {
         return false;
     }
     let t = &st.tunables;
@@ -55,7 +58,8 @@ fn should_run(inner: &Inner, st: &State) -> bool {
 /// Body of the writeback thread.
 pub(crate) fn run(inner: &Inner) {
     let mut last_commit = Instant::now();
-    let mut last_error: Option<Instant> = None;
+    // When the last batch failed on a backing device, and the pause before the retry.
+    let mut last_error: Option<(Instant, Duration)> = None;
     let mut st = inner.lock();
     loop {
         let interval = Duration::from_secs(st.tunables.superblock_commit_interval_s as u64);
@@ -75,18 +79,13 @@ pub(crate) fn run(inner: &Inner) {
         if stopping {
             break;
         }
-        let backoff = last_error.is_some_and(|t| t.elapsed() < RETRY_DELAY);
-        if backoff || !should_run(inner, &st) || st.failed.is_some() {
+        let backoff = last_error
+            .filter(|(t, pause)| t.elapsed() < *pause)
+            .map(|(t, pause)| pause - t.elapsed());
+        if backoff.is_some() || !should_run(inner, &st) || st.failed.is_some() {
             st = inner
                 .worker_cv
-                .wait_timeout(
-                    st,
-                    if backoff {
-                        RETRY_DELAY
-                    } else {
-                        Duration::from_millis(500)
-                    },
-                )
+                .wait_timeout(st, backoff.unwrap_or(Duration::from_millis(500)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             continue;
@@ -94,10 +93,13 @@ pub(crate) fn run(inner: &Inner) {
         let first = st.wb_id + 1;
         let last = st
             .flushed_id
-            .min(st.wb_id + st.tunables.writeback_batch as u64);
+            .min(st.wb_id + st.tunables.writeback_batch as u64)
+            .min(st.damage.writeback_limit());
         let sort = st.tunables.writeback_sort;
+        // Damaged segments hold nothing that can be written back.
+        let skip: Vec<u64> = st.damage.segments.range(first..=last).copied().collect();
         drop(st);
-        match write_back(inner, first, last, sort) {
+        match write_back(inner, first, last, &skip, sort) {
             Ok(()) => {
                 last_error = None;
                 last_commit = Instant::now();
@@ -110,11 +112,30 @@ pub(crate) fn run(inner: &Inner) {
                 inner.worker_cv.notify_all();
                 drop(st);
             }
-            Err(WbError::Backing(e)) => {
-                if last_error.is_none() {
-                    warn!(inner.log, "writeback failed; retrying"; "segments" => format!("{first}..={last}"), "error" => %e);
+            Err(WbError::Backing(failures)) => {
+                let mut st = inner.lock();
+                for (dev, e) in failures {
+                    let Some(b) = st.backing[dev as usize].as_mut() else {
+                        continue;
+                    };
+                    match &mut b.failing {
+                        Some(f) => f.error = e.to_string(),
+                        None => {
+                            warn!(inner.log, "writeback to a backing device failing; its dirty data stays in the cache, retrying";
+                                  "dev" => dev, "label" => &b.label, "segments" => format!("{first}..={last}"), "error" => %e);
+                            b.failing = Some(BackingFailure {
+                                since: Instant::now(),
+                                since_wall: std::time::SystemTime::now(),
+                                error: e.to_string(),
+                            });
+                        }
+                    }
                 }
-                last_error = Some(Instant::now());
+                // Waiters re-check whether their write is now refused.
+                inner.io_cv.notify_all();
+                drop(st);
+                let pause = last_error.map_or(RETRY_DELAY, |(_, p)| (p * 2).min(MAX_RETRY_DELAY));
+                last_error = Some((Instant::now(), pause));
             }
         }
         st = inner.lock();
@@ -132,6 +153,7 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
             uuid: inner.uuid,
             seq: st.sb_seq,
             last_writeback_id: new_wb.unwrap_or(st.wb_id),
+            durable_id: st.flushed_id,
             backing: backing_table(&st),
         };
         (sb.encode(), Superblock::copy_offset(st.sb_seq))
@@ -146,24 +168,38 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-/// A writeback failure: on the cache device (fatal) or on a backing device (retried).
+/// A writeback failure: on the cache device (fatal) or on backing devices (each
+/// failing device with its error; retried).
 enum WbError {
     Cache(Error),
-    Backing(Error),
+    Backing(Vec<(u8, Error)>),
 }
 
 fn write_back(
     inner: &Inner,
     first: u64,
     last: u64,
+    skip: &[u64],
     sort: bool,
 ) -> std::result::Result<(), WbError> {
-    let (bufs, headers) = read_segments(inner, first, last).map_err(WbError::Cache)?;
+    let (bufs, headers) = read_segments(inner, first, last, skip).map_err(WbError::Cache)?;
     let items = write_items(inner, &bufs, &headers, sort).map_err(WbError::Backing)?;
+    {
+        // Every device of the batch took its lines: none of them is failing now.
+        let mut st = inner.lock();
+        for it in &items {
+            if let Some(b) = st.backing[it.dev as usize].as_mut() {
+                if b.failing.take().is_some() {
+                    info!(inner.log, "writeback to a backing device recovered"; "dev" => it.dev, "label" => &b.label);
+                }
+            }
+        }
+    }
     // Persist progress, then release the lines and the slots.
     commit(inner, Some(last)).map_err(WbError::Cache)?;
     let mut st = inner.lock();
     st.wb_id = last;
+    st.damage.passed(last);
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -184,18 +220,19 @@ fn write_back(
     Ok(())
 }
 
-/// Reads segments `first..=last` back from the cache device and checks them.
+/// Reads segments `first..=last` but `skip` back from the cache device and checks them.
 fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,
+    skip: &[u64],
 ) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
     let geo = &inner.geo;
     let hl = geo.header_len();
     let desc = inner.cache.describe();
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
-    for id in first..=last {
+    for id in (first..=last).filter(|id| !skip.contains(id)) {
         let mut buf = AlignedBuf::new(geo.segment_size as usize);
         let off = geo.segment_offset(id);
         inner
@@ -226,13 +263,14 @@ fn read_segments(
 }
 
 /// Picks the copies to write back, writes them (sorted and merged when `sort`) and
-/// flushes the backing devices. Returns the copies written.
+/// flushes the backing devices. Returns the copies written, or every device that
+/// failed with its error (the other devices' copies were written and flushed).
 fn write_items(
     inner: &Inner,
     bufs: &[AlignedBuf],
     headers: &[SegmentHeader],
     sort: bool,
-) -> Result<Vec<Item>> {
+) -> std::result::Result<Vec<Item>, Vec<(u8, Error)>> {
     let hl = inner.geo.header_len();
     // Decide, under the lock, which copies to write.
     let mut items: Vec<Item> = Vec::new();
@@ -282,61 +320,83 @@ fn write_items(
     if sort {
         items.sort_by_key(|i| (i.dev, i.sector));
     }
-    // 3. Write: runs of dirty sectors, merged across adjacent lines.
+    // 3. Write: runs of dirty sectors, merged across adjacent lines. A device that
+    // fails is skipped from then on; the others are still written and flushed.
     let mut written = 0u64;
     let mut touched: Vec<u8> = Vec::new();
+    let mut failed: Vec<(u8, Error)> = Vec::new();
     let mut run: Vec<u8> = Vec::new();
     let mut run_start: Option<(u8, u64)> = None; // (dev, first sector)
-    let flush_run =
-        |run: &mut Vec<u8>, start: &mut Option<(u8, u64)>, written: &mut u64| -> Result<()> {
-            if let Some((dev, sector)) = start.take() {
-                let d = devs.get(&dev).ok_or_else(|| {
-                    Error::Invalid(format!("dirty data for detached backing device {dev}"))
-                })?;
-                let off = sector * SECTOR;
+    let device = |dev: u8| {
+        devs.get(&dev)
+            .ok_or_else(|| Error::Invalid(format!("dirty data for detached backing device {dev}")))
+    };
+    let flush_run = |run: &mut Vec<u8>,
+                     start: &mut Option<(u8, u64)>,
+                     written: &mut u64,
+                     failed: &mut Vec<(u8, Error)>| {
+        if let Some((dev, sector)) = start.take() {
+            let off = sector * SECTOR;
+            let r = device(dev).and_then(|d| {
                 d.write_at(run, off)
-                    .map_err(|e| Error::io(&d.describe(), off, e))?;
-                *written += run.len() as u64;
-                run.clear();
+                    .map_err(|e| Error::io(&d.describe(), off, e))
+            });
+            match r {
+                Ok(()) => *written += run.len() as u64,
+                Err(e) => failed.push((dev, e)),
             }
-            Ok(())
-        };
+            run.clear();
+        }
+    };
     for it in &items {
+        if failed.iter().any(|(d, _)| *d == it.dev) {
+            continue;
+        }
         if !touched.contains(&it.dev) {
             touched.push(it.dev);
         }
         if it.tomb {
-            flush_run(&mut run, &mut run_start, &mut written)?;
-            let d = devs.get(&it.dev).ok_or_else(|| {
-                Error::Invalid(format!("dirty data for detached backing device {}", it.dev))
-            })?;
+            flush_run(&mut run, &mut run_start, &mut written, &mut failed);
             let off = it.sector * SECTOR;
-            d.discard(off, LINE)
-                .map_err(|e| Error::io(&d.describe(), off, e))?;
+            let r = device(it.dev).and_then(|d| {
+                d.discard(off, LINE)
+                    .map_err(|e| Error::io(&d.describe(), off, e))
+            });
+            if let Err(e) = r {
+                failed.push((it.dev, e));
+            }
             continue;
         }
         let data = &bufs[it.buf][it.data_off..it.data_off + LINE as usize];
-        for s in 0..SECTORS_PER_LINE {
-            if it.dirty & (1 << s) == 0 {
-                flush_run(&mut run, &mut run_start, &mut written)?;
+        for sec in 0..SECTORS_PER_LINE {
+            if it.dirty & (1 << sec) == 0 {
+                flush_run(&mut run, &mut run_start, &mut written, &mut failed);
                 continue;
             }
-            let sector = it.sector + s;
+            let sector = it.sector + sec;
             let contiguous = matches!(run_start, Some((d, st)) if d == it.dev && st + (run.len() as u64 / SECTOR) == sector);
             if !contiguous {
-                flush_run(&mut run, &mut run_start, &mut written)?;
+                flush_run(&mut run, &mut run_start, &mut written, &mut failed);
                 run_start = Some((it.dev, sector));
             }
-            let lo = (s * SECTOR) as usize;
+            let lo = (sec * SECTOR) as usize;
             run.extend_from_slice(&data[lo..lo + SECTOR as usize]);
         }
     }
-    flush_run(&mut run, &mut run_start, &mut written)?;
-    for dev in &touched {
-        if let Some(d) = devs.get(dev) {
-            d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+    flush_run(&mut run, &mut run_start, &mut written, &mut failed);
+    for &dev in &touched {
+        if failed.iter().any(|(d, _)| *d == dev) {
+            continue;
+        }
+        if let Ok(d) = device(dev) {
+            if let Err(e) = d.flush() {
+                failed.push((dev, Error::io(&d.describe(), 0, e)));
+            }
         }
     }
     inner.lock().backing_bytes_written += written;
+    if !failed.is_empty() {
+        return Err(failed);
+    }
     Ok(items)
 }

@@ -146,3 +146,80 @@ fn bad_requests_are_refused_with_reasons() {
     assert!(c.set_tunable("writeback_batch", "1000").is_err());
     assert!(c.drain(9, &mut |_| {}).is_err());
 }
+
+#[test]
+fn dead_backing_device_fails_writes_after_the_timeout_and_recovers() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let mem = Arc::new(MemDevice::new(1 << 20));
+    let bad = Arc::new(FaultDevice::new(mem.clone()));
+    let good = Arc::new(MemDevice::new(1 << 20));
+    let c = open(
+        cache,
+        &[bad.clone() as Arc<dyn BlockDevice>, good.clone()],
+        Tunables {
+            writeback_threshold: 0,
+            writeback_fail_timeout_s: 1,
+            ..Tunables::default()
+        },
+        2,
+    );
+    bad.faults.lock().unwrap().bad_write_sectors.extend(0..2048);
+    let a: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 239) as u8).collect();
+    c.write(0, 0, &a, false).unwrap();
+    c.write(1, 0, &b, false).unwrap();
+    c.flush().unwrap();
+    // Writeback fails on device 0 and says so; device 1's lines of the same batches
+    // still reach it.
+    let t0 = std::time::Instant::now();
+    while c.stats().writeback_failures.is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no failure reported"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(c.stats().writeback_failures[0].dev, 0);
+    while t0.elapsed() < std::time::Duration::from_millis(1500) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut raw = vec![0u8; b.len()];
+    good.read_at(&mut raw, 0).unwrap();
+    assert!(raw == b, "the healthy device drained despite the dead one");
+    // After the timeout, writes to the dead device fail at once instead of piling up.
+    let e = c.write(0, 1 << 19, &[1u8; 4096], false).unwrap_err();
+    assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
+    // Writes to the healthy device go on until the log is full behind the dead
+    // device's lines; then they fail too, within a bounded time, rather than hang.
+    let started = std::time::Instant::now();
+    let mut refused = None;
+    for i in 0..2000u64 {
+        if let Err(e) = c.write(1, (i % 200) * 4096, &[2u8; 4096], true) {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("the log never filled");
+    assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // Reads are served all along; the dead device's data is all in the cache.
+    let mut back = vec![0u8; a.len()];
+    c.read(0, 0, &mut back).unwrap();
+    assert!(back == a);
+    // The device comes back: writeback recovers by itself and nothing was lost.
+    bad.faults.lock().unwrap().bad_write_sectors.clear();
+    let t1 = std::time::Instant::now();
+    while !c.stats().writeback_failures.is_empty() {
+        assert!(
+            t1.elapsed() < std::time::Duration::from_secs(15),
+            "no recovery"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    c.write(0, 1 << 19, &[1u8; 4096], false).unwrap();
+    c.drain(0, &mut |_| {}).unwrap();
+    c.close().unwrap();
+    let mut raw = vec![0u8; a.len()];
+    mem.read_at(&mut raw, 0).unwrap();
+    assert!(raw == a, "the dead device got its data once back");
+}

@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-powercut)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-damage lc-powercut)
 results=${LC_VM_RESULTS:-$top/target/vm-results}
 log() { echo "[vm $(date +%T)] $*" >&2; }
 t0=$(date +%s)
@@ -28,12 +28,12 @@ t_image=$(date +%s)
 log "image $image ($((t_image - t0)) s)"
 
 log "building lc (release)"
-(cd "$top" && cargo build --release --quiet --bin lc)
+lc_bin=$("$here/build-lc.sh")   # as the user who ran sudo, if run with sudo
 
 payload=$(mktemp -d "${TMPDIR:-/tmp}/lc-vm-payload.XXXXXX")
 trap 'rm -rf "$payload"' EXIT
 mkdir -p "$payload/bin" "$payload/results" "$payload/scenarios" "$payload/disks"
-cp "$top/target/release/lc" "$payload/bin/lc"
+cp "$lc_bin" "$payload/bin/lc"
 cp "$here"/scenarios/*.sh "$payload/scenarios/"
 cp "$here/guest/guest-init.sh" "$payload/guest-init.sh"
 cp "$here/guest/lc.toml" "$payload/lc.toml"
@@ -81,6 +81,10 @@ t_end=$(date +%s)
 rm -rf "$results"
 mkdir -p "$results"
 cp -r "$payload/results/." "$results/"
+# Under sudo the results belong to the user who ran it (they usually sit in target/).
+if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_UID:-}" ]; then
+    chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$results"
+fi
 pass=0; fail=0
 printf '\n%-20s %-6s %s\n' SCENARIO RESULT SECONDS
 for s in "${scenarios[@]}"; do
