@@ -618,6 +618,45 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mangled_datagrams_never_panic_and_never_pass_from_a_process() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("LC_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("replay: LC_SEED={seed} cargo test -p lc --lib netlink::tests::random");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let valid = kernel_event(
+            sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE,
+            &[(6, Attr::U8(1))],
+        );
+        for _ in 0..5000 {
+            let mut buf = if rng.gen_bool(0.5) {
+                valid.clone()
+            } else {
+                (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect()
+            };
+            for _ in 0..rng.gen_range(0..6) {
+                if buf.is_empty() {
+                    break;
+                }
+                let i = rng.gen_range(0..buf.len());
+                buf[i] = rng.gen();
+            }
+            if rng.gen_bool(0.2) {
+                buf.truncate(rng.gen_range(0..=buf.len()));
+            }
+            let _ = decode_datagram(&buf, KERNEL_PORT, 0x1a);
+            let port = rng.gen_range(1..=u32::MAX);
+            assert_eq!(
+                decode_datagram(&buf, port, 0x1a),
+                vec![Err(RecvError::NotFromKernel { port })],
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
     fn a_forged_event_sent_by_a_process_is_dropped_by_recv_events() {
         // Sending to another socket's port id needs CAP_NET_ADMIN: root only.
         if !rustix::process::geteuid().is_root() {
