@@ -797,6 +797,60 @@ backing_id = 0
     }
 
     #[test]
+    fn probing_a_block_device_opens_it_read_only() {
+        use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+        // A private node (mknod: root) for a harmless block device, so that only this
+        // test's opens are seen through it.
+        let sys = Path::new("/sys/class/block");
+        let Some(loopdev) = (0..8)
+            .map(|i| sys.join(format!("loop{i}")))
+            .find(|p| p.join("dev").exists())
+        else {
+            eprintln!("no loop device: the block-device probe is not exercised");
+            return;
+        };
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: the block-device probe is not exercised");
+            return;
+        }
+        let text = std::fs::read_to_string(loopdev.join("dev")).unwrap();
+        let (major, minor) = text.trim().split_once(':').unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("blk");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::BlockDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(major.parse().unwrap(), minor.parse().unwrap()),
+        )
+        .unwrap();
+        let ino = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(&ino, &node, WatchFlags::ALL_EVENTS).unwrap();
+        let sectors: u64 = std::fs::read_to_string(loopdev.join("size"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(probe_device(&node).unwrap(), sectors * 512);
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut r = inotify::Reader::new(&ino, &mut buf);
+        let mut seen = ReadFlags::empty();
+        loop {
+            match r.next() {
+                Ok(ev) => seen |= ev.events(),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => panic!("inotify: {e}"),
+            }
+        }
+        assert!(
+            seen.contains(ReadFlags::OPEN | ReadFlags::CLOSE_NOWRITE),
+            "{seen:?}"
+        );
+        assert!(!seen.contains(ReadFlags::CLOSE_WRITE), "{seen:?}");
+    }
+
+    #[test]
     fn probing_a_backing_device_opens_nothing_for_writing() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("b.img");
