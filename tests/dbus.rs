@@ -377,3 +377,58 @@ fn check_config_opens_no_device_for_writing_and_names_no_other_lun_device() {
         );
     }
 }
+
+/// tcmu-runner's `/etc/dbus-1/system.d/tcmu-runner.conf` (Debian's package): anyone may
+/// call the handler interface.
+const TCMU_RUNNER_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root">
+    <allow own="org.kernel.TCMUService1"/>
+  </policy>
+  <policy context="default">
+    <allow send_destination="org.kernel.TCMUService1"/>
+    <allow own_prefix="org.kernel.TCMUService1.HandlerManager1"/>
+    <allow send_interface="org.kernel.TCMUService1"/>
+  </policy>
+</busconfig>
+"#;
+
+#[test]
+fn with_tcmu_runners_policy_installed_too_other_users_are_still_refused() {
+    // dbus-daemon reads a policy directory in no defined order: whichever of the two
+    // files comes last decides at the bus; the daemon's own check refuses regardless.
+    for ours_first in [true, false] {
+        let d = tempfile::tempdir().unwrap();
+        let ours = || {
+            std::fs::copy(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/targetcli/lc-dbus.conf"),
+                d.path().join("lc.conf"),
+            )
+            .unwrap();
+        };
+        if ours_first {
+            ours();
+        }
+        std::fs::write(d.path().join("tcmu-runner.conf"), TCMU_RUNNER_POLICY).unwrap();
+        if !ours_first {
+            ours();
+        }
+        let bus = system_like_bus(&format!("<includedir>{}</includedir>", d.path().display()));
+        let _svc = DbusService::start(Bus::Address(bus.address.clone()), |_| Ok::<(), String>(()))
+            .unwrap();
+        assert_eq!(
+            check_config(&connect(&bus.address), "lc/disk0").unwrap(),
+            (true, String::new()),
+            "root is answered"
+        );
+        let Some((ok, out)) = send_as_nobody(
+            &bus.address,
+            "org.kernel.TCMUService1.CheckConfig",
+            &["string:lc/disk0"],
+        ) else {
+            return;
+        };
+        assert!(!ok && out.contains("AccessDenied"), "{out}");
+    }
+}
