@@ -129,10 +129,12 @@ struct Conn {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve { config, log_level } => lc::config::load(&config).and_then(|cfg| {
-            let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
-            lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
-        }),
+        Cmd::Serve { config, log_level } => lc::config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
+                lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
+            }),
         Cmd::Format {
             device,
             block_size,

@@ -143,3 +143,56 @@ fn bad_arguments_and_foreign_devices_get_clear_errors() {
         "{out:?}"
     );
 }
+
+#[test]
+fn serve_refuses_one_device_configured_twice_at_once_naming_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = image(dir.path(), "cache.img", 16 << 20);
+    let backing = image(dir.path(), "hdd.img", 8 << 20);
+    let link = dir.path().join("hdd-link");
+    std::os::unix::fs::symlink(&backing, &link).unwrap();
+    let socket = dir.path().join("control.sock");
+    let write_config = |name: &str, second: &std::path::Path| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[daemon]\ncontrol_socket = {socket:?}\ndbus = false\n\
+                 [[cache]]\nname = \"c0\"\ndevice = {cache:?}\n\
+                 [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 0\n\
+                 [[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = {second:?}\nbacking_id = 1\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    for (config, want) in [
+        (write_config("two-luns.toml", &link), "lun disk1: backing"),
+        (
+            write_config("cache-as-backing.toml", &cache),
+            "cache c0: device",
+        ),
+    ] {
+        let start = std::time::Instant::now();
+        let out = lc()
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("lun disk1: backing (")
+                && err.contains(want)
+                && err.contains("is the same device as"),
+            "{err}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "refused only after {took:?} (the in-use wait is 20 s)"
+        );
+        assert!(!socket.exists(), "nothing was started");
+    }
+}

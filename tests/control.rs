@@ -1,12 +1,15 @@
 //! The control socket against a daemon's real caches, driven with the `lc` binary as a
-//! user would: status, stats, set, flush, commit, drain with progress, bad requests.
+//! user would: status, stats, set, flush, commit, drain with progress, bad requests;
+//! the cap on connections, the idle and write timeouts, and peers of other users.
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lc::control::{accept_all, listen, Handler};
+use lc::control::{accept_all, listen, listen_with, Handler, Limits, Listener};
 use lc::daemon::Shared;
 
 fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
@@ -239,5 +242,203 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     assert!(
         buf.iter().all(|&b| b == 1),
         "round A after the loss was accepted"
+    );
+}
+
+/// A daemon's caches and control socket (as `lc serve` has them, without TCMU).
+struct Daemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    listener: Arc<Listener>,
+    _shared: Arc<Shared>,
+}
+
+fn daemon(limits: Limits) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache.img");
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&cache)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
+        .args(["format", "-y", "--segment-size", "64KiB"])
+        .arg(&cache)
+        .status()
+        .unwrap()
+        .success());
+    let socket = dir.path().join("run/control.sock");
+    let text = format!(
+        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n\
+         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 0\n"
+    );
+    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
+    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    let listener = Arc::new(listen_with(&socket, limits).unwrap());
+    let handler: Arc<dyn Handler> = shared.clone();
+    let l = listener.clone();
+    std::thread::spawn(move || loop {
+        accept_all(&l, &handler);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    Daemon {
+        dir,
+        socket,
+        listener,
+        _shared: shared,
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A client that sent one request and got its answer: it holds a served connection.
+fn served_client(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    s
+}
+
+#[test]
+fn connections_beyond_the_cap_are_refused_until_one_closes() {
+    let d = daemon(Limits::default());
+    let cap = Limits::default().max_connections;
+    assert_eq!(cap, 16);
+    let mut clients: Vec<UnixStream> = (0..cap).map(|_| served_client(&d.socket)).collect();
+    assert_eq!(d.listener.open_connections(), cap);
+    let out = lc(&d.socket, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("too many control connections (16 open)"),
+        "{err}"
+    );
+    assert_eq!(
+        d.listener.open_connections(),
+        cap,
+        "the refused one holds nothing"
+    );
+    drop(clients.pop());
+    wait_for("a freed slot", || d.listener.open_connections() == cap - 1);
+    let out = lc(&d.socket, &["status"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn silent_slow_and_non_reading_clients_are_dropped_and_free_their_slot() {
+    let limits = Limits {
+        max_connections: 1,
+        idle_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_millis(300),
+    };
+    let d = daemon(limits);
+    // A client that connects and says nothing holds the only slot, for a while.
+    let silent = UnixStream::connect(&d.socket).unwrap();
+    wait_for("the silent client to be served", || {
+        d.listener.open_connections() == 1
+    });
+    let out = lc(&d.socket, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many control connections"),
+        "{out:?}"
+    );
+    let start = Instant::now();
+    let mut text = String::new();
+    silent
+        .try_clone()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(text.contains("no request for 0.3 s"), "{text}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+    assert!(lc(&d.socket, &["status"]).status.success());
+
+    // Half a request, then silence: the same.
+    let mut slow = UnixStream::connect(&d.socket).unwrap();
+    slow.write_all(b"{\"cmd\":").unwrap();
+    let mut text = String::new();
+    slow.read_to_string(&mut text).unwrap();
+    assert!(text.contains("no request for"), "{text}");
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+
+    // Requests without ever reading the answers: once the answers fill the socket
+    // buffers the daemon cannot write for write_timeout and closes the connection.
+    let flood = UnixStream::connect(&d.socket).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let writer = {
+        let mut w = flood.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let line = b"{\"cmd\":\"status\"}\n".repeat(64);
+            let mut sent = 0usize;
+            while w.write_all(&line).is_ok() {
+                sent += line.len();
+            }
+            sent
+        })
+    };
+    let sent = writer.join().unwrap();
+    assert!(sent > 0);
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+    drop(flood);
+    assert!(lc(&d.socket, &["status"]).status.success());
+}
+
+#[test]
+fn other_users_cannot_use_the_control_socket() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: calls as another user are not exercised");
+        return;
+    }
+    let d = daemon(Limits::default());
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_lc"))
+            .args(["status", "--socket"])
+            .arg(&d.socket)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    use std::os::unix::fs::PermissionsExt;
+    for p in [
+        d.dir.path().to_path_buf(),
+        d.socket.parent().unwrap().to_path_buf(),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Mode 0600 keeps them out...
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    // ...and with the mode opened by mistake, SO_PEERCRED does.
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uid 65534 may not use the control socket"),
+        "{err}"
+    );
+    assert!(
+        lc(&d.socket, &["status"]).status.success(),
+        "root still may"
     );
 }
