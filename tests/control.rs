@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lc::control::{accept_all, listen, listen_with, Handler, Limits, Listener};
+use lc::control::{accept_all, listen_with, Handler, Limits, Listener};
 use lc::daemon::Shared;
 
 fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
@@ -23,37 +23,8 @@ fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn cli_commands_reach_the_daemon_caches() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache.img");
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&cache)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_lc"))
-        .args(["format", "-y", "--segment-size", "64KiB"])
-        .arg(&cache)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let socket = dir.path().join("control.sock");
-    let text = format!(
-        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
-         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
-    );
-    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
-    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    let listener = listen(&socket).unwrap();
-    let handler: Arc<dyn Handler> = shared.clone();
-    std::thread::spawn(move || loop {
-        accept_all(&listener, &handler);
-        std::thread::sleep(Duration::from_millis(5));
-    });
-
+    let d = daemon(Limits::default());
+    let (socket, backing, shared) = (&d.socket, d.dir.path().join("backing.img"), &d.shared);
     // Dirty data for disk0.
     let (c, id) = shared.lun_cache("disk0").unwrap();
     let data: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 241) as u8).collect();
@@ -121,23 +92,8 @@ fn cli_commands_reach_the_daemon_caches() {
 #[test]
 fn damaged_log_is_reported_and_accept_loss_releases_it() {
     use lc_cache::{Backing, BlockDevice, Cache, FileDevice, OpenOptions, Tunables};
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache.img");
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&cache)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
-        .args(["format", "-y", "--segment-size", "64KiB"])
-        .arg(&cache)
-        .status()
-        .unwrap()
-        .success());
+    let files = images();
+    let (cache, backing) = (files.cache.clone(), files.backing.clone());
     // Two rounds over 40 blocks, each made durable; the cache closes cleanly.
     let round_a_end = {
         let cdev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&cache, false).unwrap());
@@ -190,19 +146,8 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         "{text}"
     );
 
-    let socket = dir.path().join("control.sock");
-    let text = format!(
-        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
-         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
-    );
-    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
-    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    let listener = listen(&socket).unwrap();
-    let handler: Arc<dyn Handler> = shared.clone();
-    std::thread::spawn(move || loop {
-        accept_all(&listener, &handler);
-        std::thread::sleep(Duration::from_millis(5));
-    });
+    let d = serve(files, Limits::default());
+    let (socket, shared) = (&d.socket, &d.shared);
     let out = lc(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -245,15 +190,14 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     );
 }
 
-/// A daemon's caches and control socket (as `lc serve` has them, without TCMU).
-struct Daemon {
+/// A formatted 16 MiB cache file (64 KiB segments) and an 8 MiB backing file.
+struct Images {
     dir: tempfile::TempDir,
-    socket: PathBuf,
-    listener: Arc<Listener>,
-    _shared: Arc<Shared>,
+    cache: PathBuf,
+    backing: PathBuf,
 }
 
-fn daemon(limits: Limits) -> Daemon {
+fn images() -> Images {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache.img");
     let backing = dir.path().join("backing.img");
@@ -271,10 +215,32 @@ fn daemon(limits: Limits) -> Daemon {
         .status()
         .unwrap()
         .success());
+    Images {
+        dir,
+        cache,
+        backing,
+    }
+}
+
+/// A daemon's caches and control socket (as `lc serve` has them, without TCMU): cache
+/// c0 (writeback off) on the images, LUN disk0 with backing id 3.
+struct Daemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+}
+
+fn serve(img: Images, limits: Limits) -> Daemon {
+    let Images {
+        dir,
+        cache,
+        backing,
+    } = img;
     let socket = dir.path().join("run/control.sock");
     let text = format!(
-        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n\
-         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 0\n"
+        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
+         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
     );
     let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
     let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
@@ -289,8 +255,12 @@ fn daemon(limits: Limits) -> Daemon {
         dir,
         socket,
         listener,
-        _shared: shared,
+        shared,
     }
+}
+
+fn daemon(limits: Limits) -> Daemon {
+    serve(images(), limits)
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
