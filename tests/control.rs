@@ -24,7 +24,11 @@ fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn cli_commands_reach_the_daemon_caches() {
     let d = daemon(Limits::default());
-    let (socket, backing, shared) = (&d.socket, d.dir.path().join("backing.img"), &d.shared);
+    let (socket, backing, shared) = (
+        d.socket.clone(),
+        d.dir.path().join("backing.img"),
+        &d.shared,
+    );
     // Dirty data for disk0.
     let (c, id) = shared.lun_cache("disk0").unwrap();
     let data: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 241) as u8).collect();
@@ -147,7 +151,7 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     );
 
     let d = serve(files, Limits::default());
-    let (socket, shared) = (&d.socket, &d.shared);
+    let (socket, shared) = (d.socket.clone(), &d.shared);
     let out = lc(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
