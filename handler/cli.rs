@@ -8,7 +8,11 @@ use slog::{o, Drain, Logger};
 
 use crate::control::{request, Request};
 
-/// A terminal/journald-friendly logger at `level` (error, warning, info, debug).
+/// The daemon's logger at `level` (error, warning, info, debug). Under systemd
+/// (stderr is the journal: `JOURNAL_STREAM` names it) each line carries its syslog
+/// priority as a `<N>` prefix and no timestamp of its own, so `journalctl -p err`
+/// finds errors and the journal's timestamp is the only one; on a terminal, the
+/// usual timestamped lines.
 pub fn logger(level: &str) -> Logger {
     let lvl = match level {
         "error" => slog::Level::Error,
@@ -16,12 +20,73 @@ pub fn logger(level: &str) -> Logger {
         "debug" => slog::Level::Debug,
         _ => slog::Level::Info,
     };
+    if journal_is_stderr() {
+        let drain = std::sync::Mutex::new(JournalDrain).filter_level(lvl).fuse();
+        return Logger::root(drain, o!());
+    }
     let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
     let drain = slog_term::FullFormat::new(decorator)
         .build()
         .filter_level(lvl)
         .fuse();
     Logger::root(drain, o!())
+}
+
+/// True when stderr is the stream `JOURNAL_STREAM` (`device:inode`) names.
+fn journal_is_stderr() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let fd = std::io::stderr();
+    let Ok(meta) = std::os::fd::AsFd::as_fd(&fd)
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+    else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// syslog priority of a log level (sd-daemon(3) prefixes).
+pub fn syslog_priority(level: slog::Level) -> u8 {
+    match level {
+        slog::Level::Critical => 2,
+        slog::Level::Error => 3,
+        slog::Level::Warning => 4,
+        slog::Level::Info => 6,
+        slog::Level::Debug | slog::Level::Trace => 7,
+    }
+}
+
+/// Writes `<prio>message, key: value, ...` lines to stderr, one write each.
+struct JournalDrain;
+
+impl slog::Drain for JournalDrain {
+    type Ok = ();
+    type Err = std::io::Error;
+    fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> std::io::Result<()> {
+        let mut line = format!("<{}>{}", syslog_priority(r.level()), r.msg());
+        let mut ser = KvText(&mut line);
+        slog::KV::serialize(&r.kv(), r, &mut ser).map_err(std::io::Error::other)?;
+        slog::KV::serialize(kv, r, &mut ser).map_err(std::io::Error::other)?;
+        line.push('\n');
+        std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes())
+    }
+}
+
+/// Appends `, key: value` for each pair.
+struct KvText<'a>(&'a mut String);
+
+impl slog::Serializer for KvText<'_> {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+        use std::fmt::Write;
+        write!(self.0, ", {key}: {val}").map_err(|_| slog::Error::Other)
+    }
 }
 
 fn table(v: &Value) -> String {

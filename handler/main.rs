@@ -26,8 +26,8 @@ enum Cmd {
         /// Configuration file.
         #[arg(long, default_value = "/etc/lc/lc.toml")]
         config: PathBuf,
-        /// Log level (overrides the config): error, warning, info, debug.
-        #[arg(long)]
+        /// Log level (overrides the config).
+        #[arg(long, value_parser = ["error", "warning", "info", "debug"])]
         log_level: Option<String>,
     },
     /// Format a cache device (destroys its content).

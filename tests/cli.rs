@@ -196,3 +196,107 @@ fn serve_refuses_one_device_configured_twice_at_once_naming_both_keys() {
         assert!(!socket.exists(), "nothing was started");
     }
 }
+
+/// Under systemd (stderr is the journal stream `JOURNAL_STREAM` names) every log line
+/// starts with its syslog priority and has no timestamp of its own; elsewhere lines
+/// keep their timestamp. A log level that does not exist is refused.
+#[test]
+fn serve_logs_with_journal_priorities_under_systemd() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = image(dir.path(), "cache.img", 16 << 20);
+    let backing = image(dir.path(), "backing.img", 8 << 20);
+    assert!(lc()
+        .args(["format", "-y", "--segment-size", "64KiB"])
+        .arg(&cache)
+        .status()
+        .unwrap()
+        .success());
+    let cfg = dir.path().join("lc.toml");
+    let socket = dir.path().join("run/control.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\ncontrol_socket = {socket:?}\ndbus = false\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n\
+             [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 0\n"
+        ),
+    )
+    .unwrap();
+    let run = |journal: bool| {
+        let log = dir.path().join(format!("stderr-{journal}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let meta = f.metadata().unwrap();
+        let mut cmd = lc();
+        cmd.args(["serve", "--log-level", "info", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f));
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        } else {
+            cmd.env_remove("JOURNAL_STREAM");
+        }
+        // Without LIO (this machine) serve stops at the kernel's netlink family; with
+        // LIO it would serve: stop it after the caches opened either way.
+        let mut child = cmd.spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && t0.elapsed().as_secs() < 10 {
+            if std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("cache opened")
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let text = run(true);
+    let line = text
+        .lines()
+        .find(|l| l.contains("cache opened"))
+        .unwrap_or_else(|| panic!("no cache opened line: {text}"));
+    assert!(line.starts_with("<6>cache opened"), "{line}");
+    let text = run(false);
+    let line = text.lines().find(|l| l.contains("cache opened")).unwrap();
+    assert!(!line.starts_with('<') && line.contains("INFO"), "{line}");
+    let out = lc()
+        .args(["serve", "--log-level", "loud", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loud"),
+        "{out:?}"
+    );
+}
+
+/// `lc format --yes` on a device holding a file system (or another known signature)
+/// refuses without `--force`, and writes nothing.
+#[test]
+fn format_refuses_a_device_with_a_file_system_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = image(dir.path(), "disk.img", 16 << 20);
+    let mut raw = std::fs::read(&dev).unwrap();
+    raw[1080] = 0x53;
+    raw[1081] = 0xef; // the ext4 superblock magic
+    std::fs::write(&dev, &raw).unwrap();
+    let out = lc().args(["format", "-y"]).arg(&dev).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ext2/3/4 file system") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&dev).unwrap(), raw, "nothing written");
+    assert!(lc()
+        .args(["format", "-y", "--force"])
+        .arg(&dev)
+        .status()
+        .unwrap()
+        .success());
+}
