@@ -208,6 +208,156 @@ fn cache_state(c: &Value) -> String {
     )
 }
 
+/// Prints the daemon's statistics in the Prometheus text exposition format.
+pub fn prometheus(socket: &Path, cache: Option<String>) -> Result<(), String> {
+    let v = request(socket, &Request::Stats { cache }, &mut |_| {})?;
+    print!("{}", prometheus_text(&v));
+    Ok(())
+}
+
+/// The Prometheus text for a `stats` answer: per cache and per LUN.
+pub fn prometheus_text(v: &Value) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut families: Vec<(&str, &str, &str, Vec<String>)> = vec![
+        (
+            "lc_line_accesses_total",
+            "counter",
+            "Cache line accesses (dm-lc's 16 counters): op read|write, hit, ram, full line.",
+            vec![],
+        ),
+        (
+            "lc_hit_ratio",
+            "gauge",
+            "Share of line accesses that hit the cache, per op.",
+            vec![],
+        ),
+        (
+            "lc_dirty_lines",
+            "gauge",
+            "Dirty 4 KiB lines not yet written back.",
+            vec![],
+        ),
+        (
+            "lc_lost_lines",
+            "gauge",
+            "Lines whose newest data was lost to cache-device damage.",
+            vec![],
+        ),
+        (
+            "lc_writeback_failing",
+            "gauge",
+            "1 while writeback to the LUN's backing device fails.",
+            vec![],
+        ),
+        (
+            "lc_dirty_segments",
+            "gauge",
+            "Log segments holding dirty data.",
+            vec![],
+        ),
+        (
+            "lc_segments",
+            "gauge",
+            "Log segment slots of the cache device.",
+            vec![],
+        ),
+        (
+            "lc_cache_bytes_written_total",
+            "counter",
+            "Bytes written to the cache device.",
+            vec![],
+        ),
+        (
+            "lc_backing_bytes_written_total",
+            "counter",
+            "Bytes written back to backing devices.",
+            vec![],
+        ),
+        (
+            "lc_failed",
+            "gauge",
+            "1 once the cache device failed.",
+            vec![],
+        ),
+    ];
+    let mut add = |name: &str, labels: String, value: String| {
+        if let Some(f) = families.iter_mut().find(|f| f.0 == name) {
+            f.3.push(format!("{name}{{{labels}}} {value}"));
+        }
+    };
+    for (cache, s) in v["stats"].as_object().into_iter().flatten() {
+        let c = format!("cache=\"{}\"", esc(cache));
+        for (k, name) in [
+            ("dirty_segments", "lc_dirty_segments"),
+            ("nr_segments", "lc_segments"),
+            ("cache_bytes_written", "lc_cache_bytes_written_total"),
+            ("backing_bytes_written", "lc_backing_bytes_written_total"),
+        ] {
+            add(name, c.clone(), s[k].as_u64().unwrap_or(0).to_string());
+        }
+        add(
+            "lc_failed",
+            c.clone(),
+            (!s["failure"].is_null() as u8).to_string(),
+        );
+        for l in s["luns"].as_array().into_iter().flatten() {
+            let lun = format!("{c},lun=\"{}\"", esc(l["lun"].as_str().unwrap_or("")));
+            let mut totals = [[0u64; 2]; 2]; // [op][hit]
+            for (name, n) in l["counters"].as_object().into_iter().flatten() {
+                let parts: Vec<&str> = name.split('_').collect();
+                let &[op, hit, at, size] = parts.as_slice() else {
+                    continue;
+                };
+                let n = n.as_u64().unwrap_or(0);
+                totals[(op == "write") as usize][(hit == "hit") as usize] += n;
+                add(
+                    "lc_line_accesses_total",
+                    format!("{lun},op=\"{op}\",result=\"{hit}\",where=\"{at}\",size=\"{size}\""),
+                    n.to_string(),
+                );
+            }
+            for (i, op) in ["read", "write"].iter().enumerate() {
+                let all = totals[i][0] + totals[i][1];
+                if all > 0 {
+                    let ratio = totals[i][1] as f64 / all as f64;
+                    add(
+                        "lc_hit_ratio",
+                        format!("{lun},op=\"{op}\""),
+                        format!("{ratio:.4}"),
+                    );
+                }
+            }
+            add(
+                "lc_dirty_lines",
+                lun.clone(),
+                l["dirty_lines"].as_u64().unwrap_or(0).to_string(),
+            );
+            add(
+                "lc_lost_lines",
+                lun.clone(),
+                l["lost_lines"].as_u64().unwrap_or(0).to_string(),
+            );
+            add(
+                "lc_writeback_failing",
+                lun,
+                ((l["writeback_failing"].as_bool() == Some(true)) as u8).to_string(),
+            );
+        }
+    }
+    let mut out = String::new();
+    for (name, kind, help, samples) in families {
+        if samples.is_empty() {
+            continue;
+        }
+        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for s in samples {
+            out += &s;
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Sends `req` and prints the answer (a table, or JSON with `json`).
 pub fn run(socket: &Path, req: Request, json: bool) -> Result<(), String> {
     let drain = matches!(req, Request::Drain { .. });

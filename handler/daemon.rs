@@ -257,6 +257,35 @@ fn epoch_secs(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Per-LUN figures of one cache: the access counters of its backing device, dirty and
+/// lost lines, whether writeback to it is failing.
+fn lun_stats_json(s: &lc_cache::Stats, luns: &[crate::config::LunSection], cache: &str) -> Value {
+    let per = |v: &[(u8, u64)], id: u8| v.iter().find(|(d, _)| *d == id).map_or(0, |x| x.1);
+    luns.iter()
+        .filter(|l| l.cache == cache)
+        .map(|l| {
+            let counters: serde_json::Map<String, Value> = s
+                .device_counters
+                .iter()
+                .find(|(d, _)| *d == l.backing_id)
+                .map(|(_, c)| {
+                    (0..16)
+                        .map(|i| (lc_cache::stats::counter_name(i), json!(c[i])))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "lun": l.name,
+                "backing_id": l.backing_id,
+                "counters": counters,
+                "dirty_lines": per(&s.dirty_lines, l.backing_id),
+                "lost_lines": s.damage.as_ref().map_or(0, |d| per(&d.lost_lines, l.backing_id)),
+                "writeback_failing": s.writeback_failures.iter().any(|f| f.dev == l.backing_id),
+            })
+        })
+        .collect()
+}
+
 fn stats_json(c: &Cache) -> Value {
     let s = c.stats();
     let counters: serde_json::Map<String, Value> = (0..16)
@@ -333,10 +362,12 @@ impl Handler for Shared {
                 for (name, c) in &self.caches {
                     if cache.as_ref().is_none_or(|n| n == name) {
                         let mut v = stats_json(c);
-                        v["damage"] = c
-                            .stats()
+                        let st = c.stats();
+                        v["damage"] = st
                             .damage
-                            .map_or(Value::Null, |d| damage_json(&d, &self.cfg.luns, name));
+                            .as_ref()
+                            .map_or(Value::Null, |d| damage_json(d, &self.cfg.luns, name));
+                        v["luns"] = lun_stats_json(&st, &self.cfg.luns, name);
                         out.insert(name.clone(), v);
                     }
                 }

@@ -64,6 +64,9 @@ enum Cmd {
     Stats {
         /// Only this cache.
         cache: Option<String>,
+        /// Prometheus text format (for node_exporter's textfile collector).
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
         #[command(flatten)]
         c: Conn,
     },
@@ -169,7 +172,12 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Status { c } => lc::cli::run(&c.socket, Request::Status, c.json),
-        Cmd::Stats { cache, c } => lc::cli::run(&c.socket, Request::Stats { cache }, c.json),
+        Cmd::Stats {
+            cache,
+            prometheus: true,
+            c,
+        } => lc::cli::prometheus(&c.socket, cache),
+        Cmd::Stats { cache, c, .. } => lc::cli::run(&c.socket, Request::Stats { cache }, c.json),
         Cmd::Set {
             cache,
             key,

@@ -65,6 +65,38 @@ fn cli_commands_reach_the_daemon_caches() {
             >= 512
     );
 
+    // Prometheus text (textfile collector): per cache and per LUN, with a hit ratio.
+    let mut b = vec![0u8; 4096];
+    c.read(id, 4096, &mut b).unwrap();
+    let out = lc(&socket, &["stats", "--prometheus"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("# TYPE lc_line_accesses_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_line_accesses_total{cache="c0",lun="disk0",op="write",result="miss",where="disk",size="full"} 512"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_hit_ratio{cache="c0",lun="disk0",op="read"} 1.0000"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_dirty_lines{cache="c0",lun="disk0"} 512"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_writeback_failing{cache="c0",lun="disk0"} 0"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"lc_failed{cache="c0"} 0"#), "{text}");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+
     let out = lc(&socket, &["drain", "disk0"]);
     assert!(
         out.status.success(),

@@ -267,7 +267,7 @@ impl Inner {
                     },
                 );
                 if !tomb {
-                    st.counters[counter_index(true, true, true, mask == FULL_LINE)] += 1;
+                    st.count(dev, counter_index(true, true, true, mask == FULL_LINE));
                 }
                 return Ok(Some(open_id));
             }
@@ -344,7 +344,10 @@ impl Inner {
             }
             if !tomb {
                 let on_ram = old.is_some_and(|l| st.ram.contains_key(&l.seg));
-                st.counters[counter_index(true, old.is_some(), on_ram, mask == FULL_LINE)] += 1;
+                st.count(
+                    dev,
+                    counter_index(true, old.is_some(), on_ram, mask == FULL_LINE),
+                );
             }
             return Ok(Some(open_id));
         }
@@ -417,6 +420,7 @@ impl Cache {
                 label: b.label.clone(),
                 dirty: 0,
                 needs_flush: false,
+                counters: [0; 16],
                 failing: None,
             });
         }
@@ -743,7 +747,7 @@ impl Cache {
                     }
                 }
                 for c in counted {
-                    st.counters[c] += 1;
+                    st.count(dev, c);
                 }
             }
             // 4. Overlay cached sectors.
@@ -927,7 +931,11 @@ impl Cache {
 
     /// Resets the access counters.
     pub fn clear_stats(&self) {
-        self.inner.lock().counters = [0; 16];
+        let mut st = self.inner.lock();
+        st.counters = [0; 16];
+        for b in st.backing.iter_mut().flatten() {
+            b.counters = [0; 16];
+        }
     }
 
     /// Sets a tunable by name (see [`Tunables::set`]).
@@ -958,6 +966,12 @@ impl Cache {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.dirty)))
+                .collect(),
+            device_counters: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.counters)))
                 .collect(),
             last_flushed_id: st.flushed_id,
             last_writeback_id: st.wb_id,

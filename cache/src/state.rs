@@ -38,6 +38,8 @@ pub(crate) struct BackingSlot {
     pub label: String,
     pub dirty: u64,
     pub needs_flush: bool,
+    /// The access counters of this device alone.
+    pub counters: Counters,
     /// Writeback to this device is failing: since when, and the last error.
     pub failing: Option<BackingFailure>,
 }
@@ -51,6 +53,15 @@ pub(crate) struct BackingFailure {
 }
 
 impl State {
+    /// Counts one line access (see [`crate::stats::counter_index`]) for the cache and
+    /// for backing device `dev`.
+    pub(crate) fn count(&mut self, dev: u8, counter: usize) {
+        self.counters[counter] += 1;
+        if let Some(b) = self.backing.get_mut(dev as usize).and_then(|b| b.as_mut()) {
+            b.counters[counter] += 1;
+        }
+    }
+
     /// The refusal for a write to backing device `dev` when writeback to it has failed
     /// for longer than `writeback_fail_timeout_s`.
     pub(crate) fn backing_refusal(&self, dev: u8) -> Option<Error> {
