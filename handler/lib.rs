@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod device;
 pub mod event_loop;
+pub mod man;
 pub mod netlink;
 pub mod ring;
 pub mod scsi;

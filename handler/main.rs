@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lc::control::Request;
 
 const DEFAULT_SOCKET: &str = "/run/lc/control.sock";
@@ -110,6 +110,19 @@ enum Cmd {
         #[command(flatten)]
         c: Conn,
     },
+    /// Print a shell completion script (e.g. `lc completions bash >
+    /// /usr/share/bash-completion/completions/lc`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page in roff: `lc` (lc(8), from these definitions) or `lc.toml`
+    /// (lc.toml(5), from docs/CONFIG.md).
+    Man {
+        /// Which page.
+        #[arg(value_parser = ["lc", "lc.toml"], default_value = "lc")]
+        page: String,
+    },
     /// Write back every dirty line of a LUN's backing device (the detach step).
     Drain {
         /// LUN name.
@@ -193,6 +206,23 @@ fn main() -> ExitCode {
             lc::cli::run(&c.socket, Request::AcceptLoss { cache }, c.json)
         }
         Cmd::Drain { lun, c } => lc::cli::run(&c.socket, Request::Drain { lun }, c.json),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lc", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { page } => {
+            let mut out = std::io::stdout();
+            match page.as_str() {
+                "lc.toml" => {
+                    print!("{}", lc::man::config_page());
+                    Ok(())
+                }
+                _ => clap_mangen::Man::new(Cli::command())
+                    .section("8")
+                    .render(&mut out)
+                    .map_err(|e| e.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

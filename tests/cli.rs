@@ -300,3 +300,28 @@ fn format_refuses_a_device_with_a_file_system_without_force() {
         .unwrap()
         .success());
 }
+
+/// Shell completions and the two man pages come from the binary itself.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let out = lc().args(["completions", "bash"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("complete") && text.contains("accept-loss"),
+        "{text}"
+    );
+    let out = lc().args(["man"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(".TH lc 8") && text.contains("accept\\-loss"),
+        "{text}"
+    );
+    let out = lc().args(["man", "lc.toml"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(".TH LC.TOML 5") && text.contains(".B writeback_fail_timeout_s"),
+        "{text}"
+    );
+    let out = lc().args(["man", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
