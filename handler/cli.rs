@@ -14,22 +14,34 @@ use crate::control::{request, Request};
 /// finds errors and the journal's timestamp is the only one; on a terminal, the
 /// usual timestamped lines.
 pub fn logger(level: &str) -> Logger {
+    set_log_level(level);
+    let wanted = |r: &slog::Record| {
+        r.level().as_usize() <= LOG_LEVEL.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    if journal_is_stderr() {
+        let drain = std::sync::Mutex::new(JournalDrain).filter(wanted).fuse();
+        return Logger::root(drain, o!());
+    }
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter(wanted)
+        .fuse();
+    Logger::root(drain, o!())
+}
+
+/// The most verbose level the daemon's logger lets through (`slog::Level::as_usize`).
+static LOG_LEVEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4); // slog::Level::Info
+
+/// Changes the log level of the logger [`logger`] made (a config reload).
+pub fn set_log_level(level: &str) {
     let lvl = match level {
         "error" => slog::Level::Error,
         "warning" => slog::Level::Warning,
         "debug" => slog::Level::Debug,
         _ => slog::Level::Info,
     };
-    if journal_is_stderr() {
-        let drain = std::sync::Mutex::new(JournalDrain).filter_level(lvl).fuse();
-        return Logger::root(drain, o!());
-    }
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator)
-        .build()
-        .filter_level(lvl)
-        .fuse();
-    Logger::root(drain, o!())
+    LOG_LEVEL.store(lvl.as_usize(), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// True when stderr is the stream `JOURNAL_STREAM` (`device:inode`) names.
@@ -135,6 +147,14 @@ fn table(v: &Value) -> String {
                     None => "ok".into(),
                 }
             );
+        }
+    }
+    if let Some(r) = v.get("reloaded").and_then(|r| r.as_array()) {
+        if r.is_empty() {
+            out += "configuration reloaded: nothing changed\n";
+        }
+        for c in r {
+            out += &format!("reloaded: {}\n", c.as_str().unwrap_or(""));
         }
     }
     if let Some(a) = v.get("accepted").filter(|a| !a.is_null()) {

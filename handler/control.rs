@@ -62,6 +62,8 @@ pub enum Request {
         /// Cache name.
         cache: String,
     },
+    /// Re-read the configuration file (as SIGHUP does); the answer lists what changed.
+    Reload,
     /// The operator accepts data lost to cache log damage: reply with what was lost,
     /// then stop refusing reads of it (older data becomes readable).
     AcceptLoss {

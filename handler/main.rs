@@ -102,6 +102,12 @@ enum Cmd {
         #[command(flatten)]
         c: Conn,
     },
+    /// Re-read /etc/lc/lc.toml in the running daemon (like SIGHUP or `systemctl
+    /// reload lc`): new caches and LUNs come up, tunables and the log level change.
+    Reload {
+        #[command(flatten)]
+        c: Conn,
+    },
     /// Accept data lost to cache log damage: print what was lost (backing device and
     /// sector ranges), then let reads return the older data instead of failing.
     AcceptLoss {
@@ -202,6 +208,7 @@ fn main() -> ExitCode {
         Cmd::ClearStats { cache, c } => {
             lc::cli::run(&c.socket, Request::ClearStats { cache }, c.json)
         }
+        Cmd::Reload { c } => lc::cli::run(&c.socket, Request::Reload, c.json),
         Cmd::AcceptLoss { cache, c } => {
             lc::cli::run(&c.socket, Request::AcceptLoss { cache }, c.json)
         }

@@ -448,3 +448,115 @@ fn other_users_cannot_use_the_control_socket() {
         "root still may"
     );
 }
+
+/// `lc reload` (what SIGHUP and `systemctl reload lc` do) re-reads lc.toml: a new LUN on
+/// a running cache and a new cache come up and serve, a tunable changes; a bad file is
+/// refused with the configuration in force kept; a LUN with dirty data is not removed
+/// until it is drained.
+#[test]
+fn reload_adds_and_removes_luns_and_caches_and_refuses_bad_files() {
+    let files = images();
+    let dir = files.dir.path().to_path_buf();
+    let more = |name: &str, size: u64| {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    };
+    let (b1, c1, b2) = (
+        more("b1.img", 8 << 20),
+        more("c1.img", 16 << 20),
+        more("b2.img", 8 << 20),
+    );
+    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
+        .args(["format", "-y", "--segment-size", "64KiB"])
+        .arg(&c1)
+        .status()
+        .unwrap()
+        .success());
+    let socket = dir.join("run/control.sock");
+    let base = format!(
+        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {:?}\n[cache.tunables]\nwriteback_enabled = false\n",
+        files.cache
+    );
+    let disk0 = format!(
+        "[[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {:?}\nbacking_id = 3\n",
+        files.backing
+    );
+    let cfg_path = dir.join("lc.toml");
+    std::fs::write(&cfg_path, format!("{base}{disk0}")).unwrap();
+    let shared = Shared::open(
+        lc::config::load(&cfg_path).unwrap(),
+        slog::Logger::root(slog::Discard, slog::o!()),
+    )
+    .unwrap();
+    let listener = Arc::new(listen_with(&socket, Limits::default()).unwrap());
+    let handler: Arc<dyn Handler> = shared.clone();
+    let l = listener.clone();
+    std::thread::spawn(move || loop {
+        accept_all(&l, &handler);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    let (c, id) = shared.lun_cache("disk0").unwrap();
+    c.write(id, 0, &[9u8; 8192], false).unwrap();
+
+    // A LUN on the running cache, a new cache with its LUN, a tunable.
+    let grown = format!(
+        "{}{disk0}[[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = {b1:?}\nbacking_id = 4\n\
+         [[cache]]\nname = \"c1\"\ndevice = {c1:?}\n[[lun]]\nname = \"disk2\"\ncache = \"c1\"\nbacking = {b2:?}\nbacking_id = 0\n",
+        base.replace("writeback_enabled = false", "writeback_enabled = false\nwriteback_threshold = 33")
+    );
+    std::fs::write(&cfg_path, &grown).unwrap();
+    let out = lc(&socket, &["reload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for change in [
+        "lun disk1 added",
+        "cache c1 opened",
+        "cache c0: writeback_threshold = 33",
+    ] {
+        assert!(text.contains(change), "{change}: {text}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&lc(&socket, &["status", "--json"]).stdout).unwrap();
+    let names: Vec<&str> = v["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["disk0", "disk1", "disk2"]);
+    for lun in ["disk1", "disk2"] {
+        let (c, id) = shared.lun_cache(lun).unwrap();
+        c.write(id, 4096, &[5u8; 4096], true).unwrap();
+        let mut b = [0u8; 4096];
+        c.read(id, 4096, &mut b).unwrap();
+        assert_eq!(b, [5u8; 4096], "{lun} serves");
+    }
+    // A bad file is refused; what is in force stays.
+    std::fs::write(&cfg_path, "[[cache]\nnope").unwrap();
+    let out = lc(&socket, &["reload"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lc.toml"),
+        "{out:?}"
+    );
+    assert!(shared.lun_cache("disk2").is_some());
+    // disk0 has dirty lines: removing it is refused until it is drained.
+    let without_disk0 = grown.replace(&disk0, "");
+    std::fs::write(&cfg_path, &without_disk0).unwrap();
+    let out = lc(&socket, &["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lun disk0") && err.contains("drain"), "{err}");
+    assert!(shared.lun_cache("disk0").is_some());
+    assert!(lc(&socket, &["drain", "disk0"]).status.success());
+    let out = lc(&socket, &["reload"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lun disk0 removed"),
+        "{out:?}"
+    );
+    assert!(shared.lun_cache("disk0").is_none());
+    assert!(
+        c.read(id, 0, &mut [0u8; 4096]).is_err(),
+        "detached from its cache"
+    );
+}

@@ -1005,6 +1005,73 @@ impl Cache {
         }
     }
 
+    /// Attaches another backing device to a running cache (a LUN added by a config
+    /// reload). Its id must be free; the superblock's table records it at the next
+    /// commit, which is requested now.
+    pub fn attach_backing(&self, b: Backing) -> Result<()> {
+        if b.id as usize >= MAX_BACKING {
+            return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
+        }
+        if b.label.len() > 32 {
+            return Err(Error::Invalid(format!(
+                "label {:?} longer than 32 bytes",
+                b.label
+            )));
+        }
+        let mut st = self.inner.lock();
+        if st.backing[b.id as usize].is_some() {
+            return Err(Error::Invalid(format!(
+                "backing device id {} is attached already",
+                b.id
+            )));
+        }
+        st.backing[b.id as usize] = Some(BackingSlot {
+            dev: b.dev,
+            label: b.label.clone(),
+            dirty: 0,
+            needs_flush: false,
+            counters: [0; 16],
+            failing: None,
+        });
+        st.commit_requested = true;
+        self.inner.worker_cv.notify_all();
+        info!(self.inner.log, "backing device attached"; "dev" => b.id, "label" => b.label);
+        Ok(())
+    }
+
+    /// Detaches backing device `dev` (a LUN removed by a config reload). Refused while
+    /// it has dirty lines (drain it first) or lines lost to damage.
+    pub fn detach_backing(&self, dev: u8) -> Result<()> {
+        let mut st = self.inner.lock();
+        let Some(b) = st.backing.get(dev as usize).and_then(|b| b.as_ref()) else {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} is not attached"
+            )));
+        };
+        if b.dirty > 0 {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} ({}) has {} dirty lines; drain it first",
+                b.label, b.dirty
+            )));
+        }
+        let lost = st
+            .damage
+            .lost
+            .keys()
+            .filter(|&&k| crate::index::unkey(k).0 == dev)
+            .count();
+        if lost > 0 {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} has {lost} lines lost to damage; accept the loss first"
+            )));
+        }
+        st.backing[dev as usize] = None;
+        st.commit_requested = true;
+        self.inner.worker_cv.notify_all();
+        info!(self.inner.log, "backing device detached"; "dev" => dev);
+        Ok(())
+    }
+
     /// The operator's decision after damage (`lc accept-loss`): returns what was lost,
     /// then stops refusing it. Reads of those sectors return the older data again (an
     /// older cached copy or the backing device's), and writeback may pass the damaged

@@ -33,6 +33,35 @@ step "write 32 MiB and flush"
 head -c 32M /dev/urandom >"$state/data"
 dd if="$state/data" of="$dev" bs=1M oflag=direct conv=fsync status=none || fail "write"
 sha256sum <"$state/data" | cut -d' ' -f1 >"$state/data.sha"
+step "reload (SIGHUP, what systemctl reload does) adds LUN disk8 while fio runs on disk9"
+truncate -s 64M "$state/backing8.img"
+fio --name=busy --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite \
+    --offset=64M --size=64M --runtime=15 --time_based --output-format=terse >/tmp/busy.out 2>&1 &
+busy=$!
+sleep 2
+cat >>/etc/lc/lc.toml <<TOML
+[[lun]]
+name = "disk8"
+cache = "c9"
+backing = "$state/backing8.img"
+backing_id = 1
+TOML
+cp /etc/lc/lc.toml "$state/lc.toml"
+kill -HUP "$(cat /tmp/lc.pid)"
+for _ in $(seq 50); do grep -q "configuration reloaded" /tmp/lc.log && break; sleep 0.2; done
+grep "configuration reloaded" /tmp/lc.log || fail "no reload after SIGHUP"
+targetcli /backstores/user:lc create name=disk8 size=64M cfgstring=disk8 >/dev/null || fail "disk8 refused"
+wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
+targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk8 >/dev/null
+dev8=""
+for _ in $(seq 100); do
+    dev8=$(lsscsi | awk '$3 == "LIO-ORG" && $4 == "lc" {print $NF}' | grep -vx "$dev" | head -1)
+    [ -n "$dev8" ] && [ -b "$dev8" ] && break
+    sleep 0.2
+done
+[ -b "$dev8" ] || fail "no /dev/sdX for disk8"
+fio_verify "$dev8" 8M
+wait "$busy" || { cat /tmp/busy.out; fail "fio on disk9 saw errors across the reload"; }
 step "targetcli saveconfig, then a clean stop of lc"
 targetcli saveconfig savefile="$state/saveconfig.json" >/dev/null || fail "saveconfig"
 grep -q '"plugin": "user"' "$state/saveconfig.json" || fail "saveconfig has no user: backstore"
