@@ -32,6 +32,10 @@ pub struct DaemonSection {
     /// Microseconds the event loop keeps polling idle rings before it sleeps.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`); off when
+    /// absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_socket() -> PathBuf {
@@ -58,6 +62,7 @@ impl Default for DaemonSection {
             io_threads: default_io_threads(),
             dbus: true,
             busy_poll_us: default_busy_poll_us(),
+            metrics_listen: None,
         }
     }
 }

@@ -801,6 +801,18 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
         .map_err(|e| e.to_string())?;
+    // Every signal also writes a byte into this pipe, which the event loop watches: a
+    // signal is handled at once, not at the loop's next timer.
+    let (sig_rx, sig_tx) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    sig_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
+        let tx = sig_tx.try_clone().map_err(|e| e.to_string())?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(|e| e.to_string())?;
+    }
     let io_threads = cfg.daemon.io_threads;
     let socket = cfg.daemon.control_socket.clone();
     let sh = Shared::open(cfg, log.clone())?;
@@ -855,11 +867,27 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         None
     };
     let nl_token = el.add_source(nl.fd()).map_err(|e| e.to_string())?;
+    let sig_token = el
+        .add_source(std::os::fd::AsRawFd::as_raw_fd(&sig_rx))
+        .map_err(|e| e.to_string())?;
     let listener = control::listen(&socket)?;
     let ctl_token = el
         .add_source(std::os::fd::AsRawFd::as_raw_fd(&listener))
         .map_err(|e| e.to_string())?;
     let handler: Arc<dyn Handler> = sh.clone();
+    let metrics = match sh.t().cfg.daemon.metrics_listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("metrics_listen {addr}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let token = el
+                .add_source(std::os::fd::AsRawFd::as_raw_fd(&l))
+                .map_err(|e| e.to_string())?;
+            info!(log, "serving metrics"; "listen" => addr.to_string());
+            Some((l, token, Arc::new(std::sync::atomic::AtomicUsize::new(0))))
+        }
+        None => None,
+    };
     info!(log, "serving"; "control_socket" => socket.display().to_string());
     // systemd (Type=notify): ready once the control socket listens and every device
     // that existed at start is re-attached. Without NOTIFY_SOCKET this does nothing.
@@ -874,11 +902,13 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
-        let ready = el
-            .run_once(Some(Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?;
+        let ready = el.run_once(None).map_err(|e| e.to_string())?;
         for t in ready {
-            if t == nl_token {
+            if t == sig_token {
+                // The flags say which signal; just empty the pipe.
+                let mut buf = [0u8; 64];
+                while matches!(std::io::Read::read(&mut &sig_rx, &mut buf), Ok(n) if n > 0) {}
+            } else if t == nl_token {
                 match nl.recv_events() {
                     Ok(evs) => {
                         for ev in evs {
@@ -892,6 +922,8 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
                 }
             } else if t == ctl_token {
                 control::accept_all(&listener, &handler);
+            } else if let Some((l, _, busy)) = metrics.as_ref().filter(|m| m.1 == t) {
+                crate::metrics::accept_all(l, &handler, busy);
             }
         }
     }

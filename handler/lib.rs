@@ -12,6 +12,7 @@ pub mod dbus;
 pub mod device;
 pub mod event_loop;
 pub mod man;
+pub mod metrics;
 pub mod netlink;
 pub mod ring;
 pub mod scsi;

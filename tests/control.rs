@@ -560,3 +560,61 @@ fn reload_adds_and_removes_luns_and_caches_and_refuses_bad_files() {
         "detached from its cache"
     );
 }
+
+/// `[daemon] metrics_listen`: an HTTP scrape of `/metrics` gets the Prometheus text,
+/// other paths 404, and beyond the client cap connections are closed.
+#[test]
+fn metrics_are_served_over_http() {
+    use std::io::{Read, Write};
+    let d = daemon(Limits::default());
+    let (c, id) = d.shared.lun_cache("disk0").unwrap();
+    c.write(id, 0, &[1u8; 4096], false).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler: Arc<dyn Handler> = d.shared.clone();
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || loop {
+        lc::metrics::accept_all(&listener, &handler, &busy);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let r = get("/metrics");
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+    assert!(
+        r.contains(r#"lc_dirty_lines{cache="c0",lun="disk0"} 1"#),
+        "{r}"
+    );
+    let (head, body) = r.split_once("\r\n\r\n").unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(len, body.len());
+    assert!(get("/").starts_with("HTTP/1.1 404"));
+    // Silent clients hold at most the cap; the scrape after them still works once
+    // they time out or go away.
+    let silent: Vec<_> = (0..lc::metrics::MAX_CLIENTS)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "over the cap: closed");
+    drop(silent);
+    wait_for("a free slot", || {
+        get("/metrics").starts_with("HTTP/1.1 200")
+    });
+}

@@ -13,6 +13,7 @@ lc format -y "$state/cache.img"
 cat >"$state/lc.toml" <<TOML
 [daemon]
 control_socket = "/run/lc/control.sock"
+metrics_listen = "127.0.0.1:9477"
 [[cache]]
 name = "c9"
 device = "$state/cache.img"
@@ -62,6 +63,12 @@ done
 [ -b "$dev8" ] || fail "no /dev/sdX for disk8"
 fio_verify "$dev8" 8M
 wait "$busy" || { cat /tmp/busy.out; fail "fio on disk9 saw errors across the reload"; }
+step "metrics scraped over HTTP (metrics_listen) and with lc stats --prometheus"
+python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=10).read().decode())' >/tmp/metrics.txt \
+    || fail "metrics scrape"
+grep -E '^lc_line_accesses_total\{cache="c9",lun="disk9",op="write"' /tmp/metrics.txt | head -3
+grep -q 'lc_hit_ratio{cache="c9",lun="disk8",op="read"}' /tmp/metrics.txt || { cat /tmp/metrics.txt; fail "no hit ratio for disk8"; }
+lc stats --prometheus | grep -q '^lc_dirty_lines{cache="c9",lun="disk9"}' || fail "lc stats --prometheus"
 step "targetcli saveconfig, then a clean stop of lc"
 targetcli saveconfig savefile="$state/saveconfig.json" >/dev/null || fail "saveconfig"
 grep -q '"plugin": "user"' "$state/saveconfig.json" || fail "saveconfig has no user: backstore"
