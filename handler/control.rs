@@ -370,6 +370,24 @@ pub fn accept_all(l: &Listener, handler: &Arc<dyn Handler>) {
     }
 }
 
+/// Ends a connection the daemon gives up on so that the client reads the last line and
+/// then end-of-file: the write side is shut, and what the client sent meanwhile is read
+/// and dropped (closing a Unix socket with unread data makes the peer's reads fail with
+/// ECONNRESET, losing the line).
+fn close_gently(r: &mut BufReader<UnixStream>, w: &UnixStream) {
+    let _ = w.shutdown(std::net::Shutdown::Write);
+    let _ = r
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)));
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match std::io::Read::read(r, &mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
 fn write_line(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     let mut t = v.to_string();
     t.push('\n');
@@ -405,6 +423,7 @@ pub fn serve_conn(s: UnixStream, handler: &dyn Handler, limits: Limits) {
                         limits.idle_timeout.as_secs_f64()
                     )}),
                 );
+                close_gently(&mut r, &w);
                 return;
             }
             Err(_) => return,
