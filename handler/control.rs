@@ -380,7 +380,7 @@ fn close_gently(r: &mut BufReader<UnixStream>, w: &UnixStream) {
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(100)));
     let mut sink = [0u8; 4096];
-    for _ in 0..16 {
+    for _ in 0..256 {
         match std::io::Read::read(r, &mut sink) {
             Ok(n) if n > 0 => continue,
             _ => break,
@@ -432,6 +432,7 @@ pub fn serve_conn(s: UnixStream, handler: &dyn Handler, limits: Limits) {
                     &mut w,
                     &json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")}),
                 );
+                close_gently(&mut r, &w);
                 return;
             }
             Ok(_) => {}
@@ -593,8 +594,9 @@ mod tests {
             let v: Value = serde_json::from_str(&l).unwrap();
             assert_eq!(v["ok"], Value::Bool(want), "{l}");
         }
-        s.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
-        s.write_all(b"\n").unwrap();
+        let mut long = vec![b'x'; MAX_LINE + 10];
+        long.push(b'\n');
+        s.write_all(&long).unwrap();
         let mut l = String::new();
         r.read_line(&mut l).unwrap();
         assert!(l.contains("longer than"));
