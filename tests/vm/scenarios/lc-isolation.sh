@@ -45,13 +45,7 @@ targetcli /backstores/user:lc create name=disk1 size=512M cfgstring=disk1 >/dev/
 wwn=$(loopback_lun /backstores/user:lc/disk0)
 d0=$(lun_dev lc)
 targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null
-d1=""
-for _ in $(seq 100); do
-    d1=$(lsscsi | awk '$3 == "LIO-ORG" && $4 == "lc" {print $NF}' | grep -vx "$d0" | head -1)
-    [ -n "$d1" ] && [ -b "$d1" ] && break
-    sleep 0.2
-done
-[ -b "$d1" ] || { lsscsi; fail "no second lc LUN"; }
+d1=$(lun_dev lc "$d0")
 echo "disk0 is $d0, disk1 is $d1"
 
 diag() {

@@ -54,13 +54,7 @@ grep "configuration reloaded" /tmp/lc.log || fail "no reload after SIGHUP"
 targetcli /backstores/user:lc create name=disk8 size=64M cfgstring=disk8 >/dev/null || fail "disk8 refused"
 wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
 targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk8 >/dev/null
-dev8=""
-for _ in $(seq 100); do
-    dev8=$(lsscsi | awk '$3 == "LIO-ORG" && $4 == "lc" {print $NF}' | grep -vx "$dev" | head -1)
-    [ -n "$dev8" ] && [ -b "$dev8" ] && break
-    sleep 0.2
-done
-[ -b "$dev8" ] || fail "no /dev/sdX for disk8"
+dev8=$(lun_dev lc "$dev")
 fio_verify "$dev8" 8M
 wait "$busy" || { cat /tmp/busy.out; fail "fio on disk9 saw errors across the reload"; }
 step "metrics scraped over HTTP (metrics_listen) and with lc stats --prometheus"
