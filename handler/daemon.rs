@@ -857,9 +857,9 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
                 .map(|_| ())
         }) {
             Ok(s) => Some(s),
-            Err(e) if e.contains("already owned") => return Err(e),
+            Err(e @ crate::dbus::DbusError::NameTaken) => return Err(e.to_string()),
             Err(e) => {
-                warn!(log, "no D-Bus service (targetcli will not list user:lc)"; "error" => e);
+                warn!(log, "no D-Bus service (targetcli will not list user:lc)"; "error" => %e);
                 None
             }
         }

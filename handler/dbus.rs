@@ -96,6 +96,21 @@ pub enum Bus {
 /// How long a taken bus name is asked for again before the daemon refuses to start.
 const NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Why the D-Bus service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DbusError {
+    /// Another process owns `org.kernel.TCMUService1` (tcmu-runner, most likely): lc
+    /// must not run beside it.
+    #[error(
+        "D-Bus name {BUS_NAME} is already owned (is tcmu-runner running? it answers device events for \
+         subtypes it does not know with an error; stop it: systemctl stop tcmu-runner)"
+    )]
+    NameTaken,
+    /// The bus could not be reached or refused to serve the objects.
+    #[error("D-Bus: {0}")]
+    Bus(#[from] zbus::Error),
+}
+
 impl DbusService {
     /// Owns the name and serves the objects. Fails clearly when the name is taken
     /// (tcmu-runner running). `check` answers `CheckConfig`: its error is the reason
@@ -103,12 +118,11 @@ impl DbusService {
     pub fn start<E: Display>(
         bus: Bus,
         check: impl Fn(&str) -> Result<(), E> + Send + Sync + 'static,
-    ) -> Result<DbusService, String> {
+    ) -> Result<DbusService, DbusError> {
         let builder = match &bus {
             Bus::System => Builder::system(),
             Bus::Address(a) => Builder::address(a.as_str()),
-        }
-        .map_err(|e| format!("D-Bus: {e}"))?;
+        }?;
         let conn = builder
             .serve_at(MANAGER_PATH, zbus::fdo::ObjectManager)
             .and_then(|b| {
@@ -119,15 +133,7 @@ impl DbusService {
                     },
                 )
             })
-            .and_then(|b| b.build())
-            .map_err(|e| format!("D-Bus: {e}"))?;
-        // Ask for the name without queueing: if someone owns it, say who probably does.
-        let taken = || {
-            format!(
-                "D-Bus name {BUS_NAME} is already owned (is tcmu-runner running? it answers device events for \
-                 subtypes it does not know with an error; stop it: systemctl stop tcmu-runner)"
-            )
-        };
+            .and_then(|b| b.build())?;
         // A predecessor killed a moment ago may still own the name until the bus
         // notices its connection is gone: ask again for a few seconds before refusing.
         let deadline = std::time::Instant::now() + NAME_WAIT;
@@ -140,11 +146,11 @@ impl DbusService {
                 ) => return Ok(DbusService { _conn: conn }),
                 Ok(_) | Err(zbus::Error::NameTaken) => {
                     if std::time::Instant::now() >= deadline {
-                        return Err(taken());
+                        return Err(DbusError::NameTaken);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(250));
                 }
-                Err(e) => return Err(format!("D-Bus: requesting {BUS_NAME}: {e}")),
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -228,9 +228,11 @@ fn targetcli_sees_user_lc_and_check_config_answers() {
     let e = DbusService::start(Bus::Address(bus.address.clone()), |_| Ok::<(), String>(()))
         .err()
         .unwrap();
+    assert!(matches!(e, lc::dbus::DbusError::NameTaken), "{e}");
+    let text = e.to_string();
     assert!(
-        e.contains("already owned") && e.contains("tcmu-runner"),
-        "{e}"
+        text.contains("already owned") && text.contains("tcmu-runner"),
+        "{text}"
     );
 }
 

@@ -24,6 +24,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The cache device holds lc data of another format version.
+    #[error("{device}: format version {version}, this build reads version {}", crate::format::FORMAT_VERSION)]
+    Version {
+        /// The cache device.
+        device: String,
+        /// The version found.
+        version: u32,
+    },
     /// A caller passed an invalid argument (unaligned offset, unknown device id, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),

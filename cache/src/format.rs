@@ -231,9 +231,10 @@ impl Superblock {
         }
         let version = le_u32(b, 8);
         if version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION}"
-            )));
+            return Err(Error::Version {
+                device: device.to_string(),
+                version,
+            });
         }
         let geometry = Geometry {
             block_size: le_u32(b, 12),

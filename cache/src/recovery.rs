@@ -138,7 +138,7 @@ pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
         // Prefer a version error: it tells the user what is going on.
         None => Err(errors
             .into_iter()
-            .max_by_key(|e| e.to_string().contains("version") as u8)
+            .max_by_key(|e| matches!(e, Error::Version { .. }) as u8)
             .expect("an error per copy")),
     }
 }
