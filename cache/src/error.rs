@@ -25,7 +25,10 @@ pub enum Error {
         reason: String,
     },
     /// The cache device holds lc data of another format version.
-    #[error("{device}: format version {version}, this build reads version {}", crate::format::FORMAT_VERSION)]
+    #[error(
+        "{device}: format version {version}, this build reads version {}",
+        crate::format::FORMAT_VERSION
+    )]
     Version {
         /// The cache device.
         device: String,
