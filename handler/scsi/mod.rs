@@ -545,7 +545,7 @@ fn dispatch(
             lba,
             alloc,
             report_type,
-        } => get_lba_status(num_blocks, lba, alloc, report_type),
+        } => get_lba_status(num_blocks, lba, alloc.min(data_in_len), report_type),
     }
 }
 
@@ -682,7 +682,10 @@ fn compare_and_write(
 /// discard drops cached lines and is passed to the backing device, which may or may
 /// not deallocate), so every block is reported mapped: true in the sense that reads
 /// return the medium's data, which after UNMAP is zeros (LBPRZ).
-fn get_lba_status(num_blocks: u64, lba: u64, alloc: usize, report_type: u8) -> ScsiResponse {
+///
+/// `room` is the allocation length or the Data-In buffer, whichever is shorter: the
+/// descriptors built stop there (a capacity beyond 2^32 blocks takes several).
+fn get_lba_status(num_blocks: u64, lba: u64, room: usize, report_type: u8) -> ScsiResponse {
     if lba >= num_blocks {
         return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE);
     }
@@ -695,7 +698,7 @@ fn get_lba_status(num_blocks: u64, lba: u64, alloc: usize, report_type: u8) -> S
     let mut d = vec![0u8; 8];
     d[7] = 0x01; // RTP: the REPORT TYPE field was processed
     let mut next = lba;
-    while mapped_wanted && next < num_blocks && d.len() < alloc.max(24) {
+    while mapped_wanted && next < num_blocks && d.len() < room.max(24) {
         let n = (num_blocks - next).min(u32::MAX as u64);
         let mut desc = [0u8; 16];
         desc[0..8].copy_from_slice(&next.to_be_bytes());
@@ -706,7 +709,7 @@ fn get_lba_status(num_blocks: u64, lba: u64, alloc: usize, report_type: u8) -> S
     }
     let n = (d.len() - 4) as u32;
     d[0..4].copy_from_slice(&n.to_be_bytes());
-    ScsiResponse::good(truncate(d, alloc))
+    ScsiResponse::good(truncate(d, room))
 }
 
 fn write_or_error(

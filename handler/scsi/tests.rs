@@ -1148,6 +1148,10 @@ fn get_lba_status_reports_every_block_mapped() {
             (1 + 2 * u32::MAX as u64, 6)
         ]
     );
+    // Descriptors are built only as far as the Data-In buffer reaches.
+    let d = execute(&huge, &get_lba_status(1, 4096, 0), &[], 24, &m).data_in;
+    assert_eq!(d.len(), 24);
+    assert_eq!(u32::from_be_bytes(d[0..4].try_into().unwrap()), 20);
 }
 
 #[test]
