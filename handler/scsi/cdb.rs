@@ -148,6 +148,16 @@ pub enum Cdb {
         /// Allocation length.
         alloc: usize,
     },
+    /// EXTENDED COPY (LID1).
+    ExtendedCopy {
+        /// Parameter list length.
+        len: usize,
+    },
+    /// RECEIVE COPY RESULTS, OPERATING PARAMETERS.
+    ReceiveCopyOperatingParameters {
+        /// Allocation length.
+        alloc: usize,
+    },
     /// REPORT LUNS (normally answered by LIO itself).
     ReportLuns {
         /// Allocation length.
@@ -178,6 +188,8 @@ pub mod op {
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const WRITE_16: u8 = 0x8a;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
@@ -191,6 +203,8 @@ pub mod op {
     pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
+    pub const SA_EXTENDED_COPY_LID1: u8 = 0x00;
+    pub const SA_RECEIVE_COPY_OPERATING_PARAMETERS: u8 = 0x03;
     pub const SA_REPORT_OPCODES: u8 = 0x0c;
 }
 
@@ -244,6 +258,16 @@ pub const SUPPORTED: &[Supported] = &[
     cmd(op::UNMAP, &[0x42, 0, 0, 0, 0, 0, 0, F, F, 0]),
     cmd(op::MODE_SELECT_10, &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0]),
     cmd(op::MODE_SENSE_10, &[0x5a, 0x08, F, F, 0, 0, 0, F, F, 0]),
+    sa_cmd(
+        op::EXTENDED_COPY,
+        op::SA_EXTENDED_COPY_LID1,
+        &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+    ),
+    sa_cmd(
+        op::RECEIVE_COPY_RESULTS,
+        op::SA_RECEIVE_COPY_OPERATING_PARAMETERS,
+        &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+    ),
     cmd(
         op::READ_16,
         &[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
@@ -557,6 +581,25 @@ pub fn parse(c: &[u8]) -> Result<Cdb, (u8, u8)> {
                 sa: be(&c[4..6]) as u16,
                 rctd: c[2] & 0x80 != 0,
                 alloc: be(&c[6..10]) as usize,
+            }
+        }
+        op::EXTENDED_COPY => {
+            need(16)?;
+            if c[1] & 0x1f != op::SA_EXTENDED_COPY_LID1 {
+                return Err(asc::INVALID_FIELD_IN_CDB); // LID4 is not implemented
+            }
+            Cdb::ExtendedCopy {
+                len: be(&c[10..14]) as usize,
+            }
+        }
+        op::RECEIVE_COPY_RESULTS => {
+            need(16)?;
+            // Copies complete before EXTENDED COPY does: there is no status to keep.
+            if c[1] & 0x1f != op::SA_RECEIVE_COPY_OPERATING_PARAMETERS {
+                return Err(asc::INVALID_FIELD_IN_CDB);
+            }
+            Cdb::ReceiveCopyOperatingParameters {
+                alloc: be(&c[10..14]) as usize,
             }
         }
         op::REPORT_LUNS => {

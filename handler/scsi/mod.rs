@@ -5,6 +5,7 @@
 
 pub mod cdb;
 pub mod sense;
+pub mod xcopy;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
@@ -305,7 +306,8 @@ fn lock(io: &RwLock<()>, a: Access, wait: bool) -> Option<Held<'_>> {
 
 /// True when the command touches the backend (and may block): run it on a worker.
 pub fn needs_backend(cdb: &[u8]) -> bool {
-    cdb::parse(cdb).is_ok_and(|c| access(&c) != Access::None)
+    cdb::parse(cdb)
+        .is_ok_and(|c| access(&c) != Access::None || matches!(c, Cdb::ExtendedCopy { .. }))
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {
@@ -336,7 +338,11 @@ pub fn try_execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> Option<ScsiResponse> {
-    if cdb_bytes.first() == Some(&op::COMPARE_AND_WRITE) {
+    // EXTENDED COPY waits for other LUNs' I/O locks: never on the loop thread.
+    if matches!(
+        cdb_bytes.first(),
+        Some(&(op::COMPARE_AND_WRITE | op::EXTENDED_COPY))
+    ) {
         return None;
     }
     let nb = NonBlocking {
@@ -546,6 +552,11 @@ fn dispatch(
             alloc,
             report_type,
         } => get_lba_status(num_blocks, lba, alloc.min(data_in_len), report_type),
+        // Takes the I/O locks of every LUN it names itself (Access::None here).
+        Cdb::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, data_out),
+        Cdb::ReceiveCopyOperatingParameters { alloc } => {
+            ScsiResponse::good(truncate(xcopy::operating_parameters(cfg), alloc))
+        }
     }
 }
 
@@ -743,6 +754,7 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
         d[4] = 91;
+        d[5] = 0x08; // 3PC: EXTENDED COPY
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(&pad(&cfg.vendor, 8));
         d[16..32].copy_from_slice(&pad(&cfg.product, 16));
@@ -753,7 +765,8 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
         return Some(d);
     }
     let body: Vec<u8> = match page {
-        0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+        0x00 => vec![0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2],
+        0x8f => xcopy::vpd_8f(cfg),
         0x80 => cfg
             .serial
             .bytes()
@@ -762,16 +775,8 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
             .collect(),
         0x83 => {
             let mut v = Vec::new();
-            // NAA IEEE Registered Extended (6): a stable id derived from the serial.
-            let h = crc32c_like(cfg.serial.as_bytes());
-            let mut naa = [0u8; 16];
-            naa[0] = 0x60 | 0x01; // NAA 6, OUI 0x001405 (LIO's) upper nibble
-            naa[1] = 0x40;
-            naa[2] = 0x50;
-            naa[3..11].copy_from_slice(&h.to_be_bytes());
-            naa[11..15].copy_from_slice(&(h as u32 ^ 0x5a5a_5a5a).to_be_bytes());
             v.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
-            v.extend_from_slice(&naa);
+            v.extend_from_slice(&naa(cfg));
             // T10 vendor id designator: vendor + serial.
             let mut t10 = pad(&cfg.vendor, 8);
             t10.extend(
@@ -811,6 +816,19 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
     d.extend_from_slice(&(body.len() as u16).to_be_bytes());
     d.extend_from_slice(&body);
     Some(d)
+}
+
+/// The LUN's NAA IEEE Registered Extended (6) designator (VPD 0x83): a stable id
+/// derived from the serial; EXTENDED COPY names its copy targets with it.
+pub fn naa(cfg: &LunConfig) -> [u8; 16] {
+    let h = crc32c_like(cfg.serial.as_bytes());
+    let mut naa = [0u8; 16];
+    naa[0] = 0x60 | 0x01; // NAA 6, OUI 0x001405 (LIO's) upper nibble
+    naa[1] = 0x40;
+    naa[2] = 0x50;
+    naa[3..11].copy_from_slice(&h.to_be_bytes());
+    naa[11..15].copy_from_slice(&(h as u32 ^ 0x5a5a_5a5a).to_be_bytes());
+    naa
 }
 
 /// A small deterministic hash for the NAA identifier (FNV-1a 64).

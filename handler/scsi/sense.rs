@@ -19,6 +19,8 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     /// UNIT ATTENTION.
     pub const UNIT_ATTENTION: u8 = 0x6;
+    /// COPY ABORTED.
+    pub const COPY_ABORTED: u8 = 0xa;
     /// MISCOMPARE.
     pub const MISCOMPARE: u8 = 0xe;
 }

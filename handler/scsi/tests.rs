@@ -274,7 +274,7 @@ fn inquiry_standard_and_vpd_pages() {
         "allocation length"
     );
     let pages = execute(&l, &[0x12, 1, 0, 0, 255, 0], &[], 255, &m).data_in;
-    assert_eq!(&pages[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    assert_eq!(&pages[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
     let sn = execute(&l, &[0x12, 1, 0x80, 0, 255, 0], &[], 255, &m).data_in;
     assert_eq!(&sn[4..], b"serial-123");
     let id = execute(&l, &[0x12, 1, 0x83, 0, 255, 0], &[], 255, &m).data_in;
@@ -1263,5 +1263,255 @@ fn verify_byte_check_modes_and_medium_errors() {
     assert_eq!(
         execute(&l, &rw10(0x2f, 50, 0, 0x02), &[], 0, &m).status,
         GOOD
+    );
+}
+
+fn cscd(id: [u8; 16], bs: u32) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    d[0] = 0xe4;
+    d[4] = 0x01; // binary
+    d[5] = 0x03; // LU, NAA
+    d[7] = 16;
+    d[8..24].copy_from_slice(&id);
+    d[29..32].copy_from_slice(&bs.to_be_bytes()[1..]);
+    d
+}
+
+fn segment(src: u16, dst: u16, blocks: u16, src_lba: u64, dst_lba: u64) -> [u8; 28] {
+    let mut d = [0u8; 28];
+    d[0] = 0x02;
+    d[2..4].copy_from_slice(&0x18u16.to_be_bytes());
+    d[4..6].copy_from_slice(&src.to_be_bytes());
+    d[6..8].copy_from_slice(&dst.to_be_bytes());
+    d[10..12].copy_from_slice(&blocks.to_be_bytes());
+    d[12..20].copy_from_slice(&src_lba.to_be_bytes());
+    d[20..28].copy_from_slice(&dst_lba.to_be_bytes());
+    d
+}
+
+fn copy_list(cscds: &[[u8; 32]], segs: &[[u8; 28]]) -> Vec<u8> {
+    let mut d = vec![0u8; 16];
+    d[1] = 0x18; // LIST ID USAGE 11b: no list identifier
+    d[2..4].copy_from_slice(&((cscds.len() * 32) as u16).to_be_bytes());
+    d[8..12].copy_from_slice(&((segs.len() * 28) as u32).to_be_bytes());
+    for c in cscds {
+        d.extend_from_slice(c);
+    }
+    for g in segs {
+        d.extend_from_slice(g);
+    }
+    d
+}
+
+fn xcopy_cdb(len: usize) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = 0x83;
+    c[10..14].copy_from_slice(&(len as u32).to_be_bytes());
+    c
+}
+
+#[test]
+fn extended_copy_within_one_lun_including_overlapping_ranges() {
+    let l = LunState::new(LunConfig::new("xcopy-one", 512, BLOCKS));
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let data = pattern(20 * 512, 4);
+    assert_eq!(
+        execute(&l, &rw10(0x2a, 100, 20, 0), &data, 0, &m).status,
+        GOOD
+    );
+    let me = cscd(naa(&l.cfg), 512);
+    let list = copy_list(&[me], &[segment(0, 0, 20, 100, 500)]);
+    assert!(
+        try_execute(&l, &xcopy_cdb(list.len()), &list, 0, &m).is_none(),
+        "never inline"
+    );
+    assert!(needs_backend(&xcopy_cdb(list.len())));
+    let r = execute(&l, &xcopy_cdb(list.len()), &list, 0, &m);
+    assert_eq!(r.status, GOOD, "{r:?}");
+    assert!(m.data.lock().unwrap()[500 * 512..520 * 512] == data[..]);
+    // Overlapping, destination after the source (copied backwards), then before it.
+    let list = copy_list(&[me], &[segment(0, 0, 20, 500, 503)]);
+    assert_eq!(
+        execute(&l, &xcopy_cdb(list.len()), &list, 0, &m).status,
+        GOOD
+    );
+    assert!(m.data.lock().unwrap()[503 * 512..523 * 512] == data[..]);
+    let list = copy_list(
+        &[me],
+        &[segment(0, 0, 20, 503, 501), segment(0, 0, 0, 0, 0)],
+    );
+    assert_eq!(
+        execute(&l, &xcopy_cdb(list.len()), &list, 0, &m).status,
+        GOOD
+    );
+    assert!(m.data.lock().unwrap()[501 * 512..521 * 512] == data[..]);
+    // A parameter list length of 0 copies nothing.
+    assert_eq!(execute(&l, &xcopy_cdb(0), &[], 0, &m).status, GOOD);
+}
+
+#[test]
+fn extended_copy_between_luns_of_one_process() {
+    use std::sync::Arc;
+    let la = Arc::new(LunState::new(LunConfig::new("xcopy-a", 512, BLOCKS)));
+    let lb = Arc::new(LunState::new(LunConfig::new("xcopy-b", 512, BLOCKS)));
+    let ma = Arc::new(Mem::new((BLOCKS * 512) as usize));
+    let mb = Arc::new(Mem::new((BLOCKS * 512) as usize));
+    let (ba, bb): (Arc<dyn BlockBackend>, Arc<dyn BlockBackend>) = (ma.clone(), mb.clone());
+    let (ca, cb) = (cscd(naa(&la.cfg), 512), cscd(naa(&lb.cfg), 512));
+    let data = pattern(8 * 512, 6);
+    assert_eq!(
+        execute(&la, &rw10(0x2a, 10, 8, 0), &data, 0, &*ma).status,
+        GOOD
+    );
+    // Not registered yet: COPY ABORTED / COPY TARGET DEVICE NOT REACHABLE.
+    let list = copy_list(&[ca, cb], &[segment(0, 1, 8, 10, 30)]);
+    let r = execute(&la, &xcopy_cdb(list.len()), &list, 0, &*ma);
+    assert_eq!(sense_of(&r), (key::COPY_ABORTED, 0x0d, 0x02));
+    xcopy::register(&la, &ba);
+    xcopy::register(&lb, &bb);
+    let r = execute(&la, &xcopy_cdb(list.len()), &list, 0, &*ma);
+    assert_eq!(r.status, GOOD, "{r:?}");
+    assert!(mb.data.lock().unwrap()[30 * 512..38 * 512] == data[..]);
+    // Received by A, copying B to B, and B back to A.
+    let list = copy_list(
+        &[cb, ca],
+        &[segment(0, 0, 8, 30, 60), segment(0, 1, 8, 60, 90)],
+    );
+    assert_eq!(
+        execute(&la, &xcopy_cdb(list.len()), &list, 0, &*ma).status,
+        GOOD
+    );
+    assert!(ma.data.lock().unwrap()[90 * 512..98 * 512] == data[..]);
+    // A LUN that went away is no longer reachable.
+    drop((lb, bb));
+    drop(mb);
+    let list = copy_list(&[ca, cb], &[segment(0, 1, 1, 10, 30)]);
+    let r = execute(&la, &xcopy_cdb(list.len()), &list, 0, &*ma);
+    assert_eq!(sense_of(&r), (key::COPY_ABORTED, 0x0d, 0x02));
+}
+
+#[test]
+fn extended_copy_refuses_bad_parameter_lists_before_copying() {
+    let l = LunState::new(LunConfig::new("xcopy-bad", 512, BLOCKS));
+    let m = Mem::new((BLOCKS * 512) as usize);
+    let me = cscd(naa(&l.cfg), 512);
+    let seg = segment(0, 0, 4, 0, 100);
+    let x = |list: &[u8]| execute(&l, &xcopy_cdb(list.len()), list, 0, &m);
+    let mut bad = me;
+    bad[0] = 0xe5;
+    assert_eq!(
+        sense_of(&x(&copy_list(&[bad], &[seg]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0x07)
+    );
+    let mut bad = seg;
+    bad[0] = 0x01;
+    assert_eq!(
+        sense_of(&x(&copy_list(&[me], &[bad]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0x09)
+    );
+    assert_eq!(
+        sense_of(&x(&copy_list(&[me; 9], &[seg]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0x06),
+        "too many CSCD descriptors"
+    );
+    assert_eq!(
+        sense_of(&x(&copy_list(&[me], &[seg; 65]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0x08),
+        "too many segment descriptors"
+    );
+    assert_eq!(
+        sense_of(&x(&copy_list(&[cscd(naa(&l.cfg), 4096)], &[seg]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0),
+        "disk block length differs from the LUN's"
+    );
+    assert_eq!(
+        sense_of(&x(&copy_list(&[me], &[segment(0, 1, 4, 0, 100)]))),
+        (key::ILLEGAL_REQUEST, 0x26, 0),
+        "CSCD index out of the list"
+    );
+    assert_eq!(
+        sense_of(&x(&copy_list(
+            &[me],
+            &[seg, segment(0, 0, 4, BLOCKS - 2, 0)]
+        ))),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    let mut inline = copy_list(&[me], &[seg]);
+    inline[15] = 4;
+    inline.extend_from_slice(&[0; 4]);
+    assert_eq!(
+        sense_of(&x(&inline)),
+        (key::ILLEGAL_REQUEST, 0x26, 0),
+        "inline data"
+    );
+    let list = copy_list(&[me], &[seg]);
+    assert_eq!(
+        sense_of(&x(&list[..list.len() - 3])),
+        (key::ILLEGAL_REQUEST, 0x1a, 0),
+        "descriptor lengths beyond the list"
+    );
+    assert_eq!(
+        sense_of(&execute(&l, &xcopy_cdb(list.len()), &list[..20], 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x0e, 0x03)
+    );
+    let mut lid4 = xcopy_cdb(list.len());
+    lid4[1] = 0x01;
+    assert_eq!(
+        sense_of(&execute(&l, &lid4, &list, 0, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert!(
+        m.data.lock().unwrap().iter().all(|&b| b == 0),
+        "nothing was copied"
+    );
+}
+
+#[test]
+fn copy_manager_is_advertised_and_its_limits_reported() {
+    let l = lun(512);
+    let m = Mem::new(1 << 20);
+    let std = execute(&l, &[0x12, 0, 0, 0, 96, 0], &[], 96, &m).data_in;
+    assert_eq!(std[5] & 0x08, 0x08, "3PC");
+    let pages = execute(&l, &[0x12, 1, 0, 0, 255, 0], &[], 255, &m).data_in;
+    assert!(pages[4..].contains(&0x8f));
+    let p = execute(&l, &[0x12, 1, 0x8f, 1, 0, 0], &[], 256, &m).data_in;
+    assert_eq!(p[1], 0x8f);
+    let len = u16::from_be_bytes([p[2], p[3]]) as usize;
+    assert_eq!(p.len(), 4 + len);
+    let mut kinds = Vec::new();
+    let mut off = 4;
+    while off < p.len() {
+        let dl = u16::from_be_bytes([p[off + 2], p[off + 3]]) as usize;
+        assert_eq!(dl % 4, 0, "descriptor lengths are multiples of 4");
+        kinds.push(u16::from_be_bytes([p[off], p[off + 1]]));
+        off += 4 + dl;
+    }
+    assert_eq!(off, p.len());
+    assert_eq!(kinds, vec![0x0001, 0x0004, 0x0008, 0x000c, 0x8001]);
+    assert_eq!(
+        &p[8..15],
+        &[6, 0x83, 1, 0, 0x84, 1, 3],
+        "supported commands"
+    );
+    let mut rcr = vec![0u8; 16];
+    rcr[0] = 0x84;
+    rcr[1] = 0x03;
+    rcr[10..14].copy_from_slice(&64u32.to_be_bytes());
+    let d = execute(&l, &rcr, &[], 64, &m).data_in;
+    assert_eq!(d.len(), 46);
+    assert_eq!(u32::from_be_bytes(d[0..4].try_into().unwrap()), 42);
+    assert_eq!(
+        u16::from_be_bytes([d[8], d[9]]),
+        xcopy::MAX_CSCD_DESCRIPTORS
+    );
+    assert_eq!(
+        u16::from_be_bytes([d[10], d[11]]),
+        xcopy::MAX_SEGMENT_DESCRIPTORS
+    );
+    assert_eq!((d[37], d[43], d[44], d[45]), (9, 2, 0x02, 0xe4));
+    rcr[1] = 0x00; // COPY STATUS: copies finish before EXTENDED COPY completes
+    assert_eq!(
+        sense_of(&execute(&l, &rcr, &[], 64, &m)),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
     );
 }

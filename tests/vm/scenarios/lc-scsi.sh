@@ -5,7 +5,8 @@
 # OPERATION CODES (options 1/2 errors, RCTD); COMPARE AND WRITE (match, MISCOMPARE with
 # the offset, four racing initiators of which exactly one wins); GET LBA STATUS; WRITE
 # AND VERIFY; VERIFY with BYTCHK; ext4 + fstrim; then the same commands over iSCSI,
-# and a persistent reservation held over iSCSI refusing the loopback initiator's writes.
+# and a persistent reservation held over iSCSI refusing the loopback initiator's writes;
+# EXTENDED COPY (sg_xcopy) within a LUN and to a second LUN of the daemon.
 source /payload/scenarios/lib.sh
 
 # sgr WANT INFO -- SG_RAW_ARGS...: runs sg_raw -v and checks the outcome. WANT is
@@ -182,8 +183,17 @@ scsi_checks() {
     sgr "Illegal Request|Invalid field in cdb" "" -- -s 2048 -i /tmp/w.bin "$dev" 2f 04 $(be32 400) 00 00 04 00
 }
 
-step "format the cache, start lc, disk0 on a loopback LUN"
+step "format the cache, start lc (disk0 on the HDD, disk1 on a file), disk0 on a loopback LUN"
 lc format -y --force /dev/vdb
+truncate -s 64M /var/tmp/disk1.img
+cat >>/etc/lc/lc.toml <<'EOF'
+
+[[lun]]
+name = "disk1"
+cache = "c0"
+backing = "/var/tmp/disk1.img"
+backing_id = 1
+EOF
 start_lc
 targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
 loopback_lun /backstores/user:lc/disk0 >/dev/null
@@ -191,6 +201,40 @@ dev=$(lun_dev lc)
 echo "lc LUN is $dev"
 grep -H . /sys/kernel/config/target/core/user_*/disk0/attrib/hw_max_sectors
 scsi_checks "$dev" loopback
+
+step "EXTENDED COPY (sg_xcopy): within disk0, and from disk0 to disk1, another LUN of the daemon"
+targetcli /backstores/user:lc create name=disk1 size=64M cfgstring=disk1 >/dev/null
+wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
+targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null
+dev1=""
+for _ in $(seq 100); do # LUN 1 of the loopback target
+    dev1=$(lsscsi | awk '$1 ~ /:1]$/ && $3 == "LIO-ORG" && $4 == "lc" {print $NF}' | head -1)
+    [ -n "$dev1" ] && [ -b "$dev1" ] && break
+    sleep 0.2
+done
+[ -b "$dev1" ] || { lsscsi; fail "disk1's /dev/sdX not found"; }
+echo "disk1 is $dev1"
+# Adding LUN 1 queued UNIT ATTENTION / REPORTED LUNS DATA HAS CHANGED (LIO's) for LUN 0.
+sg_turs "$dev" >/dev/null 2>&1 || true
+sg_turs "$dev1" >/dev/null 2>&1 || true
+sg_vpd -p tpc "$dev" | tee /tmp/tpc.txt
+grep -qi "General copy operations" /tmp/tpc.txt || fail "third-party copy VPD page"
+pat /tmp/w.bin 64 77
+sgr good "" -- -s 32768 -i /tmp/w.bin "$dev" 2a 00 $(be32 2000) 00 00 40 00
+# sg_xcopy wants the SCSI generic nodes.
+sg_of() {
+    local g; g=$(ls "/sys/block/$(basename "$1")/device/scsi_generic/")
+    [ -c "/dev/$g" ] || mknod "/dev/$g" c $(tr ':' ' ' <"/sys/class/scsi_generic/$g/dev")
+    echo "/dev/$g"
+}
+sg0=$(sg_of "$dev")
+sg1=$(sg_of "$dev1")
+sg_xcopy if="$sg0" of="$sg0" bs=512 skip=2000 seek=3000 count=64 || fail "sg_xcopy within disk0"
+sgr good "" -- -r 32768 -o /tmp/r.bin "$dev" 28 00 $(be32 3000) 00 00 40 00
+cmp /tmp/r.bin /tmp/w.bin || fail "EXTENDED COPY within disk0: data"
+sg_xcopy if="$sg0" of="$sg1" bs=512 skip=2000 seek=10 count=64 || fail "sg_xcopy disk0 -> disk1"
+sgr good "" -- -r 32768 -o /tmp/r.bin "$dev1" 28 00 $(be32 10) 00 00 40 00
+cmp /tmp/r.bin /tmp/w.bin || fail "EXTENDED COPY disk0 -> disk1: data"
 
 step "ext4 with discard, fstrim, data intact"
 mkfs.ext4 -q -F "$dev"
