@@ -44,6 +44,14 @@ pub fn format(
             None
         }
     };
+    if existing.is_none() && !args.force {
+        if let Some(what) = foreign_signature(dev.as_ref()) {
+            return Err(format!(
+                "{} holds {what}; formatting destroys it. Check the device name, or pass --force",
+                args.device.display()
+            ));
+        }
+    }
     if let Some(g) = existing {
         if !args.force {
             return Err(format!(
@@ -90,6 +98,32 @@ pub fn format(
     )
     .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// What the first 128 KiB of a device say it holds, when it is something `lc format`
+/// would destroy: a file system, a partition table, an LVM or RAID member, swap, LUKS.
+fn foreign_signature(dev: &dyn BlockDevice) -> Option<&'static str> {
+    let mut b = vec![0u8; (128usize << 10).min(dev.size() as usize)];
+    dev.read_at(&mut b, 0).ok()?;
+    let at = |off: usize, magic: &[u8]| b.get(off..off + magic.len()) == Some(magic);
+    let found = [
+        (at(1080, &[0x53, 0xef]), "an ext2/3/4 file system"),
+        (at(0, b"XFSB"), "an XFS file system"),
+        (at(65536 + 64, b"_BHRfS_M"), "a btrfs file system"),
+        (at(0, b"LUKS\xba\xbe"), "a LUKS volume"),
+        (
+            at(512, b"LABELONE") || at(0, b"LABELONE"),
+            "an LVM physical volume",
+        ),
+        (at(4096, &[0xfc, 0x4e, 0x2b, 0xa9]), "an MD RAID member"),
+        (at(4086, b"SWAPSPACE2"), "a swap area"),
+        (at(512, b"EFI PART"), "a GPT partition table"),
+        (
+            at(510, &[0x55, 0xaa]),
+            "a DOS partition table or boot sector",
+        ),
+    ];
+    found.iter().find(|(hit, _)| *hit).map(|(_, what)| *what)
 }
 
 /// Result of `lc check`: the text (or JSON) to print and whether the log is intact.

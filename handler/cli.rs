@@ -8,20 +8,97 @@ use slog::{o, Drain, Logger};
 
 use crate::control::{request, Request};
 
-/// A terminal/journald-friendly logger at `level` (error, warning, info, debug).
+/// The daemon's logger at `level` (error, warning, info, debug). Under systemd
+/// (stderr is the journal: `JOURNAL_STREAM` names it) each line carries its syslog
+/// priority as a `<N>` prefix and no timestamp of its own, so `journalctl -p err`
+/// finds errors and the journal's timestamp is the only one; on a terminal, the
+/// usual timestamped lines.
 pub fn logger(level: &str) -> Logger {
+    set_log_level(level);
+    let wanted = |r: &slog::Record| {
+        r.level().as_usize() <= LOG_LEVEL.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    if journal_is_stderr() {
+        let drain = std::sync::Mutex::new(JournalDrain).filter(wanted).fuse();
+        return Logger::root(drain, o!());
+    }
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter(wanted)
+        .fuse();
+    Logger::root(drain, o!())
+}
+
+/// The most verbose level the daemon's logger lets through (`slog::Level::as_usize`).
+static LOG_LEVEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4); // slog::Level::Info
+
+/// Changes the log level of the logger [`logger`] made (a config reload).
+pub fn set_log_level(level: &str) {
     let lvl = match level {
         "error" => slog::Level::Error,
         "warning" => slog::Level::Warning,
         "debug" => slog::Level::Debug,
         _ => slog::Level::Info,
     };
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator)
-        .build()
-        .filter_level(lvl)
-        .fuse();
-    Logger::root(drain, o!())
+    LOG_LEVEL.store(lvl.as_usize(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True when stderr is the stream `JOURNAL_STREAM` (`device:inode`) names.
+fn journal_is_stderr() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let fd = std::io::stderr();
+    let Ok(meta) = std::os::fd::AsFd::as_fd(&fd)
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+    else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// syslog priority of a log level (sd-daemon(3) prefixes).
+pub fn syslog_priority(level: slog::Level) -> u8 {
+    match level {
+        slog::Level::Critical => 2,
+        slog::Level::Error => 3,
+        slog::Level::Warning => 4,
+        slog::Level::Info => 6,
+        slog::Level::Debug | slog::Level::Trace => 7,
+    }
+}
+
+/// Writes `<prio>message, key: value, ...` lines to stderr, one write each.
+struct JournalDrain;
+
+impl slog::Drain for JournalDrain {
+    type Ok = ();
+    type Err = std::io::Error;
+    fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> std::io::Result<()> {
+        let mut line = format!("<{}>{}", syslog_priority(r.level()), r.msg());
+        let mut ser = KvText(&mut line);
+        slog::KV::serialize(&r.kv(), r, &mut ser).map_err(std::io::Error::other)?;
+        slog::KV::serialize(kv, r, &mut ser).map_err(std::io::Error::other)?;
+        line.push('\n');
+        std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes())
+    }
+}
+
+/// Appends `, key: value` for each pair.
+struct KvText<'a>(&'a mut String);
+
+impl slog::Serializer for KvText<'_> {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+        use std::fmt::Write;
+        write!(self.0, ", {key}: {val}").map_err(|_| slog::Error::Other)
+    }
 }
 
 fn table(v: &Value) -> String {
@@ -70,6 +147,14 @@ fn table(v: &Value) -> String {
                     None => "ok".into(),
                 }
             );
+        }
+    }
+    if let Some(r) = v.get("reloaded").and_then(|r| r.as_array()) {
+        if r.is_empty() {
+            out += "configuration reloaded: nothing changed\n";
+        }
+        for c in r {
+            out += &format!("reloaded: {}\n", c.as_str().unwrap_or(""));
         }
     }
     if let Some(a) = v.get("accepted").filter(|a| !a.is_null()) {
@@ -141,6 +226,156 @@ fn cache_state(c: &Value) -> String {
         "DAMAGED: segments {} lost {lost} lines{unknown}; rewrite them or `lc accept-loss`",
         d["segments"]
     )
+}
+
+/// Prints the daemon's statistics in the Prometheus text exposition format.
+pub fn prometheus(socket: &Path, cache: Option<String>) -> Result<(), String> {
+    let v = request(socket, &Request::Stats { cache }, &mut |_| {})?;
+    print!("{}", prometheus_text(&v));
+    Ok(())
+}
+
+/// The Prometheus text for a `stats` answer: per cache and per LUN.
+pub fn prometheus_text(v: &Value) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut families: Vec<(&str, &str, &str, Vec<String>)> = vec![
+        (
+            "lc_line_accesses_total",
+            "counter",
+            "Cache line accesses (dm-lc's 16 counters): op read|write, hit, ram, full line.",
+            vec![],
+        ),
+        (
+            "lc_hit_ratio",
+            "gauge",
+            "Share of line accesses that hit the cache, per op.",
+            vec![],
+        ),
+        (
+            "lc_dirty_lines",
+            "gauge",
+            "Dirty 4 KiB lines not yet written back.",
+            vec![],
+        ),
+        (
+            "lc_lost_lines",
+            "gauge",
+            "Lines whose newest data was lost to cache-device damage.",
+            vec![],
+        ),
+        (
+            "lc_writeback_failing",
+            "gauge",
+            "1 while writeback to the LUN's backing device fails.",
+            vec![],
+        ),
+        (
+            "lc_dirty_segments",
+            "gauge",
+            "Log segments holding dirty data.",
+            vec![],
+        ),
+        (
+            "lc_segments",
+            "gauge",
+            "Log segment slots of the cache device.",
+            vec![],
+        ),
+        (
+            "lc_cache_bytes_written_total",
+            "counter",
+            "Bytes written to the cache device.",
+            vec![],
+        ),
+        (
+            "lc_backing_bytes_written_total",
+            "counter",
+            "Bytes written back to backing devices.",
+            vec![],
+        ),
+        (
+            "lc_failed",
+            "gauge",
+            "1 once the cache device failed.",
+            vec![],
+        ),
+    ];
+    let mut add = |name: &str, labels: String, value: String| {
+        if let Some(f) = families.iter_mut().find(|f| f.0 == name) {
+            f.3.push(format!("{name}{{{labels}}} {value}"));
+        }
+    };
+    for (cache, s) in v["stats"].as_object().into_iter().flatten() {
+        let c = format!("cache=\"{}\"", esc(cache));
+        for (k, name) in [
+            ("dirty_segments", "lc_dirty_segments"),
+            ("nr_segments", "lc_segments"),
+            ("cache_bytes_written", "lc_cache_bytes_written_total"),
+            ("backing_bytes_written", "lc_backing_bytes_written_total"),
+        ] {
+            add(name, c.clone(), s[k].as_u64().unwrap_or(0).to_string());
+        }
+        add(
+            "lc_failed",
+            c.clone(),
+            (!s["failure"].is_null() as u8).to_string(),
+        );
+        for l in s["luns"].as_array().into_iter().flatten() {
+            let lun = format!("{c},lun=\"{}\"", esc(l["lun"].as_str().unwrap_or("")));
+            let mut totals = [[0u64; 2]; 2]; // [op][hit]
+            for (name, n) in l["counters"].as_object().into_iter().flatten() {
+                let parts: Vec<&str> = name.split('_').collect();
+                let &[op, hit, at, size] = parts.as_slice() else {
+                    continue;
+                };
+                let n = n.as_u64().unwrap_or(0);
+                totals[(op == "write") as usize][(hit == "hit") as usize] += n;
+                add(
+                    "lc_line_accesses_total",
+                    format!("{lun},op=\"{op}\",result=\"{hit}\",where=\"{at}\",size=\"{size}\""),
+                    n.to_string(),
+                );
+            }
+            for (i, op) in ["read", "write"].iter().enumerate() {
+                let all = totals[i][0] + totals[i][1];
+                if all > 0 {
+                    let ratio = totals[i][1] as f64 / all as f64;
+                    add(
+                        "lc_hit_ratio",
+                        format!("{lun},op=\"{op}\""),
+                        format!("{ratio:.4}"),
+                    );
+                }
+            }
+            add(
+                "lc_dirty_lines",
+                lun.clone(),
+                l["dirty_lines"].as_u64().unwrap_or(0).to_string(),
+            );
+            add(
+                "lc_lost_lines",
+                lun.clone(),
+                l["lost_lines"].as_u64().unwrap_or(0).to_string(),
+            );
+            add(
+                "lc_writeback_failing",
+                lun,
+                ((l["writeback_failing"].as_bool() == Some(true)) as u8).to_string(),
+            );
+        }
+    }
+    let mut out = String::new();
+    for (name, kind, help, samples) in families {
+        if samples.is_empty() {
+            continue;
+        }
+        out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for s in samples {
+            out += &s;
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Sends `req` and prints the answer (a table, or JSON with `json`).

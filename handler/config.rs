@@ -3,6 +3,9 @@
 //! errors name the file and the key.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use lc_cache::Tunables;
@@ -29,6 +32,10 @@ pub struct DaemonSection {
     /// Microseconds the event loop keeps polling idle rings before it sleeps.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`); off when
+    /// absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_socket() -> PathBuf {
@@ -55,6 +62,7 @@ impl Default for DaemonSection {
             io_threads: default_io_threads(),
             dbus: true,
             busy_poll_us: default_busy_poll_us(),
+            metrics_listen: None,
         }
     }
 }
@@ -135,6 +143,276 @@ pub struct Loaded {
     pub luns: Vec<LunSection>,
 }
 
+/// Why a configuration file is refused. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A syntax error, an unknown or missing key, or a value out of range (the
+    /// message names the key).
+    #[error("config {}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, starting with the key.
+        message: String,
+    },
+    /// One device configured under two keys (two LUNs on one backing device, or the
+    /// cache device reused as a backing device), possibly through two different paths.
+    #[error("{0}")]
+    SameDevice(Box<DeviceClash>),
+}
+
+/// One device configured under two keys, or a partition and its whole disk.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "config {}: {second} ({}) {overlap} {first} ({}); each device may be configured once",
+    file.display(),
+    second_path.display(),
+    first_path.display()
+)]
+pub struct DeviceClash {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The key that names the device first.
+    pub first: DeviceKey,
+    /// Its path under that key.
+    pub first_path: PathBuf,
+    /// The key that names it again.
+    pub second: DeviceKey,
+    /// Its path under that key.
+    pub second_path: PathBuf,
+    /// How the second overlaps the first.
+    pub overlap: Overlap,
+}
+
+/// How two configured devices overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlap {
+    /// The same block device, or the same file.
+    Same,
+    /// The second is a partition of the first.
+    PartitionOf,
+    /// The second is the whole disk the first is a partition of.
+    DiskOf,
+}
+
+impl fmt::Display for Overlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Overlap::Same => "is the same device as",
+            Overlap::PartitionOf => "is a partition of",
+            Overlap::DiskOf => "is the whole disk holding",
+        })
+    }
+}
+
+/// The key under which a device is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceKey {
+    /// `device` of the `[[cache]]` of this name.
+    Cache(String),
+    /// `backing` of the `[[lun]]` of this name.
+    Lun(String),
+}
+
+impl fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceKey::Cache(n) => write!(f, "cache {n}: device"),
+            DeviceKey::Lun(n) => write!(f, "lun {n}: backing"),
+        }
+    }
+}
+
+/// What a configured path designates, so that one device reached through two paths
+/// (a symlink, `/dev/disk/by-id/...`, a bind mount, a hard link) is recognised.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum DeviceIdentity {
+    /// A block device: its device number.
+    Block(u64),
+    /// A regular file: (device, inode).
+    File(u64, u64),
+    /// Anything else, or not present yet: its canonical path (lexically normalised
+    /// when it does not exist).
+    Path(PathBuf),
+}
+
+fn device_identity(path: &Path) -> DeviceIdentity {
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => DeviceIdentity::Block(m.rdev()),
+        Ok(m) if m.is_file() => DeviceIdentity::File(m.dev(), m.ino()),
+        _ => DeviceIdentity::Path(
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.components().collect::<PathBuf>()),
+        ),
+    }
+}
+
+/// The whole disk a partition belongs to (its device number), from
+/// `<sysfs>/dev/block/MAJ:MIN`; None for a whole disk or when sysfs does not say.
+fn whole_disk(sysfs: &Path, rdev: u64) -> Option<u64> {
+    let node = sysfs.join(format!(
+        "dev/block/{}:{}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    ));
+    let real = std::fs::canonicalize(node).ok()?;
+    if !real.join("partition").exists() {
+        return None;
+    }
+    let text = std::fs::read_to_string(real.parent()?.join("dev")).ok()?;
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(rustix::fs::makedev(
+        major.parse().ok()?,
+        minor.parse().ok()?,
+    ))
+}
+
+/// Refuses a device configured under two keys (`devices` in file order), or a
+/// partition beside its whole disk (`sysfs` tells which is which).
+fn check_distinct_devices(
+    file: &Path,
+    devices: &[(DeviceKey, &Path)],
+    sysfs: &Path,
+) -> Result<(), ConfigError> {
+    let ids: Vec<(DeviceIdentity, Option<u64>)> = devices
+        .iter()
+        .map(|(_, p)| {
+            let id = device_identity(p);
+            let disk = match id {
+                DeviceIdentity::Block(rdev) => whole_disk(sysfs, rdev),
+                _ => None,
+            };
+            (id, disk)
+        })
+        .collect();
+    for (i, (id, disk)) in ids.iter().enumerate() {
+        for (j, (earlier, earlier_disk)) in ids[..i].iter().enumerate() {
+            let overlap = match (id, earlier) {
+                _ if id == earlier => Overlap::Same,
+                (DeviceIdentity::Block(a), DeviceIdentity::Block(b)) => {
+                    if *disk == Some(*b) {
+                        Overlap::PartitionOf
+                    } else if *earlier_disk == Some(*a) {
+                        Overlap::DiskOf
+                    } else {
+                        continue;
+                    }
+                }
+                _ => continue,
+            };
+            return Err(ConfigError::SameDevice(Box::new(DeviceClash {
+                file: file.to_path_buf(),
+                first: devices[j].0.clone(),
+                first_path: devices[j].1.to_path_buf(),
+                second: devices[i].0.clone(),
+                second_path: devices[i].1.to_path_buf(),
+                overlap,
+            })));
+        }
+    }
+    Ok(())
+}
+
+/// Why a cfgstring is refused (D-Bus `CheckConfig`, netlink `ADDED_DEVICE`, the
+/// control socket's `check`). Messages name the LUN asked for and its own backing
+/// device, never other LUNs' devices.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Characters the kernel or rtslib would split or refuse.
+    #[error("cfgstring {name:?} may not contain ',' ':' or newlines")]
+    BadCharacters {
+        /// The LUN name asked for.
+        name: String,
+    },
+    /// No `[[lun]]` of that name.
+    #[error("no lun {name:?} in {} (known: {})", file.display(), known.join(", "))]
+    UnknownLun {
+        /// The LUN name asked for.
+        name: String,
+        /// The configuration file.
+        file: PathBuf,
+        /// The configured LUN names.
+        known: Vec<String>,
+    },
+    /// The LUN's backing device is unusable.
+    #[error("lun {lun:?}: backing device {}: {source}", path.display())]
+    Backing {
+        /// The LUN.
+        lun: String,
+        /// Its backing device.
+        path: PathBuf,
+        /// Why.
+        source: ProbeError,
+    },
+    /// The size asked for exceeds the backing device.
+    #[error("size {size} exceeds backing device {} ({backing_size} bytes)", path.display())]
+    TooLarge {
+        /// Size asked for.
+        size: u64,
+        /// The backing device.
+        path: PathBuf,
+        /// Its size.
+        backing_size: u64,
+    },
+    /// Another TCMU device serves the LUN already.
+    #[error("lun {lun:?} (backing {}) is already served by another device", path.display())]
+    AlreadyServed {
+        /// The LUN.
+        lun: String,
+        /// Its backing device.
+        path: PathBuf,
+    },
+}
+
+impl From<CheckError> for String {
+    fn from(e: CheckError) -> String {
+        e.to_string()
+    }
+}
+
+/// Why [`probe_device`] finds a device unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// It does not exist or cannot be looked at.
+    #[error("{0}")]
+    Stat(#[source] io::Error),
+    /// A directory, character device, socket...
+    #[error("not a block device or regular file")]
+    NotBlockOrFile,
+    /// A block device that cannot be opened read-only.
+    #[error("cannot open read-only: {0}")]
+    Open(#[source] io::Error),
+    /// A block device whose size cannot be read.
+    #[error("cannot read its size: {0}")]
+    Size(#[source] io::Error),
+}
+
+/// Size in bytes of a block device or regular file, found without writing or locking
+/// anything: a file is only `stat`ed, a block device opened read-only without
+/// `O_EXCL` (so it works while the daemon, a mount or device-mapper holds it).
+pub fn probe_device(path: &Path) -> Result<u64, ProbeError> {
+    let meta = std::fs::metadata(path).map_err(ProbeError::Stat)?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    if !meta.file_type().is_block_device() {
+        return Err(ProbeError::NotBlockOrFile);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(ProbeError::Open)?;
+    f.seek(SeekFrom::End(0)).map_err(ProbeError::Size)
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
@@ -143,8 +421,11 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Parses and validates a configuration text; `path` is used in messages.
-pub fn parse(text: &str, path: &Path) -> Result<Loaded, String> {
-    let at = |m: String| format!("config {}: {m}", path.display());
+pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
+    let at = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
     let c: Config = toml::from_str(text).map_err(|e| at(e.to_string()))?;
     if !["error", "warning", "info", "debug"].contains(&c.daemon.log_level.as_str()) {
         return Err(at(format!(
@@ -202,7 +483,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, String> {
     }
     let mut lun_names = HashSet::new();
     let mut ids = HashSet::new();
-    let mut backings = HashSet::new();
     for l in &c.lun {
         if !valid_name(&l.name) {
             return Err(at(format!(
@@ -231,14 +511,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, String> {
                 l.name, l.backing_id, l.cache
             )));
         }
-        if !backings.insert(l.backing.clone()) {
-            return Err(at(format!(
-                "lun {}: backing: {} already used by another lun",
-                l.name,
-                l.backing.display()
-            )));
-        }
     }
+    let devices: Vec<(DeviceKey, &Path)> = c
+        .cache
+        .iter()
+        .map(|s| (DeviceKey::Cache(s.name.clone()), s.device.as_path()))
+        .chain(
+            c.lun
+                .iter()
+                .map(|l| (DeviceKey::Lun(l.name.clone()), l.backing.as_path())),
+        )
+        .collect();
+    check_distinct_devices(path, &devices, Path::new("/sys"))?;
     Ok(Loaded {
         path: path.to_path_buf(),
         daemon: c.daemon,
@@ -248,57 +532,59 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, String> {
 }
 
 /// Reads and validates a configuration file.
-pub fn load(path: &Path) -> Result<Loaded, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse(&text, path)
-}
-
-/// Size in bytes of a device or file.
-pub fn device_size(path: &Path) -> Result<u64, String> {
-    lc_cache::FileDevice::open(path, false)
-        .map(|d| lc_cache::BlockDevice::size(&d))
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl Loaded {
     /// Checks a cfgstring as targetcli passes it (`lc/<lun>`, or just `<lun>`): the LUN
-    /// exists, its backing device exists and is not smaller than `size`, and no other
-    /// active device serves it (`active` = LUN names being served).
+    /// exists, its backing device is a block device or regular file not smaller than
+    /// `size` (looked at read-only: [`probe_device`]), and no other active device serves
+    /// it (`active` = LUN names being served).
     pub fn check_cfgstring(
         &self,
         cfg: &str,
         size: Option<u64>,
         active: &[String],
-    ) -> Result<&LunSection, String> {
+    ) -> Result<&LunSection, CheckError> {
         let name = lun_name(cfg);
         if name.contains([',', ':', '\n']) {
-            return Err(format!(
-                "cfgstring {name:?} may not contain ',' ':' or newlines"
-            ));
+            return Err(CheckError::BadCharacters {
+                name: name.to_string(),
+            });
         }
-        let lun = self.luns.iter().find(|l| l.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.luns.iter().map(|l| l.name.as_str()).collect();
-            format!(
-                "no lun {name:?} in {} (known: {})",
-                self.path.display(),
-                known.join(", ")
-            )
+        let lun =
+            self.luns
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| CheckError::UnknownLun {
+                    name: name.to_string(),
+                    file: self.path.clone(),
+                    known: self.luns.iter().map(|l| l.name.clone()).collect(),
+                })?;
+        let bsize = probe_device(&lun.backing).map_err(|source| CheckError::Backing {
+            lun: lun.name.clone(),
+            path: lun.backing.clone(),
+            source,
         })?;
-        let bsize = device_size(&lun.backing)?;
         if let Some(s) = size {
             if s > bsize {
-                return Err(format!(
-                    "size {s} exceeds backing device {} ({bsize} bytes)",
-                    lun.backing.display()
-                ));
+                return Err(CheckError::TooLarge {
+                    size: s,
+                    path: lun.backing.clone(),
+                    backing_size: bsize,
+                });
             }
         }
         if active.iter().any(|a| a == name) {
-            return Err(format!(
-                "lun {name:?} (backing {}) is already served by another device",
-                lun.backing.display()
-            ));
+            return Err(CheckError::AlreadyServed {
+                lun: lun.name.clone(),
+                path: lun.backing.clone(),
+            });
         }
         Ok(lun)
     }
@@ -336,7 +622,9 @@ backing_id = 0
 "#;
 
     fn err(text: &str) -> String {
-        parse(text, Path::new("/etc/lc/lc.toml")).unwrap_err()
+        parse(text, Path::new("/etc/lc/lc.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -369,9 +657,222 @@ backing_id = 0
         let dup = format!("{GOOD}\n[[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = \"/dev/sdb\"\nbacking_id = 0\n");
         assert!(err(&dup).contains("already used in cache"));
         let dup = format!("{GOOD}\n[[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = \"/dev/sda\"\nbacking_id = 1\n");
-        assert!(err(&dup).contains("already used by another lun"));
+        assert!(
+            err(&dup).contains(
+                "lun disk1: backing (/dev/sda) is the same device as lun disk0: backing (/dev/sda)"
+            ),
+            "{}",
+            err(&dup)
+        );
         assert!(err("[[cache]]\nname = \"c\"\n").contains("device"));
         assert!(err("not toml [").contains("/etc/lc/lc.toml"));
+    }
+
+    fn two_luns(cache: &Path, a: &Path, b: &Path) -> String {
+        format!(
+            "[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n\
+             [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {a:?}\nbacking_id = 0\n\
+             [[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = {b:?}\nbacking_id = 1\n"
+        )
+    }
+
+    #[test]
+    fn one_device_under_two_keys_is_refused_naming_both_even_through_other_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["cache.img", "a.img", "b.img"] {
+            std::fs::File::create(d.join(f))
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+        }
+        std::os::unix::fs::symlink(d.join("a.img"), d.join("a-link")).unwrap();
+        std::fs::hard_link(d.join("a.img"), d.join("a-hard")).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        let (cache, a, b) = (d.join("cache.img"), d.join("a.img"), d.join("b.img"));
+        let parse_err = |text: String| {
+            parse(&text, Path::new("/etc/lc/lc.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        // Distinct devices load.
+        parse(&two_luns(&cache, &a, &b), Path::new("x.toml")).unwrap();
+        // The same file by a symlink, a hard link, a path with `..`: (st_dev, st_ino).
+        for other in [d.join("a-link"), d.join("a-hard"), d.join("sub/../a.img")] {
+            let e = parse_err(two_luns(&cache, &a, &other));
+            assert!(
+                e.starts_with("config /etc/lc/lc.toml: lun disk1: backing (")
+                    && e.contains("is the same device as lun disk0: backing (")
+                    && e.contains(&format!("({})", other.display())),
+                "{e}"
+            );
+        }
+        // The cache device reused as a backing device.
+        let e = parse_err(two_luns(&cache, &a, &d.join("./cache.img")));
+        assert!(
+            e.contains("lun disk1: backing") && e.contains("same device as cache c0: device"),
+            "{e}"
+        );
+        // Paths that do not exist yet are compared after normalisation.
+        let e = parse_err(two_luns(
+            &cache,
+            Path::new("/dev/nonexistent-lc"),
+            Path::new("/dev//nonexistent-lc/"),
+        ));
+        assert!(e.contains("same device"), "{e}");
+        // A block device under two names (st_rdev), when the machine has one.
+        let blocks: Vec<PathBuf> = std::fs::read_dir("/dev")
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_block_device()))
+            .collect();
+        if let Some(blk) = blocks.first() {
+            std::os::unix::fs::symlink(blk, d.join("blk-link")).unwrap();
+            let e = parse_err(two_luns(&cache, blk, &d.join("blk-link")));
+            assert!(e.contains("same device"), "{e}");
+        } else {
+            eprintln!("no block device in /dev: the st_rdev case is not exercised here");
+        }
+    }
+
+    #[test]
+    fn a_partition_beside_its_whole_disk_is_refused() {
+        // Device nodes need root (mknod); sysfs is a fake tree in the same directory.
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: no device nodes, the partition case is not exercised");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sysfs = d.join("sys");
+        let disk = sysfs.join("devices/virtual/block/sdz");
+        std::fs::create_dir_all(disk.join("sdz1")).unwrap();
+        std::fs::create_dir_all(disk.join("sdz2")).unwrap();
+        std::fs::write(disk.join("dev"), "259:100\n").unwrap();
+        std::fs::write(disk.join("sdz1/partition"), "1\n").unwrap();
+        std::fs::write(disk.join("sdz2/partition"), "2\n").unwrap();
+        std::fs::create_dir_all(sysfs.join("dev/block")).unwrap();
+        for (node, target) in [
+            ("259:100", "sdz"),
+            ("259:101", "sdz/sdz1"),
+            ("259:102", "sdz/sdz2"),
+        ] {
+            std::os::unix::fs::symlink(
+                format!("../../devices/virtual/block/{target}"),
+                sysfs.join("dev/block").join(node),
+            )
+            .unwrap();
+        }
+        let node = |name: &str, minor: u32| {
+            let p = d.join(name);
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &p,
+                rustix::fs::FileType::BlockDevice,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(259, minor),
+            )
+            .unwrap();
+            p
+        };
+        let (whole, p1, p2) = (node("sdz", 100), node("sdz1", 101), node("sdz2", 102));
+        let cache = d.join("cache.img");
+        std::fs::File::create(&cache).unwrap();
+        let check = |a: &Path, b: &Path| {
+            let devices = [
+                (DeviceKey::Cache("c0".into()), cache.as_path()),
+                (DeviceKey::Lun("disk0".into()), a),
+                (DeviceKey::Lun("disk1".into()), b),
+            ];
+            check_distinct_devices(Path::new("lc.toml"), &devices, &sysfs)
+                .map_err(|e| e.to_string())
+        };
+        // Two partitions of one disk are distinct devices.
+        check(&p1, &p2).unwrap();
+        let e = check(&whole, &p2).unwrap_err();
+        assert!(
+            e.contains("lun disk1: backing") && e.contains("is a partition of lun disk0: backing"),
+            "{e}"
+        );
+        let e = check(&p1, &whole).unwrap_err();
+        assert!(
+            e.contains("is the whole disk holding lun disk0: backing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn probing_a_block_device_opens_it_read_only() {
+        use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+        // A private node (mknod: root) for a harmless block device, so that only this
+        // test's opens are seen through it.
+        let sys = Path::new("/sys/class/block");
+        let Some(loopdev) = (0..8)
+            .map(|i| sys.join(format!("loop{i}")))
+            .find(|p| p.join("dev").exists())
+        else {
+            eprintln!("no loop device: the block-device probe is not exercised");
+            return;
+        };
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: the block-device probe is not exercised");
+            return;
+        }
+        let text = std::fs::read_to_string(loopdev.join("dev")).unwrap();
+        let (major, minor) = text.trim().split_once(':').unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("blk");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::BlockDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(major.parse().unwrap(), minor.parse().unwrap()),
+        )
+        .unwrap();
+        let ino = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(&ino, &node, WatchFlags::ALL_EVENTS).unwrap();
+        let sectors: u64 = std::fs::read_to_string(loopdev.join("size"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(probe_device(&node).unwrap(), sectors * 512);
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut r = inotify::Reader::new(&ino, &mut buf);
+        let mut seen = ReadFlags::empty();
+        loop {
+            match r.next() {
+                Ok(ev) => seen |= ev.events(),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => panic!("inotify: {e}"),
+            }
+        }
+        assert!(
+            seen.contains(ReadFlags::OPEN | ReadFlags::CLOSE_NOWRITE),
+            "{seen:?}"
+        );
+        assert!(!seen.contains(ReadFlags::CLOSE_WRITE), "{seen:?}");
+    }
+
+    #[test]
+    fn probing_a_backing_device_opens_nothing_for_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("b.img");
+        std::fs::File::create(&f).unwrap().set_len(3 << 20).unwrap();
+        assert_eq!(probe_device(&f).unwrap(), 3 << 20);
+        // A file the daemon holds exclusively (flock) is still probed.
+        let held = lc_cache::FileDevice::open_exclusive(&f, false).unwrap();
+        assert_eq!(probe_device(&f).unwrap(), 3 << 20);
+        drop(held);
+        assert!(matches!(
+            probe_device(dir.path()),
+            Err(ProbeError::NotBlockOrFile)
+        ));
+        assert!(matches!(
+            probe_device(&dir.path().join("missing")),
+            Err(ProbeError::Stat(_))
+        ));
     }
 
     #[test]
@@ -390,23 +891,28 @@ backing_id = 0
         assert!(c
             .check_cfgstring("lc/disk0", Some(2 << 20), &[])
             .unwrap_err()
+            .to_string()
             .contains("exceeds"));
         assert!(c
             .check_cfgstring("lc/nope", None, &[])
             .unwrap_err()
+            .to_string()
             .contains("known: disk0"));
         assert!(c
             .check_cfgstring("lc/disk0", None, &["disk0".into()])
             .unwrap_err()
+            .to_string()
             .contains("already served"));
         assert!(c
             .check_cfgstring("lc/a:b", None, &[])
             .unwrap_err()
+            .to_string()
             .contains("':'"));
         let missing = parse(GOOD, Path::new("x.toml")).unwrap();
         assert!(missing
             .check_cfgstring("disk0", None, &[])
             .unwrap_err()
+            .to_string()
             .contains("/dev/sda"));
     }
 }

@@ -2,12 +2,14 @@
 //! (those that exist at start-up, re-attached with the block/reset/attach/unblock
 //! sequence of `docs/tcmu.md` §6.6, and those announced later over netlink), serves
 //! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
-//! stops taking commands, lets in-flight ones finish, and closes the caches cleanly.
+//! stops taking commands, lets in-flight ones finish (up to a bound, logging what is
+//! still running then), completes them on their rings, stops the I/O workers, and
+//! only then closes the caches.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -15,7 +17,7 @@ use slog::{error, info, warn, Logger};
 
 use lc_cache::{Backing, BlockDevice, Cache, FileDevice, OpenOptions};
 
-use crate::config::Loaded;
+use crate::config::{CacheConfig, Loaded, LunSection};
 use crate::control::{self, Handler, Request};
 use crate::device::{Device, EngineBackend};
 use crate::event_loop::EventLoop;
@@ -134,91 +136,117 @@ fn open_exclusive(
     }
 }
 
-/// The daemon's state shared with control threads.
-pub struct Shared {
+/// What a configuration made: the config, its open caches, and where each LUN lives.
+/// A reload replaces it whole (readers keep the one they took).
+struct Tables {
     cfg: Loaded,
     caches: HashMap<String, Arc<Cache>>,
     luns: HashMap<String, LunInfo>,
+}
+
+/// The daemon's state shared with control threads.
+pub struct Shared {
+    tables: RwLock<Arc<Tables>>,
+    /// Serialises reloads.
+    reloading: Mutex<()>,
     served: Mutex<Vec<ServedDev>>,
     log: Logger,
+}
+
+/// Opens a LUN's backing device for a cache.
+fn open_backing(l: &LunSection, direct: bool, log: &Logger) -> Result<Backing, String> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(
+        open_exclusive(&l.backing, direct, log).map_err(|e| format!("lun {}: {e}", l.name))?,
+    );
+    Ok(Backing {
+        id: l.backing_id,
+        dev,
+        label: l.name.clone(),
+    })
+}
+
+/// Opens one configured cache with the backing devices of its LUNs.
+fn open_cache(c: &CacheConfig, luns: &[LunSection], log: &Logger) -> Result<Arc<Cache>, String> {
+    let s = &c.section;
+    let dev: Arc<dyn BlockDevice> = Arc::new(
+        open_exclusive(&s.device, s.o_direct, log).map_err(|e| format!("cache {}: {e}", s.name))?,
+    );
+    let backing = luns
+        .iter()
+        .filter(|l| l.cache == s.name)
+        .map(|l| open_backing(l, s.o_direct, log))
+        .collect::<Result<Vec<_>, String>>()?;
+    let (cache, report) = Cache::open(
+        dev,
+        backing,
+        OpenOptions {
+            ram_bytes: c.ram_bytes,
+            tunables: c.tunables.clone(),
+            logger: log.new(slog::o!("cache" => s.name.clone())),
+        },
+    )
+    .map_err(|e| format!("cache {}: {e}", s.name))?;
+    if !report.damaged.is_empty() {
+        error!(log, "cache log damaged: reads of lost data fail until rewritten or `lc accept-loss`";
+               "cache" => &s.name, "segments" => format!("{:?}", report.damaged));
+    }
+    Ok(Arc::new(cache))
+}
+
+fn lun_map(cfg: &Loaded) -> HashMap<String, LunInfo> {
+    cfg.luns
+        .iter()
+        .map(|l| {
+            (
+                l.name.clone(),
+                LunInfo {
+                    cache: l.cache.clone(),
+                    id: l.backing_id,
+                },
+            )
+        })
+        .collect()
 }
 
 impl Shared {
     /// Opens every configured cache with its backing devices.
     pub fn open(cfg: Loaded, log: Logger) -> Result<Arc<Shared>, String> {
         let mut caches = HashMap::new();
-        let mut luns = HashMap::new();
         for c in &cfg.caches {
-            let s = &c.section;
-            let dev: Arc<dyn BlockDevice> = Arc::new(
-                open_exclusive(&s.device, s.o_direct, &log)
-                    .map_err(|e| format!("cache {}: {e}", s.name))?,
-            );
-            let mut backing = Vec::new();
-            for l in cfg.luns.iter().filter(|l| l.cache == s.name) {
-                let b: Arc<dyn BlockDevice> = Arc::new(
-                    open_exclusive(&l.backing, s.o_direct, &log)
-                        .map_err(|e| format!("lun {}: {e}", l.name))?,
-                );
-                backing.push(Backing {
-                    id: l.backing_id,
-                    dev: b,
-                    label: l.name.clone(),
-                });
-                luns.insert(
-                    l.name.clone(),
-                    LunInfo {
-                        cache: s.name.clone(),
-                        id: l.backing_id,
-                    },
-                );
-            }
-            let seg = lc_cache::probe(dev.as_ref())
-                .map_err(|e| format!("cache {}: {e}", s.name))?
-                .ok_or_else(|| {
-                    format!(
-                        "cache {}: {} is not formatted (run `lc format {}`)",
-                        s.name,
-                        s.device.display(),
-                        s.device.display()
-                    )
-                })?
-                .geometry
-                .segment_size as u64;
-            let (cache, report) = Cache::open(
-                dev,
-                backing,
-                OpenOptions {
-                    ram_buffers: Some((c.ram_bytes / seg).max(2) as usize),
-                    tunables: c.tunables.clone(),
-                    logger: log.new(slog::o!("cache" => s.name.clone())),
-                },
-            )
-            .map_err(|e| format!("cache {}: {e}", s.name))?;
-            if !report.damaged.is_empty() {
-                error!(log, "cache log damaged: reads of lost data fail until rewritten or `lc accept-loss`";
-                       "cache" => &s.name, "segments" => format!("{:?}", report.damaged));
-            }
-            caches.insert(s.name.clone(), Arc::new(cache));
+            caches.insert(c.section.name.clone(), open_cache(c, &cfg.luns, &log)?);
         }
+        let luns = lun_map(&cfg);
         Ok(Arc::new(Shared {
-            cfg,
-            caches,
-            luns,
+            tables: RwLock::new(Arc::new(Tables { cfg, caches, luns })),
+            reloading: Mutex::new(()),
             served: Mutex::new(Vec::new()),
             log,
         }))
     }
 
-    /// The cache and backing id serving `lun`.
-    pub fn lun_cache(&self, lun: &str) -> Option<(Arc<Cache>, u8)> {
-        let l = self.luns.get(lun)?;
-        Some((self.caches.get(&l.cache)?.clone(), l.id))
+    fn t(&self) -> Arc<Tables> {
+        self.tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    fn cache(&self, name: &str) -> Result<&Arc<Cache>, String> {
-        self.caches.get(name).ok_or_else(|| {
-            let known: Vec<&String> = self.caches.keys().collect();
+    /// The configuration in force.
+    pub fn config(&self) -> Loaded {
+        self.t().cfg.clone()
+    }
+
+    /// The cache and backing id serving `lun`.
+    pub fn lun_cache(&self, lun: &str) -> Option<(Arc<Cache>, u8)> {
+        let t = self.t();
+        let l = t.luns.get(lun)?;
+        Some((t.caches.get(&l.cache)?.clone(), l.id))
+    }
+
+    fn cache(&self, name: &str) -> Result<Arc<Cache>, String> {
+        let t = self.t();
+        t.caches.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&String> = t.caches.keys().collect();
             format!("no cache {name:?} (known: {known:?})")
         })
     }
@@ -232,9 +260,177 @@ impl Shared {
             .collect()
     }
 
+    /// Re-reads the configuration file (SIGHUP, `lc reload`). New caches and LUNs come
+    /// up, tunables and the log level change; a removed or changed LUN is refused while
+    /// it is served or holds dirty data (drain it first), a cache whose device or RAM
+    /// changes needs a restart. Refused as a whole, with the old configuration kept,
+    /// when anything is refused or the file is bad. Returns what changed.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.t();
+        let new = crate::config::load(&old.cfg.path).map_err(|e| e.to_string())?;
+        let served = self.active_luns();
+        let mut changes = Vec::new();
+        let dirty = |cache: &Cache, id: u8| {
+            cache
+                .stats()
+                .dirty_lines
+                .iter()
+                .find(|(d, _)| *d == id)
+                .map_or(0, |x| x.1)
+        };
+        // 1. Refusals, before anything changes.
+        for l in &old.cfg.luns {
+            let kept = new.luns.iter().find(|n| n.name == l.name);
+            let same = kept.is_some_and(|n| {
+                n.cache == l.cache && n.backing == l.backing && n.backing_id == l.backing_id
+            });
+            if same {
+                continue;
+            }
+            if served.contains(&l.name) {
+                return Err(format!(
+                    "lun {}: removed or changed while served; delete its backstore first",
+                    l.name
+                ));
+            }
+            let n = dirty(&old.caches[&l.cache], l.backing_id);
+            if n > 0 {
+                return Err(format!(
+                    "lun {}: removed or changed with {n} dirty lines; `lc drain {}` first",
+                    l.name, l.name
+                ));
+            }
+        }
+        for c in &old.cfg.caches {
+            match new.caches.iter().find(|n| n.section.name == c.section.name) {
+                Some(n)
+                    if n.section.device != c.section.device
+                        || n.section.o_direct != c.section.o_direct
+                        || n.ram_bytes != c.ram_bytes =>
+                {
+                    return Err(format!(
+                        "cache {}: device, o_direct or ram_buffer changed; that needs a restart",
+                        c.section.name
+                    ))
+                }
+                _ => {}
+            }
+        }
+        // 2. Open what is new (nothing is changed if any of it fails).
+        let mut caches = HashMap::new();
+        for c in &new.caches {
+            match old.caches.get(&c.section.name) {
+                Some(k) => {
+                    caches.insert(c.section.name.clone(), k.clone());
+                }
+                None => {
+                    caches.insert(c.section.name.clone(), open_cache(c, &new.luns, &self.log)?);
+                    changes.push(format!("cache {} opened", c.section.name));
+                }
+            }
+        }
+        let mut attach = Vec::new();
+        for l in &new.luns {
+            let existed = old.cfg.luns.iter().any(|o| {
+                o.name == l.name
+                    && o.cache == l.cache
+                    && o.backing == l.backing
+                    && o.backing_id == l.backing_id
+            });
+            if existed || !old.caches.contains_key(&l.cache) {
+                continue; // unchanged, or opened with its new cache above
+            }
+            let c = new.caches.iter().find(|c| c.section.name == l.cache);
+            let direct = c.is_some_and(|c| c.section.o_direct);
+            attach.push((l.cache.clone(), open_backing(l, direct, &self.log)?));
+        }
+        // 3. Apply.
+        for l in &old.cfg.luns {
+            let same = new.luns.iter().any(|n| {
+                n.name == l.name
+                    && n.cache == l.cache
+                    && n.backing == l.backing
+                    && n.backing_id == l.backing_id
+            });
+            if !same {
+                if let Some(c) = caches.get(&l.cache) {
+                    c.detach_backing(l.backing_id)
+                        .map_err(|e| format!("lun {}: {e}", l.name))?;
+                }
+                changes.push(format!("lun {} removed", l.name));
+            }
+        }
+        for (cache, b) in attach {
+            let name = b.label.clone();
+            caches[&cache]
+                .attach_backing(b)
+                .map_err(|e| format!("lun {name}: {e}"))?;
+            changes.push(format!("lun {name} added"));
+        }
+        for c in &new.caches {
+            let Some(o) = old
+                .cfg
+                .caches
+                .iter()
+                .find(|o| o.section.name == c.section.name)
+            else {
+                continue;
+            };
+            for ((k, v), (_, was)) in c.tunables.list().into_iter().zip(o.tunables.list()) {
+                if v != was {
+                    caches[&c.section.name]
+                        .set_tunable(k, &v)
+                        .map_err(|e| format!("cache {}: {e}", c.section.name))?;
+                    changes.push(format!("cache {}: {k} = {v}", c.section.name));
+                }
+            }
+        }
+        for c in &old.cfg.caches {
+            if !caches.contains_key(&c.section.name) {
+                let cache = &old.caches[&c.section.name];
+                if let Err(e) = cache.seal_now().and_then(|_| cache.commit_superblock()) {
+                    error!(self.log, "closing a removed cache failed"; "cache" => &c.section.name, "error" => %e);
+                }
+                changes.push(format!("cache {} closed", c.section.name));
+            }
+        }
+        if new.daemon.log_level != old.cfg.daemon.log_level {
+            crate::cli::set_log_level(&new.daemon.log_level);
+            changes.push(format!("log_level = {}", new.daemon.log_level));
+        }
+        for (what, changed) in [
+            (
+                "control_socket",
+                new.daemon.control_socket != old.cfg.daemon.control_socket,
+            ),
+            (
+                "io_threads",
+                new.daemon.io_threads != old.cfg.daemon.io_threads,
+            ),
+            (
+                "busy_poll_us",
+                new.daemon.busy_poll_us != old.cfg.daemon.busy_poll_us,
+            ),
+            ("dbus", new.daemon.dbus != old.cfg.daemon.dbus),
+        ] {
+            if changed {
+                warn!(self.log, "reload: [daemon] key changes at the next restart"; "key" => what);
+            }
+        }
+        let luns = lun_map(&new);
+        *self.tables.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Tables {
+            cfg: new,
+            caches,
+            luns,
+        });
+        info!(self.log, "configuration reloaded"; "changes" => format!("{changes:?}"));
+        Ok(changes)
+    }
+
     /// Closes every cache (flush + superblock commit).
     pub fn close(&self) {
-        for (name, c) in &self.caches {
+        for (name, c) in &self.t().caches {
             if let Err(e) = c.seal_now().and_then(|_| c.commit_superblock()) {
                 error!(self.log, "closing cache failed"; "cache" => name, "error" => %e);
             }
@@ -267,6 +463,35 @@ fn epoch_secs(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Per-LUN figures of one cache: the access counters of its backing device, dirty and
+/// lost lines, whether writeback to it is failing.
+fn lun_stats_json(s: &lc_cache::Stats, luns: &[crate::config::LunSection], cache: &str) -> Value {
+    let per = |v: &[(u8, u64)], id: u8| v.iter().find(|(d, _)| *d == id).map_or(0, |x| x.1);
+    luns.iter()
+        .filter(|l| l.cache == cache)
+        .map(|l| {
+            let counters: serde_json::Map<String, Value> = s
+                .device_counters
+                .iter()
+                .find(|(d, _)| *d == l.backing_id)
+                .map(|(_, c)| {
+                    (0..16)
+                        .map(|i| (lc_cache::stats::counter_name(i), json!(c[i])))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "lun": l.name,
+                "backing_id": l.backing_id,
+                "counters": counters,
+                "dirty_lines": per(&s.dirty_lines, l.backing_id),
+                "lost_lines": s.damage.as_ref().map_or(0, |d| per(&d.lost_lines, l.backing_id)),
+                "writeback_failing": s.writeback_failures.iter().any(|f| f.dev == l.backing_id),
+            })
+        })
+        .collect()
+}
+
 fn stats_json(c: &Cache) -> Value {
     let s = c.stats();
     let counters: serde_json::Map<String, Value> = (0..16)
@@ -293,6 +518,7 @@ fn stats_json(c: &Cache) -> Value {
 
 impl Handler for Shared {
     fn handle(&self, req: Request, progress: &mut dyn FnMut(Value)) -> Result<Value, String> {
+        let t = self.t();
         match req {
             Request::Status => {
                 let served = self
@@ -300,13 +526,13 @@ impl Handler for Shared {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                let luns: Vec<Value> = self
+                let luns: Vec<Value> = t
                     .cfg
                     .luns
                     .iter()
                     .map(|l| {
                         let dev = served.iter().find(|s| s.lun == l.name);
-                        let stats = self.caches.get(&l.cache).map(|c| c.stats());
+                        let stats = t.caches.get(&l.cache).map(|c| c.stats());
                         let dirty = stats.as_ref().map_or(0, |s| {
                             s.dirty_lines.iter().find(|(d, _)| *d == l.backing_id).map_or(0, |x| x.1)
                         });
@@ -324,29 +550,31 @@ impl Handler for Shared {
                                "writeback_error": failing.map(|f| f.error)})
                     })
                     .collect();
-                let caches: Vec<Value> = self
+                let caches: Vec<Value> = t
                     .cfg
                     .caches
                     .iter()
                     .map(|c| {
-                        let s = self.caches[&c.section.name].stats();
+                        let s = t.caches[&c.section.name].stats();
                         json!({"name": c.section.name, "device": c.section.device, "nr_segments": s.nr_segments,
                                "dirty_segments": s.dirty_segments, "last_writeback_id": s.last_writeback_id,
-                               "failure": self.caches[&c.section.name].failure(),
-                               "damage": s.damage.as_ref().map(|d| damage_json(d, &self.cfg.luns, &c.section.name))})
+                               "failure": t.caches[&c.section.name].failure(),
+                               "damage": s.damage.as_ref().map(|d| damage_json(d, &t.cfg.luns, &c.section.name))})
                     })
                     .collect();
                 Ok(json!({"caches": caches, "luns": luns}))
             }
             Request::Stats { cache } => {
                 let mut out = serde_json::Map::new();
-                for (name, c) in &self.caches {
+                for (name, c) in &t.caches {
                     if cache.as_ref().is_none_or(|n| n == name) {
                         let mut v = stats_json(c);
-                        v["damage"] = c
-                            .stats()
+                        let st = c.stats();
+                        v["damage"] = st
                             .damage
-                            .map_or(Value::Null, |d| damage_json(&d, &self.cfg.luns, name));
+                            .as_ref()
+                            .map_or(Value::Null, |d| damage_json(d, &t.cfg.luns, name));
+                        v["luns"] = lun_stats_json(&st, &t.cfg.luns, name);
                         out.insert(name.clone(), v);
                     }
                 }
@@ -375,14 +603,18 @@ impl Handler for Shared {
                 self.cache(&cache)?.clear_stats();
                 Ok(json!({}))
             }
+            Request::Reload => {
+                let changes = self.reload()?;
+                Ok(json!({ "reloaded": changes }))
+            }
             Request::AcceptLoss { cache } => {
                 let report = self.cache(&cache)?.accept_loss();
                 warn!(self.log, "operator accepted data loss"; "cache" => &cache,
                       "lost_lines" => format!("{:?}", report.lost_lines), "unknown_upto" => report.unknown_upto);
-                Ok(json!({"accepted": damage_json(&report, &self.cfg.luns, &cache)}))
+                Ok(json!({"accepted": damage_json(&report, &t.cfg.luns, &cache)}))
             }
             Request::Drain { lun } => {
-                let l = self
+                let l = t
                     .luns
                     .get(&lun)
                     .ok_or_else(|| format!("no lun {lun:?}"))?
@@ -400,7 +632,7 @@ impl Handler for Shared {
                 Ok(json!({"lun": lun, "dirty_lines": 0}))
             }
             Request::Check { cfgstring, size } => {
-                self.cfg
+                t.cfg
                     .check_cfgstring(&cfgstring, size, &self.active_luns())?;
                 Ok(json!({}))
             }
@@ -417,12 +649,13 @@ fn make_device(
 ) -> Result<Device, String> {
     let cfs = &paths.configfs;
     let size = cfs.attrib_u64(u.hba, &u.name, "dev_size");
-    let lun = sh
+    let t = sh.t();
+    let lun = t
         .cfg
         .check_cfgstring(&u.cfgstring, size, &sh.active_luns())?
         .clone();
-    let info = &sh.luns[&lun.name];
-    let cache = sh.cache(&info.cache)?.clone();
+    let info = &t.luns[&lun.name];
+    let cache = sh.cache(&info.cache)?;
     let backing_size = cache
         .backing_size(info.id)
         .ok_or("backing device not attached")?;
@@ -450,8 +683,9 @@ fn make_device(
         (map_size as u64).saturating_sub(crate::scsi::MAX_RING_AREA),
         bs,
     );
-    let (map, bell) =
+    let (map, mut bell) =
         uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
+    bell.set_actions(cfs.dir(u.hba, &u.name).join("action"));
     let ring = Ring::new(map).map_err(|e| e.to_string())?;
     Ok(Device::new(
         &format!("{}/{}", u.hba, u.name),
@@ -570,11 +804,26 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
     }
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(|e| e.to_string())?;
+    // Every signal also writes a byte into this pipe, which the event loop watches: a
+    // signal is handled at once, not at the loop's next timer.
+    let (sig_rx, sig_tx) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    sig_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
+        let tx = sig_tx.try_clone().map_err(|e| e.to_string())?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(|e| e.to_string())?;
+    }
     let io_threads = cfg.daemon.io_threads;
     let socket = cfg.daemon.control_socket.clone();
     let sh = Shared::open(cfg, log.clone())?;
     let mut el = EventLoop::new(io_threads, log.clone()).map_err(|e| e.to_string())?;
-    el.set_busy_poll(Duration::from_micros(sh.cfg.daemon.busy_poll_us));
+    el.set_busy_poll(Duration::from_micros(sh.t().cfg.daemon.busy_poll_us));
     // Start-up: block netlink, join, re-attach existing devices, unblock.
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "1");
     let _ = uio::module_param(&paths.sysfs, "reset_netlink", "1");
@@ -605,10 +854,11 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     }
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "0");
     // D-Bus for targetcli: refuse to run beside tcmu-runner (it owns the name).
-    let _dbus = if sh.cfg.daemon.dbus {
+    let _dbus = if sh.t().cfg.daemon.dbus {
         let sh2 = sh.clone();
         match crate::dbus::DbusService::start(crate::dbus::Bus::System, move |cfg| {
-            sh2.cfg
+            sh2.t()
+                .cfg
                 .check_cfgstring(cfg, None, &sh2.active_luns())
                 .map(|_| ())
         }) {
@@ -623,18 +873,48 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         None
     };
     let nl_token = el.add_source(nl.fd()).map_err(|e| e.to_string())?;
+    let sig_token = el
+        .add_source(std::os::fd::AsRawFd::as_raw_fd(&sig_rx))
+        .map_err(|e| e.to_string())?;
     let listener = control::listen(&socket)?;
     let ctl_token = el
         .add_source(std::os::fd::AsRawFd::as_raw_fd(&listener))
         .map_err(|e| e.to_string())?;
     let handler: Arc<dyn Handler> = sh.clone();
+    let metrics = match sh.t().cfg.daemon.metrics_listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("metrics_listen {addr}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let token = el
+                .add_source(std::os::fd::AsRawFd::as_raw_fd(&l))
+                .map_err(|e| e.to_string())?;
+            info!(log, "serving metrics"; "listen" => addr.to_string());
+            Some((l, token, Arc::new(std::sync::atomic::AtomicUsize::new(0))))
+        }
+        None => None,
+    };
     info!(log, "serving"; "control_socket" => socket.display().to_string());
+    // systemd (Type=notify): ready once the control socket listens and every device
+    // that existed at start is re-attached. Without NOTIFY_SOCKET this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!(log, "sd_notify READY failed"; "error" => %e);
+    }
     while !stop.load(Ordering::Relaxed) {
-        let ready = el
-            .run_once(Some(Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?;
+        if hup.swap(false, Ordering::Relaxed) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+            if let Err(e) = sh.reload() {
+                error!(log, "reload refused; the configuration in force is kept"; "error" => e);
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+        let ready = el.run_once(None).map_err(|e| e.to_string())?;
         for t in ready {
-            if t == nl_token {
+            if t == sig_token {
+                // The flags say which signal; just empty the pipe.
+                let mut buf = [0u8; 64];
+                while matches!(std::io::Read::read(&mut &sig_rx, &mut buf), Ok(n) if n > 0) {}
+            } else if t == nl_token {
                 match nl.recv_events() {
                     Ok(evs) => {
                         for ev in evs {
@@ -648,20 +928,27 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
                 }
             } else if t == ctl_token {
                 control::accept_all(&listener, &handler);
+            } else if let Some((l, _, busy)) = metrics.as_ref().filter(|m| m.1 == t) {
+                crate::metrics::accept_all(l, &handler, busy);
             }
         }
     }
     info!(log, "stopping");
-    for d in sh
-        .served
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(..)
-    {
-        el.remove_device(d.token);
-    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    sh.served.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    // Every command on a worker is completed and published, and every worker has
+    // exited, before the caches close.
+    drop(el.shutdown());
+    drop(el);
     let _ = std::fs::remove_file(&socket);
     sh.close();
+    // Leave the kernel as we found it: with command replies still announced, the next
+    // `enable` of a user: device (targetctl restore at boot) would wait in D state
+    // for a reply nobody sends.
+    match nl.set_features(false) {
+        Ok(_) => info!(log, "netlink command replies turned off"),
+        Err(e) => warn!(log, "SET_FEATURES (replies off) failed"; "error" => %e),
+    }
     Ok(())
 }
 

@@ -6,6 +6,14 @@
 //!
 //! zbus's blocking connection runs its own executor thread; [`DbusService`] keeps the
 //! connection alive and releases the name when dropped.
+//!
+//! `CheckConfig` is for root: the bus policy (`targetcli/lc-dbus.conf`) lets only root
+//! send it, and the handler itself asks the bus for the caller's uid and answers any
+//! other caller than root (or the daemon's own user) with `AccessDenied`, so a missing
+//! or older policy file does not open it to every local user. The check it runs looks
+//! at devices read-only (`config::probe_device`).
+
+use std::fmt::Display;
 
 use zbus::blocking::connection::Builder;
 use zbus::blocking::Connection;
@@ -28,6 +36,12 @@ struct LcHandler {
     check: CheckFn,
 }
 
+/// Whether a caller of `CheckConfig` with this uid is served: root, or the user the
+/// daemon runs as (a test daemon on a private bus).
+pub fn caller_allowed(caller_uid: u32, daemon_uid: u32) -> bool {
+    caller_uid == 0 || caller_uid == daemon_uid
+}
+
 #[zbus::interface(name = "org.kernel.TCMUService1")]
 impl LcHandler {
     /// Help text for the cfgstring.
@@ -36,12 +50,32 @@ impl LcHandler {
         CONFIG_DESC.to_string()
     }
 
-    /// Validates a configuration string (with its "lc/" prefix): (ok, reason).
-    fn check_config(&self, cfgstring: &str) -> (bool, String) {
-        match (self.check)(cfgstring) {
+    /// Validates a configuration string (with its "lc/" prefix): (ok, reason). Callers
+    /// other than root get `AccessDenied`.
+    #[zbus(out_args("is_valid", "message"))]
+    async fn check_config(
+        &self,
+        cfgstring: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> zbus::fdo::Result<(bool, String)> {
+        let sender = hdr
+            .sender()
+            .ok_or_else(|| zbus::fdo::Error::AccessDenied("caller unknown".into()))?
+            .to_owned();
+        let uid = zbus::fdo::DBusProxy::new(conn)
+            .await?
+            .get_connection_unix_user(sender.into())
+            .await?;
+        if !caller_allowed(uid, rustix::process::geteuid().as_raw()) {
+            return Err(zbus::fdo::Error::AccessDenied(format!(
+                "CheckConfig is for root (caller uid {uid})"
+            )));
+        }
+        Ok(match (self.check)(cfgstring) {
             Ok(()) => (true, String::new()),
             Err(e) => (false, e),
-        }
+        })
     }
 }
 
@@ -64,10 +98,11 @@ const NAME_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl DbusService {
     /// Owns the name and serves the objects. Fails clearly when the name is taken
-    /// (tcmu-runner running).
-    pub fn start(
+    /// (tcmu-runner running). `check` answers `CheckConfig`: its error is the reason
+    /// targetcli prints, so it should name nothing but the LUN asked for.
+    pub fn start<E: Display>(
         bus: Bus,
-        check: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+        check: impl Fn(&str) -> Result<(), E> + Send + Sync + 'static,
     ) -> Result<DbusService, String> {
         let builder = match &bus {
             Bus::System => Builder::system(),
@@ -80,7 +115,7 @@ impl DbusService {
                 b.serve_at(
                     HANDLER_PATH,
                     LcHandler {
-                        check: Box::new(check),
+                        check: Box::new(move |c| check(c).map_err(|e| e.to_string())),
                     },
                 )
             })
@@ -112,5 +147,19 @@ impl DbusService {
                 Err(e) => return Err(format!("D-Bus: requesting {BUS_NAME}: {e}")),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_or_the_daemons_own_user_may_check() {
+        assert!(caller_allowed(0, 0));
+        assert!(caller_allowed(0, 1000));
+        assert!(caller_allowed(1000, 1000));
+        assert!(!caller_allowed(1000, 0));
+        assert!(!caller_allowed(65534, 1000));
     }
 }

@@ -1,19 +1,22 @@
-//! One served LUN: a TCMU ring, its SCSI state, and the cache-engine backend, plus the
-//! I/O worker pool that runs blocking commands off the event-loop thread.
+//! One served LUN: a TCMU ring, its SCSI state, the cache-engine backend, and its own
+//! I/O workers (`handler/workers.rs`) that run blocking commands off the event-loop
+//! thread.
 //!
 //! The event loop owns every [`Device`] (and so every ring); workers never touch
 //! shared memory. A command that needs the backend is gathered on the loop thread,
-//! executed by a worker (`lc-io-N`), and its result comes back over a channel with a
-//! `mio::Waker` wake-up; the loop scatters Data-In, completes the entry and kicks.
+//! executed by one of the device's workers, and its result comes back over a channel
+//! with a `mio::Waker` wake-up; the loop scatters Data-In, completes the entry and
+//! kicks.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use slog::{error, info, Logger};
+use slog::{error, info, warn, Logger};
 
-use crate::ring::{Command, Doorbell, Fetched, IoVec, Response, Ring, RingError};
+use crate::ring::{Command, Doorbell, Fetched, IoVec, Malformed, Response, Ring, RingError};
 use crate::scsi::{self, BlockBackend, IoError, LunState};
+pub use crate::workers::{Done, Job, Running, Workers};
 
 /// The engine as a SCSI block backend for one backing device id.
 pub struct EngineBackend {
@@ -57,109 +60,28 @@ impl BlockBackend for EngineBackend {
     }
 }
 
-/// A unit of work for the I/O workers.
-pub struct Job {
-    /// Which device (event-loop token value).
-    pub device: usize,
-    /// The command id on that device's ring.
-    pub cmd_id: u16,
-    /// The CDB.
-    pub cdb: Vec<u8>,
-    /// Gathered Data-Out.
-    pub data_out: Vec<u8>,
-    /// Room for Data-In.
-    pub data_in_len: usize,
-    /// The LUN.
-    pub lun: Arc<LunState>,
-    /// The backend.
-    pub backend: Arc<dyn BlockBackend>,
-}
-
-/// A finished job.
-pub struct Done {
-    /// Which device.
-    pub device: usize,
-    /// The command id.
-    pub cmd_id: u16,
-    /// The outcome.
-    pub response: scsi::ScsiResponse,
-}
-
-/// Worker threads executing [`Job`]s; results go to a channel and a wake-up callback.
-pub struct WorkerPool {
-    tx: Option<Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl WorkerPool {
-    /// Starts `n` workers. `notify` is called after each result is sent (a
-    /// `mio::Waker::wake` in the daemon).
-    pub fn new(n: usize, done: Sender<Done>, notify: Arc<dyn Fn() + Send + Sync>) -> WorkerPool {
-        let (tx, rx) = channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..n.max(1))
-            .map(|i| {
-                let rx = rx.clone();
-                let done = done.clone();
-                let notify = notify.clone();
-                std::thread::Builder::new()
-                    .name(format!("lc-io-{i}"))
-                    .spawn(move || loop {
-                        let job = {
-                            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-                            rx.recv()
-                        };
-                        let Ok(job) = job else { return };
-                        let response = scsi::execute(
-                            &job.lun,
-                            &job.cdb,
-                            &job.data_out,
-                            job.data_in_len,
-                            job.backend.as_ref(),
-                        );
-                        if done
-                            .send(Done {
-                                device: job.device,
-                                cmd_id: job.cmd_id,
-                                response,
-                            })
-                            .is_err()
-                        {
-                            return;
-                        }
-                        notify();
-                    })
-                    .expect("spawn lc-io worker")
-            })
-            .collect();
-        WorkerPool {
-            tx: Some(tx),
-            threads,
-        }
-    }
-
-    /// Queues a job.
-    pub fn submit(&self, job: Job) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(job);
-        }
-    }
-}
-
-impl Drop for WorkerPool {
-    fn drop(&mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Commands of one device waiting for a worker, by id: their Data-In iovecs.
 struct InFlight {
     cmd_id: u16,
     iovs: Vec<IoVec>,
 }
+
+/// Whether a device is served.
+#[derive(Debug)]
+enum State {
+    Serving,
+    /// Stopping (device removal, daemon stop): nothing new is fetched; commands on
+    /// workers are still completed and published.
+    Draining,
+    /// The ring lost its framing: no fetching until the commands on workers are back,
+    /// then the kernel resets the ring and serving resumes.
+    Resetting,
+    /// No longer served (mapping gone, or a broken ring that cannot be reset).
+    Failed(String),
+}
+
+/// Malformed entries logged per device; later ones are only counted.
+const MALFORMED_LOGGED: u64 = 10;
 
 /// One LUN served from a ring.
 pub struct Device {
@@ -170,7 +92,14 @@ pub struct Device {
     lun: Arc<LunState>,
     backend: Arc<dyn BlockBackend>,
     inflight: Vec<InFlight>,
-    failed: Option<String>,
+    workers: Option<Workers>,
+    /// Whether a warning about commands overdue on the workers is out.
+    overdue_logged: bool,
+    state: State,
+    malformed: u64,
+    resets: u64,
+    /// Why the ring is being reset.
+    broken_by: Option<String>,
     /// Whether commands that need no blocking I/O are served on the loop thread.
     inline: bool,
     log: Logger,
@@ -198,7 +127,12 @@ impl Device {
             lun,
             backend,
             inflight: Vec::new(),
-            failed: None,
+            workers: None,
+            overdue_logged: false,
+            state: State::Serving,
+            malformed: 0,
+            resets: 0,
+            broken_by: None,
             inline: true,
             log,
         }
@@ -217,7 +151,20 @@ impl Device {
 
     /// Why the device stopped being served, if it did.
     pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
+        match &self.state {
+            State::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// How many times the ring was reset after it lost its framing.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Malformed entries completed with an error (or skipped) so far.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
     }
 
     /// Commands handed to workers and not yet completed.
@@ -225,47 +172,180 @@ impl Device {
         self.inflight.len()
     }
 
-    fn fail(&mut self, e: RingError) {
-        if self.failed.is_none() {
-            error!(self.log, "device failed: malformed ring, no longer served"; "device" => &self.name, "error" => %e);
-            self.failed = Some(e.to_string());
+    /// Gives the device its workers (the event loop does, when it adds the device).
+    /// Without workers, blocking commands run on the caller's thread.
+    pub fn set_workers(&mut self, w: Workers) {
+        self.workers = Some(w);
+    }
+
+    /// Worker threads alive now.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.as_ref().map_or(0, |w| w.threads())
+    }
+
+    /// The commands the workers are executing, longest-running first.
+    pub fn running(&self) -> Vec<Running> {
+        self.workers.as_ref().map_or(Vec::new(), |w| w.running())
+    }
+
+    /// Stops fetching (device removal or daemon stop); commands on workers are still
+    /// completed as they finish.
+    pub fn begin_stop(&mut self) {
+        if matches!(self.state, State::Serving) {
+            self.state = State::Draining;
+        }
+    }
+
+    /// Stops the workers, waiting up to `bound`; the commands still running then are
+    /// returned.
+    pub fn stop_workers(&mut self, bound: Duration) -> Result<(), Vec<Running>> {
+        match &mut self.workers {
+            Some(w) => w.stop(bound),
+            None => Ok(()),
+        }
+    }
+
+    /// Per-command deadline: commands that waited longer than `deadline` for a worker
+    /// (every worker of this device busy: a slow or hung backend) complete with
+    /// CHECK CONDITION, ABORTED COMMAND / COMMAND TIMEOUT BEFORE PROCESSING (the
+    /// initiator retries or fails them instead of hanging); commands running longer
+    /// than that are logged once per episode.
+    pub fn expire(&mut self, deadline: Duration) {
+        let Some(w) = &self.workers else { return };
+        let old = w.expire(deadline);
+        let overdue: Vec<Running> = w
+            .running()
+            .into_iter()
+            .filter(|r| r.running_for > deadline)
+            .collect();
+        if !overdue.is_empty() && !self.overdue_logged {
+            warn!(self.log, "commands stuck on the workers"; "device" => &self.name,
+                  "running" => format!("{overdue:?}"), "queued_expired" => old.len());
+        }
+        self.overdue_logged = !overdue.is_empty();
+        if old.is_empty() {
+            return;
+        }
+        if matches!(self.state, State::Resetting) {
+            // The reset completes them (BUSY); it may now be due.
+            self.inflight
+                .retain(|f| !old.iter().any(|j| j.cmd_id == f.cmd_id));
+            return self.try_reset();
+        }
+        for job in old {
+            let Some(i) = self.inflight.iter().position(|f| f.cmd_id == job.cmd_id) else {
+                continue;
+            };
+            let f = self.inflight.swap_remove(i);
+            if matches!(self.state, State::Serving | State::Draining) {
+                if let Err(e) = self.finish(job.cmd_id, &f.iovs, scsi::ScsiResponse::timed_out()) {
+                    return self.ring_broken(e);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn fail(&mut self, why: String) {
+        if !matches!(self.state, State::Failed(_)) {
+            error!(self.log, "device failed, no longer served"; "device" => &self.name, "error" => &why);
+            self.state = State::Failed(why);
+        }
+    }
+
+    /// The ring cannot be served as it is. A gone mapping fails the device; anything
+    /// else is a ring that lost its framing: reset it (once the workers have handed
+    /// back every command of this device: a completion after the reset would name a
+    /// freed id and break the kernel's ring).
+    fn ring_broken(&mut self, e: RingError) {
+        if e.is_gone() || self.ring.is_gone() {
+            return self.fail(format!("{e}"));
+        }
+        if matches!(self.state, State::Serving) {
+            error!(self.log, "ring unusable, resetting it"; "device" => &self.name, "error" => %e,
+                   "on_workers" => self.inflight.len());
+            self.state = State::Resetting;
+            self.broken_by = Some(e.to_string());
+        }
+        self.try_reset();
+    }
+
+    fn try_reset(&mut self) {
+        if !matches!(self.state, State::Resetting) || !self.inflight.is_empty() {
+            return;
+        }
+        let why = self.broken_by.take().unwrap_or_default();
+        match self.bell.reset_ring() {
+            Ok(true) => match self.ring.restart() {
+                Ok(()) => {
+                    self.resets += 1;
+                    self.state = State::Serving;
+                    info!(self.log, "ring reset, serving again"; "device" => &self.name,
+                          "ring" => self.ring.describe());
+                }
+                Err(e) => self.fail(format!("{why}; after the ring reset: {e}")),
+            },
+            Ok(false) => self.fail(format!("{why} (and this kernel cannot reset the ring)")),
+            Err(e) => self.fail(format!("{why}; ring reset failed: {e}")),
+        }
+    }
+
+    /// A malformed entry: a command gets CHECK CONDITION (HARDWARE ERROR / INTERNAL
+    /// TARGET FAILURE) and the ring goes on.
+    fn refuse(&mut self, m: Malformed) -> Result<(), RingError> {
+        self.malformed += 1;
+        if self.malformed <= MALFORMED_LOGGED {
+            warn!(self.log, "malformed ring entry refused"; "device" => &self.name,
+                  "offset" => m.offset, "cmd_id" => m.cmd_id, "fault" => %m.fault,
+                  "count" => self.malformed);
+        }
+        match m.cmd_id {
+            Some(id) => self.finish(id, &[], scsi::ScsiResponse::internal_failure()),
+            None => Ok(()),
         }
     }
 
     /// Handles readiness of the device fd: fetches new entries, answers what needs no
     /// I/O at once, hands the rest to the workers.
-    pub fn on_readable(&mut self, token: usize, pool: &WorkerPool) {
+    pub fn on_readable(&mut self, token: usize) {
         let _ = self.bell.ack();
-        self.serve(token, pool);
+        self.serve(token);
     }
 
     /// Whether the kernel queued commands not fetched yet (a shared-memory load, no
     /// system call: the event loop's busy poll).
     pub fn pending(&self) -> bool {
-        self.failed.is_none() && self.ring.pending()
+        matches!(self.state, State::Serving) && self.ring.pending()
     }
 
     /// Fetches new entries, answers what needs no I/O at once, hands the rest to the
     /// workers.
-    pub fn serve(&mut self, token: usize, pool: &WorkerPool) {
-        if self.failed.is_some() {
+    pub fn serve(&mut self, token: usize) {
+        self.try_reset();
+        if !matches!(self.state, State::Serving) {
             return;
         }
         let fetched = match self.ring.fetch() {
             Ok(f) => f,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.ring_broken(e),
         };
         for f in fetched {
             let cmd: Command = match f {
                 Fetched::Cmd(c) => c,
                 // Aborted commands are still completed normally (tcmu.md 1.7).
                 Fetched::Tmr(_) => continue,
+                Fetched::Malformed(m) => {
+                    if let Err(e) = self.refuse(m) {
+                        return self.ring_broken(e);
+                    }
+                    continue;
+                }
             };
             let data_in_len = cmd.data_len() as usize;
             if !scsi::needs_backend(&cmd.cdb) {
                 let data_out = match self.ring.gather(&cmd.iovs) {
                     Ok(d) => d,
-                    Err(e) => return self.fail(e),
+                    Err(e) => return self.ring_broken(e),
                 };
                 let r = scsi::execute(
                     &self.lun,
@@ -275,7 +355,7 @@ impl Device {
                     self.backend.as_ref(),
                 );
                 if let Err(e) = self.finish(cmd.cmd_id, &cmd.iovs, r) {
-                    return self.fail(e);
+                    return self.ring_broken(e);
                 }
                 continue;
             }
@@ -283,7 +363,7 @@ impl Device {
             let data_out = if writes {
                 match self.ring.gather(&cmd.iovs) {
                     Ok(d) => d,
-                    Err(e) => return self.fail(e),
+                    Err(e) => return self.ring_broken(e),
                 }
             } else {
                 Vec::new()
@@ -296,16 +376,13 @@ impl Device {
                 if let Some(r) = scsi::try_execute(&self.lun, &cmd.cdb, &data_out, din, be) {
                     let iovs = if writes { &[][..] } else { &cmd.iovs[..] };
                     if let Err(e) = self.finish(cmd.cmd_id, iovs, r) {
-                        return self.fail(e);
+                        return self.ring_broken(e);
                     }
                     continue;
                 }
             }
-            self.inflight.push(InFlight {
-                cmd_id: cmd.cmd_id,
-                iovs: if writes { Vec::new() } else { cmd.iovs.clone() },
-            });
-            pool.submit(Job {
+            let iovs = if writes { Vec::new() } else { cmd.iovs };
+            let job = Job {
                 device: token,
                 cmd_id: cmd.cmd_id,
                 cdb: cmd.cdb,
@@ -313,7 +390,35 @@ impl Device {
                 data_in_len: if writes { 0 } else { data_in_len },
                 lun: self.lun.clone(),
                 backend: self.backend.clone(),
-            });
+                queued: Instant::now(),
+            };
+            let refused = match &mut self.workers {
+                Some(w) => w.submit(job).err().map(|j| (j, true)),
+                None => Some((job, false)),
+            };
+            let r = match refused {
+                None => {
+                    self.inflight.push(InFlight {
+                        cmd_id: cmd.cmd_id,
+                        iovs,
+                    });
+                    continue;
+                }
+                Some((_, true)) => {
+                    error!(self.log, "cannot start an I/O worker"; "device" => &self.name);
+                    scsi::ScsiResponse::internal_failure()
+                }
+                Some((j, false)) => scsi::execute(
+                    &j.lun,
+                    &j.cdb,
+                    &j.data_out,
+                    j.data_in_len,
+                    j.backend.as_ref(),
+                ),
+            };
+            if let Err(e) = self.finish(cmd.cmd_id, &iovs, r) {
+                return self.ring_broken(e);
+            }
         }
         self.publish();
     }
@@ -330,11 +435,22 @@ impl Device {
             return;
         };
         let f = self.inflight.swap_remove(i);
-        if self.failed.is_some() {
+        if !matches!(self.state, State::Serving | State::Draining) {
+            // Resetting: the kernel completes it (BUSY) with the reset. Failed: nobody.
             return;
         }
         if let Err(e) = self.finish(done.cmd_id, &f.iovs, done.response) {
-            self.fail(e)
+            self.ring_broken(e)
+        }
+    }
+
+    /// After a batch of [`Device::on_done`]: resets a ring whose commands are all
+    /// back and serves it again, and publishes the tail.
+    pub fn after_completions(&mut self, token: usize) {
+        if matches!(self.state, State::Resetting) {
+            self.serve(token);
+        } else {
+            self.publish();
         }
     }
 
@@ -369,7 +485,7 @@ impl Device {
                 }
             }
             Ok(false) => {}
-            Err(e) => self.fail(e),
+            Err(e) => self.ring_broken(e),
         }
     }
 }

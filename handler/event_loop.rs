@@ -1,38 +1,59 @@
 //! The daemon's mio event loop: every device's doorbell fd, the worker results (through
 //! a `mio::Waker`), and any extra sources the daemon registers (netlink, control
 //! socket, signals), whose readiness is handed back to the caller. Blocking I/O never
-//! runs here: commands that touch the backend go to the [`WorkerPool`].
+//! runs here: commands that touch the backend go to the device's own [`Workers`].
+//!
+//! Stopping a device (removal) or all of them (daemon stop) waits, with a bound, for
+//! every command on its workers, completes them and publishes the tail; the loop keeps
+//! serving the other devices meanwhile.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use slog::{info, Logger};
+use slog::{info, warn, Logger};
 
-use crate::device::{Device, Done, WorkerPool};
+use crate::device::{Device, Done, Workers};
+use crate::workers::Notify;
 
 const WAKER: Token = Token(0);
 /// Tokens from here on are devices; below are extra sources.
 const FIRST_DEVICE: usize = 1 << 16;
+
+/// How long stopping a device waits for the commands on its workers, by default.
+pub const STOP_BOUND: Duration = Duration::from_secs(30);
+/// How long a command may wait for a worker of its device, by default (below the
+/// kernel's default `cmd_time_out` of 30 s, so the initiator hears from us first).
+pub const QUEUE_DEADLINE: Duration = Duration::from_secs(20);
+/// How often queued commands are checked against the deadline.
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
 
 /// The event loop.
 pub struct EventLoop {
     poll: Poll,
     waker: Arc<Waker>,
     devices: HashMap<usize, Device>,
+    done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
-    pool: WorkerPool,
+    notify: Notify,
+    io_threads: usize,
     next_device: usize,
     next_source: usize,
     events: Events,
     woken: Arc<AtomicBool>,
     busy_poll: Duration,
+    stop_bound: Duration,
+    queue_deadline: Duration,
+    last_expiry: Instant,
+    /// Extra-source tokens seen while stopping a device, returned by the next
+    /// [`EventLoop::run_once`].
+    deferred: Vec<usize>,
     log: Logger,
 }
 
@@ -41,8 +62,8 @@ pub struct EventLoop {
 const MAX_SPIN: Duration = Duration::from_millis(10);
 
 impl EventLoop {
-    /// A loop with `workers` I/O threads.
-    pub fn new(workers: usize, log: Logger) -> io::Result<EventLoop> {
+    /// A loop whose devices get up to `io_threads` I/O workers each.
+    pub fn new(io_threads: usize, log: Logger) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done_tx, done_rx) = channel();
@@ -50,26 +71,28 @@ impl EventLoop {
         // One wake-up covers every result queued before the loop drains the channel.
         let woken = Arc::new(AtomicBool::new(false));
         let flag = woken.clone();
-        let pool = WorkerPool::new(
-            workers,
-            done_tx,
-            Arc::new(move || {
-                if !flag.swap(true, Ordering::AcqRel) {
-                    let _ = w.wake();
-                }
-            }),
-        );
+        let notify: Notify = Arc::new(move || {
+            if !flag.swap(true, Ordering::AcqRel) {
+                let _ = w.wake();
+            }
+        });
         Ok(EventLoop {
             poll,
             waker,
             devices: HashMap::new(),
+            done_tx,
             done_rx,
-            pool,
+            notify,
+            io_threads: io_threads.max(1),
             next_device: FIRST_DEVICE,
             next_source: 1,
             events: Events::with_capacity(256),
             woken,
             busy_poll: Duration::ZERO,
+            stop_bound: STOP_BOUND,
+            queue_deadline: QUEUE_DEADLINE,
+            last_expiry: Instant::now(),
+            deferred: Vec::new(),
             log,
         })
     }
@@ -79,6 +102,16 @@ impl EventLoop {
     /// a wake-up of this thread. Zero (the default) sleeps in `epoll_wait` at once.
     pub fn set_busy_poll(&mut self, d: Duration) {
         self.busy_poll = d;
+    }
+
+    /// How long stopping a device waits for its commands ([`STOP_BOUND`]).
+    pub fn set_stop_bound(&mut self, d: Duration) {
+        self.stop_bound = d;
+    }
+
+    /// How long a command may wait for a worker ([`QUEUE_DEADLINE`]).
+    pub fn set_queue_deadline(&mut self, d: Duration) {
+        self.queue_deadline = d;
     }
 
     /// A handle that wakes the loop from another thread.
@@ -95,24 +128,88 @@ impl EventLoop {
         self.poll
             .registry()
             .register(&mut SourceFd(&fd), Token(id), Interest::READABLE)?;
-        dev.on_readable(id, &self.pool);
+        dev.set_workers(Workers::new(
+            // Thread names hold 15 bytes: "lc-io-999.999" at most.
+            &format!("lc-io-{}", (id - FIRST_DEVICE) % 1000),
+            self.io_threads,
+            self.done_tx.clone(),
+            self.notify.clone(),
+        ));
+        dev.on_readable(id);
         self.devices.insert(id, dev);
         Ok(id)
     }
 
-    /// Stops serving a device and returns it (after its in-flight commands are done).
+    /// Stops serving a device and returns it: nothing new is fetched, the commands on
+    /// its workers are waited for (up to the stop bound, serving the other devices
+    /// meanwhile), completed and published, and its workers stopped.
     pub fn remove_device(&mut self, id: usize) -> Option<Device> {
-        while self.devices.get(&id).is_some_and(|d| d.busy() > 0) {
-            match self.done_rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(done) => self.deliver(done),
-                Err(_) => break,
+        self.devices.get_mut(&id)?.begin_stop();
+        self.drain(&[id]);
+        let dev = self.devices.remove(&id)?;
+        Some(self.detach(dev))
+    }
+
+    /// Stops every device as [`EventLoop::remove_device`] does, all at once (daemon
+    /// stop): when this returns, every command that finished is completed on its ring
+    /// and every worker thread has exited (or is reported stuck in the log).
+    pub fn shutdown(&mut self) -> Vec<Device> {
+        let ids = self.device_ids();
+        for d in self.devices.values_mut() {
+            d.begin_stop();
+        }
+        self.drain(&ids);
+        let devs: Vec<Device> = ids
+            .iter()
+            .filter_map(|id| self.devices.remove(id))
+            .collect();
+        devs.into_iter().map(|d| self.detach(d)).collect()
+    }
+
+    /// Runs the loop until the devices `ids` have no command on a worker, or the stop
+    /// bound passes (then the commands still running are logged).
+    fn drain(&mut self, ids: &[usize]) {
+        let deadline = Instant::now() + self.stop_bound;
+        loop {
+            let busy = ids
+                .iter()
+                .any(|id| self.devices.get(id).is_some_and(|d| d.busy() > 0));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !busy || left.is_zero() {
+                break;
+            }
+            if let Err(e) = self.poll_once(Some(left.min(Duration::from_millis(50)))) {
+                warn!(self.log, "event loop failed while stopping devices"; "error" => %e);
+                break;
             }
         }
-        let dev = self.devices.remove(&id)?;
+        for id in ids {
+            if let Some(d) = self.devices.get_mut(id) {
+                d.publish();
+                if d.busy() > 0 {
+                    warn!(self.log, "stopping device: commands still running after the bound, left unanswered";
+                          "device" => &d.name, "bound_s" => self.stop_bound.as_secs_f64(),
+                          "running" => format!("{:?}", d.running()), "unanswered" => d.busy());
+                }
+            }
+        }
+    }
+
+    fn detach(&mut self, mut dev: Device) -> Device {
         let fd = dev.fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        // Drained: the workers are idle unless some command is stuck.
+        let bound = if dev.busy() == 0 {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(running) = dev.stop_workers(bound) {
+            warn!(self.log, "worker threads of a stopped device are still running"; "device" => &dev.name,
+                  "running" => format!("{running:?}"));
+        }
         info!(self.log, "device detached"; "device" => &dev.name);
-        Some(dev)
+        dev
     }
 
     /// The device with id `id`.
@@ -151,30 +248,52 @@ impl EventLoop {
     /// Waits up to `timeout` for events, serves devices and completions; returns the
     /// extra-source tokens that became readable.
     pub fn run_once(&mut self, timeout: Option<Duration>) -> io::Result<Vec<usize>> {
+        let timeout = if self.deferred.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        self.poll_once(timeout)?;
+        Ok(std::mem::take(&mut self.deferred))
+    }
+
+    /// One round: poll, serve, complete; extra-source tokens go to `deferred`.
+    fn poll_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        // Wake up in time to apply the per-command deadline.
+        let timeout = Some(timeout.map_or(EXPIRY_TICK, |t| t.min(EXPIRY_TICK)));
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
         }
-        let mut ready = Vec::new();
         let mut devs = Vec::new();
         for ev in self.events.iter() {
             match ev.token() {
                 WAKER => {}
                 Token(t) if t >= FIRST_DEVICE => devs.push(t),
-                Token(t) => ready.push(t),
+                Token(t) => {
+                    if !self.deferred.contains(&t) {
+                        self.deferred.push(t);
+                    }
+                }
             }
         }
         for id in devs {
             if let Some(d) = self.devices.get_mut(&id) {
-                d.on_readable(id, &self.pool);
+                d.on_readable(id);
             }
         }
         self.complete_done();
+        if self.last_expiry.elapsed() >= EXPIRY_TICK {
+            self.last_expiry = Instant::now();
+            for d in self.devices.values_mut() {
+                d.expire(self.queue_deadline);
+            }
+        }
         if !self.busy_poll.is_zero() && !self.devices.is_empty() {
             self.spin();
         }
-        Ok(ready)
+        Ok(())
     }
 
     /// Completions from the workers: complete them all, then one kick per device.
@@ -192,7 +311,7 @@ impl EventLoop {
         let any = !touched.is_empty();
         for id in touched {
             if let Some(d) = self.devices.get_mut(&id) {
-                d.publish();
+                d.after_completions(id);
             }
         }
         any
@@ -206,7 +325,7 @@ impl EventLoop {
             let mut any = false;
             for (&id, d) in self.devices.iter_mut() {
                 if d.pending() {
-                    d.serve(id, &self.pool);
+                    d.serve(id);
                     any = true;
                 }
             }
@@ -218,6 +337,27 @@ impl EventLoop {
                 return;
             }
             std::hint::spin_loop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_doc_states_the_stop_bound_the_deadline_and_idle_retirement() {
+        let doc = include_str!("../docs/DESIGN.md");
+        for want in [
+            format!("up to {} s", STOP_BOUND.as_secs()),
+            format!("more than {} s for a worker", QUEUE_DEADLINE.as_secs()),
+            format!(
+                "retired after {} s without work",
+                crate::workers::IDLE_RETIRE.as_secs()
+            ),
+            format!("checked every {} ms", EXPIRY_TICK.as_millis()),
+        ] {
+            assert!(doc.contains(&want), "docs/DESIGN.md lacks {want:?}");
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lc::control::Request;
 
 const DEFAULT_SOCKET: &str = "/run/lc/control.sock";
@@ -26,8 +26,8 @@ enum Cmd {
         /// Configuration file.
         #[arg(long, default_value = "/etc/lc/lc.toml")]
         config: PathBuf,
-        /// Log level (overrides the config): error, warning, info, debug.
-        #[arg(long)]
+        /// Log level (overrides the config).
+        #[arg(long, value_parser = ["error", "warning", "info", "debug"])]
         log_level: Option<String>,
     },
     /// Format a cache device (destroys its content).
@@ -64,6 +64,9 @@ enum Cmd {
     Stats {
         /// Only this cache.
         cache: Option<String>,
+        /// Prometheus text format (for node_exporter's textfile collector).
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
         #[command(flatten)]
         c: Conn,
     },
@@ -99,6 +102,12 @@ enum Cmd {
         #[command(flatten)]
         c: Conn,
     },
+    /// Re-read /etc/lc/lc.toml in the running daemon (like SIGHUP or `systemctl
+    /// reload lc`): new caches and LUNs come up, tunables and the log level change.
+    Reload {
+        #[command(flatten)]
+        c: Conn,
+    },
     /// Accept data lost to cache log damage: print what was lost (backing device and
     /// sector ranges), then let reads return the older data instead of failing.
     AcceptLoss {
@@ -106,6 +115,19 @@ enum Cmd {
         cache: String,
         #[command(flatten)]
         c: Conn,
+    },
+    /// Print a shell completion script (e.g. `lc completions bash >
+    /// /usr/share/bash-completion/completions/lc`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page in roff: `lc` (lc(8), from these definitions) or `lc.toml`
+    /// (lc.toml(5), from docs/CONFIG.md).
+    Man {
+        /// Which page.
+        #[arg(value_parser = ["lc", "lc.toml"], default_value = "lc")]
+        page: String,
     },
     /// Write back every dirty line of a LUN's backing device (the detach step).
     Drain {
@@ -129,10 +151,12 @@ struct Conn {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve { config, log_level } => lc::config::load(&config).and_then(|cfg| {
-            let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
-            lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
-        }),
+        Cmd::Serve { config, log_level } => lc::config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
+                lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
+            }),
         Cmd::Format {
             device,
             block_size,
@@ -167,7 +191,12 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Status { c } => lc::cli::run(&c.socket, Request::Status, c.json),
-        Cmd::Stats { cache, c } => lc::cli::run(&c.socket, Request::Stats { cache }, c.json),
+        Cmd::Stats {
+            cache,
+            prometheus: true,
+            c,
+        } => lc::cli::prometheus(&c.socket, cache),
+        Cmd::Stats { cache, c, .. } => lc::cli::run(&c.socket, Request::Stats { cache }, c.json),
         Cmd::Set {
             cache,
             key,
@@ -179,10 +208,28 @@ fn main() -> ExitCode {
         Cmd::ClearStats { cache, c } => {
             lc::cli::run(&c.socket, Request::ClearStats { cache }, c.json)
         }
+        Cmd::Reload { c } => lc::cli::run(&c.socket, Request::Reload, c.json),
         Cmd::AcceptLoss { cache, c } => {
             lc::cli::run(&c.socket, Request::AcceptLoss { cache }, c.json)
         }
         Cmd::Drain { lun, c } => lc::cli::run(&c.socket, Request::Drain { lun }, c.json),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lc", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { page } => {
+            let mut out = std::io::stdout();
+            match page.as_str() {
+                "lc.toml" => {
+                    print!("{}", lc::man::config_page());
+                    Ok(())
+                }
+                _ => clap_mangen::Man::new(Cli::command())
+                    .section("8")
+                    .render(&mut out)
+                    .map_err(|e| e.to_string()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

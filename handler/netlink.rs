@@ -6,6 +6,11 @@
 //! The socket is `netlink-sys`'s; the messages (a 16-byte `nlmsghdr`, a 4-byte
 //! `genlmsghdr`, then 4-byte-aligned attributes) are encoded and decoded here as pure
 //! functions so they are unit-tested without a kernel.
+//!
+//! Only datagrams from the kernel (sender port id 0 in the `sockaddr_nl` of
+//! `recvfrom`) are believed: a process with `CAP_NET_ADMIN` can send to our port
+//! id, and what it sends (ADDED_DEVICE of a device name it chose...) is dropped and
+//! reported, never acted on ([`decode_datagram`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -270,6 +275,51 @@ pub fn done_cmd(event_cmd: u8) -> Option<u8> {
     }
 }
 
+/// Why a received datagram yields no event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// Sent by a process, not by the kernel: dropped unread.
+    #[error("netlink datagram from port id {port} (a process, not the kernel) dropped")]
+    NotFromKernel {
+        /// The sender's port id.
+        port: u32,
+    },
+    /// Lengths or attributes that do not add up.
+    #[error("malformed netlink message: {0}")]
+    Malformed(String),
+    /// Neither a TCMU event nor a netlink control message.
+    #[error("unexpected netlink message type {0}")]
+    UnexpectedType(u16),
+}
+
+/// The kernel's port id: messages from the kernel carry it as their sender.
+pub const KERNEL_PORT: u32 = 0;
+
+/// Decodes one received datagram into events of the TCMU `family`, believing only
+/// the kernel: a datagram whose sender port id (`sockaddr_nl.nl_pid` from `recvfrom`)
+/// is not [`KERNEL_PORT`] yields one [`RecvError::NotFromKernel`] and nothing else.
+/// Acks and `NLMSG_DONE` yield nothing.
+pub fn decode_datagram(buf: &[u8], sender_port: u32, family: u16) -> Vec<Result<Event, RecvError>> {
+    if sender_port != KERNEL_PORT {
+        return vec![Err(RecvError::NotFromKernel { port: sender_port })];
+    }
+    match parse_messages(buf) {
+        Err(e) => vec![Err(RecvError::Malformed(e))],
+        Ok(msgs) => msgs
+            .into_iter()
+            .filter_map(|m| {
+                if m.msg_type == family {
+                    Some(parse_event(&m.payload).map_err(RecvError::Malformed))
+                } else if m.msg_type != NLMSG_DONE && m.msg_type != NLMSG_ERROR {
+                    Some(Err(RecvError::UnexpectedType(m.msg_type)))
+                } else {
+                    None
+                }
+            })
+            .collect(),
+    }
+}
+
 /// The TCM-USER netlink connection.
 pub struct TcmuNetlink {
     sock: Socket,
@@ -298,7 +348,13 @@ impl TcmuNetlink {
             &[(CTRL_ATTR_FAMILY_NAME, Attr::Str(FAMILY))],
         );
         sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
-        let (buf, _) = sock.recv_from_full()?;
+        // The answer comes from the kernel; anything another process sends is skipped.
+        let buf = loop {
+            let (buf, from) = sock.recv_from_full()?;
+            if from.port_number() == KERNEL_PORT {
+                break buf;
+            }
+        };
         let msgs = parse_messages(&buf).map_err(io::Error::other)?;
         let m = msgs
             .first()
@@ -340,6 +396,7 @@ impl TcmuNetlink {
         // The ack arrives among possible multicast events; wait briefly for it.
         for _ in 0..100 {
             match self.sock.recv_from_full() {
+                Ok((_, from)) if from.port_number() != KERNEL_PORT => {}
                 Ok((buf, _)) => {
                     for m in parse_messages(&buf).map_err(io::Error::other)? {
                         if m.msg_type == NLMSG_ERROR && m.seq == seq {
@@ -363,27 +420,18 @@ impl TcmuNetlink {
         Err(io::Error::other("no answer to SET_FEATURES"))
     }
 
-    /// Drains pending events (non-blocking). Undecodable messages are returned as
-    /// errors in the list so the caller can log them; they never stop the loop.
+    /// Drains pending events (non-blocking). Undecodable messages, and datagrams not
+    /// from the kernel ([`decode_datagram`]), are returned as errors in the list so the
+    /// caller can log them; they never stop the loop.
     pub fn recv_events(&mut self) -> io::Result<Vec<Result<Event, String>>> {
         let mut out = Vec::new();
         loop {
             match self.sock.recv_from_full() {
-                Ok((buf, _)) => match parse_messages(&buf) {
-                    Ok(msgs) => {
-                        for m in msgs {
-                            if m.msg_type == self.family {
-                                out.push(parse_event(&m.payload));
-                            } else if m.msg_type != NLMSG_DONE && m.msg_type != NLMSG_ERROR {
-                                out.push(Err(format!(
-                                    "unexpected netlink message type {}",
-                                    m.msg_type
-                                )));
-                            }
-                        }
-                    }
-                    Err(e) => out.push(Err(e)),
-                },
+                Ok((buf, from)) => out.extend(
+                    decode_datagram(&buf, from.port_number(), self.family)
+                        .into_iter()
+                        .map(|r| r.map_err(|e| e.to_string())),
+                ),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
                 Err(e) => return Err(e),
             }
@@ -540,6 +588,132 @@ mod tests {
         assert_eq!(done_cmd(1), Some(4));
         assert_eq!(done_cmd(3), Some(6));
         assert_eq!(done_cmd(9), None);
+    }
+
+    #[test]
+    fn only_datagrams_from_the_kernel_are_believed() {
+        let added = kernel_event(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE, &[]);
+        let from_kernel = decode_datagram(&added, KERNEL_PORT, 0x1a);
+        assert_eq!(from_kernel.len(), 1);
+        assert_eq!(
+            from_kernel[0].as_ref().unwrap().device,
+            "tcm-user/0/disk0/lc/disk0"
+        );
+        // The same bytes from a process: one error, no event.
+        assert_eq!(
+            decode_datagram(&added, 4242, 0x1a),
+            vec![Err(RecvError::NotFromKernel { port: 4242 })]
+        );
+        // Acks are silent; other types and broken lengths are reported.
+        let mut ack = encode(NLMSG_ERROR, 0, 5, 0, 0, &[]);
+        ack.extend(encode(0x33, 0, 6, 0, 0, &[]));
+        assert_eq!(
+            decode_datagram(&ack, KERNEL_PORT, 0x1a),
+            vec![Err(RecvError::UnexpectedType(0x33))]
+        );
+        assert!(matches!(
+            decode_datagram(&added[..20], KERNEL_PORT, 0x1a)[..],
+            [Err(RecvError::Malformed(_))]
+        ));
+    }
+
+    #[test]
+    fn random_and_mangled_datagrams_never_panic_and_never_pass_from_a_process() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("LC_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("replay: LC_SEED={seed} cargo test -p lc --lib netlink::tests::random");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let valid = kernel_event(
+            sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE,
+            &[(6, Attr::U8(1))],
+        );
+        for _ in 0..5000 {
+            let mut buf = if rng.gen_bool(0.5) {
+                valid.clone()
+            } else {
+                (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect()
+            };
+            for _ in 0..rng.gen_range(0..6) {
+                if buf.is_empty() {
+                    break;
+                }
+                let i = rng.gen_range(0..buf.len());
+                buf[i] = rng.gen();
+            }
+            if rng.gen_bool(0.2) {
+                buf.truncate(rng.gen_range(0..=buf.len()));
+            }
+            let _ = decode_datagram(&buf, KERNEL_PORT, 0x1a);
+            let port = rng.gen_range(1..=u32::MAX);
+            assert_eq!(
+                decode_datagram(&buf, port, 0x1a),
+                vec![Err(RecvError::NotFromKernel { port })],
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_forged_event_sent_by_a_process_is_dropped_by_recv_events() {
+        // Sending to another socket's port id needs CAP_NET_ADMIN: root only.
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: the forged event is not sent");
+            return;
+        }
+        let mut ours = Socket::new(NETLINK_GENERIC).unwrap();
+        let our_addr = ours.bind_auto().unwrap();
+        ours.set_non_blocking(true).unwrap();
+        let mut nl = TcmuNetlink {
+            sock: ours,
+            family: GENL_ID_CTRL,
+            seq: 1,
+        };
+        let mut forger = Socket::new(NETLINK_GENERIC).unwrap();
+        forger.bind_auto().unwrap();
+        let mut forged = kernel_event(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE, &[]);
+        forged[4..6].copy_from_slice(&GENL_ID_CTRL.to_ne_bytes());
+        forger.send_to(&forged, &our_addr, 0).unwrap();
+        // A real kernel message on the same socket for comparison: nlctrl's answer
+        // about itself (of type GENL_ID_CTRL, which this test treats as the family).
+        let req = encode(
+            GENL_ID_CTRL,
+            NLM_F_REQUEST,
+            9,
+            CTRL_CMD_GETFAMILY,
+            1,
+            &[(CTRL_ATTR_FAMILY_NAME, Attr::Str("nlctrl"))],
+        );
+        nl.sock.send_to(&req, &SocketAddr::new(0, 0), 0).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            got.extend(nl.recv_events().unwrap());
+            if got.len() >= 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got.len(), 2, "{got:?}");
+        let forged_port = got
+            .iter()
+            .filter(|r| {
+                r.as_ref()
+                    .is_err_and(|e| e.contains("(a process, not the kernel) dropped"))
+            })
+            .count();
+        assert_eq!(forged_port, 1, "{got:?}");
+        // The kernel's datagram passed the sender check (and then, not being a TCMU
+        // event, failed to decode as one).
+        assert_eq!(
+            got.iter()
+                .filter(|r| r.as_ref().is_err_and(|e| e.starts_with("malformed")))
+                .count(),
+            1,
+            "{got:?}"
+        );
+        assert!(got.iter().all(|r| r.is_err()), "no event was believed");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
-use crate::shm::{OutOfBounds, SharedMap};
+use crate::shm::{SharedMap, ShmError};
 use crate::sys;
 
 /// Byte offsets inside the mailbox and entries (pinned by the tests in `sys/`).
@@ -47,26 +47,107 @@ pub const SENSE_SIZE: usize = sys::TCMU_SENSE_BUFFERSIZE as usize;
 /// Largest CDB the SCSI core passes (`SCSI_MAX_VARLEN_CDB_SIZE`).
 pub const MAX_CDB: usize = 260;
 
-/// A malformed ring or entry. The device must stop being served.
+/// What is wrong with one entry the kernel wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryFault {
+    /// The entry's length is 0, not a multiple of 8, runs past `cmd_head` or past the
+    /// end of the ring: the next entry cannot be found.
+    #[error("length {len} (head {head})")]
+    Length {
+        /// The length in the header.
+        len: u32,
+        /// `cmd_head` when it was read.
+        head: u32,
+    },
+    /// A command id that is already outstanding on the ring.
+    #[error("command id {0} already outstanding")]
+    DuplicateId(u16),
+    /// More iovecs than the entry can hold.
+    #[error("{iov_cnt}+{bidi_cnt} iovecs do not fit {len} bytes")]
+    TooManyIovecs {
+        /// `iov_cnt`.
+        iov_cnt: u32,
+        /// `iov_bidi_cnt`.
+        bidi_cnt: u32,
+        /// Entry length.
+        len: u32,
+    },
+    /// An iovec not inside the data area.
+    #[error("iovec {base}+{len} outside the data area")]
+    IovecOutside {
+        /// `iov_base` (offset from the map start).
+        base: u64,
+        /// `iov_len`.
+        len: u64,
+    },
+    /// Two iovecs share bytes.
+    #[error("iovecs {a}+{a_len} and {b}+{b_len} overlap")]
+    IovecOverlap {
+        /// First iovec's offset.
+        a: u64,
+        /// Its length.
+        a_len: u64,
+        /// Second iovec's offset.
+        b: u64,
+        /// Its length.
+        b_len: u64,
+    },
+    /// `cdb_off` does not point into the entry after its iovecs.
+    #[error("cdb_off {0} outside the entry")]
+    CdbOutside(u64),
+    /// The CDB is longer than what the entry holds (or than any CDB).
+    #[error("CDB of {len} bytes, {avail} available")]
+    CdbTooLong {
+        /// Length from the opcode.
+        len: usize,
+        /// Bytes the entry holds from `cdb_off`.
+        avail: usize,
+    },
+    /// No opcode byte.
+    #[error("CDB truncated")]
+    CdbTruncated,
+    /// A TMR entry shorter than its header.
+    #[error("TMR entry too short")]
+    TmrTooShort,
+    /// A TMR entry listing more ids than it holds.
+    #[error("TMR with {ids} ids does not fit {len} bytes")]
+    TmrIds {
+        /// `cmd_cnt`.
+        ids: u64,
+        /// Entry length.
+        len: u32,
+    },
+}
+
+/// A ring that cannot be served as it is (or a failed completion).
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
     /// The mailbox is not one we can serve.
     #[error("mailbox: {0}")]
     Mailbox(String),
-    /// An entry the kernel wrote is inconsistent.
-    #[error("entry at ring offset {offset}: {reason}")]
+    /// An entry the kernel wrote is inconsistent in a way that loses the ring's
+    /// framing (its length, or a duplicate id): nothing after it can be trusted.
+    #[error("entry at ring offset {offset}: {fault}")]
     Entry {
         /// Ring offset of the entry.
         offset: u32,
         /// What is wrong.
-        reason: String,
+        fault: EntryFault,
     },
-    /// An access fell outside the mapping.
+    /// An access fell outside the mapping, or the mapping is gone (SIGBUS).
     #[error(transparent)]
-    Bounds(#[from] OutOfBounds),
+    Shm(#[from] ShmError),
     /// A completion for a command id that is not outstanding.
     #[error("completion for unknown command id {0}")]
     UnknownId(u16),
+}
+
+impl RingError {
+    /// The mapping itself is gone: the device cannot be served any more, and a ring
+    /// reset cannot help.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, RingError::Shm(ShmError::Gone))
+    }
 }
 
 /// One iovec of a command, as offsets into the map.
@@ -107,6 +188,18 @@ pub struct Tmr {
     pub cmd_ids: Vec<u16>,
 }
 
+/// An entry refused on its own: its length is sound, so the ring stays usable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Malformed {
+    /// Ring offset of the entry.
+    pub offset: u32,
+    /// The command id to complete (with CHECK CONDITION), for a CMD entry; `None` for
+    /// a TMR entry, which is skipped.
+    pub cmd_id: Option<u16>,
+    /// What is wrong.
+    pub fault: EntryFault,
+}
+
 /// What [`Ring::fetch`] returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fetched {
@@ -114,6 +207,8 @@ pub enum Fetched {
     Cmd(Command),
     /// A task-management notification (already consumed; no completion).
     Tmr(Tmr),
+    /// A malformed entry; a CMD must still be completed (with an error status).
+    Malformed(Malformed),
 }
 
 /// A command's response.
@@ -136,26 +231,12 @@ pub trait Doorbell: Send {
     fn ack(&self) -> io::Result<()>;
     /// Tells the kernel the tail moved.
     fn kick(&self) -> io::Result<()>;
-}
-
-/// The doorbell of a real `/dev/uioN`: read 4 bytes to clear, write 4 bytes to kick.
-pub struct UioDoorbell(pub OwnedFd);
-
-impl Doorbell for UioDoorbell {
-    fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-    fn ack(&self) -> io::Result<()> {
-        let mut b = [0u8; 4];
-        match rustix::io::read(&self.0, &mut b) {
-            Ok(_) => Ok(()),
-            Err(e) if e == rustix::io::Errno::AGAIN => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-    fn kick(&self) -> io::Result<()> {
-        rustix::io::write(&self.0, &1u32.to_ne_bytes())?;
-        Ok(())
+    /// Has the kernel reset the ring (`action/reset_ring`, `docs/tcmu.md` §3.5):
+    /// every outstanding command is completed to its initiator with BUSY and
+    /// `cmd_head` = `cmd_tail` = 0. Only while no command of the ring is being
+    /// executed. `Ok(false)` when this kernel (or doorbell) cannot.
+    fn reset_ring(&self) -> io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -186,11 +267,22 @@ pub struct Ring {
     moved: bool,
 }
 
-fn entry_err(offset: u32, reason: impl Into<String>) -> RingError {
-    RingError::Entry {
-        offset,
-        reason: reason.into(),
-    }
+fn entry_err(offset: u32, fault: EntryFault) -> RingError {
+    RingError::Entry { offset, fault }
+}
+
+/// The first pair of iovecs sharing a byte, if any (empty iovecs share nothing).
+fn overlap(iovs: &[IoVec]) -> Option<EntryFault> {
+    let mut sorted: Vec<&IoVec> = iovs.iter().filter(|v| v.len > 0).collect();
+    sorted.sort_unstable_by_key(|v| v.off);
+    sorted.windows(2).find_map(|w| {
+        (w[0].off + w[0].len > w[1].off).then_some(EntryFault::IovecOverlap {
+            a: w[0].off,
+            a_len: w[0].len,
+            b: w[1].off,
+            b_len: w[1].len,
+        })
+    })
 }
 
 /// Length of a CDB from its opcode (`scsi_command_size`), reading byte 7 for
@@ -285,18 +377,15 @@ impl Ring {
         self.cmdr_off + ring_off as u64
     }
 
-    fn iovec(&self, entry: u32, at: u64) -> Result<IoVec, RingError> {
+    fn iovec(&self, at: u64) -> Result<Result<IoVec, EntryFault>, ShmError> {
         let base = self.map.read_u64(at)?;
         let len = self.map.read_u64(at + 8)?;
-        match base.checked_add(len) {
+        Ok(match base.checked_add(len) {
             Some(end) if base >= self.data_off && end <= self.map.len() as u64 => {
                 Ok(IoVec { off: base, len })
             }
-            _ => Err(entry_err(
-                entry,
-                format!("iovec {base}+{len} outside the data area"),
-            )),
-        }
+            _ => Err(EntryFault::IovecOutside { base, len }),
+        })
     }
 
     /// Whether the kernel queued entries not fetched yet (one shared-memory load).
@@ -321,7 +410,7 @@ impl Ring {
             let op = len_op & sys::TCMU_OP_MASK;
             let dist = (head + self.cmdr_size - at) % self.cmdr_size;
             if len < 8 || len > dist || at as u64 + len as u64 > self.cmdr_size as u64 {
-                return Err(entry_err(at, format!("length {len} (head {head})")));
+                return Err(entry_err(at, EntryFault::Length { len, head }));
             }
             let mut slot = Slot {
                 off: at,
@@ -330,35 +419,33 @@ impl Ring {
                 done: None,
             };
             if op == sys::tcmu_opcode_TCMU_OP_CMD {
-                let cmd = self.parse_cmd(at, len)?;
-                slot.cmd = Some(cmd.cmd_id);
+                let cmd_id = self.map.read_u16(e + off::HDR_CMD_ID)?;
                 if self
                     .slots
                     .iter()
-                    .any(|s| s.cmd == Some(cmd.cmd_id) && s.done.is_none())
+                    .any(|s| s.cmd == Some(cmd_id) && s.done.is_none())
                 {
-                    return Err(entry_err(
-                        at,
-                        format!("command id {} already outstanding", cmd.cmd_id),
-                    ));
+                    // Completing either copy would free the id under the other one.
+                    return Err(entry_err(at, EntryFault::DuplicateId(cmd_id)));
                 }
-                out.push(Fetched::Cmd(cmd));
+                slot.cmd = Some(cmd_id);
+                out.push(match self.parse_cmd(at, len, cmd_id)? {
+                    Ok(cmd) => Fetched::Cmd(cmd),
+                    Err(fault) => Fetched::Malformed(Malformed {
+                        offset: at,
+                        cmd_id: Some(cmd_id),
+                        fault,
+                    }),
+                });
             } else if op == sys::tcmu_opcode_TCMU_OP_TMR {
-                if (len as u64) < off::TMR_CMD_IDS {
-                    return Err(entry_err(at, "TMR entry too short"));
-                }
-                let tmr_type = self.map.read_u8(e + off::TMR_TYPE)?;
-                let n = self.map.read_u32(e + off::TMR_CMD_CNT)? as u64;
-                if off::TMR_CMD_IDS + 2 * n > len as u64 {
-                    return Err(entry_err(
-                        at,
-                        format!("TMR with {n} ids does not fit {len} bytes"),
-                    ));
-                }
-                let cmd_ids = (0..n)
-                    .map(|i| self.map.read_u16(e + off::TMR_CMD_IDS + 2 * i))
-                    .collect::<Result<_, _>>()?;
-                out.push(Fetched::Tmr(Tmr { tmr_type, cmd_ids }));
+                out.push(match self.parse_tmr(e, len)? {
+                    Ok(t) => Fetched::Tmr(t),
+                    Err(fault) => Fetched::Malformed(Malformed {
+                        offset: at,
+                        cmd_id: None,
+                        fault,
+                    }),
+                });
             } else if op != sys::tcmu_opcode_TCMU_OP_PAD {
                 // An opcode this build does not know: tell the kernel, skip it.
                 let uf = self.map.read_u8(e + off::HDR_UFLAGS)?;
@@ -373,51 +460,78 @@ impl Ring {
         Ok(out)
     }
 
-    fn parse_cmd(&self, at: u32, len: u32) -> Result<Command, RingError> {
+    fn parse_tmr(&self, e: u64, len: u32) -> Result<Result<Tmr, EntryFault>, ShmError> {
+        if (len as u64) < off::TMR_CMD_IDS {
+            return Ok(Err(EntryFault::TmrTooShort));
+        }
+        let tmr_type = self.map.read_u8(e + off::TMR_TYPE)?;
+        let ids = self.map.read_u32(e + off::TMR_CMD_CNT)? as u64;
+        if off::TMR_CMD_IDS + 2 * ids > len as u64 {
+            return Ok(Err(EntryFault::TmrIds { ids, len }));
+        }
+        let cmd_ids = (0..ids)
+            .map(|i| self.map.read_u16(e + off::TMR_CMD_IDS + 2 * i))
+            .collect::<Result<_, _>>()?;
+        Ok(Ok(Tmr { tmr_type, cmd_ids }))
+    }
+
+    /// Parses a CMD entry whose length is sound. Everything sized by the entry's
+    /// contents is checked before anything is allocated from it: the iovec count
+    /// against the entry length, every iovec against the data area, and the iovecs
+    /// against each other (disjoint, so their total is at most the data area).
+    fn parse_cmd(
+        &self,
+        at: u32,
+        len: u32,
+        cmd_id: u16,
+    ) -> Result<Result<Command, EntryFault>, ShmError> {
         let e = self.abs(at);
-        let cmd_id = self.map.read_u16(e + off::HDR_CMD_ID)?;
-        let n = self.map.read_u32(e + off::REQ_IOV_CNT)? as u64;
-        let nb = self.map.read_u32(e + off::REQ_IOV_BIDI_CNT)? as u64;
+        let iov_cnt = self.map.read_u32(e + off::REQ_IOV_CNT)?;
+        let bidi_cnt = self.map.read_u32(e + off::REQ_IOV_BIDI_CNT)?;
+        let (n, nb) = (iov_cnt as u64, bidi_cnt as u64);
         let iov_end = off::REQ_IOV + 16 * (n + nb);
-        if n + nb > (len as u64) / 16 || iov_end > len as u64 {
-            return Err(entry_err(
-                at,
-                format!("{n}+{nb} iovecs do not fit {len} bytes"),
-            ));
+        if iov_end > len as u64 {
+            return Ok(Err(EntryFault::TooManyIovecs {
+                iov_cnt,
+                bidi_cnt,
+                len,
+            }));
         }
         let cdb_off = self.map.read_u64(e + off::REQ_CDB_OFF)?;
         let entry_end = e + len as u64;
         if cdb_off < e + iov_end || cdb_off >= entry_end {
-            return Err(entry_err(
-                at,
-                format!("cdb_off {cdb_off} outside the entry"),
-            ));
+            return Ok(Err(EntryFault::CdbOutside(cdb_off)));
         }
         let avail = (entry_end - cdb_off) as usize;
         let mut head = [0u8; 8];
         let hn = avail.min(8);
         self.map.read(cdb_off, &mut head[..hn])?;
-        let cl = cdb_len(&head[..hn]).ok_or_else(|| entry_err(at, "CDB truncated"))?;
+        let Some(cl) = cdb_len(&head[..hn]) else {
+            return Ok(Err(EntryFault::CdbTruncated));
+        };
         if cl > avail || cl > MAX_CDB {
-            return Err(entry_err(
-                at,
-                format!("CDB of {cl} bytes, {avail} available"),
-            ));
+            return Ok(Err(EntryFault::CdbTooLong { len: cl, avail }));
+        }
+        // n + nb <= len / 16 here: the vectors are bounded by the ring, not by data.
+        let mut all = Vec::with_capacity((n + nb) as usize);
+        for i in 0..n + nb {
+            match self.iovec(e + off::REQ_IOV + 16 * i)? {
+                Ok(v) => all.push(v),
+                Err(f) => return Ok(Err(f)),
+            }
+        }
+        if let Some(f) = overlap(&all) {
+            return Ok(Err(f));
         }
         let mut cdb = vec![0u8; cl];
         self.map.read(cdb_off, &mut cdb)?;
-        let iovs = (0..n)
-            .map(|i| self.iovec(at, e + off::REQ_IOV + 16 * i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let bidi_iovs = (n..n + nb)
-            .map(|i| self.iovec(at, e + off::REQ_IOV + 16 * i))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Command {
+        let bidi_iovs = all.split_off(n as usize);
+        Ok(Ok(Command {
             cmd_id,
             cdb,
-            iovs,
+            iovs: all,
             bidi_iovs,
-        })
+        }))
     }
 
     /// Copies a command's Data-Out bytes out of the ring.
@@ -523,6 +637,26 @@ impl Ring {
             s.done = Some(r);
         }
         self.pass_prefix()
+    }
+
+    /// Starts over after the kernel reset the ring ([`Doorbell::reset_ring`]): every
+    /// fetched entry is forgotten (the kernel completed them all) and fetching resumes
+    /// at the mailbox's `cmd_tail` (0 after a reset).
+    pub fn restart(&mut self) -> Result<(), RingError> {
+        let tail = self.map.load_acquire_u32(off::MB_CMD_TAIL)?;
+        if tail >= self.cmdr_size || tail % 8 != 0 {
+            return Err(RingError::Mailbox(format!("cmd_tail {tail} invalid")));
+        }
+        self.fetch_tail = tail;
+        self.tail = tail;
+        self.slots.clear();
+        self.moved = false;
+        Ok(())
+    }
+
+    /// True once the mapping faulted (SIGBUS) and was replaced by zero pages.
+    pub fn is_gone(&self) -> bool {
+        self.map.is_gone()
     }
 
     /// Publishes the tail (release store) if it moved; returns whether a kick is due.

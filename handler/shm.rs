@@ -7,28 +7,158 @@
 //! Accesses are volatile (the kernel writes the same memory concurrently); `cmd_head`
 //! is read with an acquire load and `cmd_tail` written with a release store, as
 //! `docs/tcmu.md` §1.8 requires.
+//!
+//! A mapping can vanish under us: the kernel raises SIGBUS for a data page it does not
+//! back (or a file shrunk under a shared mapping). Every mapping is registered in a
+//! fixed table that a process-wide SIGBUS handler reads (atomics only, no locks or
+//! allocation): a fault inside a registered mapping replaces the whole mapping with
+//! anonymous zero pages (`mmap(MAP_FIXED)`), marks it dead and returns, so the faulting
+//! load or store completes on the zero page; every accessor checks the dead mark after
+//! its access and reports [`ShmError::Gone`]. A fault anywhere else is handed back to
+//! the previous SIGBUS disposition (the process dies as it would have).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 
-/// An access outside the mapping, or misaligned where alignment is required.
+/// A failed access to shared memory.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("shared memory access of {len} bytes at offset {offset} outside the {map_len}-byte mapping (or misaligned)")]
-pub struct OutOfBounds {
-    /// Requested offset.
-    pub offset: u64,
-    /// Requested length.
-    pub len: u64,
-    /// Size of the mapping.
-    pub map_len: usize,
+pub enum ShmError {
+    /// An access outside the mapping, or misaligned where alignment is required.
+    #[error("shared memory access of {len} bytes at offset {offset} outside the {map_len}-byte mapping (or misaligned)")]
+    OutOfBounds {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Size of the mapping.
+        map_len: usize,
+    },
+    /// The mapping faulted (SIGBUS: the kernel removed or shrank what backs it); it now
+    /// holds zero pages and every access fails.
+    #[error("shared mapping gone (SIGBUS on access: the device was removed or shrunk)")]
+    Gone,
+}
+
+/// Number of mappings the SIGBUS handler can watch at once (one per served device,
+/// plus emulator mappings in tests); a mapping beyond that is served unguarded.
+const GUARD_SLOTS: usize = 1024;
+/// `len` of a slot being filled in.
+const CLAIMED: usize = usize::MAX;
+
+struct Guard {
+    start: AtomicUsize,
+    /// 0: free; CLAIMED: being registered; else the mapping's length.
+    len: AtomicUsize,
+    dead: AtomicBool,
+}
+
+static GUARDS: [Guard; GUARD_SLOTS] = [const {
+    Guard {
+        start: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        dead: AtomicBool::new(false),
+    }
+}; GUARD_SLOTS];
+
+static PREVIOUS_SIGBUS: OnceLock<libc::sigaction> = OnceLock::new();
+static INSTALL: Once = Once::new();
+
+fn register_guard(start: usize, len: usize) -> Option<usize> {
+    for (i, g) in GUARDS.iter().enumerate() {
+        if g.len
+            .compare_exchange(0, CLAIMED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            g.dead.store(false, Ordering::Relaxed);
+            g.start.store(start, Ordering::Relaxed);
+            g.len.store(len, Ordering::Release);
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn unregister_guard(i: usize) {
+    GUARDS[i].len.store(0, Ordering::Release);
+}
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; si_addr is
+    // the faulting address for SIGBUS.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: __errno_location returns this thread's errno slot; saved and restored so
+    // the interrupted code never sees our mmap's errno.
+    let errno = unsafe { *libc::__errno_location() };
+    for g in GUARDS.iter() {
+        let len = g.len.load(Ordering::Acquire);
+        if len == 0 || len == CLAIMED {
+            continue;
+        }
+        let start = g.start.load(Ordering::Relaxed);
+        if addr < start || addr - start >= len {
+            continue;
+        }
+        // SAFETY: [start, start+len) is a mapping a live SharedMap owns (registered
+        // until its Drop, which unregisters before munmap); replacing it with private
+        // anonymous memory of the same size keeps every address the SharedMap may touch
+        // valid and readable/writable. mmap is a plain system call, safe in a handler.
+        let p = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            g.dead.store(true, Ordering::Release);
+            // SAFETY: as above, this thread's errno.
+            unsafe { *libc::__errno_location() = errno };
+            return; // the faulting access is retried on the zero page
+        }
+        break;
+    }
+    // Not ours (or the remap failed): restore the previous disposition and return; the
+    // access faults again and gets the previous behaviour (by default, death).
+    if let Some(old) = PREVIOUS_SIGBUS.get() {
+        // SAFETY: `old` is the sigaction we replaced, a valid disposition.
+        unsafe { libc::sigaction(libc::SIGBUS, old, std::ptr::null_mut()) };
+    } else {
+        // SAFETY: resetting to the default disposition is always valid.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    }
+}
+
+fn install_sigbus_handler() {
+    INSTALL.call_once(|| {
+        // SAFETY: zeroed sigaction/sigset_t are valid initial values; sigemptyset and
+        // sigaction get valid pointers to locals; the handler only touches atomics and
+        // async-signal-safe system calls.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) == 0 {
+                let _ = PREVIOUS_SIGBUS.set(old);
+                libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+            }
+        }
+    });
 }
 
 /// A shared, read-write mapping of a file descriptor (a UIO device or a memfd).
 pub struct SharedMap {
     ptr: NonNull<u8>,
     len: usize,
+    /// Its slot in the SIGBUS guard table, if it got one.
+    guard: Option<usize>,
 }
 
 // SAFETY: the mapping is plain shared memory; every access goes through volatile or
@@ -61,7 +191,26 @@ impl SharedMap {
         }
         let ptr =
             NonNull::new(p as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(SharedMap { ptr, len })
+        install_sigbus_handler();
+        let guard = register_guard(p as usize, len);
+        Ok(SharedMap { ptr, len, guard })
+    }
+
+    /// True once an access faulted (SIGBUS) and the mapping was replaced by zero pages.
+    pub fn is_gone(&self) -> bool {
+        self.guard
+            .is_some_and(|i| GUARDS[i].dead.load(Ordering::Acquire))
+    }
+
+    /// Called after every access: a SIGBUS during it (handled on this thread) has
+    /// marked the mapping dead.
+    fn alive(&self) -> Result<(), ShmError> {
+        compiler_fence(Ordering::SeqCst);
+        if self.is_gone() {
+            Err(ShmError::Gone)
+        } else {
+            Ok(())
+        }
     }
 
     /// Size of the mapping in bytes.
@@ -74,8 +223,8 @@ impl SharedMap {
         self.len == 0
     }
 
-    fn check(&self, offset: u64, len: u64, align: u64) -> Result<usize, OutOfBounds> {
-        let err = OutOfBounds {
+    fn check(&self, offset: u64, len: u64, align: u64) -> Result<usize, ShmError> {
+        let err = ShmError::OutOfBounds {
             offset,
             len,
             map_len: self.len,
@@ -88,7 +237,7 @@ impl SharedMap {
     }
 
     /// Copies `dst.len()` bytes at `offset` out of the mapping.
-    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), ShmError> {
         let o = self.check(offset, dst.len() as u64, 1)?;
         // SAFETY: [o, o+len) is inside the mapping (checked); dst is a distinct local
         // buffer, so the ranges do not overlap. The bytes may change concurrently
@@ -96,79 +245,80 @@ impl SharedMap {
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), dst.as_mut_ptr(), dst.len())
         };
-        Ok(())
+        self.alive()
     }
 
     /// Copies `src` into the mapping at `offset`.
-    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), OutOfBounds> {
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), ShmError> {
         let o = self.check(offset, src.len() as u64, 1)?;
         // SAFETY: [o, o+len) is inside the mapping (checked) and writable (PROT_WRITE);
         // src is a distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(o), src.len()) };
-        Ok(())
+        self.alive()
     }
 
     /// Fills `len` bytes at `offset` with `byte`.
-    pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<(), OutOfBounds> {
+    pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<(), ShmError> {
         let o = self.check(offset, len, 1)?;
         // SAFETY: the range is inside the writable mapping (checked).
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(o), byte, len as usize) };
-        Ok(())
+        self.alive()
     }
 
-    fn read_array<const N: usize>(&self, offset: u64) -> Result<[u8; N], OutOfBounds> {
+    fn read_array<const N: usize>(&self, offset: u64) -> Result<[u8; N], ShmError> {
         let o = self.check(offset, N as u64, 1)?;
         let mut b = [0u8; N];
         for (i, v) in b.iter_mut().enumerate() {
             // SAFETY: o + i is inside the mapping (checked for the whole array).
             *v = unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(o + i)) };
         }
+        self.alive()?;
         Ok(b)
     }
 
-    fn write_array<const N: usize>(&self, offset: u64, b: [u8; N]) -> Result<(), OutOfBounds> {
+    fn write_array<const N: usize>(&self, offset: u64, b: [u8; N]) -> Result<(), ShmError> {
         let o = self.check(offset, N as u64, 1)?;
         for (i, v) in b.iter().enumerate() {
             // SAFETY: o + i is inside the writable mapping (checked for the whole array).
             unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(o + i), *v) };
         }
-        Ok(())
+        self.alive()
     }
 
     /// Reads a native-endian u8.
-    pub fn read_u8(&self, offset: u64) -> Result<u8, OutOfBounds> {
+    pub fn read_u8(&self, offset: u64) -> Result<u8, ShmError> {
         Ok(self.read_array::<1>(offset)?[0])
     }
     /// Reads a native-endian u16 (any alignment).
-    pub fn read_u16(&self, offset: u64) -> Result<u16, OutOfBounds> {
+    pub fn read_u16(&self, offset: u64) -> Result<u16, ShmError> {
         self.read_array(offset).map(u16::from_ne_bytes)
     }
     /// Reads a native-endian u32 (any alignment).
-    pub fn read_u32(&self, offset: u64) -> Result<u32, OutOfBounds> {
+    pub fn read_u32(&self, offset: u64) -> Result<u32, ShmError> {
         self.read_array(offset).map(u32::from_ne_bytes)
     }
     /// Reads a native-endian u64 (any alignment).
-    pub fn read_u64(&self, offset: u64) -> Result<u64, OutOfBounds> {
+    pub fn read_u64(&self, offset: u64) -> Result<u64, ShmError> {
         self.read_array(offset).map(u64::from_ne_bytes)
     }
     /// Writes a u8.
-    pub fn write_u8(&self, offset: u64, v: u8) -> Result<(), OutOfBounds> {
+    pub fn write_u8(&self, offset: u64, v: u8) -> Result<(), ShmError> {
         self.write_array(offset, [v])
     }
     /// Writes a native-endian u16.
-    pub fn write_u16(&self, offset: u64, v: u16) -> Result<(), OutOfBounds> {
+    pub fn write_u16(&self, offset: u64, v: u16) -> Result<(), ShmError> {
         self.write_array(offset, v.to_ne_bytes())
     }
     /// Writes a native-endian u32.
-    pub fn write_u32(&self, offset: u64, v: u32) -> Result<(), OutOfBounds> {
+    pub fn write_u32(&self, offset: u64, v: u32) -> Result<(), ShmError> {
         self.write_array(offset, v.to_ne_bytes())
     }
     /// Writes a native-endian u64.
-    pub fn write_u64(&self, offset: u64, v: u64) -> Result<(), OutOfBounds> {
+    pub fn write_u64(&self, offset: u64, v: u64) -> Result<(), ShmError> {
         self.write_array(offset, v.to_ne_bytes())
     }
 
-    fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, OutOfBounds> {
+    fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, ShmError> {
         let o = self.check(offset, 4, 4)?;
         // SAFETY: the 4 bytes at o are inside the mapping, 4-aligned (checked; the map
         // start is page-aligned), and live as long as &self. AtomicU32 has the layout of
@@ -178,21 +328,27 @@ impl SharedMap {
     }
 
     /// Loads a u32 with acquire ordering (for `cmd_head`).
-    pub fn load_acquire_u32(&self, offset: u64) -> Result<u32, OutOfBounds> {
-        Ok(self.atomic_u32(offset)?.load(Ordering::Acquire))
+    pub fn load_acquire_u32(&self, offset: u64) -> Result<u32, ShmError> {
+        let v = self.atomic_u32(offset)?.load(Ordering::Acquire);
+        self.alive()?;
+        Ok(v)
     }
 
     /// Stores a u32 with release ordering (for `cmd_tail`).
-    pub fn store_release_u32(&self, offset: u64, v: u32) -> Result<(), OutOfBounds> {
+    pub fn store_release_u32(&self, offset: u64, v: u32) -> Result<(), ShmError> {
         self.atomic_u32(offset)?.store(v, Ordering::Release);
-        Ok(())
+        self.alive()
     }
 }
 
 impl Drop for SharedMap {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the mapping
-        // past &self, so no access can follow the unmap.
+        if let Some(i) = self.guard {
+            unregister_guard(i);
+        }
+        // SAFETY: ptr/len are exactly what mmap returned (or the same range remapped by
+        // the SIGBUS handler); nothing borrows the mapping past &self, so no access can
+        // follow the unmap.
         unsafe {
             libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
         }
@@ -236,5 +392,30 @@ mod tests {
         let mut buf = [0u8; 4];
         b.read(100, &mut buf).unwrap();
         assert_eq!(u32::from_ne_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn a_truncated_backing_file_makes_the_mapping_gone_not_the_process() {
+        let fd = memfd("shm-sigbus", 3 * 4096).unwrap();
+        let a = SharedMap::map(fd.as_fd(), 3 * 4096).unwrap();
+        let other_fd = memfd("shm-sigbus-other", 4096).unwrap();
+        let other = SharedMap::map(other_fd.as_fd(), 4096).unwrap();
+        a.write_u32(8192, 5).unwrap();
+        other.write_u32(0, 9).unwrap();
+        std::fs::File::from(fd.try_clone().unwrap())
+            .set_len(4096)
+            .unwrap();
+        // The first page still has a backing; the third does not any more.
+        assert_eq!(a.read_u32(0), Ok(0));
+        assert!(!a.is_gone());
+        assert_eq!(a.read_u32(8192), Err(ShmError::Gone));
+        assert!(a.is_gone());
+        assert_eq!(
+            a.write_u32(0, 1),
+            Err(ShmError::Gone),
+            "every access fails now"
+        );
+        assert_eq!(other.read_u32(0), Ok(9), "other mappings are untouched");
+        assert!(!other.is_gone());
     }
 }

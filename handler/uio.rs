@@ -9,8 +9,62 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::ring::UioDoorbell;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::ring::Doorbell;
 use crate::shm::SharedMap;
+
+/// The doorbell of a real `/dev/uioN`: read 4 bytes to clear, write 4 bytes to kick;
+/// ring resets through the backstore's configfs `action/` directory.
+pub struct UioDoorbell {
+    fd: OwnedFd,
+    /// `.../core/user_<hba>/<name>/action`, once known.
+    actions: Option<PathBuf>,
+}
+
+impl UioDoorbell {
+    /// A doorbell on an open `/dev/uioN`.
+    pub fn new(fd: OwnedFd) -> UioDoorbell {
+        UioDoorbell { fd, actions: None }
+    }
+
+    /// Where the backstore's `action/block_dev` and `action/reset_ring` are.
+    pub fn set_actions(&mut self, dir: PathBuf) {
+        self.actions = Some(dir);
+    }
+}
+
+impl Doorbell for UioDoorbell {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    fn ack(&self) -> io::Result<()> {
+        let mut b = [0u8; 4];
+        match rustix::io::read(&self.fd, &mut b) {
+            Ok(_) => Ok(()),
+            Err(e) if e == rustix::io::Errno::AGAIN => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn kick(&self) -> io::Result<()> {
+        rustix::io::write(&self.fd, &1u32.to_ne_bytes())?;
+        Ok(())
+    }
+    /// tcmu-runner's recovery (`docs/tcmu.md` §6.6): block the device (new commands
+    /// get BUSY meanwhile), reset the ring (outstanding ones complete BUSY, so
+    /// initiators retry), unblock.
+    fn reset_ring(&self) -> io::Result<bool> {
+        let Some(dir) = &self.actions else {
+            return Ok(false);
+        };
+        let blocked = write_existing(&dir.join("block_dev"), "1")?;
+        let reset = write_existing(&dir.join("reset_ring"), "1");
+        if blocked {
+            write_existing(&dir.join("block_dev"), "0")?;
+        }
+        reset
+    }
+}
 
 /// A TCMU device as seen in sysfs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,7 +183,7 @@ pub fn open(
     };
     let fd: std::os::fd::OwnedFd = f.into();
     let map = SharedMap::map(fd.as_fd(), size)?;
-    Ok((map, UioDoorbell(fd)))
+    Ok((map, UioDoorbell::new(fd)))
 }
 
 /// The configfs directory of user backstores (`.../target/core`).

@@ -1,12 +1,15 @@
 //! The control socket against a daemon's real caches, driven with the `lc` binary as a
-//! user would: status, stats, set, flush, commit, drain with progress, bad requests.
+//! user would: status, stats, set, flush, commit, drain with progress, bad requests;
+//! the cap on connections, the idle and write timeouts, and peers of other users.
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lc::control::{accept_all, listen, Handler};
+use lc::control::{accept_all, listen_with, Handler, Limits, Listener};
 use lc::daemon::Shared;
 
 fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
@@ -20,37 +23,12 @@ fn lc(socket: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn cli_commands_reach_the_daemon_caches() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache.img");
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&cache)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_lc"))
-        .args(["format", "-y", "--segment-size", "64KiB"])
-        .arg(&cache)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let socket = dir.path().join("control.sock");
-    let text = format!(
-        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
-         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
+    let d = daemon(Limits::default());
+    let (socket, backing, shared) = (
+        d.socket.clone(),
+        d.dir.path().join("backing.img"),
+        &d.shared,
     );
-    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
-    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    let listener = listen(&socket).unwrap();
-    let handler: Arc<dyn Handler> = shared.clone();
-    std::thread::spawn(move || loop {
-        accept_all(&listener, &handler);
-        std::thread::sleep(Duration::from_millis(5));
-    });
-
     // Dirty data for disk0.
     let (c, id) = shared.lun_cache("disk0").unwrap();
     let data: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 241) as u8).collect();
@@ -87,6 +65,38 @@ fn cli_commands_reach_the_daemon_caches() {
             >= 512
     );
 
+    // Prometheus text (textfile collector): per cache and per LUN, with a hit ratio.
+    let mut b = vec![0u8; 4096];
+    c.read(id, 4096, &mut b).unwrap();
+    let out = lc(&socket, &["stats", "--prometheus"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("# TYPE lc_line_accesses_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_line_accesses_total{cache="c0",lun="disk0",op="write",result="miss",where="disk",size="full"} 512"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_hit_ratio{cache="c0",lun="disk0",op="read"} 1.0000"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_dirty_lines{cache="c0",lun="disk0"} 512"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lc_writeback_failing{cache="c0",lun="disk0"} 0"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"lc_failed{cache="c0"} 0"#), "{text}");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+
     let out = lc(&socket, &["drain", "disk0"]);
     assert!(
         out.status.success(),
@@ -118,23 +128,8 @@ fn cli_commands_reach_the_daemon_caches() {
 #[test]
 fn damaged_log_is_reported_and_accept_loss_releases_it() {
     use lc_cache::{Backing, BlockDevice, Cache, FileDevice, OpenOptions, Tunables};
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache.img");
-    let backing = dir.path().join("backing.img");
-    std::fs::File::create(&cache)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
-        .args(["format", "-y", "--segment-size", "64KiB"])
-        .arg(&cache)
-        .status()
-        .unwrap()
-        .success());
+    let files = images();
+    let (cache, backing) = (files.cache.clone(), files.backing.clone());
     // Two rounds over 40 blocks, each made durable; the cache closes cleanly.
     let round_a_end = {
         let cdev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&cache, false).unwrap());
@@ -187,19 +182,8 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         "{text}"
     );
 
-    let socket = dir.path().join("control.sock");
-    let text = format!(
-        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
-         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
-    );
-    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
-    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    let listener = listen(&socket).unwrap();
-    let handler: Arc<dyn Handler> = shared.clone();
-    std::thread::spawn(move || loop {
-        accept_all(&listener, &handler);
-        std::thread::sleep(Duration::from_millis(5));
-    });
+    let d = serve(files, Limits::default());
+    let (socket, shared) = (d.socket.clone(), &d.shared);
     let out = lc(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -240,4 +224,399 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         buf.iter().all(|&b| b == 1),
         "round A after the loss was accepted"
     );
+}
+
+/// A formatted 16 MiB cache file (64 KiB segments) and an 8 MiB backing file.
+struct Images {
+    dir: tempfile::TempDir,
+    cache: PathBuf,
+    backing: PathBuf,
+}
+
+fn images() -> Images {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache.img");
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&cache)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
+        .args(["format", "-y", "--segment-size", "64KiB"])
+        .arg(&cache)
+        .status()
+        .unwrap()
+        .success());
+    Images {
+        dir,
+        cache,
+        backing,
+    }
+}
+
+/// A daemon's caches and control socket (as `lc serve` has them, without TCMU): cache
+/// c0 (writeback off) on the images, LUN disk0 with backing id 3.
+struct Daemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+}
+
+fn serve(img: Images, limits: Limits) -> Daemon {
+    let Images {
+        dir,
+        cache,
+        backing,
+    } = img;
+    let socket = dir.path().join("run/control.sock");
+    let text = format!(
+        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {cache:?}\n[cache.tunables]\nwriteback_enabled = false\n\
+         [[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {backing:?}\nbacking_id = 3\n"
+    );
+    let cfg = lc::config::parse(&text, Path::new("test.toml")).unwrap();
+    let shared = Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    let listener = Arc::new(listen_with(&socket, limits).unwrap());
+    let handler: Arc<dyn Handler> = shared.clone();
+    let l = listener.clone();
+    std::thread::spawn(move || loop {
+        accept_all(&l, &handler);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    Daemon {
+        dir,
+        socket,
+        listener,
+        shared,
+    }
+}
+
+fn daemon(limits: Limits) -> Daemon {
+    serve(images(), limits)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A client that sent one request and got its answer: it holds a served connection.
+fn served_client(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    s
+}
+
+#[test]
+fn connections_beyond_the_cap_are_refused_until_one_closes() {
+    let d = daemon(Limits::default());
+    let cap = Limits::default().max_connections;
+    assert_eq!(cap, 16);
+    let mut clients: Vec<UnixStream> = (0..cap).map(|_| served_client(&d.socket)).collect();
+    assert_eq!(d.listener.open_connections(), cap);
+    let out = lc(&d.socket, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("too many control connections (16 open)"),
+        "{err}"
+    );
+    assert_eq!(
+        d.listener.open_connections(),
+        cap,
+        "the refused one holds nothing"
+    );
+    drop(clients.pop());
+    wait_for("a freed slot", || d.listener.open_connections() == cap - 1);
+    let out = lc(&d.socket, &["status"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn silent_slow_and_non_reading_clients_are_dropped_and_free_their_slot() {
+    let limits = Limits {
+        max_connections: 1,
+        idle_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_millis(300),
+    };
+    let d = daemon(limits);
+    // A client that connects and says nothing holds the only slot, for a while.
+    let silent = UnixStream::connect(&d.socket).unwrap();
+    wait_for("the silent client to be served", || {
+        d.listener.open_connections() == 1
+    });
+    let out = lc(&d.socket, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many control connections"),
+        "{out:?}"
+    );
+    let start = Instant::now();
+    let mut text = String::new();
+    silent
+        .try_clone()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(text.contains("no request for 0.3 s"), "{text}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+    assert!(lc(&d.socket, &["status"]).status.success());
+
+    // Half a request, then silence: the same.
+    let mut slow = UnixStream::connect(&d.socket).unwrap();
+    slow.write_all(b"{\"cmd\":").unwrap();
+    let mut text = String::new();
+    slow.read_to_string(&mut text).unwrap();
+    assert!(text.contains("no request for"), "{text}");
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+
+    // Requests without ever reading the answers: once the answers fill the socket
+    // buffers the daemon cannot write for write_timeout and closes the connection.
+    let flood = UnixStream::connect(&d.socket).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let writer = {
+        let mut w = flood.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let line = b"{\"cmd\":\"status\"}\n".repeat(64);
+            let mut sent = 0usize;
+            while w.write_all(&line).is_ok() {
+                sent += line.len();
+            }
+            sent
+        })
+    };
+    let sent = writer.join().unwrap();
+    assert!(sent > 0);
+    wait_for("the slot back", || d.listener.open_connections() == 0);
+    drop(flood);
+    assert!(lc(&d.socket, &["status"]).status.success());
+}
+
+#[test]
+fn other_users_cannot_use_the_control_socket() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: calls as another user are not exercised");
+        return;
+    }
+    let d = daemon(Limits::default());
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_lc"))
+            .args(["status", "--socket"])
+            .arg(&d.socket)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    use std::os::unix::fs::PermissionsExt;
+    for p in [
+        d.dir.path().to_path_buf(),
+        d.socket.parent().unwrap().to_path_buf(),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Mode 0600 keeps them out...
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    // ...and with the mode opened by mistake, SO_PEERCRED does.
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uid 65534 may not use the control socket"),
+        "{err}"
+    );
+    assert!(
+        lc(&d.socket, &["status"]).status.success(),
+        "root still may"
+    );
+}
+
+/// `lc reload` (what SIGHUP and `systemctl reload lc` do) re-reads lc.toml: a new LUN on
+/// a running cache and a new cache come up and serve, a tunable changes; a bad file is
+/// refused with the configuration in force kept; a LUN with dirty data is not removed
+/// until it is drained.
+#[test]
+fn reload_adds_and_removes_luns_and_caches_and_refuses_bad_files() {
+    let files = images();
+    let dir = files.dir.path().to_path_buf();
+    let more = |name: &str, size: u64| {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    };
+    let (b1, c1, b2) = (
+        more("b1.img", 8 << 20),
+        more("c1.img", 16 << 20),
+        more("b2.img", 8 << 20),
+    );
+    assert!(Command::new(env!("CARGO_BIN_EXE_lc"))
+        .args(["format", "-y", "--segment-size", "64KiB"])
+        .arg(&c1)
+        .status()
+        .unwrap()
+        .success());
+    let socket = dir.join("run/control.sock");
+    let base = format!(
+        "[daemon]\ncontrol_socket = {socket:?}\n[[cache]]\nname = \"c0\"\ndevice = {:?}\n[cache.tunables]\nwriteback_enabled = false\n",
+        files.cache
+    );
+    let disk0 = format!(
+        "[[lun]]\nname = \"disk0\"\ncache = \"c0\"\nbacking = {:?}\nbacking_id = 3\n",
+        files.backing
+    );
+    let cfg_path = dir.join("lc.toml");
+    std::fs::write(&cfg_path, format!("{base}{disk0}")).unwrap();
+    let shared = Shared::open(
+        lc::config::load(&cfg_path).unwrap(),
+        slog::Logger::root(slog::Discard, slog::o!()),
+    )
+    .unwrap();
+    let listener = Arc::new(listen_with(&socket, Limits::default()).unwrap());
+    let handler: Arc<dyn Handler> = shared.clone();
+    let l = listener.clone();
+    std::thread::spawn(move || loop {
+        accept_all(&l, &handler);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    let (c, id) = shared.lun_cache("disk0").unwrap();
+    c.write(id, 0, &[9u8; 8192], false).unwrap();
+
+    // A LUN on the running cache, a new cache with its LUN, a tunable.
+    let grown = format!(
+        "{}{disk0}[[lun]]\nname = \"disk1\"\ncache = \"c0\"\nbacking = {b1:?}\nbacking_id = 4\n\
+         [[cache]]\nname = \"c1\"\ndevice = {c1:?}\n[[lun]]\nname = \"disk2\"\ncache = \"c1\"\nbacking = {b2:?}\nbacking_id = 0\n",
+        base.replace("writeback_enabled = false", "writeback_enabled = false\nwriteback_threshold = 33")
+    );
+    std::fs::write(&cfg_path, &grown).unwrap();
+    let out = lc(&socket, &["reload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for change in [
+        "lun disk1 added",
+        "cache c1 opened",
+        "cache c0: writeback_threshold = 33",
+    ] {
+        assert!(text.contains(change), "{change}: {text}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&lc(&socket, &["status", "--json"]).stdout).unwrap();
+    let names: Vec<&str> = v["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["disk0", "disk1", "disk2"]);
+    for lun in ["disk1", "disk2"] {
+        let (c, id) = shared.lun_cache(lun).unwrap();
+        c.write(id, 4096, &[5u8; 4096], true).unwrap();
+        let mut b = [0u8; 4096];
+        c.read(id, 4096, &mut b).unwrap();
+        assert_eq!(b, [5u8; 4096], "{lun} serves");
+    }
+    // A bad file is refused; what is in force stays.
+    std::fs::write(&cfg_path, "[[cache]\nnope").unwrap();
+    let out = lc(&socket, &["reload"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lc.toml"),
+        "{out:?}"
+    );
+    assert!(shared.lun_cache("disk2").is_some());
+    // disk0 has dirty lines: removing it is refused until it is drained.
+    let without_disk0 = grown.replace(&disk0, "");
+    std::fs::write(&cfg_path, &without_disk0).unwrap();
+    let out = lc(&socket, &["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lun disk0") && err.contains("drain"), "{err}");
+    assert!(shared.lun_cache("disk0").is_some());
+    assert!(lc(&socket, &["drain", "disk0"]).status.success());
+    let out = lc(&socket, &["reload"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lun disk0 removed"),
+        "{out:?}"
+    );
+    assert!(shared.lun_cache("disk0").is_none());
+    assert!(
+        c.read(id, 0, &mut [0u8; 4096]).is_err(),
+        "detached from its cache"
+    );
+}
+
+/// `[daemon] metrics_listen`: an HTTP scrape of `/metrics` gets the Prometheus text,
+/// other paths 404, and beyond the client cap connections are closed.
+#[test]
+fn metrics_are_served_over_http() {
+    use std::io::{Read, Write};
+    let d = daemon(Limits::default());
+    let (c, id) = d.shared.lun_cache("disk0").unwrap();
+    c.write(id, 0, &[1u8; 4096], false).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler: Arc<dyn Handler> = d.shared.clone();
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || loop {
+        lc::metrics::accept_all(&listener, &handler, &busy);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    // The answer, or "" when the connection was refused (over the cap: closed, maybe
+    // reset with the request unread).
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut out = String::new();
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")
+            .and_then(|_| s.read_to_string(&mut out));
+        out
+    };
+    let r = get("/metrics");
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+    assert!(
+        r.contains(r#"lc_dirty_lines{cache="c0",lun="disk0"} 1"#),
+        "{r}"
+    );
+    let (head, body) = r.split_once("\r\n\r\n").unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(len, body.len());
+    assert!(get("/").starts_with("HTTP/1.1 404"));
+    // Silent clients hold at most the cap; the scrape after them still works once
+    // they time out or go away.
+    let silent: Vec<_> = (0..lc::metrics::MAX_CLIENTS)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "over the cap: closed");
+    drop(silent);
+    wait_for("a free slot", || {
+        get("/metrics").starts_with("HTTP/1.1 200")
+    });
 }

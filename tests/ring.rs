@@ -5,7 +5,7 @@
 mod common;
 
 use common::emulator::*;
-use lc::ring::{Doorbell, Fetched, Response, Ring, RingError};
+use lc::ring::{Doorbell, EntryFault, Fetched, Response, Ring, RingError};
 use rand::{Rng, SeedableRng};
 
 fn good() -> Response {
@@ -136,6 +136,7 @@ fn wrap_around_with_pad_entries_and_tmr_many_times() {
                             pending.push(c.cmd_id);
                         }
                         Fetched::Tmr(_) => {}
+                        Fetched::Malformed(m) => panic!("seed {seed}: {m:?}"),
                     }
                 }
             }
@@ -180,58 +181,183 @@ fn raw_cmd(len: u32, cdb_off: u64, iovs: &[(u64, u64)]) -> Vec<u8> {
 }
 
 #[test]
-fn malformed_entries_are_refused() {
-    // Each case: a fresh device whose first entry is bad.
+fn malformed_entries_get_an_error_completion_and_the_ring_goes_on() {
+    // Each case: a fresh device whose first entry is bad but framed (its length is
+    // right), so the ring stays usable.
     let entry_at = CMDR_OFF;
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    let data_off = (64 << 10) as u64;
+    type Case = (&'static str, Vec<u8>, fn(&EntryFault) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "iovec outside the map",
             raw_cmd(128, entry_at + 112, &[(1 << 40, 4096)]),
+            |f| matches!(f, EntryFault::IovecOutside { .. }),
         ),
         (
             "iovec in the ring, not the data area",
             raw_cmd(128, entry_at + 112, &[(CMDR_OFF, 64)]),
+            |f| matches!(f, EntryFault::IovecOutside { .. }),
         ),
         (
             "iovec length overflow",
-            raw_cmd(128, entry_at + 112, &[(64 << 10, u64::MAX)]),
+            raw_cmd(128, entry_at + 112, &[(data_off, u64::MAX)]),
+            |f| matches!(f, EntryFault::IovecOutside { .. }),
         ),
-        ("cdb_off outside the entry", raw_cmd(128, 1 << 30, &[])),
+        (
+            "overlapping iovecs (each the whole data area)",
+            raw_cmd(
+                176,
+                entry_at + 160,
+                &[
+                    (data_off, 4 << 20),
+                    (data_off, 4 << 20),
+                    (data_off, 4 << 20),
+                ],
+            ),
+            |f| matches!(f, EntryFault::IovecOverlap { .. }),
+        ),
+        (
+            "partly overlapping iovecs, out of order",
+            raw_cmd(
+                176,
+                entry_at + 160,
+                &[
+                    (data_off + 8192, 4096),
+                    (data_off, 4096),
+                    (data_off + 4095, 2),
+                ],
+            ),
+            |f| matches!(f, EntryFault::IovecOverlap { .. }),
+        ),
+        (
+            "cdb_off outside the entry",
+            raw_cmd(128, 1 << 30, &[]),
+            |f| matches!(f, EntryFault::CdbOutside(_)),
+        ),
         (
             "cdb_off inside the iovec array",
             raw_cmd(128, entry_at + 8, &[]),
+            |f| matches!(f, EntryFault::CdbOutside(_)),
         ),
-        ("too many iovecs", {
-            let mut e = raw_cmd(128, entry_at + 112, &[]);
-            e[8..12].copy_from_slice(&1000u32.to_ne_bytes());
-            e
-        }),
-        ("CDB longer than the entry", {
-            let mut e = raw_cmd(120, entry_at + 112, &[]);
-            e[112] = 0x88; // 16-byte CDB, 8 bytes available
-            e
-        }),
-        ("TMR with too many ids", {
-            let mut e = vec![0u8; 40];
-            e[0..4].copy_from_slice(&(40u32 | 2).to_ne_bytes());
-            e[12..16].copy_from_slice(&100u32.to_ne_bytes());
-            e
-        }),
+        (
+            "absurd iov_cnt",
+            {
+                let mut e = raw_cmd(128, entry_at + 112, &[]);
+                e[8..12].copy_from_slice(&u32::MAX.to_ne_bytes());
+                e[12..16].copy_from_slice(&u32::MAX.to_ne_bytes());
+                e
+            },
+            |f| matches!(f, EntryFault::TooManyIovecs { .. }),
+        ),
+        (
+            "CDB longer than the entry",
+            {
+                let mut e = raw_cmd(120, entry_at + 112, &[]);
+                e[112] = 0x88; // 16-byte CDB, 8 bytes available
+                e
+            },
+            |f| matches!(f, EntryFault::CdbTooLong { .. }),
+        ),
     ];
-    for (what, entry) in cases {
+    for (what, mut entry, expect) in cases {
         let mut emu = Emulator::small(FLAG_OOOC);
         let mut ring = ring_for(&emu);
-        emu.submit_raw(&entry);
-        let r = ring.fetch();
-        assert!(r.is_err(), "{what}: accepted");
+        if entry[112..].iter().all(|&b| b == 0) && entry.len() > 112 {
+            entry[112] = 0x2a; // a WRITE(10) CDB where the entry has room
+        }
+        let id = emu.submit_raw_cmd(&entry);
+        let got = ring.fetch().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let [Fetched::Malformed(m)] = &got[..] else {
+            panic!("{what}: accepted as {got:?}")
+        };
+        assert_eq!(m.cmd_id, Some(id), "{what}");
+        assert!(expect(&m.fault), "{what}: {:?}", m.fault);
+        ring.complete(
+            id,
+            Response {
+                status: 2,
+                sense: vec![0x70, 0, 4],
+                read_len: None,
+            },
+        )
+        .unwrap();
+        // The next command on the same ring goes through.
+        let next = emu
+            .submit(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512)
+            .unwrap();
+        let got = ring.fetch().unwrap();
+        assert!(
+            matches!(&got[..], [Fetched::Cmd(c)] if c.cmd_id == next),
+            "{what}"
+        );
+        ring.complete(next, good()).unwrap();
+        ring.publish().unwrap();
+        let done = emu.reap();
+        assert_eq!(
+            done.iter()
+                .map(|c| (c.cmd_id, c.status))
+                .collect::<Vec<_>>(),
+            vec![(id, 2), (next, 0)],
+            "{what}"
+        );
     }
+    // A TMR listing more ids than it holds is skipped (nothing to complete).
+    let mut emu = Emulator::small(FLAG_OOOC | FLAG_TMR);
+    let mut ring = ring_for(&emu);
+    let mut e = vec![0u8; 40];
+    e[0..4].copy_from_slice(&(40u32 | 2).to_ne_bytes());
+    e[12..16].copy_from_slice(&100u32.to_ne_bytes());
+    emu.submit_raw(&e);
+    let got = ring.fetch().unwrap();
+    assert!(matches!(
+        &got[..],
+        [Fetched::Malformed(m)] if m.cmd_id.is_none() && matches!(m.fault, EntryFault::TmrIds { .. })
+    ));
+}
+
+#[test]
+fn entries_that_lose_the_framing_are_ring_errors() {
+    let entry_at = CMDR_OFF;
     // A length running past the head.
     let mut emu = Emulator::small(0);
     let mut ring = ring_for(&emu);
     let mut e = raw_cmd(128, entry_at + 112, &[]);
     e[0..4].copy_from_slice(&(4096u32 | 1).to_ne_bytes());
     emu.submit_raw(&e);
-    assert!(ring.fetch().is_err());
+    assert!(matches!(
+        ring.fetch(),
+        Err(RingError::Entry {
+            fault: EntryFault::Length { len: 4096, .. },
+            ..
+        })
+    ));
+    // A zero length.
+    let mut emu = Emulator::small(0);
+    let mut ring = ring_for(&emu);
+    let mut e = raw_cmd(128, entry_at + 112, &[]);
+    e[0..4].copy_from_slice(&1u32.to_ne_bytes());
+    emu.submit_raw(&e);
+    assert!(matches!(
+        ring.fetch(),
+        Err(RingError::Entry {
+            fault: EntryFault::Length { len: 0, .. },
+            ..
+        })
+    ));
+    // The same id twice while the first is outstanding.
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let mut ring = ring_for(&emu);
+    let mut e = raw_cmd(128, entry_at + 112, &[]);
+    e[112] = 0;
+    emu.submit_raw(&e);
+    emu.submit_raw(&e);
+    assert!(matches!(
+        ring.fetch(),
+        Err(RingError::Entry {
+            fault: EntryFault::DuplicateId(7),
+            ..
+        })
+    ));
     // Bad mailbox version.
     let emu = Emulator::small(0);
     emu.map.write_u16(0, 1).unwrap();
@@ -239,6 +365,42 @@ fn malformed_entries_are_refused() {
         Ring::new(emu.handler_map()),
         Err(RingError::Mailbox(_))
     ));
+}
+
+#[test]
+fn a_reset_ring_is_served_again_from_offset_zero() {
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let mut ring = ring_for(&emu);
+    let bell = emu.doorbell();
+    // Move the ring off zero first.
+    for _ in 0..3 {
+        let id = emu.submit(&[0, 0, 0, 0, 0, 0], &[], 0).unwrap();
+        ring.fetch().unwrap();
+        ring.complete(id, good()).unwrap();
+        ring.publish().unwrap();
+        assert_eq!(emu.reap().len(), 1);
+    }
+    let stuck = emu.submit(&[0, 0, 0, 0, 0, 0], &[], 0).unwrap();
+    let mut e = raw_cmd(128, CMDR_OFF + 112, &[]);
+    e[0..4].copy_from_slice(&(8192u32 | 1).to_ne_bytes());
+    emu.submit_raw(&e);
+    assert!(ring.fetch().is_err());
+    assert!(bell.reset_ring().unwrap());
+    ring.restart().unwrap();
+    let done = emu.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(stuck, BUSY)],
+        "the reset completes what was outstanding with BUSY"
+    );
+    let id = emu.submit(&[0, 0, 0, 0, 0, 0], &[], 0).unwrap();
+    let got = ring.fetch().unwrap();
+    assert!(matches!(&got[..], [Fetched::Cmd(c)] if c.cmd_id == id));
+    ring.complete(id, good()).unwrap();
+    ring.publish().unwrap();
+    assert_eq!(emu.reap()[0].cmd_id, id);
 }
 
 #[test]

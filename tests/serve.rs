@@ -2,12 +2,14 @@
 //! target_core_user, a Device + EventLoop serve it from a cache engine on files.
 //! SCSI commands of every size class and flavour, FUA and SYNCHRONIZE CACHE
 //! durability across a reopen, many outstanding commands completed out of order,
-//! wrap-around, and malformed entries failing one device while another keeps going.
+//! wrap-around, hostile entries (error completions, ring resets, SIGBUS), clean stops
+//! that complete slow commands, and a hung backing device that never stalls another
+//! LUN.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::emulator::*;
@@ -15,9 +17,10 @@ use lc::device::{Device, EngineBackend};
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
 use lc::scsi::cdb::{build10 as rw10, build16 as rw16};
+use lc::scsi::{BlockBackend, IoError};
 use lc::scsi::{LunConfig, LunState};
 use lc_cache::{
-    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, OpenOptions,
+    format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, MemDevice, OpenOptions,
 };
 use rand::{Rng, SeedableRng};
 
@@ -83,6 +86,12 @@ impl Served {
     fn start_polling(devs: Vec<Device>, busy_poll: Duration) -> Served {
         let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         el.set_busy_poll(busy_poll);
+        Served::start_loop(el, devs)
+    }
+
+    /// Runs `el` with `devs` until dropped; the drop stops the loop the way the daemon
+    /// does on SIGTERM ([`EventLoop::shutdown`]).
+    fn start_loop(mut el: EventLoop, devs: Vec<Device>) -> Served {
         for d in devs {
             el.add_device(d).unwrap();
         }
@@ -101,6 +110,7 @@ impl Served {
                     }
                 }
             }
+            drop(el.shutdown());
             el
         });
         Served {
@@ -123,16 +133,24 @@ impl Drop for Served {
 }
 
 fn device(emu: &Emulator, cache: &Arc<Cache>, name: &str) -> Device {
+    device_on(
+        emu,
+        name,
+        Arc::new(EngineBackend {
+            cache: cache.clone(),
+            dev: 0,
+        }),
+    )
+}
+
+fn device_on(emu: &Emulator, name: &str, backend: Arc<dyn BlockBackend>) -> Device {
     let lun = Arc::new(LunState::new(LunConfig::new(name, 512, BACKING / 512)));
     Device::new(
         name,
         Ring::new(emu.handler_map()).unwrap(),
         Box::new(emu.doorbell()),
         lun,
-        Arc::new(EngineBackend {
-            cache: cache.clone(),
-            dev: 0,
-        }),
+        backend,
         slog::Logger::root(slog::Discard, slog::o!()),
     )
 }
@@ -329,8 +347,109 @@ fn outstanding_commands(inline: bool, busy_poll: Duration) {
     }
 }
 
+/// A raw WRITE(10) CMD entry of 1 block with these iovecs.
+fn raw_write(iovs: &[(u64, u64)]) -> Vec<u8> {
+    let base = (48 + 16 * iovs.len()).max(112);
+    let mut e = vec![0u8; base + 16];
+    let len = e.len() as u32;
+    e[0..4].copy_from_slice(&(len | 1).to_ne_bytes());
+    e[8..12].copy_from_slice(&(iovs.len() as u32).to_ne_bytes());
+    e[24..32].copy_from_slice(&(CMDR_OFF + base as u64).to_ne_bytes());
+    for (i, (o, l)) in iovs.iter().enumerate() {
+        e[48 + 16 * i..56 + 16 * i].copy_from_slice(&o.to_ne_bytes());
+        e[56 + 16 * i..64 + 16 * i].copy_from_slice(&l.to_ne_bytes());
+    }
+    e[base..base + 10].copy_from_slice(&rw10(0x2a, 0, 1, 0));
+    e
+}
+
+fn write_then_read_back(emu: &mut Emulator, lba: u64, byte: u8) {
+    let id = submit(emu, &rw16(0x8a, lba, 8, 0), &[byte; 4096], 0);
+    assert_eq!(wait_for(emu, &[id])[0].status, 0, "write at {lba}");
+    let id = submit(emu, &rw16(0x88, lba, 8, 0), &[], 4096);
+    let c = wait_for(emu, &[id]).remove(0);
+    assert!(
+        c.status == 0 && c.data_in == vec![byte; 4096],
+        "read at {lba}"
+    );
+}
+
 #[test]
-fn a_malformed_entry_fails_its_device_and_the_other_keeps_serving() {
+fn hostile_iovecs_get_check_condition_and_the_same_lun_keeps_serving() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let served = Served::start(vec![device(&emu, &cache, "disk0")]);
+    let data = emu.data_off;
+    let whole = emu.map_len as u64 - data;
+    let cases = [
+        // 64 copies of the whole data area: the old code allocated 64 x 4 MiB.
+        ("overlapping", raw_write(&[(data, whole); 64])),
+        ("outside the map", raw_write(&[(1 << 40, 4096)])),
+        ("in the command ring", raw_write(&[(CMDR_OFF, 512)])),
+    ];
+    for (i, (what, e)) in cases.iter().enumerate() {
+        let id = emu.submit_raw_cmd(e);
+        let c = wait_for(&mut emu, &[id]).remove(0);
+        assert_eq!(
+            (c.status, c.sense[2], c.sense[12], c.sense[13]),
+            (2, 4, 0x44, 0),
+            "{what}: CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE"
+        );
+        write_then_read_back(&mut emu, 8 * i as u64, i as u8 + 1);
+    }
+    assert!(served.failures.lock().unwrap().is_empty());
+}
+
+#[test]
+fn an_entry_that_breaks_the_ring_resets_it_and_the_lun_serves_again() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let served = Served::start(vec![device(&emu, &cache, "disk0")]);
+    write_then_read_back(&mut emu, 0, 1);
+    // A length running past cmd_head: the next entry cannot be found.
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&(16384u32 | 1).to_ne_bytes());
+    emu.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.resets() == 0 {
+        assert!(Instant::now() < deadline, "ring not reset");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 1..20 {
+        write_then_read_back(&mut emu, 8 * i, i as u8);
+    }
+    assert_eq!(emu.resets(), 1);
+    assert!(served.failures.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_broken_ring_without_reset_fails_its_device_and_the_other_keeps_serving() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut good = Emulator::small(FLAG_OOOC);
+    let mut bad = Emulator::small(FLAG_OOOC);
+    bad.set_can_reset(false);
+    let served = Served::start(vec![
+        device(&good, &cache, "good"),
+        device(&bad, &cache, "bad"),
+    ]);
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&1u32.to_ne_bytes()); // length 0
+    bad.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.failures.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "broken ring not detected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let why = served.failures.lock().unwrap()[0].clone();
+    assert!(why.contains("cannot reset"), "{why}");
+    write_then_read_back(&mut good, 0, 5);
+}
+
+#[test]
+fn a_sigbus_on_one_mapping_fails_that_device_and_the_other_keeps_serving() {
     let f = files();
     let cache = open_cache(&f);
     let mut good = Emulator::small(FLAG_OOOC);
@@ -339,22 +458,416 @@ fn a_malformed_entry_fails_its_device_and_the_other_keeps_serving() {
         device(&good, &cache, "good"),
         device(&bad, &cache, "bad"),
     ]);
-    // An iovec pointing outside the map.
-    let mut e = vec![0u8; 128];
-    e[0..4].copy_from_slice(&(128u32 | 1).to_ne_bytes());
-    e[4..6].copy_from_slice(&9u16.to_ne_bytes());
-    e[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    e[24..32].copy_from_slice(&(CMDR_OFF + 112).to_ne_bytes());
-    e[48..56].copy_from_slice(&(1u64 << 40).to_ne_bytes());
-    e[56..64].copy_from_slice(&4096u64.to_ne_bytes());
-    e[112] = 0x2a;
-    bad.submit_raw(&e);
+    write_then_read_back(&mut bad, 0, 3);
+    // The kernel removes the device's memory; the handler touches it on the next event.
+    bad.truncate_backing();
+    bad.ring_doorbell();
     let deadline = Instant::now() + Duration::from_secs(10);
     while served.failures.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "malformed entry not detected");
+        assert!(
+            Instant::now() < deadline,
+            "SIGBUS not turned into a device failure"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(served.failures.lock().unwrap()[0].contains("outside the data area"));
-    let id = submit(&mut good, &rw10(0x2a, 0, 8, 0), &[5u8; 4096], 0);
-    assert_eq!(wait_for(&mut good, &[id])[0].status, 0);
+    let why = served.failures.lock().unwrap()[0].clone();
+    assert!(why.contains("SIGBUS"), "{why}");
+    for i in 0..10 {
+        write_then_read_back(&mut good, 8 * i, i as u8);
+    }
+}
+
+/// A backend whose writes take `delay` (a slow disk), recording the threads that ran
+/// them.
+struct SlowWrites {
+    inner: EngineBackend,
+    delay: Duration,
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    /// Each thread that ran a write holds a clone until it exits.
+    threads_alive: Arc<()>,
+}
+
+thread_local! {
+    static HOLD: std::cell::RefCell<Option<Arc<()>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl SlowWrites {
+    fn new(cache: &Arc<Cache>, delay: Duration) -> Arc<SlowWrites> {
+        Arc::new(SlowWrites {
+            inner: EngineBackend {
+                cache: cache.clone(),
+                dev: 0,
+            },
+            delay,
+            started: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            threads_alive: Arc::new(()),
+        })
+    }
+
+    fn wait_started(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.started.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "slow command never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl BlockBackend for SlowWrites {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        HOLD.with(|h| *h.borrow_mut() = Some(self.threads_alive.clone()));
+        self.started.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        let r = self.inner.write(offset, data, fua);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.inner.discard(offset, len)
+    }
+}
+
+#[test]
+fn a_clean_stop_completes_a_slow_command_and_publishes_the_tail_before_workers_exit() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(1500));
+    let mut dev = device_on(&emu, "disk0", slow.clone());
+    dev.set_inline(false);
+    let served = Served::start(vec![dev]);
+    let id = submit(&mut emu, &rw16(0x8a, 0, 8, 0), &[9u8; 4096], 0);
+    slow.wait_started(1);
+    // SIGTERM while the write is on a worker (the old loop gave up after 1 s).
+    drop(served);
+    assert_eq!(slow.finished.load(Ordering::SeqCst), 1);
+    let done = emu.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, 0)],
+        "the slow write's completion and the tail are published by the stop"
+    );
+    assert_eq!(
+        Arc::strong_count(&slow.threads_alive),
+        1,
+        "worker threads have exited when the stop returns"
+    );
+    let mut buf = vec![0u8; 4096];
+    cache.read(0, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![9u8; 4096]);
+}
+
+#[test]
+fn removing_a_device_waits_for_its_slow_command_while_the_others_are_served() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut a = Emulator::small(FLAG_OOOC);
+    let mut b = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(1500));
+    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    let ida = el.add_device(device_on(&a, "a", slow.clone())).unwrap();
+    el.add_device(device(&b, &cache, "b")).unwrap();
+    let id = submit(&mut a, &rw16(0x8a, 0, 8, 0), &[4u8; 4096], 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slow.started.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        el.run_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    // Another LUN's initiator, during the removal.
+    let other = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        write_then_read_back(&mut b, 64, 6);
+        t.elapsed()
+    });
+    let dev = el.remove_device(ida).expect("device");
+    assert_eq!(dev.busy(), 0);
+    let done = a.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, 0)]
+    );
+    let took = other.join().unwrap();
+    assert!(
+        took < Duration::from_millis(1000),
+        "the other LUN waited {took:?} during the removal"
+    );
+}
+
+/// A disk whose reads wait while it is held (a hung HDD), and always need waiting
+/// (never served inline).
+struct HangingDisk {
+    inner: MemDevice,
+    held: Mutex<bool>,
+    released: Condvar,
+    reads: AtomicUsize,
+}
+
+impl HangingDisk {
+    fn new(size: u64, held: bool) -> Arc<HangingDisk> {
+        Arc::new(HangingDisk {
+            inner: MemDevice::new(size),
+            held: Mutex::new(held),
+            released: Condvar::new(),
+            reads: AtomicUsize::new(0),
+        })
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.released.notify_all();
+    }
+}
+
+impl BlockDevice for HangingDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let mut h = self.held.lock().unwrap();
+        while *h {
+            h = self.released.wait(h).unwrap();
+        }
+        drop(h);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "hanging".into()
+    }
+}
+
+#[test]
+fn a_hung_backing_device_never_stalls_another_lun() {
+    let cache_dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(32 << 20));
+    format_device(
+        cache_dev.as_ref(),
+        FormatOptions {
+            block_size: 512,
+            segment_size: 256 << 10,
+        },
+    )
+    .unwrap();
+    let stuck = HangingDisk::new(BACKING, true);
+    let healthy = HangingDisk::new(BACKING, false);
+    let (cache, _) = Cache::open(
+        cache_dev,
+        vec![
+            Backing {
+                id: 0,
+                dev: stuck.clone(),
+                label: "stuck".into(),
+            },
+            Backing {
+                id: 1,
+                dev: healthy.clone(),
+                label: "healthy".into(),
+            },
+        ],
+        OpenOptions::default(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let mut a = Emulator::small(FLAG_OOOC);
+    let mut b = Emulator::small(FLAG_OOOC);
+    let be = |dev| -> Arc<dyn BlockBackend> {
+        Arc::new(EngineBackend {
+            cache: cache.clone(),
+            dev,
+        })
+    };
+    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    el.set_queue_deadline(Duration::from_millis(1500));
+    let served = Served::start_loop(
+        el,
+        vec![
+            device_on(&a, "stuck", be(0)),
+            device_on(&b, "healthy", be(1)),
+        ],
+    );
+    // Eight reads on the hung LUN: four hold its workers, four wait for them.
+    let hung: Vec<u16> = (0..8u64)
+        .map(|i| submit(&mut a, &rw16(0x88, i * 8, 8, 0), &[], 4096))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stuck.reads.load(Ordering::SeqCst) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "hung reads never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The healthy LUN's 4 KiB reads (misses: they go to its disk through a worker).
+    for i in 0..5u64 {
+        let t = Instant::now();
+        let id = submit(&mut b, &rw16(0x88, i * 8, 8, 0), &[], 4096);
+        let c = wait_for(&mut b, &[id]).remove(0);
+        let took = t.elapsed();
+        assert_eq!(c.status, 0);
+        assert!(
+            took < Duration::from_millis(100),
+            "healthy LUN's READ took {took:?} while another LUN is hung"
+        );
+    }
+    assert!(
+        healthy.reads.load(Ordering::SeqCst) >= 5,
+        "reads reached the disk"
+    );
+    assert_eq!(
+        stuck.reads.load(Ordering::SeqCst),
+        4,
+        "at most 4 workers per LUN"
+    );
+    // The four that never got a worker come back as errors, not hangs.
+    let expired = wait_for(&mut a, &hung[4..]);
+    for c in &expired {
+        assert_eq!(
+            (c.status, c.sense[2], c.sense[12], c.sense[13]),
+            (2, 0x0b, 0x2e, 0x01),
+            "ABORTED COMMAND / COMMAND TIMEOUT BEFORE PROCESSING"
+        );
+    }
+    stuck.release();
+    let released = wait_for(&mut a, &hung[..4]);
+    assert!(released
+        .iter()
+        .all(|c| c.status == 0 && c.data_in == vec![0u8; 4096]));
+    drop(served);
+}
+
+#[test]
+fn a_ring_reset_waits_until_the_workers_have_handed_back_the_devices_commands() {
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(500));
+    let mut dev = device_on(&emu, "disk0", slow.clone());
+    dev.set_inline(false);
+    let served = Served::start(vec![dev]);
+    let id = submit(&mut emu, &rw16(0x8a, 0, 8, 0), &[1u8; 4096], 0);
+    slow.wait_started(1);
+    let mut e = raw_write(&[]);
+    e[0..4].copy_from_slice(&(16384u32 | 1).to_ne_bytes());
+    emu.submit_raw(&e);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.resets() == 0 {
+        assert!(Instant::now() < deadline, "ring not reset");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        slow.finished.load(Ordering::SeqCst),
+        1,
+        "the ring was reset while a worker still ran one of its commands"
+    );
+    // The kernel completed it (BUSY) with the reset; the handler must not complete
+    // it again (the emulator panics on an unknown id, as a real ring breaks).
+    let done = emu.reap();
+    assert_eq!(
+        done.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![(id, BUSY)]
+    );
+    let id = submit(&mut emu, &rw16(0x88, 0, 8, 0), &[], 4096);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert_eq!(c.status, 0);
+    assert!(served.failures.lock().unwrap().is_empty());
+}
+
+/// A logger that keeps every record as "message key=value ...".
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+impl slog::Drain for Capture {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, r: &slog::Record, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        struct Line<'a>(&'a mut String);
+        impl slog::Serializer for Line<'_> {
+            fn emit_arguments(&mut self, k: slog::Key, v: &std::fmt::Arguments) -> slog::Result {
+                self.0.push_str(&format!(" {k}={v}"));
+                Ok(())
+            }
+        }
+        let mut s = r.msg().to_string();
+        let _ = slog::KV::serialize(&r.kv(), r, &mut Line(&mut s));
+        self.0.lock().unwrap().push(s);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
+    let cache_dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(32 << 20));
+    format_device(
+        cache_dev.as_ref(),
+        FormatOptions {
+            block_size: 512,
+            segment_size: 256 << 10,
+        },
+    )
+    .unwrap();
+    let disk = HangingDisk::new(BACKING, true);
+    let (cache, _) = Cache::open(
+        cache_dev,
+        vec![Backing {
+            id: 0,
+            dev: disk.clone(),
+            label: "hung".into(),
+        }],
+        OpenOptions::default(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let logs = Capture::default();
+    let mut el = EventLoop::new(4, slog::Logger::root(logs.clone(), slog::o!())).unwrap();
+    el.set_stop_bound(Duration::from_millis(300));
+    el.add_device(device(&emu, &cache, "disk0")).unwrap();
+    let id = submit(&mut emu, &rw16(0x88, 0, 8, 0), &[], 4096);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk.reads.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "read never reached the disk");
+        el.run_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    let t = Instant::now();
+    let devs = el.shutdown();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "the stop took {took:?} with a 300 ms bound"
+    );
+    assert_eq!(devs[0].busy(), 1, "the hung command is left unanswered");
+    assert!(emu.reap().is_empty());
+    let lines = logs.0.lock().unwrap().clone();
+    let said = lines
+        .iter()
+        .find(|l| l.contains("still running after the bound"))
+        .unwrap_or_else(|| panic!("no log of the hung command: {lines:#?}"));
+    assert!(
+        said.contains(&format!("cmd_id: {id}")) && said.contains("READ"),
+        "{said}"
+    );
+    disk.release();
 }

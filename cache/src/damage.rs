@@ -36,7 +36,7 @@ pub(crate) struct Damage {
     pub unknown_upto: u64,
 }
 
-/// A loss, as [`crate::Cache::stats`] and [`crate::Cache::accept_loss`] report it.
+/// A loss, as `Cache::stats` and `Cache::accept_loss` report it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DamageReport {
     /// Damaged segment ids (kept as evidence until writeback passes them).

@@ -12,22 +12,24 @@
 //! - A read that found a line on the cache device is valid only if that segment's slot
 //!   was not reused meanwhile: `loc.seg + nr_segments > write_started_id`.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use slog::{info, o, warn, Logger};
+use slog::{error, info, o, warn, Logger};
 
-use crate::damage::{Damage, DamageReport};
-use crate::device::{AlignedBuf, BlockDevice};
+use crate::damage::DamageReport;
+use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
-    crc, Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SEAL_AHEAD,
-    SECTOR, SECTORS_PER_LINE,
+    Entry, Geometry, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SEAL_AHEAD, SECTOR,
+    SECTORS_PER_LINE,
 };
-use crate::index::{key, Index, Loc};
-use crate::stats::{counter_index, Counters, Stats};
+use crate::index::{key, Loc};
+use crate::recovery::{random_u64, replay, superblock_of, RecoveryReport};
+use crate::state::log_blocked;
+use crate::state::{BackingSlot, Inner, OpenSeg, Recovered, State};
+use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
 
 /// A backing device handed to [`Cache::open`].
@@ -44,8 +46,8 @@ pub struct Backing {
 /// Options for [`Cache::open`].
 #[derive(Clone)]
 pub struct OpenOptions {
-    /// Segment buffers in RAM (at least 2). Default: 64 MiB worth.
-    pub ram_buffers: Option<usize>,
+    /// RAM for segment buffers, in bytes (at least 2 segments are used). Default 64 MiB.
+    pub ram_bytes: u64,
     /// Initial tunables.
     pub tunables: Tunables,
     /// Logger; the engine logs state changes and errors, never per I/O.
@@ -55,7 +57,7 @@ pub struct OpenOptions {
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
-            ram_buffers: None,
+            ram_bytes: 64 << 20,
             tunables: Tunables::default(),
             logger: Logger::root(slog::Discard, o!()),
         }
@@ -69,114 +71,6 @@ pub struct DrainProgress {
     pub total: u64,
     /// Dirty lines left.
     pub remaining: u64,
-}
-
-/// The segment being filled.
-pub(crate) struct OpenSeg {
-    pub id: u64,
-    pub buf: AlignedBuf,
-    pub entries: Vec<Entry>,
-    pub last_write: Instant,
-}
-
-/// A sealed segment: header encoded in `buf`, immutable until flushed.
-pub(crate) struct Sealed {
-    pub id: u64,
-    pub buf: AlignedBuf,
-    pub len: usize,
-}
-
-pub(crate) struct BackingSlot {
-    pub dev: Arc<dyn BlockDevice>,
-    pub label: String,
-    pub dirty: u64,
-    pub needs_flush: bool,
-    /// Writeback to this device is failing: since when, and the last error.
-    pub failing: Option<BackingFailure>,
-}
-
-/// A backing device whose writeback fails (kept until a batch succeeds).
-#[derive(Clone, Debug)]
-pub(crate) struct BackingFailure {
-    pub since: Instant,
-    pub since_wall: std::time::SystemTime,
-    pub error: String,
-}
-
-impl State {
-    /// The refusal for a write to backing device `dev` when writeback to it has failed
-    /// for longer than `writeback_fail_timeout_s`.
-    fn backing_refusal(&self, dev: u8) -> Option<Error> {
-        let timeout = Duration::from_secs(self.tunables.writeback_fail_timeout_s as u64);
-        let f = self.backing.get(dev as usize)?.as_ref()?.failing.as_ref()?;
-        (f.since.elapsed() >= timeout).then(|| Error::BackingFailed {
-            dev,
-            secs: f.since.elapsed().as_secs(),
-            reason: f.error.clone(),
-        })
-    }
-
-    /// The refusal for a caller waiting for log space (or durability) that writeback
-    /// cannot make because a backing device has failed for too long.
-    fn stuck_refusal(&self) -> Option<Error> {
-        if !self.need_space {
-            return None;
-        }
-        (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
-    }
-}
-
-pub(crate) struct State {
-    pub index: Index,
-    pub backing: Vec<Option<BackingSlot>>,
-    pub open: Option<OpenSeg>,
-    pub next_id: u64,
-    pub ram: BTreeMap<u64, Arc<Sealed>>,
-    pub pool: Vec<AlignedBuf>,
-    pub ram_buffers: usize,
-    pub prev_crc: u32,
-    pub write_started_id: u64,
-    /// Highest segment id written to the cache device (maybe not yet flushed).
-    pub written_id: u64,
-    /// When `written_id` first got ahead of `flushed_id`.
-    pub unflushed_since: Option<Instant>,
-    /// Highest segment id a caller waits to be durable.
-    pub durable_req: u64,
-    pub flushed_id: u64,
-    pub wb_id: u64,
-    pub sb_seq: u64,
-    /// Earliest pending flush request and the highest segment id it waits for.
-    pub flush_req: Option<(Instant, u64)>,
-    pub seal_requested: bool,
-    pub need_space: bool,
-    pub drains: u32,
-    /// Callers currently inside [`Cache::write`]: a flush waits the barrier deadline for
-    /// more lines only when some other write could join the segment.
-    pub active_writers: u32,
-    pub commit_requested: bool,
-    pub tunables: Tunables,
-    pub counters: Counters,
-    pub cache_bytes_written: u64,
-    pub backing_bytes_written: u64,
-    pub partial_segments: u64,
-    pub failed: Option<String>,
-    /// Damaged log segments and the data lost with them (see `damage.rs`).
-    pub damage: Damage,
-    pub stop_flush: bool,
-    pub stop_writeback: bool,
-}
-
-pub(crate) struct Inner {
-    pub cache: Arc<dyn BlockDevice>,
-    pub geo: Geometry,
-    pub uuid: [u8; 16],
-    pub nonce: u64,
-    pub state: Mutex<State>,
-    /// Wakes callers waiting for buffers, flush progress or drain progress.
-    pub io_cv: Condvar,
-    /// Wakes the flusher and writeback threads.
-    pub worker_cv: Condvar,
-    pub log: Logger,
 }
 
 /// A cache: one cache device fronting up to 255 backing devices.
@@ -204,61 +98,6 @@ fn sector_mask(first: u64, count: u64) -> u8 {
 }
 
 impl Inner {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn wait_io<'a>(
-        &self,
-        g: MutexGuard<'a, State>,
-        t: Duration,
-    ) -> MutexGuard<'a, State> {
-        self.io_cv
-            .wait_timeout(g, t)
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-    }
-
-    fn cache_desc(&self) -> String {
-        self.cache.describe()
-    }
-
-    /// Seals the open segment (if it has lines): encodes its header, moves it to `ram`.
-    pub(crate) fn seal(&self, st: &mut State) {
-        let has_lines = st.open.as_ref().is_some_and(|o| !o.entries.is_empty());
-        if !has_lines {
-            return;
-        }
-        let mut o = st.open.take().expect("open segment");
-        let hl = self.geo.header_len();
-        let n = o.entries.len();
-        let len = hl + n * LINE as usize;
-        let data_crc = crc(&o.buf[hl..len]);
-        let hdr = SegmentHeader {
-            id: o.id,
-            lap: self.geo.lap(o.id),
-            nonce: self.nonce,
-            prev_crc: st.prev_crc,
-            durable: st.flushed_id,
-            data_crc,
-            uuid: self.uuid,
-            entries: std::mem::take(&mut o.entries),
-        };
-        st.prev_crc = hdr.encode_into(&mut o.buf[..hl]);
-        if n < self.geo.lines_per_segment as usize {
-            st.partial_segments += 1;
-        }
-        st.ram.insert(
-            o.id,
-            Arc::new(Sealed {
-                id: o.id,
-                buf: o.buf,
-                len,
-            }),
-        );
-        self.worker_cv.notify_all();
-    }
-
     /// Makes sure an open segment with a free line exists, sealing a full one and
     /// taking a buffer from the pool. Returns `false` when no buffer is free (all are
     /// sealed and waiting for the flusher); the caller waits on `io_cv` and retries.
@@ -428,7 +267,7 @@ impl Inner {
                     },
                 );
                 if !tomb {
-                    st.counters[counter_index(true, true, true, mask == FULL_LINE)] += 1;
+                    st.count(dev, counter_index(true, true, true, mask == FULL_LINE));
                 }
                 return Ok(Some(open_id));
             }
@@ -505,7 +344,10 @@ impl Inner {
             }
             if !tomb {
                 let on_ram = old.is_some_and(|l| st.ram.contains_key(&l.seg));
-                st.counters[counter_index(true, old.is_some(), on_ram, mask == FULL_LINE)] += 1;
+                st.count(
+                    dev,
+                    counter_index(true, old.is_some(), on_ram, mask == FULL_LINE),
+                );
             }
             return Ok(Some(open_id));
         }
@@ -543,6 +385,125 @@ impl Inner {
 }
 
 impl Cache {
+    /// Opens a formatted cache device with its backing devices, replays the log and
+    /// starts the flusher and writeback threads.
+    ///
+    /// Refused: a device that is not an lc cache or of another format version; dirty
+    /// data for a backing device id that is not given, or given with another label.
+    pub fn open(
+        cache: Arc<dyn BlockDevice>,
+        backing: Vec<Backing>,
+        opts: OpenOptions,
+    ) -> Result<(Cache, RecoveryReport)> {
+        let desc = cache.describe();
+        let sb = superblock_of(cache.as_ref())?;
+        let geo = sb.geometry;
+        let mut slots: Vec<Option<BackingSlot>> = (0..MAX_BACKING).map(|_| None).collect();
+        for b in &backing {
+            if b.id as usize >= MAX_BACKING {
+                return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
+            }
+            if slots[b.id as usize].is_some() {
+                return Err(Error::Invalid(format!(
+                    "backing device id {} given twice",
+                    b.id
+                )));
+            }
+            if b.label.len() > 32 {
+                return Err(Error::Invalid(format!(
+                    "label {:?} longer than 32 bytes",
+                    b.label
+                )));
+            }
+            slots[b.id as usize] = Some(BackingSlot {
+                dev: b.dev.clone(),
+                label: b.label.clone(),
+                dirty: 0,
+                needs_flush: false,
+                counters: [0; 16],
+                failing: None,
+            });
+        }
+        let ram_buffers = (opts.ram_bytes / geo.segment_size as u64).max(2) as usize;
+        let planned =
+            ((geo.nr_segments as usize + ram_buffers) * geo.lines_per_segment as usize).max(64);
+        let started = Instant::now();
+        let r = replay(cache.as_ref(), &sb, planned)?;
+        // What replay read may still sit in the device's volatile cache (after a kill
+        // rather than a power cut). Make it durable before anything claims it is.
+        cache.flush().map_err(|e| Error::io(&desc, 0, e))?;
+        for (id, reason) in &r.report.damaged {
+            error!(opts.logger, "cache log damaged: a durable segment failed its checks; its data is lost and reads of it fail";
+                   "cache" => &desc, "segment" => id, "reason" => reason);
+        }
+        if r.damage.unresolved() {
+            let d = r.damage.report();
+            error!(opts.logger, "data lost to cache log damage";
+                   "cache" => &desc, "lost_lines" => format!("{:?}", d.lost_lines),
+                   "unknown_upto" => d.unknown_upto);
+        }
+        if let Some(tail) = &r.report.tail {
+            info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
+        }
+        // Every dirty line must belong to a backing device given now, with its old label.
+        for (k, _) in r.index.iter() {
+            let (dev, _) = crate::index::unkey(k);
+            let old = sb.backing[dev as usize]
+                .as_ref()
+                .map(|b| b.label.clone())
+                .unwrap_or_default();
+            match &mut slots[dev as usize] {
+                None => {
+                    return Err(Error::BadFormat {
+                        device: desc,
+                        reason: format!(
+                            "holds dirty data for backing device {dev} ({old:?}), which is not attached"
+                        ),
+                    })
+                }
+                Some(s) if sb.backing[dev as usize].is_some() && s.label != old => {
+                    return Err(Error::BadFormat {
+                        device: desc,
+                        reason: format!(
+                            "holds dirty data for backing device {dev} labelled {old:?}, but {:?} was given with that id",
+                            s.label
+                        ),
+                    })
+                }
+                Some(s) => s.dirty += 1,
+            }
+        }
+        let report = r.report.clone();
+        info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
+              "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
+              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
+        let state = State::new(
+            Recovered {
+                index: r.index,
+                backing: slots,
+                last_id: r.last_id,
+                last_crc: r.last_crc,
+                wb_id: r.wb_id,
+                sb_seq: sb.seq,
+                damage: r.damage,
+            },
+            &geo,
+            ram_buffers,
+            opts.tunables.clone(),
+        );
+        let inner = Arc::new(Inner {
+            cache,
+            geo,
+            uuid: sb.uuid,
+            nonce: random_u64(),
+            state: Mutex::new(state),
+            io_cv: Condvar::new(),
+            worker_cv: Condvar::new(),
+            log: opts.logger,
+        });
+        Ok((Cache::from_inner(inner), report))
+    }
+
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Cache {
         let mut threads = Vec::new();
         let i = inner.clone();
@@ -786,7 +747,7 @@ impl Cache {
                     }
                 }
                 for c in counted {
-                    st.counters[c] += 1;
+                    st.count(dev, c);
                 }
             }
             // 4. Overlay cached sectors.
@@ -863,23 +824,31 @@ impl Cache {
             self.write(dev, full_end, &zeros[..(end - full_end) as usize], false)?;
         }
         let (l0, l1) = (full_start / LINE, full_end / LINE);
+        // Lines with a cached copy, and lines lost to damage (a discard record makes
+        // them read as zeros, like the rest of the range).
         let cached: Vec<u64> = {
             let st = self.inner.lock();
-            if l1 - l0 <= st.index.len() as u64 {
+            let lost = st
+                .damage
+                .lost
+                .range(key(dev, l0)..key(dev, l1))
+                .map(|(&k, _)| crate::index::unkey(k).1);
+            let mut v: Vec<u64> = if l1 - l0 <= st.index.len() as u64 {
                 (l0..l1)
                     .filter(|&l| st.index.get(key(dev, l)).is_some())
                     .collect()
             } else {
-                let mut v: Vec<u64> = st
-                    .index
+                st.index
                     .iter()
                     .map(|(k, _)| crate::index::unkey(k))
                     .filter(|&(d, l)| d == dev && l >= l0 && l < l1)
                     .map(|(_, l)| l)
-                    .collect();
-                v.sort_unstable();
-                v
-            }
+                    .collect()
+            };
+            v.extend(lost);
+            v.sort_unstable();
+            v.dedup();
+            v
         };
         for line in cached {
             self.inner.write_line(dev, line, 0, &[], true, true)?;
@@ -962,7 +931,11 @@ impl Cache {
 
     /// Resets the access counters.
     pub fn clear_stats(&self) {
-        self.inner.lock().counters = [0; 16];
+        let mut st = self.inner.lock();
+        st.counters = [0; 16];
+        for b in st.backing.iter_mut().flatten() {
+            b.counters = [0; 16];
+        }
     }
 
     /// Sets a tunable by name (see [`Tunables::set`]).
@@ -994,6 +967,12 @@ impl Cache {
                 .enumerate()
                 .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.dirty)))
                 .collect(),
+            device_counters: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.counters)))
+                .collect(),
             last_flushed_id: st.flushed_id,
             last_writeback_id: st.wb_id,
             open_segment_id: st.open.as_ref().map_or(st.next_id, |o| o.id),
@@ -1024,6 +1003,73 @@ impl Cache {
                 })
                 .collect(),
         }
+    }
+
+    /// Attaches another backing device to a running cache (a LUN added by a config
+    /// reload). Its id must be free; the superblock's table records it at the next
+    /// commit, which is requested now.
+    pub fn attach_backing(&self, b: Backing) -> Result<()> {
+        if b.id as usize >= MAX_BACKING {
+            return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
+        }
+        if b.label.len() > 32 {
+            return Err(Error::Invalid(format!(
+                "label {:?} longer than 32 bytes",
+                b.label
+            )));
+        }
+        let mut st = self.inner.lock();
+        if st.backing[b.id as usize].is_some() {
+            return Err(Error::Invalid(format!(
+                "backing device id {} is attached already",
+                b.id
+            )));
+        }
+        st.backing[b.id as usize] = Some(BackingSlot {
+            dev: b.dev,
+            label: b.label.clone(),
+            dirty: 0,
+            needs_flush: false,
+            counters: [0; 16],
+            failing: None,
+        });
+        st.commit_requested = true;
+        self.inner.worker_cv.notify_all();
+        info!(self.inner.log, "backing device attached"; "dev" => b.id, "label" => b.label);
+        Ok(())
+    }
+
+    /// Detaches backing device `dev` (a LUN removed by a config reload). Refused while
+    /// it has dirty lines (drain it first) or lines lost to damage.
+    pub fn detach_backing(&self, dev: u8) -> Result<()> {
+        let mut st = self.inner.lock();
+        let Some(b) = st.backing.get(dev as usize).and_then(|b| b.as_ref()) else {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} is not attached"
+            )));
+        };
+        if b.dirty > 0 {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} ({}) has {} dirty lines; drain it first",
+                b.label, b.dirty
+            )));
+        }
+        let lost = st
+            .damage
+            .lost
+            .keys()
+            .filter(|&&k| crate::index::unkey(k).0 == dev)
+            .count();
+        if lost > 0 {
+            return Err(Error::Invalid(format!(
+                "backing device {dev} has {lost} lines lost to damage; accept the loss first"
+            )));
+        }
+        st.backing[dev as usize] = None;
+        st.commit_requested = true;
+        self.inner.worker_cv.notify_all();
+        info!(self.inner.log, "backing device detached"; "dev" => dev);
+        Ok(())
     }
 
     /// The operator's decision after damage (`lc accept-loss`): returns what was lost,
@@ -1098,13 +1144,6 @@ impl Drop for Cache {
     }
 }
 
-/// The first damaged segment, when writes cannot go on: the flusher waits for free
-/// slots and writeback cannot free any because it stops before damaged segments.
-fn log_blocked(st: &State) -> Option<u64> {
-    let limit = st.damage.writeback_limit();
-    (st.need_space && limit <= st.wb_id).then(|| limit + 1)
-}
-
 /// Id of the newest segment holding any line (the open one only if it has lines).
 fn last_written_id(st: &State) -> u64 {
     match &st.open {
@@ -1112,17 +1151,4 @@ fn last_written_id(st: &State) -> u64 {
         Some(o) => o.id - 1,
         None => st.next_id - 1,
     }
-}
-
-pub(crate) fn backing_table(st: &State) -> Vec<Option<crate::format::BackingRecord>> {
-    let mut v = vec![None; MAX_BACKING];
-    for (i, b) in st.backing.iter().enumerate() {
-        if let Some(b) = b {
-            v[i] = Some(crate::format::BackingRecord {
-                size: b.dev.size(),
-                label: b.label.clone(),
-            });
-        }
-    }
-    v
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use slog::{error, info};
 
 use crate::device::AlignedBuf;
-use crate::engine::{Inner, Sealed, State};
 use crate::error::Error;
+use crate::state::{Inner, Sealed, State};
 
 /// Body of the flusher thread.
 pub(crate) fn run(inner: &Inner) {

@@ -19,6 +19,7 @@ mod flush;
 pub mod format;
 pub mod index;
 mod recovery;
+mod state;
 pub mod stats;
 pub mod testing;
 pub mod tunables;

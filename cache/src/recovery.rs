@@ -1,5 +1,6 @@
-//! Formatting a cache device and opening one: reading the superblock, replaying the log
-//! after `last_writeback_id` into the index, and resuming after the last valid segment.
+//! Formatting a cache device, reading its superblock, and replaying its log after
+//! `last_writeback_id` into an index ([`replay`], which `Cache::open` and
+//! [`check_device`] share).
 //!
 //! Replay walks ids `wb+1, wb+2, ...` and stops at the first segment that fails any
 //! check: header magic and crc32c, cache uuid, id and lap matching the slot, the chain
@@ -7,15 +8,10 @@
 //! crc32c of the line data. Nothing after a failed segment is trusted. Recovery itself
 //! writes nothing, so a crash during recovery leaves the device as it was.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
-
-use slog::{error, info};
 
 use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::engine::{Backing, BackingSlot, Cache, Inner, OpenOptions, State};
 use crate::error::{Error, Result};
 use crate::format::{
     crc, Geometry, SegmentHeader, Superblock, FULL_LINE, LINE, MAX_BACKING, SB_COPY_SIZE,
@@ -55,11 +51,11 @@ pub struct RecoveryReport {
     /// rather than at a slot holding no segment of this log.
     pub tail: Option<String>,
     /// Damaged segments: ids that failed a check although a later segment proves they
-    /// were durable, with the reason. Their data is lost ([`crate::DamageReport`]).
+    /// were durable, with the reason. Their data is lost ([`crate::damage::DamageReport`]).
     pub damaged: Vec<(u64, String)>,
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
@@ -147,13 +143,18 @@ pub fn probe(dev: &dyn BlockDevice) -> Result<Option<Superblock>> {
     }
 }
 
-struct Replay {
-    wb_id: u64,
-    index: Index,
-    last_id: u64,
-    last_crc: u32,
-    damage: Damage,
-    report: RecoveryReport,
+/// What replay rebuilt from the log, and its report.
+pub(crate) struct Replay {
+    /// The writeback point the walk started from (the superblock's, or a later one
+    /// proven by a reused slot).
+    pub wb_id: u64,
+    pub index: Index,
+    /// The last segment walked (replayed or damaged) and its header crc (0 when its
+    /// header is unknown).
+    pub last_id: u64,
+    pub last_crc: u32,
+    pub damage: Damage,
+    pub report: RecoveryReport,
 }
 
 /// The durability claims (`SegmentHeader::durable`) of the segments ahead of the walk:
@@ -200,7 +201,7 @@ struct Bad {
 /// Walks the log from the superblock's writeback point (FORMAT.md, "Recovery"): replays
 /// every intact segment into an index, tells a torn tail (the log ends) from damage (a
 /// segment a later one proves durable), and records what the damage lost.
-fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
+pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
     let geo = &sb.geometry;
     let hl = geo.header_len();
     let desc = dev.describe();
@@ -377,28 +378,11 @@ fn header_of(
         .filter(|(h, _)| h.id == id && h.uuid == sb.uuid && h.lap == geo.lap(id)))
 }
 
-/// What [`check_device`] found.
-#[derive(Clone, Debug)]
-pub struct CheckReport {
-    /// The newest valid superblock.
-    pub superblock: Superblock,
-    /// The log walk, as recovery would do it.
-    pub log: RecoveryReport,
-    /// Dirty lines (and discard records) per backing device id: lines, not copies.
-    pub dirty_lines: Vec<(u8, u64)>,
-    /// What recovery would find lost, when the log is damaged.
-    pub damage: Option<crate::DamageReport>,
-    /// Each superblock copy (A, B): `None` when sound, else why it is not. One damaged
-    /// copy loses nothing (the other is used) but the next commit rewrites it.
-    pub superblock_copies: [Option<String>; 2],
-}
-
-/// Read-only metadata check of a cache device: reads the superblock and walks the log
-/// exactly as recovery would, without writing anything or starting threads.
-pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
+/// The newest valid superblock of a cache device that is as large as it says.
+pub(crate) fn superblock_of(dev: &dyn BlockDevice) -> Result<Superblock> {
     let sb = probe(dev)?.ok_or_else(|| Error::BadFormat {
         device: dev.describe(),
-        reason: "not an lc cache device (no superblock)".into(),
+        reason: "not an lc cache device (no superblock); format it first".into(),
     })?;
     let geo = sb.geometry;
     let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
@@ -411,6 +395,29 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
             ),
         });
     }
+    Ok(sb)
+}
+
+/// What [`check_device`] found.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    /// The newest valid superblock.
+    pub superblock: Superblock,
+    /// The log walk, as recovery would do it.
+    pub log: RecoveryReport,
+    /// Dirty lines (and discard records) per backing device id: lines, not copies.
+    pub dirty_lines: Vec<(u8, u64)>,
+    /// What recovery would find lost, when the log is damaged.
+    pub damage: Option<crate::damage::DamageReport>,
+    /// Each superblock copy (A, B): `None` when sound, else why it is not. One damaged
+    /// copy loses nothing (the other is used) but the next commit rewrites it.
+    pub superblock_copies: [Option<String>; 2],
+}
+
+/// Read-only metadata check of a cache device: reads the superblock and walks the log
+/// exactly as recovery would, without writing anything or starting threads.
+pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
+    let sb = superblock_of(dev)?;
     let r = replay(dev, &sb, 1024)?;
     let mut counts = vec![0u64; MAX_BACKING];
     for (k, _) in r.index.iter() {
@@ -435,160 +442,4 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
         damage: (!r.damage.segments.is_empty()).then(|| r.damage.report()),
         superblock_copies: [status(0), status(1)],
     })
-}
-
-impl Cache {
-    /// Opens a formatted cache device with its backing devices, replays the log and
-    /// starts the flusher and writeback threads.
-    ///
-    /// Refused: a device that is not an lc cache or of another format version; dirty
-    /// data for a backing device id that is not given, or given with another label.
-    pub fn open(
-        cache: Arc<dyn BlockDevice>,
-        backing: Vec<Backing>,
-        opts: OpenOptions,
-    ) -> Result<(Cache, RecoveryReport)> {
-        let desc = cache.describe();
-        let sb = probe(cache.as_ref())?.ok_or_else(|| Error::BadFormat {
-            device: desc.clone(),
-            reason: "not an lc cache device (no superblock); format it first".into(),
-        })?;
-        let geo = sb.geometry;
-        let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
-        if cache.size() < needed {
-            return Err(Error::BadFormat {
-                device: desc,
-                reason: format!(
-                    "device is {} bytes but was formatted for {needed}",
-                    cache.size()
-                ),
-            });
-        }
-        let mut slots: Vec<Option<BackingSlot>> = (0..MAX_BACKING).map(|_| None).collect();
-        for b in &backing {
-            if b.id as usize >= MAX_BACKING {
-                return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
-            }
-            if slots[b.id as usize].is_some() {
-                return Err(Error::Invalid(format!(
-                    "backing device id {} given twice",
-                    b.id
-                )));
-            }
-            if b.label.len() > 32 {
-                return Err(Error::Invalid(format!(
-                    "label {:?} longer than 32 bytes",
-                    b.label
-                )));
-            }
-            slots[b.id as usize] = Some(BackingSlot {
-                dev: b.dev.clone(),
-                label: b.label.clone(),
-                dirty: 0,
-                needs_flush: false,
-                failing: None,
-            });
-        }
-        let ram_buffers = opts
-            .ram_buffers
-            .unwrap_or((64 << 20) / geo.segment_size as usize)
-            .max(2);
-        let planned =
-            ((geo.nr_segments as usize + ram_buffers) * geo.lines_per_segment as usize).max(64);
-        let started = Instant::now();
-        let r = replay(cache.as_ref(), &sb, planned)?;
-        // What replay read may still sit in the device's volatile cache (after a kill
-        // rather than a power cut). Make it durable before anything claims it is.
-        cache.flush().map_err(|e| Error::io(&desc, 0, e))?;
-        for (id, reason) in &r.report.damaged {
-            error!(opts.logger, "cache log damaged: a durable segment failed its checks; its data is lost and reads of it fail";
-                   "cache" => &desc, "segment" => id, "reason" => reason);
-        }
-        if r.damage.unresolved() {
-            let d = r.damage.report();
-            error!(opts.logger, "data lost to cache log damage";
-                   "cache" => &desc, "lost_lines" => format!("{:?}", d.lost_lines),
-                   "unknown_upto" => d.unknown_upto);
-        }
-        if let Some(tail) = &r.report.tail {
-            info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
-        }
-        // Every dirty line must belong to a backing device given now, with its old label.
-        for (k, _) in r.index.iter() {
-            let (dev, _) = crate::index::unkey(k);
-            let old = sb.backing[dev as usize]
-                .as_ref()
-                .map(|b| b.label.clone())
-                .unwrap_or_default();
-            match &mut slots[dev as usize] {
-                None => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} ({old:?}), which is not attached"
-                        ),
-                    })
-                }
-                Some(s) if sb.backing[dev as usize].is_some() && s.label != old => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} labelled {old:?}, but {:?} was given with that id",
-                            s.label
-                        ),
-                    })
-                }
-                Some(s) => s.dirty += 1,
-            }
-        }
-        let report = r.report.clone();
-        info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
-              "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
-              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
-        let state = State {
-            index: r.index,
-            backing: slots,
-            open: None,
-            next_id: r.last_id + 1,
-            ram: BTreeMap::new(),
-            pool: (0..ram_buffers)
-                .map(|_| AlignedBuf::new(geo.segment_size as usize))
-                .collect(),
-            ram_buffers,
-            prev_crc: r.last_crc,
-            write_started_id: r.last_id,
-            written_id: r.last_id,
-            unflushed_since: None,
-            durable_req: 0,
-            flushed_id: r.last_id,
-            wb_id: r.wb_id,
-            sb_seq: sb.seq,
-            flush_req: None,
-            seal_requested: false,
-            need_space: false,
-            drains: 0,
-            active_writers: 0,
-            commit_requested: false,
-            tunables: opts.tunables.clone(),
-            counters: [0; 16],
-            cache_bytes_written: 0,
-            backing_bytes_written: 0,
-            partial_segments: 0,
-            failed: None,
-            damage: r.damage,
-            stop_flush: false,
-            stop_writeback: false,
-        };
-        let inner = Arc::new(Inner {
-            cache,
-            geo,
-            uuid: sb.uuid,
-            nonce: random_u64(),
-            state: Mutex::new(state),
-            io_cv: Condvar::new(),
-            worker_cv: Condvar::new(),
-            log: opts.logger,
-        });
-        Ok((Cache::from_inner(inner), report))
-    }
 }

@@ -13,6 +13,8 @@ pub fn counter_index(write: bool, hit: bool, on_ram: bool, full: bool) -> usize 
 pub struct Stats {
     /// Per-line access counters, see [`counter_index`].
     pub counters: Counters,
+    /// The same counters per attached backing device id.
+    pub device_counters: Vec<(u8, Counters)>,
     /// Dirty lines per backing device id (only attached ids).
     pub dirty_lines: Vec<(u8, u64)>,
     /// Highest segment id that is on the cache device and flushed.
@@ -39,7 +41,7 @@ pub struct Stats {
     pub partial_segments: u64,
     /// Damage recovery found in the log and what of it is still lost; `None` when the
     /// log is intact.
-    pub damage: Option<crate::DamageReport>,
+    pub damage: Option<crate::damage::DamageReport>,
     /// Backing devices whose writeback is failing (retried with back-off; their dirty
     /// lines stay in the cache).
     pub writeback_failures: Vec<WritebackFailure>,

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use slog::{info, warn};
 
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::engine::{backing_table, BackingFailure, Inner, State};
 use crate::error::{Error, Result};
 use crate::format::{SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
+use crate::state::{backing_table, BackingFailure, Inner, State};
 
 /// One line copy picked for writeback.
 struct Item {

@@ -425,6 +425,16 @@ fn durable_segment_damaged_mid_log_fails_reads_of_its_data_never_serves_older() 
             .filter(|&b| b != first + 1)
             .collect::<Vec<_>>()
     );
+    // A discard of a lost block makes it read zeros, like any discarded range.
+    let gone = still[still.len() - 1];
+    c2.discard(0, gone * 4096, 4096).unwrap();
+    let mut z = vec![1u8; 4096];
+    c2.read(0, gone * 4096, &mut z).unwrap();
+    assert!(
+        z.iter().all(|&b| b == 0),
+        "discarded lost block reads zeros"
+    );
+    let still = &still[..still.len() - 1];
     // The operator accepts the loss: told what, then older data (round A) is readable.
     let accepted = c2.accept_loss();
     assert_eq!(accepted.lost_lines, vec![(0, still.len() as u64)]);

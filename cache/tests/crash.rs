@@ -88,7 +88,7 @@ fn open_in(
         cache,
         backing,
         OpenOptions {
-            ram_buffers: Some(rng.gen_range(2..4)),
+            ram_bytes: rng.gen_range(2..4) * SEG,
             tunables: random_tunables(rng),
             ..Default::default()
         },

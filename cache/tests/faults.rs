@@ -223,3 +223,64 @@ fn dead_backing_device_fails_writes_after_the_timeout_and_recovers() {
     mem.read_at(&mut raw, 0).unwrap();
     assert!(raw == a, "the dead device got its data once back");
 }
+
+#[test]
+fn backing_devices_attach_and_detach_while_the_cache_runs() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let a: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let b = Arc::new(MemDevice::new(1 << 20));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&a),
+        Tunables {
+            writeback_enabled: false,
+            ..Tunables::default()
+        },
+        2,
+    );
+    assert!(
+        c.write(5, 0, &[1u8; 4096], false).is_err(),
+        "not attached yet"
+    );
+    let attach = |c: &Cache| {
+        c.attach_backing(lc_cache::Backing {
+            id: 5,
+            dev: b.clone(),
+            label: "late".into(),
+        })
+    };
+    attach(&c).unwrap();
+    assert!(attach(&c).is_err(), "id taken");
+    c.write(5, 0, &[7u8; 4096], true).unwrap();
+    let e = c.detach_backing(5).unwrap_err().to_string();
+    assert!(e.contains("dirty lines; drain it first"), "{e}");
+    // The attached device and its dirty line survive a restart with it configured.
+    c.close().unwrap();
+    let (c, _) = Cache::open(
+        cache.clone(),
+        vec![
+            lc_cache::Backing {
+                id: 0,
+                dev: a.clone(),
+                label: "disk0".into(),
+            },
+            lc_cache::Backing {
+                id: 5,
+                dev: b.clone(),
+                label: "late".into(),
+            },
+        ],
+        OpenOptions::default(),
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    c.read(5, 0, &mut buf).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+    c.drain(5, &mut |_| {}).unwrap();
+    c.detach_backing(5).unwrap();
+    assert!(c.read(5, 0, &mut buf).is_err(), "detached");
+    c.close().unwrap();
+    let mut raw = [0u8; 4096];
+    b.read_at(&mut raw, 0).unwrap();
+    assert_eq!(raw, [7u8; 4096], "drained before detach");
+}

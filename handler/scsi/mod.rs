@@ -246,6 +246,22 @@ impl ScsiResponse {
         }
     }
 
+    /// CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE: what a command
+    /// whose ring entry was malformed gets.
+    pub fn internal_failure() -> Self {
+        Self::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None)
+    }
+
+    /// CHECK CONDITION, ABORTED COMMAND / COMMAND TIMEOUT BEFORE PROCESSING: a command
+    /// that waited too long for a worker (its device's backend is slow or hung).
+    pub fn timed_out() -> Self {
+        Self::check(
+            key::ABORTED_COMMAND,
+            asc::COMMAND_TIMEOUT_BEFORE_PROCESSING,
+            None,
+        )
+    }
+
     fn illegal(a: (u8, u8)) -> Self {
         Self::check(key::ILLEGAL_REQUEST, a, None)
     }

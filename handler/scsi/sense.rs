@@ -19,6 +19,8 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     /// UNIT ATTENTION.
     pub const UNIT_ATTENTION: u8 = 0x6;
+    /// ABORTED COMMAND.
+    pub const ABORTED_COMMAND: u8 = 0xb;
     /// COPY ABORTED.
     pub const COPY_ABORTED: u8 = 0xa;
     /// MISCOMPARE.
@@ -50,6 +52,8 @@ pub mod asc {
     pub const MISCOMPARE_VERIFY: (u8, u8) = (0x1d, 0x00);
     /// CAPACITY DATA HAS CHANGED.
     pub const CAPACITY_CHANGED: (u8, u8) = (0x2a, 0x09);
+    /// COMMAND TIMEOUT BEFORE PROCESSING.
+    pub const COMMAND_TIMEOUT_BEFORE_PROCESSING: (u8, u8) = (0x2e, 0x01);
     /// INTERNAL TARGET FAILURE.
     pub const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
 }

@@ -3,11 +3,15 @@
 //! commands as the kernel's `queue_cmd_ring` would (PAD at the wrap, 1 byte kept free,
 //! data blocks, iovecs as map offsets, ids 1..65535), signals the handler through an
 //! eventfd, and reaps completions like `tcmu_handle_completions` (walking from its last
-//! cleaned offset to `cmd_tail`, finding each command by the id in the slot).
+//! cleaned offset to `cmd_tail`, finding each command by the id in the slot). The
+//! handler's doorbell can reset the ring as `action/reset_ring` does (outstanding
+//! commands completed BUSY, head = tail = 0), and the backing memory can be truncated
+//! away (the SIGBUS a removed device gives).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use lc::ring::{cdb_len, Doorbell};
 use lc::shm::{memfd, SharedMap};
@@ -33,18 +37,31 @@ pub struct Completion {
     pub data_in: Vec<u8>,
 }
 
-/// The kernel's side of one TCMU device.
-pub struct Emulator {
-    fd: OwnedFd,
-    pub map: SharedMap,
-    pub map_len: usize,
-    pub cmdr_size: u32,
-    pub data_off: u64,
+/// SAM status BUSY, what `reset_ring` 1 completes outstanding commands with.
+pub const BUSY: u8 = 0x08;
+
+/// The ring state the kernel keeps under its `cmdr_lock`.
+struct Kernel {
     head: u32,
     last_cleaned: u32,
     blocks: Vec<bool>,
     inflight: HashMap<u16, Inflight>,
     next_id: u16,
+    /// Completions the initiators got from a ring reset, returned by the next reap.
+    reset_completions: Vec<Completion>,
+    resets: u64,
+    /// Whether `action/reset_ring` exists.
+    can_reset: bool,
+}
+
+/// The kernel's side of one TCMU device.
+pub struct Emulator {
+    fd: OwnedFd,
+    pub map: Arc<SharedMap>,
+    pub map_len: usize,
+    pub cmdr_size: u32,
+    pub data_off: u64,
+    k: Arc<Mutex<Kernel>>,
     to_handler: OwnedFd,
     to_kernel: OwnedFd,
 }
@@ -53,6 +70,8 @@ pub struct Emulator {
 pub struct EmuDoorbell {
     to_handler: OwnedFd,
     to_kernel: OwnedFd,
+    k: Arc<Mutex<Kernel>>,
+    map: Arc<SharedMap>,
 }
 
 impl Doorbell for EmuDoorbell {
@@ -71,6 +90,33 @@ impl Doorbell for EmuDoorbell {
         rustix::io::write(&self.to_kernel, &1u64.to_ne_bytes())?;
         Ok(())
     }
+    /// `tcmu_reset_ring(udev, 1)`: every outstanding command completes BUSY, its data
+    /// blocks are freed, `cmd_head` = `cmd_tail` = 0.
+    fn reset_ring(&self) -> std::io::Result<bool> {
+        let mut k = self.k.lock().unwrap();
+        if !k.can_reset {
+            return Ok(false);
+        }
+        let ids: Vec<u16> = k.inflight.keys().copied().collect();
+        for id in ids {
+            let inf = k.inflight.remove(&id).unwrap();
+            for b in inf.blocks {
+                k.blocks[b] = false;
+            }
+            k.reset_completions.push(Completion {
+                cmd_id: id,
+                status: BUSY,
+                sense: vec![0u8; 96],
+                data_in: Vec::new(),
+            });
+        }
+        k.head = 0;
+        k.last_cleaned = 0;
+        k.resets += 1;
+        self.map.store_release_u32(12, 0).unwrap();
+        self.map.store_release_u32(64, 0).unwrap();
+        Ok(true)
+    }
 }
 
 fn eventfd() -> OwnedFd {
@@ -88,7 +134,7 @@ impl Emulator {
         assert_eq!(data_off % BLOCK, 0, "data area must be page aligned");
         let map_len = (data_off + data_size) as usize;
         let fd = memfd("tcmu-emulator", map_len as u64).unwrap();
-        let map = SharedMap::map(fd.as_fd(), map_len).unwrap();
+        let map = Arc::new(SharedMap::map(fd.as_fd(), map_len).unwrap());
         map.write_u16(0, 2).unwrap();
         map.write_u16(2, flags).unwrap();
         map.write_u32(4, CMDR_OFF as u32).unwrap();
@@ -99,11 +145,16 @@ impl Emulator {
             map_len,
             cmdr_size,
             data_off,
-            head: 0,
-            last_cleaned: 0,
-            blocks: vec![false; (data_size / BLOCK) as usize],
-            inflight: HashMap::new(),
-            next_id: 1,
+            k: Arc::new(Mutex::new(Kernel {
+                head: 0,
+                last_cleaned: 0,
+                blocks: vec![false; (data_size / BLOCK) as usize],
+                inflight: HashMap::new(),
+                next_id: 1,
+                reset_completions: Vec::new(),
+                resets: 0,
+                can_reset: true,
+            })),
             to_handler: eventfd(),
             to_kernel: eventfd(),
         }
@@ -124,7 +175,32 @@ impl Emulator {
         EmuDoorbell {
             to_handler: self.to_handler.try_clone().unwrap(),
             to_kernel: self.to_kernel.try_clone().unwrap(),
+            k: self.k.clone(),
+            map: self.map.clone(),
         }
+    }
+
+    /// How many times the handler had the ring reset.
+    pub fn resets(&self) -> u64 {
+        self.k.lock().unwrap().resets
+    }
+
+    /// Makes `action/reset_ring` absent (an old kernel).
+    pub fn set_can_reset(&self, on: bool) {
+        self.k.lock().unwrap().can_reset = on;
+    }
+
+    /// Shrinks the memory behind the mapping to nothing, as a removed device leaves
+    /// it: every later access to either side's mapping raises SIGBUS.
+    pub fn truncate_backing(&self) {
+        std::fs::File::from(self.fd.try_clone().unwrap())
+            .set_len(0)
+            .unwrap();
+    }
+
+    /// Raises the handler's event without queueing anything.
+    pub fn ring_doorbell(&self) {
+        self.kick_handler();
     }
 
     /// The fd the emulator watches for the handler's kicks.
@@ -132,13 +208,13 @@ impl Emulator {
         &self.to_kernel
     }
 
-    fn used(&self) -> u32 {
-        (self.head + self.cmdr_size - self.last_cleaned) % self.cmdr_size
+    fn used(&self, k: &Kernel) -> u32 {
+        (k.head + self.cmdr_size - k.last_cleaned) % self.cmdr_size
     }
 
-    fn alloc_blocks(&mut self, bytes: usize) -> Option<Vec<usize>> {
+    fn alloc_blocks(k: &mut Kernel, bytes: usize) -> Option<Vec<usize>> {
         let need = bytes.div_ceil(BLOCK as usize);
-        let free: Vec<usize> = self
+        let free: Vec<usize> = k
             .blocks
             .iter()
             .enumerate()
@@ -150,7 +226,7 @@ impl Emulator {
             return None;
         }
         for &b in &free {
-            self.blocks[b] = true;
+            k.blocks[b] = true;
         }
         Some(free)
     }
@@ -176,24 +252,24 @@ impl Emulator {
 
     /// Reserves `len` bytes of ring at the head (writing a PAD if it would wrap);
     /// returns the entry's ring offset, or None if the ring is full.
-    fn reserve(&mut self, len: u32) -> Option<u32> {
-        let to_end = self.cmdr_size - self.head;
+    fn reserve(&self, k: &mut Kernel, len: u32) -> Option<u32> {
+        let to_end = self.cmdr_size - k.head;
         let pad = if to_end < len { to_end } else { 0 };
-        if self.cmdr_size - self.used() - 1 < pad + len {
+        if self.cmdr_size - self.used(k) - 1 < pad + len {
             return None;
         }
         if pad > 0 {
-            let e = CMDR_OFF + self.head as u64;
+            let e = CMDR_OFF + k.head as u64;
             self.map.fill(e, 8, 0).unwrap();
             self.map.write_u32(e, pad).unwrap(); // op PAD = 0
-            self.head = 0;
+            k.head = 0;
         }
-        Some(self.head)
+        Some(k.head)
     }
 
-    fn publish_head(&mut self, at: u32, len: u32) {
-        self.head = (at + len) % self.cmdr_size;
-        self.map.store_release_u32(12, self.head).unwrap();
+    fn publish_head(&self, k: &mut Kernel, at: u32, len: u32) {
+        k.head = (at + len) % self.cmdr_size;
+        self.map.store_release_u32(12, k.head).unwrap();
         self.kick_handler();
     }
 
@@ -201,22 +277,24 @@ impl Emulator {
     /// `data_in_len` bytes of Data-In. Returns its id, or None when the ring or the
     /// data area is full (the kernel would queue it internally).
     pub fn submit(&mut self, cdb: &[u8], data_out: &[u8], data_in_len: usize) -> Option<u16> {
+        let k = self.k.clone();
+        let mut k = k.lock().unwrap();
         let bytes = data_out.len().max(data_in_len);
-        let blocks = self.alloc_blocks(bytes)?;
+        let blocks = Self::alloc_blocks(&mut k, bytes)?;
         let iovs = self.iovs_for(&blocks, bytes);
         let base = (48 + 16 * iovs.len() as u32).max(112);
         let len = base + (cdb.len() as u32).div_ceil(8) * 8;
-        let Some(at) = self.reserve(len) else {
+        let Some(at) = self.reserve(&mut k, len) else {
             for &b in &blocks {
-                self.blocks[b] = false;
+                k.blocks[b] = false;
             }
             return None;
         };
-        let id = self.next_id;
-        self.next_id = if self.next_id == u16::MAX {
+        let id = k.next_id;
+        k.next_id = if k.next_id == u16::MAX {
             1
         } else {
-            self.next_id + 1
+            k.next_id + 1
         };
         let e = CMDR_OFF + at as u64;
         self.map.fill(e, len as u64, 0).unwrap();
@@ -235,7 +313,7 @@ impl Emulator {
             self.map.write(*o, &data_out[pos..pos + n]).unwrap();
             pos += n;
         }
-        self.inflight.insert(
+        k.inflight.insert(
             id,
             Inflight {
                 blocks,
@@ -243,22 +321,49 @@ impl Emulator {
                 data_in_len,
             },
         );
-        self.publish_head(at, len);
+        self.publish_head(&mut k, at, len);
         Some(id)
     }
 
     /// Writes raw entry bytes (for malformed-entry tests) and publishes them.
     pub fn submit_raw(&mut self, entry: &[u8]) {
+        let k = self.k.clone();
+        let mut k = k.lock().unwrap();
         let len = entry.len() as u32;
-        let at = self.reserve(len).expect("ring space");
+        let at = self.reserve(&mut k, len).expect("ring space");
         self.map.write(CMDR_OFF + at as u64, entry).unwrap();
-        self.publish_head(at, len);
+        self.publish_head(&mut k, at, len);
+    }
+
+    /// Writes a raw CMD entry the kernel knows as a command (a fresh id is written
+    /// into it and expected back on completion); returns the id.
+    pub fn submit_raw_cmd(&mut self, entry: &[u8]) -> u16 {
+        let id = {
+            let mut k = self.k.lock().unwrap();
+            let id = k.next_id;
+            k.next_id = if id == u16::MAX { 1 } else { id + 1 };
+            k.inflight.insert(
+                id,
+                Inflight {
+                    blocks: Vec::new(),
+                    iovs: Vec::new(),
+                    data_in_len: 0,
+                },
+            );
+            id
+        };
+        let mut e = entry.to_vec();
+        e[4..6].copy_from_slice(&id.to_ne_bytes());
+        self.submit_raw(&e);
+        id
     }
 
     /// Queues a TMR notification listing `ids`; false when the ring is full.
     pub fn submit_tmr(&mut self, tmr_type: u8, ids: &[u16]) -> bool {
+        let k = self.k.clone();
+        let mut k = k.lock().unwrap();
         let len = (32 + 2 * ids.len() as u32).div_ceil(8) * 8;
-        let Some(at) = self.reserve(len) else {
+        let Some(at) = self.reserve(&mut k, len) else {
             return false;
         };
         let e = CMDR_OFF + at as u64;
@@ -269,13 +374,13 @@ impl Emulator {
         for (i, id) in ids.iter().enumerate() {
             self.map.write_u16(e + 32 + 2 * i as u64, *id).unwrap();
         }
-        self.publish_head(at, len);
+        self.publish_head(&mut k, at, len);
         true
     }
 
     /// Commands queued and not reaped.
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.k.lock().unwrap().inflight.len()
     }
 
     /// Processes completions up to the handler's `cmd_tail` (what the kernel does on
@@ -283,16 +388,18 @@ impl Emulator {
     pub fn reap(&mut self) -> Vec<Completion> {
         let mut b = [0u8; 8];
         let _ = rustix::io::read(&self.to_kernel, &mut b);
+        let k = self.k.clone();
+        let mut k = k.lock().unwrap();
         let tail = self.map.load_acquire_u32(64).unwrap();
-        let mut out = Vec::new();
-        while self.last_cleaned != tail {
-            let e = CMDR_OFF + self.last_cleaned as u64;
+        let mut out = std::mem::take(&mut k.reset_completions);
+        while k.last_cleaned != tail {
+            let e = CMDR_OFF + k.last_cleaned as u64;
             let len_op = self.map.read_u32(e).unwrap();
             let len = len_op & !7;
-            assert!(len >= 8, "zero-length entry at {}", self.last_cleaned);
+            assert!(len >= 8, "zero-length entry at {}", k.last_cleaned);
             if len_op & 7 == 1 {
                 let id = self.map.read_u16(e + 4).unwrap();
-                let inf = self
+                let inf = k
                     .inflight
                     .remove(&id)
                     .unwrap_or_else(|| panic!("cmd_id {id} not found, ring is broken"));
@@ -316,7 +423,7 @@ impl Emulator {
                 }
                 data_in.truncate(n);
                 for b in inf.blocks {
-                    self.blocks[b] = false;
+                    k.blocks[b] = false;
                 }
                 out.push(Completion {
                     cmd_id: id,
@@ -325,7 +432,7 @@ impl Emulator {
                     data_in,
                 });
             }
-            self.last_cleaned = (self.last_cleaned + len) % self.cmdr_size;
+            k.last_cleaned = (k.last_cleaned + len) % self.cmdr_size;
         }
         out
     }

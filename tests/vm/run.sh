@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-damage lc-powercut)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-damage lc-isolation lc-reboot lc-powercut)
 results=${LC_VM_RESULTS:-$top/target/vm-results}
 log() { echo "[vm $(date +%T)] $*" >&2; }
 t0=$(date +%s)
@@ -65,15 +65,20 @@ t_boot=$(date +%s)
 set +e
 boot
 qrc=$?
-# A scenario that ends in a hard power-off continues in a second boot on the same disks.
-if printf '%s\n' "${scenarios[@]}" | grep -qx lc-powercut; then
-    log "second boot after the power cut"
+# A scenario X with a second half (scenarios/X-2.sh: a hard power-off, a reboot)
+# continues in a second boot on the same disks and payload.
+second=()
+for s in "${scenarios[@]}"; do
+    [ -f "$here/scenarios/$s-2.sh" ] && second+=("$s-2")
+done
+if [ ${#second[@]} -gt 0 ]; then
+    log "second boot for: ${second[*]}"
     mv "$payload/results/serial.log" "$payload/results/serial-boot1.log"
     mv "$payload/results/console.log" "$payload/results/console-boot1.log" 2>/dev/null
-    echo lc-powercut-2 >"$payload/scenarios.list"
+    printf '%s\n' "${second[@]}" >"$payload/scenarios.list"
     boot
     qrc=$?
-    scenarios+=(lc-powercut-2)
+    scenarios+=("${second[@]}")
 fi
 set -e
 t_end=$(date +%s)

@@ -69,17 +69,27 @@ pub fn backings(devs: &[Arc<dyn BlockDevice>]) -> Vec<Backing> {
         .collect()
 }
 
+/// Segment size of a formatted cache device.
+pub fn segment_bytes(cache: &dyn BlockDevice) -> u64 {
+    lc_cache::probe(cache)
+        .unwrap()
+        .expect("formatted")
+        .geometry
+        .segment_size as u64
+}
+
 pub fn open(
     cache: Arc<dyn BlockDevice>,
     devs: &[Arc<dyn BlockDevice>],
     t: Tunables,
     bufs: usize,
 ) -> Cache {
+    let ram_bytes = bufs as u64 * segment_bytes(cache.as_ref());
     Cache::open(
         cache,
         backings(devs),
         OpenOptions {
-            ram_buffers: Some(bufs),
+            ram_bytes,
             tunables: t,
             ..Default::default()
         },

@@ -16,6 +16,24 @@ if targetcli /backstores/user:lc create name=bad size=1G cfgstring=nope >/tmp/ba
 fi
 cat /tmp/bad.txt
 grep -q "no lun" /tmp/bad.txt || fail "targetcli did not show CheckConfig's message"
+step "local users: CheckConfig and the control socket are root's"
+mode=$(stat -c %a /run/lc/control.sock)
+[ "$mode" = 600 ] || fail "control socket has mode $mode"
+nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+if nobody dbus-send --system --print-reply --dest=org.kernel.TCMUService1 /org/kernel/TCMUService1/lc \
+    org.kernel.TCMUService1.CheckConfig string:lc/disk0 >/tmp/nobody.txt 2>&1; then
+    cat /tmp/nobody.txt; fail "a non-root user called CheckConfig"
+fi
+cat /tmp/nobody.txt
+# The image has tcmu-runner's policy too (it allows the call), so either the bus or
+# the daemon refuses, depending on the order dbus-daemon read the two files.
+grep -q AccessDenied /tmp/nobody.txt || fail "CheckConfig from a non-root user not refused with AccessDenied"
+nobody dbus-send --system --print-reply --dest=org.kernel.TCMUService1 /org/kernel/TCMUService1 \
+    org.freedesktop.DBus.ObjectManager.GetManagedObjects | grep -q /org/kernel/TCMUService1/lc \
+    || fail "a non-root user cannot list the handler"
+if nobody "$(command -v lc)" status >/tmp/nobody.txt 2>&1; then cat /tmp/nobody.txt; fail "a non-root user used the control socket"; fi
+cat /tmp/nobody.txt
+grep -q "cannot reach the lc daemon.*Permission denied" /tmp/nobody.txt || fail "lc status as a non-root user did not fail on the socket's mode"
 step "create disk0"
 targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0
 lc status

@@ -53,8 +53,18 @@ lc check /dev/vdb >/tmp/check.out && { cat /tmp/check.out; fail "lc check calls 
 cat /tmp/check.out
 grep -q "DAMAGE: segment" /tmp/check.out || fail "lc check does not name the damaged segment"
 
-step "restart lc; read every block"
-start_lc
+step "restart lc (told to notify readiness like systemd's Type=notify); read every block"
+rm -f /tmp/notify.sock /tmp/notify.out
+python3 -c '
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/tmp/notify.sock"); s.settimeout(120)
+print(s.recv(4096).decode(), flush=True)' >/tmp/notify.out &
+notify_pid=$!
+for _ in $(seq 50); do [ -S /tmp/notify.sock ] && break; sleep 0.1; done
+NOTIFY_SOCKET=/tmp/notify.sock start_lc
+wait "$notify_pid" || fail "no sd_notify message"
+grep -qx "READY=1" /tmp/notify.out || { cat /tmp/notify.out; fail "lc did not notify READY=1"; }
 for _ in $(seq 50); do lc status | grep -q uio && break; sleep 0.2; done
 lc status | tee /tmp/status.out
 grep -q DAMAGED /tmp/status.out || fail "lc status does not show the damage"
@@ -82,4 +92,17 @@ for b in $(seq 64 127); do
         || fail "block $b unreadable after accept-loss"
 done
 lc status | grep -q DAMAGED && fail "still DAMAGED after accept-loss"
+
+step "after a clean stop, enabling a user: device through configfs does not hang"
+stop_lc
+d=/sys/kernel/config/target/core/user_9/late
+mkdir -p "$d"
+echo -n "dev_config=lc/disk0" >"$d/control"
+echo -n "dev_size=16777216" >"$d/control"
+( echo 1 >"$d/enable" ) &
+enable_pid=$!
+for _ in $(seq 100); do kill -0 "$enable_pid" 2>/dev/null || break; sleep 0.2; done
+kill -0 "$enable_pid" 2>/dev/null && fail "enable hangs after lc stopped (netlink replies left on)"
+rmdir "$d" || fail "cannot remove the device enabled without a daemon"
+rmdir "$(dirname "$d")" || true
 echo "lc-damage ok"

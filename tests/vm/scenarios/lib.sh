@@ -28,11 +28,13 @@ stop_lc() {
     fail "lc serve did not stop"
 }
 
-# The /dev/sdX of the loopback LUN whose SCSI model is $1.
+# The /dev/sdX of the loopback LUN whose SCSI model is $1, other than the devices
+# named after it (a second LUN of the same model).
 lun_dev() {
     local model=$1 d
+    shift
     for _ in $(seq 100); do
-        d=$(lsscsi | awk -v m="$model" '$3 == "LIO-ORG" && $4 == m {print $NF}' | head -1)
+        d=$(lsscsi | awk -v m="$model" '$3 == "LIO-ORG" && $4 == m {print $NF}' | grep -vxF -e "${1:-/none}" -e "${2:-/none}" | head -1 || true)
         if [ -n "$d" ] && [ -b "$d" ]; then echo "$d"; return 0; fi
         sleep 0.2
     done
