@@ -674,9 +674,15 @@ fn make_device(
     let serial = cfs
         .unit_serial(u.hba, &u.name)
         .unwrap_or_else(|| u.name.clone());
-    let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
-    lc.max_transfer_blocks = max_sectors;
     let map_size = uio::map_size(&paths.sysfs, &u.uio).map_err(|e| e.to_string())?;
+    let mut lc = LunConfig::new(&serial, bs, size / bs as u64);
+    // hw_max_sectors is only LIO's advice (the optimal length); the kernel hands over
+    // any command that fits the data area, which is the map less the ring (<= 8 MiB).
+    lc.opt_transfer_blocks = max_sectors;
+    lc.max_transfer_blocks = crate::scsi::max_transfer_for_data_area(
+        (map_size as u64).saturating_sub(crate::scsi::MAX_RING_AREA),
+        bs,
+    );
     let (map, mut bell) =
         uio::open(&paths.dev, &u.uio, map_size, busy_wait).map_err(|e| e.to_string())?;
     bell.set_actions(cfs.dir(u.hba, &u.name).join("action"));

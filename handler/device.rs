@@ -118,6 +118,8 @@ impl Device {
         info!(log, "device attached"; "device" => name, "blocks" => lun.num_blocks(),
               "block_size" => lun.cfg.block_size, "out_of_order" => ring.out_of_order(),
               "ring" => ring.describe());
+        // A copy target of EXTENDED COPY commands to any LUN of this daemon.
+        scsi::xcopy::register(&lun, &backend);
         Device {
             name: name.to_string(),
             ring,

@@ -210,13 +210,13 @@ fn scsi_commands_through_the_ring_reach_the_cache_and_survive_reopen() {
     let mut emu = Emulator::small(FLAG_OOOC | FLAG_READ_LEN);
     let served = Served::start(vec![device(&emu, &cache, "disk0")]);
 
-    let inq = submit(&mut emu, &[0x12, 0, 0, 0, 96, 0], &[], 96);
+    let inq = submit(&mut emu, &[0x12, 0, 0, 0, 128, 0], &[], 128);
     let c = &wait_for(&mut emu, &[inq])[0];
     assert_eq!(c.status, 0);
     assert_eq!(&c.data_in[8..15], b"LIO-ORG");
     assert_eq!(
         c.data_in.len(),
-        36,
+        96,
         "READ_LEN trims Data-In to what INQUIRY produced"
     );
 
@@ -250,6 +250,39 @@ fn scsi_commands_through_the_ring_reach_the_cache_and_survive_reopen() {
             );
         }
     }
+    // A READ whose Data-In buffer is shorter than its transfer fills what fits and
+    // completes GOOD; COMPARE AND WRITE compares, writes, and reports a miscompare.
+    let id = submit(&mut emu, &rw10(0x28, 0, 2, 0), &[], 512);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert_eq!(
+        (c.status, &c.data_in[..]),
+        (0, &model[..512]),
+        "seed {seed}"
+    );
+    let mut caw = rw16(0x89, 3, 0, 0);
+    caw[13] = 1;
+    let new = vec![0xc5u8; 512];
+    let id = submit(
+        &mut emu,
+        &caw,
+        &[&model[3 * 512..4 * 512], &new[..]].concat(),
+        0,
+    );
+    assert_eq!(wait_for(&mut emu, &[id])[0].status, 0, "seed {seed}: CAW");
+    model[3 * 512..4 * 512].copy_from_slice(&new);
+    let mut stale = new.clone();
+    stale[100] ^= 1;
+    let id = submit(&mut emu, &caw, &[&stale[..], &[0u8; 512][..]].concat(), 0);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert_eq!(
+        (c.status, c.sense[2], c.sense[12]),
+        (2, 0x0e, 0x1d),
+        "MISCOMPARE"
+    );
+    assert_eq!(
+        (c.sense[0] & 0x80, &c.sense[3..7]),
+        (0x80, &[0, 0, 0, 100][..])
+    );
     let sync = submit(&mut emu, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
     assert_eq!(wait_for(&mut emu, &[sync])[0].status, 0);
     // Out-of-range and unknown commands get sense, the device keeps serving.

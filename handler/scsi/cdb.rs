@@ -104,8 +104,36 @@ pub enum Cdb {
         lba: u64,
         /// Number of blocks.
         blocks: u64,
-        /// BYTCHK field.
+        /// BYTCHK field: 0 medium check only, 1 compare with Data-Out, 3 compare
+        /// every block with the one Data-Out block.
         bytchk: u8,
+    },
+    /// WRITE AND VERIFY (10/12/16).
+    WriteVerify {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u64,
+        /// BYTCHK field: 0 read back only, 1 read back and compare with Data-Out.
+        bytchk: u8,
+    },
+    /// COMPARE AND WRITE.
+    CompareAndWrite {
+        /// First block.
+        lba: u64,
+        /// Number of blocks compared, then written.
+        blocks: u64,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// GET LBA STATUS (SERVICE ACTION IN (16)).
+    GetLbaStatus {
+        /// First block reported.
+        lba: u64,
+        /// Allocation length.
+        alloc: usize,
+        /// REPORT TYPE (SBC-4): 0 all, 1 not mapped, 2 mapped, 3 deallocated, 4 anchored.
+        report_type: u8,
     },
     /// REPORT SUPPORTED OPERATION CODES.
     ReportOpcodes {
@@ -115,6 +143,18 @@ pub enum Cdb {
         opcode: u8,
         /// Requested service action.
         sa: u16,
+        /// Return command timeouts descriptors.
+        rctd: bool,
+        /// Allocation length.
+        alloc: usize,
+    },
+    /// EXTENDED COPY (LID1).
+    ExtendedCopy {
+        /// Parameter list length.
+        len: usize,
+    },
+    /// RECEIVE COPY RESULTS, OPERATING PARAMETERS.
+    ReceiveCopyOperatingParameters {
         /// Allocation length.
         alloc: usize,
     },
@@ -139,6 +179,7 @@ pub mod op {
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
+    pub const WRITE_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
@@ -146,7 +187,11 @@ pub mod op {
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const WRITE_16: u8 = 0x8a;
+    pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
@@ -155,44 +200,124 @@ pub mod op {
     pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const READ_12: u8 = 0xa8;
     pub const WRITE_12: u8 = 0xaa;
+    pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
+    pub const SA_GET_LBA_STATUS: u8 = 0x12;
+    pub const SA_EXTENDED_COPY_LID1: u8 = 0x00;
+    pub const SA_RECEIVE_COPY_OPERATING_PARAMETERS: u8 = 0x03;
     pub const SA_REPORT_OPCODES: u8 = 0x0c;
 }
 
-/// Every (opcode, service action, CDB length) we implement, for REPORT SUPPORTED
-/// OPERATION CODES.
-pub const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
-    (op::TEST_UNIT_READY, None, 6),
-    (op::REQUEST_SENSE, None, 6),
-    (op::READ_6, None, 6),
-    (op::WRITE_6, None, 6),
-    (op::INQUIRY, None, 6),
-    (op::MODE_SELECT_6, None, 6),
-    (op::MODE_SENSE_6, None, 6),
-    (op::START_STOP_UNIT, None, 6),
-    (op::READ_CAPACITY_10, None, 10),
-    (op::READ_10, None, 10),
-    (op::WRITE_10, None, 10),
-    (op::VERIFY_10, None, 10),
-    (op::SYNCHRONIZE_CACHE_10, None, 10),
-    (op::WRITE_SAME_10, None, 10),
-    (op::UNMAP, None, 10),
-    (op::MODE_SELECT_10, None, 10),
-    (op::MODE_SENSE_10, None, 10),
-    (op::READ_16, None, 16),
-    (op::WRITE_16, None, 16),
-    (op::VERIFY_16, None, 16),
-    (op::SYNCHRONIZE_CACHE_16, None, 16),
-    (op::WRITE_SAME_16, None, 16),
-    (
-        op::SERVICE_ACTION_IN_16,
-        Some(op::SA_READ_CAPACITY_16 as u16),
-        16,
+/// One command we implement, for REPORT SUPPORTED OPERATION CODES.
+#[derive(Clone, Copy, Debug)]
+pub struct Supported {
+    /// Operation code.
+    pub opcode: u8,
+    /// Service action, for commands that have them.
+    pub sa: Option<u16>,
+    /// CDB USAGE DATA (SPC-4 6.35.3): the CDB length, with a bit set for every CDB bit
+    /// this implementation looks at (byte 0 the opcode, the service action in place).
+    pub usage: &'static [u8],
+}
+
+const fn cmd(opcode: u8, usage: &'static [u8]) -> Supported {
+    Supported {
+        opcode,
+        sa: None,
+        usage,
+    }
+}
+
+const fn sa_cmd(opcode: u8, sa: u8, usage: &'static [u8]) -> Supported {
+    Supported {
+        opcode,
+        sa: Some(sa as u16),
+        usage,
+    }
+}
+
+const F: u8 = 0xff;
+
+/// Every command we implement. The control byte reads 0: NACA is not supported.
+pub const SUPPORTED: &[Supported] = &[
+    cmd(op::TEST_UNIT_READY, &[0x00, 0, 0, 0, 0, 0]),
+    cmd(op::REQUEST_SENSE, &[0x03, 0, 0, 0, F, 0]),
+    cmd(op::READ_6, &[0x08, 0x1f, F, F, F, 0]),
+    cmd(op::WRITE_6, &[0x0a, 0x1f, F, F, F, 0]),
+    cmd(op::INQUIRY, &[0x12, 0x01, F, F, F, 0]),
+    cmd(op::MODE_SELECT_6, &[0x15, 0x11, 0, 0, F, 0]),
+    cmd(op::MODE_SENSE_6, &[0x1a, 0x08, F, F, F, 0]),
+    cmd(op::START_STOP_UNIT, &[0x1b, 0, 0, 0, 0, 0]),
+    cmd(op::READ_CAPACITY_10, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    cmd(op::READ_10, &[0x28, 0x18, F, F, F, F, 0, F, F, 0]),
+    cmd(op::WRITE_10, &[0x2a, 0x18, F, F, F, F, 0, F, F, 0]),
+    cmd(op::WRITE_VERIFY_10, &[0x2e, 0x12, F, F, F, F, 0, F, F, 0]),
+    cmd(op::VERIFY_10, &[0x2f, 0x16, F, F, F, F, 0, F, F, 0]),
+    cmd(op::SYNCHRONIZE_CACHE_10, &[0x35, 0, F, F, F, F, 0, F, F, 0]),
+    cmd(op::WRITE_SAME_10, &[0x41, 0x08, F, F, F, F, 0, F, F, 0]),
+    cmd(op::UNMAP, &[0x42, 0, 0, 0, 0, 0, 0, F, F, 0]),
+    cmd(op::MODE_SELECT_10, &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0]),
+    cmd(op::MODE_SENSE_10, &[0x5a, 0x08, F, F, 0, 0, 0, F, F, 0]),
+    sa_cmd(
+        op::EXTENDED_COPY,
+        op::SA_EXTENDED_COPY_LID1,
+        &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
     ),
-    (op::REPORT_LUNS, None, 12),
-    (op::MAINTENANCE_IN, Some(op::SA_REPORT_OPCODES as u16), 12),
-    (op::READ_12, None, 12),
-    (op::WRITE_12, None, 12),
+    sa_cmd(
+        op::RECEIVE_COPY_RESULTS,
+        op::SA_RECEIVE_COPY_OPERATING_PARAMETERS,
+        &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::READ_16,
+        &[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::COMPARE_AND_WRITE,
+        &[0x89, 0x18, F, F, F, F, F, F, F, F, 0, 0, 0, F, 0, 0],
+    ),
+    cmd(
+        op::WRITE_16,
+        &[0x8a, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::WRITE_VERIFY_16,
+        &[0x8e, 0x12, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::VERIFY_16,
+        &[0x8f, 0x16, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::SYNCHRONIZE_CACHE_16,
+        &[0x91, 0, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(
+        op::WRITE_SAME_16,
+        &[0x93, 0x09, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
+    ),
+    sa_cmd(
+        op::SERVICE_ACTION_IN_16,
+        op::SA_READ_CAPACITY_16,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+    ),
+    sa_cmd(
+        op::SERVICE_ACTION_IN_16,
+        op::SA_GET_LBA_STATUS,
+        &[0x9e, 0x12, F, F, F, F, F, F, F, F, F, F, F, F, 0x07, 0],
+    ),
+    cmd(op::REPORT_LUNS, &[0xa0, 0, F, 0, 0, 0, F, F, F, F, 0, 0]),
+    sa_cmd(
+        op::MAINTENANCE_IN,
+        op::SA_REPORT_OPCODES,
+        &[0xa3, 0x0c, 0x87, F, F, F, F, F, F, F, 0, 0],
+    ),
+    cmd(op::READ_12, &[0xa8, 0x18, F, F, F, F, F, F, F, F, 0, 0]),
+    cmd(op::WRITE_12, &[0xaa, 0x18, F, F, F, F, F, F, F, F, 0, 0]),
+    cmd(
+        op::WRITE_VERIFY_12,
+        &[0xae, 0x12, F, F, F, F, F, F, F, F, 0, 0],
+    ),
 ];
 
 /// Builds a 16-byte CDB of the READ(16)/WRITE(16) shape (LBA in bytes 2-9, length in
@@ -263,11 +388,16 @@ pub fn parse(c: &[u8]) -> Result<Cdb, (u8, u8)> {
         op::READ_CAPACITY_10 => Cdb::ReadCapacity10,
         op::SERVICE_ACTION_IN_16 => {
             need(16)?;
-            if c[1] & 0x1f != op::SA_READ_CAPACITY_16 {
-                return Err(asc::INVALID_FIELD_IN_CDB);
-            }
-            Cdb::ReadCapacity16 {
-                alloc: be(&c[10..14]) as usize,
+            match c[1] & 0x1f {
+                op::SA_READ_CAPACITY_16 => Cdb::ReadCapacity16 {
+                    alloc: be(&c[10..14]) as usize,
+                },
+                op::SA_GET_LBA_STATUS => Cdb::GetLbaStatus {
+                    lba: be(&c[2..10]),
+                    alloc: be(&c[10..14]) as usize,
+                    report_type: c[14],
+                },
+                _ => return Err(asc::INVALID_FIELD_IN_CDB),
             }
         }
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => {
@@ -393,14 +523,51 @@ pub fn parse(c: &[u8]) -> Result<Cdb, (u8, u8)> {
             } else {
                 (be(&c[2..10]), be(&c[10..14]))
             };
+            // BYTCHK 10b is reserved (SBC-4 5.29); DPO is a cache hint, accepted.
             let bytchk = (c[1] >> 1) & 0x03;
-            if bytchk > 1 {
+            if bytchk == 2 {
                 return Err(asc::INVALID_FIELD_IN_CDB);
             }
             Cdb::Verify {
                 lba,
                 blocks,
                 bytchk,
+            }
+        }
+        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => {
+            let (lba, blocks) = match opcode {
+                op::WRITE_VERIFY_10 => {
+                    need(10)?;
+                    (be(&c[2..6]), be(&c[7..9]))
+                }
+                op::WRITE_VERIFY_12 => {
+                    need(12)?;
+                    (be(&c[2..6]), be(&c[6..10]))
+                }
+                _ => {
+                    need(16)?;
+                    (be(&c[2..10]), be(&c[10..14]))
+                }
+            };
+            rw_protect(c[1])?;
+            // Only 00b and 01b are defined for WRITE AND VERIFY (SBC-4 5.41).
+            let bytchk = (c[1] >> 1) & 0x03;
+            if bytchk > 1 {
+                return Err(asc::INVALID_FIELD_IN_CDB);
+            }
+            Cdb::WriteVerify {
+                lba,
+                blocks,
+                bytchk,
+            }
+        }
+        op::COMPARE_AND_WRITE => {
+            need(16)?;
+            rw_protect(c[1])?;
+            Cdb::CompareAndWrite {
+                lba: be(&c[2..10]),
+                blocks: c[13] as u64,
+                fua: c[1] & 0x08 != 0,
             }
         }
         op::MAINTENANCE_IN => {
@@ -412,7 +579,27 @@ pub fn parse(c: &[u8]) -> Result<Cdb, (u8, u8)> {
                 options: c[2] & 0x07,
                 opcode: c[3],
                 sa: be(&c[4..6]) as u16,
+                rctd: c[2] & 0x80 != 0,
                 alloc: be(&c[6..10]) as usize,
+            }
+        }
+        op::EXTENDED_COPY => {
+            need(16)?;
+            if c[1] & 0x1f != op::SA_EXTENDED_COPY_LID1 {
+                return Err(asc::INVALID_FIELD_IN_CDB); // LID4 is not implemented
+            }
+            Cdb::ExtendedCopy {
+                len: be(&c[10..14]) as usize,
+            }
+        }
+        op::RECEIVE_COPY_RESULTS => {
+            need(16)?;
+            // Copies complete before EXTENDED COPY does: there is no status to keep.
+            if c[1] & 0x1f != op::SA_RECEIVE_COPY_OPERATING_PARAMETERS {
+                return Err(asc::INVALID_FIELD_IN_CDB);
+            }
+            Cdb::ReceiveCopyOperatingParameters {
+                alloc: be(&c[10..14]) as usize,
             }
         }
         op::REPORT_LUNS => {
@@ -480,13 +667,19 @@ mod tests {
 
     #[test]
     fn every_supported_opcode_parses_with_its_length() {
-        for &(opcode, sa, len) in SUPPORTED {
-            let mut c = vec![0u8; len];
-            c[0] = opcode;
-            if let Some(sa) = sa {
+        for s in SUPPORTED {
+            let mut c = vec![0u8; s.usage.len()];
+            c[0] = s.opcode;
+            if let Some(sa) = s.sa {
                 c[1] = sa as u8;
             }
-            assert!(parse(&c).is_ok(), "opcode {opcode:#x}");
+            assert!(parse(&c).is_ok(), "opcode {:#x}", s.opcode);
+            assert_eq!(s.usage[0], s.opcode);
+            if let Some(sa) = s.sa {
+                assert_eq!(s.usage[1] & 0x1f, sa as u8, "usage data carries the SA");
+            }
+            // The parser reads no more bytes than the reported CDB length.
+            assert!(parse(&c[..c.len() - 1]).is_err() || c.len() <= 6 || s.opcode == 0x25);
         }
     }
 }

@@ -5,8 +5,10 @@
 
 pub mod cdb;
 pub mod sense;
+pub mod xcopy;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use cdb::{op, Cdb, SUPPORTED};
 use sense::{asc, key, CHECK_CONDITION, GOOD};
@@ -85,6 +87,23 @@ impl BlockBackend for NonBlocking<'_> {
     }
 }
 
+/// The TCMU data area of a device created with default attributes (`max_data_area_mb`
+/// 1024).
+pub const DEFAULT_DATA_AREA: u64 = 1 << 30;
+
+/// The TCMU command ring's largest size (`cmd_ring_size_mb` is capped at 8 MiB): the
+/// data area of a map is at least its size minus this.
+pub const MAX_RING_AREA: u64 = 8 << 20;
+
+/// The largest transfer, in blocks, of a device whose TCMU data area is `data_area`
+/// bytes: `queue_cmd_ring` refuses (INVALID FIELD IN CDB) any command whose data does
+/// not fit the data area, and hands over every other one, whatever `hw_max_sectors`
+/// says (user backstores parse CDBs with `passthrough_parse_cdb`, which checks no
+/// transfer length).
+pub fn max_transfer_for_data_area(data_area: u64, block_size: u32) -> u32 {
+    (data_area / block_size.max(1) as u64).min(u32::MAX as u64) as u32
+}
+
 /// Static description of a LUN.
 #[derive(Clone, Debug)]
 pub struct LunConfig {
@@ -100,8 +119,16 @@ pub struct LunConfig {
     pub block_size: u32,
     /// Capacity in blocks.
     pub num_blocks: u64,
-    /// Largest transfer in blocks (from `hw_max_sectors`).
+    /// MAXIMUM TRANSFER LENGTH reported in the Block Limits page, in blocks: what the
+    /// kernel can hand over in one command (the TCMU data area; see
+    /// [`max_transfer_for_data_area`]). Larger transfers are not refused here either:
+    /// the kernel already refuses commands that do not fit its data area.
     pub max_transfer_blocks: u32,
+    /// OPTIMAL TRANSFER LENGTH in blocks (the backstore's `hw_max_sectors`, which LIO
+    /// itself also reports as optimal); at most `max_transfer_blocks`.
+    pub opt_transfer_blocks: u32,
+    /// MAXIMUM COMPARE AND WRITE LENGTH in blocks (1..=255).
+    pub max_compare_write_blocks: u8,
     /// Largest UNMAP / WRITE SAME range in blocks.
     pub max_unmap_blocks: u32,
     /// Largest number of UNMAP block descriptors.
@@ -120,7 +147,9 @@ impl LunConfig {
             serial: serial.into(),
             block_size,
             num_blocks,
-            max_transfer_blocks: (8 << 20) / block_size,
+            max_transfer_blocks: max_transfer_for_data_area(DEFAULT_DATA_AREA, block_size),
+            opt_transfer_blocks: 128,
+            max_compare_write_blocks: 255,
             max_unmap_blocks: (1 << 30) / block_size,
             max_unmap_descriptors: 256,
             rotation_rate: 1,
@@ -137,6 +166,10 @@ pub struct LunState {
     wce: AtomicBool,
     blocks: AtomicU64,
     capacity_changed: AtomicBool,
+    /// Commands that touch the medium hold it shared; COMPARE AND WRITE holds it
+    /// exclusive, so no other command's data moves between its compare and its write.
+    /// The event loop only ever tries it ([`try_execute`]); workers wait for it.
+    io: RwLock<()>,
 }
 
 impl LunState {
@@ -147,6 +180,7 @@ impl LunState {
             cfg,
             wce: AtomicBool::new(true),
             capacity_changed: AtomicBool::new(false),
+            io: RwLock::new(()),
         }
     }
 
@@ -233,17 +267,63 @@ impl ScsiResponse {
     }
 }
 
+/// How a command holds the LUN's I/O lock.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Access {
+    /// No medium access.
+    None,
+    /// Reads or writes the medium: any number at once.
+    Shared,
+    /// Compare-then-write: alone.
+    Exclusive,
+}
+
+fn access(cmd: &Cdb) -> Access {
+    match cmd {
+        Cdb::Read { .. }
+        | Cdb::Write { .. }
+        | Cdb::SyncCache { .. }
+        | Cdb::WriteSame { .. }
+        | Cdb::Unmap { .. }
+        | Cdb::Verify { .. }
+        | Cdb::WriteVerify { .. } => Access::Shared,
+        Cdb::CompareAndWrite { .. } => Access::Exclusive,
+        _ => Access::None,
+    }
+}
+
+/// A held I/O lock (dropped at the end of the command).
+#[allow(dead_code)] // held for its Drop
+enum Held<'a> {
+    None,
+    Shared(RwLockReadGuard<'a, ()>),
+    Exclusive(RwLockWriteGuard<'a, ()>),
+}
+
+/// Takes the lock `a` needs: waiting for it when `wait`, else `None` if it is taken.
+fn lock(io: &RwLock<()>, a: Access, wait: bool) -> Option<Held<'_>> {
+    fn tried<G>(r: Result<G, TryLockError<G>>) -> Option<G> {
+        match r {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+    Some(match (a, wait) {
+        (Access::None, _) => Held::None,
+        (Access::Shared, true) => Held::Shared(io.read().unwrap_or_else(PoisonError::into_inner)),
+        (Access::Shared, false) => Held::Shared(tried(io.try_read())?),
+        (Access::Exclusive, true) => {
+            Held::Exclusive(io.write().unwrap_or_else(PoisonError::into_inner))
+        }
+        (Access::Exclusive, false) => Held::Exclusive(tried(io.try_write())?),
+    })
+}
+
 /// True when the command touches the backend (and may block): run it on a worker.
 pub fn needs_backend(cdb: &[u8]) -> bool {
-    matches!(
-        cdb::parse(cdb),
-        Ok(Cdb::Read { .. }
-            | Cdb::Write { .. }
-            | Cdb::SyncCache { .. }
-            | Cdb::WriteSame { .. }
-            | Cdb::Unmap { .. }
-            | Cdb::Verify { bytchk: 1, .. })
-    )
+    cdb::parse(cdb)
+        .is_ok_and(|c| access(&c) != Access::None || matches!(c, Cdb::ExtendedCopy { .. }))
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {
@@ -262,9 +342,11 @@ fn truncate(mut v: Vec<u8>, alloc: usize) -> Vec<u8> {
 }
 
 /// Executes one command if that needs no blocking backend call (a read served from
-/// RAM, a plain write with a free RAM buffer, or no I/O at all); `None` otherwise, and
-/// the command is then run with [`execute`] where blocking is allowed. A command cut
-/// short here may have written part of its data; `execute` writes it all again.
+/// RAM, a plain write with a free RAM buffer, or no I/O at all) and the LUN's I/O lock
+/// is free; `None` otherwise, and the command is then run with [`execute`] where
+/// blocking is allowed. A command cut short here may have written part of its data;
+/// `execute` writes it all again. COMPARE AND WRITE never runs here: cut short after
+/// its write had begun, it would compare against its own data when run again.
 pub fn try_execute(
     lun: &LunState,
     cdb_bytes: &[u8],
@@ -272,15 +354,22 @@ pub fn try_execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> Option<ScsiResponse> {
+    // EXTENDED COPY waits for other LUNs' I/O locks: never on the loop thread.
+    if matches!(
+        cdb_bytes.first(),
+        Some(&(op::COMPARE_AND_WRITE | op::EXTENDED_COPY))
+    ) {
+        return None;
+    }
     let nb = NonBlocking {
         be,
         blocked: Default::default(),
     };
-    let r = execute(lun, cdb_bytes, data_out, data_in_len, &nb);
+    let r = run(lun, cdb_bytes, data_out, data_in_len, &nb, false)?;
     (!nb.blocked.into_inner()).then_some(r)
 }
 
-/// Executes one command.
+/// Executes one command (waiting for the LUN's I/O lock and the backend).
 pub fn execute(
     lun: &LunState,
     cdb_bytes: &[u8],
@@ -288,10 +377,37 @@ pub fn execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> ScsiResponse {
+    match run(lun, cdb_bytes, data_out, data_in_len, be, true) {
+        Some(r) => r,
+        // Only a non-waiting run gives up on the lock.
+        None => ScsiResponse::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None),
+    }
+}
+
+/// Executes one command; `None` when `wait` is false and the I/O lock is taken.
+fn run(
+    lun: &LunState,
+    cdb_bytes: &[u8],
+    data_out: &[u8],
+    data_in_len: usize,
+    be: &dyn BlockBackend,
+    wait: bool,
+) -> Option<ScsiResponse> {
     let cmd = match cdb::parse(cdb_bytes) {
         Ok(c) => c,
-        Err(a) => return ScsiResponse::illegal(a),
+        Err(a) => return Some(ScsiResponse::illegal(a)),
     };
+    let _held = lock(&lun.io, access(&cmd), wait)?;
+    Some(dispatch(lun, cmd, data_out, data_in_len, be))
+}
+
+fn dispatch(
+    lun: &LunState,
+    cmd: Cdb,
+    data_out: &[u8],
+    data_in_len: usize,
+    be: &dyn BlockBackend,
+) -> ScsiResponse {
     // A pending capacity change is reported once, before anything else, the way the
     // target core reports its own unit attentions.
     if !matches!(cmd, Cdb::Inquiry { .. } | Cdb::RequestSense { .. })
@@ -303,7 +419,7 @@ pub fn execute(
     let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
     let num_blocks = lun.num_blocks();
-    let r = match cmd {
+    match cmd {
         Cdb::TestUnitReady | Cdb::StartStopUnit => ScsiResponse::good(Vec::new()),
         Cdb::RequestSense { alloc } => {
             // No pending sense is kept: report NO SENSE.
@@ -346,8 +462,9 @@ pub fn execute(
             options,
             opcode,
             sa,
+            rctd,
             alloc,
-        } => match report_opcodes(options, opcode, sa) {
+        } => match report_opcodes(options, opcode, sa, rctd) {
             Ok(d) => ScsiResponse::good(truncate(d, alloc)),
             Err(r) => r,
         },
@@ -359,35 +476,35 @@ pub fn execute(
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
-            if blocks > cfg.max_transfer_blocks as u64 {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            // The initiator's buffer may be shorter than the CDB's transfer (overflow):
+            // fill what fits, as LIO's own backstores do. The kernel learns the length
+            // from what is filled; an overflow residual cannot be reported through
+            // TCMU (`read_len` only shortens), so the initiator sees a full transfer of
+            // its own length.
+            let len = (blocks * bs).min(data_in_len as u64);
+            if len == 0 {
+                return ScsiResponse::good(Vec::new());
             }
-            let len = (blocks * bs) as usize;
-            // The buffer the initiator gave must hold the transfer the CDB asks for.
-            if data_in_len < len {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
-            }
-            let mut buf = vec![0u8; len];
+            let mut buf = vec![0u8; (len.div_ceil(bs) * bs) as usize];
             match be.read(lba * bs, &mut buf) {
-                Ok(()) => ScsiResponse::good(buf),
-                Err(e) => ScsiResponse::check(
-                    key::MEDIUM_ERROR,
-                    asc::READ_ERROR,
-                    Some(e.offset.map_or(lba, |o| o / bs)),
-                ),
+                Ok(()) => {
+                    buf.truncate(len as usize);
+                    ScsiResponse::good(buf)
+                }
+                Err(e) => read_error(e, lba, bs),
             }
         }
         Cdb::Write { lba, blocks, fua } => {
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
-            if blocks > cfg.max_transfer_blocks as u64 {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
-            }
-            // Data-Out must be exactly what the CDB transfers; anything else means the
-            // transfer length field is inconsistent with the command as received.
+            // Data-Out must be exactly what the CDB transfers (LIO refuses the same
+            // mismatch for its own backstores with this sense).
             if data_out.len() as u64 != blocks * bs {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+            }
+            if blocks == 0 {
+                return ScsiResponse::good(Vec::new());
             }
             write_or_error(be, lba * bs, data_out, fua || !lun.write_cache(), bs)
         }
@@ -415,34 +532,211 @@ pub fn execute(
             lba,
             blocks,
             bytchk,
+        } => verify(lun, be, lba, blocks, bytchk, data_out),
+        Cdb::WriteVerify {
+            lba,
+            blocks,
+            bytchk,
         } => {
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
-            if bytchk == 0 {
+            if data_out.len() as u64 != blocks * bs {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+            }
+            if blocks == 0 {
                 return ScsiResponse::good(Vec::new());
             }
-            if data_out.len() as u64 != blocks * bs || blocks > cfg.max_transfer_blocks as u64 {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            // Written to the medium (durable), then read back from it.
+            let r = write_or_error(be, lba * bs, data_out, true, bs);
+            if r.status != GOOD {
+                return r;
             }
-            let mut buf = vec![0u8; data_out.len()];
-            if let Err(e) = be.read(lba * bs, &mut buf) {
-                return ScsiResponse::check(
-                    key::MEDIUM_ERROR,
-                    asc::READ_ERROR,
-                    Some(e.offset.map_or(lba, |o| o / bs)),
-                );
-            }
-            match buf.iter().zip(data_out).position(|(a, b)| a != b) {
-                None => ScsiResponse::good(Vec::new()),
-                // INFORMATION = offset of the first miscompared byte.
-                Some(i) => {
-                    ScsiResponse::check(key::MISCOMPARE, asc::MISCOMPARE_VERIFY, Some(i as u64))
+            compare_range(be, lba, blocks, bs, |off, got| {
+                if bytchk == 0 {
+                    return None;
                 }
+                let want = &data_out[off as usize..off as usize + got.len()];
+                first_difference(got, want).map(|i| off + i as u64)
+            })
+        }
+        Cdb::CompareAndWrite { lba, blocks, fua } => {
+            compare_and_write(lun, be, lba, blocks, fua, data_out)
+        }
+        Cdb::GetLbaStatus {
+            lba,
+            alloc,
+            report_type,
+        } => get_lba_status(num_blocks, lba, alloc.min(data_in_len), report_type),
+        // Takes the I/O locks of every LUN it names itself (Access::None here).
+        Cdb::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, data_out),
+        Cdb::ReceiveCopyOperatingParameters { alloc } => {
+            ScsiResponse::good(truncate(xcopy::operating_parameters(cfg), alloc))
+        }
+    }
+}
+
+/// MEDIUM ERROR / UNRECOVERED READ ERROR at the failing block (`lba` if unknown).
+fn read_error(e: IoError, lba: u64, bs: u64) -> ScsiResponse {
+    ScsiResponse::check(
+        key::MEDIUM_ERROR,
+        asc::READ_ERROR,
+        Some(e.offset.map_or(lba, |o| o / bs)),
+    )
+}
+
+/// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION; INFORMATION holds the byte offset
+/// of the first byte that differs (SBC-4 5.3, 5.29).
+fn miscompare(offset: u64) -> ScsiResponse {
+    ScsiResponse::check(key::MISCOMPARE, asc::MISCOMPARE_VERIFY, Some(offset))
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Bytes read per step by the verify commands, so memory stays bounded whatever the
+/// transfer length.
+const VERIFY_CHUNK: u64 = 1 << 20;
+
+/// Reads blocks `lba .. lba + blocks` in chunks, calling `cmp(offset in the range,
+/// bytes)` for each; GOOD if every chunk reads and `cmp` finds nothing, MISCOMPARE at
+/// the offset `cmp` returns, MEDIUM ERROR if a read fails.
+fn compare_range(
+    be: &dyn BlockBackend,
+    lba: u64,
+    blocks: u64,
+    bs: u64,
+    mut cmp: impl FnMut(u64, &[u8]) -> Option<u64>,
+) -> ScsiResponse {
+    let per = (VERIFY_CHUNK / bs).max(1);
+    let mut buf = vec![0u8; (per.min(blocks) * bs) as usize];
+    let mut done = 0;
+    while done < blocks {
+        let n = per.min(blocks - done);
+        let chunk = &mut buf[..(n * bs) as usize];
+        if let Err(e) = be.read((lba + done) * bs, chunk) {
+            return read_error(e, lba + done, bs);
+        }
+        if let Some(off) = cmp(done * bs, chunk) {
+            return miscompare(off);
+        }
+        done += n;
+    }
+    ScsiResponse::good(Vec::new())
+}
+
+/// VERIFY (10/16): BYTCHK 0 reads the range back (MEDIUM ERROR if it cannot be read);
+/// 1 compares it with the Data-Out; 3 compares every block with the one Data-Out
+/// block. DPO (a cache hint) changes nothing here.
+fn verify(
+    lun: &LunState,
+    be: &dyn BlockBackend,
+    lba: u64,
+    blocks: u64,
+    bytchk: u8,
+    data_out: &[u8],
+) -> ScsiResponse {
+    let bs = lun.cfg.block_size as u64;
+    if let Err(r) = lun.check_range(lba, blocks) {
+        return r;
+    }
+    let expected = match bytchk {
+        0 => 0,
+        1 => blocks * bs,
+        _ => {
+            if blocks == 0 {
+                0
+            } else {
+                bs
             }
         }
     };
-    r
+    if data_out.len() as u64 != expected {
+        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+    }
+    compare_range(be, lba, blocks, bs, |off, got| match bytchk {
+        0 => None,
+        1 => first_difference(got, &data_out[off as usize..off as usize + got.len()])
+            .map(|i| off + i as u64),
+        _ => got.chunks(bs as usize).enumerate().find_map(|(k, b)| {
+            first_difference(b, data_out).map(|i| off + k as u64 * bs + i as u64)
+        }),
+    })
+}
+
+/// COMPARE AND WRITE (SBC-4 5.3): the Data-Out holds `blocks` blocks to compare, then
+/// `blocks` blocks to write. Runs holding the LUN's I/O lock exclusively.
+fn compare_and_write(
+    lun: &LunState,
+    be: &dyn BlockBackend,
+    lba: u64,
+    blocks: u64,
+    fua: bool,
+    data_out: &[u8],
+) -> ScsiResponse {
+    let bs = lun.cfg.block_size as u64;
+    // NUMBER OF LOGICAL BLOCKS 0: nothing compared or written, not an error.
+    if blocks == 0 {
+        return if data_out.is_empty() {
+            ScsiResponse::good(Vec::new())
+        } else {
+            ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU)
+        };
+    }
+    if blocks > lun.cfg.max_compare_write_blocks as u64 {
+        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+    }
+    if let Err(r) = lun.check_range(lba, blocks) {
+        return r;
+    }
+    let len = (blocks * bs) as usize;
+    if data_out.len() != 2 * len {
+        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+    }
+    let (verify, write) = data_out.split_at(len);
+    let mut cur = vec![0u8; len];
+    if let Err(e) = be.read(lba * bs, &mut cur) {
+        return read_error(e, lba, bs);
+    }
+    if let Some(i) = first_difference(&cur, verify) {
+        return miscompare(i as u64);
+    }
+    write_or_error(be, lba * bs, write, fua || !lun.write_cache(), bs)
+}
+
+/// GET LBA STATUS (SBC-4 5.8). The engine keeps no map of deallocated blocks (a
+/// discard drops cached lines and is passed to the backing device, which may or may
+/// not deallocate), so every block is reported mapped: true in the sense that reads
+/// return the medium's data, which after UNMAP is zeros (LBPRZ).
+///
+/// `room` is the allocation length or the Data-In buffer, whichever is shorter: the
+/// descriptors built stop there (a capacity beyond 2^32 blocks takes several).
+fn get_lba_status(num_blocks: u64, lba: u64, room: usize, report_type: u8) -> ScsiResponse {
+    if lba >= num_blocks {
+        return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE);
+    }
+    // REPORT TYPE: 0 all, 1 nonzero status, 2 mapped, 3 deallocated, 4 anchored.
+    let mapped_wanted = match report_type {
+        0 | 2 => true,
+        1 | 3 | 4 => false,
+        _ => return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB),
+    };
+    let mut d = vec![0u8; 8];
+    d[7] = 0x01; // RTP: the REPORT TYPE field was processed
+    let mut next = lba;
+    while mapped_wanted && next < num_blocks && d.len() < room.max(24) {
+        let n = (num_blocks - next).min(u32::MAX as u64);
+        let mut desc = [0u8; 16];
+        desc[0..8].copy_from_slice(&next.to_be_bytes());
+        desc[8..12].copy_from_slice(&(n as u32).to_be_bytes());
+        desc[12] = 0x00; // PROVISIONING STATUS: mapped
+        d.extend_from_slice(&desc);
+        next += n;
+    }
+    let n = (d.len() - 4) as u32;
+    d[0..4].copy_from_slice(&n.to_be_bytes());
+    ScsiResponse::good(truncate(d, room))
 }
 
 fn write_or_error(
@@ -462,20 +756,33 @@ fn write_or_error(
     }
 }
 
+/// VERSION DESCRIPTORs of the standard INQUIRY data (SPC-4 table 144): the standards
+/// this emulation follows, so an initiator knows to read the Block Limits page.
+pub const VERSION_DESCRIPTORS: [u16; 3] = [
+    0x00a0, // SAM-5 (no version claimed)
+    0x0460, // SPC-4 (no version claimed)
+    0x04c0, // SBC-3 (no version claimed)
+];
+
 fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
     if !evpd {
-        let mut d = vec![0u8; 36];
+        let mut d = vec![0u8; 96];
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
-        d[4] = 31;
+        d[4] = 91;
+        d[5] = 0x08; // 3PC: EXTENDED COPY
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(&pad(&cfg.vendor, 8));
         d[16..32].copy_from_slice(&pad(&cfg.product, 16));
         d[32..36].copy_from_slice(&pad(&cfg.revision, 4));
+        for (i, v) in VERSION_DESCRIPTORS.iter().enumerate() {
+            d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+        }
         return Some(d);
     }
     let body: Vec<u8> = match page {
-        0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+        0x00 => vec![0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2],
+        0x8f => xcopy::vpd_8f(cfg),
         0x80 => cfg
             .serial
             .bytes()
@@ -484,16 +791,8 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
             .collect(),
         0x83 => {
             let mut v = Vec::new();
-            // NAA IEEE Registered Extended (6): a stable id derived from the serial.
-            let h = crc32c_like(cfg.serial.as_bytes());
-            let mut naa = [0u8; 16];
-            naa[0] = 0x60 | 0x01; // NAA 6, OUI 0x001405 (LIO's) upper nibble
-            naa[1] = 0x40;
-            naa[2] = 0x50;
-            naa[3..11].copy_from_slice(&h.to_be_bytes());
-            naa[11..15].copy_from_slice(&(h as u32 ^ 0x5a5a_5a5a).to_be_bytes());
             v.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
-            v.extend_from_slice(&naa);
+            v.extend_from_slice(&naa(cfg));
             // T10 vendor id designator: vendor + serial.
             let mut t10 = pad(&cfg.vendor, 8);
             t10.extend(
@@ -509,9 +808,11 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
         0xb0 => {
             let mut v = vec![0u8; 0x3c];
             v[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+            v[1] = cfg.max_compare_write_blocks;
             v[2..4].copy_from_slice(&((4096 / cfg.block_size).max(1) as u16).to_be_bytes());
             v[4..8].copy_from_slice(&cfg.max_transfer_blocks.to_be_bytes());
-            v[8..12].copy_from_slice(&cfg.max_transfer_blocks.to_be_bytes());
+            let opt = cfg.opt_transfer_blocks.min(cfg.max_transfer_blocks);
+            v[8..12].copy_from_slice(&opt.to_be_bytes());
             v[16..20].copy_from_slice(&cfg.max_unmap_blocks.to_be_bytes());
             v[20..24].copy_from_slice(&cfg.max_unmap_descriptors.to_be_bytes());
             v[24..28].copy_from_slice(&(4096 / cfg.block_size).max(1).to_be_bytes());
@@ -531,6 +832,19 @@ fn inquiry(cfg: &LunConfig, evpd: bool, page: u8) -> Option<Vec<u8>> {
     d.extend_from_slice(&(body.len() as u16).to_be_bytes());
     d.extend_from_slice(&body);
     Some(d)
+}
+
+/// The LUN's NAA IEEE Registered Extended (6) designator (VPD 0x83): a stable id
+/// derived from the serial; EXTENDED COPY names its copy targets with it.
+pub fn naa(cfg: &LunConfig) -> [u8; 16] {
+    let h = crc32c_like(cfg.serial.as_bytes());
+    let mut naa = [0u8; 16];
+    naa[0] = 0x60 | 0x01; // NAA 6, OUI 0x001405 (LIO's) upper nibble
+    naa[1] = 0x40;
+    naa[2] = 0x50;
+    naa[3..11].copy_from_slice(&h.to_be_bytes());
+    naa[11..15].copy_from_slice(&(h as u32 ^ 0x5a5a_5a5a).to_be_bytes());
+    naa
 }
 
 /// A small deterministic hash for the NAA identifier (FNV-1a 64).
@@ -692,63 +1006,72 @@ fn mode_select(
     ScsiResponse::good(Vec::new())
 }
 
-fn report_opcodes(options: u8, opcode: u8, sa: u16) -> Result<Vec<u8>, ScsiResponse> {
-    let usage = |len: usize, opcode: u8| {
-        let mut u = vec![0xffu8; len];
-        u[0] = opcode;
-        u[len - 1] = 0x07; // control byte: NACA etc. not used
-        u
-    };
-    match options {
+/// The command timeouts descriptor (SPC-4 6.35.4): no nominal time is promised; the
+/// recommended timeout is the kernel's default `cmd_time_out` (30 s), after which LIO
+/// fails a user-backstore command itself.
+const RECOMMENDED_TIMEOUT_S: u32 = 30;
+
+fn timeouts_descriptor() -> [u8; 12] {
+    let mut t = [0u8; 12];
+    t[1] = 0x0a; // DESCRIPTOR LENGTH
+    t[8..12].copy_from_slice(&RECOMMENDED_TIMEOUT_S.to_be_bytes());
+    t
+}
+
+fn report_opcodes(options: u8, opcode: u8, sa: u16, rctd: bool) -> Result<Vec<u8>, ScsiResponse> {
+    let by_opcode = || SUPPORTED.iter().filter(move |s| s.opcode == opcode);
+    let has_sa = by_opcode().any(|s| s.sa.is_some());
+    let found = match options {
         0 => {
             let mut d = vec![0u8; 4];
-            for &(o, s, len) in SUPPORTED {
-                let mut desc = vec![o, 0, 0, 0, 0, 0, 0, 0];
-                if let Some(s) = s {
-                    desc[2..4].copy_from_slice(&s.to_be_bytes());
-                    desc[5] = 0x01; // SERVACTV
+            for s in SUPPORTED {
+                let mut desc = vec![s.opcode, 0, 0, 0, 0, 0, 0, 0];
+                if let Some(sa) = s.sa {
+                    desc[2..4].copy_from_slice(&sa.to_be_bytes());
+                    desc[5] |= 0x01; // SERVACTV
                 }
-                desc[6..8].copy_from_slice(&(len as u16).to_be_bytes());
+                if rctd {
+                    desc[5] |= 0x02; // CTDP
+                }
+                desc[6..8].copy_from_slice(&(s.usage.len() as u16).to_be_bytes());
                 d.extend(desc);
+                if rctd {
+                    d.extend(timeouts_descriptor());
+                }
             }
             let n = (d.len() - 4) as u32;
             d[0..4].copy_from_slice(&n.to_be_bytes());
-            Ok(d)
+            return Ok(d);
         }
-        1 | 2 => {
-            let found = SUPPORTED.iter().find(|(o, s, _)| {
-                *o == opcode
-                    && if options == 1 {
-                        s.is_none()
-                    } else {
-                        *s == Some(sa)
-                    }
-            });
-            // Options 1 on a command with service actions is an error (SPC-4 6.35.2).
-            if options == 1
-                && SUPPORTED
-                    .iter()
-                    .any(|(o, s, _)| *o == opcode && s.is_some())
-            {
-                return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB));
-            }
-            let mut d = vec![0u8; 4];
-            match found {
-                Some(&(o, _, len)) => {
-                    d[1] = 0x03; // supported, per standard
-                    d[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                    let mut u = usage(len, o);
-                    if options == 2 {
-                        u[1] = sa as u8;
-                    }
-                    d.extend(u);
-                }
-                None => d[1] = 0x01, // not supported
-            }
-            Ok(d)
+        // One command by opcode: an error for an opcode that has service actions.
+        1 if has_sa => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+        1 => by_opcode().next(),
+        // One command by opcode and service action: an error for a supported opcode
+        // without service actions.
+        2 if !has_sa && by_opcode().next().is_some() => {
+            return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB))
         }
-        _ => Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+        2 => by_opcode().find(|s| s.sa == Some(sa)),
+        // Either: the service action counts only for opcodes that have them.
+        3 => by_opcode().find(|s| s.sa.is_none() || s.sa == Some(sa)),
+        _ => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+    };
+    let mut d = vec![0u8; 4];
+    match found {
+        Some(s) => {
+            d[1] = 0x03; // SUPPORT: supported, per standard
+            if rctd {
+                d[1] |= 0x80; // CTDP
+            }
+            d[2..4].copy_from_slice(&(s.usage.len() as u16).to_be_bytes());
+            d.extend_from_slice(s.usage);
+            if rctd {
+                d.extend(timeouts_descriptor());
+            }
+        }
+        None => d[1] = 0x01, // SUPPORT: not supported
     }
+    Ok(d)
 }
 
 #[allow(clippy::too_many_arguments)]

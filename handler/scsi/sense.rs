@@ -21,6 +21,8 @@ pub mod key {
     pub const UNIT_ATTENTION: u8 = 0x6;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xb;
+    /// COPY ABORTED.
+    pub const COPY_ABORTED: u8 = 0xa;
     /// MISCOMPARE.
     pub const MISCOMPARE: u8 = 0xe;
 }
@@ -35,6 +37,9 @@ pub mod asc {
     pub const LBA_OUT_OF_RANGE: (u8, u8) = (0x21, 0x00);
     /// INVALID FIELD IN CDB.
     pub const INVALID_FIELD_IN_CDB: (u8, u8) = (0x24, 0x00);
+    /// INVALID FIELD IN COMMAND INFORMATION UNIT: the transport's data length does
+    /// not match the CDB of a data-out command (what LIO's own backstores answer).
+    pub const INVALID_FIELD_IN_IU: (u8, u8) = (0x0e, 0x03);
     /// INVALID FIELD IN PARAMETER LIST.
     pub const INVALID_FIELD_IN_PARAM: (u8, u8) = (0x26, 0x00);
     /// SAVING PARAMETERS NOT SUPPORTED.
