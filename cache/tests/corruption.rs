@@ -64,10 +64,18 @@ fn open_image(
 ) -> lc_cache::Result<(Cache, lc_cache::RecoveryReport, Arc<dyn BlockDevice>)> {
     let cdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(cache, "cache"));
     let bdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.to_vec(), "backing"));
+    // Writeback off: what is checked is the state recovery left (writeback could pass
+    // a damaged segment whose every line was rewritten later, and forget it).
     let (c, r) = Cache::open(
         cdev,
         backings(std::slice::from_ref(&bdev)),
-        OpenOptions::default(),
+        OpenOptions {
+            tunables: Tunables {
+                writeback_enabled: false,
+                ..Tunables::default()
+            },
+            ..Default::default()
+        },
     )?;
     Ok((c, r, bdev))
 }
