@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use slog::{error, info, warn, Logger};
 
 use crate::ring::{Command, Doorbell, Fetched, IoVec, Malformed, Response, Ring, RingError};
-use crate::scsi::{self, BlockBackend, IoError, LunState};
+use crate::scsi::{self, BlockBackend, IoError, IoErrorKind, LunState};
 pub use crate::workers::{Done, Job, Running, Workers};
 
 /// The engine as a SCSI block backend for one backing device id.
@@ -26,10 +26,23 @@ pub struct EngineBackend {
     pub dev: u8,
 }
 
+/// The engine's errors as the SCSI layer sees them: a device or the data at an offset
+/// (MEDIUM ERROR), or the cache itself (HARDWARE ERROR).
 fn io_err(e: lc_cache::Error) -> IoError {
+    use lc_cache::Error as E;
+    let kind = match &e {
+        E::Io { .. } | E::Lost { .. } | E::BackingFailed { .. } => IoErrorKind::Medium,
+        E::Failed(_)
+        | E::LogBlocked { .. }
+        | E::BadFormat { .. }
+        | E::Version { .. }
+        | E::Invalid(_)
+        | E::Tunable { .. } => IoErrorKind::Target,
+    };
     IoError {
         offset: e.io_offset(),
         message: e.to_string(),
+        kind,
     }
 }
 

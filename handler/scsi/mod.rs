@@ -20,6 +20,48 @@ pub struct IoError {
     pub offset: Option<u64>,
     /// What happened (logged by the caller).
     pub message: String,
+    /// Whose failure it is: the medium at that offset, or the target itself.
+    pub kind: IoErrorKind,
+}
+
+/// Whose failure an [`IoError`] is, which decides the sense key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoErrorKind {
+    /// The data at the offset cannot be read or written (a failing or dead disk, data
+    /// lost to damage): MEDIUM ERROR with the LBA.
+    #[default]
+    Medium,
+    /// The target cannot serve the command at all (its cache failed, or an internal
+    /// inconsistency): HARDWARE ERROR / INTERNAL TARGET FAILURE.
+    Target,
+}
+
+/// Which way a failed transfer went, for the additional sense code.
+#[derive(Debug, Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+impl IoError {
+    /// The one mapping of backend errors to sense data: MEDIUM ERROR / UNRECOVERED READ
+    /// ERROR or WRITE ERROR with the failing block in INFORMATION (`lba` when the
+    /// backend did not say), or HARDWARE ERROR / INTERNAL TARGET FAILURE.
+    fn response(&self, dir: Dir, lba: Option<u64>, bs: u64) -> ScsiResponse {
+        match self.kind {
+            IoErrorKind::Medium => ScsiResponse::check(
+                key::MEDIUM_ERROR,
+                match dir {
+                    Dir::Read => asc::READ_ERROR,
+                    Dir::Write => asc::WRITE_ERROR,
+                },
+                self.offset.map(|o| o / bs).or(lba),
+            ),
+            IoErrorKind::Target => {
+                ScsiResponse::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None)
+            }
+        }
+    }
 }
 
 /// What a LUN stores blocks in.
@@ -58,6 +100,7 @@ impl NonBlocking<'_> {
         IoError {
             offset: None,
             message: "would block".into(),
+            kind: IoErrorKind::Target,
         }
     }
 }
@@ -514,11 +557,7 @@ fn dispatch(
             }
             match be.flush() {
                 Ok(()) => ScsiResponse::good(Vec::new()),
-                Err(e) => ScsiResponse::check(
-                    key::MEDIUM_ERROR,
-                    asc::WRITE_ERROR,
-                    e.offset.map(|o| o / bs),
-                ),
+                Err(e) => e.response(Dir::Write, None, bs),
             }
         }
         Cdb::WriteSame {
@@ -576,13 +615,9 @@ fn dispatch(
     }
 }
 
-/// MEDIUM ERROR / UNRECOVERED READ ERROR at the failing block (`lba` if unknown).
+/// The sense for a failed read at the failing block (`lba` if unknown).
 fn read_error(e: IoError, lba: u64, bs: u64) -> ScsiResponse {
-    ScsiResponse::check(
-        key::MEDIUM_ERROR,
-        asc::READ_ERROR,
-        Some(e.offset.map_or(lba, |o| o / bs)),
-    )
+    e.response(Dir::Read, Some(lba), bs)
 }
 
 /// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION; INFORMATION holds the byte offset
@@ -748,11 +783,7 @@ fn write_or_error(
 ) -> ScsiResponse {
     match be.write(off, data, fua) {
         Ok(()) => ScsiResponse::good(Vec::new()),
-        Err(e) => ScsiResponse::check(
-            key::MEDIUM_ERROR,
-            asc::WRITE_ERROR,
-            Some(e.offset.unwrap_or(off) / bs),
-        ),
+        Err(e) => e.response(Dir::Write, Some(off / bs), bs),
     }
 }
 
@@ -1107,11 +1138,7 @@ fn write_same(
         // Unmapped blocks read as zeros (LBPRZ), so the discard is the write.
         return match be.discard(lba * bs, blocks * bs) {
             Ok(()) => ScsiResponse::good(Vec::new()),
-            Err(e) => ScsiResponse::check(
-                key::MEDIUM_ERROR,
-                asc::WRITE_ERROR,
-                Some(e.offset.map_or(lba, |o| o / bs)),
-            ),
+            Err(e) => e.response(Dir::Write, Some(lba), bs),
         };
     }
     // Replicate in chunks of at most 1 MiB.
@@ -1175,11 +1202,7 @@ fn unmap(lun: &LunState, be: &dyn BlockBackend, len: usize, data: &[u8]) -> Scsi
             continue;
         }
         if let Err(e) = be.discard(lba * bs, count * bs) {
-            return ScsiResponse::check(
-                key::MEDIUM_ERROR,
-                asc::WRITE_ERROR,
-                Some(e.offset.map_or(lba, |o| o / bs)),
-            );
+            return e.response(Dir::Write, Some(lba), bs);
         }
     }
     ScsiResponse::good(Vec::new())

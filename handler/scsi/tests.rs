@@ -14,6 +14,8 @@ struct Mem {
     inline: bool,
     /// Byte offset that every write stores flipped (a medium that loses bits).
     corrupt_at: Option<u64>,
+    /// What `fail_at` failures are: the medium's or the target's.
+    fail_kind: IoErrorKind,
 }
 
 impl Mem {
@@ -25,6 +27,7 @@ impl Mem {
             fua_writes: Mutex::new(0),
             inline: false,
             corrupt_at: None,
+            fail_kind: IoErrorKind::Medium,
         }
     }
     fn failing(size: usize, at: u64) -> Self {
@@ -38,6 +41,7 @@ impl Mem {
             Some(f) if f >= off && f < off + len => Err(IoError {
                 offset: Some(f),
                 message: "injected".into(),
+                kind: self.fail_kind,
             }),
             _ => Ok(()),
         }
@@ -225,6 +229,21 @@ fn io_errors_are_medium_errors_with_the_failing_lba() {
     let r = execute(&l, &rw10(0x2a, 99, 2, 0), &[1u8; 1024], 0, &m);
     assert_eq!(sense_of(&r), (key::MEDIUM_ERROR, 0x0c, 0));
     assert_eq!(info(&r), 100);
+}
+
+#[test]
+fn a_failed_target_is_a_hardware_error_not_a_medium_error() {
+    let l = lun(512);
+    let m = Mem {
+        fail_kind: IoErrorKind::Target,
+        ..Mem::failing((BLOCKS * 512) as usize, 100 * 512)
+    };
+    for r in [
+        execute(&l, &rw10(0x28, 96, 8, 0), &[], 4096, &m),
+        execute(&l, &rw10(0x2a, 99, 2, 0), &[1u8; 1024], 0, &m),
+    ] {
+        assert_eq!(sense_of(&r), (key::HARDWARE_ERROR, 0x44, 0));
+    }
 }
 
 #[test]
