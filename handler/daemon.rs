@@ -193,6 +193,16 @@ fn open_cache(c: &CacheConfig, luns: &[LunSection], log: &Logger) -> Result<Arc<
     Ok(Arc::new(cache))
 }
 
+/// True when `luns` holds `l` unchanged (same name, cache, backing device and id).
+fn listed(luns: &[LunSection], l: &LunSection) -> bool {
+    luns.iter().any(|n| {
+        n.name == l.name
+            && n.cache == l.cache
+            && n.backing == l.backing
+            && n.backing_id == l.backing_id
+    })
+}
+
 fn lun_map(cfg: &Loaded) -> HashMap<String, LunInfo> {
     cfg.luns
         .iter()
@@ -281,11 +291,7 @@ impl Shared {
         };
         // 1. Refusals, before anything changes.
         for l in &old.cfg.luns {
-            let kept = new.luns.iter().find(|n| n.name == l.name);
-            let same = kept.is_some_and(|n| {
-                n.cache == l.cache && n.backing == l.backing && n.backing_id == l.backing_id
-            });
-            if same {
+            if listed(&new.luns, l) {
                 continue;
             }
             if served.contains(&l.name) {
@@ -332,13 +338,7 @@ impl Shared {
         }
         let mut attach = Vec::new();
         for l in &new.luns {
-            let existed = old.cfg.luns.iter().any(|o| {
-                o.name == l.name
-                    && o.cache == l.cache
-                    && o.backing == l.backing
-                    && o.backing_id == l.backing_id
-            });
-            if existed || !old.caches.contains_key(&l.cache) {
+            if listed(&old.cfg.luns, l) || !old.caches.contains_key(&l.cache) {
                 continue; // unchanged, or opened with its new cache above
             }
             let c = new.caches.iter().find(|c| c.section.name == l.cache);
@@ -347,13 +347,7 @@ impl Shared {
         }
         // 3. Apply.
         for l in &old.cfg.luns {
-            let same = new.luns.iter().any(|n| {
-                n.name == l.name
-                    && n.cache == l.cache
-                    && n.backing == l.backing
-                    && n.backing_id == l.backing_id
-            });
-            if !same {
+            if !listed(&new.luns, l) {
                 if let Some(c) = caches.get(&l.cache) {
                     c.detach_backing(l.backing_id)
                         .map_err(|e| format!("lun {}: {e}", l.name))?;

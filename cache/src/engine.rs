@@ -27,7 +27,6 @@ use crate::format::{
 };
 use crate::index::{key, Loc};
 use crate::recovery::{random_u64, replay, superblock_of, RecoveryReport};
-use crate::state::log_blocked;
 use crate::state::{BackingSlot, Inner, OpenSeg, Recovered, State};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
@@ -218,9 +217,6 @@ impl Inner {
                 if !wait {
                     return Ok(None);
                 }
-                if let Some(segment) = log_blocked(&st) {
-                    return Err(Error::LogBlocked { segment });
-                }
                 if let Some(e) = st.stuck_refusal() {
                     return Err(e);
                 }
@@ -364,9 +360,6 @@ impl Inner {
             st.durable_req = st.durable_req.max(target);
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
-            }
-            if let Some(segment) = log_blocked(&st) {
-                return Err(Error::LogBlocked { segment });
             }
             if let Some(e) = st.stuck_refusal() {
                 return Err(e);

@@ -75,10 +75,16 @@ impl State {
     }
 
     /// The refusal for a caller waiting for log space (or durability) that writeback
-    /// cannot make because a backing device has failed for too long.
+    /// cannot make: it stops before a damaged segment kept as evidence (the flusher
+    /// waits for free slots and none can come), or a backing device has failed for
+    /// too long.
     pub(crate) fn stuck_refusal(&self) -> Option<Error> {
         if !self.need_space {
             return None;
+        }
+        let limit = self.damage.writeback_limit();
+        if limit <= self.wb_id {
+            return Some(Error::LogBlocked { segment: limit + 1 });
         }
         (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
     }
@@ -250,13 +256,6 @@ impl Inner {
         );
         self.worker_cv.notify_all();
     }
-}
-
-/// The first damaged segment, when writes cannot go on: the flusher waits for free
-/// slots and writeback cannot free any because it stops before damaged segments.
-pub(crate) fn log_blocked(st: &State) -> Option<u64> {
-    let limit = st.damage.writeback_limit();
-    (st.need_space && limit <= st.wb_id).then(|| limit + 1)
 }
 
 pub(crate) fn backing_table(st: &State) -> Vec<Option<crate::format::BackingRecord>> {
