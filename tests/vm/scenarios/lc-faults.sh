@@ -3,10 +3,7 @@
 # nothing acknowledged is lost once the fault clears.
 source /payload/scenarios/lib.sh
 lc format -y --force /dev/vdb
-half=$(( $(blockdev --getsz /dev/vdc) / 2 ))
-dmsetup create hddA --table "0 $half linear /dev/vdc 0"
-dmsetup create hddB --table "0 $half linear /dev/vdc $half"
-dmsetup mknodes
+half=$(split_disk /dev/vdc hddA hddB)
 cat >/etc/lc/lc.toml <<TOML
 [daemon]
 control_socket = "/run/lc/control.sock"
@@ -44,9 +41,7 @@ dd if=/tmp/old of="$d1" bs=1M oflag=direct conv=fsync status=none
 lc drain disk0
 lc drain disk1
 step "backing device of disk0 fails"
-dmsetup suspend hddA
-dmsetup load hddA --table "0 $half error"
-dmsetup resume hddA
+retable hddA "0 $half error"
 failed_dev=""
 for d in "$d0" "$d1"; do
     if ! sg_raw -r 4096 "$d" 28 00 00 00 00 00 00 00 08 00 >/tmp/raw.$$ 2>&1; then
@@ -64,9 +59,7 @@ head -c 4M /dev/urandom >/tmp/new
 dd if=/tmp/new of="$failed_dev" bs=1M seek=16 oflag=direct conv=fsync status=none
 lc status
 step "fault clears: nothing acknowledged was lost"
-dmsetup suspend hddA
-dmsetup load hddA --table "0 $half linear /dev/vdc 0"
-dmsetup resume hddA
+retable hddA "0 $half linear /dev/vdc 0"
 cmp <(dd if="$failed_dev" bs=1M count=8 iflag=direct status=none) /tmp/old || fail "old data changed"
 cmp <(dd if="$failed_dev" bs=1M skip=16 count=4 iflag=direct status=none) /tmp/new || fail "acknowledged new data lost"
 lc drain disk0

@@ -8,13 +8,8 @@
 #  3. SIGTERM under fio load at QD32, then a restart: no command aborted or timed out
 #     in the kernel log.
 source /payload/scenarios/lib.sh
-half=$(( $(blockdev --getsz /dev/vdb) / 2 ))
-hhalf=$(( $(blockdev --getsz /dev/vdc) / 2 ))
-dmsetup create ssdA --table "0 $half linear /dev/vdb 0"
-dmsetup create ssdB --table "0 $half linear /dev/vdb $half"
-dmsetup create hddA --table "0 $hhalf linear /dev/vdc 0"
-dmsetup create hddB --table "0 $hhalf linear /dev/vdc $hhalf"
-dmsetup mknodes
+split_disk /dev/vdb ssdA ssdB >/dev/null
+hhalf=$(split_disk /dev/vdc hddA hddB)
 lc format -y --force /dev/mapper/ssdA >/dev/null
 lc format -y --force /dev/mapper/ssdB >/dev/null
 cat >/etc/lc/lc.toml <<TOML
@@ -110,9 +105,7 @@ fio --name=w --filename="$d1" --direct=1 --ioengine=libaio --iodepth=32 --bs=4k 
     --size=128M --runtime=25 --time_based --output-format=json >/tmp/w_before.json
 touch /tmp/writer.stop; wait "$wpid"
 [ -e /tmp/writer.failed ] && fail "disk0's writes failed while its backing device was healthy"
-dmsetup suspend hddA
-dmsetup load hddA --table "0 $hhalf error"
-dmsetup resume hddA
+retable hddA "0 $hhalf error"
 lc set c0 writeback_threshold 0
 lc set c0 writeback_enabled true
 writer "$(date +%s)" & wpid=$!
@@ -131,9 +124,7 @@ echo "disk1 (cache c1) random writes beside a writer on disk0: $before IOPS whil
 python3 -c "import sys; sys.exit(0 if $during >= 0.7 * $before else 1)" \
     || fail "disk1 slowed down to $during from $before IOPS"
 step "disk0's backing device comes back: writeback recovers, nothing acknowledged lost"
-dmsetup suspend hddA
-dmsetup load hddA --table "0 $hhalf linear /dev/vdc 0"
-dmsetup resume hddA
+retable hddA "0 $hhalf linear /dev/vdc 0"
 for _ in $(seq 60); do lc status | grep -q "writeback failing" || break; sleep 1; done
 lc status | grep -q "writeback failing" && fail "writeback did not recover"
 dd if=/dev/zero of="$d0" bs=1M count=1 seek=300 oflag=direct conv=fsync status=none || fail "disk0 still refuses writes"

@@ -42,6 +42,25 @@ lun_dev() {
     fail "no /dev/sdX with model $model"
 }
 
+# Splits $1 into two device-mapper halves named $2 and $3 (linear); prints the size of
+# a half in sectors.
+split_disk() {
+    local half
+    half=$(( $(blockdev --getsz "$1") / 2 ))
+    dmsetup create "$2" --table "0 $half linear $1 0"
+    dmsetup create "$3" --table "0 $half linear $1 $half"
+    dmsetup mknodes
+    echo "$half"
+}
+
+# Swaps the table of device-mapper device $1 for $2 under its users (a disk that dies
+# or comes back).
+retable() {
+    dmsetup suspend "$1"
+    dmsetup load "$1" --table "$2"
+    dmsetup resume "$1"
+}
+
 loopback_lun() {
     local backstore=$1 wwn
     targetcli /loopback create >/dev/null
