@@ -133,7 +133,9 @@ fn table(v: &Value) -> String {
                 "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
                 l["name"].as_str().unwrap_or(""),
                 l["cache"].as_str().unwrap_or(""),
-                l["backing_id"].as_u64().unwrap_or(0),
+                l["backing_id"]
+                    .as_u64()
+                    .map_or("-".to_string(), |i| i.to_string()),
                 l["backing"].as_str().unwrap_or(""),
                 l["served_by"].as_str().unwrap_or("-"),
                 l["dirty_lines"].as_u64().unwrap_or(0),

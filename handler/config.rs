@@ -90,9 +90,49 @@ fn default_ram() -> String {
     "64MiB".into()
 }
 
-/// `[[lun]]`.
+/// What serves a `[[lun]]`'s blocks (`backend = ...`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The cache engine over a backing device (the default).
+    #[default]
+    Cache,
+    /// RAM of the daemon, no cache engine and no device: for measuring the TCMU path
+    /// itself. The data is lost when the daemon stops or the backstore goes.
+    Ram,
+}
+
+/// `[[lun]]` as written: the keys of every backend (validated into a [`LunSection`]
+/// or a [`RamLun`] by [`parse`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct LunEntry {
+    /// The cfgstring that selects it.
+    pub name: String,
+    /// What serves it.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// `backend = "cache"`: name of its `[[cache]]`.
+    pub cache: Option<String>,
+    /// `backend = "cache"`: backing device.
+    pub backing: Option<PathBuf>,
+    /// `backend = "cache"`: id of the backing device inside the cache.
+    pub backing_id: Option<u8>,
+    /// `backend = "ram"`: the RAM it may use, the largest capacity of its backstore.
+    pub size: Option<String>,
+}
+
+/// A `[[lun]]` served from RAM (`backend = "ram"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamLun {
+    /// The cfgstring that selects it.
+    pub name: String,
+    /// Bytes: the largest `size` a backstore of it may have.
+    pub size: u64,
+}
+
+/// A `[[lun]]` served by the cache engine (`backend = "cache"`, the default).
+#[derive(Clone, Debug)]
 pub struct LunSection {
     /// The cfgstring that selects it: `targetcli ... cfgstring=<name>`.
     pub name: String,
@@ -116,7 +156,7 @@ pub struct Config {
     pub cache: Vec<CacheSection>,
     /// `[[lun]]` sections.
     #[serde(default)]
-    pub lun: Vec<LunSection>,
+    pub lun: Vec<LunEntry>,
 }
 
 /// A validated cache section.
@@ -139,8 +179,10 @@ pub struct Loaded {
     pub daemon: DaemonSection,
     /// Caches.
     pub caches: Vec<CacheConfig>,
-    /// LUNs.
+    /// LUNs served by the cache engine.
     pub luns: Vec<LunSection>,
+    /// LUNs served from RAM (`backend = "ram"`).
+    pub ram_luns: Vec<RamLun>,
 }
 
 /// Why a configuration file is refused. Every variant names the file.
@@ -167,6 +209,39 @@ pub enum ConfigError {
     /// cache device reused as a backing device), possibly through two different paths.
     #[error("{0}")]
     SameDevice(Box<DeviceClash>),
+    /// A `[[lun]]` whose keys do not fit its `backend`.
+    #[error("config {}: lun {lun}: {problem}", path.display())]
+    Lun {
+        /// The file.
+        path: PathBuf,
+        /// The LUN's name.
+        lun: String,
+        /// What is wrong.
+        problem: LunProblem,
+    },
+}
+
+/// What is wrong with a `[[lun]]`'s keys for its backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LunProblem {
+    /// A key `backend = "cache"` needs is missing.
+    #[error("{0}: required (backend = \"cache\")")]
+    Missing(&'static str),
+    /// A key of the cache engine given to a RAM LUN.
+    #[error("{0}: not a key of backend = \"ram\" (a RAM LUN has no cache or backing device)")]
+    NotForRam(&'static str),
+    /// `size` given to a cache LUN.
+    #[error("size: only for backend = \"ram\" (a cache LUN's capacity is its backing device's)")]
+    SizeWithoutRam,
+    /// A RAM LUN without `size`.
+    #[error("size: required for backend = \"ram\", e.g. size = \"1GiB\"")]
+    RamWithoutSize,
+    /// `size` is not a size.
+    #[error("size: {0}")]
+    BadSize(String),
+    /// `size` is zero or not whole 4 KiB blocks.
+    #[error("size: {0} bytes is not a positive multiple of 4096")]
+    RamSize(u64),
 }
 
 /// One device configured under two keys, or a partition and its whole disk.
@@ -369,6 +444,41 @@ pub enum CheckError {
         /// Its backing device.
         path: PathBuf,
     },
+    /// The size asked for exceeds a RAM LUN's `size`.
+    #[error("size {size} exceeds ram lun {lun:?} (size {ram_size} bytes in the config)")]
+    RamTooLarge {
+        /// Size asked for.
+        size: u64,
+        /// The LUN.
+        lun: String,
+        /// Its configured size.
+        ram_size: u64,
+    },
+    /// Another TCMU device serves the RAM LUN already.
+    #[error("ram lun {lun:?} is already served by another device")]
+    RamAlreadyServed {
+        /// The LUN.
+        lun: String,
+    },
+}
+
+/// The `[[lun]]` a cfgstring names.
+#[derive(Clone, Copy, Debug)]
+pub enum LunRef<'a> {
+    /// Served by the cache engine.
+    Cache(&'a LunSection),
+    /// Served from RAM.
+    Ram(&'a RamLun),
+}
+
+impl LunRef<'_> {
+    /// The LUN's name (its cfgstring).
+    pub fn name(&self) -> &str {
+        match self {
+            LunRef::Cache(l) => &l.name,
+            LunRef::Ram(r) => &r.name,
+        }
+    }
 }
 
 impl From<CheckError> for String {
@@ -483,16 +593,30 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
     }
     let mut lun_names = HashSet::new();
     let mut ids = HashSet::new();
-    for l in &c.lun {
-        if !valid_name(&l.name) {
+    let mut luns = Vec::new();
+    let mut ram_luns = Vec::new();
+    for e in &c.lun {
+        if !valid_name(&e.name) {
             return Err(at(format!(
                 "lun.name: {:?} must be 1-32 of [A-Za-z0-9_.-] (it is the cfgstring)",
-                l.name
+                e.name
             )));
         }
-        if !lun_names.insert(l.name.clone()) {
-            return Err(at(format!("lun.name: {:?} defined twice", l.name)));
+        if !lun_names.insert(e.name.clone()) {
+            return Err(at(format!("lun.name: {:?} defined twice", e.name)));
         }
+        let problem = |problem| ConfigError::Lun {
+            path: path.to_path_buf(),
+            lun: e.name.clone(),
+            problem,
+        };
+        let l = match e.backend {
+            BackendKind::Ram => {
+                ram_luns.push(ram_lun(e).map_err(problem)?);
+                continue;
+            }
+            BackendKind::Cache => cache_lun(e).map_err(problem)?,
+        };
         if !names.contains(&l.cache) {
             return Err(at(format!(
                 "lun {}: cache: no [[cache]] named {:?}",
@@ -511,14 +635,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 l.name, l.backing_id, l.cache
             )));
         }
+        luns.push(l);
     }
     let devices: Vec<(DeviceKey, &Path)> = c
         .cache
         .iter()
         .map(|s| (DeviceKey::Cache(s.name.clone()), s.device.as_path()))
         .chain(
-            c.lun
-                .iter()
+            luns.iter()
                 .map(|l| (DeviceKey::Lun(l.name.clone()), l.backing.as_path())),
         )
         .collect();
@@ -527,7 +651,43 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         path: path.to_path_buf(),
         daemon: c.daemon,
         caches,
-        luns: c.lun,
+        luns,
+        ram_luns,
+    })
+}
+
+/// A `[[lun]]` of the cache engine: `cache`, `backing`, `backing_id`, no `size`.
+fn cache_lun(e: &LunEntry) -> Result<LunSection, LunProblem> {
+    if e.size.is_some() {
+        return Err(LunProblem::SizeWithoutRam);
+    }
+    Ok(LunSection {
+        name: e.name.clone(),
+        cache: e.cache.clone().ok_or(LunProblem::Missing("cache"))?,
+        backing: e.backing.clone().ok_or(LunProblem::Missing("backing"))?,
+        backing_id: e.backing_id.ok_or(LunProblem::Missing("backing_id"))?,
+    })
+}
+
+/// A `[[lun]]` served from RAM: `size` (whole 4 KiB blocks), none of the engine's keys.
+fn ram_lun(e: &LunEntry) -> Result<RamLun, LunProblem> {
+    for (key, given) in [
+        ("cache", e.cache.is_some()),
+        ("backing", e.backing.is_some()),
+        ("backing_id", e.backing_id.is_some()),
+    ] {
+        if given {
+            return Err(LunProblem::NotForRam(key));
+        }
+    }
+    let text = e.size.as_deref().ok_or(LunProblem::RamWithoutSize)?;
+    let size = parse_size(text).map_err(LunProblem::BadSize)?;
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(LunProblem::RamSize(size));
+    }
+    Ok(RamLun {
+        name: e.name.clone(),
+        size,
     })
 }
 
@@ -543,19 +703,35 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 impl Loaded {
     /// Checks a cfgstring as targetcli passes it (`lc/<lun>`, or just `<lun>`): the LUN
     /// exists, its backing device is a block device or regular file not smaller than
-    /// `size` (looked at read-only: [`probe_device`]), and no other active device serves
-    /// it (`active` = LUN names being served).
+    /// `size` (looked at read-only: [`probe_device`]) or, for a RAM LUN, its configured
+    /// size is not smaller, and no other active device serves it (`active` = LUN names
+    /// being served).
     pub fn check_cfgstring(
         &self,
         cfg: &str,
         size: Option<u64>,
         active: &[String],
-    ) -> Result<&LunSection, CheckError> {
+    ) -> Result<LunRef<'_>, CheckError> {
         let name = lun_name(cfg);
         if name.contains([',', ':', '\n']) {
             return Err(CheckError::BadCharacters {
                 name: name.to_string(),
             });
+        }
+        if let Some(r) = self.ram_luns.iter().find(|r| r.name == name) {
+            if let Some(s) = size.filter(|s| *s > r.size) {
+                return Err(CheckError::RamTooLarge {
+                    size: s,
+                    lun: r.name.clone(),
+                    ram_size: r.size,
+                });
+            }
+            if active.iter().any(|a| a == name) {
+                return Err(CheckError::RamAlreadyServed {
+                    lun: r.name.clone(),
+                });
+            }
+            return Ok(LunRef::Ram(r));
         }
         let lun =
             self.luns
@@ -564,7 +740,12 @@ impl Loaded {
                 .ok_or_else(|| CheckError::UnknownLun {
                     name: name.to_string(),
                     file: self.path.clone(),
-                    known: self.luns.iter().map(|l| l.name.clone()).collect(),
+                    known: self
+                        .luns
+                        .iter()
+                        .map(|l| l.name.clone())
+                        .chain(self.ram_luns.iter().map(|r| r.name.clone()))
+                        .collect(),
                 })?;
         let bsize = probe_device(&lun.backing).map_err(|source| CheckError::Backing {
             lun: lun.name.clone(),
@@ -586,7 +767,7 @@ impl Loaded {
                 path: lun.backing.clone(),
             });
         }
-        Ok(lun)
+        Ok(LunRef::Cache(lun))
     }
 }
 
@@ -666,6 +847,88 @@ backing_id = 0
         );
         assert!(err("[[cache]]\nname = \"c\"\n").contains("device"));
         assert!(err("not toml [").contains("/etc/lc/lc.toml"));
+    }
+
+    #[test]
+    fn a_ram_lun_takes_a_size_and_none_of_the_engine_keys() {
+        let ram = "\n[[lun]]\nname = \"ram0\"\nbackend = \"ram\"\nsize = \"1GiB\"\n";
+        let c = parse(&format!("{GOOD}{ram}"), Path::new("x.toml")).unwrap();
+        assert_eq!(
+            c.ram_luns,
+            vec![RamLun {
+                name: "ram0".into(),
+                size: 1 << 30
+            }]
+        );
+        assert_eq!(c.luns.len(), 1, "the engine LUN stays an engine LUN");
+        // Alone, without any cache.
+        let c = parse(ram, Path::new("x.toml")).unwrap();
+        assert!(c.luns.is_empty() && c.caches.is_empty());
+        // The cfgstring check: its size bounds the backstore's; one device at a time.
+        assert!(matches!(
+            c.check_cfgstring("lc/ram0", Some(1 << 30), &[]),
+            Ok(LunRef::Ram(r)) if r.name == "ram0"
+        ));
+        assert!(matches!(
+            c.check_cfgstring("ram0", Some(2 << 30), &[]),
+            Err(CheckError::RamTooLarge { .. })
+        ));
+        assert!(matches!(
+            c.check_cfgstring("ram0", None, &["ram0".into()]),
+            Err(CheckError::RamAlreadyServed { .. })
+        ));
+        let problem = |text: &str| match parse(text, Path::new("x.toml")) {
+            Err(ConfigError::Lun { lun, problem, .. }) => {
+                assert_eq!(lun, "ram0");
+                problem
+            }
+            other => panic!("{other:?}"),
+        };
+        let with = |line: &str| format!("{ram}{line}\n");
+        assert_eq!(
+            problem(&with("cache = \"c0\"")),
+            LunProblem::NotForRam("cache")
+        );
+        assert_eq!(
+            problem(&with("backing = \"/dev/sdb\"")),
+            LunProblem::NotForRam("backing")
+        );
+        assert_eq!(
+            problem(&with("backing_id = 1")),
+            LunProblem::NotForRam("backing_id")
+        );
+        assert_eq!(
+            problem(&ram.replace("size = \"1GiB\"\n", "")),
+            LunProblem::RamWithoutSize
+        );
+        assert_eq!(
+            problem(&ram.replace("1GiB", "1000")),
+            LunProblem::RamSize(1000)
+        );
+        assert_eq!(problem(&ram.replace("1GiB", "0")), LunProblem::RamSize(0));
+        assert!(matches!(
+            problem(&ram.replace("1GiB", "lots")),
+            LunProblem::BadSize(_)
+        ));
+        let e = err(&ram.replace("\"ram\"", "\"rom\""));
+        assert!(e.contains("rom") && e.contains("ram"), "{e}");
+        assert!(
+            err(&with("cache = \"c0\""))
+                .contains("lun ram0: cache: not a key of backend = \"ram\""),
+            "{}",
+            err(&with("cache = \"c0\""))
+        );
+        // Engine LUNs: the engine's keys are required, size is refused.
+        let e = err(&GOOD.replace("backing_id = 0\n", ""));
+        assert!(e.contains("lun disk0: backing_id: required"), "{e}");
+        let e = err(&GOOD.replace("backing_id = 0\n", "backing_id = 0\nsize = \"1GiB\"\n"));
+        assert!(
+            e.contains("lun disk0: size: only for backend = \"ram\""),
+            "{e}"
+        );
+        // One name space for both kinds.
+        let e = err(&format!("{GOOD}{}", ram.replace("ram0", "disk0")));
+        assert!(e.contains("defined twice"), "{e}");
     }
 
     fn two_luns(cache: &Path, a: &Path, b: &Path) -> String {
@@ -885,7 +1148,7 @@ backing_id = 0
         assert_eq!(
             c.check_cfgstring("lc/disk0", Some(1 << 20), &[])
                 .unwrap()
-                .name,
+                .name(),
             "disk0"
         );
         assert!(c
@@ -926,6 +1189,12 @@ mod example_tests {
         assert_eq!(c.luns[0].name, "disk0");
         // Every tunable documented in CONFIG.md exists.
         let doc = include_str!("../docs/CONFIG.md");
+        for key in ["name", "backend", "cache", "backing", "backing_id", "size"] {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "docs/CONFIG.md lacks the [[lun]] key {key}"
+            );
+        }
         for name in lc_cache::tunables::NAMES {
             assert!(
                 doc.contains(&format!("`{name}`")),

@@ -22,8 +22,9 @@ use crate::control::{self, Handler, Request};
 use crate::device::{Device, EngineBackend};
 use crate::event_loop::EventLoop;
 use crate::netlink::{Event, Reconfig, TcmuNetlink};
+use crate::ram::RamBackend;
 use crate::ring::Ring;
-use crate::scsi::{LunConfig, LunState};
+use crate::scsi::{BlockBackend, LunConfig, LunState};
 use crate::sys;
 use crate::uio::{self, Configfs, UioDevice};
 
@@ -53,6 +54,17 @@ impl Default for Paths {
 struct LunInfo {
     cache: String,
     id: u8,
+}
+
+/// What serves a new device's blocks ([`Shared::lun_backend`]).
+pub struct LunBackend {
+    /// The backend.
+    pub backend: Arc<dyn BlockBackend>,
+    /// The largest capacity in bytes: the backing device's size, or a RAM LUN's `size`.
+    pub capacity: u64,
+    /// The LUN's block size must be a multiple of this (the cache's block size; 512
+    /// for RAM).
+    pub block_size: u32,
 }
 
 /// A TCMU device being served.
@@ -253,6 +265,38 @@ impl Shared {
         Some((t.caches.get(&l.cache)?.clone(), l.id))
     }
 
+    /// A backend for a new device of `lun`: the cache engine for its backing device,
+    /// or new, empty memory for a RAM LUN (`backend = "ram"`).
+    pub fn lun_backend(&self, lun: &str) -> Result<LunBackend, String> {
+        if let Some(r) = self.t().cfg.ram_luns.iter().find(|r| r.name == lun) {
+            return Ok(LunBackend {
+                backend: Arc::new(RamBackend::new(r.size)),
+                capacity: r.size,
+                block_size: 512,
+            });
+        }
+        let (cache, id) = self
+            .lun_cache(lun)
+            .ok_or_else(|| format!("no lun {lun:?}"))?;
+        let capacity = cache
+            .backing_size(id)
+            .ok_or("backing device not attached")?;
+        let block_size = cache.geometry().block_size;
+        Ok(LunBackend {
+            backend: Arc::new(EngineBackend { cache, dev: id }),
+            capacity,
+            block_size,
+        })
+    }
+
+    /// The largest capacity of a device of `lun` (bytes), None when it has none now.
+    fn lun_capacity(&self, lun: &str) -> Option<u64> {
+        if let Some(r) = self.t().cfg.ram_luns.iter().find(|r| r.name == lun) {
+            return Some(r.size);
+        }
+        self.lun_cache(lun).and_then(|(c, id)| c.backing_size(id))
+    }
+
     fn cache(&self, name: &str) -> Result<Arc<Cache>, String> {
         let t = self.t();
         t.caches.get(name).cloned().ok_or_else(|| {
@@ -308,6 +352,14 @@ impl Shared {
                 ));
             }
         }
+        for r in &old.cfg.ram_luns {
+            if !new.ram_luns.contains(r) && served.contains(&r.name) {
+                return Err(format!(
+                    "lun {}: removed or changed while served; delete its backstore first",
+                    r.name
+                ));
+            }
+        }
         for c in &old.cfg.caches {
             match new.caches.iter().find(|n| n.section.name == c.section.name) {
                 Some(n)
@@ -353,6 +405,16 @@ impl Shared {
                         .map_err(|e| format!("lun {}: {e}", l.name))?;
                 }
                 changes.push(format!("lun {} removed", l.name));
+            }
+        }
+        for r in &old.cfg.ram_luns {
+            if !new.ram_luns.contains(r) {
+                changes.push(format!("ram lun {} removed", r.name));
+            }
+        }
+        for r in &new.ram_luns {
+            if !old.cfg.ram_luns.contains(r) {
+                changes.push(format!("ram lun {} added", r.name));
             }
         }
         for (cache, b) in attach {
@@ -543,6 +605,13 @@ impl Handler for Shared {
                                "writeback_failing_since": failing.as_ref().map(|f| epoch_secs(f.since)),
                                "writeback_error": failing.map(|f| f.error)})
                     })
+                    .chain(t.cfg.ram_luns.iter().map(|r| {
+                        let dev = served.iter().find(|s| s.lun == r.name);
+                        json!({"name": r.name, "backend": "ram", "cache": "-",
+                               "backing": format!("RAM, {}", crate::units::human(r.size)),
+                               "size": r.size, "served_by": dev.map(|d| d.uio.clone()),
+                               "dirty_lines": 0, "lost_lines": 0})
+                    }))
                     .collect();
                 let caches: Vec<Value> = t
                     .cfg
@@ -643,21 +712,18 @@ fn make_device(
 ) -> Result<Device, String> {
     let cfs = &paths.configfs;
     let size = cfs.attrib_u64(u.hba, &u.name, "dev_size");
-    let t = sh.t();
-    let lun = t
+    let lun = sh
+        .t()
         .cfg
         .check_cfgstring(&u.cfgstring, size, &sh.active_luns())?
-        .clone();
-    let info = &t.luns[&lun.name];
-    let cache = sh.cache(&info.cache)?;
-    let backing_size = cache
-        .backing_size(info.id)
-        .ok_or("backing device not attached")?;
-    let size = size.unwrap_or(backing_size);
+        .name()
+        .to_string();
+    let be = sh.lun_backend(&lun)?;
+    let size = size.unwrap_or(be.capacity);
     let bs = cfs
         .attrib_u64(u.hba, &u.name, "hw_block_size")
         .unwrap_or(512) as u32;
-    let cbs = cache.geometry().block_size;
+    let cbs = be.block_size;
     if !bs.is_multiple_of(cbs) {
         return Err(format!("hw_block_size {bs} is not a multiple of cache block size {cbs}; format the cache with --block-size 512 or create the backstore with hw_block_size={cbs}"));
     }
@@ -686,11 +752,8 @@ fn make_device(
         ring,
         Box::new(bell),
         Arc::new(LunState::new(lc)),
-        Arc::new(EngineBackend {
-            cache,
-            dev: info.id,
-        }),
-        sh.log.new(slog::o!("lun" => lun.name.clone())),
+        be.backend,
+        sh.log.new(slog::o!("lun" => lun)),
     ))
 }
 
@@ -763,13 +826,10 @@ fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNet
                 .cloned();
             let r = match served {
                 None => Err("device not served by this daemon".to_string()),
-                Some(d) => {
-                    let backing = sh.lun_cache(&d.lun).and_then(|(c, id)| c.backing_size(id));
-                    match backing {
-                        None => Err("backing device not attached".to_string()),
-                        Some(b) => reconfigure(&d.state, &d.lun, b, ev.change.as_ref()),
-                    }
-                }
+                Some(d) => match sh.lun_capacity(&d.lun) {
+                    None => Err("backing device not attached".to_string()),
+                    Some(b) => reconfigure(&d.state, &d.lun, b, ev.change.as_ref()),
+                },
             };
             match r {
                 Ok(what) => {

@@ -14,6 +14,7 @@ pub mod event_loop;
 pub mod man;
 pub mod metrics;
 pub mod netlink;
+pub mod ram;
 pub mod ring;
 pub mod scsi;
 pub mod shm;

@@ -347,6 +347,58 @@ fn outstanding_commands(inline: bool, busy_poll: Duration) {
     }
 }
 
+#[test]
+fn a_ram_lun_from_the_config_serves_writes_and_reads_without_a_cache() {
+    // `backend = "ram"`: no [[cache]], no device; the daemon's own backend for it.
+    let text =
+        "[daemon]\ndbus = false\n[[lun]]\nname = \"ram0\"\nbackend = \"ram\"\nsize = \"64MiB\"\n";
+    let cfg = lc::config::parse(text, std::path::Path::new("lc.toml")).unwrap();
+    let shared =
+        lc::daemon::Shared::open(cfg, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+    assert!(shared.lun_backend("disk0").is_err());
+    let be = shared.lun_backend("ram0").unwrap();
+    assert_eq!((be.capacity, be.block_size), (BACKING, 512));
+    let mut emu = Emulator::small(FLAG_OOOC | FLAG_READ_LEN);
+    let served = Served::start(vec![device_on(&emu, "ram0", be.backend)]);
+
+    // Unwritten blocks read as zeros.
+    let id = submit(&mut emu, &rw16(0x88, 100, 8, 0), &[], 4096);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert!(c.status == 0 && c.data_in == vec![0u8; 4096]);
+    // Many writes in flight at once (served on the loop thread), then read back.
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut model = vec![0u8; BACKING as usize];
+    for round in 0..8 {
+        let mut ids = Vec::new();
+        for _ in 0..16 {
+            let blocks = [1u32, 8, 64, 256][rng.gen_range(0..4)];
+            let lba = rng.gen_range(0..BACKING / 512 - blocks as u64);
+            let data: Vec<u8> = (0..blocks as usize * 512).map(|_| rng.gen()).collect();
+            let fua = if round % 2 == 0 { 0x08 } else { 0 };
+            ids.push(submit(&mut emu, &rw16(0x8a, lba, blocks, fua), &data, 0));
+            model[lba as usize * 512..][..data.len()].copy_from_slice(&data);
+        }
+        assert!(wait_for(&mut emu, &ids).iter().all(|c| c.status == 0));
+    }
+    let sync = submit(&mut emu, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(wait_for(&mut emu, &[sync])[0].status, 0);
+    for lba in (0..BACKING / 512).step_by(2048) {
+        let id = submit(&mut emu, &rw16(0x88, lba, 2048, 0), &[], 1 << 20);
+        let c = wait_for(&mut emu, &[id]).remove(0);
+        assert_eq!(c.status, 0);
+        assert!(
+            c.data_in[..] == model[lba as usize * 512..][..1 << 20],
+            "read back at {lba}"
+        );
+    }
+    // The last block, then one past the end: CHECK CONDITION, LBA OUT OF RANGE.
+    write_then_read_back(&mut emu, BACKING / 512 - 8, 0x5a);
+    let bad = submit(&mut emu, &rw16(0x88, BACKING / 512, 1, 0), &[], 512);
+    let c = wait_for(&mut emu, &[bad]).remove(0);
+    assert_eq!((c.status, c.sense[2], c.sense[12]), (2, 5, 0x21));
+    drop(served);
+}
+
 /// A raw WRITE(10) CMD entry of 1 block with these iovecs.
 fn raw_write(iovs: &[(u64, u64)]) -> Vec<u8> {
     let base = (48 + 16 * iovs.len()).max(112);
