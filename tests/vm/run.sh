@@ -39,6 +39,11 @@ cp "$here/guest/guest-init.sh" "$payload/guest-init.sh"
 cp "$here/guest/lc.toml" "$payload/lc.toml"
 cp "$top/targetcli/lc-dbus.conf" "$payload/lc-dbus.conf"
 printf '%s\n' "${scenarios[@]}" >"$payload/scenarios.list"
+# The scenarios' knobs reach the guest through the payload (guest-init.sh sources it):
+# LC_BENCH_*, LC_SUSTAINED_*, LC_PROFILE_*, LC_SCENARIO_TIMEOUT.
+for v in $(compgen -e | grep -E '^LC_(BENCH|SUSTAINED|PROFILE)_|^LC_SCENARIO_TIMEOUT$' || true); do
+    printf 'export %s=%q\n' "$v" "${!v}"
+done >"$payload/env"
 for s in "${scenarios[@]}"; do
     [ -f "$here/scenarios/$s.sh" ] || { echo "no scenario $s (tests/vm/scenarios/$s.sh)" >&2; exit 2; }
 done

@@ -6,6 +6,8 @@ set -u
 R=/payload/results
 export PATH=/payload/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
+# The host's LC_BENCH_*, LC_SUSTAINED_*, ... (run.sh).
+[ -f /payload/env ] && . /payload/env
 for m in configfs sd_mod sg virtio_blk target_core_mod target_core_user tcm_loop iscsi_target_mod crc32c_generic dm_mod dm_flakey; do
     modprobe "$m" || echo "modprobe $m failed"
 done
@@ -21,7 +23,9 @@ echo "guest up: $(uname -r), $(nproc) cpus; disks: $(ls /sys/block | tr '\n' ' '
 for s in $(cat /payload/scenarios.list); do
     echo "=== scenario $s"
     start=$(date +%s)
-    timeout "${LC_SCENARIO_TIMEOUT:-1200}" bash "/payload/scenarios/$s.sh" >"$R/$s.log" 2>&1
+    # A scenario may ask for more than the default 20 minutes ("# timeout: SECONDS").
+    limit=$(sed -n 's/^# timeout: \([0-9][0-9]*\)$/\1/p' "/payload/scenarios/$s.sh" | head -1)
+    timeout "${LC_SCENARIO_TIMEOUT:-${limit:-1200}}" bash "/payload/scenarios/$s.sh" >"$R/$s.log" 2>&1
     rc=$?
     echo "$rc $(( $(date +%s) - start ))" >"$R/$s.rc"
     echo "=== scenario $s: rc=$rc"
