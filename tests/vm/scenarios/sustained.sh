@@ -29,12 +29,14 @@ run() { # dev tag [fio options]: per-interval write IOPS into /tmp/sus-<tag>
     echo 3 >/proc/sys/vm/drop_caches
     rm -f /tmp/sus_"$2"_iops.*.log
     fio --name=s --filename="$1" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
-        --size=512M --time_based --runtime="$RT" "${@:3}" \
+        --size=512M --time_based --runtime=$((RT + 2)) "${@:3}" \
         --write_iops_log="/tmp/sus_$2" --log_avg_msec=10000 --output-format=json --output="/tmp/sus-$2.json" \
         >/dev/null 2>&1 || { cat "/tmp/sus-$2.json" >&2; fail "fio $2 on $1"; }
-    # "msec, IOPS over the 10 s ending there, direction, bs, prio"; the last line may be
-    # a partial interval.
-    awk -F, '$3 + 0 == 1 {printf "%d %d\n", $1, $2}' /tmp/sus_"$2"_iops.*.log >"/tmp/sus-$2"
+    # "msec, IOPS over the 10 s ending there, direction, bs, prio". fio logs a window
+    # only once the job runs past its end, hence the 2 s more; the partial last window
+    # is left out.
+    awk -F, -v n=$((RT / 10)) '$3 + 0 == 1 && k < n {k++; printf "%d %d\n", $1, $2}' \
+        /tmp/sus_"$2"_iops.*.log >"/tmp/sus-$2"
     echo "$2: $(awk '{printf "%s ", $2}' "/tmp/sus-$2")" | tee -a "$out"
 }
 fresh_ssd() {
