@@ -17,6 +17,8 @@ pub struct FormatArgs<'a> {
     pub block_size: u32,
     /// Segment size in bytes.
     pub segment_size: u32,
+    /// On-disk format version (2; 1 for a cache an older lc can open).
+    pub version: u32,
     /// Skip the confirmation.
     pub yes: bool,
     /// Format even if the device holds an lc cache.
@@ -83,13 +85,15 @@ pub fn format(
         FormatOptions {
             block_size: args.block_size,
             segment_size: args.segment_size,
+            version: args.version,
         },
     )
     .map_err(|e| e.to_string())?;
     writeln!(
         out,
-        "formatted {}: block size {}, {} segments of {} ({} lines each), {} of cache",
+        "formatted {}: format v{}, block size {}, {} segments of {} ({} lines each), {} of cache",
         args.device.display(),
+        g.version,
         g.block_size,
         g.nr_segments,
         human(g.segment_size as u64),
@@ -175,7 +179,7 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
     let text = if json {
         serde_json::json!({
             "device": device.display().to_string(),
-            "format_version": lc_cache::format::FORMAT_VERSION,
+            "format_version": g.version,
             "block_size": g.block_size,
             "segment_size": g.segment_size,
             "nr_segments": g.nr_segments,
@@ -195,7 +199,7 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
         let mut t = format!(
             "{}: lc cache, format v{}, block size {}, {} segments of {} ({} lines each)\n",
             device.display(),
-            lc_cache::format::FORMAT_VERSION,
+            g.version,
             g.block_size,
             g.nr_segments,
             human(g.segment_size as u64),

@@ -566,6 +566,7 @@ fn stats_json(c: &Cache) -> Value {
         "ram_bytes": s.ram_bytes,
         "index_bytes": s.index_bytes,
         "partial_segments": s.partial_segments,
+        "appends": s.appends,
         "writeback_failures": s.writeback_failures.iter().map(|f| json!({"backing_id": f.dev, "since": epoch_secs(f.since), "error": f.error})).collect::<Vec<_>>(),
         "tunables": c.tunables().list().into_iter().collect::<HashMap<_, _>>(),
         "failure": c.failure(),

@@ -40,6 +40,11 @@ enum Cmd {
         /// Segment size: a power of two from 64KiB to 4MiB.
         #[arg(long, default_value = "1MiB")]
         segment_size: String,
+        /// On-disk format version: 2, or 1 for a cache that lc builds before format 2
+        /// can open (a flush then seals a whole segment).
+        #[arg(long, default_value_t = lc_cache::format::FORMAT_VERSION,
+              value_parser = clap::value_parser!(u32).range(1..=2))]
+        format_version: u32,
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
         yes: bool,
@@ -161,6 +166,7 @@ fn main() -> ExitCode {
             device,
             block_size,
             segment_size,
+            format_version,
             yes,
             force,
         } => lc::units::parse_size(&segment_size)
@@ -171,6 +177,7 @@ fn main() -> ExitCode {
                     device: &device,
                     block_size,
                     segment_size,
+                    version: format_version,
                     yes,
                     force,
                 };

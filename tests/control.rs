@@ -150,19 +150,26 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
             },
         )
         .unwrap();
+        let mut a = 0;
         for round in [1u8, 2] {
             for b in 0..40u64 {
                 c.write(3, b * 4096, &[round; 4096], false).unwrap();
             }
             c.flush().unwrap();
+            if round == 1 {
+                // Round A ends in this segment (appended to, still open): round B's
+                // lines fill it, then the next segments.
+                a = c.stats().open_segment_id;
+            }
         }
-        let a = c.stats().last_flushed_id - 3; // 40 lines = 3 segments of 15 per round
+        assert_eq!(c.geometry().lines_per_segment, 14);
         c.close().unwrap();
         a
     };
-    // Flip one data byte in round B's first segment (segment id a+1, slot a).
+    // Flip one data byte in round B's first whole segment (segment id a+1, slot a):
+    // after two header copies of one block each, line 5.
     let mut img = std::fs::read(&cache).unwrap();
-    let off = (64 << 10) * (1 + round_a_end as usize) + 4096 + 5 * 4096 + 17;
+    let off = (64 << 10) * (1 + round_a_end as usize) + 2 * 4096 + 5 * 4096 + 17;
     img[off] ^= 0x20;
     std::fs::write(&cache, &img).unwrap();
 
@@ -178,7 +185,7 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         "{text}"
     );
     assert!(
-        text.contains("backing 3 (\"disk0\"): 15 lines lost"),
+        text.contains("backing 3 (\"disk0\"): 14 lines lost"),
         "{text}"
     );
 
@@ -187,24 +194,25 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     let out = lc(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("DAMAGED") && text.contains("lost 15 lines"),
+        text.contains("DAMAGED") && text.contains("lost 14 lines"),
         "{text}"
     );
     let v: serde_json::Value =
         serde_json::from_slice(&lc(&socket, &["status", "--json"]).stdout).unwrap();
-    assert_eq!(v["luns"][0]["lost_lines"], 15);
+    assert_eq!(v["luns"][0]["lost_lines"], 14);
     let v: serde_json::Value =
         serde_json::from_slice(&lc(&socket, &["stats", "c0", "--json"]).stdout).unwrap();
     assert_eq!(
         v["stats"]["c0"]["damage"]["lost_ranges"][0]["sectors"],
-        15 * 8
+        14 * 8
     );
     assert_eq!(v["stats"]["c0"]["damage"]["lost_ranges"][0]["lun"], "disk0");
 
     let (c, id) = shared.lun_cache("disk0").unwrap();
     let mut buf = vec![0u8; 4096];
+    // Round B's blocks 0 and 1 filled round A's last segment; 2..16 are lost.
     assert!(matches!(
-        c.read(id, 0, &mut buf),
+        c.read(id, 2 * 4096, &mut buf),
         Err(lc_cache::Error::Lost { .. })
     ));
     c.read(id, 39 * 4096, &mut buf).unwrap();
@@ -216,10 +224,10 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     let out = lc(&socket, &["accept-loss", "c0"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("lost: backing 3 (disk0) sectors 0..+120"),
+        out.status.success() && text.contains("lost: backing 3 (disk0) sectors 16..+112"),
         "{text}"
     );
-    c.read(id, 0, &mut buf).unwrap();
+    c.read(id, 2 * 4096, &mut buf).unwrap();
     assert!(
         buf.iter().all(|&b| b == 1),
         "round A after the loss was accepted"

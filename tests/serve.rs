@@ -44,6 +44,7 @@ fn files() -> Files {
         FormatOptions {
             block_size: 512,
             segment_size: 256 << 10,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -718,6 +719,7 @@ fn a_hung_backing_device_never_stalls_another_lun() {
         FormatOptions {
             block_size: 512,
             segment_size: 256 << 10,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -877,6 +879,7 @@ fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
         FormatOptions {
             block_size: 512,
             segment_size: 256 << 10,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -71,6 +71,18 @@ impl Damage {
         }
     }
 
+    /// Recovery: segment `id` was taken at an earlier append; its newer, durable append
+    /// failed its checks and held `entries` (those lines are lost, the earlier ones
+    /// are not).
+    pub fn add_lost(&mut self, id: u64, entries: &[Entry]) {
+        self.segments.insert(id);
+        for e in entries {
+            let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+            let bits = if e.is_tombstone() { FULL_LINE } else { e.dirty };
+            *self.lost.entry(k).or_insert(0) |= bits;
+        }
+    }
+
     /// A newer copy of line `k` holding sectors `bits` (a discard record: all of them).
     pub fn supersede(&mut self, k: u64, bits: u8) {
         if let Some(m) = self.lost.get_mut(&k) {

@@ -27,7 +27,7 @@ use crate::format::{
 };
 use crate::index::{key, Loc};
 use crate::recovery::{random_u64, replay, superblock_of, RecoveryReport};
-use crate::state::{BackingSlot, Inner, OpenSeg, Recovered, State};
+use crate::state::{BackingSlot, Inner, OpenSeg, Pos, Recovered, State};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
 
@@ -121,6 +121,10 @@ impl Inner {
                     buf,
                     entries: Vec::with_capacity(self.geo.lines_per_segment as usize),
                     last_write: Instant::now(),
+                    written: 0,
+                    gen: 0,
+                    crc: 0,
+                    hcrc: 0,
                 });
                 true
             }
@@ -132,12 +136,12 @@ impl Inner {
     }
 
     fn slot_reused(&self, st: &State, seg: u64) -> bool {
-        seg + self.geo.nr_segments <= st.write_started_id
+        seg + self.geo.nr_segments <= st.slot_claimed_id
     }
 
     /// Line `slot` of an in-RAM segment (open or sealed and not yet released).
     fn ram_slice<'a>(&self, st: &'a State, loc: Loc) -> Option<&'a [u8]> {
-        let s = self.geo.header_len() + loc.slot as usize * LINE as usize;
+        let s = self.geo.data_start() + loc.slot as usize * LINE as usize;
         let buf = match st.open.as_ref().filter(|o| o.id == loc.seg) {
             Some(o) => &o.buf,
             None => &st.ram.get(&loc.seg)?.buf,
@@ -187,7 +191,8 @@ impl Inner {
     }
 
     /// Writes the sectors `mask` of one line; `data` holds exactly those sectors.
-    /// Returns the id of the segment that holds the line. Without `wait`, returns
+    /// Returns where the line is in the log (its segment and the lines up to it).
+    /// Without `wait`, returns
     /// `Ok(None)` instead of waiting for a RAM buffer or reading older data of a
     /// partial line from the cache device; nothing was changed then.
     fn write_line(
@@ -198,7 +203,7 @@ impl Inner {
         data: &[u8],
         tomb: bool,
         wait: bool,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Pos>> {
         let count = data.len() as u64 / SECTOR;
         let mask = if tomb {
             FULL_LINE
@@ -224,10 +229,10 @@ impl Inner {
                 continue;
             }
             let old = st.index.get(k);
-            let open_id = st.open.as_ref().expect("open").id;
-            let hl = self.geo.header_len();
-            // Overwrite in place in the open segment.
-            if let Some(loc) = old.filter(|l| l.seg == open_id) {
+            let (open_id, written) = st.open.as_ref().map(|o| (o.id, o.written)).expect("open");
+            let hl = self.geo.data_start();
+            // Overwrite in place in the open segment (not in lines an append wrote).
+            if let Some(loc) = old.filter(|l| l.seg == open_id && l.slot as usize >= written) {
                 let o = st.open.as_mut().expect("open");
                 let s = hl + loc.slot as usize * LINE as usize;
                 let line_buf = &mut o.buf[s..s + LINE as usize];
@@ -265,7 +270,10 @@ impl Inner {
                 if !tomb {
                     st.count(dev, counter_index(true, true, true, mask == FULL_LINE));
                 }
-                return Ok(Some(open_id));
+                return Ok(Some(Pos {
+                    id: open_id,
+                    lines: loc.slot as u32 + 1,
+                }));
             }
             // Older data this partial write must keep (never sectors lost to damage).
             let Some(keep) = st.damage.mergeable(k, old, mask) else {
@@ -345,16 +353,19 @@ impl Inner {
                     counter_index(true, old.is_some(), on_ram, mask == FULL_LINE),
                 );
             }
-            return Ok(Some(open_id));
+            return Ok(Some(Pos {
+                id: open_id,
+                lines: slot as u32 + 1,
+            }));
         }
     }
 
-    /// Waits until segment `target` and all before it are on the cache device and the
-    /// cache device was flushed.
-    pub(crate) fn wait_durable(&self, target: u64) -> Result<()> {
+    /// Waits until the log up to `target` is on the cache device and the cache device
+    /// was flushed.
+    pub(crate) fn wait_durable(&self, target: Pos) -> Result<()> {
         let mut st = self.lock();
         loop {
-            if st.flushed_id >= target {
+            if st.durable_pos() >= target {
                 return Ok(());
             }
             st.durable_req = st.durable_req.max(target);
@@ -364,7 +375,7 @@ impl Inner {
             if let Some(e) = st.stuck_refusal() {
                 return Err(e);
             }
-            if st.open.as_ref().is_some_and(|o| o.id <= target) {
+            if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
                 let now = Instant::now();
                 st.flush_req = Some(match st.flush_req {
                     Some((t, m)) => (t, m.max(target)),
@@ -479,6 +490,8 @@ impl Cache {
                 wb_id: r.wb_id,
                 sb_seq: sb.seq,
                 damage: r.damage,
+                recovered_gens: r.recovered_gens,
+                ambiguous: r.ambiguous,
             },
             &geo,
             ram_buffers,
@@ -549,24 +562,24 @@ impl Cache {
         }
         let r = self.write_lines(dev, offset, data, true);
         self.inner.lock().active_writers -= 1;
-        let last_seg = r?.expect("a waiting write completes");
-        if fua && last_seg > 0 {
-            self.inner.wait_durable(last_seg)?;
+        let last = r?.expect("a waiting write completes");
+        if fua && last.id > 0 {
+            self.inner.wait_durable(last)?;
         }
         Ok(())
     }
 
     /// Writes line by line; `Ok(None)` when a line would have to wait and `wait` is
     /// off (earlier lines are written then, with the caller's data).
-    fn write_lines(&self, dev: u8, offset: u64, data: &[u8], wait: bool) -> Result<Option<u64>> {
-        let mut last_seg = 0;
+    fn write_lines(&self, dev: u8, offset: u64, data: &[u8], wait: bool) -> Result<Option<Pos>> {
+        let mut last = Pos::default();
         let mut pos = 0usize;
         while pos < data.len() {
             let off = offset + pos as u64;
             let line = off / LINE;
             let in_line = off % LINE;
             let n = ((LINE - in_line) as usize).min(data.len() - pos);
-            let Some(seg) = self.inner.write_line(
+            let Some(at) = self.inner.write_line(
                 dev,
                 line,
                 in_line / SECTOR,
@@ -577,10 +590,10 @@ impl Cache {
             else {
                 return Ok(None);
             };
-            last_seg = last_seg.max(seg);
+            last = last.max(at);
             pos += n;
         }
-        Ok(Some(last_seg))
+        Ok(Some(last))
     }
 
     /// [`Cache::write`] without FUA that never blocks: `None` when it would have to
@@ -774,7 +787,7 @@ impl Cache {
     pub fn flush(&self) -> Result<()> {
         let (target, to_flush) = {
             let mut st = self.inner.lock();
-            let target = last_written_id(&st);
+            let target = last_written_pos(&st);
             let mut devs = Vec::new();
             for b in st.backing.iter_mut().flatten() {
                 if b.needs_flush {
@@ -902,7 +915,7 @@ impl Cache {
         let target = {
             let mut st = self.inner.lock();
             self.inner.seal(&mut st);
-            last_written_id(&st)
+            last_written_pos(&st)
         };
         self.inner.wait_durable(target)
     }
@@ -980,6 +993,7 @@ impl Cache {
             index_bytes: st.index.memory_bytes() as u64,
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
+            appends: st.appends,
             damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
                 .then(|| st.damage.report()),
             writeback_failures: st
@@ -1137,11 +1151,15 @@ impl Drop for Cache {
     }
 }
 
-/// Id of the newest segment holding any line (the open one only if it has lines).
-fn last_written_id(st: &State) -> u64 {
+/// The end of the log: every line written so far (the open segment's only if it has
+/// lines).
+fn last_written_pos(st: &State) -> Pos {
     match &st.open {
-        Some(o) if !o.entries.is_empty() => o.id,
-        Some(o) => o.id - 1,
-        None => st.next_id - 1,
+        Some(o) if !o.entries.is_empty() => Pos {
+            id: o.id,
+            lines: o.entries.len() as u32,
+        },
+        Some(o) => Pos::all(o.id - 1),
+        None => Pos::all(st.next_id - 1),
     }
 }

@@ -26,7 +26,8 @@ pub enum Error {
     },
     /// The cache device holds lc data of another format version.
     #[error(
-        "{device}: format version {version}, this build reads version {}",
+        "{device}: format version {version}, this build reads versions {} to {}",
+        crate::format::OLDEST_VERSION,
         crate::format::FORMAT_VERSION
     )]
     Version {

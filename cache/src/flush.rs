@@ -1,5 +1,9 @@
-//! The flusher thread (`lc-flush`): seals the open segment when a flush waits past
-//! `barrier_deadline_ms`, when it has been idle for `flush_interval_s`, or on request;
+//! The flusher thread (`lc-flush`): when a flush waits past `barrier_deadline_ms` (or
+//! no other writer could add lines), makes the open segment's lines durable: format 2
+//! *appends* them (the new lines and a new header copy go to the segment's slot, the
+//! device is flushed, and the segment stays open for the lines that follow), format 1
+//! seals the segment. Seals the open segment when it has been idle for
+//! `flush_interval_s`, or on request;
 //! writes sealed segments to their ring slots in id order (each as one sequential
 //! write) and returns their buffers to the pool (`written_id`); flushes the cache device
 //! when someone waits for durability (a flush or FUA write), when writeback needs the
@@ -16,7 +20,8 @@ use slog::{error, info};
 
 use crate::device::AlignedBuf;
 use crate::error::Error;
-use crate::state::{Inner, Sealed, State};
+use crate::format::{SegmentHeader, LINE};
+use crate::state::{Inner, Pos, Sealed, State};
 
 /// Body of the flusher thread.
 pub(crate) fn run(inner: &Inner) {
@@ -24,39 +29,59 @@ pub(crate) fn run(inner: &Inner) {
     loop {
         let now = Instant::now();
         let open_lines = st.open.as_ref().map_or(0, |o| o.entries.len());
+        let mut append_due = false;
         if open_lines > 0 {
+            let open = st.open.as_ref().expect("open");
             let deadline_due = st.flush_req.is_some_and(|(t, target)| {
-                let open_id = st.open.as_ref().map_or(0, |o| o.id);
                 // Wait for more lines only while some writer could still add them.
-                target >= open_id
+                target.id >= open.id
                     && (st.active_writers == 0
                         || now >= t + Duration::from_millis(st.tunables.barrier_deadline_ms as u64))
             });
             let idle = st.tunables.flush_interval_s > 0
-                && st.open.as_ref().is_some_and(|o| {
-                    now >= o.last_write + Duration::from_secs(st.tunables.flush_interval_s as u64)
-                });
-            if deadline_due || idle || st.seal_requested || st.stop_flush {
+                && now
+                    >= open.last_write + Duration::from_secs(st.tunables.flush_interval_s as u64);
+            let full = open_lines >= inner.geo.lines_per_segment as usize;
+            if deadline_due && inner.geo.appends() && !full && !st.stop_flush {
+                append_due = open.written < open_lines;
+            } else if deadline_due || idle || full || st.seal_requested || st.stop_flush {
                 inner.seal(&mut st);
             }
         }
         st.seal_requested = false;
-        if st
-            .flush_req
-            .is_some_and(|(_, target)| st.open.as_ref().is_none_or(|o| o.id > target))
-        {
-            // Everything the request waits for is sealed; the writes below satisfy it.
+        if st.flush_req.is_some_and(|(_, target)| {
+            st.durable_pos() >= target || st.open.as_ref().is_none_or(|o| o.id > target.id)
+        }) {
+            // Everything the request waits for is durable or sealed; the writes below
+            // satisfy it.
             st.flush_req = None;
         }
         // 1. A flush someone waits for, once what they wait for is written.
-        let wanted =
-            st.durable_req > st.flushed_id && st.written_id >= st.durable_req.min(st.next_id - 1);
+        let wanted = st.durable_req.id > st.flushed_id
+            && st.written_id
+                >= st
+                    .durable_req
+                    .id
+                    .min(st.open.as_ref().map_or(st.next_id, |o| o.id) - 1);
         if st.written_id > st.flushed_id && st.failed.is_none() && (wanted || flush_due(&st, now)) {
             st = flush_device(inner, st);
             continue;
         }
         // 2. The next run of sealed segments whose slots are free.
         let limit = st.wb_id + inner.geo.nr_segments;
+        // 3. Then an append of the open segment, once everything before it is written.
+        let append_id = st.open.as_ref().map_or(0, |o| o.id);
+        let behind = st.ram.range(st.write_started_id + 1..).next().is_some();
+        if append_due && !behind && st.failed.is_none() {
+            if append_id <= limit {
+                st = append(inner, st);
+                continue;
+            }
+            if !st.need_space {
+                st.need_space = true;
+                inner.worker_cv.notify_all();
+            }
+        }
         let batch: Vec<Arc<Sealed>> = st
             .ram
             .range(st.write_started_id + 1..)
@@ -78,8 +103,11 @@ pub(crate) fn run(inner: &Inner) {
             // Sleep until work arrives or the next timer fires.
             let mut wait = Duration::from_secs(1);
             if let Some((t, _)) = st.flush_req {
+                // A deadline already past waits for other progress (a free slot).
                 let due = t + Duration::from_millis(st.tunables.barrier_deadline_ms as u64);
-                wait = wait.min(due.saturating_duration_since(now));
+                if due > now {
+                    wait = wait.min(due - now);
+                }
             }
             if st.tunables.flush_interval_s > 0 {
                 if let Some(o) = st.open.as_ref().filter(|o| !o.entries.is_empty()) {
@@ -100,16 +128,18 @@ pub(crate) fn run(inner: &Inner) {
         }
         let last = batch.last().expect("batch").id;
         st.write_started_id = last;
+        st.slot_claimed_id = st.slot_claimed_id.max(last);
         drop(st);
         let mut bytes = 0u64;
         let mut result = Ok(());
         for seg in &batch {
-            let off = inner.geo.segment_offset(seg.id);
-            if let Err(e) = inner.cache.write_at(&seg.buf[..seg.len], off) {
-                result = Err(Error::io(&inner.cache.describe(), off, e));
-                break;
+            match write_sealed(inner, seg) {
+                Ok(b) => bytes += b,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
-            bytes += seg.len as u64;
         }
         st = inner.lock();
         st.cache_bytes_written += bytes;
@@ -139,6 +169,116 @@ pub(crate) fn run(inner: &Inner) {
     }
     info!(inner.log, "flusher stopped"; "last_flushed_id" => st.flushed_id);
     drop(st);
+}
+
+/// Writes what is left of a sealed segment: all of it (both header copies and its
+/// lines, one sequential write) when no append wrote any, else the lines after the last
+/// append and the final header's copy. Returns the bytes written.
+fn write_sealed(inner: &Inner, seg: &Sealed) -> Result<u64, Error> {
+    let geo = &inner.geo;
+    let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
+    let base = geo.segment_offset(seg.id);
+    let mut parts: Vec<(&[u8], u64)> = Vec::new();
+    if seg.from == 0 {
+        parts.push((&seg.buf[..ds + seg.n * line], base));
+    } else if seg.n > seg.from {
+        let lines = &seg.buf[ds + seg.from * line..ds + seg.n * line];
+        parts.push((lines, geo.line_offset(seg.id, seg.from as u32)));
+        let c = geo.header_copy(seg.gen);
+        parts.push((&seg.buf[c * hl..(c + 1) * hl], base + (c * hl) as u64));
+    }
+    let mut bytes = 0;
+    for (data, off) in parts {
+        inner
+            .cache
+            .write_at(data, off)
+            .map_err(|e| Error::io(&inner.cache.describe(), off, e))?;
+        bytes += data.len() as u64;
+    }
+    Ok(bytes)
+}
+
+/// Format 2: makes the open segment's lines durable without sealing it. Writes the
+/// lines added since the last append and a header of the next generation into the
+/// copy the previous generation does not occupy (the first append writes copy 0 and
+/// zeros copy 1 with its lines, in one write), then flushes the cache device. Called
+/// only when every segment before the open one is written, so after the flush the
+/// whole log up to here is durable. The lines are copied out under the lock (writers
+/// go on filling the segment meanwhile); lines `0..written` are immutable from here.
+fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    let geo = &inner.geo;
+    let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
+    let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
+    let o = st.open.as_mut().expect("open segment");
+    let (id, from, n, gen) = (o.id, o.written, o.entries.len(), o.gen + 1);
+    let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + from * line..ds + n * line]);
+    let hdr = SegmentHeader {
+        id,
+        lap: geo.lap(id),
+        gen,
+        nonce: inner.nonce,
+        prev_crc,
+        durable,
+        data_crc,
+        uuid: inner.uuid,
+        entries: o.entries.clone(),
+    };
+    let base = geo.segment_offset(id);
+    let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
+    let hcrc;
+    if gen == 1 {
+        let mut b = AlignedBuf::new(ds + n * line);
+        hcrc = hdr.encode_into(&mut b[..hl]);
+        b[ds..].copy_from_slice(&o.buf[ds..ds + n * line]);
+        writes.push((b, base));
+    } else {
+        let mut l = AlignedBuf::new((n - from) * line);
+        l.copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
+        writes.push((l, geo.line_offset(id, from as u32)));
+        let mut h = AlignedBuf::new(hl);
+        hcrc = hdr.encode_into(&mut h);
+        writes.push((h, base + (geo.header_copy(gen) * hl) as u64));
+    }
+    o.written = n;
+    o.gen = gen;
+    o.crc = data_crc;
+    o.hcrc = hcrc;
+    st.slot_claimed_id = st.slot_claimed_id.max(id);
+    let written = st.written_id;
+    drop(st);
+    let desc = inner.cache.describe();
+    let mut bytes = 0;
+    let mut r = Ok(());
+    for (b, off) in &writes {
+        r = inner
+            .cache
+            .write_at(b, *off)
+            .map_err(|e| Error::io(&desc, *off, e));
+        if r.is_err() {
+            break;
+        }
+        bytes += b.len() as u64;
+    }
+    let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
+    let mut st = inner.lock();
+    st.cache_bytes_written += bytes;
+    match r {
+        Ok(()) => {
+            st.flushed_id = st.flushed_id.max(written);
+            st.partial = st.partial.max(Pos {
+                id,
+                lines: n as u32,
+            });
+            if st.written_id == st.flushed_id {
+                st.unflushed_since = None;
+            }
+            st.appends += 1;
+        }
+        Err(e) => fail(inner, &mut st, e),
+    }
+    inner.io_cv.notify_all();
+    inner.worker_cv.notify_all();
+    st
 }
 
 /// Written segments are flushed without a waiter after this long, bounding how much a

@@ -1,4 +1,5 @@
-//! On-disk format v1: geometry, the superblock and segment headers, with explicit
+//! On-disk format (version 2, and version 1 read and written for caches formatted
+//! before it): geometry, the superblock and segment headers, with explicit
 //! little-endian encoding and crc32c checksums. `docs/FORMAT.md` is the reference for
 //! every field; the tests here pin the sizes and offsets it gives.
 //!
@@ -7,7 +8,9 @@
 //! [0, S)              superblock region: copy A at 0, copy B at SB_COPY_SIZE
 //! [S*(1+k), S*(2+k))  segment slot k, k in 0..nr_segments
 //! ```
-//! A segment is a header of `header_blocks` 4 KiB blocks followed by up to
+//! A segment is `header_copies` headers of `header_blocks` 4 KiB blocks each (two in
+//! version 2, written alternately so that appending to a flushed segment never tears
+//! the header that made it durable; one in version 1) followed by up to
 //! `lines_per_segment` 4 KiB cache lines.
 
 use crate::error::{Error, Result};
@@ -20,8 +23,10 @@ pub const LINE: u64 = 4096;
 pub const SECTORS_PER_LINE: u64 = LINE / SECTOR;
 /// All dirty bits set.
 pub const FULL_LINE: u8 = 0xff;
-/// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version `lc format` writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still opens, serves and writes back.
+pub const OLDEST_VERSION: u32 = 1;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"lcCACHE\0";
 /// Segment header magic.
@@ -74,6 +79,8 @@ fn put_u64(b: &mut [u8], off: usize, v: u64) {
 /// The fixed shape of a formatted cache device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
+    /// Format version: 2 (two header copies, appends to a flushed segment) or 1.
+    pub version: u32,
     /// Logical block size exposed to users: 512 or 4096.
     pub block_size: u32,
     /// Segment size in bytes: a power of two in [`MIN_SEGMENT`, `MAX_SEGMENT`].
@@ -87,8 +94,23 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Computes the geometry for a device of `device_size` bytes, validating the inputs.
+    /// Computes the geometry of the current format version for a device of
+    /// `device_size` bytes, validating the inputs.
     pub fn new(block_size: u32, segment_size: u32, device_size: u64) -> Result<Self> {
+        Self::with_version(FORMAT_VERSION, block_size, segment_size, device_size)
+    }
+
+    /// Computes the geometry of format `version` (1 or 2).
+    pub fn with_version(
+        version: u32,
+        block_size: u32,
+        segment_size: u32,
+        device_size: u64,
+    ) -> Result<Self> {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(Error::Invalid(format!("format version {version}")));
+        }
+        let copies = if version == 1 { 1 } else { 2 };
         if block_size != 512 && block_size != 4096 {
             return Err(Error::Invalid(format!(
                 "block size {block_size}: must be 512 or 4096"
@@ -101,7 +123,7 @@ impl Geometry {
         }
         let blocks = segment_size / LINE as u32;
         let mut header_blocks = 1;
-        while SEG_FIXED + (blocks - header_blocks) as usize * ENTRY_SIZE + 4
+        while SEG_FIXED + (blocks - copies * header_blocks) as usize * ENTRY_SIZE + 4
             > header_blocks as usize * LINE as usize
         {
             header_blocks += 1;
@@ -113,17 +135,43 @@ impl Geometry {
             )));
         }
         Ok(Geometry {
+            version,
             block_size,
             segment_size,
             nr_segments: slots - 1,
             header_blocks,
-            lines_per_segment: blocks - header_blocks,
+            lines_per_segment: blocks - copies * header_blocks,
         })
     }
 
-    /// Header length in bytes.
+    /// Header length in bytes (one copy).
     pub fn header_len(&self) -> usize {
         self.header_blocks as usize * LINE as usize
+    }
+
+    /// Header copies per segment: 2 in format 2, 1 in format 1.
+    pub fn header_copies(&self) -> usize {
+        if self.version == 1 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// True when a flush may append to a segment already written (format 2).
+    pub fn appends(&self) -> bool {
+        self.version >= 2
+    }
+
+    /// Offset of the first line within a segment: after every header copy.
+    pub fn data_start(&self) -> usize {
+        self.header_copies() * self.header_len()
+    }
+
+    /// The header copy that append number `gen` of a segment writes (format 2:
+    /// 1 → copy 0, 2 → copy 1, 3 → copy 0, ...; format 1: always copy 0).
+    pub fn header_copy(&self, gen: u16) -> usize {
+        (gen.max(1) as usize - 1) % self.header_copies()
     }
 
     /// Byte offset of segment `id` (ids start at 1) on the cache device.
@@ -134,7 +182,7 @@ impl Geometry {
 
     /// Byte offset of line `slot` of segment `id`.
     pub fn line_offset(&self, id: u64, slot: u32) -> u64 {
-        self.segment_offset(id) + self.header_len() as u64 + slot as u64 * LINE
+        self.segment_offset(id) + self.data_start() as u64 + slot as u64 * LINE
     }
 
     /// The lap of segment `id`: how many times the ring has been walked when it is written.
@@ -186,7 +234,7 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SB_COPY_SIZE];
         b[0..8].copy_from_slice(&SB_MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 8, self.geometry.version);
         put_u32(&mut b, 12, self.geometry.block_size);
         put_u32(&mut b, 16, self.geometry.segment_size);
         put_u32(&mut b, 20, self.geometry.header_blocks);
@@ -230,13 +278,14 @@ impl Superblock {
             return Err(bad("superblock checksum mismatch".into()));
         }
         let version = le_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(Error::Version {
                 device: device.to_string(),
                 version,
             });
         }
         let geometry = Geometry {
+            version,
             block_size: le_u32(b, 12),
             segment_size: le_u32(b, 16),
             header_blocks: le_u32(b, 20),
@@ -244,7 +293,8 @@ impl Superblock {
             nr_segments: le_u64(b, 32),
         };
         // Recompute from first principles: a superblock must describe a geometry we make.
-        let expect = Geometry::new(
+        let expect = Geometry::with_version(
+            version,
             geometry.block_size,
             geometry.segment_size,
             geometry.segment_size.max(1) as u64 * geometry.nr_segments.saturating_add(1),
@@ -305,6 +355,9 @@ pub struct SegmentHeader {
     pub id: u64,
     /// Lap of the ring; must equal `geometry.lap(id)`.
     pub lap: u64,
+    /// Format 2: the append number of this header within its segment (1, 2, ...;
+    /// append `gen` writes header copy `(gen - 1) mod 2`). Format 1: 0.
+    pub gen: u16,
     /// Random per-open nonce of the session that wrote the segment.
     pub nonce: u64,
     /// crc32c of the previous segment's header (0 for the first after a clean ring).
@@ -332,7 +385,10 @@ impl SegmentHeader {
         put_u32(out, 8, if self.durable == 0 { 0 } else { back.max(1) });
         put_u32(out, 12, self.entries.len() as u32);
         put_u64(out, 16, self.id);
-        put_u64(out, 24, self.lap);
+        // Format 1 stored the lap as a u64; laps stay far below 2^32, so its upper half
+        // (now gen and a reserved u16) was always zero.
+        put_u32(out, 24, self.lap as u32);
+        out[28..30].copy_from_slice(&self.gen.to_le_bytes());
         put_u64(out, 32, self.nonce);
         put_u32(out, 40, self.prev_crc);
         put_u32(out, 44, self.data_crc);
@@ -370,6 +426,13 @@ impl SegmentHeader {
         if n > g.lines_per_segment as usize {
             return Err(format!("segment claims {n} lines"));
         }
+        let gen = u16::from_le_bytes([b[28], b[29]]);
+        if (gen == 0) != (g.version == 1) || b[30..32] != [0, 0] {
+            return Err(format!(
+                "append number {gen} invalid for format {}",
+                g.version
+            ));
+        }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[48..64]);
         let mut entries = Vec::with_capacity(n);
@@ -400,7 +463,8 @@ impl SegmentHeader {
                 } else {
                     id.saturating_sub(back)
                 },
-                lap: le_u64(b, 24),
+                lap: le_u32(b, 24) as u64,
+                gen,
                 nonce: le_u64(b, 32),
                 prev_crc: le_u32(b, 40),
                 data_crc: le_u32(b, 44),
@@ -412,21 +476,61 @@ impl SegmentHeader {
     }
 }
 
+/// Decodes the header copies at the start of a segment slot (`buf` holds at least
+/// `g.data_start()` bytes): each copy's header and crc, or why it is not one.
+pub fn decode_copies(
+    buf: &[u8],
+    g: &Geometry,
+) -> Vec<std::result::Result<(SegmentHeader, u32), String>> {
+    let hl = g.header_len();
+    (0..g.header_copies())
+        .map(|c| SegmentHeader::decode(&buf[c * hl..(c + 1) * hl], g))
+        .collect()
+}
+
+/// The newest header of segment `id` of cache `uuid` among the copies in `buf` (the
+/// start of its slot), with its crc.
+pub fn newest_header(
+    buf: &[u8],
+    g: &Geometry,
+    id: u64,
+    uuid: &[u8; 16],
+) -> Option<(SegmentHeader, u32)> {
+    decode_copies(buf, g)
+        .into_iter()
+        .flatten()
+        .filter(|(h, _)| h.id == id && &h.uuid == uuid && h.lap == g.lap(id))
+        .max_by_key(|(h, _)| h.gen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn geometry_matches_format_doc() {
-        // docs/FORMAT.md: 1 MiB segments have a 2-block header and 254 lines.
+        // docs/FORMAT.md: format 2, 1 MiB segments: two 2-block header copies, 252 lines.
         let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
         assert_eq!(
-            (g.header_blocks, g.lines_per_segment, g.nr_segments),
-            (2, 254, 63)
+            (
+                g.version,
+                g.header_blocks,
+                g.lines_per_segment,
+                g.nr_segments
+            ),
+            (2, 2, 252, 63)
         );
+        assert_eq!(g.data_start(), 4 * 4096);
+        assert_eq!(g.line_offset(1, 0), (1 << 20) + 4 * 4096);
         let g = Geometry::new(4096, 64 << 10, 1 << 20).unwrap();
-        assert_eq!((g.header_blocks, g.lines_per_segment), (1, 15));
+        assert_eq!((g.header_blocks, g.lines_per_segment), (1, 14));
         let g = Geometry::new(512, 4 << 20, 64 << 20).unwrap();
+        assert_eq!((g.header_blocks, g.lines_per_segment), (4, 1016));
+        // Format 1: one header copy.
+        let g = Geometry::with_version(1, 512, 1 << 20, 64 << 20).unwrap();
+        assert_eq!((g.header_blocks, g.lines_per_segment), (2, 254));
+        assert_eq!(g.line_offset(1, 0), (1 << 20) + 2 * 4096);
+        let g = Geometry::with_version(1, 512, 4 << 20, 64 << 20).unwrap();
         assert_eq!((g.header_blocks, g.lines_per_segment), (5, 1019));
         assert_eq!(g.segment_offset(1), 4 << 20);
         assert_eq!(g.segment_offset(1 + g.nr_segments), 4 << 20);
@@ -435,6 +539,7 @@ mod tests {
         assert!(Geometry::new(512, 3 << 20, 64 << 20).is_err());
         assert!(Geometry::new(512, 32 << 10, 64 << 20).is_err());
         assert!(Geometry::new(512, 1 << 20, 2 << 20).is_err());
+        assert!(Geometry::with_version(3, 512, 1 << 20, 64 << 20).is_err());
     }
 
     #[test]
@@ -443,18 +548,25 @@ mod tests {
         let mut rows = 0;
         for line in doc.lines() {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // Segment geometry table: | S | header_blocks | lines_per_segment |
-            if cells.len() == 5 && cells[1].ends_with("iB") && cells[2].parse::<u32>().is_ok() {
+            // Segment geometry table:
+            // | S | header_blocks | lines_per_segment | header_blocks v1 | lines v1 |
+            if cells.len() == 7 && cells[1].ends_with("iB") && cells[2].parse::<u32>().is_ok() {
                 let (num, unit) = cells[1].split_once(' ').expect("size with unit");
                 let s: u32 = num.parse::<u32>().expect("size")
                     * if unit == "MiB" { 1 << 20 } else { 1 << 10 };
-                let g = Geometry::new(512, s, s as u64 * 4).expect("geometry");
-                assert_eq!(cells[2].parse::<u32>().unwrap(), g.header_blocks, "{line}");
-                assert_eq!(
-                    cells[3].parse::<u32>().unwrap(),
-                    g.lines_per_segment,
-                    "{line}"
-                );
+                for (v, col) in [(2, 2), (1, 4)] {
+                    let g = Geometry::with_version(v, 512, s, s as u64 * 4).expect("geometry");
+                    assert_eq!(
+                        cells[col].parse::<u32>().unwrap(),
+                        g.header_blocks,
+                        "{line}"
+                    );
+                    assert_eq!(
+                        cells[col + 1].parse::<u32>().unwrap(),
+                        g.lines_per_segment,
+                        "{line}"
+                    );
+                }
                 rows += 1;
             }
         }
@@ -495,12 +607,25 @@ mod tests {
         let mut bad = b.clone();
         bad[100] ^= 1;
         assert!(Superblock::decode(&bad, "t").is_err());
-        let mut v2 = b.clone();
-        put_u32(&mut v2, 8, 2);
-        let c = crc(&v2[..SB_CRC_OFF]);
-        put_u32(&mut v2, SB_CRC_OFF, c);
-        let e = Superblock::decode(&v2, "t").unwrap_err().to_string();
-        assert!(e.contains("version 2"), "{e}");
+        let mut v3 = b.clone();
+        put_u32(&mut v3, 8, 3);
+        let c = crc(&v3[..SB_CRC_OFF]);
+        put_u32(&mut v3, SB_CRC_OFF, c);
+        let e = Superblock::decode(&v3, "t").unwrap_err().to_string();
+        assert!(e.contains("version 3"), "{e}");
+        // A format-1 superblock still decodes, with its one-copy geometry.
+        let v1 = Superblock {
+            geometry: Geometry::with_version(1, 512, 1 << 20, 64 << 20).unwrap(),
+            ..sb.clone()
+        };
+        let d = Superblock::decode(&v1.encode(), "t").unwrap();
+        assert_eq!((d.geometry.version, d.geometry.lines_per_segment), (1, 254));
+        // Version 1 with version 2's geometry is inconsistent.
+        let mut mixed = b.clone();
+        put_u32(&mut mixed, 8, 1);
+        let c = crc(&mixed[..SB_CRC_OFF]);
+        put_u32(&mut mixed, SB_CRC_OFF, c);
+        assert!(Superblock::decode(&mixed, "t").is_err());
     }
 
     #[test]
@@ -509,6 +634,7 @@ mod tests {
         let h = SegmentHeader {
             id: 5,
             lap: 1,
+            gen: 3,
             nonce: 99,
             prev_crc: 1234,
             durable: 3,
@@ -534,6 +660,7 @@ mod tests {
         assert_eq!(&buf[0..8], b"lcSEGHD\0");
         assert_eq!(le_u64(&buf, SEG_FIXED), 8);
         assert_eq!(le_u32(&buf, 8), 2, "durable_back = id - durable");
+        assert_eq!((le_u32(&buf, 24), buf[28], buf[29]), (1, 3, 0), "lap, gen");
         let (d, c2) = SegmentHeader::decode(&buf, &g).unwrap();
         assert_eq!((d, c2), (h.clone(), c));
         // Not recorded (format v1 logs before the field): 0 on disk, 0 decoded.
@@ -553,5 +680,16 @@ mod tests {
                 "flip at {i} accepted"
             );
         }
+        // Generation 0 is format 1's, and only format 1's.
+        let v1 = Geometry::with_version(1, 512, 64 << 10, 1 << 20).unwrap();
+        assert!(SegmentHeader::decode(&buf, &v1).is_err());
+        let h1 = SegmentHeader {
+            gen: 0,
+            ..h.clone()
+        };
+        let mut b1 = vec![0u8; v1.header_len()];
+        h1.encode_into(&mut b1);
+        assert_eq!(SegmentHeader::decode(&b1, &v1).unwrap().0, h1);
+        assert!(SegmentHeader::decode(&b1, &g).is_err());
     }
 }

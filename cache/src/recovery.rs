@@ -8,6 +8,7 @@
 //! crc32c of the line data. Nothing after a failed segment is trusted. Recovery itself
 //! writes nothing, so a crash during recovery leaves the device as it was.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::damage::Damage;
@@ -26,6 +27,9 @@ pub struct FormatOptions {
     pub block_size: u32,
     /// Segment size, a power of two from 64 KiB to 4 MiB.
     pub segment_size: u32,
+    /// Format version: [`FORMAT_VERSION`](crate::format::FORMAT_VERSION) (2), or 1 to
+    /// make a cache an older build can open.
+    pub version: u32,
 }
 
 impl Default for FormatOptions {
@@ -33,6 +37,7 @@ impl Default for FormatOptions {
         FormatOptions {
             block_size: 512,
             segment_size: 1 << 20,
+            version: crate::format::FORMAT_VERSION,
         }
     }
 }
@@ -77,7 +82,7 @@ fn random_uuid() -> [u8; 16] {
 
 /// Formats `dev` as an empty cache; returns its geometry. Any data on it is lost.
 pub fn format_device(dev: &dyn BlockDevice, opts: FormatOptions) -> Result<Geometry> {
-    let geo = Geometry::new(opts.block_size, opts.segment_size, dev.size())?;
+    let geo = Geometry::with_version(opts.version, opts.block_size, opts.segment_size, dev.size())?;
     let uuid = random_uuid();
     let desc = dev.describe();
     for seq in [0u64, 1] {
@@ -154,6 +159,12 @@ pub(crate) struct Replay {
     pub last_id: u64,
     pub last_crc: u32,
     pub damage: Damage,
+    /// Segments taken at an older append than their newest header: id -> generation.
+    pub recovered_gens: BTreeMap<u64, u16>,
+    /// The last segment was taken at a header that may not be its final one (a newer
+    /// append torn, or a copy unreadable): nothing may claim it durable until a
+    /// segment after it is (see [`State::durable_claim`](crate::state::State)).
+    pub ambiguous: bool,
     pub report: RecoveryReport,
 }
 
@@ -196,6 +207,10 @@ struct Bad {
     /// The slot holds no segment of this log at all (never written since format, or
     /// left from an earlier lap): the normal end of a log.
     foreign: bool,
+    /// The segment's own headers prove it held durable lines.
+    proven: bool,
+    /// The crc of its other, older header, when that one is sound too.
+    older_crc: Option<u32>,
 }
 
 /// Walks the log from the superblock's writeback point (FORMAT.md, "Recovery"): replays
@@ -203,19 +218,25 @@ struct Bad {
 /// segment a later one proves durable), and records what the damage lost.
 pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
     let geo = &sb.geometry;
-    let hl = geo.header_len();
+    let (hl, ds) = (geo.header_len(), geo.data_start());
     let desc = dev.describe();
     let mut index = Index::with_capacity(planned);
     let mut damage = Damage::default();
+    let mut recovered_gens = BTreeMap::new();
     let mut report = RecoveryReport {
         last_writeback_id: sb.last_writeback_id,
         ..Default::default()
     };
     let mut last_id = sb.last_writeback_id;
     let mut last_crc = 0u32;
+    // Another header crc of the last segment the next may chain to: when the last
+    // segment is damaged, the next follows whichever of its headers was final.
+    let mut alt_crc: Option<u32> = None;
     // False after a damaged segment whose header is unknown: the next one cannot be
     // checked against it.
     let mut chain_known = true;
+    // The previous segment was taken at a header that may not be its final one.
+    let mut pending: Option<Pending> = None;
     let mut claims = Claims {
         max: sb.durable_id,
         scanned_to: 0,
@@ -226,86 +247,164 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     while id - start <= geo.nr_segments {
         let window_end = start + geo.nr_segments;
         let off = geo.segment_offset(id);
-        dev.read_at(&mut buf[..hl], off)
+        dev.read_at(&mut buf[..ds], off)
             .map_err(|e| Error::io(&desc, off, e))?;
-        let checked: std::result::Result<(SegmentHeader, u32), Bad> =
-            match SegmentHeader::decode(&buf[..hl], geo) {
-                Err(reason) => Err(Bad {
-                    header: None,
-                    reason,
-                    foreign: buf[..8] != crate::format::SEG_MAGIC[..],
-                }),
-                Ok((h, _)) if h.uuid != sb.uuid || h.id < id => Err(Bad {
-                    header: None,
-                    reason: format!("slot holds segment {} of an earlier lap or format", h.id),
-                    foreign: true,
-                }),
-                Ok((h, _)) if h.id > id && (h.id - id).is_multiple_of(geo.nr_segments) => {
-                    // The slot was reused for a later lap, which the flusher does only
-                    // after every segment up to `h.id - nr_segments` was written back and
-                    // that was committed: the superblock we read is older than that
-                    // commit (its newer copy is damaged). Restart from the proven point.
-                    let proven = h.id - geo.nr_segments;
-                    report = RecoveryReport {
-                        last_writeback_id: proven,
-                        ..Default::default()
-                    };
-                    index = Index::with_capacity(planned);
-                    damage = Damage::default();
-                    claims = Claims {
-                        max: sb.durable_id,
-                        scanned_to: 0,
-                    };
-                    chain_known = true;
-                    last_id = proven;
-                    last_crc = 0;
-                    start = proven;
-                    id = proven + 1;
-                    continue;
+        let copies = crate::format::decode_copies(&buf[..ds], geo);
+        // The slot was reused for a later lap, which the flusher does only after every
+        // segment up to `h.id - nr_segments` was written back and that was committed:
+        // the superblock we read is older than that commit (its newer copy is
+        // damaged). Restart from the proven point.
+        let reused = copies.iter().flatten().find_map(|(h, _)| {
+            (h.uuid == sb.uuid && h.id > id && (h.id - id).is_multiple_of(geo.nr_segments))
+                .then(|| h.id - geo.nr_segments)
+        });
+        if let Some(proven) = reused {
+            report = RecoveryReport {
+                last_writeback_id: proven,
+                ..Default::default()
+            };
+            index = Index::with_capacity(planned);
+            damage = Damage::default();
+            recovered_gens.clear();
+            pending = None;
+            claims = Claims {
+                max: sb.durable_id,
+                scanned_to: 0,
+            };
+            chain_known = true;
+            last_id = proven;
+            last_crc = 0;
+            alt_crc = None;
+            start = proven;
+            id = proven + 1;
+            continue;
+        }
+        // This segment's headers, newest append first.
+        let mut mine: Vec<(SegmentHeader, u32)> = copies
+            .iter()
+            .flatten()
+            .filter(|(h, _)| h.uuid == sb.uuid && h.id == id && h.lap == geo.lap(id))
+            .cloned()
+            .collect();
+        mine.sort_by_key(|(h, _)| std::cmp::Reverse(h.gen));
+        if let Some(p) = pending.take() {
+            // Which header of the previous segment this one follows tells which was final.
+            let follows = mine.first().map(|(h, _)| h.prev_crc);
+            let durable = claims.cover(dev, sb, p.id(), window_end)?;
+            match resolve(&p, follows, last_crc, durable) {
+                Resolution::Fine => {}
+                Resolution::Torn => {
+                    report.tail = Some(format!(
+                        "segment {}: its last append torn, segment {id} after it",
+                        p.id()
+                    ));
+                    break;
                 }
-                Ok((h, _)) if h.id > id => Err(Bad {
-                    header: None,
-                    reason: format!("slot holds segment {}", h.id),
-                    foreign: false,
-                }),
-                Ok((h, _)) if h.lap != geo.lap(id) => Err(Bad {
-                    header: None,
-                    reason: format!("lap {} != {}", h.lap, geo.lap(id)),
-                    foreign: false,
-                }),
-                Ok((h, hcrc)) => {
-                    let chained = id == start + 1 || h.prev_crc == last_crc;
-                    if chain_known && !chained {
-                        Err(Bad {
-                            header: Some((h, hcrc)),
-                            reason: format!("not chained to segment {}", id - 1),
-                            foreign: false,
-                        })
-                    } else if !chain_known && !claims.cover(dev, sb, id, window_end)? {
-                        // After a damaged segment of unknown content only a segment
-                        // proven durable can be taken: anything else may be left over
-                        // from before an earlier recovery.
-                        Err(Bad {
-                            header: Some((h, hcrc)),
-                            reason: format!("cannot be chained to damaged segment {}", id - 1),
-                            foreign: false,
-                        })
-                    } else {
-                        let dlen = h.entries.len() * LINE as usize;
-                        dev.read_at(&mut buf[hl..hl + dlen], off + hl as u64)
-                            .map_err(|e| Error::io(&desc, off + hl as u64, e))?;
-                        if crc(&buf[hl..hl + dlen]) != h.data_crc {
-                            Err(Bad {
-                                header: Some((h, hcrc)),
-                                reason: "data checksum mismatch".into(),
-                                foreign: false,
-                            })
-                        } else {
-                            Ok((h, hcrc))
+                Resolution::Lost { follow } => {
+                    if let Pending::Newer {
+                        id: x,
+                        gen,
+                        lines,
+                        crc,
+                    } = &p
+                    {
+                        damage.add_lost(*x, lines);
+                        report
+                            .damaged
+                            .push((*x, format!("append {gen} data checksum mismatch")));
+                        if follow {
+                            last_crc = *crc;
                         }
                     }
                 }
-            };
+                Resolution::Unknown => {
+                    if let Pending::Unreadable { id: x, gen } = p {
+                        unknown_final(&mut damage, &mut recovered_gens, &mut report, x, gen);
+                        chain_known = false;
+                    }
+                }
+            }
+        }
+        // A slot holds no segment of this log when no copy has the magic, or each is
+        // another cache's or an earlier lap's.
+        let foreign = copies.iter().zip(0..).all(|(c, i)| match c {
+            Ok((h, _)) => h.uuid != sb.uuid || h.id < id,
+            Err(_) => buf[i * hl..i * hl + 8] != crate::format::SEG_MAGIC[..],
+        });
+        let why_not = |copies: &[std::result::Result<(SegmentHeader, u32), String>]| {
+            copies
+                .iter()
+                .map(|c| match c {
+                    Ok((h, _)) if h.id != id => format!("slot holds segment {}", h.id),
+                    Ok((h, _)) => format!("lap {} != {}", h.lap, geo.lap(id)),
+                    Err(e) => e.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        // A later append of the segment failed its checks and an earlier one is taken:
+        // the newer header, kept to tell what it held.
+        let mut newer: Option<(SegmentHeader, u32)> = None;
+        let checked: std::result::Result<(SegmentHeader, u32), Bad> = if mine.is_empty() {
+            Err(Bad {
+                header: None,
+                reason: if foreign {
+                    "slot holds no segment of this log".into()
+                } else {
+                    why_not(&copies)
+                },
+                foreign,
+                proven: false,
+                older_crc: None,
+            })
+        } else {
+            let h = &mine[0].0;
+            let chained = id == start + 1 || h.prev_crc == last_crc || alt_crc == Some(h.prev_crc);
+            if chain_known && !chained {
+                Err(Bad {
+                    header: Some(mine[0].clone()),
+                    reason: format!("not chained to segment {}", id - 1),
+                    foreign: false,
+                    proven: false,
+                    older_crc: None,
+                })
+            } else if !chain_known && !claims.cover(dev, sb, id, window_end)? {
+                // After a damaged segment of unknown content only a segment proven
+                // durable can be taken: anything else may be left over from before an
+                // earlier recovery.
+                Err(Bad {
+                    header: Some(mine[0].clone()),
+                    reason: format!("cannot be chained to damaged segment {}", id - 1),
+                    foreign: false,
+                    proven: false,
+                    older_crc: None,
+                })
+            } else {
+                let most = mine[0].0.entries.len() * LINE as usize;
+                dev.read_at(&mut buf[ds..ds + most], off + ds as u64)
+                    .map_err(|e| Error::io(&desc, off + ds as u64, e))?;
+                let sound = |h: &SegmentHeader| {
+                    crc(&buf[ds..ds + h.entries.len() * LINE as usize]) == h.data_crc
+                };
+                match mine.iter().position(|(h, _)| sound(h)) {
+                    Some(0) => Ok(mine[0].clone()),
+                    Some(i) => {
+                        newer = Some(mine[0].clone());
+                        Ok(mine[i].clone())
+                    }
+                    None => Err(Bad {
+                        // Append `gen` is written only after append `gen - 1` was made
+                        // durable: a header of a later append proves the segment held
+                        // durable lines.
+                        proven: mine[0].0.gen >= 2,
+                        older_crc: mine.get(1).map(|(_, c)| *c),
+                        header: Some(mine[0].clone()),
+                        reason: "data checksum mismatch".into(),
+                        foreign: false,
+                    }),
+                }
+            }
+        };
         match checked {
             Ok((h, hcrc)) => {
                 for (slot, e) in h.entries.iter().enumerate() {
@@ -324,15 +423,40 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                 }
                 report.replayed_segments += 1;
                 last_crc = hcrc;
+                alt_crc = None;
                 chain_known = true;
+                // Taken at a header that may not be the segment's final one: a newer
+                // append failed its checks, or a header copy is unreadable. The next
+                // segment tells (see `Pending`).
+                // The other copy of a format-2 segment holds another append's header
+                // of it, or zeros (written with append 1); anything else is a header
+                // that cannot be read.
+                let unreadable = copies.iter().zip(0..).any(|(c, i)| match c {
+                    Ok((o, _)) => o.id != id || o.uuid != sb.uuid,
+                    Err(_) => buf[i * hl..(i + 1) * hl].iter().any(|&b| b != 0),
+                });
+                pending = match newer {
+                    Some((nh, ncrc)) => {
+                        recovered_gens.insert(id, h.gen);
+                        Some(Pending::Newer {
+                            id,
+                            gen: nh.gen,
+                            lines: nh.entries[h.entries.len()..].to_vec(),
+                            crc: ncrc,
+                        })
+                    }
+                    None if unreadable => Some(Pending::Unreadable { id, gen: h.gen }),
+                    None => None,
+                };
             }
-            Err(bad) if claims.cover(dev, sb, id, window_end)? => {
+            Err(bad) if bad.proven || claims.cover(dev, sb, id, window_end)? => {
                 // A later segment says this one was durable: damage, not the end.
                 damage.add_segment(id, bad.header.as_ref().map(|(h, _)| &h.entries[..]));
                 report.damaged.push((id, bad.reason));
                 match bad.header {
                     Some((_, hcrc)) => {
                         last_crc = hcrc;
+                        alt_crc = bad.older_crc;
                         chain_known = true;
                     }
                     None => chain_known = false,
@@ -348,34 +472,135 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
         last_id = id;
         id += 1;
     }
+    // The last segment walked was taken at a header that may not be its final one.
+    let mut ambiguous = false;
+    if let Some(p) = pending.take() {
+        let durable = claims.cover(dev, sb, p.id(), sb.last_writeback_id + geo.nr_segments)?;
+        match (resolve(&p, None, last_crc, durable), p) {
+            (
+                Resolution::Lost { .. },
+                Pending::Newer {
+                    id: x, gen, lines, ..
+                },
+            ) => {
+                damage.add_lost(x, &lines);
+                report
+                    .damaged
+                    .push((x, format!("append {gen} data checksum mismatch")));
+            }
+            (Resolution::Unknown, Pending::Unreadable { id: x, gen }) => {
+                unknown_final(&mut damage, &mut recovered_gens, &mut report, x, gen);
+                chain_known = false;
+            }
+            (_, p) => ambiguous = p.id() == last_id,
+        }
+    }
     if !chain_known {
         // Resuming after a segment of unknown header: nothing to chain to.
         last_crc = 0;
     }
     Ok(Replay {
+        ambiguous,
         wb_id: start,
         index,
         last_id,
         last_crc,
         damage,
+        recovered_gens,
         report,
     })
 }
 
-/// The header in the slot of segment `id`, if it is exactly that segment of this cache.
+/// A segment taken at a header that may not be its final one; the segment after it
+/// decides.
+enum Pending {
+    /// Append `gen` (header crc `crc`, adding `lines`) failed its data check and the
+    /// append before it was taken. If the next segment follows `crc` and is durable,
+    /// that append was durable: its lines are lost. If it follows `crc` but is not
+    /// proven durable, the append was torn and the log ends. Else (it follows the
+    /// taken header, or there is none) the append was torn: nothing acknowledged is
+    /// lost.
+    Newer {
+        id: u64,
+        gen: u16,
+        lines: Vec<crate::format::Entry>,
+        crc: u32,
+    },
+    /// A header copy is unreadable and append `gen` was taken. If the next segment is
+    /// durable but follows no header taken, the unreadable copy was the final header.
+    Unreadable { id: u64, gen: u16 },
+}
+
+impl Pending {
+    fn id(&self) -> u64 {
+        match self {
+            Pending::Newer { id, .. } | Pending::Unreadable { id, .. } => *id,
+        }
+    }
+}
+
+/// What a [`Pending`] segment turned out to be.
+enum Resolution {
+    /// The header taken was its final one (or nothing proves otherwise).
+    Fine,
+    /// Its newer append was final and durable: the lines it added are lost; `follow`:
+    /// the next segment chains to it.
+    Lost { follow: bool },
+    /// Its final header is the unreadable copy: the lines it added are unknown.
+    Unknown,
+    /// Its newer append was final but never durable, and the next segment follows
+    /// it: the log ends with the header taken.
+    Torn,
+}
+
+/// Decides a [`Pending`] segment from the header crc the next segment follows (`None`:
+/// no next segment) and whether the segment is proven durable: a durable segment was
+/// sealed and its final header made durable in this log's history (recovery never
+/// lets a segment it took at an uncertain header be claimed durable until the next
+/// one is, see `Replay::ambiguous`), so its newest append is its final one.
+fn resolve(p: &Pending, follows: Option<u32>, taken: u32, durable: bool) -> Resolution {
+    if follows == Some(taken) {
+        return Resolution::Fine;
+    }
+    match p {
+        Pending::Newer { crc, .. } if durable => Resolution::Lost {
+            follow: follows == Some(*crc),
+        },
+        Pending::Newer { crc, .. } if follows == Some(*crc) => Resolution::Torn,
+        Pending::Unreadable { .. } if durable => Resolution::Unknown,
+        _ => Resolution::Fine,
+    }
+}
+
+/// Records that segment `id`, proven durable and taken at append `gen`, lost its final
+/// header: the lines it added after `gen` are unknown. The lines of `gen` stay in the
+/// index (writeback uses that append), but like any line of a segment whose header is
+/// unknown they are refused until rewritten.
+fn unknown_final(
+    damage: &mut Damage,
+    recovered_gens: &mut BTreeMap<u64, u16>,
+    report: &mut RecoveryReport,
+    id: u64,
+    gen: u16,
+) {
+    damage.add_segment(id, None);
+    recovered_gens.insert(id, gen);
+    report.damaged.push((id, "final header unreadable".into()));
+}
+
+/// The newest header in the slot of segment `id`, if any copy is exactly that segment
+/// of this cache.
 fn header_of(
     dev: &dyn BlockDevice,
     sb: &Superblock,
     id: u64,
 ) -> Result<Option<(SegmentHeader, u32)>> {
     let geo = &sb.geometry;
-    let mut buf = AlignedBuf::new(geo.header_len());
+    let mut buf = AlignedBuf::new(geo.data_start());
     let off = geo.segment_offset(id);
     dev.read_at(&mut buf, off)
         .map_err(|e| Error::io(&dev.describe(), off, e))?;
-    Ok(SegmentHeader::decode(&buf, geo)
-        .ok()
-        .filter(|(h, _)| h.id == id && h.uuid == sb.uuid && h.lap == geo.lap(id)))
+    Ok(crate::format::newest_header(&buf, geo, id, &sb.uuid))
 }
 
 /// The newest valid superblock of a cache device that is as large as it says.

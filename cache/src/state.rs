@@ -13,10 +13,31 @@ use slog::Logger;
 use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::Error;
-use crate::format::{crc, Entry, Geometry, SegmentHeader, LINE, MAX_BACKING};
+use crate::format::{Entry, Geometry, SegmentHeader, LINE, MAX_BACKING};
 use crate::index::Index;
 use crate::stats::Counters;
 use crate::tunables::Tunables;
+
+/// A point in the log: segment `id` up to its first `lines` lines ([`Pos::ALL`]: the
+/// whole segment, sealed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Pos {
+    pub id: u64,
+    pub lines: u32,
+}
+
+impl Pos {
+    /// `lines` of a segment taken whole.
+    pub const ALL: u32 = u32::MAX;
+
+    /// Segment `id`, whole.
+    pub fn all(id: u64) -> Pos {
+        Pos {
+            id,
+            lines: Pos::ALL,
+        }
+    }
+}
 
 /// The segment being filled.
 pub(crate) struct OpenSeg {
@@ -24,13 +45,26 @@ pub(crate) struct OpenSeg {
     pub buf: AlignedBuf,
     pub entries: Vec<Entry>,
     pub last_write: Instant,
+    /// Format 2: lines `0..written` are on the cache device (or being written by an
+    /// append) and immutable: a rewrite of one of them takes a new line.
+    pub written: usize,
+    /// Appends written so far (the generation of the newest header on the device).
+    pub gen: u16,
+    /// crc32c of lines `0..written`.
+    pub crc: u32,
+    /// crc of the newest header written by an append.
+    pub hcrc: u32,
 }
 
-/// A sealed segment: header encoded in `buf`, immutable until flushed.
+/// A sealed segment: its final header encoded in `buf`, immutable until written.
+/// Lines `from..n` and the header still have to be written (`from` > 0 when appends
+/// wrote the lines before it; then the header is copy `header_copy(gen)` alone).
 pub(crate) struct Sealed {
     pub id: u64,
     pub buf: AlignedBuf,
-    pub len: usize,
+    pub from: usize,
+    pub n: usize,
+    pub gen: u16,
 }
 
 pub(crate) struct BackingSlot {
@@ -53,6 +87,22 @@ pub(crate) struct BackingFailure {
 }
 
 impl State {
+    /// How far the log is durable: every segment up to `flushed_id`, and the appended
+    /// lines of the one after it.
+    pub(crate) fn durable_pos(&self) -> Pos {
+        Pos::all(self.flushed_id).max(self.partial)
+    }
+
+    /// The durable point a header or superblock may claim: `flushed_id`, but never the
+    /// segment recovery took at an uncertain header (`unclaimed`).
+    pub(crate) fn durable_claim(&self) -> u64 {
+        if self.unclaimed > 0 && self.flushed_id == self.unclaimed {
+            self.flushed_id - 1
+        } else {
+            self.flushed_id
+        }
+    }
+
     /// Counts one line access (see [`crate::stats::counter_index`]) for the cache and
     /// for backing device `dev`.
     pub(crate) fn count(&mut self, dev: u8, counter: usize) {
@@ -99,18 +149,25 @@ pub(crate) struct State {
     pub pool: Vec<AlignedBuf>,
     pub ram_buffers: usize,
     pub prev_crc: u32,
+    /// Highest sealed segment id whose write has started.
     pub write_started_id: u64,
+    /// Highest segment id whose slot has been written to (a sealed segment's write or
+    /// an append): a line read from a slot this overwrote is stale.
+    pub slot_claimed_id: u64,
+    /// Format 2: the newest append made durable (lines of the open segment, or of a
+    /// sealed one not yet written whole).
+    pub partial: Pos,
     /// Highest segment id written to the cache device (maybe not yet flushed).
     pub written_id: u64,
     /// When `written_id` first got ahead of `flushed_id`.
     pub unflushed_since: Option<Instant>,
-    /// Highest segment id a caller waits to be durable.
-    pub durable_req: u64,
+    /// The highest point a caller waits to be durable.
+    pub durable_req: Pos,
     pub flushed_id: u64,
     pub wb_id: u64,
     pub sb_seq: u64,
-    /// Earliest pending flush request and the highest segment id it waits for.
-    pub flush_req: Option<(Instant, u64)>,
+    /// Earliest pending flush request and the highest point it waits for.
+    pub flush_req: Option<(Instant, Pos)>,
     pub seal_requested: bool,
     pub need_space: bool,
     pub drains: u32,
@@ -123,9 +180,18 @@ pub(crate) struct State {
     pub cache_bytes_written: u64,
     pub backing_bytes_written: u64,
     pub partial_segments: u64,
+    /// Appends: flushes that made an open segment's lines durable without sealing it.
+    pub appends: u64,
     pub failed: Option<String>,
     /// Damaged log segments and the data lost with them (see `damage.rs`).
     pub damage: Damage,
+    /// Segments recovery took at an older append than their newest header (whose
+    /// lines failed their checks): id -> the generation the index was built from.
+    pub recovered_gens: BTreeMap<u64, u16>,
+    /// A segment recovery took at a header that may not be its final one: no claim
+    /// (header `durable`, superblock `durable_id`) covers it until a later segment is
+    /// durable (0: none).
+    pub unclaimed: u64,
     pub stop_flush: bool,
     pub stop_writeback: bool,
 }
@@ -140,6 +206,8 @@ pub(crate) struct Recovered {
     pub wb_id: u64,
     pub sb_seq: u64,
     pub damage: Damage,
+    pub recovered_gens: BTreeMap<u64, u16>,
+    pub ambiguous: bool,
 }
 
 impl State {
@@ -163,9 +231,11 @@ impl State {
             ram_buffers,
             prev_crc: r.last_crc,
             write_started_id: r.last_id,
+            slot_claimed_id: r.last_id,
+            partial: Pos::default(),
             written_id: r.last_id,
             unflushed_since: None,
-            durable_req: 0,
+            durable_req: Pos::default(),
             flushed_id: r.last_id,
             wb_id: r.wb_id,
             sb_seq: r.sb_seq,
@@ -180,8 +250,11 @@ impl State {
             cache_bytes_written: 0,
             backing_bytes_written: 0,
             partial_segments: 0,
+            appends: 0,
             failed: None,
             damage: r.damage,
+            recovered_gens: r.recovered_gens,
+            unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,
             stop_writeback: false,
         }
@@ -221,29 +294,50 @@ impl Inner {
         self.cache.describe()
     }
 
-    /// Seals the open segment (if it has lines): encodes its header, moves it to `ram`.
+    /// Seals the open segment (if it has lines): encodes its final header, moves it to
+    /// `ram`. A format-2 segment whose lines were all written by appends needs no new
+    /// header: its newest one is final.
     pub(crate) fn seal(&self, st: &mut State) {
         let has_lines = st.open.as_ref().is_some_and(|o| !o.entries.is_empty());
         if !has_lines {
             return;
         }
         let mut o = st.open.take().expect("open segment");
-        let hl = self.geo.header_len();
-        let n = o.entries.len();
-        let len = hl + n * LINE as usize;
-        let data_crc = crc(&o.buf[hl..len]);
-        let hdr = SegmentHeader {
-            id: o.id,
-            lap: self.geo.lap(o.id),
-            nonce: self.nonce,
-            prev_crc: st.prev_crc,
-            durable: st.flushed_id,
-            data_crc,
-            uuid: self.uuid,
-            entries: std::mem::take(&mut o.entries),
+        let geo = &self.geo;
+        let (hl, ds) = (geo.header_len(), geo.data_start());
+        let (n, from) = (o.entries.len(), o.written);
+        let line = LINE as usize;
+        let gen = if !geo.appends() {
+            0
+        } else if n == from {
+            o.gen
+        } else {
+            o.gen + 1
         };
-        st.prev_crc = hdr.encode_into(&mut o.buf[..hl]);
-        if n < self.geo.lines_per_segment as usize {
+        if n > from || from == 0 {
+            let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + from * line..ds + n * line]);
+            let hdr = SegmentHeader {
+                id: o.id,
+                lap: geo.lap(o.id),
+                gen,
+                nonce: self.nonce,
+                prev_crc: st.prev_crc,
+                durable: st.durable_claim(),
+                data_crc,
+                uuid: self.uuid,
+                entries: std::mem::take(&mut o.entries),
+            };
+            let c = geo.header_copy(gen);
+            st.prev_crc = hdr.encode_into(&mut o.buf[c * hl..(c + 1) * hl]);
+            if gen == 1 {
+                // The first header of a segment: the other copy goes out as zeros in
+                // the same write, so no older header of this slot outlives it.
+                o.buf[hl..ds].fill(0);
+            }
+        } else {
+            st.prev_crc = o.hcrc;
+        }
+        if n < geo.lines_per_segment as usize {
             st.partial_segments += 1;
         }
         st.ram.insert(
@@ -251,7 +345,9 @@ impl Inner {
             Arc::new(Sealed {
                 id: o.id,
                 buf: o.buf,
-                len,
+                from,
+                n,
+                gen,
             }),
         );
         self.worker_cv.notify_all();

@@ -37,8 +37,12 @@ pub struct Stats {
     pub index_bytes: u64,
     /// Live index entries.
     pub index_entries: u64,
-    /// Segments sealed before they were full (flush deadline or idle timer).
+    /// Segments sealed before they were full (format 1: every flush; format 2: the
+    /// idle timer, a drain, a clean stop).
     pub partial_segments: u64,
+    /// Format 2: flushes that made the open segment's lines durable by an append
+    /// instead of sealing it.
+    pub appends: u64,
     /// Damage recovery found in the log and what of it is still lost; `None` when the
     /// log is intact.
     pub damage: Option<crate::damage::DamageReport>,

@@ -12,7 +12,7 @@
 //!
 //! Also runs the periodic superblock commit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use slog::{info, warn};
 
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
-use crate::format::{SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
+use crate::format::{newest_header, SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
 use crate::state::{backing_table, BackingFailure, Inner, State};
 
@@ -97,7 +97,14 @@ pub(crate) fn run(inner: &Inner) {
             .min(st.damage.writeback_limit());
         let sort = st.tunables.writeback_sort;
         // Damaged segments hold nothing that can be written back.
-        let skip: Vec<u64> = st.damage.segments.range(first..=last).copied().collect();
+        // (unless recovery kept an older append of them: those lines are in the index).
+        let skip: Vec<u64> = st
+            .damage
+            .segments
+            .range(first..=last)
+            .filter(|id| !st.recovered_gens.contains_key(id))
+            .copied()
+            .collect();
         drop(st);
         match write_back(inner, first, last, &skip, sort) {
             Ok(()) => {
@@ -153,7 +160,7 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
             uuid: inner.uuid,
             seq: st.sb_seq,
             last_writeback_id: new_wb.unwrap_or(st.wb_id),
-            durable_id: st.flushed_id,
+            durable_id: st.durable_claim(),
             backing: backing_table(&st),
         };
         (sb.encode(), Superblock::copy_offset(st.sb_seq))
@@ -182,7 +189,14 @@ fn write_back(
     skip: &[u64],
     sort: bool,
 ) -> std::result::Result<(), WbError> {
-    let (bufs, headers) = read_segments(inner, first, last, skip).map_err(WbError::Cache)?;
+    let gens: BTreeMap<u64, u16> = {
+        let st = inner.lock();
+        st.recovered_gens
+            .range(first..=last)
+            .map(|(&k, &v)| (k, v))
+            .collect()
+    };
+    let (bufs, headers) = read_segments(inner, first, last, skip, &gens).map_err(WbError::Cache)?;
     let items = write_items(inner, &bufs, &headers, sort).map_err(WbError::Backing)?;
     {
         // Every device of the batch took its lines: none of them is failing now.
@@ -200,6 +214,7 @@ fn write_back(
     let mut st = inner.lock();
     st.wb_id = last;
     st.damage.passed(last);
+    st.recovered_gens = st.recovered_gens.split_off(&(last + 1));
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -221,14 +236,18 @@ fn write_back(
 }
 
 /// Reads segments `first..=last` but `skip` back from the cache device and checks them.
+/// A segment's newest header is used unless recovery took an older one (`gens`: its
+/// newest append failed its checks), so writeback sees the lines the index was built
+/// from.
 fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,
     skip: &[u64],
+    gens: &BTreeMap<u64, u16>,
 ) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
     let geo = &inner.geo;
-    let hl = geo.header_len();
+    let ds = geo.data_start();
     let desc = inner.cache.describe();
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
@@ -239,22 +258,23 @@ fn read_segments(
             .cache
             .read_at(&mut buf, off)
             .map_err(|e| Error::io(&desc, off, e))?;
-        let (h, _) = SegmentHeader::decode(&buf, geo).map_err(|r| Error::BadFormat {
+        let bad = |reason: String| Error::BadFormat {
             device: desc.clone(),
-            reason: format!("segment {id} unreadable for writeback: {r}"),
-        })?;
-        if h.id != id || h.uuid != inner.uuid {
-            return Err(Error::BadFormat {
-                device: desc.clone(),
-                reason: format!("slot of segment {id} holds segment {}", h.id),
-            });
-        }
+            reason: format!("segment {id} unreadable for writeback: {reason}"),
+        };
+        let h = match gens.get(&id) {
+            Some(&gen) => crate::format::decode_copies(&buf, geo)
+                .into_iter()
+                .flatten()
+                .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
+            None => newest_header(&buf, geo, id, &inner.uuid),
+        };
+        let Some((h, _)) = h else {
+            return Err(bad("no header of this segment".into()));
+        };
         let n = h.entries.len();
-        if crate::format::crc(&buf[hl..hl + n * LINE as usize]) != h.data_crc {
-            return Err(Error::BadFormat {
-                device: desc.clone(),
-                reason: format!("segment {id} data checksum mismatch"),
-            });
+        if crate::format::crc(&buf[ds..ds + n * LINE as usize]) != h.data_crc {
+            return Err(bad("data checksum mismatch".into()));
         }
         headers.push(h);
         bufs.push(buf);
@@ -271,7 +291,7 @@ fn write_items(
     headers: &[SegmentHeader],
     sort: bool,
 ) -> std::result::Result<Vec<Item>, Vec<(u8, Error)>> {
-    let hl = inner.geo.header_len();
+    let hl = inner.geo.data_start();
     // Decide, under the lock, which copies to write.
     let mut items: Vec<Item> = Vec::new();
     let devs: HashMap<u8, Arc<dyn BlockDevice>>;

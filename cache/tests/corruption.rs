@@ -265,15 +265,15 @@ fn wrong_format_and_unformatted_devices_are_refused_clearly() {
     .unwrap();
     assert!(e.to_string().contains("not an lc cache"), "{e}");
     let (mut img, b, _) = build(1);
-    // Version 2 with a valid checksum in both copies.
+    // Version 3 with a valid checksum in both copies.
     for copy in 0..2 {
         let o = copy * SB_COPY_SIZE;
-        img[o + 8..o + 12].copy_from_slice(&2u32.to_le_bytes());
+        img[o + 8..o + 12].copy_from_slice(&3u32.to_le_bytes());
         let c = crc32c::crc32c(&img[o..o + SB_COPY_SIZE - 4]);
         img[o + SB_COPY_SIZE - 4..o + SB_COPY_SIZE].copy_from_slice(&c.to_le_bytes());
     }
     let e = open_image(img, &b).err().unwrap();
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
 }
 
 /// The issue-7 scenario: 128 blocks written in rounds A and B, then C over the first
@@ -305,8 +305,10 @@ fn block(serial: u64, b: u64) -> Vec<u8> {
     data
 }
 
+/// The rounds on a format-1 cache: a flush seals the segment, so each round starts a
+/// segment (the format-2 cases are `append_*` below).
 fn rounds(c_blocks: u64, damage: impl Fn(&mut [u8], [u64; 3])) -> Rounds {
-    let cache = mem_cache(SEG as u64 * 48, 512, SEG);
+    let cache = mem_cache_v(SEG as u64 * 48, 512, SEG, 1);
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING * 4));
     let t = Tunables {
         writeback_enabled: false,

@@ -76,7 +76,7 @@ fn open_in(
     images: Vec<Vec<u8>>,
     setup: &Setup,
     rng: &mut SmallRng,
-) -> Result<Cache, String> {
+) -> Result<(Cache, lc_cache::RecoveryReport), String> {
     let mut devs: Vec<Arc<dyn BlockDevice>> = Vec::new();
     for (i, img) in images.into_iter().enumerate() {
         devs.push(world.add(&format!("dev{i}"), img));
@@ -93,7 +93,12 @@ fn open_in(
             ..Default::default()
         },
     )
-    .map(|(c, _)| c)
+    .map(|(c, r)| {
+        if std::env::var("LC_DEBUG").is_ok() {
+            eprintln!("recovery report: {r:?}");
+        }
+        (c, r)
+    })
     .map_err(|e| e.to_string())
 }
 
@@ -212,7 +217,8 @@ fn recover_and_check(
             world.cut_now();
         }
         match opened {
-            Ok(c) if !world.is_cut() => {
+            Ok((c, report)) if !world.is_cut() => {
+                let ctx = format!("{ctx}: {report:?}");
                 for dev in 0..setup.ndev {
                     let mut buf = vec![0u8; setup.backing_size as usize];
                     c.read(dev as u8, 0, &mut buf)
@@ -227,7 +233,7 @@ fn recover_and_check(
                 }
                 return (world, c);
             }
-            Ok(c) => {
+            Ok((c, _)) => {
                 drop(c);
                 images = world.crash_images(rng);
             }
@@ -256,6 +262,8 @@ fn run_case(seed: u64) {
         FormatOptions {
             block_size: block,
             segment_size: SEG as u32,
+            // Format 1 caches still open, serve and write back: crash them too.
+            version: if rng.gen_bool(0.25) { 1 } else { 2 },
         },
     )
     .unwrap();
@@ -287,16 +295,18 @@ fn run_case(seed: u64) {
     drop(c);
     let mut images = world.crash_images(&mut rng);
     let ctx = format!("seed {seed} damage");
-    if let Some(off) = byte_of_a_durable_segment(&images[0], &mut rng) {
+    if let Some((id, off)) = byte_of_a_durable_segment(&images[0], &mut rng) {
         images[0][off] ^= 1 << rng.gen_range(0..8);
+        let ctx = format!("{ctx} (segment {id}, byte {off})");
         check_after_damage(images, &m, &setup, &mut rng, &ctx);
     }
 }
 
 /// A random byte of a segment that the image proves durable (the superblock's
 /// `durable_id` or a later header's claim covers it): damage there is not a torn tail.
-fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<usize> {
-    use lc_cache::format::{SegmentHeader, Superblock, SB_COPY_SIZE};
+/// Returns the segment id and the byte's offset in the image.
+fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<(u64, usize)> {
+    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
     let sb = (0..2)
         .filter_map(|i| {
             Superblock::decode(&img[i * SB_COPY_SIZE..(i + 1) * SB_COPY_SIZE], "c").ok()
@@ -306,10 +316,7 @@ fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<usize> {
     let w = sb.last_writeback_id;
     let header = |id: u64| {
         let off = g.segment_offset(id) as usize;
-        SegmentHeader::decode(&img[off..off + g.header_len()], &g)
-            .ok()
-            .filter(|(h, _)| h.id == id && h.uuid == sb.uuid)
-            .map(|(h, _)| h)
+        newest_header(&img[off..off + g.data_start()], &g, id, &sb.uuid).map(|(h, _)| h)
     };
     let proven = (w + 1..=w + g.nr_segments)
         .filter_map(|id| header(id).map(|h| h.durable))
@@ -318,9 +325,21 @@ fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<usize> {
         return None;
     }
     let id = rng.gen_range(w + 1..=proven);
-    let lines = header(id).map_or(0, |h| h.entries.len());
-    let used = g.header_len() + lines * 4096;
-    Some(g.segment_offset(id) as usize + rng.gen_range(0..used))
+    let Some(h) = header(id) else {
+        // Its headers are gone already (an earlier flip): any header byte.
+        return Some((
+            id,
+            g.segment_offset(id) as usize + rng.gen_range(0..g.data_start()),
+        ));
+    };
+    // The newest header's copy, or one of its lines.
+    let copy = g.header_copy(h.gen);
+    let at = if h.entries.is_empty() || rng.gen_bool(0.3) {
+        copy * g.header_len() + rng.gen_range(0..g.header_len())
+    } else {
+        g.data_start() + rng.gen_range(0..h.entries.len() * 4096)
+    };
+    Some((id, g.segment_offset(id) as usize + at))
 }
 
 /// Reopens a damaged image: every sector reads its last durable value or a later one,
@@ -333,8 +352,9 @@ fn check_after_damage(
     ctx: &str,
 ) {
     let world = CrashWorld::new();
-    let c = open_in(&world, images, setup, rng)
+    let (c, report) = open_in(&world, images, setup, rng)
         .unwrap_or_else(|e| panic!("{ctx}: recovery failed: {e}"));
+    let ctx = format!("{ctx}: {report:?}");
     let per = (setup.block / 512) as usize;
     let mut buf = vec![0u8; setup.block as usize];
     for dev in 0..setup.ndev {

@@ -168,7 +168,9 @@ fn dead_backing_device_fails_writes_after_the_timeout_and_recovers() {
     let b: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 239) as u8).collect();
     c.write(0, 0, &a, false).unwrap();
     c.write(1, 0, &b, false).unwrap();
-    c.flush().unwrap();
+    // Sealed, so that writeback can take every line (an open segment, appended to by
+    // a flush, is written back once sealed: full, idle or on request).
+    c.seal_now().unwrap();
     // Writeback fails on device 0 and says so; device 1's lines of the same batches
     // still reach it.
     let t0 = std::time::Instant::now();

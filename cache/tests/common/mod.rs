@@ -46,12 +46,28 @@ pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
 
 /// Formats a fresh in-memory cache device.
 pub fn mem_cache(size: u64, block_size: u32, segment_size: u32) -> Arc<dyn BlockDevice> {
+    mem_cache_v(
+        size,
+        block_size,
+        segment_size,
+        lc_cache::format::FORMAT_VERSION,
+    )
+}
+
+/// [`mem_cache`] of format `version`.
+pub fn mem_cache_v(
+    size: u64,
+    block_size: u32,
+    segment_size: u32,
+    version: u32,
+) -> Arc<dyn BlockDevice> {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(size));
     format_device(
         dev.as_ref(),
         FormatOptions {
             block_size,
             segment_size,
+            version,
         },
     )
     .unwrap();

@@ -1,0 +1,205 @@
+//! Format 2: a flush appends to the segment being filled instead of sealing it, so a
+//! sync-heavy writer fills the cache at the rate of its data; appended lines survive a
+//! kill; a line rewritten after an append takes a new line and the newest copy wins;
+//! a format-1 cache still opens, serves and writes back.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lc_cache::{BlockDevice, Cache, MemDevice, OpenOptions, Tunables};
+
+const SEG: u32 = 64 << 10;
+const BACKING: u64 = 4 << 20;
+
+fn block(serial: u64, b: u64) -> Vec<u8> {
+    let mut data = vec![0u8; 4096];
+    for s in 0..8u64 {
+        tagged_sector(
+            serial,
+            0,
+            b * 8 + s,
+            &mut data[s as usize * 512..(s as usize + 1) * 512],
+        );
+    }
+    data
+}
+
+fn serial_of(c: &Cache, b: u64) -> Option<u64> {
+    let mut buf = vec![0u8; 4096];
+    c.read(0, b * 4096, &mut buf).unwrap();
+    let first = decode_sector(0, b * 8, &buf[..512]);
+    for s in 1..8u64 {
+        assert_eq!(
+            decode_sector(0, b * 8 + s, &buf[s as usize * 512..(s as usize + 1) * 512]),
+            first,
+            "block {b} mixes writes"
+        );
+    }
+    first
+}
+
+fn no_writeback() -> Tunables {
+    Tunables {
+        writeback_enabled: false,
+        ..Tunables::default()
+    }
+}
+
+/// The image of a device, as a process kill leaves it (no clean close).
+fn image(d: &Arc<dyn BlockDevice>) -> Vec<u8> {
+    let mut b = vec![0u8; d.size() as usize];
+    d.read_at(&mut b, 0).unwrap();
+    b
+}
+
+fn reopen(cache: Vec<u8>, backing: Vec<u8>) -> (Cache, Arc<dyn BlockDevice>) {
+    let c: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(cache, "cache"));
+    let b: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing, "backing"));
+    let (cache, _) = Cache::open(
+        c,
+        backings(std::slice::from_ref(&b)),
+        OpenOptions {
+            tunables: no_writeback(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (cache, b)
+}
+
+/// Segments a single writer uses with a flush after every 4 KiB write, and the appends
+/// the cache counted.
+fn sync_writer(version: u32, writes: u64) -> (u64, u64) {
+    let cache = mem_cache_v(SEG as u64 * 64, 512, SEG, version);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        no_writeback(),
+        4,
+    );
+    let before = c.stats().open_segment_id;
+    for b in 0..writes {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+        c.flush().unwrap();
+    }
+    let s = c.stats();
+    let used = s.open_segment_id - before + 1;
+    // Every acknowledged block survives a kill.
+    let (img, back) = (image(&cache), image(&backing));
+    std::mem::forget(c);
+    let (c2, _) = reopen(img, back);
+    for b in 0..writes {
+        assert_eq!(serial_of(&c2, b), Some(1), "format {version} block {b}");
+    }
+    (used, s.appends)
+}
+
+#[test]
+fn a_flush_after_every_write_fills_the_cache_at_the_rate_of_its_data() {
+    let writes = 100;
+    let (used, appends) = sync_writer(2, writes);
+    let data = writes * 4096;
+    let space = used * SEG as u64;
+    assert!(
+        space as f64 <= 2.2 * data as f64,
+        "format 2: {used} segments of {SEG} for {data} bytes of data"
+    );
+    assert!(appends >= writes - used, "{appends} appends");
+    // Format 1 seals a segment per flush.
+    let (used1, appends1) = sync_writer(1, writes);
+    assert_eq!(appends1, 0);
+    assert!(used1 >= writes, "format 1 used {used1} segments");
+}
+
+#[test]
+fn a_line_rewritten_after_an_append_takes_a_new_line_and_the_newest_copy_wins() {
+    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        no_writeback(),
+        4,
+    );
+    // Blocks 0..4 appended, then rewritten (whole and in part) and appended again,
+    // all in one segment (14 lines).
+    for b in 0..4 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    c.write(0, 4096, &block(2, 1), true).unwrap(); // FUA: an append of its own
+    let part = block(3, 2);
+    c.write(0, 2 * 4096 + 1024, &part[1024..2048], false)
+        .unwrap();
+    c.flush().unwrap();
+    c.write(0, 3 * 4096, &block(4, 3), false).unwrap(); // acknowledged, not durable
+    assert!(c.stats().appends >= 3);
+    assert_eq!(c.stats().open_segment_id, 1, "still the first segment");
+    let (img, back) = (image(&cache), image(&backing));
+    std::mem::forget(c);
+    let (c2, _) = reopen(img, back);
+    assert_eq!(serial_of(&c2, 0), Some(1));
+    assert_eq!(serial_of(&c2, 1), Some(2));
+    let mut buf = vec![0u8; 4096];
+    c2.read(0, 2 * 4096, &mut buf).unwrap();
+    for s in 0..8u64 {
+        let want = if s == 2 || s == 3 { 3 } else { 1 };
+        assert_eq!(
+            decode_sector(0, 16 + s, &buf[s as usize * 512..(s as usize + 1) * 512]),
+            Some(want),
+            "block 2 sector {s}"
+        );
+    }
+    // Block 3's last write was never flushed: either value is allowed.
+    assert!(matches!(serial_of(&c2, 3), Some(1) | Some(4)));
+    // Writing goes on in the next segment, and survives another kill.
+    c2.write(0, 5 * 4096, &block(5, 5), true).unwrap();
+    assert_eq!(serial_of(&c2, 5), Some(5));
+}
+
+#[test]
+fn a_format_1_cache_opens_serves_and_writes_back() {
+    let cache = mem_cache_v(SEG as u64 * 16, 512, SEG, 1);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        no_writeback(),
+        4,
+    );
+    assert_eq!(c.geometry().version, 1);
+    assert_eq!(c.geometry().lines_per_segment, 15);
+    for b in 0..40 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    c.close().unwrap();
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        Tunables::default(),
+        4,
+    );
+    for b in 0..40 {
+        assert_eq!(serial_of(&c, b), Some(1));
+    }
+    c.drain(0, &mut |_| {}).unwrap();
+    c.close().unwrap();
+    // Written back: the backing device holds every block.
+    let back = image(&backing);
+    for b in 0..40u64 {
+        let s = (b * 4096) as usize;
+        assert_eq!(decode_sector(0, b * 8, &back[s..s + 512]), Some(1));
+    }
+    assert_eq!(
+        lc_cache::probe(cache.as_ref())
+            .unwrap()
+            .unwrap()
+            .geometry
+            .version,
+        1
+    );
+}
