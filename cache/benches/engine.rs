@@ -114,6 +114,37 @@ fn engine_random_writes(
     (n as f64 / d.as_secs_f64(), d, in_flush / threads as u32)
 }
 
+/// Cache space (segments opened × segment size) a writer that flushes after every
+/// 4 KiB write uses on a fresh cache of format `version`, its data, and its IOPS.
+fn sync_writer(p: &Path, version: u32) -> (u64, u64, f64) {
+    let cache_dev = dev(&p.join(format!("sync-{version}.img")), 2 * GIB + MIB);
+    let backing = dev(&p.join(format!("sync-back-{version}.img")), GIB);
+    let geo = format_device(
+        cache_dev.as_ref(),
+        FormatOptions {
+            version,
+            ..FormatOptions::default()
+        },
+    )
+    .expect("format");
+    let (cache, _) = open_cache(&cache_dev, &backing, no_writeback());
+    // Within one lap of the ring, so the space used is the segments opened.
+    let n = (geo.nr_segments - 8).min(2000);
+    let mut buf = vec![0u8; 4096];
+    let mut rng = SmallRng::seed_from_u64(7);
+    let start = Instant::now();
+    for _ in 0..n {
+        rng.fill(&mut buf[..64]);
+        let off = rng.gen_range(0..GIB / 4096) * 4096;
+        cache.write(0, off, &buf, false).expect("write");
+        cache.flush().expect("flush");
+    }
+    let iops = n as f64 / start.elapsed().as_secs_f64();
+    let used = cache.stats().open_segment_id * geo.segment_size as u64;
+    cache.close().expect("close");
+    (used, n * 4096, iops)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; accept and ignore arguments.
     let mb: u64 = std::env::var("LC_BENCH_MB")
@@ -241,6 +272,21 @@ fn main() {
         stats.partial_segments,
         stats.cache_bytes_written / MIB
     );
+
+    // 3b. A single writer that flushes after every 4 KiB write: cache space used per
+    // byte of data, format 2 (appends) against format 1 (a segment per flush).
+    println!();
+    println!("single writer, a flush after every 4 KiB write:");
+    for version in [2u32, 1] {
+        let (used, data, iops) = sync_writer(p, version);
+        println!(
+            "  format {version}: {:>8.0} IOPS, cache space used {:>6.1} MiB for {:.1} MiB of data = {:.2}x (target <= 2.2)",
+            iops,
+            used as f64 / MIB as f64,
+            data as f64 / MIB as f64,
+            used as f64 / data as f64
+        );
+    }
 
     // 4. Recovery time per GiB of cache (the log from step 2 is still dirty).
     let dropped = drop_caches();
