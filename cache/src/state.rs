@@ -86,6 +86,10 @@ impl State {
         if limit <= self.wb_id {
             return Some(Error::LogBlocked { segment: limit + 1 });
         }
+        if self.clean.tail_movable {
+            // The cleaner frees the tail without the backing devices.
+            return None;
+        }
         (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
     }
 }
@@ -128,6 +132,8 @@ pub(crate) struct State {
     pub damage: Damage,
     pub stop_flush: bool,
     pub stop_writeback: bool,
+    /// The cleaner's counters (`clean.rs`).
+    pub clean: crate::clean::CleanState,
 }
 
 /// What [`State::new`] starts from: recovery's result.
@@ -184,6 +190,7 @@ impl State {
             damage: r.damage,
             stop_flush: false,
             stop_writeback: false,
+            clean: Default::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use slog::{info, warn};
 
+use crate::clean::{Cleaner, Step};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
@@ -60,6 +61,7 @@ pub(crate) fn run(inner: &Inner) {
     let mut last_commit = Instant::now();
     // When the last batch failed on a backing device, and the pause before the retry.
     let mut last_error: Option<(Instant, Duration)> = None;
+    let mut cleaner = Cleaner::default();
     let mut st = inner.lock();
     loop {
         let interval = Duration::from_secs(st.tunables.superblock_commit_interval_s as u64);
@@ -82,7 +84,28 @@ pub(crate) fn run(inner: &Inner) {
         let backoff = last_error
             .filter(|(t, pause)| t.elapsed() < *pause)
             .map(|(t, pause)| pause - t.elapsed());
-        if backoff.is_some() || !should_run(inner, &st) || st.failed.is_some() {
+        // The cleaner first: it frees log slots by moving live lines when the log runs
+        // short, and asks for writeback of the tail only when moving does not pay.
+        let mut range = None;
+        if st.failed.is_none() {
+            match cleaner.step(inner, st) {
+                Step::Worked => {
+                    st = inner.lock();
+                    continue;
+                }
+                Step::Writeback { first, last } => range = Some((first, last)),
+                Step::Idle => {}
+            }
+            st = inner.lock();
+        }
+        if range.is_some() && backoff.is_none() && st.failed.is_none() {
+            // Checked again under the lock: the cleaner released it.
+            range = range.filter(|&(first, _)| first == st.wb_id + 1);
+        } else {
+            range = None;
+        }
+        if range.is_none() && (backoff.is_some() || !should_run(inner, &st) || st.failed.is_some())
+        {
             st = inner
                 .worker_cv
                 .wait_timeout(st, backoff.unwrap_or(Duration::from_millis(500)))
@@ -90,11 +113,14 @@ pub(crate) fn run(inner: &Inner) {
                 .0;
             continue;
         }
-        let first = st.wb_id + 1;
-        let last = st
-            .flushed_id
-            .min(st.wb_id + st.tunables.writeback_batch as u64)
-            .min(st.damage.writeback_limit());
+        let (first, last) = range.unwrap_or_else(|| {
+            (
+                st.wb_id + 1,
+                st.flushed_id
+                    .min(st.wb_id + st.tunables.writeback_batch as u64)
+                    .min(st.damage.writeback_limit()),
+            )
+        });
         let sort = st.tunables.writeback_sort;
         // Damaged segments hold nothing that can be written back.
         let skip: Vec<u64> = st.damage.segments.range(first..=last).copied().collect();
@@ -200,6 +226,7 @@ fn write_back(
     let mut st = inner.lock();
     st.wb_id = last;
     st.damage.passed(last);
+    st.clean.written_back_lines += items.len() as u64;
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -214,6 +241,7 @@ fn write_back(
             }
         }
     }
+    st.index.forget_segments(last);
     st.need_space = false;
     inner.io_cv.notify_all();
     inner.worker_cv.notify_all();
@@ -221,7 +249,7 @@ fn write_back(
 }
 
 /// Reads segments `first..=last` but `skip` back from the cache device and checks them.
-fn read_segments(
+pub(crate) fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,
