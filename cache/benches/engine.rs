@@ -17,7 +17,7 @@
 //!   sleeps as an HDD at 300 IOPS would), with the cleaner and without it
 //!   (`clean_live_max` 0): MB/s over time and the cleaner's stats. `LC_BENCH_ONLY=overwrite`
 //!   runs only this case; `LC_BENCH_OVERWRITE_X` sets how many times the cache is
-//!   written (default 4), `LC_BENCH_OVERWRITE_MB` the cache size (default 128).
+//!   written (default 16), `LC_BENCH_OVERWRITE_MB` the cache size (default 128).
 
 use std::io::Write;
 use std::path::Path;
@@ -162,7 +162,7 @@ fn overwrite_case(p: &Path) {
             .unwrap_or(d)
     };
     let cache_mb = env("LC_BENCH_OVERWRITE_MB", 128);
-    let times = env("LC_BENCH_OVERWRITE_X", 4);
+    let times = env("LC_BENCH_OVERWRITE_X", 16);
     let cache_size = (cache_mb + 1) * MIB;
     let working = cache_mb * MIB / 2;
     let total = times * cache_mb * MIB;
@@ -197,7 +197,7 @@ fn overwrite_case(p: &Path) {
         let mut written = 0u64;
         let mut print = |cache: &Cache, written: u64, force: bool| {
             let now = Instant::now();
-            if !force && now - last_t < Duration::from_secs(2) {
+            if !force && now - last_t < Duration::from_secs(1) {
                 return;
             }
             let s = cache.stats();

@@ -208,7 +208,26 @@ impl Cleaner {
         let f = live_max(geo, &st.tunables);
         let moving = f > 0 && st.drains == 0 && !st.stop_flush && !st.stop_writeback;
         let free = free_slots(geo, &st);
-        let wanted = moving && (st.need_space || free < low_watermark(geo, &st.tunables) as i64);
+        let t = &st.tunables;
+        // Background writeback above the threshold makes room too: the rule decides
+        // how (only `writeback_force` and drains ask for the backing devices as such).
+        let dirty_pct = st.flushed_id.saturating_sub(st.wb_id) * 100 / geo.nr_segments;
+        let above =
+            t.writeback_enabled && !t.writeback_force && dirty_pct > t.writeback_threshold as u64;
+        let pressure = st.need_space || free < low_watermark(geo, t) as i64;
+        let wanted = moving && (pressure || above);
+        // The rule: under pressure, live lines against the slot a move frees; in the
+        // background, against the lines the segment holds (only mostly stale segments
+        // are moved, the rest is written back as before).
+        let movable = |st: &State, id: u64| {
+            let n = st.index.seg_lines(id);
+            let of = if pressure {
+                lps
+            } else {
+                (n.lines as u64).max(1)
+            };
+            n.live as u64 * 100 <= f * of
+        };
         if !wanted && self.pending.is_none() {
             st.clean.tail_movable = false;
             return Step::Idle;
@@ -231,7 +250,7 @@ impl Cleaner {
         if wanted && !beyond && self.unmovable != Some(first) {
             while last < end && last + 1 - first < MAX_STEP {
                 let live = st.index.seg_lines(last + 1).live as u64;
-                if live * 100 > f * lps || live > room {
+                if !movable(&st, last + 1) || live > room {
                     break;
                 }
                 room -= live;
@@ -250,8 +269,13 @@ impl Cleaner {
                 return Step::Worked;
             }
             if wanted && first <= end {
-                // The tail is too live to move (or holds a lost line): write it back.
-                let last = end.min(first + st.tunables.writeback_batch as u64 - 1);
+                // The tail is too live to move (or holds a lost line): write it back,
+                // with the segments after it that are too live as well.
+                let max = end.min(first + st.tunables.writeback_batch as u64 - 1);
+                let mut last = first;
+                while last < max && !movable(&st, last + 1) {
+                    last += 1;
+                }
                 return Step::Writeback { first, last };
             }
             return Step::Idle;
