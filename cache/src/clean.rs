@@ -15,9 +15,12 @@
 //! for tiny rings so that the reserve below always fits a cleaning step that gains a
 //! slot (see [`live_max`]).
 //!
-//! When: the flusher or a writer raised `need_space`, or the free slots fell below
-//! [`low_watermark`] (so cleaning starts before writers stall). Background writeback
-//! above `writeback_threshold` runs as before when the cleaner has nothing to do.
+//! When: under *pressure* (the flusher or a writer raised `need_space`, or the free
+//! slots fell below [`low_watermark`], so cleaning starts before writers stall), or
+//! when background writeback would run (dirty share above `writeback_threshold`).
+//! In the background case the rule weighs live lines against the lines the segment
+//! holds, so only mostly stale segments are moved and the rest is written back as
+//! before; forced writeback and drains always write back.
 //!
 //! Correctness:
 //! - A line is moved under the state lock only if the index still points at the old

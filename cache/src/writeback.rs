@@ -10,7 +10,9 @@
 //! when the batch was planned (the old copy is then the durable one and must not be
 //! lost when S's slot is reused). A copy superseded by a flushed newer copy is skipped.
 //!
-//! Also runs the periodic superblock commit.
+//! Also runs the periodic superblock commit, and the cleaner (`clean.rs`) first on each
+//! turn: it frees tail segments by moving their live lines when that is cheaper, and
+//! hands the thread the tail segments to write back otherwise.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -245,3 +245,94 @@ fn live_and_stale_counts_add_up_and_survive_reopen() {
     c.check_line_counts().unwrap();
     c.close().unwrap();
 }
+
+/// A line whose newest durable copy was lost to damage must never be moved: its older
+/// copy at the head of the log would be replayed after the damaged segment and read
+/// again after a restart. The cleaner leaves that segment to writeback instead.
+#[test]
+fn a_lost_line_is_never_moved() {
+    use lc_cache::{Cache, Error, OpenOptions};
+    let cache = mem_cache(SEG * 48, 512, SEG as u32);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let line = |serial: u64, l: u64| {
+        let mut d = vec![0u8; 4096];
+        for s in 0..8 {
+            tagged_sector(serial, 0, l * 8 + s, &mut d[s as usize * 512..][..512]);
+        }
+        d
+    };
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        tunables("0.8"),
+        4,
+    );
+    // Segment 1: lines 0..15; segment 2: lines 1..15 again, so segment 1 keeps one
+    // live line (0); segment 3: line 0 and 20..34 (to be damaged); segment 4 after it.
+    for l in 0..15 {
+        c.write(0, l * 4096, &line(1, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in 1..15 {
+        c.write(0, l * 4096, &line(2, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in [0].into_iter().chain(20..34) {
+        c.write(0, l * 4096, &line(3, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in 40..45 {
+        c.write(0, l * 4096, &line(4, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    assert_eq!(c.stats().last_flushed_id, 4);
+    let mut img = vec![0u8; cache.size() as usize];
+    cache.read_at(&mut img, 0).unwrap();
+    std::mem::forget(c); // killed
+                         // Flip a data byte of segment 3 (slot 2): durable (segment 4 says so), so damage.
+    img[SEG as usize * 3 + 4096 + 5 * 4096 + 7] ^= 1;
+    let reopen = |img: Vec<u8>| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
+        let (c, _) = Cache::open(
+            dev.clone(),
+            backings(std::slice::from_ref(&backing)),
+            OpenOptions {
+                ram_bytes: 4 * SEG,
+                tunables: tunables("0.8"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (c, dev)
+    };
+    let (c, dev) = reopen(img);
+    let lost = |c: &Cache| {
+        let mut b = vec![0u8; 4096];
+        matches!(c.read(0, 0, &mut b), Err(Error::Lost { .. }))
+    };
+    assert!(lost(&c), "line 0 is lost");
+    // Pressure: overwrite other lines until the log is blocked behind the damage.
+    let mut blocked = false;
+    for i in 0..47 * 15 * 4u64 {
+        match c.write(0, (100 + i % 40) * 4096, &line(5, 100 + i % 40), false) {
+            Ok(()) => {}
+            Err(Error::LogBlocked { .. }) => {
+                blocked = true;
+                break;
+            }
+            Err(e) => panic!("write {i}: {e}"),
+        }
+    }
+    assert!(blocked, "the log fills up to the damaged segment");
+    assert!(lost(&c), "line 0 still lost");
+    let s = c.stats();
+    assert_eq!(s.moved_lines, 0, "nothing before the damage may be moved");
+    assert_eq!(s.last_writeback_id, 2, "writeback passed segments 1 and 2");
+    // Killed again: the restart still refuses line 0.
+    let mut img = vec![0u8; dev.size() as usize];
+    dev.read_at(&mut img, 0).unwrap();
+    std::mem::forget(c);
+    let (c, _) = reopen(img);
+    assert!(lost(&c), "line 0 lost after a restart");
+    drop(c);
+}
