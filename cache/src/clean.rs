@@ -40,7 +40,9 @@
 //!   (`Damage::writeback_limit`), and a segment with a live line that is lost (or of
 //!   unknown content) is never moved: it is left to writeback.
 //! - Moving never touches the backing devices, so a failing backing device does not
-//!   stop the cleaning of segments whose live lines can be moved.
+//!   stop the cleaning of segments whose live lines can be moved; under pressure with
+//!   a device failing, even a tail too live for the rule is moved (rotated) while the
+//!   log holds a segment's worth of stale lines, since writing it back cannot succeed.
 
 use std::sync::MutexGuard;
 use std::time::Duration;
@@ -222,7 +224,35 @@ impl Cleaner {
         // The rule: under pressure, live lines against the slot a move frees; in the
         // background, against the lines the segment holds (only mostly stale segments
         // are moved, the rest is written back as before).
+        // A failing backing device: writeback of a tail holding its lines cannot
+        // succeed, so under pressure the tail is moved whatever its live share, as
+        // long as the log holds a segment's worth of stale lines for the rotation to
+        // win.
+        let rotation = moving
+            && st.backing.iter().flatten().any(|b| b.failing.is_some())
+            && st
+                .index
+                .segments()
+                .filter(|&(id, _)| id > st.wb_id)
+                .map(|(_, n)| (n.lines - n.live) as u64)
+                .sum::<u64>()
+                >= lps;
+        let rotate = pressure && rotation;
+        // For a writer waiting for space (`State::stuck_refusal`): space comes without
+        // the backing devices while moved segments wait for release or the tail
+        // passes the rule under pressure (flushed or not yet).
+        let tail = st.wb_id + 1;
+        st.clean.tail_movable = self.pending.is_some()
+            || (moving
+                && !beyond
+                && tail < st.next_id
+                && tail <= st.damage.writeback_limit()
+                && self.unmovable != Some(tail)
+                && (rotation || st.index.seg_lines(tail).live as u64 * 100 <= f * lps));
         let movable = |st: &State, id: u64| {
+            if rotate {
+                return true;
+            }
             let n = st.index.seg_lines(id);
             let of = if pressure {
                 lps
@@ -232,7 +262,6 @@ impl Cleaner {
             n.live as u64 * 100 <= f * of
         };
         if !wanted && self.pending.is_none() {
-            st.clean.tail_movable = false;
             return Step::Idle;
         }
         // 2. Plan: the tail segments after what was moved already, while each is live at
@@ -259,9 +288,6 @@ impl Cleaner {
                 room -= live;
                 last += 1;
             }
-        }
-        if first == st.wb_id + 1 {
-            st.clean.tail_movable = last >= first;
         }
         if last < first {
             if let Some(p) = self.pending {

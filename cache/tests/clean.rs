@@ -336,3 +336,70 @@ fn a_lost_line_is_never_moved() {
     assert!(lost(&c), "line 0 lost after a restart");
     drop(c);
 }
+
+/// A dead backing device no longer fills the log: once its lines sit in mostly stale
+/// segments they are moved, so writes to the cache's other devices go on long after
+/// writeback to the dead one failed past `writeback_fail_timeout_s` (before the
+/// cleaner they failed once the log was full behind its lines). Writes to the dead
+/// device itself are still refused after the timeout.
+#[test]
+fn a_dead_backing_device_does_not_stop_the_other_devices() {
+    use lc_cache::Error;
+    let seed = seed("clean-dead-neighbour");
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let dead = Arc::new(FaultDevice::new(Arc::new(MemDevice::new(64 * 4096))));
+    dead.faults.lock().unwrap().dead = true;
+    let good: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(100 * 4096));
+    let mut t = tunables("0.8");
+    t.writeback_enabled = true;
+    t.writeback_threshold = 0;
+    t.writeback_fail_timeout_s = 1;
+    let c = open(cache, &[dead.clone() as Arc<dyn BlockDevice>, good], t, 4);
+    let mut buf = vec![0u8; 4096];
+    for l in 0..5u64 {
+        buf[..8].copy_from_slice(&(1000 + l).to_le_bytes());
+        c.write(0, l * 4096, &buf, false).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let mut model = vec![0u64; 100];
+    let mut i = 0u64;
+    while i < 20 * SLOTS * 15 || start.elapsed() < Duration::from_millis(2500) {
+        i += 1;
+        let l = rng.gen_range(0..100u64);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        if let Err(e) = c.write(1, l * 4096, &buf, false) {
+            let s = c.stats();
+            panic!("seed {seed}: write {i} to the healthy device: {e}; wb {} flushed {} open {} live {} stale {} moved {} wb lines {}", s.last_writeback_id, s.last_flushed_id, s.open_segment_id, s.live_lines, s.stale_lines, s.moved_lines, s.written_back_lines);
+        }
+        model[l as usize] = i;
+        if i.is_multiple_of(64) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "seed {seed}: too slow"
+        );
+    }
+    let s = c.stats();
+    assert!(
+        s.writeback_failures.iter().any(|f| f.dev == 0),
+        "seed {seed}: writeback to the dead device failed"
+    );
+    assert!(
+        s.moved_lines > 0 && s.last_flushed_id >= 10 * SLOTS,
+        "seed {seed}"
+    );
+    let e = c.write(0, 0, &buf, false).unwrap_err();
+    assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
+    for l in 0..5u64 {
+        c.read(0, l * 4096, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), 1000 + l);
+    }
+    for (l, &want) in model.iter().enumerate() {
+        c.read(1, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), want);
+    }
+    c.check_line_counts().unwrap();
+    drop(c);
+}
