@@ -296,6 +296,30 @@ pub fn prometheus_text(v: &Value) -> String {
             vec![],
         ),
         (
+            "lc_live_lines",
+            "gauge",
+            "Log lines holding the newest copy of a cached line.",
+            vec![],
+        ),
+        (
+            "lc_stale_lines",
+            "gauge",
+            "Log lines superseded by a newer copy (space the cleaner can reclaim).",
+            vec![],
+        ),
+        (
+            "lc_moved_lines_total",
+            "counter",
+            "Lines the cleaner moved to the head of the log instead of writing them back.",
+            vec![],
+        ),
+        (
+            "lc_written_back_lines_total",
+            "counter",
+            "Line copies written back to backing devices.",
+            vec![],
+        ),
+        (
             "lc_failed",
             "gauge",
             "1 once the cache device failed.",
@@ -314,6 +338,10 @@ pub fn prometheus_text(v: &Value) -> String {
             ("nr_segments", "lc_segments"),
             ("cache_bytes_written", "lc_cache_bytes_written_total"),
             ("backing_bytes_written", "lc_backing_bytes_written_total"),
+            ("live_lines", "lc_live_lines"),
+            ("stale_lines", "lc_stale_lines"),
+            ("moved_lines", "lc_moved_lines_total"),
+            ("written_back_lines", "lc_written_back_lines_total"),
         ] {
             add(name, c.clone(), s[k].as_u64().unwrap_or(0).to_string());
         }

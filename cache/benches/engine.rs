@@ -11,7 +11,13 @@
 //! - random 4 KiB writes straight to the backing file, `fdatasync` every 1 MiB;
 //! - writeback throughput with and without sorting;
 //! - recovery time per GiB of cache;
-//! - RAM (index) per GiB of cache.
+//! - RAM (index) per GiB of cache;
+//! - sustained overwrite: random 4 KiB writes over a working set of half the cache,
+//!   several times the cache size, the backing device slow (every write or flush
+//!   sleeps as an HDD at 300 IOPS would), with the cleaner and without it
+//!   (`clean_live_max` 0): MB/s over time and the cleaner's stats. `LC_BENCH_ONLY=overwrite`
+//!   runs only this case; `LC_BENCH_OVERWRITE_X` sets how many times the cache is
+//!   written (default 16), `LC_BENCH_OVERWRITE_MB` the cache size (default 128).
 
 use std::io::Write;
 use std::path::Path;
@@ -145,7 +151,136 @@ fn sync_writer(p: &Path, version: u32) -> (u64, u64, f64) {
     (used, n * 4096, iops)
 }
 
+/// A backing device as slow as an HDD doing random I/O: every write, discard and
+/// flush (and read) sleeps `per_op` before it is done.
+struct Slow {
+    inner: Arc<dyn BlockDevice>,
+    per_op: Duration,
+}
+
+impl BlockDevice for Slow {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(self.per_op);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(self.per_op);
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::thread::sleep(self.per_op);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        std::thread::sleep(self.per_op);
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        format!("slow:{}", self.inner.describe())
+    }
+}
+
+/// Sustained overwrite of half the cache with a slow backing device, with and without
+/// moving (see the module doc).
+fn overwrite_case(p: &Path) {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let cache_mb = env("LC_BENCH_OVERWRITE_MB", 128);
+    let times = env("LC_BENCH_OVERWRITE_X", 16);
+    let cache_size = (cache_mb + 1) * MIB;
+    let working = cache_mb * MIB / 2;
+    let total = times * cache_mb * MIB;
+    let limit = Duration::from_secs(env("LC_BENCH_OVERWRITE_SECS", 60));
+    println!();
+    println!(
+        "sustained overwrite: {cache_mb} MiB cache, working set {} MiB, {} MiB of random 4 KiB writes (QD1, no flushes), backing device sleeps 3.3 ms per write/flush (300 IOPS), at most {} s per run",
+        working / MIB,
+        total / MIB,
+        limit.as_secs()
+    );
+    for clean in ["0.8", "0"] {
+        let cache_dev = dev(&p.join("ow-cache.img"), cache_size);
+        format_device(cache_dev.as_ref(), FormatOptions::default()).expect("format");
+        let backing: Arc<dyn BlockDevice> = Arc::new(Slow {
+            inner: Arc::new(lc_cache::MemDevice::new(working)),
+            per_op: Duration::from_micros(3333),
+        });
+        let mut t = Tunables::default();
+        t.set("clean_live_max", clean).expect("tunable");
+        let (cache, _) = open_cache(&cache_dev, &backing, t);
+        let geo = cache.geometry();
+        println!(
+            "  clean_live_max {clean}: {} slots of {} lines",
+            geo.nr_segments, geo.lines_per_segment
+        );
+        println!("     t s   MiB/s   log laps   moved lines   written back   live   stale");
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut buf = vec![0u8; 4096];
+        let start = Instant::now();
+        let (mut last_t, mut last_b) = (start, 0u64);
+        let mut written = 0u64;
+        let mut print = |cache: &Cache, written: u64, force: bool| {
+            let now = Instant::now();
+            if !force && now - last_t < Duration::from_secs(1) {
+                return;
+            }
+            let s = cache.stats();
+            println!(
+                "  {:>6.1} {:>7.1} {:>10.2} {:>13} {:>14} {:>6} {:>7}",
+                (now - start).as_secs_f64(),
+                mbps(written - last_b, now - last_t),
+                s.last_flushed_id as f64 / geo.nr_segments as f64,
+                s.moved_lines,
+                s.written_back_lines,
+                s.live_lines,
+                s.stale_lines
+            );
+            last_t = now;
+            last_b = written;
+        };
+        while written < total && start.elapsed() < limit {
+            rng.fill(&mut buf[..64]);
+            let off = rng.gen_range(0..working / 4096) * 4096;
+            cache.write(0, off, &buf, false).expect("write");
+            written += 4096;
+            print(&cache, written, false);
+        }
+        print(&cache, written, true);
+        let d = start.elapsed();
+        let s = cache.stats();
+        println!(
+            "  clean_live_max {clean}: {} MiB in {:.1} s = {:.1} MiB/s; moved {} lines, wrote back {} ({} MiB to the backing device), cache device {} MiB written",
+            written / MIB,
+            d.as_secs_f64(),
+            mbps(written, d),
+            s.moved_lines,
+            s.written_back_lines,
+            s.backing_bytes_written / MIB,
+            s.cache_bytes_written / MIB
+        );
+        // Closing writes back nothing more (writeback is threshold-driven); no drain.
+        cache.close().expect("close");
+        let _ = std::fs::remove_file(p.join("ow-cache.img"));
+    }
+}
+
 fn main() {
+    if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("overwrite") {
+        let dir = match std::env::var("LC_BENCH_DIR") {
+            Ok(d) => tempfile::tempdir_in(d),
+            Err(_) => tempfile::tempdir_in("."),
+        }
+        .expect("scratch dir");
+        overwrite_case(dir.path());
+        return;
+    }
     // `cargo bench` passes `--bench`; accept and ignore arguments.
     let mb: u64 = std::env::var("LC_BENCH_MB")
         .ok()
@@ -345,4 +480,5 @@ fn main() {
             mbps(dirty * 4096, d)
         );
     }
+    overwrite_case(p);
 }

@@ -100,7 +100,7 @@ impl Inner {
     /// Makes sure an open segment with a free line exists, sealing a full one and
     /// taking a buffer from the pool. Returns `false` when no buffer is free (all are
     /// sealed and waiting for the flusher); the caller waits on `io_cv` and retries.
-    fn ensure_open(&self, st: &mut State) -> bool {
+    pub(crate) fn ensure_open(&self, st: &mut State) -> bool {
         if let Some(o) = &st.open {
             if o.entries.len() < self.geo.lines_per_segment as usize {
                 return true;
@@ -218,7 +218,8 @@ impl Inner {
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
             }
-            if !self.ensure_open(&mut st) {
+            // Users wait while the segment they would fill lies in the cleaner's reserve.
+            if crate::clean::user_must_wait(self, &mut st) || !self.ensure_open(&mut st) {
                 if !wait {
                     return Ok(None);
                 }
@@ -994,6 +995,15 @@ impl Cache {
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
             appends: st.appends,
+            live_lines: st.index.len() as u64,
+            stale_lines: st
+                .index
+                .segments()
+                .filter(|&(seg, _)| seg > st.wb_id)
+                .map(|(_, n)| (n.lines - n.live) as u64)
+                .sum(),
+            moved_lines: st.clean.moved_lines,
+            written_back_lines: st.clean.written_back_lines,
             damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
                 .then(|| st.damage.report()),
             writeback_failures: st
@@ -1153,7 +1163,7 @@ impl Drop for Cache {
 
 /// The end of the log: every line written so far (the open segment's only if it has
 /// lines).
-fn last_written_pos(st: &State) -> Pos {
+pub(crate) fn last_written_pos(st: &State) -> Pos {
     match &st.open {
         Some(o) if !o.entries.is_empty() => Pos {
             id: o.id,

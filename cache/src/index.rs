@@ -5,6 +5,11 @@
 //! at a load factor of at most 0.8, so the index costs about 20 bytes per 4 KiB line
 //! (5 MiB per GiB of cache). It grows (doubling) only if more lines than planned are
 //! live, which the engine's accounting prevents.
+//!
+//! Every change of a line's newest copy also keeps, per log segment, how many of its
+//! lines are live (the index points at them) and how many copies were indexed in it:
+//! the cleaner (`clean.rs`) decides from these, and they are exact by construction
+//! because every insert, replace and removal goes through this table.
 
 /// Key of a line: device id in the top 8 bits, line number (byte offset / 4096) below.
 pub fn key(dev: u8, line: u64) -> u64 {
@@ -56,6 +61,17 @@ impl Loc {
 pub struct Index {
     slots: Vec<(u64, u64)>,
     len: usize,
+    /// Per segment id: lines the index points at (live) and copies ever indexed in it.
+    segs: std::collections::BTreeMap<u64, SegLines>,
+}
+
+/// What the index knows of one log segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegLines {
+    /// Lines of the segment the index points at (the newest copy of their line).
+    pub live: u32,
+    /// Line copies indexed in the segment since it was written (live or superseded).
+    pub lines: u32,
 }
 
 fn hash(k: u64) -> u64 {
@@ -71,6 +87,42 @@ impl Index {
         Index {
             slots: vec![(EMPTY, 0); cap],
             len: 0,
+            segs: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Live and indexed lines of segment `seg` (zero when unknown).
+    pub fn seg_lines(&self, seg: u64) -> SegLines {
+        self.segs.get(&seg).copied().unwrap_or_default()
+    }
+
+    /// Every segment with indexed lines, in id order.
+    pub fn segments(&self) -> impl Iterator<Item = (u64, SegLines)> + '_ {
+        self.segs.iter().map(|(&s, &l)| (s, l))
+    }
+
+    /// Forgets the line counts of segments `..=upto` (their slots were released).
+    pub fn forget_segments(&mut self, upto: u64) {
+        self.segs = self.segs.split_off(&(upto + 1));
+    }
+
+    /// Keeps the per-segment counts: the copy `old` stops being live, `new` starts
+    /// (the same copy updated in place changes nothing).
+    fn account(&mut self, old: Option<Loc>, new: Option<Loc>) {
+        if let (Some(o), Some(n)) = (old, new) {
+            if o.seg == n.seg && o.slot == n.slot {
+                return;
+            }
+        }
+        if let Some(o) = old {
+            if let Some(s) = self.segs.get_mut(&o.seg) {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+        if let Some(n) = new {
+            let s = self.segs.entry(n.seg).or_default();
+            s.live += 1;
+            s.lines += 1;
         }
     }
 
@@ -118,6 +170,12 @@ impl Index {
 
     /// Inserts or replaces; returns the previous location.
     pub fn insert(&mut self, k: u64, loc: Loc) -> Option<Loc> {
+        let old = self.insert_raw(k, loc);
+        self.account(old, Some(loc));
+        old
+    }
+
+    fn insert_raw(&mut self, k: u64, loc: Loc) -> Option<Loc> {
         debug_assert!(k != EMPTY);
         match self.find(k) {
             Ok(i) => {
@@ -128,7 +186,7 @@ impl Index {
             Err(i) => {
                 if (self.len + 1) * 5 > self.slots.len() * 4 {
                     self.grow();
-                    return self.insert(k, loc);
+                    return self.insert_raw(k, loc);
                 }
                 self.slots[i] = (k, loc.pack());
                 self.len += 1;
@@ -142,6 +200,7 @@ impl Index {
         match self.find(k) {
             Ok(i) if Loc::unpack(self.slots[i].1) == expect => {
                 self.delete_at(i);
+                self.account(Some(expect), None);
                 true
             }
             _ => false,
@@ -153,6 +212,7 @@ impl Index {
         let i = self.find(k).ok()?;
         let old = Loc::unpack(self.slots[i].1);
         self.delete_at(i);
+        self.account(Some(old), None);
         Some(old)
     }
 
@@ -188,7 +248,7 @@ impl Index {
         self.len = 0;
         for (k, v) in old {
             if k != EMPTY {
-                self.insert(k, Loc::unpack(v));
+                self.insert_raw(k, Loc::unpack(v));
             }
         }
     }
@@ -218,7 +278,11 @@ mod tests {
         for _ in 0..200_000 {
             let k = key(rng.gen_range(0..3), rng.gen_range(0..300));
             let loc = Loc {
-                seg: rng.gen_range(1..1 << 40),
+                seg: if rng.gen_bool(0.5) {
+                    rng.gen_range(1..50)
+                } else {
+                    rng.gen_range(1..1 << 40)
+                },
                 slot: rng.gen_range(0..1024),
                 dirty: rng.gen(),
                 tomb: rng.gen(),
@@ -236,6 +300,22 @@ mod tests {
                 }
             }
             assert_eq!(idx.len(), model.len());
+        }
+        // The per-segment live counts are exact.
+        let mut live: HashMap<u64, u32> = HashMap::new();
+        for l in model.values() {
+            *live.entry(l.seg).or_default() += 1;
+        }
+        for (seg, n) in idx.segments() {
+            assert_eq!(
+                n.live,
+                live.get(&seg).copied().unwrap_or(0),
+                "seed {seed} seg {seg}"
+            );
+            assert!(n.lines >= n.live);
+        }
+        for (seg, n) in &live {
+            assert_eq!(idx.seg_lines(*seg).live, *n, "seed {seed}");
         }
         for (k, v) in &model {
             assert_eq!(idx.get(*k), Some(*v), "seed {seed}");

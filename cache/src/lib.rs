@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod clean;
 mod damage;
 pub mod device;
 mod engine;

@@ -136,6 +136,10 @@ impl State {
         if limit <= self.wb_id {
             return Some(Error::LogBlocked { segment: limit + 1 });
         }
+        if self.clean.tail_movable {
+            // The cleaner frees the tail without the backing devices.
+            return None;
+        }
         (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
     }
 }
@@ -194,6 +198,8 @@ pub(crate) struct State {
     pub unclaimed: u64,
     pub stop_flush: bool,
     pub stop_writeback: bool,
+    /// The cleaner's counters (`clean.rs`).
+    pub clean: crate::clean::CleanState,
 }
 
 /// What [`State::new`] starts from: recovery's result.
@@ -257,6 +263,7 @@ impl State {
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,
             stop_writeback: false,
+            clean: Default::default(),
         }
     }
 }

@@ -43,6 +43,14 @@ pub struct Stats {
     /// Format 2: flushes that made the open segment's lines durable by an append
     /// instead of sealing it.
     pub appends: u64,
+    /// Lines of the log the index points at (the newest copy of a cached line).
+    pub live_lines: u64,
+    /// Lines of the log that a newer copy superseded: space the cleaner can reclaim.
+    pub stale_lines: u64,
+    /// Lines the cleaner moved to the head of the log (instead of writing them back).
+    pub moved_lines: u64,
+    /// Line copies written back to the backing devices.
+    pub written_back_lines: u64,
     /// Damage recovery found in the log and what of it is still lost; `None` when the
     /// log is intact.
     pub damage: Option<crate::damage::DamageReport>,

@@ -26,6 +26,11 @@ pub struct Tunables {
     /// that device, and writes that wait for log space it holds, fail instead of
     /// waiting, 1..=3600 (default 20).
     pub writeback_fail_timeout_s: u32,
+    /// The cleaner moves the live lines of a log segment to the head of the log (on
+    /// the cache device) instead of writing them back when at most this share of the
+    /// segment's lines is live, in percent; written as a fraction `0`..=`0.95`
+    /// (default 0.8). 0 turns moving off (log space comes from writeback alone).
+    pub clean_live_max: u32,
 }
 
 impl Default for Tunables {
@@ -40,6 +45,7 @@ impl Default for Tunables {
             superblock_commit_interval_s: 10,
             flush_interval_s: 5,
             writeback_fail_timeout_s: 20,
+            clean_live_max: 80,
         }
     }
 }
@@ -55,6 +61,7 @@ pub const NAMES: &[&str] = &[
     "superblock_commit_interval_s",
     "flush_interval_s",
     "writeback_fail_timeout_s",
+    "clean_live_max",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -82,6 +89,30 @@ fn parse_range(key: &str, v: &str, lo: u32, hi: u32) -> Result<u32> {
     Ok(n)
 }
 
+/// A fraction `0`..=`hi` percent written as a decimal (`0.8`) or a percentage (`80%`),
+/// kept as whole percent.
+fn parse_fraction(key: &str, v: &str, hi: u32) -> Result<u32> {
+    let bad = |reason: String| Error::Tunable {
+        key: key.into(),
+        reason,
+    };
+    let pct = match v.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| bad(format!("{v:?} is not a percentage")))?,
+        None => {
+            v.parse::<f64>()
+                .map_err(|_| bad(format!("{v:?} is not a fraction (e.g. 0.8)")))?
+                * 100.0
+        }
+    };
+    if !(0.0..=hi as f64 + 1e-9).contains(&pct) {
+        return Err(bad(format!("{v} out of range 0..={}", hi as f64 / 100.0)));
+    }
+    Ok(pct.round() as u32)
+}
+
 impl Tunables {
     /// Sets one tunable from its text form; the value is validated first.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
@@ -100,6 +131,7 @@ impl Tunables {
             "writeback_fail_timeout_s" => {
                 self.writeback_fail_timeout_s = parse_range(key, v, 1, 3600)?
             }
+            "clean_live_max" => self.clean_live_max = parse_fraction(key, v, 95)?,
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -128,6 +160,10 @@ impl Tunables {
                 "writeback_fail_timeout_s",
                 self.writeback_fail_timeout_s.to_string(),
             ),
+            (
+                "clean_live_max",
+                (self.clean_live_max as f64 / 100.0).to_string(),
+            ),
         ]
     }
 }
@@ -144,6 +180,13 @@ mod tests {
         assert!(t.set("writeback_threshold", "101").is_err());
         assert!(t.set("writeback_batch", "0").is_err());
         assert!(t.set("writeback_enabled", "maybe").is_err());
+        t.set("clean_live_max", "0.5").unwrap();
+        assert_eq!(t.clean_live_max, 50);
+        t.set("clean_live_max", "35%").unwrap();
+        assert_eq!(t.clean_live_max, 35);
+        assert!(t.set("clean_live_max", "0.96").is_err());
+        assert!(t.set("clean_live_max", "-0.1").is_err());
+        assert!(t.set("clean_live_max", "x").is_err());
         assert!(t
             .set("nope", "1")
             .unwrap_err()

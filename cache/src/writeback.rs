@@ -10,7 +10,9 @@
 //! when the batch was planned (the old copy is then the durable one and must not be
 //! lost when S's slot is reused). A copy superseded by a flushed newer copy is skipped.
 //!
-//! Also runs the periodic superblock commit.
+//! Also runs the periodic superblock commit, and the cleaner (`clean.rs`) first on each
+//! turn: it frees tail segments by moving their live lines when that is cheaper, and
+//! hands the thread the tail segments to write back otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use slog::{info, warn};
 
+use crate::clean::{Cleaner, Step};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{newest_header, SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
@@ -60,6 +63,7 @@ pub(crate) fn run(inner: &Inner) {
     let mut last_commit = Instant::now();
     // When the last batch failed on a backing device, and the pause before the retry.
     let mut last_error: Option<(Instant, Duration)> = None;
+    let mut cleaner = Cleaner::default();
     let mut st = inner.lock();
     loop {
         let interval = Duration::from_secs(st.tunables.superblock_commit_interval_s as u64);
@@ -82,7 +86,28 @@ pub(crate) fn run(inner: &Inner) {
         let backoff = last_error
             .filter(|(t, pause)| t.elapsed() < *pause)
             .map(|(t, pause)| pause - t.elapsed());
-        if backoff.is_some() || !should_run(inner, &st) || st.failed.is_some() {
+        // The cleaner first: it frees log slots by moving live lines when the log runs
+        // short, and asks for writeback of the tail only when moving does not pay.
+        let mut range = None;
+        if st.failed.is_none() {
+            match cleaner.step(inner, st) {
+                Step::Worked => {
+                    st = inner.lock();
+                    continue;
+                }
+                Step::Writeback { first, last } => range = Some((first, last)),
+                Step::Idle => {}
+            }
+            st = inner.lock();
+        }
+        if range.is_some() && backoff.is_none() && st.failed.is_none() {
+            // Checked again under the lock: the cleaner released it.
+            range = range.filter(|&(first, _)| first == st.wb_id + 1);
+        } else {
+            range = None;
+        }
+        if range.is_none() && (backoff.is_some() || !should_run(inner, &st) || st.failed.is_some())
+        {
             st = inner
                 .worker_cv
                 .wait_timeout(st, backoff.unwrap_or(Duration::from_millis(500)))
@@ -90,11 +115,14 @@ pub(crate) fn run(inner: &Inner) {
                 .0;
             continue;
         }
-        let first = st.wb_id + 1;
-        let last = st
-            .flushed_id
-            .min(st.wb_id + st.tunables.writeback_batch as u64)
-            .min(st.damage.writeback_limit());
+        let (first, last) = range.unwrap_or_else(|| {
+            (
+                st.wb_id + 1,
+                st.flushed_id
+                    .min(st.wb_id + st.tunables.writeback_batch as u64)
+                    .min(st.damage.writeback_limit()),
+            )
+        });
         let sort = st.tunables.writeback_sort;
         // Damaged segments hold nothing that can be written back.
         // (unless recovery kept an older append of them: those lines are in the index).
@@ -215,6 +243,7 @@ fn write_back(
     st.wb_id = last;
     st.damage.passed(last);
     st.recovered_gens = st.recovered_gens.split_off(&(last + 1));
+    st.clean.written_back_lines += items.len() as u64;
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -229,6 +258,7 @@ fn write_back(
             }
         }
     }
+    st.index.forget_segments(last);
     st.need_space = false;
     inner.io_cv.notify_all();
     inner.worker_cv.notify_all();
@@ -239,7 +269,7 @@ fn write_back(
 /// A segment's newest header is used unless recovery took an older one (`gens`: its
 /// newest append failed its checks), so writeback sees the lines the index was built
 /// from.
-fn read_segments(
+pub(crate) fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,

@@ -33,7 +33,10 @@ pub fn rng(seed: u64) -> SmallRng {
 
 /// Tunables that make a small cache exercise writeback, deadlines and wrap-around.
 pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
+    // The cleaner: off, and moving segments up to half, 80% and 95% live.
+    let clean = [0, 50, 80, 80, 95][rng.gen_range(0..5)];
     Tunables {
+        clean_live_max: clean,
         writeback_threshold: rng.gen_range(0..=90),
         writeback_batch: rng.gen_range(1..=4),
         writeback_sort: rng.gen_bool(0.7),

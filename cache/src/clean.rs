@@ -1,0 +1,506 @@
+//! The cleaner: frees log slots by live data. Run by the writeback thread (`lc-writeback`)
+//! when the log runs short of slots.
+//!
+//! The log is a ring; only its tail (segments `wb_id + 1, …`) can be freed. For each tail
+//! segment the cleaner either **moves** its live lines (those the index still points at)
+//! to the head of the log, which costs cache-device bandwidth only, or leaves the segment
+//! to **writeback** (the backing devices, maybe an HDD at a few hundred IOPS).
+//!
+//! Cost rule: moving a segment with `l` live lines out of `L = lines_per_segment` costs
+//! `l` line copies and `l / L` of a new slot, and frees one slot; writing it back costs
+//! `l` random writes to a backing device and frees one slot. Stale lines cost nothing
+//! either way. A segment is moved when `l ≤ clean_live_max · L` (tunable, default 0.8:
+//! at most 4 lines moved per line of space won), else written back: a (nearly) fully
+//! live segment frees (almost) nothing by moving. The effective threshold is lowered
+//! for tiny rings so that the reserve below always fits a cleaning step that gains a
+//! slot (see [`live_max`]).
+//!
+//! When: under *pressure* (the flusher or a writer raised `need_space`, or the free
+//! slots fell below [`low_watermark`], so cleaning starts before writers stall), or
+//! when background writeback would run (dirty share above `writeback_threshold`).
+//! In the background case the rule weighs live lines against the lines the segment
+//! holds, so only mostly stale segments are moved and the rest is written back as
+//! before; forced writeback and drains always write back.
+//!
+//! Correctness:
+//! - A line is moved under the state lock only if the index still points at the old
+//!   copy; the new copy keeps its dirty bits and discard flag and becomes the index's
+//!   location. The backing device's `dirty` count does not change. A copy is never
+//!   moved over a newer one (a newer copy means the index points elsewhere).
+//! - Segments `..=upto` whose live lines were moved are released (`wb_id = upto`,
+//!   committed in the superblock) only once every segment up to the head as it was
+//!   after the moves is durable: that holds every moved copy and every newer copy of a
+//!   line of those segments. Hence the meaning of `last_writeback_id`: no segment at or
+//!   below it holds anything recovery needs (each line was written back or has a
+//!   durable newer copy).
+//! - Reserve: user writes do not fill segments with `id > wb_id + nr_segments − R`
+//!   ([`reserve`]); they wait (raising `need_space`) and only the cleaner writes there,
+//!   so its moves always have slots that may be written.
+//! - Damage: the cleaner stops before the first damaged segment while anything is lost
+//!   (`Damage::writeback_limit`), and a segment with a live line that is lost (or of
+//!   unknown content) is never moved: it is left to writeback.
+//! - Moving never touches the backing devices, so a failing backing device does not
+//!   stop the cleaning of segments whose live lines can be moved; under pressure with
+//!   a device failing, even a tail too live for the rule is moved (rotated) while the
+//!   log holds a segment's worth of stale lines, since writing it back cannot succeed.
+
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use slog::warn;
+
+use crate::error::Error;
+use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
+use crate::index::{key, Loc};
+use crate::state::{Inner, Pos, State};
+use crate::tunables::Tunables;
+
+/// Segments a cleaning step reads and moves at most (bounds the RAM it holds).
+const MAX_STEP: u64 = 16;
+
+/// The cleaner's counters (part of [`State`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CleanState {
+    /// Lines moved to the head of the log.
+    pub moved_lines: u64,
+    /// Line copies written back to backing devices (by writeback or for the cleaner).
+    pub written_back_lines: u64,
+    /// The last plan found the tail segment movable: space can come without the
+    /// backing devices (a writer waiting for space is not refused for a failed one).
+    pub tail_movable: bool,
+}
+
+/// Slots only the cleaner may fill (0 when moving is off).
+///
+/// A cleaning step that started with `R` free slots and moves tail segments that are at
+/// most a fraction `f` live frees at least `⌊R / f⌋` segments while filling at most `R`;
+/// it gains a slot when `R / f ≥ R + 1`, i.e. `R ≥ f / (1 − f)`: 4 for the default 0.8.
+/// `R` is at most a quarter of the ring (at least 1); [`live_max`] lowers `f` to
+/// `R / (R + 1)` when the ring is too small for the configured threshold.
+pub(crate) fn reserve(geo: &Geometry, t: &Tunables) -> u64 {
+    let f = t.clean_live_max.min(95) as u64;
+    if f == 0 {
+        return 0;
+    }
+    let want = (f).div_ceil(100 - f);
+    want.clamp(1, (geo.nr_segments / 4).max(1))
+}
+
+/// The effective live share (percent) up to which a segment is moved.
+pub(crate) fn live_max(geo: &Geometry, t: &Tunables) -> u64 {
+    let r = reserve(geo, t);
+    if r == 0 {
+        return 0;
+    }
+    (t.clean_live_max.min(95) as u64).min(100 * r / (r + 1))
+}
+
+/// Cleaning starts when fewer slots than this are free.
+pub(crate) fn low_watermark(geo: &Geometry, t: &Tunables) -> u64 {
+    reserve(geo, t) + (geo.nr_segments / 16).max(1)
+}
+
+/// Slots not yet given to a segment (negative: segments wait in RAM for a slot).
+pub(crate) fn free_slots(geo: &Geometry, st: &State) -> i64 {
+    (st.wb_id + geo.nr_segments) as i64 - (st.next_id as i64 - 1)
+}
+
+/// For a user write about to add a line: true when the segment it would fill (the open
+/// one, or the next) lies in the cleaner's reserve, so the writer must wait; raises
+/// `need_space`. Checked before a segment is opened, so users never open one there.
+pub(crate) fn user_must_wait(inner: &Inner, st: &mut State) -> bool {
+    let r = reserve(&inner.geo, &st.tunables);
+    if r == 0 || next_fill(&inner.geo, st) + r <= st.wb_id + inner.geo.nr_segments {
+        return false;
+    }
+    if !st.need_space {
+        st.need_space = true;
+        inner.worker_cv.notify_all();
+    }
+    true
+}
+
+/// Id of the segment the next line goes to (the open one while it has room).
+fn next_fill(geo: &Geometry, st: &State) -> u64 {
+    match &st.open {
+        Some(o) if o.entries.len() < geo.lines_per_segment as usize => o.id,
+        Some(o) => o.id + 1,
+        None => st.next_id,
+    }
+}
+
+/// Id of the newest segment holding any line (the open one only if it has lines).
+fn head_id(st: &State) -> u64 {
+    head(st).id
+}
+
+/// The end of the log: every line written so far.
+fn head(st: &State) -> Pos {
+    crate::engine::last_written_pos(st)
+}
+
+/// What a cleaning step did or asks the writeback thread to do.
+pub(crate) enum Step {
+    /// Nothing to clean: the writeback thread goes on as before.
+    Idle,
+    /// Progress (or a bounded wait for it); call again.
+    Worked,
+    /// Write back segments `first..=last` (the tail is too live to move, or cannot be).
+    Writeback { first: u64, last: u64 },
+}
+
+/// Moved segments waiting for durability before their slots are released.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    upto: u64,
+    target: Pos,
+}
+
+/// The cleaner's memory between steps (owned by the writeback thread).
+#[derive(Default)]
+pub(crate) struct Cleaner {
+    pending: Option<Pending>,
+    /// A segment found holding a live line that must not be moved (lost to damage).
+    unmovable: Option<u64>,
+}
+
+enum Moved {
+    /// Every live line of the segment is at the head now.
+    Done,
+    /// No slot may be written for more moves.
+    NoRoom,
+    /// No RAM buffer now; retry after the flusher wrote one.
+    NoBuffer,
+    /// A live line is lost to damage: the segment is left to writeback.
+    Unmovable,
+}
+
+impl Cleaner {
+    /// One cleaning step. Takes the state lock held by the caller and releases it.
+    pub(crate) fn step(&mut self, inner: &Inner, mut st: MutexGuard<'_, State>) -> Step {
+        let geo = &inner.geo;
+        let lps = geo.lines_per_segment as u64;
+        if st.failed.is_some() {
+            self.pending = None;
+            return Step::Idle;
+        }
+        // Segments beyond the ring (users filled it before the reserve applied, e.g.
+        // moving was just turned on): moves could not be written before writeback
+        // frees slots, so writeback goes first.
+        let beyond = head_id(&st) > st.wb_id + geo.nr_segments;
+        if beyond
+            && self
+                .pending
+                .is_some_and(|p| p.target.id > st.wb_id + geo.nr_segments)
+        {
+            // Leave the moved copies as duplicates; the old segments stay as they are.
+            self.pending = None;
+        }
+        // 1. Release moved segments once the head after their moves is durable.
+        if let Some(p) = self.pending {
+            if st.durable_pos() >= p.target {
+                drop(st);
+                self.pending = None;
+                if let Err(e) = release(inner, p.upto) {
+                    warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
+                    let mut st = inner.lock();
+                    st.failed = Some(e.to_string());
+                    inner.io_cv.notify_all();
+                    inner.worker_cv.notify_all();
+                }
+                return Step::Worked;
+            }
+        }
+        let f = live_max(geo, &st.tunables);
+        let moving = f > 0 && st.drains == 0 && !st.stop_flush && !st.stop_writeback;
+        let free = free_slots(geo, &st);
+        let t = &st.tunables;
+        // Background writeback above the threshold makes room too: the rule decides
+        // how (only `writeback_force` and drains ask for the backing devices as such).
+        let dirty_pct = st.flushed_id.saturating_sub(st.wb_id) * 100 / geo.nr_segments;
+        let above =
+            t.writeback_enabled && !t.writeback_force && dirty_pct > t.writeback_threshold as u64;
+        let pressure = st.need_space || free < low_watermark(geo, t) as i64;
+        let wanted = moving && (pressure || above);
+        // The rule: under pressure, live lines against the slot a move frees; in the
+        // background, against the lines the segment holds (only mostly stale segments
+        // are moved, the rest is written back as before).
+        // A failing backing device: writeback of a tail holding its lines cannot
+        // succeed, so under pressure the tail is moved whatever its live share, as
+        // long as the log holds a segment's worth of stale lines for the rotation to
+        // win.
+        let rotation = moving
+            && st.backing.iter().flatten().any(|b| b.failing.is_some())
+            && st
+                .index
+                .segments()
+                .filter(|&(id, _)| id > st.wb_id)
+                .map(|(_, n)| (n.lines - n.live) as u64)
+                .sum::<u64>()
+                >= lps;
+        let rotate = pressure && rotation;
+        // For a writer waiting for space (`State::stuck_refusal`): space comes without
+        // the backing devices while moved segments wait for release or the tail
+        // passes the rule under pressure (flushed or not yet).
+        let tail = st.wb_id + 1;
+        st.clean.tail_movable = self.pending.is_some()
+            || (moving
+                && !beyond
+                && tail < st.next_id
+                && tail <= st.damage.writeback_limit()
+                && self.unmovable != Some(tail)
+                && (rotation || st.index.seg_lines(tail).live as u64 * 100 <= f * lps));
+        let movable = |st: &State, id: u64| {
+            if rotate {
+                return true;
+            }
+            let n = st.index.seg_lines(id);
+            let of = if pressure {
+                lps
+            } else {
+                (n.lines as u64).max(1)
+            };
+            n.live as u64 * 100 <= f * of
+        };
+        if !wanted && self.pending.is_none() {
+            return Step::Idle;
+        }
+        // 2. Plan: the tail segments after what was moved already, while each is live at
+        // most `f` and their live lines fit the slots that may be written.
+        let first = st.wb_id.max(self.pending.map_or(0, |p| p.upto)) + 1;
+        let end = st
+            .flushed_id
+            .min(st.damage.writeback_limit())
+            .min(st.wb_id + geo.nr_segments);
+        let open_room = st
+            .open
+            .as_ref()
+            .filter(|o| o.id <= st.wb_id + geo.nr_segments)
+            .map_or(0, |o| lps - o.entries.len() as u64);
+        let new_room = (st.wb_id + geo.nr_segments + 1).saturating_sub(st.next_id) * lps;
+        let mut room = open_room + new_room;
+        let mut last = first - 1;
+        if wanted && !beyond && self.unmovable != Some(first) {
+            while last < end && last + 1 - first < MAX_STEP {
+                let live = st.index.seg_lines(last + 1).live as u64;
+                if !movable(&st, last + 1) || live > room {
+                    break;
+                }
+                room -= live;
+                last += 1;
+            }
+        }
+        if last < first {
+            if let Some(p) = self.pending {
+                // Nothing more to move: make the head durable so the moved segments
+                // can be released.
+                request_durable(inner, &mut st, p.target);
+                let _ = inner.io_cv.wait_timeout(st, Duration::from_millis(50));
+                return Step::Worked;
+            }
+            if wanted && first <= end {
+                // The tail is too live to move (or holds a lost line): write it back,
+                // with the segments after it that are too live as well.
+                let max = end.min(first + st.tunables.writeback_batch as u64 - 1);
+                let mut last = first;
+                while last < max && !movable(&st, last + 1) {
+                    last += 1;
+                }
+                return Step::Writeback { first, last };
+            }
+            return Step::Idle;
+        }
+        // 3. Read the planned segments and move. Damaged segments and segments with no
+        // live line (live counts only fall) have nothing to move and are not read.
+        let skip: Vec<u64> = (first..=last)
+            .filter(|&id| st.damage.segments.contains(&id) || st.index.seg_lines(id).live == 0)
+            .collect();
+        let gens = st
+            .recovered_gens
+            .range(first..=last)
+            .map(|(&k, &v)| (k, v))
+            .collect();
+        drop(st);
+        let (bufs, headers) = match crate::writeback::read_segments(
+            inner, first, last, &skip, &gens,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
+                let mut st = inner.lock();
+                st.failed = Some(e.to_string());
+                inner.io_cv.notify_all();
+                inner.worker_cv.notify_all();
+                return Step::Worked;
+            }
+        };
+        let mut st = inner.lock();
+        let mut done = first - 1;
+        let mut segs = headers.iter().zip(bufs.iter()).peekable();
+        for id in first..=last {
+            if skip.contains(&id) {
+                done = id;
+                continue;
+            }
+            let (h, buf) = segs.next().expect("a header per segment read");
+            debug_assert_eq!(h.id, id);
+            let r = loop {
+                match move_segment(inner, &mut st, h, buf) {
+                    Moved::NoBuffer => {
+                        inner.worker_cv.notify_all();
+                        st = inner.wait_io(st, Duration::from_millis(10));
+                        if st.failed.is_some() || st.stop_writeback {
+                            break Moved::NoRoom;
+                        }
+                    }
+                    r => break r,
+                }
+            };
+            match r {
+                Moved::Done => done = id,
+                Moved::Unmovable => {
+                    self.unmovable = Some(id);
+                    break;
+                }
+                Moved::NoRoom | Moved::NoBuffer => break,
+            }
+        }
+        if done >= first {
+            let target = head(&st).max(self.pending.map_or(Pos::default(), |p| p.target));
+            self.pending = Some(Pending { upto: done, target });
+        } else if self.pending.is_none() {
+            // Nothing fit after all (the room went to writers): wait a little.
+            let _ = inner.io_cv.wait_timeout(st, Duration::from_millis(10));
+        }
+        Step::Worked
+    }
+}
+
+/// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment.
+/// Lines already moved (the index points elsewhere now) are skipped, so a retry after
+/// `NoBuffer` or `NoRoom` continues where it stopped.
+fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) -> Moved {
+    let geo = &inner.geo;
+    let ds = geo.data_start();
+    // A live line lost to damage must never get a newer copy (it would read again).
+    if st.damage.unresolved() {
+        for (slot, e) in h.entries.iter().enumerate() {
+            let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
+            if let Some(l) = st
+                .index
+                .get(k)
+                .filter(|l| l.seg == h.id && l.slot as usize == slot)
+            {
+                let bits = if l.tomb { FULL_LINE } else { l.dirty };
+                if !st.damage.readable(k, bits, Some(l)) {
+                    return Moved::Unmovable;
+                }
+            }
+        }
+    }
+    for (slot, e) in h.entries.iter().enumerate() {
+        let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
+        let Some(l) = st
+            .index
+            .get(k)
+            .filter(|l| l.seg == h.id && l.slot as usize == slot)
+        else {
+            continue; // stale: a newer copy exists (or the line was written back)
+        };
+        // An open segment with a free line, in a slot that may be written.
+        if next_fill(geo, st) > st.wb_id + geo.nr_segments {
+            return Moved::NoRoom;
+        }
+        if !inner.ensure_open(st) {
+            return Moved::NoBuffer;
+        }
+        let o = st.open.as_mut().expect("open");
+        let new_slot = o.entries.len();
+        let src = ds + slot * LINE as usize;
+        let dst = ds + new_slot * LINE as usize;
+        o.buf[dst..dst + LINE as usize].copy_from_slice(&buf[src..src + LINE as usize]);
+        o.entries.push(Entry {
+            sector: e.sector,
+            dev: e.dev,
+            dirty: l.dirty,
+            flags: if l.tomb { ENTRY_TOMBSTONE } else { 0 },
+        });
+        let loc = Loc {
+            seg: o.id,
+            slot: new_slot as u16,
+            dirty: l.dirty,
+            tomb: l.tomb,
+        };
+        let old = st.index.insert(k, loc);
+        debug_assert_eq!(old, Some(l));
+        st.clean.moved_lines += 1;
+    }
+    Moved::Done
+}
+
+/// Asks the flusher to make everything up to `target` durable (an append of the open
+/// segment, in format 2).
+fn request_durable(inner: &Inner, st: &mut State, target: Pos) {
+    st.durable_req = st.durable_req.max(target);
+    if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
+        let now = std::time::Instant::now();
+        st.flush_req = Some(match st.flush_req {
+            Some((t, m)) => (t, m.max(target)),
+            None => (now, target),
+        });
+    }
+    inner.worker_cv.notify_all();
+}
+
+/// Persists `wb_id = upto` (every segment up to it is empty of needed data now) and
+/// frees the slots.
+fn release(inner: &Inner, upto: u64) -> Result<(), Error> {
+    crate::writeback::commit(inner, Some(upto))?;
+    let mut st = inner.lock();
+    if upto > st.wb_id {
+        st.wb_id = upto;
+    }
+    st.damage.passed(upto);
+    st.index.forget_segments(upto);
+    st.need_space = false;
+    inner.io_cv.notify_all();
+    inner.worker_cv.notify_all();
+    Ok(())
+}
+
+impl crate::engine::Cache {
+    /// Test support: recounts every segment's live lines from the index and compares
+    /// them with the counts the cleaner decides from; also checks that no line lives in
+    /// a released segment.
+    #[doc(hidden)]
+    pub fn check_line_counts(&self) -> std::result::Result<(), String> {
+        let st = self.inner.lock();
+        let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
+        for (k, l) in st.index.iter() {
+            if l.seg <= st.wb_id {
+                return Err(format!(
+                    "line {:?} lives in segment {} <= last_writeback_id {}",
+                    crate::index::unkey(k),
+                    l.seg,
+                    st.wb_id
+                ));
+            }
+            *live.entry(l.seg).or_default() += 1;
+        }
+        for (seg, n) in st.index.segments() {
+            let want = live.get(&seg).copied().unwrap_or(0);
+            if n.live != want || n.lines < n.live {
+                return Err(format!(
+                    "segment {seg}: counted {} live of {} lines, the index holds {want}",
+                    n.live, n.lines
+                ));
+            }
+        }
+        for (seg, n) in &live {
+            if st.index.seg_lines(*seg).live != *n {
+                return Err(format!("segment {seg}: {n} live lines not counted"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! The cleaner: a workload that overwrites a small working set in a small cache keeps
+//! going at cache speed (lines are moved on the cache device, the backing device gets
+//! few writes) while the log wraps many times; reads always return the newest data;
+//! the per-segment live counts stay exact; a dead backing device does not stop it.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lc_cache::testing::FaultDevice;
+use lc_cache::{BlockDevice, MemDevice, Tunables};
+use rand::Rng;
+
+/// A backing device that counts the writes (and discards) it receives.
+struct Counting {
+    inner: Arc<dyn BlockDevice>,
+    writes: AtomicU64,
+}
+
+impl BlockDevice for Counting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "counting".into()
+    }
+}
+
+const SEG: u64 = 64 << 10; // 15 lines per segment
+const SLOTS: u64 = 32;
+
+fn tunables(clean_live_max: &str) -> Tunables {
+    let mut t = Tunables {
+        // No background writeback: only space pressure frees slots.
+        writeback_enabled: false,
+        flush_interval_s: 0,
+        ..Tunables::default()
+    };
+    t.set("clean_live_max", clean_live_max).unwrap();
+    t
+}
+
+struct Run {
+    user_writes: u64,
+    backing_writes: u64,
+    stats: lc_cache::Stats,
+}
+
+/// Random full-line overwrites of `working` lines, `laps` times the log's capacity;
+/// checks reads against a model as it goes and every line at the end.
+fn overwrite(seed: u64, clean_live_max: &str, working: u64, laps: u64) -> Run {
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let backing = Arc::new(Counting {
+        inner: Arc::new(MemDevice::new(working * 4096)),
+        writes: AtomicU64::new(0),
+    });
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let c = open(cache, &devs, tunables(clean_live_max), 4);
+    let capacity = SLOTS * 15;
+    let n = laps * capacity;
+    let mut model: Vec<u64> = vec![0; working as usize];
+    let mut buf = vec![0u8; 4096];
+    for i in 1..=n {
+        let line = rng.gen_range(0..working);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        c.write(0, line * 4096, &buf, rng.gen_bool(0.02))
+            .unwrap_or_else(|e| panic!("seed {seed} write {i}: {e}"));
+        model[line as usize] = i;
+        if rng.gen_bool(0.05) {
+            let l = rng.gen_range(0..working);
+            c.read(0, l * 4096, &mut buf).unwrap();
+            assert_eq!(
+                u64::from_le_bytes(buf[..8].try_into().unwrap()),
+                model[l as usize],
+                "seed {seed}: read of line {l} after write {i}"
+            );
+        }
+        if i % 500 == 0 {
+            c.check_line_counts()
+                .unwrap_or_else(|e| panic!("seed {seed} after write {i}: {e}"));
+        }
+    }
+    for (l, &want) in model.iter().enumerate() {
+        c.read(0, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(buf[..8].try_into().unwrap()),
+            want,
+            "seed {seed}: final read of line {l}"
+        );
+    }
+    c.check_line_counts().unwrap();
+    let stats = c.stats();
+    assert_eq!(stats.live_lines, stats.index_entries);
+    c.close().unwrap();
+    Run {
+        user_writes: n,
+        backing_writes: backing.writes.load(Ordering::Relaxed),
+        stats,
+    }
+}
+
+#[test]
+fn overwriting_a_small_working_set_moves_lines_instead_of_writing_back() {
+    let base = seed("clean-overwrite");
+    for i in 0..cases(4) as u64 {
+        let seed = base.wrapping_add(i);
+        // A working set of 40% of the log, written 20 times the log's capacity.
+        let r = overwrite(seed, "0.8", SLOTS * 15 * 2 / 5, 20);
+        let s = &r.stats;
+        eprintln!(
+            "seed {seed}: {} writes, log wrapped {} times, moved {}, written back {}, backing writes {}, live {}, stale {}",
+            r.user_writes,
+            s.last_flushed_id / SLOTS,
+            s.moved_lines,
+            s.written_back_lines,
+            r.backing_writes,
+            s.live_lines,
+            s.stale_lines
+        );
+        assert!(
+            s.last_flushed_id >= 10 * SLOTS,
+            "seed {seed}: the log wrapped"
+        );
+        assert!(s.moved_lines > 0, "seed {seed}: the cleaner moved lines");
+        // Before close: nothing but the cleaner freed space. Close itself writes back
+        // nothing either (writeback is off and no drain ran).
+        assert!(
+            r.backing_writes * 20 < r.user_writes,
+            "seed {seed}: {} backing writes for {} user writes",
+            r.backing_writes,
+            r.user_writes
+        );
+    }
+}
+
+#[test]
+fn without_moving_the_same_workload_writes_back() {
+    let seed = seed("clean-off");
+    let r = overwrite(seed, "0", SLOTS * 15 * 2 / 5, 10);
+    assert_eq!(r.stats.moved_lines, 0);
+    assert!(r.stats.written_back_lines > 0);
+    assert!(
+        r.backing_writes * 20 >= r.user_writes,
+        "seed {seed}: only {} backing writes for {} user writes",
+        r.backing_writes,
+        r.user_writes
+    );
+}
+
+#[test]
+fn a_dead_backing_device_does_not_stop_cleaning() {
+    let seed = seed("clean-dead-disk");
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let working = 100u64;
+    let dead = Arc::new(FaultDevice::new(Arc::new(MemDevice::new(working * 4096))));
+    dead.faults.lock().unwrap().dead = true;
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![dead.clone()];
+    let mut t = tunables("0.8");
+    t.writeback_fail_timeout_s = 1;
+    let c = open(cache, &devs, t, 4);
+    let mut buf = vec![0u8; 4096];
+    let mut model = vec![0u64; working as usize];
+    let start = std::time::Instant::now();
+    let n = 20 * SLOTS * 15;
+    for i in 1..=n {
+        let line = rng.gen_range(0..working);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        c.write(0, line * 4096, &buf, false)
+            .unwrap_or_else(|e| panic!("seed {seed} write {i}: {e}"));
+        model[line as usize] = i;
+    }
+    for (l, &want) in model.iter().enumerate() {
+        if want == 0 {
+            continue;
+        }
+        c.read(0, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), want);
+    }
+    let s = c.stats();
+    assert!(s.last_flushed_id >= 10 * SLOTS, "the log wrapped");
+    assert!(s.moved_lines > 0);
+    assert_eq!(s.written_back_lines, 0);
+    assert!(start.elapsed() < Duration::from_secs(60));
+    c.check_line_counts().unwrap();
+    drop(c);
+}
+
+#[test]
+fn live_and_stale_counts_add_up_and_survive_reopen() {
+    let seed = seed("clean-counts");
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 512, SEG as u32);
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![Arc::new(MemDevice::new(64 * 4096))];
+    let c = open(cache.clone(), &devs, tunables("0.8"), 4);
+    let buf = vec![7u8; 4096];
+    // 10 distinct lines, then 5 of them again: 15 copies, 10 live, 5 stale.
+    for l in 0..10u64 {
+        c.write(0, l * 4096, &buf, false).unwrap();
+    }
+    c.seal_now().unwrap();
+    for l in 0..5u64 {
+        c.write(0, l * 4096, &buf, false).unwrap();
+    }
+    c.seal_now().unwrap();
+    let s = c.stats();
+    assert_eq!((s.live_lines, s.stale_lines), (10, 5));
+    c.check_line_counts().unwrap();
+    c.close().unwrap();
+    let c = open(cache, &devs, tunables("0.8"), 4);
+    let s = c.stats();
+    assert_eq!((s.live_lines, s.stale_lines), (10, 5));
+    c.check_line_counts().unwrap();
+    // Random partial writes and discards keep the counts exact.
+    for _ in 0..3000 {
+        let l = rng.gen_range(0..64u64);
+        match rng.gen_range(0..10) {
+            0 => c.discard(0, l * 4096, 4096).unwrap(),
+            1..=3 => c.write(0, l * 4096 + 512, &buf[..1024], false).unwrap(),
+            _ => c.write(0, l * 4096, &buf, false).unwrap(),
+        }
+    }
+    c.check_line_counts().unwrap();
+    c.drain(0, &mut |_| {}).unwrap();
+    let s = c.stats();
+    assert_eq!(s.live_lines, 0);
+    c.check_line_counts().unwrap();
+    c.close().unwrap();
+}
+
+/// A line whose newest durable copy was lost to damage must never be moved: its older
+/// copy at the head of the log would be replayed after the damaged segment and read
+/// again after a restart. The cleaner leaves that segment to writeback instead.
+#[test]
+fn a_lost_line_is_never_moved() {
+    use lc_cache::{Cache, Error, OpenOptions};
+    // Format 1, where each flush seals a segment, so the segment boundaries below are
+    // fixed by the flushes (format 2 would append to one segment).
+    let cache = mem_cache_v(SEG * 48, 512, SEG as u32, 1);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let line = |serial: u64, l: u64| {
+        let mut d = vec![0u8; 4096];
+        for s in 0..8 {
+            tagged_sector(serial, 0, l * 8 + s, &mut d[s as usize * 512..][..512]);
+        }
+        d
+    };
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        tunables("0.8"),
+        4,
+    );
+    // Segment 1: lines 0..15; segment 2: lines 1..15 again, so segment 1 keeps one
+    // live line (0); segment 3: line 0 and 20..34 (to be damaged); segment 4 after it.
+    for l in 0..15 {
+        c.write(0, l * 4096, &line(1, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in 1..15 {
+        c.write(0, l * 4096, &line(2, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in [0].into_iter().chain(20..34) {
+        c.write(0, l * 4096, &line(3, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    for l in 40..45 {
+        c.write(0, l * 4096, &line(4, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    assert_eq!(c.stats().last_flushed_id, 4);
+    let mut img = vec![0u8; cache.size() as usize];
+    cache.read_at(&mut img, 0).unwrap();
+    std::mem::forget(c); // killed
+                         // Flip a data byte of segment 3 (slot 2): durable (segment 4 says so), so damage.
+    img[SEG as usize * 3 + 4096 + 5 * 4096 + 7] ^= 1;
+    let reopen = |img: Vec<u8>| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
+        let (c, _) = Cache::open(
+            dev.clone(),
+            backings(std::slice::from_ref(&backing)),
+            OpenOptions {
+                ram_bytes: 4 * SEG,
+                tunables: tunables("0.8"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (c, dev)
+    };
+    let (c, dev) = reopen(img);
+    let lost = |c: &Cache| {
+        let mut b = vec![0u8; 4096];
+        matches!(c.read(0, 0, &mut b), Err(Error::Lost { .. }))
+    };
+    assert!(lost(&c), "line 0 is lost");
+    // Pressure: overwrite other lines until the log is blocked behind the damage.
+    let mut blocked = false;
+    for i in 0..47 * 15 * 4u64 {
+        match c.write(0, (100 + i % 40) * 4096, &line(5, 100 + i % 40), false) {
+            Ok(()) => {}
+            Err(Error::LogBlocked { .. }) => {
+                blocked = true;
+                break;
+            }
+            Err(e) => panic!("write {i}: {e}"),
+        }
+    }
+    assert!(blocked, "the log fills up to the damaged segment");
+    assert!(lost(&c), "line 0 still lost");
+    let s = c.stats();
+    assert_eq!(s.moved_lines, 0, "nothing before the damage may be moved");
+    assert_eq!(s.last_writeback_id, 2, "writeback passed segments 1 and 2");
+    // Killed again: the restart still refuses line 0.
+    let mut img = vec![0u8; dev.size() as usize];
+    dev.read_at(&mut img, 0).unwrap();
+    std::mem::forget(c);
+    let (c, _) = reopen(img);
+    assert!(lost(&c), "line 0 lost after a restart");
+    drop(c);
+}
+
+/// A dead backing device no longer fills the log: once its lines sit in mostly stale
+/// segments they are moved, so writes to the cache's other devices go on long after
+/// writeback to the dead one failed past `writeback_fail_timeout_s` (before the
+/// cleaner they failed once the log was full behind its lines). Writes to the dead
+/// device itself are still refused after the timeout.
+#[test]
+fn a_dead_backing_device_does_not_stop_the_other_devices() {
+    use lc_cache::Error;
+    let seed = seed("clean-dead-neighbour");
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let dead = Arc::new(FaultDevice::new(Arc::new(MemDevice::new(64 * 4096))));
+    dead.faults.lock().unwrap().dead = true;
+    let good: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(100 * 4096));
+    let mut t = tunables("0.8");
+    t.writeback_enabled = true;
+    t.writeback_threshold = 0;
+    t.writeback_fail_timeout_s = 1;
+    let c = open(cache, &[dead.clone() as Arc<dyn BlockDevice>, good], t, 4);
+    let mut buf = vec![0u8; 4096];
+    for l in 0..5u64 {
+        buf[..8].copy_from_slice(&(1000 + l).to_le_bytes());
+        c.write(0, l * 4096, &buf, false).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let mut model = vec![0u64; 100];
+    let mut i = 0u64;
+    while i < 20 * SLOTS * 15 || start.elapsed() < Duration::from_millis(2500) {
+        i += 1;
+        let l = rng.gen_range(0..100u64);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        if let Err(e) = c.write(1, l * 4096, &buf, false) {
+            let s = c.stats();
+            panic!("seed {seed}: write {i} to the healthy device: {e}; wb {} flushed {} open {} live {} stale {} moved {} wb lines {}", s.last_writeback_id, s.last_flushed_id, s.open_segment_id, s.live_lines, s.stale_lines, s.moved_lines, s.written_back_lines);
+        }
+        model[l as usize] = i;
+        if i.is_multiple_of(64) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "seed {seed}: too slow"
+        );
+    }
+    let s = c.stats();
+    assert!(
+        s.writeback_failures.iter().any(|f| f.dev == 0),
+        "seed {seed}: writeback to the dead device failed"
+    );
+    assert!(
+        s.moved_lines > 0 && s.last_flushed_id >= 10 * SLOTS,
+        "seed {seed}"
+    );
+    let e = c.write(0, 0, &buf, false).unwrap_err();
+    assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
+    for l in 0..5u64 {
+        c.read(0, l * 4096, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), 1000 + l);
+    }
+    for (l, &want) in model.iter().enumerate() {
+        c.read(1, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), want);
+    }
+    c.check_line_counts().unwrap();
+    drop(c);
+}
