@@ -610,7 +610,7 @@ pub(crate) fn superblock_of(dev: &dyn BlockDevice) -> Result<Superblock> {
         reason: "not an lc cache device (no superblock); format it first".into(),
     })?;
     let geo = sb.geometry;
-    let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
+    let needed = geo.device_bytes();
     if dev.size() < needed {
         return Err(Error::BadFormat {
             device: dev.describe(),
