@@ -194,6 +194,15 @@ pub(crate) struct State {
     pub unclaimed: u64,
     pub stop_flush: bool,
     pub stop_writeback: bool,
+    /// Checkpoints (format 2): the newest sequence number whose area header is valid
+    /// on the device (the next one is written into the other area), the last segment
+    /// the newest written or loaded checkpoint covers, checkpoints written, and
+    /// whether one is being written.
+    pub cp_seq: u64,
+    pub cp_upto: u64,
+    pub checkpoints: u64,
+    pub cp_busy: bool,
+    pub stop_checkpoint: bool,
 }
 
 /// What [`State::new`] starts from: recovery's result.
@@ -208,6 +217,8 @@ pub(crate) struct Recovered {
     pub damage: Damage,
     pub recovered_gens: BTreeMap<u64, u16>,
     pub ambiguous: bool,
+    pub cp_seq: u64,
+    pub cp_upto: u64,
 }
 
 impl State {
@@ -257,6 +268,11 @@ impl State {
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,
             stop_writeback: false,
+            cp_seq: r.cp_seq,
+            cp_upto: r.cp_upto,
+            checkpoints: 0,
+            cp_busy: false,
+            stop_checkpoint: false,
         }
     }
 }

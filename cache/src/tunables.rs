@@ -26,6 +26,10 @@ pub struct Tunables {
     /// that device, and writes that wait for log space it holds, fail instead of
     /// waiting, 1..=3600 (default 20).
     pub writeback_fail_timeout_s: u32,
+    /// Format 2: write a checkpoint of the index once this many segments were made
+    /// durable since the last one, and at a clean stop; 0 = never write checkpoints
+    /// (recovery then walks the whole dirty log), 0..=1000000 (default 256).
+    pub checkpoint_interval_segments: u32,
 }
 
 impl Default for Tunables {
@@ -40,6 +44,7 @@ impl Default for Tunables {
             superblock_commit_interval_s: 10,
             flush_interval_s: 5,
             writeback_fail_timeout_s: 20,
+            checkpoint_interval_segments: 256,
         }
     }
 }
@@ -55,6 +60,7 @@ pub const NAMES: &[&str] = &[
     "superblock_commit_interval_s",
     "flush_interval_s",
     "writeback_fail_timeout_s",
+    "checkpoint_interval_segments",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -100,6 +106,9 @@ impl Tunables {
             "writeback_fail_timeout_s" => {
                 self.writeback_fail_timeout_s = parse_range(key, v, 1, 3600)?
             }
+            "checkpoint_interval_segments" => {
+                self.checkpoint_interval_segments = parse_range(key, v, 0, 1_000_000)?
+            }
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -127,6 +136,10 @@ impl Tunables {
             (
                 "writeback_fail_timeout_s",
                 self.writeback_fail_timeout_s.to_string(),
+            ),
+            (
+                "checkpoint_interval_segments",
+                self.checkpoint_interval_segments.to_string(),
             ),
         ]
     }
