@@ -69,7 +69,9 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             return Ok(false);
         }
         inner.seal(&mut st);
-        let upto = st.next_id - 1;
+        // The last sealed segment (an open segment left has no lines: it may never be
+        // written).
+        let upto = st.open.as_ref().map_or(st.next_id, |o| o.id) - 1;
         // Nothing new; or all written back; or the last segment is the one recovery
         // took at an uncertain header (its final header is not known).
         if upto <= st.cp_upto.max(st.wb_id) || (st.unclaimed != 0 && upto <= st.unclaimed) {
