@@ -162,6 +162,15 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
     // A torn tail (a crash mid-write) loses nothing acknowledged: not damage. A damaged
     // superblock copy loses nothing either (the other copy is used) but is reported.
     let clean = r.damage.is_none();
+    // Segments a checkpoint covers are dirty too, but were not walked.
+    let dirty_segments = r.log.replayed_segments
+        + r.log
+            .checkpoint
+            .as_ref()
+            .map_or(0, |c| c.upto - r.log.last_writeback_id);
+    let checkpoint = r.log.checkpoint.as_ref().map(|c| {
+        serde_json::json!({"seq": c.seq, "upto_segment": c.upto, "entries": c.entries, "loaded": c.loaded})
+    });
     let dirty_lines: u64 = r.dirty_lines.iter().map(|x| x.1).sum();
     let damage = r.damage.as_ref().map(|d| {
         let lun_of = |id: u8| {
@@ -187,7 +196,10 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
             "superblock_seq": r.superblock.seq,
             "superblock_copies": r.superblock_copies.iter().map(|c| c.clone().unwrap_or_else(|| "ok".into())).collect::<Vec<_>>(),
             "last_writeback_id": r.log.last_writeback_id,
-            "dirty_segments": r.log.replayed_segments,
+            "dirty_segments": dirty_segments,
+            "replayed_segments": r.log.replayed_segments,
+            "checkpoint": checkpoint,
+            "checkpoint_skipped": r.log.checkpoint_skipped,
             "dirty_lines": dirty_lines,
             "line_copies": r.log.restored_lines,
             "torn_tail": r.log.tail,
@@ -218,8 +230,31 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
         }
         t += &format!(
             "log: {} dirty segments, {} dirty lines ({} line copies)\n",
-            r.log.replayed_segments, dirty_lines, r.log.restored_lines
+            dirty_segments, dirty_lines, r.log.restored_lines
         );
+        match &r.log.checkpoint {
+            Some(c) => {
+                t += &format!(
+                    "checkpoint {} used: covers segments up to {} ({} entries, {} not written back); {} segments walked after it\n",
+                    c.seq, c.upto, c.entries, c.loaded, r.log.replayed_segments
+                )
+            }
+            None if g.version >= 2 => {
+                t += &format!(
+                    "no checkpoint used; {} segments walked\n",
+                    r.log.replayed_segments
+                )
+            }
+            None => {}
+        }
+        for why in r
+            .log
+            .checkpoint_skipped
+            .iter()
+            .filter(|w| !w.ends_with("never written"))
+        {
+            t += &format!("checkpoint {why}\n");
+        }
         for b in &backing {
             t += &format!(
                 "backing {}: {:?}, {} bytes, {} dirty lines\n",

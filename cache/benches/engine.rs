@@ -18,6 +18,11 @@
 //!   (`clean_live_max` 0): MB/s over time and the cleaner's stats. `LC_BENCH_ONLY=overwrite`
 //!   runs only this case; `LC_BENCH_OVERWRITE_X` sets how many times the cache is
 //!   written (default 16), `LC_BENCH_OVERWRITE_MB` the cache size (default 128).
+//! - recovery time per GiB of cache (the whole log walked, no checkpoint);
+//! - restarts with checkpoints: a cache file of `LC_BENCH_RESTART_GIB` GiB (default 4,
+//!   sparse until written) filled with dirty lines, killed and reopened, closed and
+//!   reopened, and walked whole (`LC_BENCH_ONLY=restart` runs only this);
+//! - RAM (index) per GiB of cache.
 
 use std::io::Write;
 use std::path::Path;
@@ -79,6 +84,7 @@ fn no_writeback() -> Tunables {
     Tunables {
         writeback_enabled: false,
         flush_interval_s: 0,
+        checkpoint_interval_segments: 0,
         ..Tunables::default()
     }
 }
@@ -271,6 +277,84 @@ fn overwrite_case(p: &Path) {
     }
 }
 
+/// Restart times with checkpoints: a cache file of `gib` GiB (sparse until written)
+/// whose ring is filled with dirty lines (1 MiB writes of distinct lines, writeback off,
+/// the default checkpoint interval), then (1) killed and reopened, (2) closed cleanly
+/// and reopened; and the same log walked whole without a checkpoint.
+fn restarts(p: &Path, gib: u64) {
+    let size = gib * GIB + 64 * MIB;
+    let cache_dev = dev(&p.join("cp-cache.img"), size);
+    let backing = dev(&p.join("cp-backing.img"), (2 * size).max(BACKING_SIZE));
+    let geo = format_device(cache_dev.as_ref(), FormatOptions::default()).expect("format");
+    let t = Tunables {
+        writeback_enabled: false,
+        flush_interval_s: 0,
+        ..Tunables::default()
+    };
+    let (cache, _) = open_cache(&cache_dev, &backing, t.clone());
+    // Fill 95% of the ring's lines, leaving room for the open segment and the buffers.
+    let lines = geo.total_lines() * 95 / 100;
+    let mut buf = vec![0u8; MIB as usize];
+    let start = Instant::now();
+    for i in 0..lines / 256 {
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        cache.write(0, i * MIB, &buf, false).expect("fill");
+    }
+    cache.flush().expect("flush");
+    let fill = start.elapsed();
+    let s = cache.stats();
+    cache.kill();
+    let dirty_gib = (s.dirty_segments * geo.segment_size as u64) as f64 / GIB as f64;
+    println!();
+    println!(
+        "restart with checkpoints (checkpoint_interval_segments {}): cache file {} GiB, {} segments, {:.2} GiB of dirty segments, {} dirty lines (filled in {:.1} s)",
+        t.checkpoint_interval_segments,
+        gib,
+        geo.nr_segments,
+        dirty_gib,
+        s.index_entries,
+        fill.as_secs_f64()
+    );
+    let timed = |label: &str, t: Tunables| {
+        let dropped = drop_caches();
+        let start = Instant::now();
+        let (cache, r) = open_cache(&cache_dev, &backing, t);
+        let d = start.elapsed();
+        let cp = r.checkpoint.as_ref().map_or("none".to_string(), |c| {
+            format!("{} entries up to segment {}", c.loaded, c.upto)
+        });
+        println!(
+            "  {label:<34} {:>7.3} s  ({:.3} s per GiB of dirty segments; checkpoint: {cp}; {} segments replayed){}",
+            d.as_secs_f64(),
+            d.as_secs_f64() / dirty_gib,
+            r.replayed_segments,
+            if dropped { "" } else { " (page cache not dropped)" }
+        );
+        (cache, d)
+    };
+    let (cache, killed) = timed("killed, reopened:", t.clone());
+    cache.close().expect("close");
+    let (cache, clean) = timed("closed cleanly, reopened:", t.clone());
+    // The whole log walked: both checkpoint headers zeroed, as on a cache that never
+    // wrote one.
+    cache.kill();
+    for area in 0..2 {
+        cache_dev
+            .write_at(&AlignedBuf::new(4096), geo.checkpoint_offset(area))
+            .expect("zero checkpoint header");
+    }
+    let (cache, full) = timed("no checkpoint (whole log walked):", t);
+    cache.kill();
+    println!(
+        "  killed / clean restart: {:.2} (target <= 1.5); killed restart {:.3} s (target <= 1 s); whole-log walk {:.2} s per GiB",
+        killed.as_secs_f64() / clean.as_secs_f64(),
+        killed.as_secs_f64(),
+        full.as_secs_f64() / dirty_gib
+    );
+    let _ = std::fs::remove_file(p.join("cp-cache.img"));
+    let _ = std::fs::remove_file(p.join("cp-backing.img"));
+}
+
 fn main() {
     if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("overwrite") {
         let dir = match std::env::var("LC_BENCH_DIR") {
@@ -292,6 +376,14 @@ fn main() {
     }
     .expect("scratch dir");
     let p = dir.path();
+    let cp_gib: u64 = std::env::var("LC_BENCH_RESTART_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("restart") {
+        restarts(p, cp_gib);
+        return;
+    }
     println!(
         "lc-cache engine benchmark (scratch dir {}, {} MiB of random writes)",
         p.display(),
@@ -424,6 +516,8 @@ fn main() {
     }
 
     // 4. Recovery time per GiB of cache (the log from step 2 is still dirty).
+    // 4. Recovery time per GiB of cache (the log from step 2 is still dirty; no
+    // checkpoint was written: `no_writeback` turns them off), the whole log walked.
     let dropped = drop_caches();
     let start = Instant::now();
     let (cache, report) = open_cache(&cache_dev, &backing, no_writeback());
@@ -481,4 +575,7 @@ fn main() {
         );
     }
     overwrite_case(p);
+
+    // 6. Restarts with checkpoints.
+    restarts(p, cp_gib);
 }

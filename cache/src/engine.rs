@@ -373,6 +373,9 @@ impl Inner {
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
             }
+            if st.flusher_exited {
+                return Err(Error::Failed("the cache is closing".into()));
+            }
             if let Some(e) = st.stuck_refusal() {
                 return Err(e);
             }
@@ -493,6 +496,8 @@ impl Cache {
                 damage: r.damage,
                 recovered_gens: r.recovered_gens,
                 ambiguous: r.ambiguous,
+                cp_seq: r.cp_seq,
+                cp_upto: r.cp_upto,
             },
             &geo,
             ram_buffers,
@@ -526,6 +531,13 @@ impl Cache {
                 .name("lc-writeback".into())
                 .spawn(move || crate::writeback::run(&i))
                 .expect("spawn lc-writeback"),
+        );
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("lc-checkpoint".into())
+                .spawn(move || crate::checkpoint::run(&i))
+                .expect("spawn lc-checkpoint"),
         );
         Cache {
             inner,
@@ -1118,6 +1130,31 @@ impl Cache {
         self.shutdown()
     }
 
+    /// Stops the worker threads as a killed process would: nothing more is written
+    /// (no seal, flush, checkpoint or superblock commit). For tests and benchmarks.
+    #[doc(hidden)]
+    pub fn kill(mut self) {
+        {
+            let mut st = self.inner.lock();
+            st.failed.get_or_insert_with(|| "killed".into());
+            st.stop_flush = true;
+            st.stop_checkpoint = true;
+            st.stop_writeback = true;
+            self.inner.worker_cv.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.closed = true;
+    }
+
+    /// Writes a checkpoint now (format 2; see `docs/FORMAT.md`, "Checkpoint"); false
+    /// when none was written (format 1, nothing logged since the last one, or damage
+    /// found by recovery still unresolved).
+    pub fn checkpoint(&self) -> Result<bool> {
+        crate::checkpoint::write(&self.inner)
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());
@@ -1128,9 +1165,28 @@ impl Cache {
             st.stop_flush = true;
             self.inner.worker_cv.notify_all();
         }
-        // threads[0] is the flusher: it seals and writes everything before writeback stops.
+        // threads[0] is the flusher: it seals and writes everything before writeback
+        // stops; threads[2] writes periodic checkpoints.
         if !self.threads.is_empty() {
             let _ = self.threads.remove(0).join();
+        }
+        {
+            let mut st = self.inner.lock();
+            st.stop_checkpoint = true;
+            self.inner.worker_cv.notify_all();
+        }
+        if self.threads.len() == 2 {
+            let _ = self.threads.pop().expect("checkpoint thread").join();
+        }
+        // The final checkpoint: the next open replays nothing.
+        let final_cp = {
+            let st = self.inner.lock();
+            st.failed.is_none() && st.tunables.checkpoint_interval_segments > 0
+        };
+        if final_cp {
+            if let Err(e) = crate::checkpoint::write(&self.inner) {
+                warn!(self.inner.log, "final checkpoint failed"; "error" => %e);
+            }
         }
         {
             let mut st = self.inner.lock();

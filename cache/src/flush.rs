@@ -168,6 +168,9 @@ pub(crate) fn run(inner: &Inner) {
         inner.worker_cv.notify_all();
     }
     info!(inner.log, "flusher stopped"; "last_flushed_id" => st.flushed_id);
+    // Nothing more becomes durable: waiters (a checkpoint, the cleaner) give up.
+    st.flusher_exited = true;
+    inner.io_cv.notify_all();
     drop(st);
 }
 

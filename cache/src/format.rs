@@ -45,6 +45,12 @@ pub const SEG_FIXED: usize = 64;
 /// `durable` is the newest durable segment id. Recovery relies on it: if segment `n`
 /// was durable and the log went on, a segment in `n+1 ..= n + 2*SEAL_AHEAD` says so.
 pub const SEAL_AHEAD: u64 = 2048;
+/// Checkpoint area magic.
+pub const CP_MAGIC: [u8; 8] = *b"lcCKPT\0\0";
+/// Bytes of a checkpoint area's header; the entries follow it.
+pub const CP_HEADER: usize = 4096;
+/// Bytes per checkpoint entry.
+pub const CP_ENTRY: usize = 16;
 /// Bytes per segment-header entry.
 pub const ENTRY_SIZE: usize = 16;
 /// Entry flag: the line is a discard record (tombstone) with no data.
@@ -134,14 +140,46 @@ impl Geometry {
                 "device of {device_size} bytes too small: need at least 3 segments of {segment_size} bytes"
             )));
         }
-        Ok(Geometry {
+        let mut g = Geometry {
             version,
             block_size,
             segment_size,
             nr_segments: slots - 1,
             header_blocks,
             lines_per_segment: blocks - copies * header_blocks,
-        })
+        };
+        // Format 2: the two checkpoint areas after the ring take what they need.
+        while g.device_bytes() > device_size && g.nr_segments > 2 {
+            g.nr_segments -= 1;
+        }
+        if g.device_bytes() > device_size {
+            return Err(Error::Invalid(format!(
+                "device of {device_size} bytes too small: need {} bytes for segments of {segment_size} bytes",
+                g.device_bytes()
+            )));
+        }
+        Ok(g)
+    }
+
+    /// Bytes of one checkpoint area (format 2; 0 in format 1): the header and one
+    /// entry per line of the ring, rounded up to 4 KiB.
+    pub fn checkpoint_area_bytes(&self) -> u64 {
+        if self.version == 1 {
+            return 0;
+        }
+        let raw = CP_HEADER as u64 + CP_ENTRY as u64 * self.total_lines();
+        raw.div_ceil(LINE) * LINE
+    }
+
+    /// Byte offset of checkpoint area `area` (0 = A, 1 = B): after the ring.
+    pub fn checkpoint_offset(&self, area: u64) -> u64 {
+        self.segment_size as u64 * (1 + self.nr_segments) + area * self.checkpoint_area_bytes()
+    }
+
+    /// Bytes of the device this geometry uses: the superblock region, the ring and
+    /// (format 2) the checkpoint areas.
+    pub fn device_bytes(&self) -> u64 {
+        self.checkpoint_offset(2)
     }
 
     /// Header length in bytes (one copy).
@@ -297,7 +335,7 @@ impl Superblock {
             version,
             geometry.block_size,
             geometry.segment_size,
-            geometry.segment_size.max(1) as u64 * geometry.nr_segments.saturating_add(1),
+            geometry.device_bytes(),
         )
         .map_err(|e| bad(format!("superblock geometry invalid: {e}")))?;
         if expect != geometry {
@@ -476,6 +514,92 @@ impl SegmentHeader {
     }
 }
 
+/// The header of a checkpoint area (docs/FORMAT.md, "Checkpoint").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointHeader {
+    /// The superblock's uuid.
+    pub uuid: [u8; 16],
+    /// Checkpoint number; written into area `seq % 2`.
+    pub seq: u64,
+    /// The writeback point (committed) when the snapshot was taken.
+    pub last_writeback_id: u64,
+    /// The last segment the snapshot covers.
+    pub upto: u64,
+    /// crc of segment `upto`'s final header.
+    pub upto_crc: u32,
+    /// crc32c of the entry bytes.
+    pub entries_crc: u32,
+    /// Entries after the header.
+    pub nr_entries: u64,
+    /// Every segment up to this one was durable when the checkpoint was written.
+    pub durable_id: u64,
+    /// The geometry's `nr_segments`.
+    pub nr_segments: u64,
+}
+
+impl CheckpointHeader {
+    /// Encodes the header ([`CP_HEADER`] bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; CP_HEADER];
+        b[0..8].copy_from_slice(&CP_MAGIC);
+        put_u32(&mut b, 8, (self.seq % 2) as u32);
+        b[16..32].copy_from_slice(&self.uuid);
+        put_u64(&mut b, 32, self.seq);
+        put_u64(&mut b, 40, self.last_writeback_id);
+        put_u64(&mut b, 48, self.upto);
+        put_u32(&mut b, 56, self.upto_crc);
+        put_u32(&mut b, 60, self.entries_crc);
+        put_u64(&mut b, 64, self.nr_entries);
+        put_u64(&mut b, 72, self.durable_id);
+        put_u64(&mut b, 80, self.nr_segments);
+        let c = crc(&b[..CP_HEADER - 4]);
+        put_u32(&mut b, CP_HEADER - 4, c);
+        b
+    }
+
+    /// Decodes the header of area `area` and checks it against the geometry and uuid.
+    pub fn decode(
+        b: &[u8],
+        g: &Geometry,
+        uuid: &[u8; 16],
+        area: u64,
+    ) -> std::result::Result<Self, String> {
+        if b.len() < CP_HEADER {
+            return Err("checkpoint header truncated".into());
+        }
+        if b[0..8] != CP_MAGIC {
+            return Err("no checkpoint (bad magic)".into());
+        }
+        if le_u32(b, CP_HEADER - 4) != crc(&b[..CP_HEADER - 4]) {
+            return Err("checkpoint header checksum mismatch".into());
+        }
+        let h = CheckpointHeader {
+            uuid: b[16..32].try_into().expect("16 bytes"),
+            seq: le_u64(b, 32),
+            last_writeback_id: le_u64(b, 40),
+            upto: le_u64(b, 48),
+            upto_crc: le_u32(b, 56),
+            entries_crc: le_u32(b, 60),
+            nr_entries: le_u64(b, 64),
+            durable_id: le_u64(b, 72),
+            nr_segments: le_u64(b, 80),
+        };
+        if &h.uuid != uuid {
+            return Err("checkpoint of another cache (uuid)".into());
+        }
+        if le_u32(b, 8) as u64 != area || h.seq % 2 != area || h.seq == 0 {
+            return Err(format!("checkpoint {} in the wrong area", h.seq));
+        }
+        if h.nr_segments != g.nr_segments {
+            return Err("checkpoint of another geometry".into());
+        }
+        if h.nr_entries > g.total_lines() || h.last_writeback_id >= h.upto {
+            return Err("checkpoint header inconsistent".into());
+        }
+        Ok(h)
+    }
+}
+
 /// Decodes the header copies at the start of a segment slot (`buf` holds at least
 /// `g.data_start()` bytes): each copy's header and crc, or why it is not one.
 pub fn decode_copies(
@@ -518,7 +642,16 @@ mod tests {
                 g.lines_per_segment,
                 g.nr_segments
             ),
-            (2, 2, 252, 63)
+            (2, 2, 252, 62)
+        );
+        // Two checkpoint areas of 4096 + 16 * 62 * 252 bytes, rounded up to 4 KiB.
+        assert_eq!(g.checkpoint_area_bytes(), 258048);
+        assert_eq!(g.checkpoint_offset(0), 63 << 20);
+        assert!(g.device_bytes() <= 64 << 20);
+        assert_eq!(
+            Geometry::new(512, 1 << 20, g.device_bytes()).unwrap(),
+            g,
+            "the geometry recomputed from the bytes it uses"
         );
         assert_eq!(g.data_start(), 4 * 4096);
         assert_eq!(g.line_offset(1, 0), (1 << 20) + 4 * 4096);
@@ -540,6 +673,41 @@ mod tests {
         assert!(Geometry::new(512, 32 << 10, 64 << 20).is_err());
         assert!(Geometry::new(512, 1 << 20, 2 << 20).is_err());
         assert!(Geometry::with_version(3, 512, 1 << 20, 64 << 20).is_err());
+        // Format 1 has no checkpoint areas: its ring is as before.
+        let g = Geometry::with_version(1, 512, 1 << 20, 64 << 20).unwrap();
+        assert_eq!((g.nr_segments, g.checkpoint_area_bytes()), (63, 0));
+        assert_eq!(g.device_bytes(), 64 << 20);
+    }
+
+    #[test]
+    fn checkpoint_header_round_trip_and_corruption() {
+        let g = Geometry::new(512, 64 << 10, 4 << 20).unwrap();
+        let h = CheckpointHeader {
+            uuid: [3; 16],
+            seq: 5,
+            last_writeback_id: 7,
+            upto: 20,
+            upto_crc: 0xdead,
+            entries_crc: 0xbeef,
+            nr_entries: 30,
+            durable_id: 21,
+            nr_segments: g.nr_segments,
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), CP_HEADER);
+        assert_eq!(&b[0..8], b"lcCKPT\0\0");
+        assert_eq!((le_u32(&b, 8), le_u64(&b, 48)), (1, 20));
+        assert_eq!(CheckpointHeader::decode(&b, &g, &[3; 16], 1).unwrap(), h);
+        assert!(CheckpointHeader::decode(&b, &g, &[3; 16], 0).is_err());
+        assert!(CheckpointHeader::decode(&b, &g, &[4; 16], 1).is_err());
+        for i in 0..CP_HEADER {
+            let mut x = b.clone();
+            x[i] ^= 0x10;
+            assert!(
+                CheckpointHeader::decode(&x, &g, &[3; 16], 1).is_err(),
+                "flip at {i} accepted"
+            );
+        }
     }
 
     #[test]
@@ -580,6 +748,8 @@ mod tests {
         )));
         assert!(doc.contains(&format!("| {SEG_FIXED} | {ENTRY_SIZE} B × n | entries |")));
         assert!(doc.contains(&format!("superblock copy A ({SB_COPY_SIZE} bytes)")));
+        assert!(doc.contains(&format!("| {} | u32 | crc |", CP_HEADER - 4)));
+        assert!(doc.contains(&format!("the header ({CP_HEADER} bytes)")));
     }
 
     #[test]

@@ -40,14 +40,17 @@ pub struct Loc {
 }
 
 impl Loc {
-    fn pack(self) -> u64 {
+    /// The packed form (checkpoint entries store it): `seg << 24 | slot << 12 |
+    /// dirty << 4 | tomb`.
+    pub fn pack(self) -> u64 {
         (self.seg << 24)
             | ((self.slot as u64) << 12)
             | ((self.dirty as u64) << 4)
             | self.tomb as u64
     }
 
-    fn unpack(v: u64) -> Self {
+    /// The inverse of [`Loc::pack`].
+    pub fn unpack(v: u64) -> Self {
         Loc {
             seg: v >> 24,
             slot: ((v >> 12) & 0x3ff) as u16,
@@ -63,6 +66,9 @@ pub struct Index {
     len: usize,
     /// Per segment id: lines the index points at (live) and copies ever indexed in it.
     segs: std::collections::BTreeMap<u64, SegLines>,
+    /// While a snapshot is taken: every key inserted, removed or moved since it began,
+    /// with its packed location before its first change (`None`: absent).
+    journal: Option<std::collections::HashMap<u64, Option<u64>>>,
 }
 
 /// What the index knows of one log segment.
@@ -72,6 +78,14 @@ pub struct SegLines {
     pub live: u32,
     /// Line copies indexed in the segment since it was written (live or superseded).
     pub lines: u32,
+}
+
+/// A snapshot of an [`Index`] taken in chunks (see [`Index::begin_snapshot`]).
+pub struct Snapshot {
+    /// (key, packed location) copied from the table, in table order.
+    pub entries: Vec<(u64, u64)>,
+    /// Next table slot to copy.
+    pub next: usize,
 }
 
 fn hash(k: u64) -> u64 {
@@ -88,6 +102,7 @@ impl Index {
             slots: vec![(EMPTY, 0); cap],
             len: 0,
             segs: std::collections::BTreeMap::new(),
+            journal: None,
         }
     }
 
@@ -124,6 +139,46 @@ impl Index {
             s.live += 1;
             s.lines += 1;
         }
+    }
+
+    fn note(&mut self, k: u64, old: Option<u64>) {
+        if let Some(j) = &mut self.journal {
+            j.entry(k).or_insert(old);
+        }
+    }
+
+    /// Starts a snapshot of the table as it is now. Copy it with
+    /// [`Index::snapshot_chunk`] (the table may change between chunks) and finish with
+    /// [`Index::end_snapshot`], which gives the state of this instant.
+    pub fn begin_snapshot(&mut self) -> Snapshot {
+        self.journal = Some(std::collections::HashMap::new());
+        Snapshot {
+            entries: Vec::with_capacity(self.len),
+            next: 0,
+        }
+    }
+
+    /// Copies up to `n` more table slots into `s`; false once the table is copied.
+    pub fn snapshot_chunk(&self, s: &mut Snapshot, n: usize) -> bool {
+        let end = (s.next + n).min(self.slots.len());
+        if s.next < end {
+            s.entries.extend(
+                self.slots[s.next..end]
+                    .iter()
+                    .filter(|(k, _)| *k != EMPTY)
+                    .copied(),
+            );
+        }
+        s.next = end;
+        end < self.slots.len()
+    }
+
+    /// Ends the snapshot: every live (key, packed location) as of
+    /// [`Index::begin_snapshot`]. The copied entries of keys changed or moved since are
+    /// replaced by the journal's old values; do the merge outside any lock with
+    /// [`Snapshot::merge`].
+    pub fn end_snapshot(&mut self) -> std::collections::HashMap<u64, Option<u64>> {
+        self.journal.take().unwrap_or_default()
     }
 
     /// Live entries.
@@ -179,15 +234,17 @@ impl Index {
         debug_assert!(k != EMPTY);
         match self.find(k) {
             Ok(i) => {
-                let old = Loc::unpack(self.slots[i].1);
+                let old = self.slots[i].1;
+                self.note(k, Some(old));
                 self.slots[i].1 = loc.pack();
-                Some(old)
+                Some(Loc::unpack(old))
             }
             Err(i) => {
                 if (self.len + 1) * 5 > self.slots.len() * 4 {
                     self.grow();
                     return self.insert_raw(k, loc);
                 }
+                self.note(k, None);
                 self.slots[i] = (k, loc.pack());
                 self.len += 1;
                 None
@@ -218,6 +275,8 @@ impl Index {
 
     fn delete_at(&mut self, mut hole: usize) {
         let n = self.slots.len();
+        let (k, v) = self.slots[hole];
+        self.note(k, Some(v));
         self.slots[hole] = (EMPTY, 0);
         self.len -= 1;
         let mut i = hole;
@@ -235,6 +294,8 @@ impl Index {
                 home > hole || home <= i
             };
             if !in_range {
+                let (mk, mv) = self.slots[i];
+                self.note(mk, Some(mv));
                 self.slots[hole] = self.slots[i];
                 self.slots[i] = (EMPTY, 0);
                 hole = i;
@@ -243,6 +304,16 @@ impl Index {
     }
 
     fn grow(&mut self) {
+        // Every entry moves: a snapshot in progress takes them all from the journal.
+        if self.journal.is_some() {
+            for i in 0..self.slots.len() {
+                let (k, v) = self.slots[i];
+                if k != EMPTY {
+                    self.note(k, Some(v));
+                }
+            }
+        }
+        let journal = self.journal.take();
         let old = std::mem::replace(&mut self.slots, vec![(EMPTY, 0); 1]);
         self.slots = vec![(EMPTY, 0); old.len() * 2];
         self.len = 0;
@@ -251,6 +322,7 @@ impl Index {
                 self.insert_raw(k, Loc::unpack(v));
             }
         }
+        self.journal = journal;
     }
 
     /// Every live (key, location), in table order.
@@ -259,6 +331,20 @@ impl Index {
             .iter()
             .filter(|(k, _)| *k != EMPTY)
             .map(|&(k, v)| (k, Loc::unpack(v)))
+    }
+}
+
+impl Snapshot {
+    /// The snapshot's entries: those copied, except keys the journal names, which take
+    /// their journaled old value (or are dropped when they were absent).
+    pub fn merge(self, journal: std::collections::HashMap<u64, Option<u64>>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .entries
+            .into_iter()
+            .filter(|(k, _)| !journal.contains_key(k))
+            .collect();
+        out.extend(journal.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        out
     }
 }
 
@@ -321,6 +407,47 @@ mod tests {
             assert_eq!(idx.get(*k), Some(*v), "seed {seed}");
         }
         assert_eq!(idx.iter().count(), model.len());
+    }
+
+    #[test]
+    fn a_chunked_snapshot_is_the_table_as_it_was_when_it_began() {
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        for round in 0..50 {
+            // Small tables sometimes grow during the snapshot.
+            let mut idx = Index::with_capacity(if round % 5 == 0 { 8 } else { 400 });
+            let loc = |rng: &mut rand::rngs::SmallRng| Loc {
+                seg: rng.gen_range(1..1 << 40),
+                slot: rng.gen_range(0..1024),
+                dirty: rng.gen_range(1..=255),
+                tomb: false,
+            };
+            for _ in 0..rng.gen_range(0..300) {
+                let k = key(0, rng.gen_range(0..500));
+                let l = loc(&mut rng);
+                idx.insert(k, l);
+            }
+            let mut want: Vec<(u64, u64)> = idx.iter().map(|(k, l)| (k, l.pack())).collect();
+            want.sort_unstable();
+            let mut snap = idx.begin_snapshot();
+            let chunk = rng.gen_range(1..64);
+            while idx.snapshot_chunk(&mut snap, chunk) {
+                for _ in 0..rng.gen_range(0..20) {
+                    let k = key(0, rng.gen_range(0..500));
+                    if rng.gen_bool(0.5) {
+                        let l = loc(&mut rng);
+                        idx.insert(k, l);
+                    } else {
+                        idx.remove(k);
+                    }
+                }
+            }
+            let journal = idx.end_snapshot();
+            let mut got = snap.merge(journal);
+            got.sort_unstable();
+            assert_eq!(got, want, "seed {seed} round {round}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod clean;
 mod damage;
 pub mod device;
@@ -32,7 +33,7 @@ pub use engine::{Backing, Cache, DrainProgress, OpenOptions};
 pub use error::{Error, Result};
 pub use format::Geometry;
 pub use recovery::{
-    check_device, format_device, probe, CheckReport, FormatOptions, RecoveryReport,
+    check_device, format_device, probe, CheckReport, CheckpointUse, FormatOptions, RecoveryReport,
 };
 pub use stats::Stats;
 pub use tunables::Tunables;

@@ -15,8 +15,8 @@ use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    crc, Geometry, SegmentHeader, Superblock, FULL_LINE, LINE, MAX_BACKING, SB_COPY_SIZE,
-    SEAL_AHEAD, SECTORS_PER_LINE,
+    crc, CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER, FULL_LINE,
+    LINE, MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD, SECTORS_PER_LINE,
 };
 use crate::index::{key, Index, Loc};
 
@@ -58,6 +58,26 @@ pub struct RecoveryReport {
     /// Damaged segments: ids that failed a check although a later segment proves they
     /// were durable, with the reason. Their data is lost ([`crate::damage::DamageReport`]).
     pub damaged: Vec<(u64, String)>,
+    /// The checkpoint recovery started from (format 2), if any.
+    pub checkpoint: Option<CheckpointUse>,
+    /// Checkpoint areas not used, and why (a torn or damaged area, one of another
+    /// cache, one whose segments were all written back since).
+    pub checkpoint_skipped: Vec<String>,
+}
+
+/// The checkpoint a recovery loaded (docs/FORMAT.md, "Checkpoint").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointUse {
+    /// Its sequence number (area `seq % 2`).
+    pub seq: u64,
+    /// The last segment it covers: the walk started after it.
+    pub upto: u64,
+    /// The writeback point recorded in it.
+    pub last_writeback_id: u64,
+    /// Entries it held, and those loaded (not written back since).
+    pub entries: u64,
+    /// Entries loaded into the index.
+    pub loaded: u64,
 }
 
 pub(crate) fn random_u64() -> u64 {
@@ -97,6 +117,14 @@ pub fn format_device(dev: &dyn BlockDevice, opts: FormatOptions) -> Result<Geome
         let off = Superblock::copy_offset(seq);
         dev.write_at(&sb.encode(), off)
             .map_err(|e| Error::io(&desc, off, e))?;
+    }
+    // No checkpoint area header of an earlier format of this device may be read as one.
+    for area in 0..2 {
+        if geo.appends() {
+            let off = geo.checkpoint_offset(area);
+            dev.write_at(&AlignedBuf::new(CP_HEADER), off)
+                .map_err(|e| Error::io(&desc, off, e))?;
+        }
     }
     dev.flush().map_err(|e| Error::io(&desc, 0, e))?;
     Ok(geo)
@@ -166,6 +194,130 @@ pub(crate) struct Replay {
     /// segment after it is (see [`State::durable_claim`](crate::state::State)).
     pub ambiguous: bool,
     pub report: RecoveryReport,
+    /// The newest checkpoint sequence number whose area header is valid (0: none).
+    pub cp_seq: u64,
+    /// The last segment the loaded checkpoint covers (0: none loaded).
+    pub cp_upto: u64,
+}
+
+/// A checkpoint loaded into an index.
+struct Base {
+    index: Index,
+    header: CheckpointHeader,
+    loaded: u64,
+}
+
+/// Reads the header of each checkpoint area: (area, header or why not).
+fn checkpoint_headers(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+) -> Result<Vec<(u64, std::result::Result<CheckpointHeader, String>)>> {
+    let geo = &sb.geometry;
+    if !geo.appends() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for area in 0..2 {
+        let mut b = AlignedBuf::new(CP_HEADER);
+        let off = geo.checkpoint_offset(area);
+        dev.read_at(&mut b, off)
+            .map_err(|e| Error::io(&dev.describe(), off, e))?;
+        let h = if b.iter().all(|&x| x == 0) {
+            Err("never written".to_string())
+        } else {
+            CheckpointHeader::decode(&b, geo, &sb.uuid, area)
+        };
+        out.push((area, h));
+    }
+    Ok(out)
+}
+
+/// Loads the entries of checkpoint `h` (area `area`) whose segment is after `wb` into a
+/// new index; `Err` with the reason when the area fails a check.
+fn load_checkpoint(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    area: u64,
+    h: &CheckpointHeader,
+    wb: u64,
+    planned: usize,
+) -> Result<std::result::Result<Base, String>> {
+    let geo = &sb.geometry;
+    let mut index = Index::with_capacity(planned);
+    let total = h.nr_entries as usize * CP_ENTRY;
+    let base = geo.checkpoint_offset(area) + CP_HEADER as u64;
+    let chunk = 4 << 20;
+    let mut buf = AlignedBuf::new(chunk);
+    let mut crc = 0u32;
+    let mut loaded = 0u64;
+    let mut done = 0usize;
+    while done < total {
+        let len = (total - done).min(chunk);
+        let rl = (len as u64).div_ceil(LINE) as usize * LINE as usize;
+        let off = base + done as u64;
+        dev.read_at(&mut buf[..rl], off)
+            .map_err(|e| Error::io(&dev.describe(), off, e))?;
+        crc = crc32c::crc32c_append(crc, &buf[..len]);
+        for (i, e) in buf[..len].chunks_exact(CP_ENTRY).enumerate() {
+            let k = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+            let v = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+            let loc = Loc::unpack(v);
+            let sound = loc.pack() == v
+                && (crate::index::unkey(k).0 as usize) < MAX_BACKING
+                && loc.seg > h.last_writeback_id
+                && loc.seg <= h.upto
+                && (loc.slot as u32) < geo.lines_per_segment
+                && (loc.dirty == 0) == loc.tomb;
+            if !sound {
+                return Ok(Err(format!(
+                    "checkpoint {} entry {} malformed",
+                    h.seq,
+                    done / CP_ENTRY + i
+                )));
+            }
+            if loc.seg > wb {
+                index.insert(k, loc);
+                loaded += 1;
+            }
+        }
+        done += len;
+    }
+    if crc != h.entries_crc {
+        return Ok(Err(format!(
+            "checkpoint {} entries checksum mismatch",
+            h.seq
+        )));
+    }
+    Ok(Ok(Base {
+        index,
+        header: h.clone(),
+        loaded,
+    }))
+}
+
+/// The writeback point proven by reused slots: while the slot of `wb + 1` holds a
+/// segment of a later lap, `wb` becomes that id minus `nr_segments` (FORMAT.md,
+/// "Recovery" step 2).
+fn proven_writeback(dev: &dyn BlockDevice, sb: &Superblock, mut wb: u64) -> Result<u64> {
+    let geo = &sb.geometry;
+    let mut buf = AlignedBuf::new(geo.data_start());
+    loop {
+        let id = wb + 1;
+        let off = geo.segment_offset(id);
+        dev.read_at(&mut buf, off)
+            .map_err(|e| Error::io(&dev.describe(), off, e))?;
+        let reused = crate::format::decode_copies(&buf, geo)
+            .into_iter()
+            .flatten()
+            .find_map(|(h, _)| {
+                (h.uuid == sb.uuid && h.id > id && (h.id - id).is_multiple_of(geo.nr_segments))
+                    .then(|| h.id - geo.nr_segments)
+            });
+        match reused {
+            Some(p) if p > wb => wb = p,
+            _ => return Ok(wb),
+        }
+    }
 }
 
 /// The durability claims (`SegmentHeader::durable`) of the segments ahead of the walk:
@@ -220,15 +372,80 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     let geo = &sb.geometry;
     let (hl, ds) = (geo.header_len(), geo.data_start());
     let desc = dev.describe();
-    let mut index = Index::with_capacity(planned);
     let mut damage = Damage::default();
     let mut recovered_gens = BTreeMap::new();
+    // Format 2: the newest valid checkpoint not older than the writeback point.
+    let headers = checkpoint_headers(dev, sb)?;
+    let cp_seq = headers
+        .iter()
+        .filter_map(|(_, h)| h.as_ref().ok().map(|h| h.seq))
+        .max()
+        .unwrap_or(0);
+    let mut skipped = Vec::new();
+    let mut cp_durable = 0;
+    let mut base: Option<Base> = None;
+    let mut wb = sb.last_writeback_id;
+    if !headers.is_empty() {
+        // A checkpoint's writeback point was committed before it was written.
+        let committed = headers
+            .iter()
+            .filter_map(|(_, h)| h.as_ref().ok().map(|h| h.last_writeback_id))
+            .max()
+            .unwrap_or(0);
+        wb = proven_writeback(dev, sb, wb.max(committed))?;
+        let mut valid: Vec<(u64, CheckpointHeader)> = Vec::new();
+        for (area, h) in headers {
+            match h {
+                Ok(h) => valid.push((area, h)),
+                Err(e) => skipped.push(format!("area {}: {e}", ["A", "B"][area as usize])),
+            }
+        }
+        valid.sort_by_key(|(_, h)| std::cmp::Reverse(h.seq));
+        for (area, h) in valid {
+            let name = ["A", "B"][area as usize];
+            cp_durable = cp_durable.max(h.durable_id);
+            if h.upto <= wb {
+                skipped.push(format!(
+                    "area {name}: checkpoint {} covers segments up to {}, all written back",
+                    h.seq, h.upto
+                ));
+                continue;
+            }
+            if base.is_some() {
+                skipped.push(format!("area {name}: checkpoint {} older", h.seq));
+                continue;
+            }
+            match load_checkpoint(dev, sb, area, &h, wb, planned)? {
+                Ok(b) => base = Some(b),
+                Err(e) => skipped.push(format!("area {name}: {e}")),
+            }
+        }
+    }
     let mut report = RecoveryReport {
-        last_writeback_id: sb.last_writeback_id,
+        last_writeback_id: wb,
+        checkpoint_skipped: skipped,
         ..Default::default()
     };
-    let mut last_id = sb.last_writeback_id;
+    let mut last_id = wb;
     let mut last_crc = 0u32;
+    let mut first_id = wb + 1;
+    let mut index;
+    if let Some(b) = base {
+        report.checkpoint = Some(CheckpointUse {
+            seq: b.header.seq,
+            upto: b.header.upto,
+            last_writeback_id: b.header.last_writeback_id,
+            entries: b.header.nr_entries,
+            loaded: b.loaded,
+        });
+        report.restored_lines = b.loaded;
+        last_id = b.header.upto;
+        last_crc = b.header.upto_crc;
+        first_id = last_id + 1;
+        index = b.index;
+    } else {
+        index = Index::with_capacity(planned);
+    }
     // Another header crc of the last segment the next may chain to: when the last
     // segment is damaged, the next follows whichever of its headers was final.
     let mut alt_crc: Option<u32> = None;
@@ -238,12 +455,12 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     // The previous segment was taken at a header that may not be its final one.
     let mut pending: Option<Pending> = None;
     let mut claims = Claims {
-        max: sb.durable_id,
+        max: sb.durable_id.max(cp_durable),
         scanned_to: 0,
     };
     let mut buf = AlignedBuf::new(geo.segment_size as usize);
-    let mut start = sb.last_writeback_id;
-    let mut id = start + 1;
+    let mut start = wb;
+    let mut id = first_id;
     while id - start <= geo.nr_segments {
         let window_end = start + geo.nr_segments;
         let off = geo.segment_offset(id);
@@ -268,7 +485,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
             recovered_gens.clear();
             pending = None;
             claims = Claims {
-                max: sb.durable_id,
+                max: sb.durable_id.max(cp_durable),
                 scanned_to: 0,
             };
             chain_known = true;
@@ -475,7 +692,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     // The last segment walked was taken at a header that may not be its final one.
     let mut ambiguous = false;
     if let Some(p) = pending.take() {
-        let durable = claims.cover(dev, sb, p.id(), sb.last_writeback_id + geo.nr_segments)?;
+        let durable = claims.cover(dev, sb, p.id(), start + geo.nr_segments)?;
         match (resolve(&p, None, last_crc, durable), p) {
             (
                 Resolution::Lost { .. },
@@ -500,6 +717,8 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
         last_crc = 0;
     }
     Ok(Replay {
+        cp_seq,
+        cp_upto: report.checkpoint.as_ref().map_or(0, |c| c.upto),
         ambiguous,
         wb_id: start,
         index,
@@ -610,7 +829,7 @@ pub(crate) fn superblock_of(dev: &dyn BlockDevice) -> Result<Superblock> {
         reason: "not an lc cache device (no superblock); format it first".into(),
     })?;
     let geo = sb.geometry;
-    let needed = geo.segment_size as u64 * (geo.nr_segments + 1);
+    let needed = geo.device_bytes();
     if dev.size() < needed {
         return Err(Error::BadFormat {
             device: dev.describe(),

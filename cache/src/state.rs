@@ -197,9 +197,20 @@ pub(crate) struct State {
     /// durable (0: none).
     pub unclaimed: u64,
     pub stop_flush: bool,
+    /// The flusher has exited (the cache is closing): nothing more becomes durable.
+    pub flusher_exited: bool,
     pub stop_writeback: bool,
     /// The cleaner's counters (`clean.rs`).
     pub clean: crate::clean::CleanState,
+    /// Checkpoints (format 2): the newest sequence number whose area header is valid
+    /// on the device (the next one is written into the other area), the last segment
+    /// the newest written or loaded checkpoint covers, checkpoints written, and
+    /// whether one is being written.
+    pub cp_seq: u64,
+    pub cp_upto: u64,
+    pub checkpoints: u64,
+    pub cp_busy: bool,
+    pub stop_checkpoint: bool,
 }
 
 /// What [`State::new`] starts from: recovery's result.
@@ -214,6 +225,8 @@ pub(crate) struct Recovered {
     pub damage: Damage,
     pub recovered_gens: BTreeMap<u64, u16>,
     pub ambiguous: bool,
+    pub cp_seq: u64,
+    pub cp_upto: u64,
 }
 
 impl State {
@@ -262,8 +275,14 @@ impl State {
             recovered_gens: r.recovered_gens,
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,
+            flusher_exited: false,
             stop_writeback: false,
             clean: Default::default(),
+            cp_seq: r.cp_seq,
+            cp_upto: r.cp_upto,
+            checkpoints: 0,
+            cp_busy: false,
+            stop_checkpoint: false,
         }
     }
 }

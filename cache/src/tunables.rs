@@ -31,6 +31,10 @@ pub struct Tunables {
     /// segment's lines is live, in percent; written as a fraction `0`..=`0.95`
     /// (default 0.8). 0 turns moving off (log space comes from writeback alone).
     pub clean_live_max: u32,
+    /// Format 2: write a checkpoint of the index once this many segments were made
+    /// durable since the last one, and at a clean stop; 0 = never write checkpoints
+    /// (recovery then walks the whole dirty log), 0..=1000000 (default 256).
+    pub checkpoint_interval_segments: u32,
 }
 
 impl Default for Tunables {
@@ -46,6 +50,7 @@ impl Default for Tunables {
             flush_interval_s: 5,
             writeback_fail_timeout_s: 20,
             clean_live_max: 80,
+            checkpoint_interval_segments: 256,
         }
     }
 }
@@ -62,6 +67,7 @@ pub const NAMES: &[&str] = &[
     "flush_interval_s",
     "writeback_fail_timeout_s",
     "clean_live_max",
+    "checkpoint_interval_segments",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -132,6 +138,9 @@ impl Tunables {
                 self.writeback_fail_timeout_s = parse_range(key, v, 1, 3600)?
             }
             "clean_live_max" => self.clean_live_max = parse_fraction(key, v, 95)?,
+            "checkpoint_interval_segments" => {
+                self.checkpoint_interval_segments = parse_range(key, v, 0, 1_000_000)?
+            }
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -163,6 +172,10 @@ impl Tunables {
             (
                 "clean_live_max",
                 (self.clean_live_max as f64 / 100.0).to_string(),
+            ),
+            (
+                "checkpoint_interval_segments",
+                self.checkpoint_interval_segments.to_string(),
             ),
         ]
     }

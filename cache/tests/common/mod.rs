@@ -43,6 +43,8 @@ pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
         writeback_enabled: rng.gen_bool(0.8),
         barrier_deadline_ms: rng.gen_range(0..=2),
         flush_interval_s: 0,
+        // Frequent checkpoints (0: none), so power cuts land in them too.
+        checkpoint_interval_segments: rng.gen_range(0..=3),
         ..Tunables::default()
     }
 }

@@ -1,0 +1,162 @@
+//! Checkpoints of the index (format 2, `docs/FORMAT.md` "Checkpoint"): the
+//! `lc-checkpoint` thread writes one every `checkpoint_interval_segments` durable
+//! segments, and `Cache::close` one more after the flusher stopped, so that recovery
+//! loads the snapshot and replays only the segments written after it.
+//!
+//! The snapshot is the index as of one seal (the open segment is sealed under the lock;
+//! `U` is the last sealed segment), copied in chunks of [`CHUNK`] table slots, one lock
+//! hold each, while the index journals the old value of every key changed or moved
+//! meanwhile ([`crate::index::Index::begin_snapshot`]). It is written into the area the
+//! newest valid checkpoint does not occupy, only once `U` is durable, entries first,
+//! then the header, then the cache device is flushed.
+
+use std::time::Duration;
+
+use slog::{info, warn};
+
+use crate::device::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::format::{CheckpointHeader, CP_ENTRY, CP_HEADER, LINE};
+use crate::state::{Inner, Pos, State};
+
+/// Table slots copied per lock hold (1 MiB).
+pub(crate) const CHUNK: usize = 64 << 10;
+/// Bytes of entries written per device write.
+const WRITE_CHUNK: usize = 4 << 20;
+
+/// True when recovery's damage state allows a checkpoint (that state is not in it).
+fn eligible(st: &State) -> bool {
+    st.failed.is_none()
+        && st.damage.segments.is_empty()
+        && !st.damage.unresolved()
+        && st.recovered_gens.is_empty()
+}
+
+/// Body of the checkpoint thread.
+pub(crate) fn run(inner: &Inner) {
+    let mut st = inner.lock();
+    loop {
+        if st.stop_checkpoint {
+            break;
+        }
+        let n = st.tunables.checkpoint_interval_segments as u64;
+        if n > 0 && inner.geo.appends() && st.flushed_id >= st.cp_upto + n && eligible(&st) {
+            drop(st);
+            if let Err(e) = write(inner) {
+                warn!(inner.log, "checkpoint failed"; "error" => %e);
+            }
+            st = inner.lock();
+            continue;
+        }
+        st = inner
+            .worker_cv
+            .wait_timeout(st, Duration::from_secs(1))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Writes a checkpoint now (format 2, when recovery's damage state allows it and
+/// something was logged since the last one). Returns whether one was written.
+pub(crate) fn write(inner: &Inner) -> Result<bool> {
+    let geo = &inner.geo;
+    if !geo.appends() {
+        return Ok(false);
+    }
+    let (mut snap, upto, upto_crc, wb, seq) = {
+        let mut st = inner.lock();
+        if st.cp_busy || !eligible(&st) {
+            return Ok(false);
+        }
+        inner.seal(&mut st);
+        // The last sealed segment (an open segment left has no lines: it may never be
+        // written).
+        let upto = st.open.as_ref().map_or(st.next_id, |o| o.id) - 1;
+        // Nothing new; or all written back; or the last segment is the one recovery
+        // took at an uncertain header (its final header is not known).
+        if upto <= st.cp_upto.max(st.wb_id) || (st.unclaimed != 0 && upto <= st.unclaimed) {
+            return Ok(false);
+        }
+        st.cp_busy = true;
+        let snap = st.index.begin_snapshot();
+        (snap, upto, st.prev_crc, st.wb_id, st.cp_seq + 1)
+    };
+    let r = (|| -> Result<(u64, usize)> {
+        let journal = loop {
+            let mut st = inner.lock();
+            if !st.index.snapshot_chunk(&mut snap, CHUNK) {
+                break st.index.end_snapshot();
+            }
+        };
+        let mut entries = snap.merge(journal);
+        entries.retain(|&(_, v)| crate::index::Loc::unpack(v).seg > wb);
+        debug_assert!(entries
+            .iter()
+            .all(|&(_, v)| crate::index::Loc::unpack(v).seg <= upto));
+        inner.wait_durable(Pos::all(upto))?;
+        let durable_id = inner.lock().durable_claim();
+        let area = seq % 2;
+        let base = geo.checkpoint_offset(area);
+        let desc = inner.cache.describe();
+        let mut crc = 0u32;
+        let mut bytes = 0u64;
+        let per = WRITE_CHUNK / CP_ENTRY;
+        for (i, chunk) in entries.chunks(per).enumerate() {
+            let len = chunk.len() * CP_ENTRY;
+            let mut b = AlignedBuf::new((len as u64).div_ceil(LINE) as usize * LINE as usize);
+            for (j, (k, v)) in chunk.iter().enumerate() {
+                b[j * CP_ENTRY..j * CP_ENTRY + 8].copy_from_slice(&k.to_le_bytes());
+                b[j * CP_ENTRY + 8..j * CP_ENTRY + 16].copy_from_slice(&v.to_le_bytes());
+            }
+            crc = crc32c::crc32c_append(crc, &b[..len]);
+            let off = base + CP_HEADER as u64 + (i * WRITE_CHUNK) as u64;
+            inner
+                .cache
+                .write_at(&b, off)
+                .map_err(|e| Error::io(&desc, off, e))?;
+            bytes += b.len() as u64;
+        }
+        let h = CheckpointHeader {
+            uuid: inner.uuid,
+            seq,
+            last_writeback_id: wb,
+            upto,
+            upto_crc,
+            entries_crc: crc,
+            nr_entries: entries.len() as u64,
+            durable_id,
+            nr_segments: geo.nr_segments,
+        };
+        let mut hb = AlignedBuf::new(CP_HEADER);
+        hb.copy_from_slice(&h.encode());
+        inner
+            .cache
+            .write_at(&hb, base)
+            .and_then(|_| inner.cache.flush())
+            .map_err(|e| Error::io(&desc, base, e))?;
+        Ok((bytes + CP_HEADER as u64, entries.len()))
+    })();
+    let mut st = inner.lock();
+    st.cp_busy = false;
+    // A snapshot cut short by an error stops journaling.
+    let _ = st.index.end_snapshot();
+    match r {
+        Ok((bytes, n)) => {
+            st.cp_seq = seq;
+            st.cp_upto = upto;
+            st.checkpoints += 1;
+            st.cache_bytes_written += bytes;
+            info!(inner.log, "checkpoint written"; "seq" => seq, "upto" => upto, "entries" => n);
+            Ok(true)
+        }
+        Err(e) => {
+            if let Error::Io { .. } = e {
+                // A cache device that fails a write fails the cache, as elsewhere.
+                st.failed.get_or_insert_with(|| e.to_string());
+                inner.io_cv.notify_all();
+                inner.worker_cv.notify_all();
+            }
+            Err(e)
+        }
+    }
+}
