@@ -202,11 +202,7 @@ impl Cleaner {
                 drop(st);
                 self.pending = None;
                 if let Err(e) = release(inner, p.upto) {
-                    warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
-                    let mut st = inner.lock();
-                    st.failed = Some(e.to_string());
-                    inner.io_cv.notify_all();
-                    inner.worker_cv.notify_all();
+                    cache_failed(inner, &e);
                 }
                 return Step::Worked;
             }
@@ -321,19 +317,14 @@ impl Cleaner {
             .map(|(&k, &v)| (k, v))
             .collect();
         drop(st);
-        let (bufs, headers) = match crate::writeback::read_segments(
-            inner, first, last, &skip, &gens,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
-                let mut st = inner.lock();
-                st.failed = Some(e.to_string());
-                inner.io_cv.notify_all();
-                inner.worker_cv.notify_all();
-                return Step::Worked;
-            }
-        };
+        let (bufs, headers) =
+            match crate::writeback::read_segments(inner, first, last, &skip, &gens) {
+                Ok(r) => r,
+                Err(e) => {
+                    cache_failed(inner, &e);
+                    return Step::Worked;
+                }
+            };
         let mut st = inner.lock();
         let mut done = first - 1;
         let mut segs = headers.iter().zip(bufs.iter()).peekable();
@@ -436,6 +427,15 @@ fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) ->
         st.clean.moved_lines += 1;
     }
     Moved::Done
+}
+
+/// The cache device failed while cleaning: the cache stops accepting writes.
+fn cache_failed(inner: &Inner, e: &Error) {
+    warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
+    let mut st = inner.lock();
+    st.failed = Some(e.to_string());
+    inner.io_cv.notify_all();
+    inner.worker_cv.notify_all();
 }
 
 /// Asks the flusher to make everything up to `target` durable (an append of the open

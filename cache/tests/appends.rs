@@ -14,16 +14,7 @@ const SEG: u32 = 64 << 10;
 const BACKING: u64 = 4 << 20;
 
 fn block(serial: u64, b: u64) -> Vec<u8> {
-    let mut data = vec![0u8; 4096];
-    for s in 0..8u64 {
-        tagged_sector(
-            serial,
-            0,
-            b * 8 + s,
-            &mut data[s as usize * 512..(s as usize + 1) * 512],
-        );
-    }
-    data
+    tagged_block(serial, b)
 }
 
 fn serial_of(c: &Cache, b: u64) -> Option<u64> {

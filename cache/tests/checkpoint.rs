@@ -16,16 +16,7 @@ const BACKING: u64 = 4 << 20;
 const CACHE: u64 = 64 * SEG as u64;
 
 fn block(serial: u64, b: u64) -> Vec<u8> {
-    let mut data = vec![0u8; 4096];
-    for s in 0..8u64 {
-        tagged_sector(
-            serial,
-            0,
-            b * 8 + s,
-            &mut data[s as usize * 512..(s as usize + 1) * 512],
-        );
-    }
-    data
+    tagged_block(serial, b)
 }
 
 fn tunables(every: u32) -> Tunables {

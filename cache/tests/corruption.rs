@@ -341,16 +341,7 @@ const BLOCKS: u64 = 128;
 const SEG_BYTES: usize = SEG as usize;
 
 fn block(serial: u64, b: u64) -> Vec<u8> {
-    let mut data = vec![0u8; 4096];
-    for s in 0..8 {
-        tagged_sector(
-            serial,
-            0,
-            b * 8 + s,
-            &mut data[s as usize * 512..(s as usize + 1) * 512],
-        );
-    }
-    data
+    tagged_block(serial, b)
 }
 
 /// The rounds on a format-1 cache: a flush seals the segment, so each round starts a

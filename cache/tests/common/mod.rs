@@ -119,6 +119,21 @@ pub fn open(
     .0
 }
 
+/// The 4 KiB block `b` of device 0 as write number `serial` writes it (eight tagged
+/// sectors, see [`tagged_sector`]).
+pub fn tagged_block(serial: u64, b: u64) -> Vec<u8> {
+    let mut data = vec![0u8; 4096];
+    for s in 0..8u64 {
+        tagged_sector(
+            serial,
+            0,
+            b * 8 + s,
+            &mut data[s as usize * 512..(s as usize + 1) * 512],
+        );
+    }
+    data
+}
+
 /// The content of sector `sector` of device `dev` written by write number `serial`
 /// (serial 0 = zeros): serial, sector and device up front, a pseudo-random fill after,
 /// so any sector read back names the write it came from and a torn or foreign sector
