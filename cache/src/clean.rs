@@ -290,7 +290,7 @@ impl Cleaner {
             if let Some(p) = self.pending {
                 // Nothing more to move: make the head durable so the moved segments
                 // can be released.
-                request_durable(inner, &mut st, p.target);
+                inner.request_durable(&mut st, p.target);
                 let _ = inner.io_cv.wait_timeout(st, Duration::from_millis(50));
                 return Step::Worked;
             }
@@ -435,20 +435,6 @@ fn cache_failed(inner: &Inner, e: &Error) {
     let mut st = inner.lock();
     st.failed = Some(e.to_string());
     inner.io_cv.notify_all();
-    inner.worker_cv.notify_all();
-}
-
-/// Asks the flusher to make everything up to `target` durable (an append of the open
-/// segment, in format 2).
-fn request_durable(inner: &Inner, st: &mut State, target: Pos) {
-    st.durable_req = st.durable_req.max(target);
-    if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
-        let now = std::time::Instant::now();
-        st.flush_req = Some(match st.flush_req {
-            Some((t, m)) => (t, m.max(target)),
-            None => (now, target),
-        });
-    }
     inner.worker_cv.notify_all();
 }
 

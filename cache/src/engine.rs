@@ -369,7 +369,6 @@ impl Inner {
             if st.durable_pos() >= target {
                 return Ok(());
             }
-            st.durable_req = st.durable_req.max(target);
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
             }
@@ -379,16 +378,23 @@ impl Inner {
             if let Some(e) = st.stuck_refusal() {
                 return Err(e);
             }
-            if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
-                let now = Instant::now();
-                st.flush_req = Some(match st.flush_req {
-                    Some((t, m)) => (t, m.max(target)),
-                    None => (now, target),
-                });
-            }
-            self.worker_cv.notify_all();
+            self.request_durable(&mut st, target);
             st = self.wait_io(st, Duration::from_millis(50));
         }
+    }
+
+    /// Asks the flusher to make the log up to `target` durable: a flush of what is
+    /// written, and for lines of the open segment a flush request (format 2 appends
+    /// them, format 1 seals the segment).
+    pub(crate) fn request_durable(&self, st: &mut State, target: Pos) {
+        st.durable_req = st.durable_req.max(target);
+        if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
+            st.flush_req = Some(match st.flush_req {
+                Some((t, m)) => (t, m.max(target)),
+                None => (Instant::now(), target),
+            });
+        }
+        self.worker_cv.notify_all();
     }
 }
 

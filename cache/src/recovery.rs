@@ -525,10 +525,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                         crc,
                     } = &p
                     {
-                        damage.add_lost(*x, lines);
-                        report
-                            .damaged
-                            .push((*x, format!("append {gen} data checksum mismatch")));
+                        lost_append(&mut damage, &mut report, *x, *gen, lines);
                         if follow {
                             last_crc = *crc;
                         }
@@ -700,10 +697,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                     id: x, gen, lines, ..
                 },
             ) => {
-                damage.add_lost(x, &lines);
-                report
-                    .damaged
-                    .push((x, format!("append {gen} data checksum mismatch")));
+                lost_append(&mut damage, &mut report, x, gen, &lines);
             }
             (Resolution::Unknown, Pending::Unreadable { id: x, gen }) => {
                 unknown_final(&mut damage, &mut recovered_gens, &mut report, x, gen);
@@ -789,6 +783,21 @@ fn resolve(p: &Pending, follows: Option<u32>, taken: u32, durable: bool) -> Reso
         Pending::Unreadable { .. } if durable => Resolution::Unknown,
         _ => Resolution::Fine,
     }
+}
+
+/// Records that append `gen` of segment `id`, durable, failed its data check: the
+/// `lines` it added are lost.
+fn lost_append(
+    damage: &mut Damage,
+    report: &mut RecoveryReport,
+    id: u64,
+    gen: u16,
+    lines: &[crate::format::Entry],
+) {
+    damage.add_lost(id, lines);
+    report
+        .damaged
+        .push((id, format!("append {gen} data checksum mismatch")));
 }
 
 /// Records that segment `id`, proven durable and taken at append `gen`, lost its final
