@@ -29,6 +29,10 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// A short name for messages (a path, "mem", ...).
     fn describe(&self) -> String;
+    /// Starts moving a range written by [`BlockDevice::write_at`] to the medium without
+    /// waiting, so a later [`BlockDevice::flush`] has less left to do. A hint: nothing
+    /// is promised until `flush`. The default does nothing.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
     /// [`BlockDevice::read_at`] only if it needs no waiting for the device (for a file
     /// or block device: the range is in the page cache); `None` otherwise, and nothing
     /// was read. The default never reads.
@@ -269,6 +273,22 @@ impl BlockDevice for FileDevice {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // O_DIRECT writes are on their way to the device when they return.
+        if self.direct {
+            return;
+        }
+        // Linux: POSIX_FADV_DONTNEED starts writeback of the range's dirty pages
+        // (WB_SYNC_NONE, no waiting) and drops the range's clean pages. A failure
+        // only leaves the work to the next flush.
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        );
     }
 }
 

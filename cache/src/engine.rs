@@ -122,6 +122,7 @@ impl Inner {
                     entries: Vec::with_capacity(self.geo.lines_per_segment as usize),
                     last_write: Instant::now(),
                     written: 0,
+                    staged: 0,
                     gen: 0,
                     crc: 0,
                     hcrc: 0,
@@ -230,10 +231,10 @@ impl Inner {
                 continue;
             }
             let old = st.index.get(k);
-            let (open_id, written) = st.open.as_ref().map(|o| (o.id, o.written)).expect("open");
+            let (open_id, staged) = st.open.as_ref().map(|o| (o.id, o.staged)).expect("open");
             let hl = self.geo.data_start();
-            // Overwrite in place in the open segment (not in lines an append wrote).
-            if let Some(loc) = old.filter(|l| l.seg == open_id && l.slot as usize >= written) {
+            // Overwrite in place in the open segment (not in lines already on the device).
+            if let Some(loc) = old.filter(|l| l.seg == open_id && l.slot as usize >= staged) {
                 let o = st.open.as_mut().expect("open");
                 let s = hl + loc.slot as usize * LINE as usize;
                 let line_buf = &mut o.buf[s..s + LINE as usize];
@@ -335,6 +336,15 @@ impl Inner {
                 flags,
             });
             o.last_write = Instant::now();
+            // While flushes come often the flusher stages lines as they accumulate.
+            let stage = o.entries.len() - o.staged == st.tunables.stage_lines as usize;
+            if stage
+                && st
+                    .last_append
+                    .is_some_and(|t| Instant::now() < t + crate::flush::STAGE_WINDOW)
+            {
+                self.worker_cv.notify_all();
+            }
             let loc = Loc {
                 seg: open_id,
                 slot: slot as u16,
@@ -1013,6 +1023,9 @@ impl Cache {
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
             appends: st.appends,
+            staged_lines: st.staged_lines,
+            append_write_us: st.append_write_us,
+            append_flush_us: st.append_flush_us,
             live_lines: st.index.len() as u64,
             stale_lines: st
                 .index

@@ -82,6 +82,16 @@ pub(crate) fn run(inner: &Inner) {
                 inner.worker_cv.notify_all();
             }
         }
+        // 4. Lines of the open segment staged ahead of the flush that will want them.
+        if !append_due
+            && !behind
+            && st.failed.is_none()
+            && append_id <= limit
+            && stage_due(inner, &st, now)
+        {
+            st = stage(inner, st);
+            continue;
+        }
         let batch: Vec<Arc<Sealed>> = st
             .ram
             .range(st.write_started_id + 1..)
@@ -175,8 +185,9 @@ pub(crate) fn run(inner: &Inner) {
 }
 
 /// Writes what is left of a sealed segment: all of it (both header copies and its
-/// lines, one sequential write) when no append wrote any, else the lines after the last
-/// append and the final header's copy. Returns the bytes written.
+/// lines, one sequential write) when no append or staging wrote any, else the lines
+/// not yet on the device and the final header's copy (unless the newest append's is
+/// final). Returns the bytes written.
 fn write_sealed(inner: &Inner, seg: &Sealed) -> Result<u64, Error> {
     let geo = &inner.geo;
     let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
@@ -184,11 +195,15 @@ fn write_sealed(inner: &Inner, seg: &Sealed) -> Result<u64, Error> {
     let mut parts: Vec<(&[u8], u64)> = Vec::new();
     if seg.from == 0 {
         parts.push((&seg.buf[..ds + seg.n * line], base));
-    } else if seg.n > seg.from {
-        let lines = &seg.buf[ds + seg.from * line..ds + seg.n * line];
-        parts.push((lines, geo.line_offset(seg.id, seg.from as u32)));
-        let c = geo.header_copy(seg.gen);
-        parts.push((&seg.buf[c * hl..(c + 1) * hl], base + (c * hl) as u64));
+    } else {
+        if seg.n > seg.from {
+            let lines = &seg.buf[ds + seg.from * line..ds + seg.n * line];
+            parts.push((lines, geo.line_offset(seg.id, seg.from as u32)));
+        }
+        if seg.header {
+            let c = geo.header_copy(seg.gen);
+            parts.push((&seg.buf[c * hl..(c + 1) * hl], base + (c * hl) as u64));
+        }
     }
     let mut bytes = 0;
     for (data, off) in parts {
@@ -202,19 +217,20 @@ fn write_sealed(inner: &Inner, seg: &Sealed) -> Result<u64, Error> {
 }
 
 /// Format 2: makes the open segment's lines durable without sealing it. Writes the
-/// lines added since the last append and a header of the next generation into the
-/// copy the previous generation does not occupy (the first append writes copy 0 and
-/// zeros copy 1 with its lines, in one write), then flushes the cache device. Called
-/// only when every segment before the open one is written, so after the flush the
-/// whole log up to here is durable. The lines are copied out under the lock (writers
-/// go on filling the segment meanwhile); lines `0..written` are immutable from here.
+/// lines not yet on the device (those after `staged`) and a header of the next
+/// generation into the copy the previous generation does not occupy (the first append
+/// of a segment nothing was staged for writes copy 0 and zeros copy 1 with its lines,
+/// in one write; staging wrote those zeros otherwise), then flushes the cache device.
+/// Called only when every segment before the open one is written, so after the flush
+/// the whole log up to here is durable. The lines are copied out under the lock
+/// (writers go on filling the segment meanwhile); lines `0..n` are immutable from here.
 fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
     let geo = &inner.geo;
     let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
     let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
     let o = st.open.as_mut().expect("open segment");
-    let (id, from, n, gen) = (o.id, o.written, o.entries.len(), o.gen + 1);
-    let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + from * line..ds + n * line]);
+    let (id, written, staged, n, gen) = (o.id, o.written, o.staged, o.entries.len(), o.gen + 1);
+    let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + written * line..ds + n * line]);
     let hdr = SegmentHeader {
         id,
         lap: geo.lap(id),
@@ -229,20 +245,23 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let base = geo.segment_offset(id);
     let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
     let hcrc;
-    if gen == 1 {
+    if gen == 1 && staged == 0 {
         let mut b = AlignedBuf::new(ds + n * line);
         hcrc = hdr.encode_into(&mut b[..hl]);
         b[ds..].copy_from_slice(&o.buf[ds..ds + n * line]);
         writes.push((b, base));
     } else {
-        let mut l = AlignedBuf::new((n - from) * line);
-        l.copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
-        writes.push((l, geo.line_offset(id, from as u32)));
+        if n > staged {
+            let mut l = AlignedBuf::new((n - staged) * line);
+            l.copy_from_slice(&o.buf[ds + staged * line..ds + n * line]);
+            writes.push((l, geo.line_offset(id, staged as u32)));
+        }
         let mut h = AlignedBuf::new(hl);
         hcrc = hdr.encode_into(&mut h);
         writes.push((h, base + (geo.header_copy(gen) * hl) as u64));
     }
     o.written = n;
+    o.staged = n;
     o.gen = gen;
     o.crc = data_crc;
     o.hcrc = hcrc;
@@ -252,6 +271,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let desc = inner.cache.describe();
     let mut bytes = 0;
     let mut r = Ok(());
+    let t0 = Instant::now();
     for (b, off) in &writes {
         r = inner
             .cache
@@ -262,9 +282,13 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         }
         bytes += b.len() as u64;
     }
+    let t1 = Instant::now();
     let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
+    let t2 = Instant::now();
     let mut st = inner.lock();
     st.cache_bytes_written += bytes;
+    st.append_write_us += (t1 - t0).as_micros() as u64;
+    st.append_flush_us += (t2 - t1).as_micros() as u64;
     match r {
         Ok(()) => {
             st.flushed_id = st.flushed_id.max(written);
@@ -276,11 +300,73 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
                 st.unflushed_since = None;
             }
             st.appends += 1;
+            st.last_append = Some(Instant::now());
         }
         Err(e) => fail(inner, &mut st, e),
     }
     inner.io_cv.notify_all();
     inner.worker_cv.notify_all();
+    st
+}
+
+/// Format 2, while flushes come often (an append in the last [`STAGE_WINDOW`]): the
+/// open segment's lines are written to its slot as they accumulate, at least the
+/// tunable `stage_lines` at a time (or whatever is there when a flush request waits
+/// for more writers), so the append a flush then needs writes little more than its
+/// header. A staged line is written, not durable: no header covers it until an append
+/// or the seal writes one, and the crcs in that header are what recovery checks it by.
+/// How long after an append the flusher keeps staging lines.
+pub(crate) const STAGE_WINDOW: Duration = Duration::from_secs(1);
+
+/// True when the open segment's lines should be staged now.
+fn stage_due(inner: &Inner, st: &State, now: Instant) -> bool {
+    let Some(o) = st.open.as_ref() else {
+        return false;
+    };
+    let (unstaged, every) = (o.entries.len() - o.staged, st.tunables.stage_lines as usize);
+    inner.geo.appends()
+        && every > 0
+        && unstaged > 0
+        && st.last_append.is_some_and(|t| now < t + STAGE_WINDOW)
+        && (unstaged >= every || st.flush_req.is_some())
+}
+
+/// Writes the open segment's lines `staged..n` to its slot (no header, no flush); the
+/// first staging of a segment writes zeros over both header copies with them, so no
+/// older header of the slot outlives the lines written over its data. Lines `0..n`
+/// are immutable from here. Called, like an append, only when the slot may be written
+/// and every segment before the open one is written.
+fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    let geo = &inner.geo;
+    let (ds, line) = (geo.data_start(), LINE as usize);
+    let o = st.open.as_mut().expect("open segment");
+    let (id, from, n) = (o.id, o.staged, o.entries.len());
+    let (buf, off) = if from == 0 {
+        let mut b = AlignedBuf::new(ds + n * line);
+        b[ds..].copy_from_slice(&o.buf[ds..ds + n * line]);
+        (b, geo.segment_offset(id))
+    } else {
+        let mut b = AlignedBuf::new((n - from) * line);
+        b.copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
+        (b, geo.line_offset(id, from as u32))
+    };
+    o.staged = n;
+    st.slot_claimed_id = st.slot_claimed_id.max(id);
+    drop(st);
+    let r = inner
+        .cache
+        .write_at(&buf, off)
+        .map_err(|e| Error::io(&inner.cache.describe(), off, e));
+    if r.is_ok() {
+        inner.cache.start_writeback(off, buf.len() as u64);
+    }
+    let mut st = inner.lock();
+    st.cache_bytes_written += buf.len() as u64;
+    st.staged_lines += (n - from) as u64;
+    if let Err(e) = r {
+        fail(inner, &mut st, e);
+    }
+    inner.io_cv.notify_all();
     st
 }
 

@@ -45,9 +45,14 @@ pub(crate) struct OpenSeg {
     pub buf: AlignedBuf,
     pub entries: Vec<Entry>,
     pub last_write: Instant,
-    /// Format 2: lines `0..written` are on the cache device (or being written by an
-    /// append) and immutable: a rewrite of one of them takes a new line.
+    /// Format 2: lines `0..written` are durable under the newest header (or being made
+    /// so by an append).
     pub written: usize,
+    /// Format 2: lines `0..staged` (`>= written`) are on the cache device or being
+    /// written there (staged ahead of an append, see `flush.rs`) and immutable: a
+    /// rewrite of one of them takes a new line. When `staged > 0` both header copies
+    /// in the slot were written as zeros or by an append.
+    pub staged: usize,
     /// Appends written so far (the generation of the newest header on the device).
     pub gen: u16,
     /// crc32c of lines `0..written`.
@@ -58,13 +63,15 @@ pub(crate) struct OpenSeg {
 
 /// A sealed segment: its final header encoded in `buf`, immutable until written.
 /// Lines `from..n` and the header still have to be written (`from` > 0 when appends
-/// wrote the lines before it; then the header is copy `header_copy(gen)` alone).
+/// or staging wrote the lines before it; then the header is copy `header_copy(gen)`
+/// alone, and only when `header`: no append covered all `n` lines).
 pub(crate) struct Sealed {
     pub id: u64,
     pub buf: AlignedBuf,
     pub from: usize,
     pub n: usize,
     pub gen: u16,
+    pub header: bool,
 }
 
 pub(crate) struct BackingSlot {
@@ -186,6 +193,13 @@ pub(crate) struct State {
     pub partial_segments: u64,
     /// Appends: flushes that made an open segment's lines durable without sealing it.
     pub appends: u64,
+    /// When the newest append was made (the flusher stages lines while appends come).
+    pub last_append: Option<Instant>,
+    /// Lines written to an open segment's slot ahead of its append (`flush.rs`).
+    pub staged_lines: u64,
+    /// Time appends spent writing, and flushing (microseconds).
+    pub append_write_us: u64,
+    pub append_flush_us: u64,
     pub failed: Option<String>,
     /// Damaged log segments and the data lost with them (see `damage.rs`).
     pub damage: Damage,
@@ -270,6 +284,10 @@ impl State {
             backing_bytes_written: 0,
             partial_segments: 0,
             appends: 0,
+            last_append: None,
+            staged_lines: 0,
+            append_write_us: 0,
+            append_flush_us: 0,
             failed: None,
             damage: r.damage,
             recovered_gens: r.recovered_gens,
@@ -331,17 +349,18 @@ impl Inner {
         let mut o = st.open.take().expect("open segment");
         let geo = &self.geo;
         let (hl, ds) = (geo.header_len(), geo.data_start());
-        let (n, from) = (o.entries.len(), o.written);
+        let (n, written, from) = (o.entries.len(), o.written, o.staged);
         let line = LINE as usize;
+        let header = n > written || written == 0;
         let gen = if !geo.appends() {
             0
-        } else if n == from {
-            o.gen
-        } else {
+        } else if header {
             o.gen + 1
+        } else {
+            o.gen
         };
-        if n > from || from == 0 {
-            let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + from * line..ds + n * line]);
+        if header {
+            let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + written * line..ds + n * line]);
             let hdr = SegmentHeader {
                 id: o.id,
                 lap: geo.lap(o.id),
@@ -374,6 +393,7 @@ impl Inner {
                 from,
                 n,
                 gen,
+                header,
             }),
         );
         self.worker_cv.notify_all();

@@ -43,6 +43,14 @@ pub struct Stats {
     /// Format 2: flushes that made the open segment's lines durable by an append
     /// instead of sealing it.
     pub appends: u64,
+    /// Format 2: lines written to the open segment's slot ahead of the append that made
+    /// them durable (staged while flushes come often).
+    pub staged_lines: u64,
+    /// Format 2: microseconds appends spent writing lines and headers (with
+    /// `append_flush_us` over `appends`: what a flush waits for on average).
+    pub append_write_us: u64,
+    /// Format 2: microseconds appends spent flushing the cache device.
+    pub append_flush_us: u64,
     /// Lines of the log the index points at (the newest copy of a cached line).
     pub live_lines: u64,
     /// Lines of the log that a newer copy superseded: space the cleaner can reclaim.

@@ -35,6 +35,11 @@ pub struct Tunables {
     /// durable since the last one, and at a clean stop; 0 = never write checkpoints
     /// (recovery then walks the whole dirty log), 0..=1000000 (default 256).
     pub checkpoint_interval_segments: u32,
+    /// Format 2: while flushes come often, the flusher writes the open segment's lines
+    /// to its slot once this many have accumulated, so a flush then writes little more
+    /// than a header; 0 = never (a flush writes every line since the last one),
+    /// 0..=1024 (default 8).
+    pub stage_lines: u32,
 }
 
 impl Default for Tunables {
@@ -51,6 +56,7 @@ impl Default for Tunables {
             writeback_fail_timeout_s: 20,
             clean_live_max: 80,
             checkpoint_interval_segments: 256,
+            stage_lines: 8,
         }
     }
 }
@@ -68,6 +74,7 @@ pub const NAMES: &[&str] = &[
     "writeback_fail_timeout_s",
     "clean_live_max",
     "checkpoint_interval_segments",
+    "stage_lines",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -141,6 +148,7 @@ impl Tunables {
             "checkpoint_interval_segments" => {
                 self.checkpoint_interval_segments = parse_range(key, v, 0, 1_000_000)?
             }
+            "stage_lines" => self.stage_lines = parse_range(key, v, 0, 1024)?,
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -177,6 +185,7 @@ impl Tunables {
                 "checkpoint_interval_segments",
                 self.checkpoint_interval_segments.to_string(),
             ),
+            ("stage_lines", self.stage_lines.to_string()),
         ]
     }
 }

@@ -45,6 +45,8 @@ pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
         flush_interval_s: 0,
         // Frequent checkpoints (0: none), so power cuts land in them too.
         checkpoint_interval_segments: rng.gen_range(0..=3),
+        // Staging lines ahead of appends: off, every line, and every few lines.
+        stage_lines: [0, 1, 1, 2, 8][rng.gen_range(0..5)],
         ..Tunables::default()
     }
 }
