@@ -5,7 +5,17 @@
 //! commands served on the loop thread ("inline", the daemon's default), and inline with
 //! the loop busy-polling the ring for 50 µs before it sleeps (`busy_poll_us`).
 //!
-//! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per row).
+//! Then large commands at QD 4 (MiB/s), the rows where copies of the data, not
+//! per-command overhead, decide the speed: 1 MiB sequential writes and reads over the
+//! cached range (reads hit RAM and the cache device), and 512 KiB writes and reads of
+//! one range that stays in the open segment ("hot": overwrites in place and RAM hits,
+//! no device I/O, so what is left is the data path's copies). `LC_BENCH_ONLY=large`
+//! runs only those, each beside the engine alone on the same shape, with the process's
+//! CPU time per command (every thread, the emulated kernel's copies included: steadier
+//! than wall-clock figures on a shared machine).
+//!
+//! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per 4 KiB row;
+//! `LC_BENCH_LARGE_OPS`, default 512 per large row).
 
 #[path = "../tests/common/emulator.rs"]
 mod emulator;
@@ -28,6 +38,42 @@ use rand::{Rng, SeedableRng};
 
 const BACKING: u64 = 1 << 30;
 const WORKERS: usize = 4;
+/// What the commands of a row look like.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Shape {
+    /// 4 KiB at a random block.
+    Small,
+    /// 1 MiB, walking the cached range in order.
+    Seq,
+    /// 512 KiB, always at offset 0 (in the open segment after the first write).
+    Hot,
+}
+
+impl Shape {
+    fn size(self) -> usize {
+        match self {
+            Shape::Small => 4096,
+            Shape::Seq => 1 << 20,
+            Shape::Hot => 512 << 10,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Small => "4KiB",
+            Shape::Seq => "1MiB seq",
+            Shape::Hot => "512KiB hot",
+        }
+    }
+}
+
+/// CPU time of the whole process (every thread: the loop, the workers, the engine's
+/// threads and the emulated kernel), which noise from other work on the machine does
+/// not inflate the way it does wall-clock figures.
+fn cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -83,14 +129,18 @@ fn main() {
 
     println!("ring benchmark: 4 KiB random I/O, {ops} commands per row, {WORKERS} I/O workers, files in {}", dir.path().display());
     println!(
-        "{:<38} {:>10} {:>10} {:>10}",
+        "{:<44} {:>10} {:>10} {:>10}",
         "", "IOPS", "p50 us", "p99 us"
     );
 
     // Engine only: one thread (as many as the loop thread that serves inline) and
     // WORKERS threads calling the engine back to back.
+    let large_only = std::env::var("LC_BENCH_ONLY").as_deref() == Ok("large");
     let mut engine_iops = HashMap::new();
-    for (write, threads) in [(true, 1), (true, WORKERS), (false, 1), (false, WORKERS)] {
+    for (write, threads) in [(true, 1), (true, WORKERS), (false, 1), (false, WORKERS)]
+        .into_iter()
+        .filter(|_| !large_only)
+    {
         reset(&cache);
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
@@ -116,7 +166,7 @@ fn main() {
         let iops = (per * threads) as f64 / start.elapsed().as_secs_f64();
         engine_iops.insert((write, threads), iops);
         println!(
-            "{:<38} {:>10.0}",
+            "{:<44} {:>10.0}",
             format!(
                 "engine only, {} thread{}, {}",
                 threads,
@@ -127,16 +177,79 @@ fn main() {
         );
     }
 
+    // Engine only, the large shapes, one thread.
+    let large_ops: usize = std::env::var("LC_BENCH_LARGE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let mut engine_mib = HashMap::new();
+    for (shape, write) in [Shape::Seq, Shape::Hot]
+        .into_iter()
+        .flat_map(|s| [(s, true), (s, false)])
+    {
+        reset(&cache);
+        let size = shape.size();
+        let mut buf = vec![7u8; size];
+        if shape == Shape::Hot {
+            cache.write(0, 0, &buf, false).unwrap();
+        }
+        let per = (size / 4096) as u64;
+        let start = Instant::now();
+        let cpu0 = cpu_time();
+        for i in 0..large_ops as u64 {
+            let lba = if shape == Shape::Hot {
+                0
+            } else {
+                (i * per) % fill
+            };
+            if write {
+                cache.write(0, lba * 4096, &buf, false).unwrap();
+            } else {
+                cache.read(0, lba * 4096, &mut buf).unwrap();
+            }
+        }
+        let iops = large_ops as f64 / start.elapsed().as_secs_f64();
+        let cpu = (cpu_time() - cpu0).as_secs_f64() * 1e6 / large_ops as f64;
+        let mib = iops * size as f64 / (1 << 20) as f64;
+        engine_mib.insert((shape, write), mib);
+        println!(
+            "{:<44} {:>10.0} {:>10} {:>10}   ({mib:.0} MiB/s, {cpu:.0} us CPU per command)",
+            format!(
+                "engine only, 1 thread, {} {}",
+                shape.name(),
+                if write { "write" } else { "read" }
+            ),
+            iops,
+            "",
+            ""
+        );
+    }
+
     // Modes: every command on a worker; inline (the daemon's default); inline with a
     // 50 µs busy poll.
     let modes = [(false, 0u64), (true, 0), (true, 50)];
-    for (write, qd, (inline, poll_us)) in [true, false]
+    let small_rows = [true, false]
         .into_iter()
-        .flat_map(|w| [1usize, 32, 128].map(|q| (w, q)))
-        .flat_map(|(w, q)| modes.map(|m| (w, q, m)))
+        .flat_map(|w| [1usize, 32, 128].map(|q| (w, q, Shape::Small)))
+        .filter(|_| !large_only);
+    let large_rows = [Shape::Seq, Shape::Hot]
+        .into_iter()
+        .flat_map(|s| [(true, 4usize, s), (false, 4, s)]);
+    for (write, qd, shape, (inline, poll_us)) in small_rows
+        .chain(large_rows)
+        .flat_map(|(w, q, sh)| modes.map(|m| (w, q, sh, m)))
     {
+        let size = shape.size();
+        let ops = if shape == Shape::Small {
+            ops
+        } else {
+            large_ops
+        };
         {
             reset(&cache);
+            if shape == Shape::Hot {
+                cache.write(0, 0, &vec![7u8; size], false).unwrap();
+            }
             let mut emu = Emulator::new(
                 (8 << 20) - emulator::CMDR_OFF as u32,
                 64 << 20,
@@ -168,18 +281,31 @@ fn main() {
                 }
             });
             let mut rng = rand::rngs::SmallRng::seed_from_u64(qd as u64);
-            let data = vec![7u8; 4096];
+            let data = vec![7u8; size];
+            let per_cmd = (size / 4096) as u64;
+            let mut next_lba = 0u64;
+            let mut pick = |rng: &mut rand::rngs::SmallRng| match shape {
+                Shape::Small => rng.gen_range(0..if write { blocks } else { fill }),
+                Shape::Seq => {
+                    let lba = next_lba;
+                    next_lba = (next_lba + per_cmd) % fill;
+                    lba
+                }
+                Shape::Hot => 0,
+            };
             let mut started: HashMap<u16, Instant> = HashMap::new();
             let mut lat = Vec::with_capacity(ops);
             let mut submitted = 0;
             let t0 = Instant::now();
+            let cpu0 = cpu_time();
             while lat.len() < ops {
                 while started.len() < qd && submitted < ops {
-                    let lba = rng.gen_range(0..if write { blocks } else { fill });
+                    let lba = pick(&mut rng);
+                    let n = per_cmd as u32;
                     let id = if write {
-                        emu.submit(&build16(0x8a, lba, 1, 0), &data, 0)
+                        emu.submit(&build16(0x8a, lba, n, 0), &data, 0)
                     } else {
-                        emu.submit(&build16(0x88, lba, 1, 0), &[], 4096)
+                        emu.submit(&build16(0x88, lba, n, 0), &[], size)
                     };
                     match id {
                         Some(id) => {
@@ -208,26 +334,38 @@ fn main() {
                 }
             }
             let iops = ops as f64 / t0.elapsed().as_secs_f64();
+            let cpu = (cpu_time() - cpu0).as_secs_f64() * 1e6 / ops as f64;
             stop.store(true, Ordering::Relaxed);
             let _ = waker.wake();
             th.join().unwrap();
             let p50 = pct(&mut lat, 0.5).as_secs_f64() * 1e6;
             let p99 = pct(&mut lat, 0.99).as_secs_f64() * 1e6;
+            let mode = match (inline, poll_us) {
+                (false, _) => "workers only".to_string(),
+                (true, 0) => "inline".to_string(),
+                (true, p) => format!("inline, poll {p}us"),
+            };
+            let rw = if write { "write" } else { "read" };
+            if shape != Shape::Small {
+                let mib = iops * size as f64 / (1 << 20) as f64;
+                let engine = engine_mib[&(shape, write)];
+                println!(
+                    "{:<44} {:>10.0} {:>10.1} {:>10.1}   ({mib:.0} MiB/s, {cpu:.0} us CPU per command; {:.2} of engine only, 1 thread)",
+                    format!("ring {} {rw} QD{qd}, {mode}", shape.name()),
+                    iops,
+                    p50,
+                    p99,
+                    mib / engine,
+                );
+                continue;
+            }
             let (r1, rn) = (
                 iops / engine_iops[&(write, 1)],
                 iops / engine_iops[&(write, WORKERS)],
             );
             println!(
-                "{:<38} {:>10.0} {:>10.1} {:>10.1}   ({r1:.2} / {rn:.2} of engine only, 1 / {WORKERS} threads)",
-                format!(
-                    "ring {} QD{qd}, {}",
-                    if write { "write" } else { "read" },
-                    match (inline, poll_us) {
-                        (false, _) => "workers only".to_string(),
-                        (true, 0) => "inline".to_string(),
-                        (true, p) => format!("inline, poll {p}us"),
-                    }
-                ),
+                "{:<44} {:>10.0} {:>10.1} {:>10.1}   ({r1:.2} / {rn:.2} of engine only, 1 / {WORKERS} threads)",
+                format!("ring {rw} QD{qd}, {mode}"),
                 iops,
                 p50,
                 p99,

@@ -2,11 +2,14 @@
 //! I/O workers (`handler/workers.rs`) that run blocking commands off the event-loop
 //! thread.
 //!
-//! The event loop owns every [`Device`] (and so every ring); workers never touch
-//! shared memory. A command that needs the backend is gathered on the loop thread,
-//! executed by one of the device's workers, and its result comes back over a channel
-//! with a `mio::Waker` wake-up; the loop scatters Data-In, completes the entry and
-//! kicks.
+//! The event loop owns every [`Device`] (and so every ring); workers never touch the
+//! ring. A command's iovecs are lent as slices of the data area (`Ring::lend`) for as
+//! long as it runs: a WRITE's Data-Out is copied from them into the engine's segment
+//! buffer and a READ's Data-In is read straight into them, with no staging copy. A
+//! command that needs the backend is tried on the loop thread, else executed by one of
+//! the device's workers with its loan, and its result comes back over a channel with a
+//! `mio::Waker` wake-up; the loop zeroes Data-In the command did not fill, gives the
+//! loan back, completes the entry and kicks.
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -14,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use slog::{error, info, warn, Logger};
 
-use crate::ring::{Command, Doorbell, Fetched, IoVec, Malformed, Response, Ring, RingError};
+use crate::ring::{Command, Doorbell, Fetched, Malformed, Response, Ring, RingError};
 use crate::scsi::{self, BlockBackend, IoError, IoErrorKind, LunState};
-pub use crate::workers::{Done, Job, Running, Workers};
+use crate::shm::{Lent, ShmError};
+pub use crate::workers::{Done, Job, JobData, Running, Workers};
 
 /// The engine as a SCSI block backend for one backing device id.
 pub struct EngineBackend {
@@ -47,12 +51,14 @@ fn io_err(e: lc_cache::Error) -> IoError {
 }
 
 impl BlockBackend for EngineBackend {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.cache.read(self.dev, offset, buf).map_err(io_err)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
         self.cache
-            .write(self.dev, offset, data, fua)
+            .read_vectored(self.dev, offset, bufs)
+            .map_err(io_err)
+    }
+    fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
+        self.cache
+            .write_vectored(self.dev, offset, data, fua)
             .map_err(io_err)
     }
     fn flush(&self) -> Result<(), IoError> {
@@ -61,22 +67,25 @@ impl BlockBackend for EngineBackend {
     fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.cache.discard(self.dev, offset, len).map_err(io_err)
     }
-    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
-        Some(self.cache.try_read(self.dev, offset, buf)?.map_err(io_err))
-    }
-    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+    fn try_read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
         Some(
             self.cache
-                .try_write(self.dev, offset, data)?
+                .try_read_vectored(self.dev, offset, bufs)?
+                .map_err(io_err),
+        )
+    }
+    fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
+        Some(
+            self.cache
+                .try_write_vectored(self.dev, offset, data)?
                 .map_err(io_err),
         )
     }
 }
 
-/// Commands of one device waiting for a worker, by id: their Data-In iovecs.
+/// A command of one device on its workers (its loan travels with the job).
 struct InFlight {
     cmd_id: u16,
-    iovs: Vec<IoVec>,
 }
 
 /// Whether a device is served.
@@ -245,13 +254,14 @@ impl Device {
                 .retain(|f| !old.iter().any(|j| j.cmd_id == f.cmd_id));
             return self.try_reset();
         }
-        for job in old {
+        for mut job in old {
             let Some(i) = self.inflight.iter().position(|f| f.cmd_id == job.cmd_id) else {
                 continue;
             };
-            let f = self.inflight.swap_remove(i);
+            self.inflight.swap_remove(i);
             if matches!(self.state, State::Serving | State::Draining) {
-                if let Err(e) = self.finish(job.cmd_id, &f.iovs, scsi::ScsiResponse::timed_out()) {
+                let r = scsi::ScsiResponse::timed_out();
+                if let Err(e) = self.finish(job.cmd_id, &mut job.data, r) {
                     return self.ring_broken(e);
                 }
             }
@@ -313,7 +323,7 @@ impl Device {
                   "count" => self.malformed);
         }
         match m.cmd_id {
-            Some(id) => self.finish(id, &[], scsi::ScsiResponse::internal_failure()),
+            Some(id) => self.complete(id, scsi::ScsiResponse::internal_failure(), None),
             None => Ok(()),
         }
     }
@@ -355,10 +365,34 @@ impl Device {
                 }
             };
             let data_in_len = cmd.data_len() as usize;
+            let lent = match self.ring.lend(&cmd.iovs) {
+                Ok(l) => l,
+                Err(RingError::Shm(ShmError::Gone)) => {
+                    return self.ring_broken(RingError::Shm(ShmError::Gone))
+                }
+                // Iovecs sharing bytes with another command's (still running): a
+                // kernel that does that is broken; refuse the command, not the ring.
+                Err(e) => {
+                    self.malformed += 1;
+                    if self.malformed <= MALFORMED_LOGGED {
+                        warn!(self.log, "ring entry refused: its data is lent to another command";
+                              "device" => &self.name, "cmd_id" => cmd.cmd_id, "error" => %e,
+                              "count" => self.malformed);
+                    }
+                    let r = scsi::ScsiResponse::internal_failure();
+                    if let Err(e) = self.complete(cmd.cmd_id, r, None) {
+                        return self.ring_broken(e);
+                    }
+                    continue;
+                }
+            };
             if !scsi::needs_backend(&cmd.cdb) {
-                let data_out = match self.ring.gather(&cmd.iovs) {
+                // No medium access: a parameter list in, a small response out, both
+                // copied whole (parsed as one buffer).
+                let mut lent = lent;
+                let data_out = match lent.gather() {
                     Ok(d) => d,
-                    Err(e) => return self.ring_broken(e),
+                    Err(e) => return self.ring_broken(e.into()),
                 };
                 let r = scsi::execute(
                     &self.lun,
@@ -367,40 +401,34 @@ impl Device {
                     data_in_len,
                     self.backend.as_ref(),
                 );
-                if let Err(e) = self.finish(cmd.cmd_id, &cmd.iovs, r) {
+                if let Err(e) = self.complete(cmd.cmd_id, r, Some(&mut lent)) {
                     return self.ring_broken(e);
                 }
                 continue;
             }
-            let writes = !is_read(&cmd.cdb);
-            let data_out = if writes {
-                match self.ring.gather(&cmd.iovs) {
-                    Ok(d) => d,
-                    Err(e) => return self.ring_broken(e),
-                }
+            // A READ fills its iovecs in place; every other command reads its Data-Out
+            // from them (and has no Data-In).
+            let mut data = if is_read(&cmd.cdb) {
+                JobData::In(lent)
             } else {
-                Vec::new()
+                JobData::Out(lent)
             };
             // Served here when no device I/O is needed (RAM hits, plain writes with a
             // free buffer); everything that could block goes to a worker.
             if self.inline {
-                let din = if writes { 0 } else { data_in_len };
                 let be = self.backend.as_ref();
-                if let Some(r) = scsi::try_execute(&self.lun, &cmd.cdb, &data_out, din, be) {
-                    let iovs = if writes { &[][..] } else { &cmd.iovs[..] };
-                    if let Err(e) = self.finish(cmd.cmd_id, iovs, r) {
+                if let Some(r) = data.execute(&self.lun, &cmd.cdb, be, false) {
+                    if let Err(e) = self.finish(cmd.cmd_id, &mut data, r) {
                         return self.ring_broken(e);
                     }
                     continue;
                 }
             }
-            let iovs = if writes { Vec::new() } else { cmd.iovs };
             let job = Job {
                 device: token,
                 cmd_id: cmd.cmd_id,
                 cdb: cmd.cdb,
-                data_out,
-                data_in_len: if writes { 0 } else { data_in_len },
+                data,
                 lun: self.lun.clone(),
                 backend: self.backend.clone(),
                 queued: Instant::now(),
@@ -409,27 +437,21 @@ impl Device {
                 Some(w) => w.submit(job).err().map(|j| (j, true)),
                 None => Some((job, false)),
             };
-            let r = match refused {
+            let (mut j, r) = match refused {
                 None => {
-                    self.inflight.push(InFlight {
-                        cmd_id: cmd.cmd_id,
-                        iovs,
-                    });
+                    self.inflight.push(InFlight { cmd_id: cmd.cmd_id });
                     continue;
                 }
-                Some((_, true)) => {
+                Some((j, true)) => {
                     error!(self.log, "cannot start an I/O worker"; "device" => &self.name);
-                    scsi::ScsiResponse::internal_failure()
+                    (j, scsi::ScsiResponse::internal_failure())
                 }
-                Some((j, false)) => scsi::execute(
-                    &j.lun,
-                    &j.cdb,
-                    &j.data_out,
-                    j.data_in_len,
-                    j.backend.as_ref(),
-                ),
+                Some((mut j, false)) => {
+                    let r = j.data.execute(&j.lun, &j.cdb, j.backend.as_ref(), true);
+                    (j, r.expect("a waiting run answers"))
+                }
             };
-            if let Err(e) = self.finish(cmd.cmd_id, &iovs, r) {
+            if let Err(e) = self.finish(cmd.cmd_id, &mut j.data, r) {
                 return self.ring_broken(e);
             }
         }
@@ -447,12 +469,13 @@ impl Device {
         let Some(i) = self.inflight.iter().position(|f| f.cmd_id == done.cmd_id) else {
             return;
         };
-        let f = self.inflight.swap_remove(i);
+        self.inflight.swap_remove(i);
         if !matches!(self.state, State::Serving | State::Draining) {
             // Resetting: the kernel completes it (BUSY) with the reset. Failed: nobody.
             return;
         }
-        if let Err(e) = self.finish(done.cmd_id, &f.iovs, done.response) {
+        let mut data = done.data;
+        if let Err(e) = self.finish(done.cmd_id, &mut data, done.response) {
             self.ring_broken(e)
         }
     }
@@ -467,18 +490,46 @@ impl Device {
         }
     }
 
+    /// Completes a command that ran on its loan `data` (a READ's Data-In is in it, or
+    /// its Data-Out was read from it).
     fn finish(
         &mut self,
         cmd_id: u16,
-        iovs: &[IoVec],
+        data: &mut JobData,
         r: scsi::ScsiResponse,
     ) -> Result<(), RingError> {
-        let total: u64 = iovs.iter().map(|v| v.len).sum();
-        let produced = r.data_in.len() as u64;
-        if !iovs.is_empty() {
-            self.ring.scatter(iovs, &r.data_in)?;
+        match data {
+            JobData::In(l) => self.complete(cmd_id, r, Some(l)),
+            JobData::Out(l) => {
+                if l.is_gone() {
+                    // What was written may be zeros: never report it GOOD.
+                    return Err(RingError::Shm(ShmError::Gone));
+                }
+                self.complete(cmd_id, r, None)
+            }
         }
-        let read_len = (produced < total && !iovs.is_empty()).then_some(produced as u32);
+    }
+
+    /// Writes the response of `cmd_id`; with `data_in`, its Data-In first: `r.data_in`
+    /// copied in, or what the command placed there itself kept, and the rest of the
+    /// buffer zeroed so no stale data reaches the initiator. The caller gives the loan
+    /// back (drops it) before the kernel sees the completion ([`Device::publish`]).
+    fn complete(
+        &mut self,
+        cmd_id: u16,
+        r: scsi::ScsiResponse,
+        data_in: Option<&mut Lent>,
+    ) -> Result<(), RingError> {
+        let mut read_len = None;
+        if let Some(l) = data_in.filter(|l| !l.is_empty()) {
+            if r.placed > 0 {
+                l.zero_from(r.placed as u64)?;
+            } else {
+                l.scatter(&r.data_in)?;
+            }
+            let produced = r.data_in_len() as u64;
+            read_len = (produced < l.len()).then_some(produced as u32);
+        }
         self.ring.complete(
             cmd_id,
             Response {

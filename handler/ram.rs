@@ -76,8 +76,8 @@ impl RamBackend {
     }
 }
 
-impl BlockBackend for RamBackend {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+impl RamBackend {
+    fn read_one(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         for (c, within, n, at) in self.pieces(offset, buf.len())? {
             let chunk = self.chunks[c].read().unwrap_or_else(|e| e.into_inner());
             let out = &mut buf[at..at + n];
@@ -88,11 +88,37 @@ impl BlockBackend for RamBackend {
         }
         Ok(())
     }
-    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), IoError> {
+
+    fn write_one(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         for (c, within, n, at) in self.pieces(offset, data.len())? {
             let mut chunk = self.chunks[c].write().unwrap_or_else(|e| e.into_inner());
             let mem = chunk.get_or_insert_with(|| vec![0u8; CHUNK].into_boxed_slice());
             mem[within..within + n].copy_from_slice(&data[at..at + n]);
+        }
+        Ok(())
+    }
+}
+
+impl BlockBackend for RamBackend {
+    /// Each piece is copied straight from the chunks (checked whole first, so nothing
+    /// is read or written for a transfer that ends beyond the LUN).
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let _ = self.pieces(offset, total)?;
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read_one(at, b)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[&[u8]], _fua: bool) -> Result<(), IoError> {
+        let total = data.iter().map(|b| b.len()).sum();
+        let _ = self.pieces(offset, total)?;
+        let mut at = offset;
+        for d in data {
+            self.write_one(at, d)?;
+            at += d.len() as u64;
         }
         Ok(())
     }
@@ -115,10 +141,10 @@ impl BlockBackend for RamBackend {
         }
         Ok(())
     }
-    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
-        Some(self.read(offset, buf))
+    fn try_read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
+        Some(self.read(offset, bufs))
     }
-    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+    fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
         Some(self.write(offset, data, false))
     }
 }
@@ -132,27 +158,27 @@ mod tests {
         let size = 3 * CHUNK as u64 + 4096;
         let r = RamBackend::new(size);
         let mut buf = vec![1u8; 8192];
-        r.read(0, &mut buf).unwrap();
+        r.read(0, &mut [&mut buf[..]]).unwrap();
         assert!(buf.iter().all(|b| *b == 0), "unwritten reads as zeros");
         assert_eq!(r.allocated(), 0);
         let data: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 251) as u8).collect();
-        r.write(4096, &data, false).unwrap();
+        r.write(4096, &[&data[..]], false).unwrap();
         assert_eq!(r.allocated(), 4 * CHUNK as u64);
         let mut back = vec![0u8; data.len()];
-        r.read(4096, &mut back).unwrap();
+        r.read(4096, &mut [&mut back[..]]).unwrap();
         assert_eq!(back, data);
         // Part of chunk 0, all of chunk 1 (freed), part of chunk 2.
         r.discard(8192, 2 * CHUNK as u64).unwrap();
         assert_eq!(r.allocated(), 3 * CHUNK as u64);
-        r.read(4096, &mut back).unwrap();
+        r.read(4096, &mut [&mut back[..]]).unwrap();
         let hole = 4096..2 * CHUNK + 4096;
         assert_eq!(back[..hole.start], data[..hole.start]);
         assert!(back[hole.clone()].iter().all(|b| *b == 0));
         assert_eq!(back[hole.end..], data[hole.end..]);
         // The last, partial chunk; then beyond the end.
-        r.write(size - 512, &[9; 512], true).unwrap();
-        assert!(r.write(size - 512, &[9; 1024], false).is_err());
-        assert!(r.read(u64::MAX - 10, &mut [0; 512]).is_err());
-        assert!(r.try_write(0, &[1; 512]).is_some_and(|x| x.is_ok()));
+        r.write(size - 512, &[&[9; 512]], true).unwrap();
+        assert!(r.write(size - 512, &[&[9; 1024]], false).is_err());
+        assert!(r.read(u64::MAX - 10, &mut [&mut [0; 512]]).is_err());
+        assert!(r.try_write(0, &[&[1; 512]]).is_some_and(|x| x.is_ok()));
     }
 }

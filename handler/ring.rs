@@ -1,6 +1,7 @@
 //! The TCMU command ring (`docs/tcmu.md` §1): mailbox validation, fetching entries from
-//! our tail to `cmd_head`, gathering Data-Out and scattering Data-In through the
-//! iovecs, and completing commands — in ring order, or out of order when the kernel
+//! our tail to `cmd_head`, lending a command's iovecs over the data area as slices
+//! ([`Ring::lend`]: the cache engine copies Data-Out from them and reads Data-In into
+//! them, once), and completing commands — in ring order, or out of order when the kernel
 //! offers `CAP_OOOC` (the "steal the slot at the tail" scheme of §1.10).
 //!
 //! Safe code over [`SharedMap`]: every offset the kernel hands us (entry lengths,
@@ -12,7 +13,9 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::shm::{SharedMap, ShmError};
+use std::sync::Arc;
+
+use crate::shm::{Lent, SharedMap, ShmError};
 use crate::sys;
 
 /// Byte offsets inside the mailbox and entries (pinned by the tests in `sys/`).
@@ -252,7 +255,7 @@ struct Slot {
 
 /// The command ring of one device.
 pub struct Ring {
-    map: SharedMap,
+    map: Arc<SharedMap>,
     cmdr_off: u64,
     cmdr_size: u32,
     data_off: u64,
@@ -303,7 +306,7 @@ pub fn cdb_len(cdb_head: &[u8]) -> Option<usize> {
 
 impl Ring {
     /// Validates the mailbox of `map` and takes over the ring at the current `cmd_tail`.
-    pub fn new(map: SharedMap) -> Result<Ring, RingError> {
+    pub fn new(mut map: SharedMap) -> Result<Ring, RingError> {
         let version = map.read_u16(off::MB_VERSION)?;
         if version as u32 != sys::TCMU_MAILBOX_VERSION {
             return Err(RingError::Mailbox(format!(
@@ -330,8 +333,10 @@ impl Ring {
         if tail >= cmdr_size || tail % 8 != 0 {
             return Err(RingError::Mailbox(format!("cmd_tail {tail} invalid")));
         }
+        // The data area is reached only through loans from here on.
+        map.set_lendable(data_off)?;
         Ok(Ring {
-            map,
+            map: Arc::new(map),
             cmdr_off,
             cmdr_size,
             data_off,
@@ -534,31 +539,26 @@ impl Ring {
         }))
     }
 
-    /// Copies a command's Data-Out bytes out of the ring.
+    /// Lends a command's iovecs as slices of the data area, from fetching the command
+    /// until its completion: the loan must be dropped before [`Ring::complete`], after
+    /// which the kernel reuses the blocks. Fails ([`ShmError::InUse`]) for iovecs that
+    /// share bytes with those of a command still lent (a kernel that does that is
+    /// broken: the command is refused, not served).
+    pub fn lend(&self, iovs: &[IoVec]) -> Result<Lent, RingError> {
+        let ranges: Vec<(u64, u64)> = iovs.iter().map(|v| (v.off, v.len)).collect();
+        Ok(self.map.lend(&ranges)?)
+    }
+
+    /// Copies a command's Data-Out bytes out of the ring (a contiguous copy, for
+    /// parameter lists; the data of a write is lent instead).
     pub fn gather(&self, iovs: &[IoVec]) -> Result<Vec<u8>, RingError> {
-        let total: u64 = iovs.iter().map(|v| v.len).sum();
-        let mut out = vec![0u8; total as usize];
-        let mut pos = 0usize;
-        for v in iovs {
-            self.map.read(v.off, &mut out[pos..pos + v.len as usize])?;
-            pos += v.len as usize;
-        }
-        Ok(out)
+        Ok(self.lend(iovs)?.gather()?)
     }
 
     /// Copies Data-In bytes into a command's iovecs (at most their total length);
     /// the rest of the iovecs is zeroed so no stale data reaches the initiator.
     pub fn scatter(&self, iovs: &[IoVec], data: &[u8]) -> Result<(), RingError> {
-        let mut pos = 0usize;
-        for v in iovs {
-            let n = (v.len as usize).min(data.len().saturating_sub(pos));
-            self.map.write(v.off, &data[pos..pos + n])?;
-            if (n as u64) < v.len {
-                self.map.fill(v.off + n as u64, v.len - n as u64, 0)?;
-            }
-            pos += n;
-        }
-        Ok(())
+        Ok(self.lend(iovs)?.scatter(data)?)
     }
 
     fn write_response(&self, slot_off: u32, cmd_id: u16, r: &Response) -> Result<(), RingError> {

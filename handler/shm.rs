@@ -16,12 +16,21 @@
 //! load or store completes on the zero page; every accessor checks the dead mark after
 //! its access and reports [`ShmError::Gone`]. A fault anywhere else is handed back to
 //! the previous SIGBUS disposition (the process dies as it would have).
+//!
+//! The one exception to "no references into the mapping": a TCMU command's data
+//! (`docs/tcmu.md` §1.6) is *lent* as slices ([`Lent`]) so the cache engine copies a
+//! write's Data-Out straight into its segment buffer and reads straight into the
+//! Data-In, with no staging copy. What makes that sound is written at
+//! [`SharedMap::lend`]: the part of the mapping that can be lent (the data area) is out
+//! of reach of every other accessor, no two loans overlap, and the kernel neither
+//! writes nor reads a command's data blocks between queueing it and its completion.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 /// A failed access to shared memory.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -40,6 +49,25 @@ pub enum ShmError {
     /// holds zero pages and every access fails.
     #[error("shared mapping gone (SIGBUS on access: the device was removed or shrunk)")]
     Gone,
+    /// A loan of bytes outside the lendable part of the mapping, or a plain access
+    /// inside it.
+    #[error("{len} bytes at offset {offset} are not in the lendable part of the mapping (from {lend_from}), or a plain access inside it")]
+    NotLendable {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Where the lendable part starts.
+        lend_from: u64,
+    },
+    /// A loan of bytes already lent (to another command, or twice in one loan).
+    #[error("{len} bytes at offset {offset} overlap bytes already lent")]
+    InUse {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+    },
 }
 
 /// Number of mappings the SIGBUS handler can watch at once (one per served device,
@@ -159,13 +187,19 @@ pub struct SharedMap {
     len: usize,
     /// Its slot in the SIGBUS guard table, if it got one.
     guard: Option<usize>,
+    /// `[lend_from, len)` can only be lent ([`SharedMap::lend`]); the plain accessors
+    /// stay below it. `len` until [`SharedMap::set_lendable`].
+    lend_from: usize,
+    /// Ranges lent now: start -> end.
+    lent: Mutex<BTreeMap<u64, u64>>,
 }
 
 // SAFETY: the mapping is plain shared memory; every access goes through volatile or
 // atomic operations on checked ranges, so using it from several threads is no less
 // safe than the kernel writing it concurrently, which the accessors already assume.
 unsafe impl Send for SharedMap {}
-// SAFETY: as above; methods take `&self` and never hand out references into the map.
+// SAFETY: as above; methods take `&self`, and the only references into the map are
+// those of a `Lent`, whose ranges no other loan or accessor reaches (`SharedMap::lend`).
 unsafe impl Sync for SharedMap {}
 
 impl SharedMap {
@@ -193,7 +227,88 @@ impl SharedMap {
             NonNull::new(p as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         install_sigbus_handler();
         let guard = register_guard(p as usize, len);
-        Ok(SharedMap { ptr, len, guard })
+        Ok(SharedMap {
+            ptr,
+            len,
+            guard,
+            lend_from: len,
+            lent: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Makes `[from, len)` (a TCMU data area) the lendable part: from now on it is
+    /// reached only through [`SharedMap::lend`], and the plain accessors refuse it.
+    pub fn set_lendable(&mut self, from: u64) -> Result<(), ShmError> {
+        if from > self.len as u64 {
+            return Err(ShmError::OutOfBounds {
+                offset: from,
+                len: 0,
+                map_len: self.len,
+            });
+        }
+        self.lend_from = from as usize;
+        Ok(())
+    }
+
+    /// Lends `ranges` (offset, length), in order, as one [`Lent`]: each must lie in the
+    /// lendable part and overlap neither another range of this loan nor one lent
+    /// before and not yet given back. Empty ranges are dropped.
+    ///
+    /// Why handing out slices of shared memory is sound here:
+    /// - The memory stays mapped as long as any loan: a [`Lent`] holds an `Arc` of the
+    ///   map, and `munmap` happens only when the last one is dropped. The SIGBUS
+    ///   handler replaces pages in place (same addresses, still mapped).
+    /// - No other access of this process reaches lent bytes: the plain accessors are
+    ///   confined below the lendable part ([`SharedMap::set_lendable`]), and loans are
+    ///   disjoint (checked here, under `lent`), so a `&mut [u8]` of one loan never
+    ///   aliases another loan's slices. Within a loan, `&`/`&mut` follow its borrow.
+    /// - The kernel writes a command's data blocks (Data-Out) before it publishes the
+    ///   entry (`cmd_head`, read with acquire ordering), and touches them again only
+    ///   after the command's completion (reading Data-In), nor does it reuse or unmap
+    ///   them before (`docs/tcmu.md` §1.2, §1.8). The ring lends a command's iovecs
+    ///   only between fetching and completing it, and the loan is given back (dropped)
+    ///   before the completion is written.
+    /// - What remains is the kernel taking the pages away (device removal): the SIGBUS
+    ///   handler maps zero pages over the mapping, so lent bytes may read as zeros from
+    ///   then on; [`Lent::is_gone`] tells the holder, who must not trust what it read.
+    pub fn lend(self: &Arc<Self>, ranges: &[(u64, u64)]) -> Result<Lent, ShmError> {
+        let mut taken: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        let mut lent = self.lent.lock().unwrap_or_else(|e| e.into_inner());
+        let refuse = |lent: &mut BTreeMap<u64, u64>, taken: &[(u64, u64)], e: ShmError| {
+            for (o, _) in taken {
+                lent.remove(o);
+            }
+            Err(e)
+        };
+        for &(offset, len) in ranges.iter().filter(|r| r.1 > 0) {
+            if let Err(e) = self.check(offset, len, 1) {
+                return refuse(&mut lent, &taken, e);
+            }
+            let end = offset + len;
+            if offset < self.lend_from as u64 {
+                let e = ShmError::NotLendable {
+                    offset,
+                    len,
+                    lend_from: self.lend_from as u64,
+                };
+                return refuse(&mut lent, &taken, e);
+            }
+            // The range starting last before `end` is the only one that can overlap.
+            if lent
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, &e)| e > offset)
+            {
+                return refuse(&mut lent, &taken, ShmError::InUse { offset, len });
+            }
+            lent.insert(offset, end);
+            taken.push((offset, len));
+        }
+        drop(lent);
+        Ok(Lent {
+            map: self.clone(),
+            ranges: taken,
+        })
     }
 
     /// True once an access faulted (SIGBUS) and the mapping was replaced by zero pages.
@@ -236,9 +351,22 @@ impl SharedMap {
         Ok(offset as usize)
     }
 
+    /// [`SharedMap::check`] for the plain accessors: also below the lendable part.
+    fn check_plain(&self, offset: u64, len: u64, align: u64) -> Result<usize, ShmError> {
+        let o = self.check(offset, len, align)?;
+        if offset + len > self.lend_from as u64 {
+            return Err(ShmError::NotLendable {
+                offset,
+                len,
+                lend_from: self.lend_from as u64,
+            });
+        }
+        Ok(o)
+    }
+
     /// Copies `dst.len()` bytes at `offset` out of the mapping.
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), ShmError> {
-        let o = self.check(offset, dst.len() as u64, 1)?;
+        let o = self.check_plain(offset, dst.len() as u64, 1)?;
         // SAFETY: [o, o+len) is inside the mapping (checked); dst is a distinct local
         // buffer, so the ranges do not overlap. The bytes may change concurrently
         // (kernel), which only makes the copied values arbitrary, never unsound for u8.
@@ -250,7 +378,7 @@ impl SharedMap {
 
     /// Copies `src` into the mapping at `offset`.
     pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), ShmError> {
-        let o = self.check(offset, src.len() as u64, 1)?;
+        let o = self.check_plain(offset, src.len() as u64, 1)?;
         // SAFETY: [o, o+len) is inside the mapping (checked) and writable (PROT_WRITE);
         // src is a distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(o), src.len()) };
@@ -259,14 +387,14 @@ impl SharedMap {
 
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<(), ShmError> {
-        let o = self.check(offset, len, 1)?;
+        let o = self.check_plain(offset, len, 1)?;
         // SAFETY: the range is inside the writable mapping (checked).
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(o), byte, len as usize) };
         self.alive()
     }
 
     fn read_array<const N: usize>(&self, offset: u64) -> Result<[u8; N], ShmError> {
-        let o = self.check(offset, N as u64, 1)?;
+        let o = self.check_plain(offset, N as u64, 1)?;
         let mut b = [0u8; N];
         for (i, v) in b.iter_mut().enumerate() {
             // SAFETY: o + i is inside the mapping (checked for the whole array).
@@ -277,7 +405,7 @@ impl SharedMap {
     }
 
     fn write_array<const N: usize>(&self, offset: u64, b: [u8; N]) -> Result<(), ShmError> {
-        let o = self.check(offset, N as u64, 1)?;
+        let o = self.check_plain(offset, N as u64, 1)?;
         for (i, v) in b.iter().enumerate() {
             // SAFETY: o + i is inside the writable mapping (checked for the whole array).
             unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(o + i), *v) };
@@ -319,7 +447,7 @@ impl SharedMap {
     }
 
     fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, ShmError> {
-        let o = self.check(offset, 4, 4)?;
+        let o = self.check_plain(offset, 4, 4)?;
         // SAFETY: the 4 bytes at o are inside the mapping, 4-aligned (checked; the map
         // start is page-aligned), and live as long as &self. AtomicU32 has the layout of
         // u32, and all concurrent access by us is atomic; the kernel side uses
@@ -338,6 +466,109 @@ impl SharedMap {
     pub fn store_release_u32(&self, offset: u64, v: u32) -> Result<(), ShmError> {
         self.atomic_u32(offset)?.store(v, Ordering::Release);
         self.alive()
+    }
+}
+
+/// Bytes of a [`SharedMap`] lent as slices (a TCMU command's iovecs), in order; given
+/// back when dropped. [`SharedMap::lend`] says why the slices are sound.
+pub struct Lent {
+    map: Arc<SharedMap>,
+    /// (offset, length), each non-empty, disjoint, inside the lendable part.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Lent {
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// True when nothing is lent.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The lent bytes, one slice per range.
+    pub fn slices(&self) -> Vec<&[u8]> {
+        self.ranges
+            .iter()
+            .map(|&(o, n)| {
+                // SAFETY: [o, o+n) is inside the mapping (checked by `lend`), which
+                // stays mapped while `self.map` is held (this borrow of `self` outlives
+                // the slice). Nothing writes those bytes meanwhile: no other loan covers
+                // them, the plain accessors cannot reach them, `&mut` slices of this
+                // loan need `&mut self`, and the kernel leaves a command's data blocks
+                // alone until it is completed (`SharedMap::lend`).
+                unsafe {
+                    std::slice::from_raw_parts(self.map.ptr.as_ptr().add(o as usize), n as usize)
+                }
+            })
+            .collect()
+    }
+
+    /// The lent bytes, one mutable slice per range.
+    pub fn slices_mut(&mut self) -> Vec<&mut [u8]> {
+        self.ranges
+            .iter()
+            .map(|&(o, n)| {
+                // SAFETY: as in `slices`; in addition the ranges of a loan are disjoint
+                // (checked by `lend`), so these slices do not alias each other, and
+                // `&mut self` excludes every other slice of this loan.
+                unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.map.ptr.as_ptr().add(o as usize),
+                        n as usize,
+                    )
+                }
+            })
+            .collect()
+    }
+
+    /// A contiguous copy of the lent bytes (for small parameter lists that are parsed
+    /// as one buffer).
+    pub fn gather(&self) -> Result<Vec<u8>, ShmError> {
+        let v = self.slices().concat();
+        self.map.alive()?;
+        Ok(v)
+    }
+
+    /// Copies `data` into the lent bytes (at most their length) and zeroes the rest, so
+    /// no stale data reaches the initiator.
+    pub fn scatter(&mut self, data: &[u8]) -> Result<(), ShmError> {
+        let mut pos = 0;
+        for s in self.slices_mut() {
+            let n = s.len().min(data.len().saturating_sub(pos));
+            s[..n].copy_from_slice(&data[pos..pos + n]);
+            s[n..].fill(0);
+            pos += n;
+        }
+        self.map.alive()
+    }
+
+    /// Zeroes the lent bytes from byte `from` on.
+    pub fn zero_from(&mut self, from: u64) -> Result<(), ShmError> {
+        let mut pos = 0u64;
+        for s in self.slices_mut() {
+            let skip = from.saturating_sub(pos).min(s.len() as u64) as usize;
+            pos += s.len() as u64;
+            s[skip..].fill(0);
+        }
+        self.map.alive()
+    }
+
+    /// True once the mapping faulted (SIGBUS) and was replaced by zero pages: what was
+    /// read from the slices since may be zeros, what was written is lost.
+    pub fn is_gone(&self) -> bool {
+        self.map.is_gone()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut lent = self.map.lent.lock().unwrap_or_else(|e| e.into_inner());
+        for (o, _) in &self.ranges {
+            lent.remove(o);
+        }
     }
 }
 
@@ -392,6 +623,61 @@ mod tests {
         let mut buf = [0u8; 4];
         b.read(100, &mut buf).unwrap();
         assert_eq!(u32::from_ne_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn loans_are_disjoint_inside_the_lendable_part_and_plain_accesses_stay_out_of_it() {
+        let fd = memfd("shm-lend", 4 * 4096).unwrap();
+        let other = SharedMap::map(fd.as_fd(), 4 * 4096).unwrap();
+        let mut m = SharedMap::map(fd.as_fd(), 4 * 4096).unwrap();
+        m.set_lendable(4096).unwrap();
+        let m = Arc::new(m);
+        other.write(4096, &[1, 2, 3, 4]).unwrap();
+        // Plain accessors: below the lendable part only.
+        assert!(m.read_u32(4092).is_ok());
+        assert!(matches!(
+            m.read_u32(4094),
+            Err(ShmError::NotLendable { .. })
+        ));
+        assert!(matches!(
+            m.fill(8192, 1, 0),
+            Err(ShmError::NotLendable { .. })
+        ));
+        assert!(matches!(
+            m.lend(&[(0, 512)]),
+            Err(ShmError::NotLendable { .. })
+        ));
+        assert!(matches!(
+            m.lend(&[(16000, 512)]),
+            Err(ShmError::OutOfBounds { .. })
+        ));
+        // Two ranges, empty ones dropped, read in order.
+        let mut a = m.lend(&[(8192, 100), (4096, 4), (12288, 0)]).unwrap();
+        assert_eq!(a.len(), 104);
+        assert_eq!(a.slices()[1], &[1, 2, 3, 4]);
+        // Overlapping a loan (or itself) is refused, and the refused loan holds nothing.
+        assert_eq!(
+            m.lend(&[(9000, 10), (8100, 100)]).err(),
+            Some(ShmError::InUse {
+                offset: 8100,
+                len: 100
+            })
+        );
+        assert!(m.lend(&[(9000, 10), (9005, 10)]).is_err());
+        let b = m.lend(&[(9000, 10)]).unwrap();
+        a.slices_mut()[0][..3].copy_from_slice(&[7, 8, 9]);
+        let mut got = [0u8; 3];
+        other.read(8192, &mut got).unwrap();
+        assert_eq!(got, [7, 8, 9], "slices are the shared memory");
+        a.scatter(&[5; 50]).unwrap();
+        assert_eq!(a.gather().unwrap()[48..54], [5, 5, 0, 0, 0, 0]);
+        a.zero_from(10).unwrap();
+        let g = a.gather().unwrap();
+        assert!(g[..10].iter().all(|&x| x == 5) && g[10..].iter().all(|&x| x == 0));
+        // Given back when dropped.
+        drop(a);
+        drop(b);
+        assert!(m.lend(&[(8100, 2000)]).is_ok());
     }
 
     #[test]

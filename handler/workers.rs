@@ -2,8 +2,10 @@
 //! when its commands queue up and retired after [`IDLE_RETIRE`] without work, so a
 //! device whose backend hangs holds only its own threads and never the ones another
 //! device needs (`docs/DESIGN.md`, "Isolation"). Workers never touch a ring: a
-//! [`Job`] carries the CDB and gathered Data-Out in, a [`Done`] carries the response
-//! out over a channel, followed by a wake-up of the event loop.
+//! [`Job`] carries the CDB and the command's buffer lent from the ring's data area
+//! ([`JobData`]: a write's Data-Out is read from it, a READ fills it) in, a [`Done`]
+//! carries the response and the loan back over a channel, followed by a wake-up of the
+//! event loop.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
@@ -11,7 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::scsi::{self, BlockBackend, LunState};
+use crate::scsi::{self, BlockBackend, Data, LunState};
+use crate::shm::Lent;
 
 /// How long an idle worker waits for a command before it exits.
 pub const IDLE_RETIRE: Duration = Duration::from_secs(10);
@@ -24,10 +27,8 @@ pub struct Job {
     pub cmd_id: u16,
     /// The CDB.
     pub cdb: Vec<u8>,
-    /// Gathered Data-Out.
-    pub data_out: Vec<u8>,
-    /// Room for Data-In.
-    pub data_in_len: usize,
+    /// The command's buffer.
+    pub data: JobData,
     /// The LUN.
     pub lun: Arc<LunState>,
     /// The backend.
@@ -44,6 +45,49 @@ pub struct Done {
     pub cmd_id: u16,
     /// The outcome.
     pub response: scsi::ScsiResponse,
+    /// The command's buffer, back to the loop (which completes the command after
+    /// zeroing what a READ did not fill, and gives the loan back).
+    pub data: JobData,
+}
+
+/// A command's buffer, lent from its ring's data area, used in place.
+pub enum JobData {
+    /// Data-Out (a write's data, a parameter list); the commands that go to workers
+    /// other than READ have no Data-In.
+    Out(Lent),
+    /// A READ's Data-In buffer, filled in place.
+    In(Lent),
+}
+
+impl JobData {
+    /// The loan.
+    pub fn lent(&mut self) -> &mut Lent {
+        match self {
+            JobData::Out(l) | JobData::In(l) => l,
+        }
+    }
+
+    /// Runs the command on its buffer: [`scsi::execute_data`], or
+    /// [`scsi::try_execute_data`] when `!wait` (`None`: it would block).
+    pub fn execute(
+        &mut self,
+        lun: &LunState,
+        cdb: &[u8],
+        be: &dyn BlockBackend,
+        wait: bool,
+    ) -> Option<scsi::ScsiResponse> {
+        let run = |data: Data<'_, '_>| {
+            if wait {
+                Some(scsi::execute_data(lun, cdb, data, be))
+            } else {
+                scsi::try_execute_data(lun, cdb, data, be)
+            }
+        };
+        match self {
+            JobData::Out(l) => run(Data::Out(&l.slices(), 0)),
+            JobData::In(l) => run(Data::In(&mut l.slices_mut())),
+        }
+    }
 }
 
 /// A command a worker is executing (for logs about slow or stuck commands).
@@ -239,18 +283,17 @@ fn work(shared: &Shared, done: &Sender<Done>, notify: &Notify) {
             q.running
                 .push((job.cmd_id, scsi::opcode_name(&job.cdb), Instant::now()));
             drop(q);
-            let response = scsi::execute(
-                &job.lun,
-                &job.cdb,
-                &job.data_out,
-                job.data_in_len,
-                job.backend.as_ref(),
-            );
+            let mut job = job;
+            let response = job
+                .data
+                .execute(&job.lun, &job.cdb, job.backend.as_ref(), true)
+                .expect("a waiting run answers");
             let sent = done
                 .send(Done {
                     device: job.device,
                     cmd_id: job.cmd_id,
                     response,
+                    data: job.data,
                 })
                 .is_ok();
             if sent {
@@ -285,6 +328,8 @@ fn work(shared: &Shared, done: &Sender<Done>, notify: &Notify) {
 mod tests {
     use super::*;
     use crate::scsi::{IoError, LunConfig};
+    use crate::shm::{memfd, SharedMap};
+    use std::os::fd::AsFd;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::mpsc::channel;
 
@@ -295,15 +340,17 @@ mod tests {
     }
 
     impl BlockBackend for Held {
-        fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        fn read(&self, _offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
             self.started.fetch_add(1, Ordering::SeqCst);
             while self.hold.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            buf.fill(1);
+            for b in bufs.iter_mut() {
+                b.fill(1);
+            }
             Ok(())
         }
-        fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), IoError> {
+        fn write(&self, _: u64, _: &[&[u8]], _: bool) -> Result<(), IoError> {
             Ok(())
         }
         fn flush(&self) -> Result<(), IoError> {
@@ -314,13 +361,20 @@ mod tests {
         }
     }
 
-    fn job(id: u16, be: &Arc<Held>) -> Job {
+    /// A mapping to lend Data-In buffers from.
+    fn memory() -> Arc<SharedMap> {
+        let fd = memfd("workers-test", 1 << 16).unwrap();
+        let mut m = SharedMap::map(fd.as_fd(), 1 << 16).unwrap();
+        m.set_lendable(0).unwrap();
+        Arc::new(m)
+    }
+
+    fn job(id: u16, be: &Arc<Held>, mem: &Arc<SharedMap>) -> Job {
         Job {
             device: 0,
             cmd_id: id,
             cdb: crate::scsi::cdb::build10(0x28, 0, 1, 0),
-            data_out: Vec::new(),
-            data_in_len: 512,
+            data: JobData::In(mem.lend(&[(id as u64 * 512, 512)]).unwrap()),
             lun: Arc::new(LunState::new(LunConfig::new("w", 512, 100))),
             backend: be.clone(),
             queued: Instant::now(),
@@ -336,8 +390,9 @@ mod tests {
         let (tx, rx) = channel();
         let mut w = Workers::new("t", 3, tx, Arc::new(|| {}));
         assert_eq!(w.threads(), 0, "no thread before work");
+        let mem = memory();
         for id in 1..=5 {
-            w.submit(job(id, &be)).ok().unwrap();
+            w.submit(job(id, &be, &mem)).ok().unwrap();
         }
         let t0 = Instant::now();
         while be.started.load(Ordering::SeqCst) < 3 {
@@ -359,6 +414,11 @@ mod tests {
         be.hold.store(false, Ordering::SeqCst);
         w.stop(Duration::from_secs(10)).unwrap();
         assert_eq!(w.threads(), 0);
-        assert_eq!(rx.try_iter().count(), 3);
+        let done: Vec<Done> = rx.try_iter().collect();
+        assert_eq!(done.len(), 3);
+        for mut d in done {
+            assert_eq!(d.response.placed, 512, "read in place");
+            assert_eq!(d.data.lent().slices()[0], &[1u8; 512][..]);
+        }
     }
 }

@@ -569,10 +569,10 @@ impl SlowWrites {
 }
 
 impl BlockBackend for SlowWrites {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.inner.read(offset, buf)
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
+        self.inner.read(offset, bufs)
     }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
         HOLD.with(|h| *h.borrow_mut() = Some(self.threads_alive.clone()));
         self.started.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
@@ -925,4 +925,103 @@ fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
         "{said}"
     );
     disk.release();
+}
+
+/// A byte pattern that differs in every sector.
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ salt ^ (i >> 9) as u8)
+        .collect()
+}
+
+/// Writes 41 blocks at LBA 1 of a 512-byte LUN from a fragmented data area (one 4 KiB
+/// iovec per data block, so every 4 KiB line of the write crosses an iovec boundary
+/// 512 bytes in), reads them back into fragmented Data-In (from RAM, and from the cache
+/// device after a seal when `cache` is given), and a Data-In shorter than its READ
+/// that ends inside a block.
+fn lines_across_iovecs(emu: &mut Emulator, cache: Option<&Arc<Cache>>) {
+    emu.set_fragmented(true);
+    let data = pattern(41 * 512, 0x5a);
+    let id = submit(emu, &rw16(0x8a, 1, 41, 0), &data, 0);
+    assert!(emu.iovs_of(id).len() > 1, "scattered Data-Out");
+    assert_eq!(wait_for(emu, &[id])[0].status, 0);
+    let mut want = vec![0u8; 48 * 512];
+    want[512..512 + data.len()].copy_from_slice(&data);
+    let read_all = |emu: &mut Emulator, want: &[u8], what: &str| {
+        for (lba, n) in [(0u64, 48u32), (1, 41), (3, 17), (9, 8)] {
+            let id = submit(emu, &rw16(0x88, lba, n, 0), &[], n as usize * 512);
+            let c = wait_for(emu, &[id]).remove(0);
+            let (a, b) = (lba as usize * 512, (lba as usize + n as usize) * 512);
+            assert_eq!(c.status, 0, "{what}: read {lba}+{n}");
+            assert!(c.data_in == want[a..b], "{what}: read {lba}+{n} differs");
+        }
+        // 700 bytes of Data-In for a 2-block READ: 1 block and a part, filled in place.
+        let id = submit(emu, &rw16(0x88, 2, 2, 0), &[], 700);
+        let c = wait_for(emu, &[id]).remove(0);
+        assert_eq!(c.status, 0, "{what}: short read");
+        assert_eq!(c.data_in, want[1024..1024 + 700], "{what}: short read");
+    };
+    read_all(emu, &want, "after the write");
+    // A partial overwrite whose lines are merged with what is cached.
+    let data2 = pattern(3 * 512, 0x11);
+    let id = submit(emu, &rw16(0x8a, 7, 3, 0), &data2, 0);
+    assert_eq!(wait_for(emu, &[id])[0].status, 0);
+    want[7 * 512..10 * 512].copy_from_slice(&data2);
+    read_all(emu, &want, "after a partial overwrite");
+    if let Some(c) = cache {
+        c.seal_now().unwrap();
+        c.flush().unwrap();
+        read_all(emu, &want, "from the cache device");
+    }
+    emu.set_fragmented(false);
+}
+
+#[test]
+fn writes_and_reads_whose_lines_cross_iovec_boundaries_land_where_they_belong() {
+    for inline in [true, false] {
+        let f = files();
+        let cache = open_cache(&f);
+        let mut emu = Emulator::small(FLAG_OOOC | FLAG_READ_LEN);
+        let mut dev = device(&emu, &cache, "disk0");
+        dev.set_inline(inline);
+        let served = Served::start(vec![dev]);
+        lines_across_iovecs(&mut emu, Some(&cache));
+        assert!(served.failures.lock().unwrap().is_empty());
+        drop(served);
+    }
+    // The RAM backend takes the same scattered pieces.
+    let mut emu = Emulator::small(FLAG_OOOC | FLAG_READ_LEN);
+    let ram = Arc::new(lc::ram::RamBackend::new(BACKING));
+    let served = Served::start(vec![device_on(&emu, "ram0", ram)]);
+    lines_across_iovecs(&mut emu, None);
+    drop(served);
+}
+
+#[test]
+fn a_command_whose_data_overlaps_a_running_commands_data_is_refused_and_both_lun_and_data_survive()
+{
+    let f = files();
+    let cache = open_cache(&f);
+    let mut emu = Emulator::small(FLAG_OOOC);
+    let slow = SlowWrites::new(&cache, Duration::from_millis(500));
+    let mut dev = device_on(&emu, "disk0", slow.clone());
+    dev.set_inline(false);
+    let served = Served::start(vec![dev]);
+    let data = pattern(4096, 3);
+    let id = submit(&mut emu, &rw16(0x8a, 8, 8, 0), &data, 0);
+    slow.wait_started(1);
+    // An entry naming a block the running WRITE holds (a broken kernel would).
+    let (off, _) = emu.iovs_of(id)[0];
+    let bad = emu.submit_raw_cmd(&raw_write(&[(off, 512)]));
+    let c = wait_for(&mut emu, &[bad]).remove(0);
+    assert_eq!(
+        (c.status, c.sense[2], c.sense[12]),
+        (2, 4, 0x44),
+        "CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE"
+    );
+    assert_eq!(wait_for(&mut emu, &[id])[0].status, 0, "the slow WRITE");
+    let id = submit(&mut emu, &rw16(0x88, 8, 8, 0), &[], 4096);
+    let c = wait_for(&mut emu, &[id]).remove(0);
+    assert!(c.status == 0 && c.data_in == data, "its data is intact");
+    assert!(served.failures.lock().unwrap().is_empty());
 }

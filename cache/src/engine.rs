@@ -26,6 +26,7 @@ use crate::format::{
     SECTORS_PER_LINE,
 };
 use crate::index::{key, Loc};
+use crate::iov::{Gather, Scatter};
 use crate::recovery::{random_u64, replay, superblock_of, RecoveryReport};
 use crate::state::{BackingSlot, Inner, OpenSeg, Pos, Recovered, State};
 use crate::stats::{counter_index, Stats};
@@ -79,11 +80,20 @@ pub struct Cache {
     closed: bool,
 }
 
+/// Where a read finds one line.
 enum Src {
+    /// Not cached: the backing device.
     Backing,
+    /// Discarded: zeros.
     Zero,
+    /// Every wanted sector was in a RAM segment buffer and is in the caller's buffer.
+    Copied,
+    /// Dirty sectors of a RAM line (a bounce), laid over backing data.
     Ram(Box<[u8; LINE as usize]>, u8),
+    /// On the cache device (read into a bounce, laid over backing data).
     Disk(Loc),
+    /// On the cache device, read straight into the caller's buffer.
+    DiskDirect(Loc),
 }
 
 fn sector_mask(first: u64, count: u64) -> u8 {
@@ -191,7 +201,8 @@ impl Inner {
         }
     }
 
-    /// Writes the sectors `mask` of one line; `data` holds exactly those sectors.
+    /// Writes the sectors `mask` of one line; `data` holds exactly those sectors (in
+    /// the caller's buffers: copied from there into the segment buffer, once).
     /// Returns where the line is in the log (its segment and the lines up to it).
     /// Without `wait`, returns
     /// `Ok(None)` instead of waiting for a RAM buffer or reading older data of a
@@ -201,7 +212,7 @@ impl Inner {
         dev: u8,
         line: u64,
         first: u64,
-        data: &[u8],
+        data: Gather<'_>,
         tomb: bool,
         wait: bool,
     ) -> Result<Option<Pos>> {
@@ -247,7 +258,7 @@ impl Inner {
                         line_buf.fill(0);
                     }
                     let at = (first * SECTOR) as usize;
-                    line_buf[at..at + data.len()].copy_from_slice(data);
+                    data.copy_to(&mut line_buf[at..at + data.len()]);
                     (
                         if loc.tomb {
                             FULL_LINE
@@ -326,7 +337,7 @@ impl Inner {
                 (0, ENTRY_TOMBSTONE)
             } else {
                 let at = (first * SECTOR) as usize;
-                line_buf[at..at + data.len()].copy_from_slice(data);
+                data.copy_to(&mut line_buf[at..at + data.len()]);
                 (base_bits | mask, 0)
             };
             o.entries.push(Entry {
@@ -578,8 +589,17 @@ impl Cache {
 
     /// Writes `data` at byte `offset` of backing device `dev` through the cache.
     /// Completes once the data is in RAM; with `fua`, once it is durable on the cache
-    /// device.
+    /// device. [`Cache::write_vectored`] with one slice.
     pub fn write(&self, dev: u8, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write_vectored(dev, offset, &[data], fua)
+    }
+
+    /// Writes the concatenation of `data` at byte `offset` of backing device `dev`, as
+    /// [`Cache::write`] does: each line's bytes are copied from the slices straight into
+    /// the open segment's buffer (a line may span slices), with no staging copy. The
+    /// total length must be a multiple of the block size; the slices need not be.
+    pub fn write_vectored(&self, dev: u8, offset: u64, data: &[&[u8]], fua: bool) -> Result<()> {
+        let data = Gather::new(data);
         {
             let mut st = self.inner.lock();
             self.inner
@@ -600,27 +620,31 @@ impl Cache {
 
     /// Writes line by line; `Ok(None)` when a line would have to wait and `wait` is
     /// off (earlier lines are written then, with the caller's data).
-    fn write_lines(&self, dev: u8, offset: u64, data: &[u8], wait: bool) -> Result<Option<Pos>> {
+    fn write_lines(
+        &self,
+        dev: u8,
+        offset: u64,
+        data: Gather<'_>,
+        wait: bool,
+    ) -> Result<Option<Pos>> {
         let mut last = Pos::default();
         let mut pos = 0usize;
-        while pos < data.len() {
+        let mut rest = data;
+        while rest.len() > 0 {
             let off = offset + pos as u64;
             let line = off / LINE;
             let in_line = off % LINE;
-            let n = ((LINE - in_line) as usize).min(data.len() - pos);
-            let Some(at) = self.inner.write_line(
-                dev,
-                line,
-                in_line / SECTOR,
-                &data[pos..pos + n],
-                false,
-                wait,
-            )?
+            let n = ((LINE - in_line) as usize).min(rest.len());
+            let (piece, after) = rest.split_at(n);
+            let Some(at) =
+                self.inner
+                    .write_line(dev, line, in_line / SECTOR, piece, false, wait)?
             else {
                 return Ok(None);
             };
             last = last.max(at);
             pos += n;
+            rest = after;
         }
         Ok(Some(last))
     }
@@ -630,6 +654,13 @@ impl Cache {
     /// device). Lines written before that point hold the caller's data; the caller
     /// completes the request with [`Cache::write`], which rewrites them.
     pub fn try_write(&self, dev: u8, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        self.try_write_vectored(dev, offset, &[data])
+    }
+
+    /// [`Cache::try_write`] of the concatenation of `data`, copied as
+    /// [`Cache::write_vectored`] copies it.
+    pub fn try_write_vectored(&self, dev: u8, offset: u64, data: &[&[u8]]) -> Option<Result<()>> {
+        let data = Gather::new(data);
         {
             let mut st = self.inner.lock();
             if let Err(e) = self.inner.check_range(&st, dev, offset, data.len() as u64) {
@@ -653,23 +684,61 @@ impl Cache {
     /// device (a line neither in a RAM segment buffer nor readable without waiting,
     /// e.g. not in the page cache).
     pub fn try_read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
-        self.read_impl(dev, offset, buf, false).transpose()
+        self.try_read_vectored(dev, offset, &mut [buf])
+    }
+
+    /// [`Cache::try_read`] into the concatenation of `bufs`, filled as
+    /// [`Cache::read_vectored`] fills it.
+    pub fn try_read_vectored(
+        &self,
+        dev: u8,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+    ) -> Option<Result<()>> {
+        self.read_impl(dev, offset, &mut Scatter::new(bufs), false)
+            .transpose()
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of backing device `dev`.
+    /// [`Cache::read_vectored`] with one buffer.
     pub fn read(&self, dev: u8, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_impl(dev, offset, buf, true)
+        self.read_vectored(dev, offset, &mut [buf])
+    }
+
+    /// Reads into the concatenation of `bufs` (total length a multiple of the block
+    /// size) from byte `offset` of backing device `dev`, with one copy per byte and no
+    /// staging buffer for the request:
+    /// - a line whose wanted sectors are all in a RAM segment buffer is copied from it
+    ///   (under the engine lock);
+    /// - backing data is read from the backing device straight into the buffers (a run
+    ///   of lines that spans several buffers is read piece by piece);
+    /// - a line whose wanted sectors are all dirty on the cache device is read from it
+    ///   straight into the buffers when its part lies inside one buffer.
+    ///
+    /// Lines that mix dirty sectors with backing data (partial lines: their cached
+    /// sectors are laid over the backing read) and cache-device lines that straddle two
+    /// buffers go through a 4 KiB bounce: one line read and copied, cheaper than
+    /// splitting the device read.
+    pub fn read_vectored(&self, dev: u8, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.read_impl(dev, offset, &mut Scatter::new(bufs), true)
             .map(|r| r.expect("a waiting read completes"))
     }
 
     /// The read path; without `wait`, `Ok(None)` as soon as a device read would block.
-    fn read_impl(&self, dev: u8, offset: u64, buf: &mut [u8], wait: bool) -> Result<Option<()>> {
+    fn read_impl(
+        &self,
+        dev: u8,
+        offset: u64,
+        buf: &mut Scatter<'_, '_>,
+        wait: bool,
+    ) -> Result<Option<()>> {
         let inner = &self.inner;
+        let total = buf.len() as u64;
         let backing = {
             let st = inner.lock();
-            inner.check_range(&st, dev, offset, buf.len() as u64)?
+            inner.check_range(&st, dev, offset, total)?
         };
-        if buf.is_empty() {
+        if total == 0 {
             return Ok(Some(()));
         }
         // A device read; `None` when it would block and blocking is not allowed.
@@ -682,14 +751,20 @@ impl Cache {
                 }
             };
         let first_line = offset / LINE;
-        let last_line = (offset + buf.len() as u64 - 1) / LINE;
-        // Sectors of line `i` (counted from `first_line`) the caller asked for.
-        let end_off = offset + buf.len() as u64;
-        let wanted = |i: usize| {
+        let end_off = offset + total;
+        let last_line = (end_off - 1) / LINE;
+        // The caller's part of line `i` (counted from `first_line`): its position in
+        // the buffers, its offset in the line, its length.
+        let span = |i: usize| {
             let ls = (first_line + i as u64) * LINE;
             let a = offset.max(ls);
             let b = end_off.min(ls + LINE);
-            sector_mask((a - ls) / SECTOR, (b - a) / SECTOR)
+            ((a - offset) as usize, (a - ls) as usize, (b - a) as usize)
+        };
+        // Sectors of line `i` the caller asked for.
+        let wanted = |i: usize| {
+            let (_, in_line, len) = span(i);
+            sector_mask(in_line as u64 / SECTOR, len as u64 / SECTOR)
         };
         'retry: loop {
             // 1. Plan every line under the lock; copy RAM-resident data now.
@@ -698,15 +773,10 @@ impl Cache {
             {
                 let st = inner.lock();
                 for line in first_line..=last_line {
-                    let full =
-                        offset <= line * LINE && (line + 1) * LINE <= offset + buf.len() as u64;
+                    let i = (line - first_line) as usize;
+                    let full = offset <= line * LINE && (line + 1) * LINE <= end_off;
                     let loc = st.index.get(key(dev, line));
-                    if st.damage.unresolved()
-                        && !st.damage.readable(
-                            key(dev, line),
-                            wanted((line - first_line) as usize),
-                            loc,
-                        )
+                    if st.damage.unresolved() && !st.damage.readable(key(dev, line), wanted(i), loc)
                     {
                         return Err(Error::Lost {
                             dev,
@@ -716,24 +786,36 @@ impl Cache {
                     let src = match loc {
                         None => Src::Backing,
                         Some(l) if l.tomb => Src::Zero,
-                        Some(l) => match inner.ram_line(&st, l) {
-                            Some(b) => Src::Ram(b, l.dirty),
+                        Some(l) => match inner.ram_slice(&st, l) {
+                            // Every wanted sector is in RAM: to the caller, once.
+                            Some(ram) if wanted(i) & !l.dirty == 0 => {
+                                let (at, in_line, len) = span(i);
+                                buf.copy_from(at, &ram[in_line..in_line + len]);
+                                Src::Copied
+                            }
+                            // Backing data goes under the dirty sectors after the lock
+                            // is released: keep them aside (the bounce).
+                            Some(_) => match inner.ram_line(&st, l) {
+                                Some(b) => Src::Ram(b, l.dirty),
+                                None => Src::Disk(l),
+                            },
                             None => Src::Disk(l),
                         },
                     };
                     let (hit, on_ram) = match &src {
                         Src::Backing => (false, false),
-                        Src::Ram(..) => (true, true),
+                        Src::Ram(..) | Src::Copied => (true, true),
                         _ => (true, false),
                     };
                     counted.push(counter_index(false, hit, on_ram, full));
                     plan.push(src);
                 }
             }
-            // 2. Backing reads for every run of lines that needs backing data.
+            // 2. Backing reads for every run of lines that needs backing data, straight
+            // into the caller's buffers (a piece per buffer the run covers).
             let needs_backing = |i: usize, s: &Src| match s {
                 Src::Backing => true,
-                Src::Zero => false,
+                Src::Zero | Src::Copied | Src::DiskDirect(_) => false,
                 Src::Ram(_, d) => wanted(i) & !*d != 0,
                 Src::Disk(l) => wanted(i) & !l.dirty != 0,
             };
@@ -747,35 +829,58 @@ impl Cache {
                 while j + 1 < plan.len() && needs_backing(j + 1, &plan[j + 1]) {
                     j += 1;
                 }
-                let start = ((first_line + i as u64) * LINE).max(offset);
-                let end = ((first_line + j as u64 + 1) * LINE).min(offset + buf.len() as u64);
-                let bo = (start - offset) as usize;
-                let be = (end - offset) as usize;
-                let Some(r) = dev_read(backing.as_ref(), &mut buf[bo..be], start) else {
+                let (at, _, _) = span(i);
+                let (at_j, _, len_j) = span(j);
+                let mut res: Option<std::io::Result<()>> = Some(Ok(()));
+                let mut failed_at = offset + at as u64;
+                buf.for_each(at, at_j + len_j - at, |o, piece| {
+                    if matches!(res, Some(Ok(()))) {
+                        failed_at = offset + (at + o) as u64;
+                        res = dev_read(backing.as_ref(), piece, failed_at);
+                    }
+                });
+                let Some(r) = res else {
                     return Ok(None);
                 };
-                r.map_err(|e| Error::io(&backing.describe(), start, e))?;
+                r.map_err(|e| Error::io(&backing.describe(), failed_at, e))?;
                 i = j + 1;
             }
-            // 3. Cache-device reads for lines that live there.
+            // 3. Cache-device reads for lines that live there: straight into the
+            // caller's buffer when every wanted sector is dirty and the part lies in one
+            // buffer, else a whole line into a bounce.
             let mut disk: Vec<(usize, Box<[u8; LINE as usize]>)> = Vec::new();
-            for (i, s) in plan.iter().enumerate() {
-                if let Src::Disk(l) = s {
-                    let mut b = Box::new([0u8; LINE as usize]);
-                    let off = inner.geo.line_offset(l.seg, l.slot as u32);
-                    let Some(r) = dev_read(inner.cache.as_ref(), &mut b[..], off) else {
-                        return Ok(None);
-                    };
-                    r.map_err(|e| Error::io(&inner.cache_desc(), off, e))?;
-                    disk.push((i, b));
+            let mut on_disk = false;
+            for (i, s) in plan.iter_mut().enumerate() {
+                let Src::Disk(l) = *s else { continue };
+                on_disk = true;
+                let off = inner.geo.line_offset(l.seg, l.slot as u32);
+                let (at, in_line, len) = span(i);
+                if wanted(i) & !l.dirty == 0 {
+                    if let Some(dst) = buf.contiguous(at, len) {
+                        let from = off + in_line as u64;
+                        let Some(r) = dev_read(inner.cache.as_ref(), dst, from) else {
+                            return Ok(None);
+                        };
+                        r.map_err(|e| Error::io(&inner.cache_desc(), from, e))?;
+                        *s = Src::DiskDirect(l);
+                        continue;
+                    }
                 }
+                let mut b = Box::new([0u8; LINE as usize]);
+                let Some(r) = dev_read(inner.cache.as_ref(), &mut b[..], off) else {
+                    return Ok(None);
+                };
+                r.map_err(|e| Error::io(&inner.cache_desc(), off, e))?;
+                disk.push((i, b));
             }
             {
                 let mut st = inner.lock();
-                if !disk.is_empty() {
+                if on_disk {
                     for s in &plan {
-                        if let Src::Disk(l) = s {
+                        if let Src::Disk(l) | Src::DiskDirect(l) = s {
                             if inner.slot_reused(&st, l.seg) {
+                                // Everything is read again: every byte of the range
+                                // is rewritten by the next pass.
                                 continue 'retry;
                             }
                         }
@@ -785,27 +890,25 @@ impl Cache {
                     st.count(dev, c);
                 }
             }
-            // 4. Overlay cached sectors.
+            // 4. Overlay cached sectors kept aside, and discarded lines.
             let mut disk_iter = disk.into_iter();
             for (i, s) in plan.into_iter().enumerate() {
-                let line = first_line + i as u64;
+                let (at, in_line, len) = span(i);
                 let (data, bits): (Box<[u8; LINE as usize]>, u8) = match s {
-                    Src::Backing => continue,
-                    Src::Zero => (Box::new([0u8; LINE as usize]), FULL_LINE),
+                    Src::Backing | Src::Copied | Src::DiskDirect(_) => continue,
+                    Src::Zero => {
+                        buf.zero(at, len);
+                        continue;
+                    }
                     Src::Ram(b, d) => (b, d),
                     Src::Disk(l) => (disk_iter.next().expect("disk line").1, l.dirty),
                 };
-                for sec in 0..SECTORS_PER_LINE {
+                for sec in (in_line as u64 / SECTOR)..((in_line + len) as u64 / SECTOR) {
                     if bits & (1 << sec) == 0 {
                         continue;
                     }
-                    let s_off = line * LINE + sec * SECTOR;
-                    if s_off < offset || s_off + SECTOR > offset + buf.len() as u64 {
-                        continue;
-                    }
-                    let bo = (s_off - offset) as usize;
                     let lo = (sec * SECTOR) as usize;
-                    buf[bo..bo + SECTOR as usize].copy_from_slice(&data[lo..lo + SECTOR as usize]);
+                    buf.copy_from(at + lo - in_line, &data[lo..lo + SECTOR as usize]);
                 }
             }
             return Ok(Some(()));
@@ -886,7 +989,8 @@ impl Cache {
             v
         };
         for line in cached {
-            self.inner.write_line(dev, line, 0, &[], true, true)?;
+            self.inner
+                .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
         }
         backing
             .discard(full_start, full_end - full_start)

@@ -1,5 +1,5 @@
 //! Model-based randomized tests: random sequences of writes (aligned, partial,
-//! multi-line), reads, flushes, FUA writes, discards, drains and tunable changes on
+//! multi-line; half from scattered pieces), reads (half into scattered pieces), flushes, FUA writes, discards, drains and tunable changes on
 //! several backing devices, compared after every read with plain in-memory disks.
 
 mod common;
@@ -55,27 +55,44 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
                 // Half the plain writes take the non-blocking path first, as the
                 // daemon's event loop does, and fall back to the blocking one.
                 let inline = !fua && rng.gen_bool(0.5);
-                match inline.then(|| c.try_write(dev as u8, off, &data)).flatten() {
+                // Half of them from scattered pieces (lines and sectors split anywhere).
+                let cuts = if rng.gen_bool(0.5) {
+                    random_cuts(&mut rng, data.len())
+                } else {
+                    Vec::new()
+                };
+                let parts = pieces(&data, &cuts);
+                match inline
+                    .then(|| c.try_write_vectored(dev as u8, off, &parts))
+                    .flatten()
+                {
                     Some(r) => {
                         r.expect(&ctx);
                         inline_served.0 += 1;
                     }
-                    None => c.write(dev as u8, off, &data, fua).expect(&ctx),
+                    None if cuts.is_empty() => c.write(dev as u8, off, &data, fua).expect(&ctx),
+                    None => c.write_vectored(dev as u8, off, &parts, fua).expect(&ctx),
                 }
                 model[dev][off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             45..=79 => {
                 let mut buf = vec![0u8; len as usize];
-                match rng
-                    .gen_bool(0.5)
-                    .then(|| c.try_read(dev as u8, off, &mut buf))
+                let cuts = if rng.gen_bool(0.5) {
+                    random_cuts(&mut rng, buf.len())
+                } else {
+                    Vec::new()
+                };
+                let inline = rng.gen_bool(0.5);
+                let mut parts = pieces_mut(&mut buf, &cuts);
+                match inline
+                    .then(|| c.try_read_vectored(dev as u8, off, &mut parts))
                     .flatten()
                 {
                     Some(r) => {
                         r.expect(&ctx);
                         inline_served.1 += 1;
                     }
-                    None => c.read(dev as u8, off, &mut buf).expect(&ctx),
+                    None => c.read_vectored(dev as u8, off, &mut parts).expect(&ctx),
                 }
                 assert!(
                     buf == model[dev][off as usize..(off + len) as usize],

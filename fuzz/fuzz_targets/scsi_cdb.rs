@@ -10,13 +10,22 @@ use lc::scsi::{execute, BlockBackend, IoError, LunConfig, LunState};
 struct Mem(Mutex<Vec<u8>>);
 
 impl BlockBackend for Mem {
-    fn read(&self, o: u64, b: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, o: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
         let d = self.0.lock().unwrap();
-        b.copy_from_slice(&d[o as usize..o as usize + b.len()]);
+        let mut at = o as usize;
+        for b in bufs.iter_mut() {
+            b.copy_from_slice(&d[at..at + b.len()]);
+            at += b.len();
+        }
         Ok(())
     }
-    fn write(&self, o: u64, b: &[u8], _fua: bool) -> Result<(), IoError> {
-        self.0.lock().unwrap()[o as usize..o as usize + b.len()].copy_from_slice(b);
+    fn write(&self, o: u64, data: &[&[u8]], _fua: bool) -> Result<(), IoError> {
+        let mut d = self.0.lock().unwrap();
+        let mut at = o as usize;
+        for b in data {
+            d[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
         Ok(())
     }
     fn flush(&self) -> Result<(), IoError> {

@@ -1,12 +1,16 @@
 //! SCSI disk emulation (SPC-4 / SBC-3 subset) over a [`BlockBackend`]: no TCMU and no
-//! cache-engine knowledge. [`execute`] takes a CDB, the gathered Data-Out bytes and the
-//! room for Data-In, and returns status, sense and Data-In. Bad input gets CHECK
-//! CONDITION with the matching sense; nothing here panics on any input.
+//! cache-engine knowledge. [`execute_data`] takes a CDB and the command's data as the
+//! transport holds it ([`Data`]: scattered pieces, used in place: a WRITE's Data-Out
+//! goes to the backend as it is, a READ fills its Data-In buffer directly), and returns
+//! status, sense and any small Data-In; [`execute`] is the same over one contiguous
+//! buffer. Bad input gets CHECK CONDITION with the matching sense; nothing here panics
+//! on any input.
 
 pub mod cdb;
 pub mod sense;
 pub mod xcopy;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
@@ -64,25 +68,68 @@ impl IoError {
     }
 }
 
-/// What a LUN stores blocks in.
+/// What a LUN stores blocks in. Data moves in scattered form: `bufs` / `data` are the
+/// pieces of one transfer in order (a TCMU command's iovecs), whose total length is a
+/// multiple of the block size (the pieces need not be).
 pub trait BlockBackend: Send + Sync {
-    /// Reads `buf.len()` bytes at byte `offset`.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
-    /// Writes `data` at byte `offset`; durable before returning when `fua`.
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError>;
+    /// Reads the total length of `bufs` at byte `offset` into them.
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError>;
+    /// Writes the concatenation of `data` at byte `offset`; durable before returning
+    /// when `fua`.
+    fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError>;
     /// Makes all completed writes durable.
     fn flush(&self) -> Result<(), IoError>;
     /// Discards a byte range (reads as zeros afterwards).
     fn discard(&self, offset: u64, len: u64) -> Result<(), IoError>;
     /// [`BlockBackend::read`] that never blocks: `None` when it would have to wait
     /// for a device. The default never serves.
-    fn try_read(&self, _offset: u64, _buf: &mut [u8]) -> Option<Result<(), IoError>> {
+    fn try_read(&self, _offset: u64, _bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
         None
     }
     /// [`BlockBackend::write`] without FUA that never blocks: `None` when it would
     /// have to wait; the write is then repeated with [`BlockBackend::write`].
-    fn try_write(&self, _offset: u64, _data: &[u8]) -> Option<Result<(), IoError>> {
+    fn try_write(&self, _offset: u64, _data: &[&[u8]]) -> Option<Result<(), IoError>> {
         None
+    }
+}
+
+/// A command's data as the transport holds it: the pieces of its buffer in order (a
+/// TCMU command's iovecs over the ring's data area), used in place.
+pub enum Data<'a, 'b> {
+    /// Data-Out pieces (a write's data, a parameter list), and the room for Data-In,
+    /// which the small responses of non-READ commands return in
+    /// [`ScsiResponse::data_in`].
+    Out(&'a [&'b [u8]], usize),
+    /// A READ's Data-In buffer, filled in place (see [`ScsiResponse::placed`]).
+    In(&'a mut [&'b mut [u8]]),
+}
+
+impl Data<'_, '_> {
+    fn out_len(&self) -> u64 {
+        match self {
+            Data::Out(p, _) => p.iter().map(|x| x.len() as u64).sum(),
+            Data::In(_) => 0,
+        }
+    }
+
+    fn data_in_len(&self) -> usize {
+        match self {
+            Data::Out(_, n) => *n,
+            Data::In(b) => b.iter().map(|x| x.len()).sum(),
+        }
+    }
+
+    /// The Data-Out as one buffer: borrowed when it is one piece, else copied. Only
+    /// for what is parsed or compared as a whole and is small or rare (parameter lists
+    /// of MODE SELECT, UNMAP and EXTENDED COPY, the one block of WRITE SAME, the data
+    /// of COMPARE AND WRITE, VERIFY and WRITE AND VERIFY); a WRITE's data goes to the
+    /// backend in pieces.
+    fn contiguous(&self) -> Cow<'_, [u8]> {
+        match self {
+            Data::Out([one], _) => Cow::Borrowed(one),
+            Data::Out(p, _) => Cow::Owned(p.concat()),
+            Data::In(_) => Cow::Borrowed(&[]),
+        }
     }
 }
 
@@ -106,15 +153,15 @@ impl NonBlocking<'_> {
 }
 
 impl BlockBackend for NonBlocking<'_> {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
         if self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(self.would_block());
         }
         self.be
-            .try_read(offset, buf)
+            .try_read(offset, bufs)
             .unwrap_or_else(|| Err(self.would_block()))
     }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
         if fua || self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(self.would_block());
         }
@@ -268,8 +315,11 @@ pub struct ScsiResponse {
     pub status: u8,
     /// Sense data (empty unless CHECK CONDITION).
     pub sense: Vec<u8>,
-    /// Data-In bytes.
+    /// Data-In bytes to copy into the command's buffer.
     pub data_in: Vec<u8>,
+    /// Data-In bytes already in the command's buffer: what a READ run with
+    /// [`Data::In`] filled (from its start; `data_in` is empty then).
+    pub placed: usize,
 }
 
 impl ScsiResponse {
@@ -278,6 +328,7 @@ impl ScsiResponse {
             status: GOOD,
             sense: Vec::new(),
             data_in,
+            placed: 0,
         }
     }
 
@@ -286,7 +337,13 @@ impl ScsiResponse {
             status: CHECK_CONDITION,
             sense: sense::fixed(k, a, info),
             data_in: Vec::new(),
+            placed: 0,
         }
+    }
+
+    /// Data-In bytes the command produced, in `data_in` or in place.
+    pub fn data_in_len(&self) -> usize {
+        self.data_in.len().max(self.placed)
     }
 
     /// CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE: what a command
@@ -397,6 +454,16 @@ pub fn try_execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> Option<ScsiResponse> {
+    try_execute_data(lun, cdb_bytes, Data::Out(&[data_out], data_in_len), be)
+}
+
+/// [`try_execute`] with the command's data in place ([`Data`]).
+pub fn try_execute_data(
+    lun: &LunState,
+    cdb_bytes: &[u8],
+    data: Data<'_, '_>,
+    be: &dyn BlockBackend,
+) -> Option<ScsiResponse> {
     // EXTENDED COPY waits for other LUNs' I/O locks: never on the loop thread.
     if matches!(
         cdb_bytes.first(),
@@ -408,11 +475,12 @@ pub fn try_execute(
         be,
         blocked: Default::default(),
     };
-    let r = run(lun, cdb_bytes, data_out, data_in_len, &nb, false)?;
+    let r = run(lun, cdb_bytes, data, &nb, false)?;
     (!nb.blocked.into_inner()).then_some(r)
 }
 
-/// Executes one command (waiting for the LUN's I/O lock and the backend).
+/// Executes one command (waiting for the LUN's I/O lock and the backend), its
+/// Data-Out in one buffer and its Data-In returned in [`ScsiResponse::data_in`].
 pub fn execute(
     lun: &LunState,
     cdb_bytes: &[u8],
@@ -420,7 +488,18 @@ pub fn execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> ScsiResponse {
-    match run(lun, cdb_bytes, data_out, data_in_len, be, true) {
+    execute_data(lun, cdb_bytes, Data::Out(&[data_out], data_in_len), be)
+}
+
+/// [`execute`] with the command's data in place ([`Data`]): a WRITE hands its pieces
+/// to the backend, a READ given [`Data::In`] reads into them.
+pub fn execute_data(
+    lun: &LunState,
+    cdb_bytes: &[u8],
+    data: Data<'_, '_>,
+    be: &dyn BlockBackend,
+) -> ScsiResponse {
+    match run(lun, cdb_bytes, data, be, true) {
         Some(r) => r,
         // Only a non-waiting run gives up on the lock.
         None => ScsiResponse::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None),
@@ -431,8 +510,7 @@ pub fn execute(
 fn run(
     lun: &LunState,
     cdb_bytes: &[u8],
-    data_out: &[u8],
-    data_in_len: usize,
+    data: Data<'_, '_>,
     be: &dyn BlockBackend,
     wait: bool,
 ) -> Option<ScsiResponse> {
@@ -441,16 +519,11 @@ fn run(
         Err(a) => return Some(ScsiResponse::illegal(a)),
     };
     let _held = lock(&lun.io, access(&cmd), wait)?;
-    Some(dispatch(lun, cmd, data_out, data_in_len, be))
+    Some(dispatch(lun, cmd, data, be))
 }
 
-fn dispatch(
-    lun: &LunState,
-    cmd: Cdb,
-    data_out: &[u8],
-    data_in_len: usize,
-    be: &dyn BlockBackend,
-) -> ScsiResponse {
+fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend) -> ScsiResponse {
+    let data_in_len = data.data_in_len();
     // A pending capacity change is reported once, before anything else, the way the
     // target core reports its own unit attentions.
     if !matches!(cmd, Cdb::Inquiry { .. } | Cdb::RequestSense { .. })
@@ -495,7 +568,9 @@ fn dispatch(
         } => mode_sense(lun, page, subpage, pc, dbd, ten)
             .map(|d| ScsiResponse::good(truncate(d, alloc)))
             .unwrap_or_else(|r| r),
-        Cdb::ModeSelect { pf, sp, len, ten } => mode_select(lun, pf, sp, len, ten, data_out),
+        Cdb::ModeSelect { pf, sp, len, ten } => {
+            mode_select(lun, pf, sp, len, ten, &data.contiguous())
+        }
         Cdb::ReportLuns { alloc } => {
             let mut d = vec![0u8; 16];
             d[3] = 8;
@@ -528,13 +603,24 @@ fn dispatch(
             if len == 0 {
                 return ScsiResponse::good(Vec::new());
             }
-            let mut buf = vec![0u8; (len.div_ceil(bs) * bs) as usize];
-            match be.read(lba * bs, &mut buf) {
-                Ok(()) => {
-                    buf.truncate(len as usize);
-                    ScsiResponse::good(buf)
+            match data {
+                Data::In(bufs) => match read_in_place(be, lba * bs, bufs, len as usize, bs) {
+                    Ok(()) => ScsiResponse {
+                        placed: len as usize,
+                        ..ScsiResponse::good(Vec::new())
+                    },
+                    Err(e) => read_error(e, lba, bs),
+                },
+                Data::Out(..) => {
+                    let mut buf = vec![0u8; (len.div_ceil(bs) * bs) as usize];
+                    match be.read(lba * bs, &mut [&mut buf[..]]) {
+                        Ok(()) => {
+                            buf.truncate(len as usize);
+                            ScsiResponse::good(buf)
+                        }
+                        Err(e) => read_error(e, lba, bs),
+                    }
                 }
-                Err(e) => read_error(e, lba, bs),
             }
         }
         Cdb::Write { lba, blocks, fua } => {
@@ -543,13 +629,16 @@ fn dispatch(
             }
             // Data-Out must be exactly what the CDB transfers (LIO refuses the same
             // mismatch for its own backstores with this sense).
-            if data_out.len() as u64 != blocks * bs {
+            if data.out_len() != blocks * bs {
                 return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
             }
             if blocks == 0 {
                 return ScsiResponse::good(Vec::new());
             }
-            write_or_error(be, lba * bs, data_out, fua || !lun.write_cache(), bs)
+            let Data::Out(pieces, _) = data else {
+                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+            };
+            write_or_error(be, lba * bs, pieces, fua || !lun.write_cache(), bs)
         }
         Cdb::SyncCache { lba, blocks } => {
             if let Err(r) = lun.check_range(lba, blocks) {
@@ -565,13 +654,13 @@ fn dispatch(
             blocks,
             unmap,
             ndob,
-        } => write_same(lun, be, lba, blocks, unmap, ndob, data_out),
-        Cdb::Unmap { len } => unmap(lun, be, len, data_out),
+        } => write_same(lun, be, lba, blocks, unmap, ndob, &data.contiguous()),
+        Cdb::Unmap { len } => unmap(lun, be, len, &data.contiguous()),
         Cdb::Verify {
             lba,
             blocks,
             bytchk,
-        } => verify(lun, be, lba, blocks, bytchk, data_out),
+        } => verify(lun, be, lba, blocks, bytchk, &data.contiguous()),
         Cdb::WriteVerify {
             lba,
             blocks,
@@ -580,14 +669,17 @@ fn dispatch(
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
-            if data_out.len() as u64 != blocks * bs {
+            if data.out_len() != blocks * bs {
                 return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
             }
             if blocks == 0 {
                 return ScsiResponse::good(Vec::new());
             }
+            // Compared as one buffer below (a rare command, written FUA and read back:
+            // the copy is the least of its costs).
+            let data_out = data.contiguous();
             // Written to the medium (durable), then read back from it.
-            let r = write_or_error(be, lba * bs, data_out, true, bs);
+            let r = write_or_error(be, lba * bs, &[&data_out], true, bs);
             if r.status != GOOD {
                 return r;
             }
@@ -600,7 +692,7 @@ fn dispatch(
             })
         }
         Cdb::CompareAndWrite { lba, blocks, fua } => {
-            compare_and_write(lun, be, lba, blocks, fua, data_out)
+            compare_and_write(lun, be, lba, blocks, fua, &data.contiguous())
         }
         Cdb::GetLbaStatus {
             lba,
@@ -608,11 +700,54 @@ fn dispatch(
             report_type,
         } => get_lba_status(num_blocks, lba, alloc.min(data_in_len), report_type),
         // Takes the I/O locks of every LUN it names itself (Access::None here).
-        Cdb::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, data_out),
+        Cdb::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, &data.contiguous()),
         Cdb::ReceiveCopyOperatingParameters { alloc } => {
             ScsiResponse::good(truncate(xcopy::operating_parameters(cfg), alloc))
         }
     }
+}
+
+/// Reads `len` bytes at `off` into the start of `bufs` (a READ's Data-In, which may be
+/// shorter than the transfer): whole blocks straight into the pieces, a last partial
+/// block (a Data-In that ends inside a block) through a one-block bounce.
+fn read_in_place(
+    be: &dyn BlockBackend,
+    off: u64,
+    bufs: &mut [&mut [u8]],
+    len: usize,
+    bs: u64,
+) -> Result<(), IoError> {
+    let whole = len - len % bs as usize;
+    // The first `whole` bytes of the buffer, as pieces.
+    let mut pieces: Vec<&mut [u8]> = Vec::with_capacity(bufs.len());
+    let mut tail: Vec<&mut [u8]> = Vec::new();
+    let mut at = 0;
+    for b in bufs.iter_mut() {
+        let b: &mut [u8] = b;
+        let n = b.len().min(whole.saturating_sub(at));
+        let (head, rest) = b.split_at_mut(n);
+        if !head.is_empty() {
+            pieces.push(head);
+        }
+        if at + n >= whole && !rest.is_empty() {
+            tail.push(rest);
+        }
+        at += n;
+    }
+    if whole > 0 {
+        be.read(off, &mut pieces)?;
+    }
+    if whole < len {
+        let mut block = vec![0u8; bs as usize];
+        be.read(off + whole as u64, &mut [&mut block[..]])?;
+        let mut src = &block[..len - whole];
+        for t in tail {
+            let n = t.len().min(src.len());
+            t[..n].copy_from_slice(&src[..n]);
+            src = &src[n..];
+        }
+    }
+    Ok(())
 }
 
 /// The sense for a failed read at the failing block (`lba` if unknown).
@@ -650,7 +785,7 @@ fn compare_range(
     while done < blocks {
         let n = per.min(blocks - done);
         let chunk = &mut buf[..(n * bs) as usize];
-        if let Err(e) = be.read((lba + done) * bs, chunk) {
+        if let Err(e) = be.read((lba + done) * bs, &mut [&mut *chunk]) {
             return read_error(e, lba + done, bs);
         }
         if let Some(off) = cmp(done * bs, chunk) {
@@ -731,13 +866,13 @@ fn compare_and_write(
     }
     let (verify, write) = data_out.split_at(len);
     let mut cur = vec![0u8; len];
-    if let Err(e) = be.read(lba * bs, &mut cur) {
+    if let Err(e) = be.read(lba * bs, &mut [&mut cur[..]]) {
         return read_error(e, lba, bs);
     }
     if let Some(i) = first_difference(&cur, verify) {
         return miscompare(i as u64);
     }
-    write_or_error(be, lba * bs, write, fua || !lun.write_cache(), bs)
+    write_or_error(be, lba * bs, &[write], fua || !lun.write_cache(), bs)
 }
 
 /// GET LBA STATUS (SBC-4 5.8). The engine keeps no map of deallocated blocks (a
@@ -777,7 +912,7 @@ fn get_lba_status(num_blocks: u64, lba: u64, room: usize, report_type: u8) -> Sc
 fn write_or_error(
     be: &dyn BlockBackend,
     off: u64,
-    data: &[u8],
+    data: &[&[u8]],
     fua: bool,
     bs: u64,
 ) -> ScsiResponse {
@@ -1150,7 +1285,7 @@ fn write_same(
         let r = write_or_error(
             be,
             (lba + done) * bs,
-            &chunk[..(n * bs) as usize],
+            &[&chunk[..(n * bs) as usize]],
             !lun.write_cache(),
             bs,
         );

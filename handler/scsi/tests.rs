@@ -49,22 +49,32 @@ impl Mem {
 }
 
 impl BlockBackend for Mem {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.check(offset, buf.len() as u64)?;
+    fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, total as u64)?;
         let d = self.data.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        let mut at = offset as usize;
+        for b in bufs.iter_mut() {
+            b.copy_from_slice(&d[at..at + b.len()]);
+            at += b.len();
+        }
         Ok(())
     }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
-        self.check(offset, data.len() as u64)?;
+    fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
+        let total: usize = data.iter().map(|b| b.len()).sum();
+        self.check(offset, total as u64)?;
         if fua {
             *self.fua_writes.lock().unwrap() += 1;
         }
         let mut d = self.data.lock().unwrap();
-        d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        let mut at = offset as usize;
+        for p in data {
+            d[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         if let Some(c) = self
             .corrupt_at
-            .filter(|&c| c >= offset && c < offset + data.len() as u64)
+            .filter(|&c| c >= offset && c < offset + total as u64)
         {
             d[c as usize] ^= 0xff;
         }
@@ -79,10 +89,10 @@ impl BlockBackend for Mem {
         self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
-    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
-        self.inline.then(|| self.read(offset, buf))
+    fn try_read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
+        self.inline.then(|| self.read(offset, bufs))
     }
-    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+    fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
         self.inline.then(|| self.write(offset, data, false))
     }
 }

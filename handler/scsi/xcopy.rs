@@ -231,9 +231,9 @@ fn copy_blocks(
         let n = per.min(blocks - done);
         let off = if backwards { blocks - done - n } else { done };
         let chunk = &mut buf[..(n * bs) as usize];
-        sb.read((src + off) * bs, chunk)
+        sb.read((src + off) * bs, &mut [&mut *chunk])
             .map_err(|e| read_error(e, src + off, bs))?;
-        let r = super::write_or_error(db, (dst + off) * bs, chunk, !dl.write_cache(), bs);
+        let r = super::write_or_error(db, (dst + off) * bs, &[chunk], !dl.write_cache(), bs);
         if r.status != super::GOOD {
             return Err(r);
         }

@@ -52,6 +52,9 @@ struct Kernel {
     resets: u64,
     /// Whether `action/reset_ring` exists.
     can_reset: bool,
+    /// Data blocks handed out every other free one (a fragmented data area: one iovec
+    /// per block).
+    fragmented: bool,
 }
 
 /// The kernel's side of one TCMU device.
@@ -154,6 +157,7 @@ impl Emulator {
                 reset_completions: Vec::new(),
                 resets: 0,
                 can_reset: true,
+                fragmented: false,
             })),
             to_handler: eventfd(),
             to_kernel: eventfd(),
@@ -185,6 +189,23 @@ impl Emulator {
         self.k.lock().unwrap().resets
     }
 
+    /// Hands out data blocks from here on skipping one free block after each, so a
+    /// command's data is one iovec per block, as in a fragmented data area.
+    pub fn set_fragmented(&self, on: bool) {
+        self.k.lock().unwrap().fragmented = on;
+    }
+
+    /// The iovecs (map offset, length) of command `id`, while it is queued.
+    pub fn iovs_of(&self, id: u16) -> Vec<(u64, u64)> {
+        self.k
+            .lock()
+            .unwrap()
+            .inflight
+            .get(&id)
+            .map(|i| i.iovs.clone())
+            .unwrap_or_default()
+    }
+
     /// Makes `action/reset_ring` absent (an old kernel).
     pub fn set_can_reset(&self, on: bool) {
         self.k.lock().unwrap().can_reset = on;
@@ -214,12 +235,14 @@ impl Emulator {
 
     fn alloc_blocks(k: &mut Kernel, bytes: usize) -> Option<Vec<usize>> {
         let need = bytes.div_ceil(BLOCK as usize);
+        let step = if k.fragmented { 2 } else { 1 };
         let free: Vec<usize> = k
             .blocks
             .iter()
             .enumerate()
             .filter(|(_, u)| !**u)
             .map(|(i, _)| i)
+            .step_by(step)
             .take(need)
             .collect();
         if free.len() < need {

@@ -167,3 +167,43 @@ pub fn decode_sector(dev: u8, sector: u64, data: &[u8]) -> Option<u64> {
     tagged_sector(serial, dev, sector, &mut expect);
     (serial != 0 && expect == data).then_some(serial)
 }
+
+/// Cut positions that split `len` bytes into up to five pieces at arbitrary bytes (not
+/// sector or line aligned; empty pieces included), as scattered buffers come.
+pub fn random_cuts(rng: &mut SmallRng, len: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = (0..rng.gen_range(0..5))
+        .map(|_| rng.gen_range(0..=len))
+        .collect();
+    cuts.sort_unstable();
+    cuts
+}
+
+/// `data` split at `cuts`.
+pub fn pieces<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut rest = data;
+    let mut at = 0;
+    for &c in cuts {
+        let (a, b) = rest.split_at(c - at);
+        out.push(a);
+        rest = b;
+        at = c;
+    }
+    out.push(rest);
+    out
+}
+
+/// `buf` split at `cuts`, mutably.
+pub fn pieces_mut<'a>(buf: &'a mut [u8], cuts: &[usize]) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut rest = buf;
+    let mut at = 0;
+    for &c in cuts {
+        let (a, b) = rest.split_at_mut(c - at);
+        out.push(a);
+        rest = b;
+        at = c;
+    }
+    out.push(rest);
+    out
+}

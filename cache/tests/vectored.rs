@@ -1,0 +1,160 @@
+//! Scattered buffers: `write_vectored` copies each line straight from the caller's
+//! slices (a line, or a sector, may span two of them) and `read_vectored` fills the
+//! caller's slices from every place a line can live (RAM segment, cache device, backing
+//! device, partial lines merged over backing data, discarded lines).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lc_cache::stats::counter_index;
+use lc_cache::{BlockDevice, MemDevice, Tunables};
+
+const SEG: u32 = 64 << 10;
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add(salt ^ (i >> 9) as u8)
+        })
+        .collect()
+}
+
+/// Every way of cutting a read of `len` bytes used below: one piece, cuts inside a
+/// sector, on a sector, on a line, and many small pieces.
+fn read_cuts(len: usize) -> Vec<Vec<usize>> {
+    let mut v = vec![
+        vec![],
+        vec![100],
+        vec![512, 4096 + 700],
+        vec![4096, 8192],
+        (1..len / 1000).map(|i| i * 1000).collect(),
+    ];
+    for c in &mut v {
+        c.retain(|&x| x <= len);
+    }
+    v
+}
+
+fn check_reads(c: &lc_cache::Cache, off: u64, want: &[u8], what: &str) {
+    for cuts in read_cuts(want.len()) {
+        let mut buf = vec![0xeeu8; want.len()];
+        c.read_vectored(0, off, &mut pieces_mut(&mut buf, &cuts))
+            .unwrap();
+        assert!(buf == want, "{what}: read cut at {cuts:?} differs");
+        let mut buf = vec![0xeeu8; want.len()];
+        if let Some(r) = c.try_read_vectored(0, off, &mut pieces_mut(&mut buf, &cuts)) {
+            r.unwrap();
+            assert!(buf == want, "{what}: try_read cut at {cuts:?} differs");
+        }
+    }
+}
+
+#[test]
+fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back_everywhere() {
+    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
+    let backing = pattern(1 << 20, 0x42);
+    let disk: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.clone(), "b0"));
+    let c = open(
+        cache,
+        &[disk],
+        Tunables {
+            writeback_enabled: false,
+            flush_interval_s: 0,
+            ..Tunables::default()
+        },
+        4,
+    );
+    let mut model = backing.clone();
+    // 512 bytes into line 1, through line 4 and half of line 5: the first and last lines
+    // are partial (their other sectors come from the backing device).
+    let off = 4096 + 512;
+    let data = pattern(4 * 4096 + 2048 - 512, 7);
+    // Cuts: inside a sector (100), at a line boundary of the device (4096 - 512 into
+    // the data), inside a sector of a middle line, and a 1-byte piece.
+    let cuts = [100, 3584, 3584, 9000, 9001, 13000];
+    c.write_vectored(0, off, &pieces(&data, &cuts), false)
+        .unwrap();
+    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    let (from, to) = (0u64, 8 * 4096);
+    let want = &model[from as usize..to as usize];
+    check_reads(&c, from, want, "open segment (RAM)");
+    check_reads(&c, off, &model[off as usize..off as usize + 1024], "a part");
+
+    // Overwrite part of it in place (open segment), from other pieces.
+    let off2 = 2 * 4096 + 1024;
+    let data2 = pattern(4096, 99);
+    c.write_vectored(0, off2, &pieces(&data2, &[1, 2, 3000]), false)
+        .unwrap();
+    model[off2 as usize..off2 as usize + 4096].copy_from_slice(&data2);
+    check_reads(
+        &c,
+        from,
+        &model[from as usize..to as usize],
+        "after overwrite",
+    );
+
+    // On the cache device: whole dirty lines read straight into the pieces, partial
+    // ones through the bounce.
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    let disk_hits = |c: &lc_cache::Cache| {
+        let n = c.stats().counters;
+        n[counter_index(false, true, false, true)] + n[counter_index(false, true, false, false)]
+    };
+    let before = disk_hits(&c);
+    check_reads(&c, from, &model[from as usize..to as usize], "cache device");
+    assert!(
+        disk_hits(&c) > before,
+        "the lines were read from the cache device"
+    );
+
+    // A discard in the middle reads as zeros.
+    c.discard(0, 3 * 4096, 4096).unwrap();
+    model[3 * 4096..4 * 4096].fill(0);
+    check_reads(
+        &c,
+        from,
+        &model[from as usize..to as usize],
+        "discarded line",
+    );
+
+    // try_write from pieces lands the same way.
+    let off3 = 6 * 4096 + 512;
+    let data3 = pattern(2 * 4096, 3);
+    if let Some(r) = c.try_write_vectored(0, off3, &pieces(&data3, &[5, 4100])) {
+        r.unwrap();
+    } else {
+        c.write_vectored(0, off3, &pieces(&data3, &[5, 4100]), false)
+            .unwrap();
+    }
+    model[off3 as usize..off3 as usize + data3.len()].copy_from_slice(&data3);
+    check_reads(
+        &c,
+        from,
+        &model[from as usize..to as usize],
+        "after try_write",
+    );
+    c.close().unwrap();
+}
+
+#[test]
+fn pieces_whose_total_is_not_whole_blocks_are_refused_and_change_nothing() {
+    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
+    let disk: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let c = open(cache, &[disk], Tunables::default(), 4);
+    let a = [1u8; 300];
+    let b = [2u8; 300];
+    assert!(c.write_vectored(0, 0, &[&a, &b], false).is_err());
+    let mut buf = vec![9u8; 1024];
+    c.read(0, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    let (mut x, mut y) = ([0u8; 300], [0u8; 300]);
+    assert!(c.read_vectored(0, 0, &mut [&mut x, &mut y]).is_err());
+    // An empty list is an empty write.
+    c.write_vectored(0, 0, &[], false).unwrap();
+    c.close().unwrap();
+}
