@@ -20,6 +20,7 @@ pub mod error;
 mod flush;
 pub mod format;
 pub mod index;
+mod readahead;
 mod recovery;
 mod state;
 pub mod stats;
