@@ -39,6 +39,11 @@ pub trait BlockDevice: Send + Sync {
     fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
         None
     }
+    /// A hint, best effort: `true` while the caller reads in its own order and sizes
+    /// (recovery: large reads ahead of its walk, single headers far apart), so a file or
+    /// block device turns the kernel's read-ahead off; `false` turns it back on. The
+    /// default ignores it.
+    fn advise_random(&self, _random: bool) {}
 }
 
 /// A heap buffer whose data starts at a [`DIRECT_ALIGN`]-aligned address, as `O_DIRECT`
@@ -249,6 +254,16 @@ impl BlockDevice for FileDevice {
         } else {
             self.file.sync_data()
         }
+    }
+
+    fn advise_random(&self, random: bool) {
+        let advice = if random {
+            rustix::fs::Advice::Random
+        } else {
+            rustix::fs::Advice::Normal
+        };
+        // A hint: a file system without it reads as before.
+        let _ = rustix::fs::fadvise(&self.file, 0, None, advice);
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

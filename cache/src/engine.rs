@@ -481,13 +481,16 @@ impl Cache {
             info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
         }
         // Every dirty line must belong to a backing device given now, with its old label.
+        let mut dirty = vec![0u64; MAX_BACKING];
         for (k, _) in r.index.iter() {
-            let (dev, _) = crate::index::unkey(k);
-            let old = sb.backing[dev as usize]
+            dirty[crate::index::unkey(k).0 as usize] += 1;
+        }
+        for (dev, &n) in dirty.iter().enumerate().filter(|(_, &n)| n > 0) {
+            let old = sb.backing[dev]
                 .as_ref()
                 .map(|b| b.label.clone())
                 .unwrap_or_default();
-            match &mut slots[dev as usize] {
+            match &mut slots[dev] {
                 None => {
                     return Err(Error::BadFormat {
                         device: desc,
@@ -496,7 +499,7 @@ impl Cache {
                         ),
                     })
                 }
-                Some(s) if sb.backing[dev as usize].is_some() && s.label != old => {
+                Some(s) if sb.backing[dev].is_some() && s.label != old => {
                     return Err(Error::BadFormat {
                         device: desc,
                         reason: format!(
@@ -505,7 +508,7 @@ impl Cache {
                         ),
                     })
                 }
-                Some(s) => s.dirty += 1,
+                Some(s) => s.dirty += n,
             }
         }
         let report = r.report.clone();

@@ -80,6 +80,21 @@ pub struct SegLines {
     pub lines: u32,
 }
 
+/// Per-segment line counts of a bulk load in progress ([`Index::begin_bulk`]).
+pub struct Bulk {
+    first: u64,
+    live: Vec<u32>,
+    lines: Vec<u32>,
+}
+
+impl Bulk {
+    fn at(&self, seg: u64) -> Option<usize> {
+        seg.checked_sub(self.first)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.live.len())
+    }
+}
+
 /// A snapshot of an [`Index`] taken in chunks (see [`Index::begin_snapshot`]).
 pub struct Snapshot {
     /// (key, packed location) copied from the table, in table order.
@@ -248,6 +263,52 @@ impl Index {
                 self.slots[i] = (k, loc.pack());
                 self.len += 1;
                 None
+            }
+        }
+    }
+
+    /// Starts a bulk load of entries whose segments are in `first ..= last` (a
+    /// checkpoint): [`Index::bulk_insert`] counts their lines per segment in a dense
+    /// array instead of the per-segment map, [`Index::finish_bulk`] adds the counts.
+    pub fn begin_bulk(&self, first: u64, last: u64) -> Bulk {
+        let n = last.saturating_add(1).saturating_sub(first) as usize;
+        Bulk {
+            first,
+            live: vec![0; n],
+            lines: vec![0; n],
+        }
+    }
+
+    /// [`Index::insert`] during a bulk load (the same table and counts once
+    /// [`Index::finish_bulk`] ran).
+    pub fn bulk_insert(&mut self, b: &mut Bulk, k: u64, loc: Loc) {
+        let old = self.insert_raw(k, loc);
+        if let Some(o) = old {
+            if o.seg == loc.seg && o.slot == loc.slot {
+                return;
+            }
+            match b.at(o.seg) {
+                // Either count (the map's or the array's) may hold it: they are added.
+                Some(j) if b.live[j] > 0 => b.live[j] -= 1,
+                _ => self.account(Some(o), None),
+            }
+        }
+        match b.at(loc.seg) {
+            Some(i) => {
+                b.live[i] += 1;
+                b.lines[i] += 1;
+            }
+            None => self.account(None, Some(loc)),
+        }
+    }
+
+    /// Ends a bulk load: adds its per-segment counts.
+    pub fn finish_bulk(&mut self, b: Bulk) {
+        for (i, (&live, &lines)) in b.live.iter().zip(&b.lines).enumerate() {
+            if lines > 0 {
+                let s = self.segs.entry(b.first + i as u64).or_default();
+                s.live += live;
+                s.lines += lines;
             }
         }
     }
@@ -448,6 +509,50 @@ mod tests {
             got.sort_unstable();
             assert_eq!(got, want, "seed {seed} round {round}");
         }
+    }
+
+    #[test]
+    fn a_bulk_load_counts_like_single_inserts() {
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut one = Index::with_capacity(64);
+        let mut bulk = Index::with_capacity(64);
+        // Entries before the load, counted in the map.
+        for _ in 0..200 {
+            let k = key(0, rng.gen_range(0..400));
+            let loc = Loc {
+                seg: rng.gen_range(1..40),
+                slot: rng.gen_range(0..4),
+                dirty: 1,
+                tomb: false,
+            };
+            one.insert(k, loc);
+            bulk.insert(k, loc);
+        }
+        let mut b = bulk.begin_bulk(10, 30);
+        for _ in 0..2000 {
+            // Duplicates, repeated copies, and segments outside the bulk range.
+            let k = key(0, rng.gen_range(0..400));
+            let loc = Loc {
+                seg: rng.gen_range(1..40),
+                slot: rng.gen_range(0..4),
+                dirty: 1,
+                tomb: false,
+            };
+            one.insert(k, loc);
+            bulk.bulk_insert(&mut b, k, loc);
+        }
+        bulk.finish_bulk(b);
+        assert_eq!(
+            one.segments().collect::<Vec<_>>(),
+            bulk.segments().collect::<Vec<_>>(),
+            "seed {seed}"
+        );
+        assert_eq!(
+            one.iter().collect::<Vec<_>>(),
+            bulk.iter().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod flush;
 pub mod format;
 pub mod index;
 mod iov;
+mod readahead;
 mod recovery;
 mod state;
 pub mod stats;

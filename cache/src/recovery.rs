@@ -15,10 +15,11 @@ use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    crc, CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER, FULL_LINE,
-    LINE, MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD, SECTORS_PER_LINE,
+    CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER, FULL_LINE, LINE,
+    MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD, SECTORS_PER_LINE,
 };
 use crate::index::{key, Index, Loc};
+use crate::readahead::{ReadAhead, Slot};
 
 /// Options for [`format_device`].
 #[derive(Clone, Copy, Debug)]
@@ -232,8 +233,12 @@ fn checkpoint_headers(
     Ok(out)
 }
 
+/// Bytes of checkpoint entries per read.
+const CP_READ: usize = 4 << 20;
+
 /// Loads the entries of checkpoint `h` (area `area`) whose segment is after `wb` into a
-/// new index; `Err` with the reason when the area fails a check.
+/// new index; `Err` with the reason when the area fails a check. A second thread reads
+/// the area (and computes its crc) while this one decodes and inserts what was read.
 fn load_checkpoint(
     dev: &dyn BlockDevice,
     sb: &Superblock,
@@ -243,56 +248,89 @@ fn load_checkpoint(
     planned: usize,
 ) -> Result<std::result::Result<Base, String>> {
     let geo = &sb.geometry;
-    let mut index = Index::with_capacity(planned);
     let total = h.nr_entries as usize * CP_ENTRY;
     let base = geo.checkpoint_offset(area) + CP_HEADER as u64;
-    let chunk = 4 << 20;
-    let mut buf = AlignedBuf::new(chunk);
-    let mut crc = 0u32;
-    let mut loaded = 0u64;
-    let mut done = 0usize;
-    while done < total {
-        let len = (total - done).min(chunk);
-        let rl = (len as u64).div_ceil(LINE) as usize * LINE as usize;
-        let off = base + done as u64;
-        dev.read_at(&mut buf[..rl], off)
-            .map_err(|e| Error::io(&dev.describe(), off, e))?;
-        crc = crc32c::crc32c_append(crc, &buf[..len]);
-        for (i, e) in buf[..len].chunks_exact(CP_ENTRY).enumerate() {
-            let k = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
-            let v = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
-            let loc = Loc::unpack(v);
-            let sound = loc.pack() == v
-                && (crate::index::unkey(k).0 as usize) < MAX_BACKING
-                && loc.seg > h.last_writeback_id
-                && loc.seg <= h.upto
-                && (loc.slot as u32) < geo.lines_per_segment
-                && (loc.dirty == 0) == loc.tomb;
-            if !sound {
-                return Ok(Err(format!(
-                    "checkpoint {} entry {} malformed",
-                    h.seq,
-                    done / CP_ENTRY + i
-                )));
-            }
-            if loc.seg > wb {
-                index.insert(k, loc);
-                loaded += 1;
-            }
+    std::thread::scope(|s| {
+        // Full buffers go to the decoder, empty ones back: two in flight.
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(AlignedBuf, usize)>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+        for _ in 0..2 {
+            let _ = empty_tx.send(AlignedBuf::new(CP_READ));
         }
-        done += len;
-    }
-    if crc != h.entries_crc {
-        return Ok(Err(format!(
-            "checkpoint {} entries checksum mismatch",
-            h.seq
-        )));
-    }
-    Ok(Ok(Base {
-        index,
-        header: h.clone(),
-        loaded,
-    }))
+        let reader = s.spawn(move || -> Result<u32> {
+            let mut crc = 0u32;
+            let mut done = 0usize;
+            while done < total {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    break; // the decoder gave up (a malformed entry)
+                };
+                let len = (total - done).min(CP_READ);
+                let rl = (len as u64).div_ceil(LINE) as usize * LINE as usize;
+                let off = base + done as u64;
+                dev.read_at(&mut buf[..rl], off)
+                    .map_err(|e| Error::io(&dev.describe(), off, e))?;
+                crc = crc32c::crc32c_append(crc, &buf[..len]);
+                if full_tx.send((buf, len)).is_err() {
+                    break;
+                }
+                done += len;
+            }
+            Ok(crc)
+        });
+        // The table is allocated (and its pages touched) while the first chunk is read.
+        let mut index = Index::with_capacity(planned);
+        let mut bulk = index.begin_bulk(wb + 1, h.upto);
+        let mut loaded = 0u64;
+        let mut done = 0usize;
+        let mut malformed = None;
+        while let Ok((buf, len)) = full_rx.recv() {
+            for (i, e) in buf[..len].chunks_exact(CP_ENTRY).enumerate() {
+                let k = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+                let v = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+                let loc = Loc::unpack(v);
+                let sound = loc.pack() == v
+                    && (crate::index::unkey(k).0 as usize) < MAX_BACKING
+                    && loc.seg > h.last_writeback_id
+                    && loc.seg <= h.upto
+                    && (loc.slot as u32) < geo.lines_per_segment
+                    && (loc.dirty == 0) == loc.tomb;
+                if !sound {
+                    malformed = Some(done / CP_ENTRY + i);
+                    break;
+                }
+                if loc.seg > wb {
+                    index.bulk_insert(&mut bulk, k, loc);
+                    loaded += 1;
+                }
+            }
+            if malformed.is_some() {
+                break;
+            }
+            done += len;
+            let _ = empty_tx.send(buf);
+        }
+        // Ends the reader if it is still going (a malformed entry).
+        drop(full_rx);
+        drop(empty_tx);
+        let read = reader.join().expect("checkpoint reader thread");
+        // A malformed entry is reported as such even when the reader, ahead, failed.
+        if let Some(n) = malformed {
+            return Ok(Err(format!("checkpoint {} entry {n} malformed", h.seq)));
+        }
+        let crc = read?;
+        if crc != h.entries_crc {
+            return Ok(Err(format!(
+                "checkpoint {} entries checksum mismatch",
+                h.seq
+            )));
+        }
+        index.finish_bulk(bulk);
+        Ok(Ok(Base {
+            index,
+            header: h.clone(),
+            loaded,
+        }))
+    })
 }
 
 /// The writeback point proven by reused slots: while the slot of `wb + 1` holds a
@@ -336,6 +374,7 @@ impl Claims {
         &mut self,
         dev: &dyn BlockDevice,
         sb: &Superblock,
+        ahead: &mut ReadAhead,
         id: u64,
         window_end: u64,
     ) -> Result<bool> {
@@ -343,9 +382,11 @@ impl Claims {
         self.scanned_to = self.scanned_to.max(id);
         while self.max < id && self.scanned_to < end {
             self.scanned_to += 1;
-            if let Some(h) = header_of(dev, sb, self.scanned_to)? {
-                self.max = self.max.max(h.0.durable);
-            }
+            let claim = match ahead.claim(self.scanned_to) {
+                Some(c) => c,
+                None => header_of(dev, sb, self.scanned_to)?.map_or(0, |h| h.0.durable),
+            };
+            self.max = self.max.max(claim);
         }
         Ok(self.max >= id)
     }
@@ -369,9 +410,22 @@ struct Bad {
 /// every intact segment into an index, tells a torn tail (the log ends) from damage (a
 /// segment a later one proves durable), and records what the damage lost.
 pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> Result<Replay> {
+    // Recovery reads ahead itself, in large reads, and reads single headers far apart.
+    dev.advise_random(true);
+    let r = std::thread::scope(|s| walk(s, dev, sb, planned));
+    dev.advise_random(false);
+    r
+}
+
+/// [`replay`], with the read-ahead's threads in `scope`.
+fn walk<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    dev: &'env dyn BlockDevice,
+    sb: &'env Superblock,
+    planned: usize,
+) -> Result<Replay> {
     let geo = &sb.geometry;
-    let (hl, ds) = (geo.header_len(), geo.data_start());
-    let desc = dev.describe();
+    let hl = geo.header_len();
     let mut damage = Damage::default();
     let mut recovered_gens = BTreeMap::new();
     // Format 2: the newest valid checkpoint not older than the writeback point.
@@ -385,6 +439,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     let mut cp_durable = 0;
     let mut base: Option<Base> = None;
     let mut wb = sb.last_writeback_id;
+    let mut ahead: Option<ReadAhead> = None;
     if !headers.is_empty() {
         // A checkpoint's writeback point was committed before it was written.
         let committed = headers
@@ -401,6 +456,17 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
             }
         }
         valid.sort_by_key(|(_, h)| std::cmp::Reverse(h.seq));
+        // The segments after the checkpoint recovery will most likely use are read while
+        // it loads.
+        if let Some((_, h)) = valid.iter().find(|(_, h)| h.upto > wb) {
+            ahead = Some(ReadAhead::start(
+                scope,
+                dev,
+                sb,
+                h.upto + 1,
+                wb + geo.nr_segments,
+            ));
+        }
         for (area, h) in valid {
             let name = ["A", "B"][area as usize];
             cp_durable = cp_durable.max(h.durable_id);
@@ -458,15 +524,19 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
         max: sb.durable_id.max(cp_durable),
         scanned_to: 0,
     };
-    let mut buf = AlignedBuf::new(geo.segment_size as usize);
     let mut start = wb;
     let mut id = first_id;
+    let mut ahead = match ahead {
+        Some(a) if a.from == first_id => a,
+        _ => ReadAhead::start(scope, dev, sb, first_id, start + geo.nr_segments),
+    };
     while id - start <= geo.nr_segments {
         let window_end = start + geo.nr_segments;
-        let off = geo.segment_offset(id);
-        dev.read_at(&mut buf[..ds], off)
-            .map_err(|e| Error::io(&desc, off, e))?;
-        let copies = crate::format::decode_copies(&buf[..ds], geo);
+        let mut slot = match ahead.take(id) {
+            Some(s) => s,
+            None => Slot::read_head(dev, sb, id)?,
+        };
+        let copies = crate::format::decode_copies(&slot.head, geo);
         // The slot was reused for a later lap, which the flusher does only after every
         // segment up to `h.id - nr_segments` was written back and that was committed:
         // the superblock we read is older than that commit (its newer copy is
@@ -494,6 +564,8 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
             alt_crc = None;
             start = proven;
             id = proven + 1;
+            drop(ahead);
+            ahead = ReadAhead::start(scope, dev, sb, id, start + geo.nr_segments);
             continue;
         }
         // This segment's headers, newest append first.
@@ -507,7 +579,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
         if let Some(p) = pending.take() {
             // Which header of the previous segment this one follows tells which was final.
             let follows = mine.first().map(|(h, _)| h.prev_crc);
-            let durable = claims.cover(dev, sb, p.id(), window_end)?;
+            let durable = claims.cover(dev, sb, &mut ahead, p.id(), window_end)?;
             match resolve(&p, follows, last_crc, durable) {
                 Resolution::Fine => {}
                 Resolution::Torn => {
@@ -543,7 +615,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
         // another cache's or an earlier lap's.
         let foreign = copies.iter().zip(0..).all(|(c, i)| match c {
             Ok((h, _)) => h.uuid != sb.uuid || h.id < id,
-            Err(_) => buf[i * hl..i * hl + 8] != crate::format::SEG_MAGIC[..],
+            Err(_) => slot.head[i * hl..i * hl + 8] != crate::format::SEG_MAGIC[..],
         });
         let why_not = |copies: &[std::result::Result<(SegmentHeader, u32), String>]| {
             copies
@@ -582,7 +654,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                     proven: false,
                     older_crc: None,
                 })
-            } else if !chain_known && !claims.cover(dev, sb, id, window_end)? {
+            } else if !chain_known && !claims.cover(dev, sb, &mut ahead, id, window_end)? {
                 // After a damaged segment of unknown content only a segment proven
                 // durable can be taken: anything else may be left over from before an
                 // earlier recovery.
@@ -594,12 +666,9 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                     older_crc: None,
                 })
             } else {
-                let most = mine[0].0.entries.len() * LINE as usize;
-                dev.read_at(&mut buf[ds..ds + most], off + ds as u64)
-                    .map_err(|e| Error::io(&desc, off + ds as u64, e))?;
-                let sound = |h: &SegmentHeader| {
-                    crc(&buf[ds..ds + h.entries.len() * LINE as usize]) == h.data_crc
-                };
+                let most = mine.iter().map(|(h, _)| h.entries.len()).max();
+                let crcs = slot.data_crcs(dev, sb, id, most.unwrap_or(0))?;
+                let sound = |h: &SegmentHeader| crcs.get(h.entries.len()) == Some(&h.data_crc);
                 match mine.iter().position(|(h, _)| sound(h)) {
                     Some(0) => Ok(mine[0].clone()),
                     Some(i) => {
@@ -647,7 +716,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                 // that cannot be read.
                 let unreadable = copies.iter().zip(0..).any(|(c, i)| match c {
                     Ok((o, _)) => o.id != id || o.uuid != sb.uuid,
-                    Err(_) => buf[i * hl..(i + 1) * hl].iter().any(|&b| b != 0),
+                    Err(_) => slot.head[i * hl..(i + 1) * hl].iter().any(|&b| b != 0),
                 });
                 pending = match newer {
                     Some((nh, ncrc)) => {
@@ -663,7 +732,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
                     None => None,
                 };
             }
-            Err(bad) if bad.proven || claims.cover(dev, sb, id, window_end)? => {
+            Err(bad) if bad.proven || claims.cover(dev, sb, &mut ahead, id, window_end)? => {
                 // A later segment says this one was durable: damage, not the end.
                 damage.add_segment(id, bad.header.as_ref().map(|(h, _)| &h.entries[..]));
                 report.damaged.push((id, bad.reason));
@@ -689,7 +758,7 @@ pub(crate) fn replay(dev: &dyn BlockDevice, sb: &Superblock, planned: usize) -> 
     // The last segment walked was taken at a header that may not be its final one.
     let mut ambiguous = false;
     if let Some(p) = pending.take() {
-        let durable = claims.cover(dev, sb, p.id(), start + geo.nr_segments)?;
+        let durable = claims.cover(dev, sb, &mut ahead, p.id(), start + geo.nr_segments)?;
         match (resolve(&p, None, last_crc, durable), p) {
             (
                 Resolution::Lost { .. },

@@ -286,6 +286,9 @@ impl BlockDevice for FaultDevice {
         }
         self.inner.try_read_at(buf, offset)
     }
+    fn advise_random(&self, random: bool) {
+        self.inner.advise_random(random)
+    }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         {
             let f = self.faults();

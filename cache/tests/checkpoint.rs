@@ -305,3 +305,61 @@ fn format_1_has_no_checkpoints() {
     );
     check(&c, &model, "format 1");
 }
+
+/// Recovery reads the slots after the checkpoint ahead of its walk, several at a time;
+/// an unreadable sector changes nothing it would not have read itself: in the lines of
+/// the slot after the log's end it does not matter, in the lines of a segment replayed
+/// it fails the open with the offset, as the walk's own read does.
+#[test]
+fn unreadable_lines_matter_only_where_the_walk_reads_them() {
+    use lc_cache::testing::FaultDevice;
+    use lc_cache::Error;
+    let (c, cache, backing, mut rng) = setup(seed("cp-unreadable"), 0);
+    let mut model = vec![0u64; 600];
+    let mut serial = 0;
+    write_some(&c, &mut model, &mut serial, 300, &mut rng);
+    assert!(c.checkpoint().unwrap(), "checkpoint written");
+    let upto = c.stats().last_flushed_id;
+    write_some(&c, &mut model, &mut serial, 60, &mut rng);
+    let (img, back) = (image(&cache), image(&backing));
+    c.kill();
+    let geo = lc_cache::probe(cache.as_ref()).unwrap().unwrap().geometry;
+    let open_with_bad = |id: u64| {
+        let dev = Arc::new(FaultDevice::new(Arc::new(MemDevice::from_bytes(
+            img.clone(),
+            "cache",
+        ))));
+        let lines = geo.segment_offset(id) + geo.data_start() as u64;
+        dev.faults
+            .lock()
+            .unwrap()
+            .bad_read_sectors
+            .insert(lines / 512 + 9);
+        let b: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(back.clone(), "backing"));
+        let r = Cache::open(
+            dev as Arc<dyn BlockDevice>,
+            backings(std::slice::from_ref(&b)),
+            OpenOptions {
+                ram_bytes: 4 * SEG as u64,
+                tunables: tunables(0),
+                ..Default::default()
+            },
+        );
+        (r, lines)
+    };
+    let (_, clean) = reopen(img.clone(), back.clone(), tunables(0));
+    let end = upto + clean.replayed_segments;
+    // The slot after the log's end: only its headers are needed.
+    let (r, _) = open_with_bad(end + 1);
+    let (c, r) = r.expect("opens");
+    assert_eq!(r, clean);
+    check(&c, &model, "unreadable lines after the end");
+    c.kill();
+    // A segment replayed after the checkpoint: its lines are checked, so read.
+    let (r, lines) = open_with_bad(upto + 1);
+    match r {
+        Err(Error::Io { offset, .. }) => assert_eq!(offset, lines),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened with unreadable lines in a replayed segment"),
+    }
+}
