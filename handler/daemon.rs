@@ -1,6 +1,7 @@
 //! `lc serve`: opens the configured caches, claims every TCMU device of subtype `lc`
 //! (those that exist at start-up, re-attached with the block/reset/attach/unblock
-//! sequence of `docs/tcmu.md` §6.6, and those announced later over netlink), serves
+//! sequence of `docs/tcmu.md` §6.6; those whose `enable` is still waiting for a reply,
+//! answered (`docs/DESIGN.md` "Start-up"); and those announced later over netlink), serves
 //! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
 //! stops taking commands, lets in-flight ones finish (up to a bound, logging what is
 //! still running then), completes them on their rings, stops the I/O workers, and
@@ -21,7 +22,7 @@ use crate::config::{CacheConfig, Loaded, LunSection};
 use crate::control::{self, Handler, Request};
 use crate::device::{Device, EngineBackend};
 use crate::event_loop::EventLoop;
-use crate::netlink::{Event, Reconfig, TcmuNetlink};
+use crate::netlink::{DoneOutcome, Event, Reconfig, TcmuNetlink};
 use crate::ram::RamBackend;
 use crate::ring::Ring;
 use crate::scsi::{BlockBackend, LunConfig, LunState};
@@ -71,6 +72,8 @@ pub struct LunBackend {
 #[derive(Clone, Debug)]
 struct ServedDev {
     uio: String,
+    /// `<hba>/<name>` of its configfs directory `core/user_<hba>/<name>`.
+    device: String,
     lun: String,
     token: usize,
     /// Its capacity and write cache, changed by RECONFIG events.
@@ -781,6 +784,7 @@ fn attach(
         .unwrap_or_else(|e| e.into_inner())
         .push(ServedDev {
             uio: u.uio.clone(),
+            device: format!("{}/{}", u.hba, u.name),
             lun,
             token,
             state,
@@ -788,10 +792,203 @@ fn attach(
     Ok(())
 }
 
+/// Whether `uio` is served as the configfs device `<hba>/<name>`.
+fn is_served(sh: &Shared, uio: &str, hba: u32, name: &str) -> bool {
+    let device = format!("{hba}/{name}");
+    sh.served
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|d| d.uio == uio && d.device == device)
+}
+
+/// Stops serving `uio` (if it is served); true if it was.
+fn drop_served(sh: &Shared, el: &mut EventLoop, uio: &str) -> bool {
+    let found = {
+        let mut s = sh.served.lock().unwrap_or_else(|e| e.into_inner());
+        let i = s.iter().position(|d| d.uio == uio);
+        i.map(|i| s.remove(i))
+    };
+    if let Some(d) = &found {
+        el.remove_device(d.token);
+    }
+    found.is_some()
+}
+
+/// Answers an `enable` of a TCMU device that is waiting for ADDED_DEVICE_DONE although
+/// no ADDED_DEVICE event reached us (it was sent while no daemon listened: lc was
+/// killed with the kernel's reply feature on, `docs/DESIGN.md` "Start-up"). The uio
+/// device exists already (`tcmu_configure_device` registers it before it sends the
+/// event and waits); the reply must carry the device's `dev_index`, which configfs
+/// shows as `statistics/scsi_dev/indx`. Devices of subtype `lc` are attached first and
+/// answered 0 (or −EINVAL if lc cannot serve them), others −ENOENT, as the event path
+/// does. `busy_wait`: how long to wait for a predecessor still holding the uio device.
+fn complete_waiting_enable(
+    sh: &Shared,
+    paths: &Paths,
+    el: &mut EventLoop,
+    nl: &mut TcmuNetlink,
+    u: &UioDevice,
+    busy_wait: Duration,
+) {
+    let log = &sh.log;
+    let dev = format!("{}/{}", u.hba, u.name);
+    let id = match paths.configfs.dev_index(u.hba, &u.name) {
+        Ok(id) => id,
+        Err(e) => {
+            error!(log, "cannot answer a waiting enable: its device id is unreadable";
+                   "uio" => &u.uio, "device" => &dev, "error" => %e);
+            return;
+        }
+    };
+    let status = if u.subtype != "lc" {
+        -libc::ENOENT
+    } else if is_served(sh, &u.uio, u.hba, &u.name) {
+        0
+    } else {
+        match attach(sh, paths, el, u, busy_wait) {
+            Ok(()) => 0,
+            Err(e) => {
+                error!(log, "refusing device"; "uio" => &u.uio, "device" => &dev, "error" => &e);
+                -libc::EINVAL
+            }
+        }
+    };
+    let done = sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE_DONE as u8;
+    let outcome = nl.reply_acked(done, id, status);
+    match &outcome {
+        Ok(DoneOutcome::Completed) => {
+            info!(log, "answered an enable that was waiting for a daemon"; "uio" => &u.uio,
+                  "device" => &dev, "subtype" => &u.subtype, "device_id" => id, "status" => status);
+            return;
+        }
+        Ok(DoneOutcome::NothingPending) => {
+            info!(log, "no enable was waiting for this device"; "uio" => &u.uio, "device" => &dev,
+                  "device_id" => id)
+        }
+        Ok(DoneOutcome::Refused(e)) => {
+            error!(log, "ADDED_DEVICE_DONE refused"; "uio" => &u.uio, "device" => &dev,
+                   "device_id" => id, "errno" => e)
+        }
+        Err(e) => {
+            error!(log, "ADDED_DEVICE_DONE failed"; "uio" => &u.uio, "device" => &dev, "error" => %e)
+        }
+    }
+    // Not completed by us: the write did not wait for a reply (then it finishes on its
+    // own, `enable` turns 1) or it is failing (then the kernel unregisters the uio
+    // device). Serve the device only in the first case.
+    if status == 0 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let enabled = loop {
+            match paths.configfs.enabled(u.hba, &u.name) {
+                Ok(true) => break true,
+                Ok(false) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => break false,
+            }
+        };
+        if !enabled && drop_served(sh, el, &u.uio) {
+            warn!(log, "device not enabled after all; no longer served"; "uio" => &u.uio, "device" => &dev);
+        }
+    }
+}
+
+/// Looks for `enable` writes waiting for a reply nobody will send (the event was lost)
+/// and answers them: every TCMU device whose uio device exists, whose configfs `enable`
+/// still reads 0, and that is not served yet.
+fn complete_waiting_enables(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNetlink) {
+    let devs = match uio::scan_tcmu(&paths.sysfs) {
+        Ok(d) => d,
+        Err(e) => {
+            error!(sh.log, "cannot list TCMU devices"; "error" => %e);
+            return;
+        }
+    };
+    for u in devs {
+        if matches!(paths.configfs.enabled(u.hba, &u.name), Ok(false))
+            && !is_served(sh, &u.uio, u.hba, &u.name)
+        {
+            complete_waiting_enable(sh, paths, el, nl, &u, Duration::ZERO);
+        }
+    }
+}
+
+/// Start-up (`docs/DESIGN.md` "Start-up"), with `block_netlink` set: serves every TCMU
+/// device that exists. A configured device of subtype `lc` is re-attached (block,
+/// reset the ring, attach, unblock: `docs/tcmu.md` §6.6); a device whose `enable` is
+/// still waiting is answered ([`complete_waiting_enable`]); a device whose configfs
+/// directory is gone (being removed) is left alone.
+fn claim_existing(
+    sh: &Shared,
+    paths: &Paths,
+    el: &mut EventLoop,
+    nl: &mut TcmuNetlink,
+) -> Result<(), String> {
+    let log = &sh.log;
+    let cfs = &paths.configfs;
+    for u in uio::scan_tcmu(&paths.sysfs).map_err(|e| e.to_string())? {
+        let dev = format!("{}/{}", u.hba, u.name);
+        match cfs.enabled(u.hba, &u.name) {
+            Err(e) => {
+                warn!(log, "TCMU device without a readable configfs enable (being removed?); left alone";
+                      "uio" => &u.uio, "device" => &dev, "error" => %e);
+            }
+            // A device that exists already may still be held by a predecessor that is
+            // dying (killed in the middle of a long flush).
+            Ok(false) => complete_waiting_enable(sh, paths, el, nl, &u, Duration::from_secs(20)),
+            Ok(true) if u.subtype == "lc" => {
+                let blocked = cfs.action(u.hba, &u.name, "block_dev", "1");
+                let reset = cfs.action(u.hba, &u.name, "reset_ring", "1");
+                info!(log, "re-attaching existing device"; "uio" => &u.uio, "device" => &dev,
+                      "block_dev" => format!("{blocked:?}"), "reset_ring" => format!("{reset:?}"));
+                if let Err(e) = attach(sh, paths, el, &u, Duration::from_secs(20)) {
+                    error!(log, "cannot serve existing device"; "uio" => &u.uio, "error" => &e);
+                }
+                if let Err(e) = cfs.action(u.hba, &u.name, "block_dev", "0") {
+                    error!(log, "unblocking device failed"; "uio" => &u.uio, "error" => %e);
+                }
+            }
+            Ok(true) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Hands every received netlink event to [`handle_event`] (bad messages are logged).
+fn pump_netlink(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNetlink) {
+    match nl.recv_events() {
+        Ok(evs) => {
+            for ev in evs {
+                match ev {
+                    Ok(ev) => handle_event(sh, paths, el, nl, ev),
+                    Err(e) => warn!(sh.log, "bad netlink message"; "error" => e),
+                }
+            }
+        }
+        // The socket overflowed: events were dropped, and a writer may wait for a reply
+        // to one of them.
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            warn!(
+                sh.log,
+                "netlink events lost (receive buffer full); looking for waiting enables"
+            );
+            complete_waiting_enables(sh, paths, el, nl);
+        }
+        Err(e) => error!(sh.log, "netlink receive failed"; "error" => %e),
+    }
+}
+
 fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNetlink, ev: Event) {
     let parsed = uio::parse_name(&ev.device);
     let status = match ev.cmd as u32 {
         sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE => match parsed {
+            // Attached already (found waiting at start-up, before its event was read).
+            Some((hba, name, st, _))
+                if st == "lc" && is_served(sh, &format!("uio{}", ev.minor), hba, &name) =>
+            {
+                0
+            }
             Some((hba, name, st, cfgstring)) if st == "lc" => {
                 let u = UioDevice {
                     uio: format!("uio{}", ev.minor),
@@ -812,15 +1009,7 @@ fn handle_event(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: &mut TcmuNet
             _ => -libc::ENOENT,
         },
         sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE => {
-            let uio = format!("uio{}", ev.minor);
-            let found = {
-                let mut s = sh.served.lock().unwrap_or_else(|e| e.into_inner());
-                let i = s.iter().position(|d| d.uio == uio);
-                i.map(|i| s.remove(i))
-            };
-            if let Some(d) = found {
-                el.remove_device(d.token);
-            }
+            drop_served(sh, el, &format!("uio{}", ev.minor));
             0
         }
         sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE => {
@@ -886,9 +1075,17 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
     let sh = Shared::open(cfg, log.clone())?;
     let mut el = EventLoop::new(io_threads, log.clone()).map_err(|e| e.to_string())?;
     el.set_busy_poll(Duration::from_micros(sh.t().cfg.daemon.busy_poll_us));
-    // Start-up: block netlink, join, re-attach existing devices, unblock.
-    let _ = uio::module_param(&paths.sysfs, "block_netlink", "1");
-    let _ = uio::module_param(&paths.sysfs, "reset_netlink", "1");
+    // Start-up (docs/DESIGN.md "Start-up"): block netlink (a new waited-for command
+    // fails with EAGAIN instead of racing the scan), join, serve the devices that exist
+    // and answer the enables waiting for a reply, then fail what is still waiting (a
+    // REMOVED or RECONFIG a killed predecessor never answered), unblock.
+    let blocked = match uio::module_param(&paths.sysfs, "block_netlink", "1") {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(log, "block_netlink failed"; "error" => %e);
+            false
+        }
+    };
     let mut nl = TcmuNetlink::connect().map_err(|e| format!("netlink: {e}"))?;
     match nl.set_features(true) {
         Ok(true) => {}
@@ -898,20 +1095,10 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         ),
         Err(e) => warn!(log, "SET_FEATURES failed"; "error" => %e),
     }
-    let existing = uio::scan(&paths.sysfs, "lc").map_err(|e| e.to_string())?;
-    for u in existing {
-        let cfs = &paths.configfs;
-        let blocked = cfs.action(u.hba, &u.name, "block_dev", "1");
-        let reset = cfs.action(u.hba, &u.name, "reset_ring", "1");
-        info!(log, "re-attaching existing device"; "uio" => &u.uio, "device" => format!("{}/{}", u.hba, u.name),
-              "block_dev" => format!("{blocked:?}"), "reset_ring" => format!("{reset:?}"));
-        // A device that exists already may still be held by a predecessor that is
-        // dying (killed in the middle of a long flush).
-        if let Err(e) = attach(&sh, &paths, &mut el, &u, Duration::from_secs(20)) {
-            error!(log, "cannot serve existing device"; "uio" => &u.uio, "error" => &e);
-        }
-        if let Err(e) = cfs.action(u.hba, &u.name, "block_dev", "0") {
-            error!(log, "unblocking device failed"; "uio" => &u.uio, "error" => %e);
+    claim_existing(&sh, &paths, &mut el, &mut nl)?;
+    if blocked {
+        if let Err(e) = uio::module_param(&paths.sysfs, "reset_netlink", "1") {
+            warn!(log, "reset_netlink failed"; "error" => %e);
         }
     }
     let _ = uio::module_param(&paths.sysfs, "block_netlink", "0");
@@ -935,6 +1122,11 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
         None
     };
     let nl_token = el.add_source(nl.fd()).map_err(|e| e.to_string())?;
+    // Events read while waiting for acknowledgements during start-up are not in the
+    // socket any more: no readiness will announce them.
+    if nl.has_stashed() {
+        pump_netlink(&sh, &paths, &mut el, &mut nl);
+    }
     let sig_token = el
         .add_source(std::os::fd::AsRawFd::as_raw_fd(&sig_rx))
         .map_err(|e| e.to_string())?;
@@ -977,17 +1169,7 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<(), String> {
                 let mut buf = [0u8; 64];
                 while matches!(std::io::Read::read(&mut &sig_rx, &mut buf), Ok(n) if n > 0) {}
             } else if t == nl_token {
-                match nl.recv_events() {
-                    Ok(evs) => {
-                        for ev in evs {
-                            match ev {
-                                Ok(ev) => handle_event(&sh, &paths, &mut el, &mut nl, ev),
-                                Err(e) => warn!(log, "bad netlink message"; "error" => e),
-                            }
-                        }
-                    }
-                    Err(e) => error!(log, "netlink receive failed"; "error" => %e),
-                }
+                pump_netlink(&sh, &paths, &mut el, &mut nl);
             } else if t == ctl_token {
                 control::accept_all(&listener, &handler);
             } else if let Some((l, _, busy)) = metrics.as_ref().filter(|m| m.1 == t) {

@@ -259,6 +259,35 @@ pub fn parse_family(payload: &[u8]) -> Result<(u16, u32), String> {
     Err(format!("family {FAMILY} has no {GROUP:?} group"))
 }
 
+/// Encodes a `*_DONE` reply: `TCMU_ATTR_CMD_STATUS` and `TCMU_ATTR_DEVICE_ID`, both of
+/// which `tcmu_genl_cmd_done` requires.
+pub fn encode_done(
+    family: u16,
+    flags: u16,
+    seq: u32,
+    done: u8,
+    device_id: u32,
+    status: i32,
+) -> Vec<u8> {
+    encode(
+        family,
+        flags,
+        seq,
+        done,
+        VERSION,
+        &[
+            (
+                sys::tcmu_genl_attr_TCMU_ATTR_CMD_STATUS as u16,
+                Attr::S32(status),
+            ),
+            (
+                sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16,
+                Attr::U32(device_id),
+            ),
+        ],
+    )
+}
+
 /// The reply command for an event command.
 pub fn done_cmd(event_cmd: u8) -> Option<u8> {
     match event_cmd as u32 {
@@ -300,23 +329,73 @@ pub const KERNEL_PORT: u32 = 0;
 /// is not [`KERNEL_PORT`] yields one [`RecvError::NotFromKernel`] and nothing else.
 /// Acks and `NLMSG_DONE` yield nothing.
 pub fn decode_datagram(buf: &[u8], sender_port: u32, family: u16) -> Vec<Result<Event, RecvError>> {
+    split_ack(buf, sender_port, family, None).1
+}
+
+/// Like [`decode_datagram`], and also picks out the kernel's answer (`NLMSG_ERROR`:
+/// 0 or −errno) to our request with sequence number `seq`. Answers to other requests
+/// are dropped; an answer too short to hold its error code is [`RecvError::Malformed`].
+pub fn split_ack(
+    buf: &[u8],
+    sender_port: u32,
+    family: u16,
+    seq: Option<u32>,
+) -> (Option<i32>, Vec<Result<Event, RecvError>>) {
     if sender_port != KERNEL_PORT {
-        return vec![Err(RecvError::NotFromKernel { port: sender_port })];
+        return (
+            None,
+            vec![Err(RecvError::NotFromKernel { port: sender_port })],
+        );
     }
-    match parse_messages(buf) {
-        Err(e) => vec![Err(RecvError::Malformed(e))],
-        Ok(msgs) => msgs
-            .into_iter()
-            .filter_map(|m| {
-                if m.msg_type == family {
-                    Some(parse_event(&m.payload).map_err(RecvError::Malformed))
-                } else if m.msg_type != NLMSG_DONE && m.msg_type != NLMSG_ERROR {
-                    Some(Err(RecvError::UnexpectedType(m.msg_type)))
-                } else {
-                    None
+    let msgs = match parse_messages(buf) {
+        Err(e) => return (None, vec![Err(RecvError::Malformed(e))]),
+        Ok(m) => m,
+    };
+    let mut ack = None;
+    let mut out = Vec::new();
+    for m in msgs {
+        if m.msg_type == family {
+            out.push(parse_event(&m.payload).map_err(RecvError::Malformed));
+        } else if m.msg_type == NLMSG_ERROR {
+            if seq == Some(m.seq) && ack.is_none() {
+                match errno_of(&m.payload) {
+                    Some(e) => ack = Some(e),
+                    None => out.push(Err(RecvError::Malformed(format!(
+                        "answer to request {} without an error code",
+                        m.seq
+                    )))),
                 }
-            })
-            .collect(),
+            }
+        } else if m.msg_type != NLMSG_DONE {
+            out.push(Err(RecvError::UnexpectedType(m.msg_type)));
+        }
+    }
+    (ack, out)
+}
+
+/// What the kernel did with a `*_DONE` reply (`tcmu_genl_cmd_done`'s return value,
+/// received as the acknowledgement of the reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoneOutcome {
+    /// A configfs writer was waiting for this device and command: it now returns
+    /// the status we sent.
+    Completed,
+    /// Nobody waits for a reply about this device (−ENODEV): the write did not wait
+    /// (replies off for it) or is no longer waiting.
+    NothingPending,
+    /// Refused with this −errno (−EINVAL: attributes missing, or the pending command
+    /// of the device is another one).
+    Refused(i32),
+}
+
+impl DoneOutcome {
+    /// From the acknowledgement's error code.
+    pub fn from_errno(e: i32) -> DoneOutcome {
+        match e {
+            0 => DoneOutcome::Completed,
+            e if e == -libc::ENODEV => DoneOutcome::NothingPending,
+            e => DoneOutcome::Refused(e),
+        }
     }
 }
 
@@ -325,12 +404,15 @@ pub struct TcmuNetlink {
     sock: Socket,
     family: u16,
     seq: u32,
+    /// Events (or errors) received while waiting for an acknowledgement, handed out
+    /// first by [`TcmuNetlink::recv_events`].
+    stash: Vec<Result<Event, String>>,
 }
 
-fn errno_of(payload: &[u8]) -> i32 {
+fn errno_of(payload: &[u8]) -> Option<i32> {
     payload
         .get(..4)
-        .map_or(0, |v| i32::from_ne_bytes(v.try_into().expect("4")))
+        .map(|v| i32::from_ne_bytes(v.try_into().expect("4")))
 }
 
 impl TcmuNetlink {
@@ -360,7 +442,7 @@ impl TcmuNetlink {
             .first()
             .ok_or_else(|| io::Error::other("empty nlctrl reply"))?;
         if m.msg_type == NLMSG_ERROR {
-            let e = errno_of(&m.payload);
+            let e = errno_of(&m.payload).unwrap_or(-libc::EPROTO);
             return Err(io::Error::other(format!(
                 "generic netlink family {FAMILY} not found ({}); is the target_core_user module loaded?",
                 io::Error::from_raw_os_error(-e)
@@ -373,7 +455,33 @@ impl TcmuNetlink {
             sock,
             family,
             seq: 1,
+            stash: Vec::new(),
         })
+    }
+
+    /// Waits (up to about a second) for the kernel's answer to our request `seq`;
+    /// events received meanwhile are kept for [`TcmuNetlink::recv_events`].
+    fn wait_ack(&mut self, seq: u32) -> io::Result<i32> {
+        for _ in 0..100 {
+            match self.sock.recv_from_full() {
+                Ok((buf, from)) => {
+                    let (ack, evs) = split_ack(&buf, from.port_number(), self.family, Some(seq));
+                    self.stash
+                        .extend(evs.into_iter().map(|r| r.map_err(|e| e.to_string())));
+                    if let Some(e) = ack {
+                        return Ok(e);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer to netlink request {seq}"),
+        ))
     }
 
     /// Asks the kernel to wait for our `*_DONE` replies (SET_FEATURES). Returns false
@@ -393,38 +501,47 @@ impl TcmuNetlink {
             )],
         );
         self.sock.send_to(&req, &SocketAddr::new(0, 0), 0)?;
-        // The ack arrives among possible multicast events; wait briefly for it.
-        for _ in 0..100 {
-            match self.sock.recv_from_full() {
-                Ok((_, from)) if from.port_number() != KERNEL_PORT => {}
-                Ok((buf, _)) => {
-                    for m in parse_messages(&buf).map_err(io::Error::other)? {
-                        if m.msg_type == NLMSG_ERROR && m.seq == seq {
-                            let e = errno_of(&m.payload);
-                            return if e == 0 {
-                                Ok(true)
-                            } else if -e == libc::EOPNOTSUPP || -e == libc::EINVAL {
-                                Ok(false)
-                            } else {
-                                Err(io::Error::from_raw_os_error(-e))
-                            };
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(e) => return Err(e),
-            }
+        // The ack arrives among possible multicast events (kept for recv_events).
+        let e = self.wait_ack(seq)?;
+        if e == 0 {
+            Ok(true)
+        } else if -e == libc::EOPNOTSUPP || -e == libc::EINVAL {
+            Ok(false)
+        } else {
+            Err(io::Error::from_raw_os_error(-e))
         }
-        Err(io::Error::other("no answer to SET_FEATURES"))
+    }
+
+    /// Sends the `*_DONE` reply `done` (a `TCMU_CMD_*_DONE`) for the device with
+    /// `se_device.dev_index` `device_id` with `status` (0 or −errno), asking for an
+    /// acknowledgement, and says what the kernel did with it (the reply is handled
+    /// in our `sendmsg`, so a completed writer is off the kernel's list of pending
+    /// commands when this returns).
+    pub fn reply_acked(
+        &mut self,
+        done: u8,
+        device_id: u32,
+        status: i32,
+    ) -> io::Result<DoneOutcome> {
+        self.seq += 1;
+        let seq = self.seq;
+        let msg = encode_done(
+            self.family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            done,
+            device_id,
+            status,
+        );
+        self.sock.send_to(&msg, &SocketAddr::new(0, 0), 0)?;
+        Ok(DoneOutcome::from_errno(self.wait_ack(seq)?))
     }
 
     /// Drains pending events (non-blocking). Undecodable messages, and datagrams not
     /// from the kernel ([`decode_datagram`]), are returned as errors in the list so the
     /// caller can log them; they never stop the loop.
     pub fn recv_events(&mut self) -> io::Result<Vec<Result<Event, String>>> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.stash);
         loop {
             match self.sock.recv_from_full() {
                 Ok((buf, from)) => out.extend(
@@ -447,25 +564,15 @@ impl TcmuNetlink {
             return Ok(());
         }
         self.seq += 1;
-        let msg = encode(
-            self.family,
-            NLM_F_REQUEST,
-            self.seq,
-            cmd,
-            VERSION,
-            &[
-                (
-                    sys::tcmu_genl_attr_TCMU_ATTR_CMD_STATUS as u16,
-                    Attr::S32(status),
-                ),
-                (
-                    sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16,
-                    Attr::U32(id),
-                ),
-            ],
-        );
+        let msg = encode_done(self.family, NLM_F_REQUEST, self.seq, cmd, id, status);
         self.sock.send_to(&msg, &SocketAddr::new(0, 0), 0)?;
         Ok(())
+    }
+
+    /// Whether events received while waiting for an acknowledgement are waiting to be
+    /// handed out by [`TcmuNetlink::recv_events`] (the socket is not readable for them).
+    pub fn has_stashed(&self) -> bool {
+        !self.stash.is_empty()
     }
 
     /// The socket fd, for the event loop.
@@ -670,6 +777,7 @@ mod tests {
             sock: ours,
             family: GENL_ID_CTRL,
             seq: 1,
+            stash: Vec::new(),
         };
         let mut forger = Socket::new(NETLINK_GENERIC).unwrap();
         forger.bind_auto().unwrap();
@@ -714,6 +822,88 @@ mod tests {
             "{got:?}"
         );
         assert!(got.iter().all(|r| r.is_err()), "no event was believed");
+    }
+
+    fn ack(seq: u32, errno: i32) -> Vec<u8> {
+        // NLMSG_ERROR: the error code, then the header of the request it answers.
+        let mut b = encode(NLMSG_ERROR, 0, seq, 0, 0, &[]);
+        b.truncate(16);
+        b.extend_from_slice(&errno.to_ne_bytes());
+        b.extend_from_slice(&[0u8; 16]);
+        let len = b.len() as u32;
+        b[0..4].copy_from_slice(&len.to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn acks_are_matched_by_sequence_and_events_beside_them_are_kept() {
+        let added = kernel_event(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE, &[]);
+        let mut buf = ack(6, -libc::EPERM);
+        buf.extend(added.clone());
+        buf.extend(ack(7, -libc::ENODEV));
+        let (a, evs) = split_ack(&buf, KERNEL_PORT, 0x1a, Some(7));
+        assert_eq!(a, Some(-libc::ENODEV));
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].as_ref().unwrap().minor, 3);
+        // Without a sequence number (the event loop) acks are silent.
+        let (a, evs) = split_ack(&buf, KERNEL_PORT, 0x1a, None);
+        assert_eq!((a, evs.len()), (None, 1));
+        // An ack without its error code is reported, never read as success.
+        let mut short = ack(7, 0);
+        short.truncate(18);
+        short[0..4].copy_from_slice(&18u32.to_ne_bytes());
+        let (a, evs) = split_ack(&short, KERNEL_PORT, 0x1a, Some(7));
+        assert_eq!(a, None);
+        assert!(matches!(evs[..], [Err(RecvError::Malformed(_))]), "{evs:?}");
+        // A process cannot forge an ack.
+        let (a, evs) = split_ack(&ack(7, 0), 99, 0x1a, Some(7));
+        assert_eq!(a, None);
+        assert_eq!(evs, vec![Err(RecvError::NotFromKernel { port: 99 })]);
+    }
+
+    #[test]
+    fn done_outcomes_follow_tcmu_genl_cmd_done() {
+        assert_eq!(DoneOutcome::from_errno(0), DoneOutcome::Completed);
+        assert_eq!(
+            DoneOutcome::from_errno(-libc::ENODEV),
+            DoneOutcome::NothingPending
+        );
+        assert_eq!(
+            DoneOutcome::from_errno(-libc::EINVAL),
+            DoneOutcome::Refused(-libc::EINVAL)
+        );
+        let m = encode_done(0x1a, NLM_F_REQUEST | NLM_F_ACK, 9, 4, 123, -libc::ENOENT);
+        let msgs = parse_messages(&m).unwrap();
+        assert_eq!(msgs[0].flags, NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(&msgs[0].payload[..2], &[4, VERSION]);
+        let a = parse_attrs(&msgs[0].payload[4..]).unwrap();
+        assert_eq!(attr_u32(&a, 8), Some(123));
+        assert_eq!(
+            attr(&a, 7).map(|v| v.to_vec()),
+            Some((-libc::ENOENT).to_ne_bytes().to_vec())
+        );
+    }
+
+    #[test]
+    fn random_datagrams_never_panic_split_ack() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("LC_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("replay: LC_SEED={seed} cargo test -p lc --lib netlink::tests::random_datagrams");
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut valid = ack(5, -libc::ENODEV);
+        valid.extend(kernel_event(sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE, &[]));
+        for _ in 0..5000 {
+            let mut buf = valid.clone();
+            for _ in 0..rng.gen_range(0..6) {
+                let i = rng.gen_range(0..buf.len());
+                buf[i] = rng.gen();
+            }
+            buf.truncate(rng.gen_range(0..=buf.len()));
+            let _ = split_ack(&buf, KERNEL_PORT, 0x1a, Some(rng.gen_range(0..8)));
+        }
     }
 
     #[test]

@@ -92,8 +92,27 @@ pub fn parse_name(name: &str) -> Option<(u32, String, String, String)> {
     Some((hba, dev, subtype, cfg))
 }
 
-/// Every TCMU device of `subtype` under `<sysfs>/class/uio`.
-pub fn scan(sysfs: &Path, subtype: &str) -> io::Result<Vec<UioDevice>> {
+/// Parses the UIO name of any TCMU device, also one without a `dev_config`
+/// (`tcm-user/<hba>/<name>`: subtype and cfgstring empty). None for other UIO devices.
+pub fn parse_any_name(name: &str) -> Option<(u32, String, String, String)> {
+    parse_name(name).or_else(|| {
+        let rest = name.trim_end_matches('\n').strip_prefix("tcm-user/")?;
+        let (hba, dev) = rest.split_once('/')?;
+        if dev.is_empty() || dev.contains('/') {
+            return None;
+        }
+        Some((
+            hba.parse().ok()?,
+            dev.to_string(),
+            String::new(),
+            String::new(),
+        ))
+    })
+}
+
+/// Every TCMU device under `<sysfs>/class/uio`, whatever its subtype (an empty
+/// subtype: a device without `dev_config`), sorted by uio name.
+pub fn scan_tcmu(sysfs: &Path) -> io::Result<Vec<UioDevice>> {
     let dir = sysfs.join("class/uio");
     let mut out = Vec::new();
     let entries = match fs::read_dir(&dir) {
@@ -107,19 +126,24 @@ pub fn scan(sysfs: &Path, subtype: &str) -> io::Result<Vec<UioDevice>> {
         let Ok(name) = fs::read_to_string(e.path().join("name")) else {
             continue;
         };
-        if let Some((hba, name, st, cfgstring)) = parse_name(&name) {
-            if st == subtype {
-                out.push(UioDevice {
-                    uio,
-                    hba,
-                    name,
-                    subtype: st,
-                    cfgstring,
-                });
-            }
+        if let Some((hba, name, subtype, cfgstring)) = parse_any_name(&name) {
+            out.push(UioDevice {
+                uio,
+                hba,
+                name,
+                subtype,
+                cfgstring,
+            });
         }
     }
     out.sort_by(|a, b| a.uio.cmp(&b.uio));
+    Ok(out)
+}
+
+/// Every TCMU device of `subtype` under `<sysfs>/class/uio`.
+pub fn scan(sysfs: &Path, subtype: &str) -> io::Result<Vec<UioDevice>> {
+    let mut out = scan_tcmu(sysfs)?;
+    out.retain(|u| u.subtype == subtype);
     Ok(out)
 }
 
@@ -186,6 +210,69 @@ pub fn open(
     Ok((map, UioDoorbell::new(fd)))
 }
 
+/// Reading a backstore's configfs state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigfsError {
+    /// The file could not be read (`NotFound`: the backstore is gone, or being
+    /// removed: configfs unlinks its directory before the kernel tears it down).
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file holds something else than the kernel prints there.
+    #[error("{}: {text:?} is not {expected}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What it held (at most 64 bytes of it).
+        text: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+}
+
+/// Parses configfs `enable` (`target_dev_enable_show`: `"%d\n"` of whether the device
+/// is configured): 0 while `enable` is still being written (the kernel's
+/// `target_configure_device` sets the flag only after the backend's configure returns,
+/// so also while a writer waits for our ADDED_DEVICE_DONE), 1 once it succeeded.
+pub fn parse_enable(text: &str) -> Option<bool> {
+    match text.strip_suffix('\n').unwrap_or(text) {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
+}
+
+/// Parses `statistics/scsi_dev/indx` (`target_stat_indx_show`: `"%u\n"` of
+/// `se_device.dev_index`, the `TCMU_ATTR_DEVICE_ID` of the device's netlink events).
+pub fn parse_dev_index(text: &str) -> Option<u32> {
+    let t = text.strip_suffix('\n').unwrap_or(text);
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+fn read_parsed<T>(
+    path: PathBuf,
+    expected: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<T, ConfigfsError> {
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(source) => return Err(ConfigfsError::Io { path, source }),
+    };
+    parse(&text).ok_or_else(|| ConfigfsError::Malformed {
+        path,
+        text: text.chars().take(64).collect(),
+        expected,
+    })
+}
+
 /// The configfs directory of user backstores (`.../target/core`).
 #[derive(Clone, Debug)]
 pub struct Configfs {
@@ -222,6 +309,22 @@ impl Configfs {
     /// Reads a numeric attribute.
     pub fn attrib_u64(&self, hba: u32, name: &str, file: &str) -> Option<u64> {
         self.attrib(hba, name, file)?.parse().ok()
+    }
+
+    /// Whether the backstore is enabled (configfs `enable`, [`parse_enable`]).
+    pub fn enabled(&self, hba: u32, name: &str) -> Result<bool, ConfigfsError> {
+        read_parsed(self.dir(hba, name).join("enable"), "0 or 1", parse_enable)
+    }
+
+    /// The device's `se_device.dev_index` (`statistics/scsi_dev/indx`,
+    /// [`parse_dev_index`]): the id a `*_DONE` reply must carry. The kernel assigns it
+    /// before it configures the backend, so it is readable while `enable` waits.
+    pub fn dev_index(&self, hba: u32, name: &str) -> Result<u32, ConfigfsError> {
+        read_parsed(
+            self.dir(hba, name).join("statistics/scsi_dev/indx"),
+            "a device index (u32)",
+            parse_dev_index,
+        )
     }
 
     /// The unit serial (`wwn/vpd_unit_serial`, "T10 VPD Unit Serial Number: ...").
@@ -289,6 +392,100 @@ mod tests {
         );
         assert_eq!(map_size(t.path(), "uio0").unwrap(), 0x4080_0000);
         assert!(scan(&t.path().join("missing"), "lc").unwrap().is_empty());
+    }
+
+    #[test]
+    fn any_tcmu_name_parses_also_without_dev_config() {
+        assert_eq!(
+            parse_any_name("tcm-user/2/d\n"),
+            Some((2, "d".into(), String::new(), String::new()))
+        );
+        assert_eq!(parse_any_name("tcm-user/1/b/file//x").unwrap().2, "file");
+        assert!(parse_any_name("tcm-user/2/").is_none());
+        assert!(parse_any_name("tcm-user/x/d").is_none());
+        assert!(parse_any_name("tcm-user/").is_none());
+        assert!(parse_any_name("other").is_none());
+    }
+
+    #[test]
+    fn scan_tcmu_lists_every_subtype() {
+        let t = tempfile::tempdir().unwrap();
+        for (uio, name) in [
+            ("uio0", "tcm-user/0/a/lc/disk0\n"),
+            ("uio1", "tcm-user/1/b/file//x\n"),
+            ("uio2", "other\n"),
+            ("uio3", "tcm-user/3/c\n"),
+        ] {
+            let d = t.path().join("class/uio").join(uio);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("name"), name).unwrap();
+        }
+        // A uio directory without a readable name is skipped.
+        fs::create_dir_all(t.path().join("class/uio/uio4")).unwrap();
+        let all = scan_tcmu(t.path()).unwrap();
+        let got: Vec<_> = all
+            .iter()
+            .map(|u| (u.uio.as_str(), u.hba, u.subtype.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("uio0", 0, "lc"), ("uio1", 1, "file"), ("uio3", 3, "")]
+        );
+        assert_eq!(scan(t.path(), "lc").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn enable_and_device_index_parse_strictly() {
+        assert_eq!(parse_enable("0\n"), Some(false));
+        assert_eq!(parse_enable("1\n"), Some(true));
+        assert_eq!(parse_enable("1"), Some(true));
+        for bad in ["", "\n", "2\n", " 1\n", "1\n\n", "yes", "01"] {
+            assert_eq!(parse_enable(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_dev_index("0\n"), Some(0));
+        assert_eq!(parse_dev_index("4294967295\n"), Some(u32::MAX));
+        for bad in [
+            "",
+            "\n",
+            "4294967296\n",
+            "-1\n",
+            "+1",
+            " 7",
+            "7 \n",
+            "0x10",
+            "1.5",
+        ] {
+            assert_eq!(parse_dev_index(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn configfs_enable_and_index_give_typed_errors() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Configfs {
+            root: t.path().to_path_buf(),
+        };
+        let d = c.dir(4, "d");
+        assert!(matches!(
+            c.enabled(4, "d"),
+            Err(ConfigfsError::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound
+        ));
+        fs::create_dir_all(d.join("statistics/scsi_dev")).unwrap();
+        fs::write(d.join("enable"), "0\n").unwrap();
+        fs::write(d.join("statistics/scsi_dev/indx"), "17\n").unwrap();
+        assert!(!c.enabled(4, "d").unwrap());
+        assert_eq!(c.dev_index(4, "d").unwrap(), 17);
+        fs::write(d.join("enable"), "maybe\n").unwrap();
+        fs::write(d.join("statistics/scsi_dev/indx"), vec![b'9'; 200]).unwrap();
+        let e = c.enabled(4, "d").unwrap_err();
+        assert!(e.to_string().contains("is not 0 or 1"), "{e}");
+        match c.dev_index(4, "d").unwrap_err() {
+            ConfigfsError::Malformed { text, .. } => assert_eq!(text.len(), 64),
+            e => panic!("{e}"),
+        }
+        // Bytes that are not UTF-8 are an error, not a panic.
+        fs::write(d.join("enable"), [0xff, 0xfe]).unwrap();
+        assert!(matches!(c.enabled(4, "d"), Err(ConfigfsError::Io { .. })));
     }
 
     #[test]

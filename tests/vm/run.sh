@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-damage lc-isolation lc-scsi lc-reboot lc-powercut)
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(selftest lc-basic lc-durability lc-drain lc-faults lc-damage lc-isolation lc-scsi lc-enable-wait lc-reboot lc-powercut)
 results=${LC_VM_RESULTS:-$top/target/vm-results}
 log() { echo "[vm $(date +%T)] $*" >&2; }
 t0=$(date +%s)
