@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -29,10 +30,12 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// A short name for messages (a path, "mem", ...).
     fn describe(&self) -> String;
-    /// Starts moving a range written by [`BlockDevice::write_at`] to the medium without
-    /// waiting, so a later [`BlockDevice::flush`] has less left to do. A hint: nothing
-    /// is promised until `flush`. The default does nothing.
-    fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// [`BlockDevice::write_at`], bypassing any cache of this process's kernel on the
+    /// way (the write has reached the device when it returns; still volatile until
+    /// [`BlockDevice::flush`]). The default is `write_at`.
+    fn write_through(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(data, offset)
+    }
     /// [`BlockDevice::read_at`] only if it needs no waiting for the device (for a file
     /// or block device: the range is in the page cache); `None` otherwise, and nothing
     /// was read. The default never reads.
@@ -102,6 +105,9 @@ pub struct FileDevice {
     size: u64,
     direct: bool,
     is_block: bool,
+    /// The same device opened with `O_DIRECT`, for [`BlockDevice::write_through`] when
+    /// `file` is not (opened on first use; `None` when that failed).
+    through: std::sync::OnceLock<Option<File>>,
 }
 
 impl FileDevice {
@@ -165,14 +171,18 @@ impl FileDevice {
             size,
             direct,
             is_block,
+            through: std::sync::OnceLock::new(),
         })
     }
 
     fn needs_bounce(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
-        self.direct
-            && (!(ptr as usize).is_multiple_of(DIRECT_ALIGN)
-                || !len.is_multiple_of(512)
-                || !offset.is_multiple_of(512))
+        self.direct && self.needs_bounce_direct(ptr, len, offset)
+    }
+
+    fn needs_bounce_direct(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        !(ptr as usize).is_multiple_of(DIRECT_ALIGN)
+            || !len.is_multiple_of(512)
+            || !offset.is_multiple_of(512)
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
@@ -290,20 +300,25 @@ impl BlockDevice for FileDevice {
         self.path.display().to_string()
     }
 
-    fn start_writeback(&self, offset: u64, len: u64) {
-        // O_DIRECT writes are on their way to the device when they return.
-        if self.direct {
-            return;
+    fn write_through(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let through = self.through.get_or_init(|| {
+            if self.direct {
+                return None;
+            }
+            // The open file itself, again (not the path, which could name another
+            // device by now), with O_DIRECT.
+            let mut opts = OpenOptions::new();
+            opts.write(true).custom_flags(libc::O_DIRECT);
+            opts.open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                .ok()
+        });
+        match through {
+            Some(f) if !self.needs_bounce_direct(data.as_ptr(), data.len(), offset) => {
+                self.check_range(offset, data.len())?;
+                f.write_all_at(data, offset)
+            }
+            _ => self.write_at(data, offset),
         }
-        // Linux: POSIX_FADV_DONTNEED starts writeback of the range's dirty pages
-        // (WB_SYNC_NONE, no waiting) and drops the range's clean pages. A failure
-        // only leaves the work to the next flush.
-        let _ = rustix::fs::fadvise(
-            &self.file,
-            offset,
-            std::num::NonZeroU64::new(len),
-            rustix::fs::Advice::DontNeed,
-        );
     }
 }
 
@@ -446,6 +461,34 @@ mod tests {
         if let Ok(direct) = FileDevice::open(&p, true) {
             assert!(direct.try_read_at(&mut b, 0).is_none());
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_through_and_buffered_io_see_each_other() {
+        let dir = std::env::temp_dir().join(format!("lc-through-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dev.img");
+        create_file(&p, 1 << 20).unwrap();
+        let d = FileDevice::open(&p, false).unwrap();
+        // A cached page, then written through: reads see the new bytes.
+        d.write_at(&[1u8; 8192], 65536).unwrap();
+        let mut b = vec![0u8; 8192];
+        d.read_at(&mut b, 65536).unwrap();
+        let mut data = AlignedBuf::new(8192);
+        data.fill(2);
+        d.write_through(&data, 65536).unwrap();
+        d.read_at(&mut b, 65536).unwrap();
+        assert!(b.iter().all(|&x| x == 2));
+        // Unaligned data falls back to a plain write; the range is checked.
+        d.write_through(&[3u8; 100], 65536).unwrap();
+        d.read_at(&mut b[..100], 65536).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 3));
+        assert!(d.write_through(&data, (1 << 20) - 4096).is_err());
+        // After a flush the bytes are in the file.
+        d.flush().unwrap();
+        let f = std::fs::read(&p).unwrap();
+        assert!(f[65536 + 100..65536 + 8192].iter().all(|&x| x == 2));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

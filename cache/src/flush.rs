@@ -331,7 +331,8 @@ fn stage_due(inner: &Inner, st: &State, now: Instant) -> bool {
         && (unstaged >= every || st.flush_req.is_some())
 }
 
-/// Writes the open segment's lines `staged..n` to its slot (no header, no flush); the
+/// Writes the open segment's lines `staged..n` to its slot, through to the device (no
+/// header, no flush); the
 /// first staging of a segment writes zeros over both header copies with them, so no
 /// older header of the slot outlives the lines written over its data. Lines `0..n`
 /// are immutable from here. Called, like an append, only when the slot may be written
@@ -353,13 +354,12 @@ fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, 
     o.staged = n;
     st.slot_claimed_id = st.slot_claimed_id.max(id);
     drop(st);
+    // Through to the device now (O_DIRECT), not into the page cache: the flush of the
+    // append that follows then finds these lines on the device already.
     let r = inner
         .cache
-        .write_at(&buf, off)
+        .write_through(&buf, off)
         .map_err(|e| Error::io(&inner.cache.describe(), off, e));
-    if r.is_ok() {
-        inner.cache.start_writeback(off, buf.len() as u64);
-    }
     let mut st = inner.lock();
     st.cache_bytes_written += buf.len() as u64;
     st.staged_lines += (n - from) as u64;
