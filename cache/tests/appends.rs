@@ -31,6 +31,19 @@ fn serial_of(c: &Cache, b: u64) -> Option<u64> {
     first
 }
 
+/// Asserts the serial each sector of block `b` reads as (`want(sector in block)`).
+fn assert_sectors(c: &Cache, b: u64, want: impl Fn(u64) -> u64) {
+    let mut buf = vec![0u8; 4096];
+    c.read(0, b * 4096, &mut buf).unwrap();
+    for s in 0..8u64 {
+        assert_eq!(
+            decode_sector(0, b * 8 + s, &buf[s as usize * 512..(s as usize + 1) * 512]),
+            Some(want(s)),
+            "block {b} sector {s}"
+        );
+    }
+}
+
 fn no_writeback() -> Tunables {
     Tunables {
         writeback_enabled: false,
@@ -134,16 +147,7 @@ fn a_line_rewritten_after_an_append_takes_a_new_line_and_the_newest_copy_wins() 
     let (c2, _) = reopen(img, back);
     assert_eq!(serial_of(&c2, 0), Some(1));
     assert_eq!(serial_of(&c2, 1), Some(2));
-    let mut buf = vec![0u8; 4096];
-    c2.read(0, 2 * 4096, &mut buf).unwrap();
-    for s in 0..8u64 {
-        let want = if s == 2 || s == 3 { 3 } else { 1 };
-        assert_eq!(
-            decode_sector(0, 16 + s, &buf[s as usize * 512..(s as usize + 1) * 512]),
-            Some(want),
-            "block 2 sector {s}"
-        );
-    }
+    assert_sectors(&c2, 2, |s| if s == 2 || s == 3 { 3 } else { 1 });
     // Block 3's last write was never flushed: either value is allowed.
     assert!(matches!(serial_of(&c2, 3), Some(1) | Some(4)));
     // Writing goes on in the next segment, and survives another kill.
@@ -195,16 +199,7 @@ fn lines_staged_between_flushes_are_immutable_and_the_newest_copy_survives_a_kil
     let (c2, _) = reopen(img, back);
     assert_eq!(serial_of(&c2, 0), Some(1));
     assert_eq!(serial_of(&c2, 1), Some(2));
-    let mut buf = vec![0u8; 4096];
-    c2.read(0, 2 * 4096, &mut buf).unwrap();
-    for s in 0..8u64 {
-        let want = if s == 1 { 3 } else { 1 };
-        assert_eq!(
-            decode_sector(0, 16 + s, &buf[s as usize * 512..(s as usize + 1) * 512]),
-            Some(want),
-            "block 2 sector {s}"
-        );
-    }
+    assert_sectors(&c2, 2, |s| if s == 1 { 3 } else { 1 });
     for b in 3..=10 {
         let s = serial_of(&c2, b);
         assert!(
