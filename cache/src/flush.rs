@@ -20,8 +20,8 @@ use slog::{error, info};
 
 use crate::device::AlignedBuf;
 use crate::error::Error;
-use crate::format::{SegmentHeader, LINE};
-use crate::state::{Inner, Pos, Sealed, State};
+use crate::format::{Geometry, SegmentHeader, LINE};
+use crate::state::{Inner, OpenSeg, Pos, Sealed, State};
 
 /// Body of the flusher thread.
 pub(crate) fn run(inner: &Inner) {
@@ -242,23 +242,22 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         uuid: inner.uuid,
         entries: o.entries.clone(),
     };
-    let base = geo.segment_offset(id);
     let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
+    let lines = unstaged_lines(geo, o);
     let hcrc;
     if gen == 1 && staged == 0 {
-        let mut b = AlignedBuf::new(ds + n * line);
+        // Copy 0 goes into the zeros the lines' copy starts with.
+        let (mut b, off) = lines.expect("an append has lines to write");
         hcrc = hdr.encode_into(&mut b[..hl]);
-        b[ds..].copy_from_slice(&o.buf[ds..ds + n * line]);
-        writes.push((b, base));
+        writes.push((b, off));
     } else {
-        if n > staged {
-            let mut l = AlignedBuf::new((n - staged) * line);
-            l.copy_from_slice(&o.buf[ds + staged * line..ds + n * line]);
-            writes.push((l, geo.line_offset(id, staged as u32)));
-        }
+        writes.extend(lines);
         let mut h = AlignedBuf::new(hl);
         hcrc = hdr.encode_into(&mut h);
-        writes.push((h, base + (geo.header_copy(gen) * hl) as u64));
+        writes.push((
+            h,
+            geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64,
+        ));
     }
     o.written = n;
     o.staged = n;
@@ -338,19 +337,9 @@ fn stage_due(inner: &Inner, st: &State, now: Instant) -> bool {
 /// are immutable from here. Called, like an append, only when the slot may be written
 /// and every segment before the open one is written.
 fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-    let geo = &inner.geo;
-    let (ds, line) = (geo.data_start(), LINE as usize);
     let o = st.open.as_mut().expect("open segment");
     let (id, from, n) = (o.id, o.staged, o.entries.len());
-    let (buf, off) = if from == 0 {
-        let mut b = AlignedBuf::new(ds + n * line);
-        b[ds..].copy_from_slice(&o.buf[ds..ds + n * line]);
-        (b, geo.segment_offset(id))
-    } else {
-        let mut b = AlignedBuf::new((n - from) * line);
-        b.copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
-        (b, geo.line_offset(id, from as u32))
-    };
+    let (buf, off) = unstaged_lines(&inner.geo, o).expect("staging has lines to write");
     o.staged = n;
     st.slot_claimed_id = st.slot_claimed_id.max(id);
     drop(st);
@@ -368,6 +357,25 @@ fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, 
     }
     inner.io_cv.notify_all();
     st
+}
+
+/// The open segment's lines not yet on the device (`staged..n`), copied out, and where
+/// they go. From line 0 the copy starts at the segment, its header copies zeros (see
+/// [`stage`]). `None` when every line is on the device.
+fn unstaged_lines(geo: &Geometry, o: &OpenSeg) -> Option<(AlignedBuf, u64)> {
+    let (ds, line) = (geo.data_start(), LINE as usize);
+    let (from, n) = (o.staged, o.entries.len());
+    if n == from {
+        return None;
+    }
+    let (skip, off) = if from == 0 {
+        (ds, geo.segment_offset(o.id))
+    } else {
+        (0, geo.line_offset(o.id, from as u32))
+    };
+    let mut b = AlignedBuf::new(skip + (n - from) * line);
+    b[skip..].copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
+    Some((b, off))
 }
 
 /// Written segments are flushed without a waiter after this long, bounding how much a
