@@ -422,12 +422,18 @@ impl BlockDevice for MemDevice {
 mod tests {
     use super::*;
 
-    #[test]
-    fn exclusive_opens_exclude_each_other_but_not_plain_opens() {
-        let dir = std::env::temp_dir().join(format!("lc-excl-{}", std::process::id()));
+    /// A fresh 1 MiB file `dev.img` in a directory of its own (removed by the test).
+    fn scratch_file(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("lc-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("dev.img");
         create_file(&p, 1 << 20).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn exclusive_opens_exclude_each_other_but_not_plain_opens() {
+        let (dir, p) = scratch_file("excl");
         let a = FileDevice::open_exclusive(&p, false).unwrap();
         let e = FileDevice::open_exclusive(&p, false)
             .err()
@@ -442,10 +448,7 @@ mod tests {
 
     #[test]
     fn try_read_at_serves_cached_pages_only_and_never_direct() {
-        let dir = std::env::temp_dir().join(format!("lc-nowait-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("dev.img");
-        create_file(&p, 1 << 20).unwrap();
+        let (dir, p) = scratch_file("nowait");
         let d = FileDevice::open(&p, false).unwrap();
         let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
         d.write_at(&data, 8192).unwrap();
@@ -466,10 +469,7 @@ mod tests {
 
     #[test]
     fn write_through_and_buffered_io_see_each_other() {
-        let dir = std::env::temp_dir().join(format!("lc-through-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("dev.img");
-        create_file(&p, 1 << 20).unwrap();
+        let (dir, p) = scratch_file("through");
         let d = FileDevice::open(&p, false).unwrap();
         // A cached page, then written through: reads see the new bytes.
         d.write_at(&[1u8; 8192], 65536).unwrap();

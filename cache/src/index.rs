@@ -519,7 +519,7 @@ mod tests {
         let mut one = Index::with_capacity(64);
         let mut bulk = Index::with_capacity(64);
         // Entries before the load, counted in the map.
-        for _ in 0..200 {
+        let entry = |rng: &mut rand::rngs::SmallRng| {
             let k = key(0, rng.gen_range(0..400));
             let loc = Loc {
                 seg: rng.gen_range(1..40),
@@ -527,19 +527,17 @@ mod tests {
                 dirty: 1,
                 tomb: false,
             };
+            (k, loc)
+        };
+        for _ in 0..200 {
+            let (k, loc) = entry(&mut rng);
             one.insert(k, loc);
             bulk.insert(k, loc);
         }
         let mut b = bulk.begin_bulk(10, 30);
         for _ in 0..2000 {
             // Duplicates, repeated copies, and segments outside the bulk range.
-            let k = key(0, rng.gen_range(0..400));
-            let loc = Loc {
-                seg: rng.gen_range(1..40),
-                slot: rng.gen_range(0..4),
-                dirty: 1,
-                tomb: false,
-            };
+            let (k, loc) = entry(&mut rng);
             one.insert(k, loc);
             bulk.bulk_insert(&mut b, k, loc);
         }
