@@ -38,7 +38,7 @@ $SUDO install -m 0644 "$top/targetcli/lc-dbus.conf" /etc/dbus-1/system.d/lc.conf
 $SUDO systemctl reload dbus 2>/dev/null || true
 $SUDO sh -c "nohup '$lc' serve --config '$state/lc.toml' >>'$state/lc.log' 2>&1 &"
 for _ in $(seq 50); do [ -S /run/lc/control.sock ] && break; sleep 0.2; done
-$SUDO targetcli /backstores/user:lc create name=demo0 size=4G cfgstring=demo0
+$SUDO targetcli /backstores/user:lc create name=demo0 size=4G cfgstring=demo0 hw_max_sectors=2048
 
 # The /dev/sdX of every SCSI disk that LIO serves from a user:lc backstore (vendor
 # LIO-ORG, model lc), from sysfs: no lsscsi needed.

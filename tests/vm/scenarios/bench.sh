@@ -64,7 +64,7 @@ for poll in 50 1000; do
     printf '\n[[lun]]\nname = "ram0"\nbackend = "ram"\nsize = "1GiB"\n' >>/etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
     start_lc
-    targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
+    targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048 >/dev/null
     loopback_lun /backstores/user:lc/disk0 >/dev/null
     k=lc; [ "$poll" = 50 ] || k=lcp
     row "lc, poll ${poll}us$([ "$poll" = 50 ] && echo ' (default)')" "$(lun_dev lc)" "$k"

@@ -18,7 +18,7 @@ backing = "/var/lib/lc-demo/hdd.img"
 backing_id = 0
 TOML
 start_lc
-targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0
+targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048
 loopback_lun /backstores/user:lc/disk0 >/dev/null
 dev=$(lun_dev lc)
 echo "lc disk: $dev"

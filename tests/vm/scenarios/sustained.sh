@@ -51,7 +51,7 @@ for mode in fsync plain; do
     [ -n "$POLL" ] && sed -i "/^\[daemon\]/a busy_poll_us = $POLL" /etc/lc/lc.toml
     lc format -y --force "$ssd" >/dev/null
     start_lc
-    targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
+    targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048 >/dev/null
     loopback_lun /backstores/user:lc/disk0 >/dev/null
     opt=(); [ "$mode" = fsync ] && opt=(--fsync=32)
     run "$(lun_dev lc)" "lc-$mode" "${opt[@]}"
