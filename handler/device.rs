@@ -386,38 +386,45 @@ impl Device {
                     continue;
                 }
             };
-            if !scsi::needs_backend(&cmd.cdb) {
-                // No medium access: a parameter list in, a small response out, both
-                // copied whole (parsed as one buffer).
-                let mut lent = lent;
-                let data_out = match lent.gather() {
-                    Ok(d) => d,
-                    Err(e) => return self.ring_broken(e.into()),
-                };
-                let r = scsi::execute(
-                    &self.lun,
-                    &cmd.cdb,
-                    &data_out,
-                    data_in_len,
-                    self.backend.as_ref(),
-                );
-                if let Err(e) = self.complete(cmd.cmd_id, r, Some(&mut lent)) {
-                    return self.ring_broken(e);
+            // The one parse of the CDB: what runs below is the parsed command.
+            let command = match scsi::Command::parse(&cmd.cdb) {
+                Ok(c) if c.needs_backend() => c,
+                parsed => {
+                    // No medium access (or a CDB that does not parse): a parameter
+                    // list in, a small response out, both copied whole (parsed as one
+                    // buffer).
+                    let mut lent = lent;
+                    let data_out = match lent.gather() {
+                        Ok(d) => d,
+                        Err(e) => return self.ring_broken(e.into()),
+                    };
+                    let r = match parsed {
+                        Ok(c) => scsi::execute_data(
+                            &self.lun,
+                            &c,
+                            scsi::Data::Out(&[&data_out], data_in_len),
+                            self.backend.as_ref(),
+                        ),
+                        Err(sense) => scsi::ScsiResponse::error(sense),
+                    };
+                    if let Err(e) = self.complete(cmd.cmd_id, r, Some(&mut lent)) {
+                        return self.ring_broken(e);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            // A READ fills its iovecs in place; every other command reads its Data-Out
-            // from them (and has no Data-In).
-            let mut data = if is_read(&cmd.cdb) {
-                JobData::In(lent)
-            } else {
-                JobData::Out(lent)
+            };
+            // Data-In (a READ) is filled in place in the iovecs; every other command
+            // that reaches the backend reads its Data-Out from them (and has no
+            // Data-In).
+            let mut data = match command.direction() {
+                scsi::Direction::FromDevice => JobData::In(lent),
+                scsi::Direction::ToDevice | scsi::Direction::None => JobData::Out(lent),
             };
             // Served here when no device I/O is needed (RAM hits, plain writes with a
             // free buffer); everything that could block goes to a worker.
             if self.inline {
                 let be = self.backend.as_ref();
-                if let Some(r) = data.execute(&self.lun, &cmd.cdb, be, false) {
+                if let Some(r) = data.execute(&self.lun, &command, be, false) {
                     if let Err(e) = self.finish(cmd.cmd_id, &mut data, r) {
                         return self.ring_broken(e);
                     }
@@ -427,7 +434,7 @@ impl Device {
             let job = Job {
                 device: token,
                 cmd_id: cmd.cmd_id,
-                cdb: cmd.cdb,
+                command,
                 data,
                 lun: self.lun.clone(),
                 backend: self.backend.clone(),
@@ -447,7 +454,7 @@ impl Device {
                     (j, scsi::ScsiResponse::internal_failure())
                 }
                 Some((mut j, false)) => {
-                    let r = j.data.execute(&j.lun, &j.cdb, j.backend.as_ref(), true);
+                    let r = j.data.execute(&j.lun, &j.command, j.backend.as_ref(), true);
                     (j, r.expect("a waiting run answers"))
                 }
             };
@@ -552,15 +559,6 @@ impl Device {
             Err(e) => self.ring_broken(e),
         }
     }
-}
-
-/// Commands whose data moves toward the initiator (their iovecs are Data-In).
-fn is_read(cdb: &[u8]) -> bool {
-    use crate::scsi::cdb::op;
-    matches!(
-        cdb.first(),
-        Some(&(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16))
-    )
 }
 
 /// Shared receiving end for [`Done`] results.

@@ -2,6 +2,7 @@
 
 use super::*;
 use cdb::{build10 as rw10, build16 as rw16};
+use sense::key;
 use rand::{Rng, SeedableRng};
 use std::sync::Mutex;
 
@@ -710,8 +711,15 @@ fn report_supported_operation_codes() {
     );
 }
 
+/// Whether the transport hands the command to the backend path: a CDB that parses
+/// into a command that needs the backend.
+fn needs_backend(cdb: &[u8]) -> bool {
+    Command::parse(cdb).is_ok_and(|c| c.needs_backend())
+}
+
 #[test]
 fn needs_backend_only_for_io_commands() {
+    assert!(!needs_backend(&[0x28, 0, 0]), "a short READ is refused without I/O");
     assert!(needs_backend(&rw10(0x28, 0, 1, 0)));
     assert!(needs_backend(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
     assert!(!needs_backend(&[0x12, 0, 0, 0, 36, 0]));
