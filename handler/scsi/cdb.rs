@@ -988,13 +988,25 @@ mod tests {
         assert_eq!(v(2, 4), Err(sense::INVALID_FIELD_IN_CDB));
         // WRITE SAME: one block of Data-Out, none with NDOB.
         let ws = parse(&build16(op::WRITE_SAME_16, 0, 9, 0)).unwrap();
-        assert_eq!((ws.direction(), ws.transfer_length(bs)), (Direction::ToDevice, 512));
+        assert_eq!(
+            (ws.direction(), ws.transfer_length(bs)),
+            (Direction::ToDevice, 512)
+        );
         let ndob = parse(&build16(op::WRITE_SAME_16, 0, 9, 0x01)).unwrap();
-        assert_eq!((ndob.direction(), ndob.transfer_length(bs)), (Direction::None, 0));
+        assert_eq!(
+            (ndob.direction(), ndob.transfer_length(bs)),
+            (Direction::None, 0)
+        );
         let inq = parse(&[op::INQUIRY, 0, 0, 0, 96, 0]).unwrap();
-        assert_eq!((inq.direction(), inq.transfer_length(bs)), (Direction::FromDevice, 96));
+        assert_eq!(
+            (inq.direction(), inq.transfer_length(bs)),
+            (Direction::FromDevice, 96)
+        );
         let unmap = parse(&[op::UNMAP, 0, 0, 0, 0, 0, 0, 0, 24, 0]).unwrap();
-        assert_eq!((unmap.direction(), unmap.transfer_length(bs)), (Direction::ToDevice, 24));
+        assert_eq!(
+            (unmap.direction(), unmap.transfer_length(bs)),
+            (Direction::ToDevice, 24)
+        );
         // Every supported command answers both without panicking.
         for s in SUPPORTED {
             let mut c = vec![0u8; s.usage.len()];
@@ -1009,11 +1021,17 @@ mod tests {
 
     #[test]
     fn field_enums_refuse_reserved_values() {
-        assert_eq!(WriteVerifyCheck::try_from(2), Err(sense::INVALID_FIELD_IN_CDB));
+        assert_eq!(
+            WriteVerifyCheck::try_from(2),
+            Err(sense::INVALID_FIELD_IN_CDB)
+        );
         assert_eq!(ReportType::try_from(4), Ok(ReportType::Anchored));
         assert_eq!(ReportType::try_from(5), Err(sense::INVALID_FIELD_IN_CDB));
         assert_eq!(ReportingOptions::try_from(3), Ok(ReportingOptions::Either));
-        assert_eq!(ReportingOptions::try_from(4), Err(sense::INVALID_FIELD_IN_CDB));
+        assert_eq!(
+            ReportingOptions::try_from(4),
+            Err(sense::INVALID_FIELD_IN_CDB)
+        );
         assert_eq!(PageControl::from(3), PageControl::Saved);
     }
 }

@@ -516,7 +516,12 @@ fn run(
     Some(dispatch(lun, *cmd, data, be))
 }
 
-fn dispatch(lun: &LunState, cmd: Command, data: Data<'_, '_>, be: &dyn BlockBackend) -> ScsiResponse {
+fn dispatch(
+    lun: &LunState,
+    cmd: Command,
+    data: Data<'_, '_>,
+    be: &dyn BlockBackend,
+) -> ScsiResponse {
     let data_in_len = data.data_in_len();
     // A pending capacity change is reported once, before anything else, the way the
     // target core reports its own unit attentions.

@@ -2,8 +2,8 @@
 
 use super::*;
 use cdb::{build10 as rw10, build16 as rw16};
-use sense::key;
 use rand::{Rng, SeedableRng};
+use sense::key;
 use std::sync::Mutex;
 
 struct Mem {
@@ -719,7 +719,10 @@ fn needs_backend(cdb: &[u8]) -> bool {
 
 #[test]
 fn needs_backend_only_for_io_commands() {
-    assert!(!needs_backend(&[0x28, 0, 0]), "a short READ is refused without I/O");
+    assert!(
+        !needs_backend(&[0x28, 0, 0]),
+        "a short READ is refused without I/O"
+    );
     assert!(needs_backend(&rw10(0x28, 0, 1, 0)));
     assert!(needs_backend(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
     assert!(!needs_backend(&[0x12, 0, 0, 0, 36, 0]));
