@@ -771,6 +771,22 @@ fn random_cdbs_never_panic_and_responses_are_well_formed() {
             assert!(r.data_in.is_empty());
         } else {
             assert!(r.sense.is_empty());
+            // What the command did agrees with the direction and length it declares:
+            // Data-In only from a Data-In command and never more than its CDB asks
+            // for; Data-Out accepted only at the CDB's length (a parameter list of
+            // length 0 is no list, whatever the transport carries).
+            let cmd = Command::parse(&c).expect("GOOD only for a parsed command");
+            let want = cmd.transfer_length(512);
+            match cmd.direction() {
+                Direction::FromDevice => {
+                    assert!(r.data_in.len() as u64 <= want, "seed {seed}: {cmd:?}")
+                }
+                Direction::ToDevice => assert!(
+                    want == 0 || data.len() as u64 == want,
+                    "seed {seed}: {cmd:?}"
+                ),
+                Direction::None => assert!(r.data_in.is_empty(), "seed {seed}: {cmd:?}"),
+            }
         }
     }
 }
