@@ -30,9 +30,15 @@ pub struct EngineBackend {
     pub dev: u8,
 }
 
-/// The engine's errors as the SCSI layer sees them: a device or the data at an offset
-/// (MEDIUM ERROR), or the cache itself (HARDWARE ERROR).
-fn io_err(e: lc_cache::Error) -> IoError {
+/// The one classification of the engine's errors for the SCSI layer (which maps the
+/// kind to sense, `IoError::response`): a device or the data at an offset (MEDIUM
+/// ERROR), or the cache itself (HARDWARE ERROR). `request` is the byte range of the
+/// call that failed, if it has one. The engine's offset is on the device that failed,
+/// which may be the cache device, not the LUN: only an offset inside the request names
+/// a block of this LUN (a lost line that begins before the request names the
+/// request's first byte); any other is dropped, and the SCSI layer reports the
+/// command's own first block.
+fn io_err(e: lc_cache::Error, request: Option<(u64, u64)>) -> IoError {
     use lc_cache::Error as E;
     let kind = match &e {
         E::Io { .. } | E::Lost { .. } | E::BackingFailed { .. } => IoErrorKind::Medium,
@@ -43,42 +49,58 @@ fn io_err(e: lc_cache::Error) -> IoError {
         | E::Invalid(_)
         | E::Tunable { .. } => IoErrorKind::Target,
     };
+    let offset = match (e.io_offset(), request) {
+        (Some(o), Some((start, len))) if o < start.saturating_add(len) => {
+            let in_request = o >= start || matches!(e, E::Lost { .. });
+            in_request.then_some(o.max(start))
+        }
+        _ => None,
+    };
     IoError {
-        offset: e.io_offset(),
+        offset,
         message: e.to_string(),
         kind,
     }
 }
 
+/// Total length of a transfer's pieces.
+fn total<T: AsRef<[u8]>>(pieces: &[T]) -> u64 {
+    pieces.iter().map(|p| p.as_ref().len() as u64).sum()
+}
+
 impl BlockBackend for EngineBackend {
     fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
+        let request = Some((offset, total(bufs)));
         self.cache
             .read_vectored(self.dev, offset, bufs)
-            .map_err(io_err)
+            .map_err(|e| io_err(e, request))
     }
     fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
         self.cache
             .write_vectored(self.dev, offset, data, fua)
-            .map_err(io_err)
+            .map_err(|e| io_err(e, Some((offset, total(data)))))
     }
     fn flush(&self) -> Result<(), IoError> {
-        self.cache.flush().map_err(io_err)
+        self.cache.flush().map_err(|e| io_err(e, None))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        self.cache.discard(self.dev, offset, len).map_err(io_err)
+        self.cache
+            .discard(self.dev, offset, len)
+            .map_err(|e| io_err(e, Some((offset, len))))
     }
     fn try_read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
+        let request = Some((offset, total(bufs)));
         Some(
             self.cache
                 .try_read_vectored(self.dev, offset, bufs)?
-                .map_err(io_err),
+                .map_err(|e| io_err(e, request)),
         )
     }
     fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
         Some(
             self.cache
                 .try_write_vectored(self.dev, offset, data)?
-                .map_err(io_err),
+                .map_err(|e| io_err(e, Some((offset, total(data))))),
         )
     }
 }
@@ -386,38 +408,45 @@ impl Device {
                     continue;
                 }
             };
-            if !scsi::needs_backend(&cmd.cdb) {
-                // No medium access: a parameter list in, a small response out, both
-                // copied whole (parsed as one buffer).
-                let mut lent = lent;
-                let data_out = match lent.gather() {
-                    Ok(d) => d,
-                    Err(e) => return self.ring_broken(e.into()),
-                };
-                let r = scsi::execute(
-                    &self.lun,
-                    &cmd.cdb,
-                    &data_out,
-                    data_in_len,
-                    self.backend.as_ref(),
-                );
-                if let Err(e) = self.complete(cmd.cmd_id, r, Some(&mut lent)) {
-                    return self.ring_broken(e);
+            // The one parse of the CDB: what runs below is the parsed command.
+            let command = match scsi::Command::parse(&cmd.cdb) {
+                Ok(c) if c.needs_backend() => c,
+                parsed => {
+                    // No medium access (or a CDB that does not parse): a parameter
+                    // list in, a small response out, both copied whole (parsed as one
+                    // buffer).
+                    let mut lent = lent;
+                    let data_out = match lent.gather() {
+                        Ok(d) => d,
+                        Err(e) => return self.ring_broken(e.into()),
+                    };
+                    let r = match parsed {
+                        Ok(c) => scsi::execute_data(
+                            &self.lun,
+                            &c,
+                            scsi::Data::Out(&[&data_out], data_in_len),
+                            self.backend.as_ref(),
+                        ),
+                        Err(sense) => scsi::ScsiResponse::error(sense),
+                    };
+                    if let Err(e) = self.complete(cmd.cmd_id, r, Some(&mut lent)) {
+                        return self.ring_broken(e);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            // A READ fills its iovecs in place; every other command reads its Data-Out
-            // from them (and has no Data-In).
-            let mut data = if is_read(&cmd.cdb) {
-                JobData::In(lent)
-            } else {
-                JobData::Out(lent)
+            };
+            // Data-In (a READ) is filled in place in the iovecs; every other command
+            // that reaches the backend reads its Data-Out from them (and has no
+            // Data-In).
+            let mut data = match command.direction() {
+                scsi::Direction::FromDevice => JobData::In(lent),
+                scsi::Direction::ToDevice | scsi::Direction::None => JobData::Out(lent),
             };
             // Served here when no device I/O is needed (RAM hits, plain writes with a
             // free buffer); everything that could block goes to a worker.
             if self.inline {
                 let be = self.backend.as_ref();
-                if let Some(r) = data.execute(&self.lun, &cmd.cdb, be, false) {
+                if let Some(r) = data.execute(&self.lun, &command, be, false) {
                     if let Err(e) = self.finish(cmd.cmd_id, &mut data, r) {
                         return self.ring_broken(e);
                     }
@@ -427,7 +456,7 @@ impl Device {
             let job = Job {
                 device: token,
                 cmd_id: cmd.cmd_id,
-                cdb: cmd.cdb,
+                command,
                 data,
                 lun: self.lun.clone(),
                 backend: self.backend.clone(),
@@ -447,7 +476,7 @@ impl Device {
                     (j, scsi::ScsiResponse::internal_failure())
                 }
                 Some((mut j, false)) => {
-                    let r = j.data.execute(&j.lun, &j.cdb, j.backend.as_ref(), true);
+                    let r = j.data.execute(&j.lun, &j.command, j.backend.as_ref(), true);
                     (j, r.expect("a waiting run answers"))
                 }
             };
@@ -554,14 +583,35 @@ impl Device {
     }
 }
 
-/// Commands whose data moves toward the initiator (their iovecs are Data-In).
-fn is_read(cdb: &[u8]) -> bool {
-    use crate::scsi::cdb::op;
-    matches!(
-        cdb.first(),
-        Some(&(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16))
-    )
-}
-
 /// Shared receiving end for [`Done`] results.
 pub type DoneRx = Receiver<Done>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(offset: u64) -> lc_cache::Error {
+        lc_cache::Error::io("dev", offset, std::io::Error::other("injected"))
+    }
+
+    #[test]
+    fn engine_errors_name_a_block_of_the_lun_only_when_the_offset_lies_in_the_request() {
+        let request = Some((8192, 4096));
+        // A backing-device error inside the request: that block.
+        let e = io_err(io(8192 + 1024), request);
+        assert_eq!((e.kind, e.offset), (IoErrorKind::Medium, Some(8192 + 1024)));
+        // A cache-device offset (outside the request) names no block of the LUN.
+        assert_eq!(io_err(io(1 << 30), request).offset, None);
+        assert_eq!(io_err(io(0), request).offset, None);
+        assert_eq!(io_err(io(0), None).offset, None, "a flush has no request");
+        // Lost data: the line may begin before the request; its first byte in it.
+        let lost = lc_cache::Error::Lost {
+            dev: 0,
+            offset: 4096,
+        };
+        assert_eq!(io_err(lost, request).offset, Some(8192));
+        // The target's own failures carry no offset and are HARDWARE ERROR.
+        let failed = io_err(lc_cache::Error::Failed("cache device gone".into()), request);
+        assert_eq!((failed.kind, failed.offset), (IoErrorKind::Target, None));
+    }
+}

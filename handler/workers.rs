@@ -2,7 +2,7 @@
 //! when its commands queue up and retired after [`IDLE_RETIRE`] without work, so a
 //! device whose backend hangs holds only its own threads and never the ones another
 //! device needs (`docs/DESIGN.md`, "Isolation"). Workers never touch a ring: a
-//! [`Job`] carries the CDB and the command's buffer lent from the ring's data area
+//! [`Job`] carries the parsed command and the command's buffer lent from the ring's data area
 //! ([`JobData`]: a write's Data-Out is read from it, a READ fills it) in, a [`Done`]
 //! carries the response and the loan back over a channel, followed by a wake-up of the
 //! event loop.
@@ -25,8 +25,8 @@ pub struct Job {
     pub device: usize,
     /// The command id on that device's ring.
     pub cmd_id: u16,
-    /// The CDB.
-    pub cdb: Vec<u8>,
+    /// The command, parsed once when it was fetched.
+    pub command: scsi::Command,
     /// The command's buffer.
     pub data: JobData,
     /// The LUN.
@@ -72,15 +72,15 @@ impl JobData {
     pub fn execute(
         &mut self,
         lun: &LunState,
-        cdb: &[u8],
+        command: &scsi::Command,
         be: &dyn BlockBackend,
         wait: bool,
     ) -> Option<scsi::ScsiResponse> {
         let run = |data: Data<'_, '_>| {
             if wait {
-                Some(scsi::execute_data(lun, cdb, data, be))
+                Some(scsi::execute_data(lun, command, data, be))
             } else {
-                scsi::try_execute_data(lun, cdb, data, be)
+                scsi::try_execute_data(lun, command, data, be)
             }
         };
         match self {
@@ -281,12 +281,12 @@ fn work(shared: &Shared, done: &Sender<Done>, notify: &Notify) {
         }
         if let Some(job) = q.jobs.pop_front() {
             q.running
-                .push((job.cmd_id, scsi::opcode_name(&job.cdb), Instant::now()));
+                .push((job.cmd_id, job.command.name(), Instant::now()));
             drop(q);
             let mut job = job;
             let response = job
                 .data
-                .execute(&job.lun, &job.cdb, job.backend.as_ref(), true)
+                .execute(&job.lun, &job.command, job.backend.as_ref(), true)
                 .expect("a waiting run answers");
             let sent = done
                 .send(Done {
@@ -373,7 +373,8 @@ mod tests {
         Job {
             device: 0,
             cmd_id: id,
-            cdb: crate::scsi::cdb::build10(0x28, 0, 1, 0),
+            command: crate::scsi::Command::parse(&crate::scsi::cdb::build10(0x28, 0, 1, 0))
+                .unwrap(),
             data: JobData::In(mem.lend(&[(id as u64 * 512, 512)]).unwrap()),
             lun: Arc::new(LunState::new(LunConfig::new("w", 512, 100))),
             backend: be.clone(),

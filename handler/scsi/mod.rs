@@ -1,10 +1,11 @@
 //! SCSI disk emulation (SPC-4 / SBC-3 subset) over a [`BlockBackend`]: no TCMU and no
-//! cache-engine knowledge. [`execute_data`] takes a CDB and the command's data as the
-//! transport holds it ([`Data`]: scattered pieces, used in place: a WRITE's Data-Out
-//! goes to the backend as it is, a READ fills its Data-In buffer directly), and returns
-//! status, sense and any small Data-In; [`execute`] is the same over one contiguous
-//! buffer. Bad input gets CHECK CONDITION with the matching sense; nothing here panics
-//! on any input.
+//! cache-engine knowledge. The transport parses a CDB once ([`Command::parse`]; the
+//! command tells it which way its data moves), then [`execute_data`] runs the
+//! [`Command`] on its data as the transport holds it ([`Data`]: scattered pieces, used
+//! in place: a WRITE's Data-Out goes to the backend as it is, a READ fills its Data-In
+//! buffer directly), and returns status, sense and any small Data-In; [`execute`] takes
+//! CDB bytes and one contiguous buffer (tests, fuzzing). Bad input gets CHECK
+//! CONDITION with the matching sense; nothing here panics on any input.
 
 pub mod cdb;
 pub mod sense;
@@ -14,8 +15,9 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
-use cdb::{op, Cdb, SUPPORTED};
-use sense::{asc, key, CHECK_CONDITION, GOOD};
+pub use cdb::{Blocks, Command, Direction, Lba};
+use cdb::{PageControl, ReportType, ReportingOptions, VerifyCheck, WriteVerifyCheck, SUPPORTED};
+use sense::{Sense, CHECK_CONDITION, GOOD};
 
 /// An I/O error of the backend, with the failing byte offset if known.
 #[derive(Debug, Clone)]
@@ -48,22 +50,20 @@ enum Dir {
 }
 
 impl IoError {
-    /// The one mapping of backend errors to sense data: MEDIUM ERROR / UNRECOVERED READ
-    /// ERROR or WRITE ERROR with the failing block in INFORMATION (`lba` when the
-    /// backend did not say), or HARDWARE ERROR / INTERNAL TARGET FAILURE.
-    fn response(&self, dir: Dir, lba: Option<u64>, bs: u64) -> ScsiResponse {
-        match self.kind {
-            IoErrorKind::Medium => ScsiResponse::check(
-                key::MEDIUM_ERROR,
+    /// The one mapping of backend errors to sense data: the medium's failures are
+    /// MEDIUM ERROR / UNRECOVERED READ ERROR or WRITE ERROR with the failing block in
+    /// INFORMATION (the backend's offset, else `at`, the block the failed call began
+    /// at, if any); the target's are HARDWARE ERROR / INTERNAL TARGET FAILURE.
+    fn response(&self, dir: Dir, at: Option<Lba>, block_size: u64) -> ScsiResponse {
+        match (self.kind, dir) {
+            (IoErrorKind::Medium, dir) => ScsiResponse::check(
                 match dir {
-                    Dir::Read => asc::READ_ERROR,
-                    Dir::Write => asc::WRITE_ERROR,
+                    Dir::Read => sense::UNRECOVERED_READ_ERROR,
+                    Dir::Write => sense::WRITE_ERROR,
                 },
-                self.offset.map(|o| o / bs).or(lba),
+                self.offset.map(|o| o / block_size).or(at.map(|l| l.0)),
             ),
-            IoErrorKind::Target => {
-                ScsiResponse::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None)
-            }
+            (IoErrorKind::Target, _) => ScsiResponse::internal_failure(),
         }
     }
 }
@@ -291,10 +291,10 @@ impl LunState {
     }
 
     /// LBA OUT OF RANGE unless blocks `lba .. lba + blocks` lie within the capacity.
-    fn check_range(&self, lba: u64, blocks: u64) -> Result<(), ScsiResponse> {
-        match lba.checked_add(blocks) {
-            Some(end) if end <= self.num_blocks() => Ok(()),
-            _ => Err(ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE)),
+    fn check_range(&self, lba: Lba, blocks: Blocks) -> Result<(), ScsiResponse> {
+        match lba.checked_end(blocks) {
+            Some(end) if end.0 <= self.num_blocks() => Ok(()),
+            _ => Err(ScsiResponse::error(sense::LBA_OUT_OF_RANGE)),
         }
     }
 
@@ -332,10 +332,10 @@ impl ScsiResponse {
         }
     }
 
-    fn check(k: u8, a: (u8, u8), info: Option<u64>) -> Self {
+    fn check(s: Sense, info: Option<u64>) -> Self {
         ScsiResponse {
             status: CHECK_CONDITION,
-            sense: sense::fixed(k, a, info),
+            sense: s.fixed(info),
             data_in: Vec::new(),
             placed: 0,
         }
@@ -349,21 +349,19 @@ impl ScsiResponse {
     /// CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE: what a command
     /// whose ring entry was malformed gets.
     pub fn internal_failure() -> Self {
-        Self::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None)
+        Self::error(sense::INTERNAL_TARGET_FAILURE)
     }
 
     /// CHECK CONDITION, ABORTED COMMAND / COMMAND TIMEOUT BEFORE PROCESSING: a command
     /// that waited too long for a worker (its device's backend is slow or hung).
     pub fn timed_out() -> Self {
-        Self::check(
-            key::ABORTED_COMMAND,
-            asc::COMMAND_TIMEOUT_BEFORE_PROCESSING,
-            None,
-        )
+        Self::error(sense::COMMAND_TIMEOUT_BEFORE_PROCESSING)
     }
 
-    fn illegal(a: (u8, u8)) -> Self {
-        Self::check(key::ILLEGAL_REQUEST, a, None)
+    /// CHECK CONDITION with `sense` and no INFORMATION: what a CDB that does not parse
+    /// gets ([`Command::parse`]'s error).
+    pub fn error(sense: Sense) -> Self {
+        Self::check(sense, None)
     }
 }
 
@@ -378,16 +376,16 @@ enum Access {
     Exclusive,
 }
 
-fn access(cmd: &Cdb) -> Access {
+fn access(cmd: &Command) -> Access {
     match cmd {
-        Cdb::Read { .. }
-        | Cdb::Write { .. }
-        | Cdb::SyncCache { .. }
-        | Cdb::WriteSame { .. }
-        | Cdb::Unmap { .. }
-        | Cdb::Verify { .. }
-        | Cdb::WriteVerify { .. } => Access::Shared,
-        Cdb::CompareAndWrite { .. } => Access::Exclusive,
+        Command::Read { .. }
+        | Command::Write { .. }
+        | Command::SyncCache { .. }
+        | Command::WriteSame { .. }
+        | Command::Unmap { .. }
+        | Command::Verify { .. }
+        | Command::WriteVerify { .. } => Access::Shared,
+        Command::CompareAndWrite { .. } => Access::Exclusive,
         _ => Access::None,
     }
 }
@@ -420,12 +418,6 @@ fn lock(io: &RwLock<()>, a: Access, wait: bool) -> Option<Held<'_>> {
     })
 }
 
-/// True when the command touches the backend (and may block): run it on a worker.
-pub fn needs_backend(cdb: &[u8]) -> bool {
-    cdb::parse(cdb)
-        .is_ok_and(|c| access(&c) != Access::None || matches!(c, Cdb::ExtendedCopy { .. }))
-}
-
 fn pad(s: &str, n: usize) -> Vec<u8> {
     let mut v: Vec<u8> = s
         .bytes()
@@ -454,20 +446,23 @@ pub fn try_execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> Option<ScsiResponse> {
-    try_execute_data(lun, cdb_bytes, Data::Out(&[data_out], data_in_len), be)
+    match Command::parse(cdb_bytes) {
+        Ok(cmd) => try_execute_data(lun, &cmd, Data::Out(&[data_out], data_in_len), be),
+        Err(s) => Some(ScsiResponse::error(s)),
+    }
 }
 
-/// [`try_execute`] with the command's data in place ([`Data`]).
+/// [`try_execute`] of a parsed command with its data in place ([`Data`]).
 pub fn try_execute_data(
     lun: &LunState,
-    cdb_bytes: &[u8],
+    cmd: &Command,
     data: Data<'_, '_>,
     be: &dyn BlockBackend,
 ) -> Option<ScsiResponse> {
     // EXTENDED COPY waits for other LUNs' I/O locks: never on the loop thread.
     if matches!(
-        cdb_bytes.first(),
-        Some(&(op::COMPARE_AND_WRITE | op::EXTENDED_COPY))
+        cmd,
+        Command::CompareAndWrite { .. } | Command::ExtendedCopy { .. }
     ) {
         return None;
     }
@@ -475,12 +470,12 @@ pub fn try_execute_data(
         be,
         blocked: Default::default(),
     };
-    let r = run(lun, cdb_bytes, data, &nb, false)?;
+    let r = run(lun, cmd, data, &nb, false)?;
     (!nb.blocked.into_inner()).then_some(r)
 }
 
-/// Executes one command (waiting for the LUN's I/O lock and the backend), its
-/// Data-Out in one buffer and its Data-In returned in [`ScsiResponse::data_in`].
+/// Parses and executes one command (waiting for the LUN's I/O lock and the backend),
+/// its Data-Out in one buffer and its Data-In returned in [`ScsiResponse::data_in`].
 pub fn execute(
     lun: &LunState,
     cdb_bytes: &[u8],
@@ -488,77 +483,81 @@ pub fn execute(
     data_in_len: usize,
     be: &dyn BlockBackend,
 ) -> ScsiResponse {
-    execute_data(lun, cdb_bytes, Data::Out(&[data_out], data_in_len), be)
+    match Command::parse(cdb_bytes) {
+        Ok(cmd) => execute_data(lun, &cmd, Data::Out(&[data_out], data_in_len), be),
+        Err(s) => ScsiResponse::error(s),
+    }
 }
 
-/// [`execute`] with the command's data in place ([`Data`]): a WRITE hands its pieces
-/// to the backend, a READ given [`Data::In`] reads into them.
+/// Executes a parsed command with its data in place ([`Data`]): a WRITE hands its
+/// pieces to the backend, a READ given [`Data::In`] reads into them.
 pub fn execute_data(
     lun: &LunState,
-    cdb_bytes: &[u8],
+    cmd: &Command,
     data: Data<'_, '_>,
     be: &dyn BlockBackend,
 ) -> ScsiResponse {
-    match run(lun, cdb_bytes, data, be, true) {
+    match run(lun, cmd, data, be, true) {
         Some(r) => r,
         // Only a non-waiting run gives up on the lock.
-        None => ScsiResponse::check(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE, None),
+        None => ScsiResponse::internal_failure(),
     }
 }
 
 /// Executes one command; `None` when `wait` is false and the I/O lock is taken.
 fn run(
     lun: &LunState,
-    cdb_bytes: &[u8],
+    cmd: &Command,
     data: Data<'_, '_>,
     be: &dyn BlockBackend,
     wait: bool,
 ) -> Option<ScsiResponse> {
-    let cmd = match cdb::parse(cdb_bytes) {
-        Ok(c) => c,
-        Err(a) => return Some(ScsiResponse::illegal(a)),
-    };
-    let _held = lock(&lun.io, access(&cmd), wait)?;
-    Some(dispatch(lun, cmd, data, be))
+    let _held = lock(&lun.io, access(cmd), wait)?;
+    Some(dispatch(lun, *cmd, data, be))
 }
 
-fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend) -> ScsiResponse {
+fn dispatch(
+    lun: &LunState,
+    cmd: Command,
+    data: Data<'_, '_>,
+    be: &dyn BlockBackend,
+) -> ScsiResponse {
     let data_in_len = data.data_in_len();
     // A pending capacity change is reported once, before anything else, the way the
     // target core reports its own unit attentions.
-    if !matches!(cmd, Cdb::Inquiry { .. } | Cdb::RequestSense { .. })
+    if !matches!(cmd, Command::Inquiry { .. } | Command::RequestSense { .. })
         && lun.capacity_changed.load(Ordering::Acquire)
         && lun.capacity_changed.swap(false, Ordering::AcqRel)
     {
-        return ScsiResponse::check(key::UNIT_ATTENTION, asc::CAPACITY_CHANGED, None);
+        return ScsiResponse::error(sense::CAPACITY_DATA_CHANGED);
     }
     let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
     let num_blocks = lun.num_blocks();
     match cmd {
-        Cdb::TestUnitReady | Cdb::StartStopUnit => ScsiResponse::good(Vec::new()),
-        Cdb::RequestSense { alloc } => {
+        Command::TestUnitReady | Command::StartStopUnit => ScsiResponse::good(Vec::new()),
+        Command::RequestSense { alloc } => {
             // No pending sense is kept: report NO SENSE.
-            ScsiResponse::good(truncate(sense::fixed(key::NO_SENSE, (0, 0), None), alloc))
+            ScsiResponse::good(truncate(sense::NO_SENSE.fixed(None), alloc))
         }
-        Cdb::Inquiry { evpd, page, alloc } => match inquiry(cfg, evpd, page) {
+        Command::Inquiry { evpd, page, alloc } => match inquiry(cfg, evpd, page) {
             Some(d) => ScsiResponse::good(truncate(d, alloc)),
-            None => ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB),
+            None => ScsiResponse::error(sense::INVALID_FIELD_IN_CDB),
         },
-        Cdb::ReadCapacity10 => {
+        Command::ReadCapacity10 => {
             let last = num_blocks.saturating_sub(1).min(0xffff_ffff) as u32;
             let mut d = last.to_be_bytes().to_vec();
             d.extend_from_slice(&cfg.block_size.to_be_bytes());
             ScsiResponse::good(d)
         }
-        Cdb::ReadCapacity16 { alloc } => {
+        Command::ReadCapacity16 { alloc } => {
             let mut d = vec![0u8; 32];
             d[0..8].copy_from_slice(&num_blocks.saturating_sub(1).to_be_bytes());
             d[8..12].copy_from_slice(&cfg.block_size.to_be_bytes());
             d[14] = 0x80 | 0x40; // LBPME, LBPRZ: unmapped blocks read as zeros
             ScsiResponse::good(truncate(d, alloc))
         }
-        Cdb::ModeSense {
+        Command::ModeSense {
             page,
             subpage,
             pc,
@@ -568,15 +567,15 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
         } => mode_sense(lun, page, subpage, pc, dbd, ten)
             .map(|d| ScsiResponse::good(truncate(d, alloc)))
             .unwrap_or_else(|r| r),
-        Cdb::ModeSelect { pf, sp, len, ten } => {
+        Command::ModeSelect { pf, sp, len, ten } => {
             mode_select(lun, pf, sp, len, ten, &data.contiguous())
         }
-        Cdb::ReportLuns { alloc } => {
+        Command::ReportLuns { alloc } => {
             let mut d = vec![0u8; 16];
             d[3] = 8;
             ScsiResponse::good(truncate(d, alloc))
         }
-        Cdb::ReportOpcodes {
+        Command::ReportOpcodes {
             options,
             opcode,
             sa,
@@ -586,7 +585,7 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
             Ok(d) => ScsiResponse::good(truncate(d, alloc)),
             Err(r) => r,
         },
-        Cdb::Read {
+        Command::Read {
             lba,
             blocks,
             fua: _,
@@ -599,12 +598,12 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
             // from what is filled; an overflow residual cannot be reported through
             // TCMU (`read_len` only shortens), so the initiator sees a full transfer of
             // its own length.
-            let len = (blocks * bs).min(data_in_len as u64);
+            let len = cmd.transfer_length(bs).min(data_in_len as u64);
             if len == 0 {
                 return ScsiResponse::good(Vec::new());
             }
             match data {
-                Data::In(bufs) => match read_in_place(be, lba * bs, bufs, len as usize, bs) {
+                Data::In(bufs) => match read_in_place(be, lba.offset(bs), bufs, len as usize, bs) {
                     Ok(()) => ScsiResponse {
                         placed: len as usize,
                         ..ScsiResponse::good(Vec::new())
@@ -613,7 +612,7 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
                 },
                 Data::Out(..) => {
                     let mut buf = vec![0u8; (len.div_ceil(bs) * bs) as usize];
-                    match be.read(lba * bs, &mut [&mut buf[..]]) {
+                    match be.read(lba.offset(bs), &mut [&mut buf[..]]) {
                         Ok(()) => {
                             buf.truncate(len as usize);
                             ScsiResponse::good(buf)
@@ -623,24 +622,24 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
                 }
             }
         }
-        Cdb::Write { lba, blocks, fua } => {
+        Command::Write { lba, blocks, fua } => {
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
             // Data-Out must be exactly what the CDB transfers (LIO refuses the same
             // mismatch for its own backstores with this sense).
-            if data.out_len() != blocks * bs {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+            if data.out_len() != cmd.transfer_length(bs) {
+                return ScsiResponse::error(sense::INVALID_FIELD_IN_IU);
             }
-            if blocks == 0 {
+            if blocks.0 == 0 {
                 return ScsiResponse::good(Vec::new());
             }
             let Data::Out(pieces, _) = data else {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+                return ScsiResponse::error(sense::INVALID_FIELD_IN_IU);
             };
-            write_or_error(be, lba * bs, pieces, fua || !lun.write_cache(), bs)
+            write_or_error(be, lba, pieces, fua || !lun.write_cache(), bs)
         }
-        Cdb::SyncCache { lba, blocks } => {
+        Command::SyncCache { lba, blocks } => {
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
@@ -649,19 +648,15 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
                 Err(e) => e.response(Dir::Write, None, bs),
             }
         }
-        Cdb::WriteSame {
+        Command::WriteSame {
             lba,
             blocks,
             unmap,
             ndob,
         } => write_same(lun, be, lba, blocks, unmap, ndob, &data.contiguous()),
-        Cdb::Unmap { len } => unmap(lun, be, len, &data.contiguous()),
-        Cdb::Verify {
-            lba,
-            blocks,
-            bytchk,
-        } => verify(lun, be, lba, blocks, bytchk, &data.contiguous()),
-        Cdb::WriteVerify {
+        Command::Unmap { len } => unmap(lun, be, len, &data.contiguous()),
+        Command::Verify { .. } => verify(lun, be, &cmd, &data.contiguous()),
+        Command::WriteVerify {
             lba,
             blocks,
             bytchk,
@@ -669,39 +664,39 @@ fn dispatch(lun: &LunState, cmd: Cdb, data: Data<'_, '_>, be: &dyn BlockBackend)
             if let Err(r) = lun.check_range(lba, blocks) {
                 return r;
             }
-            if data.out_len() != blocks * bs {
-                return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+            if data.out_len() != cmd.transfer_length(bs) {
+                return ScsiResponse::error(sense::INVALID_FIELD_IN_IU);
             }
-            if blocks == 0 {
+            if blocks.0 == 0 {
                 return ScsiResponse::good(Vec::new());
             }
             // Compared as one buffer below (a rare command, written FUA and read back:
             // the copy is the least of its costs).
             let data_out = data.contiguous();
             // Written to the medium (durable), then read back from it.
-            let r = write_or_error(be, lba * bs, &[&data_out], true, bs);
+            let r = write_or_error(be, lba, &[&data_out], true, bs);
             if r.status != GOOD {
                 return r;
             }
             compare_range(be, lba, blocks, bs, |off, got| {
-                if bytchk == 0 {
+                if bytchk == WriteVerifyCheck::ReadBack {
                     return None;
                 }
                 let want = &data_out[off as usize..off as usize + got.len()];
                 first_difference(got, want).map(|i| off + i as u64)
             })
         }
-        Cdb::CompareAndWrite { lba, blocks, fua } => {
+        Command::CompareAndWrite { lba, blocks, fua } => {
             compare_and_write(lun, be, lba, blocks, fua, &data.contiguous())
         }
-        Cdb::GetLbaStatus {
+        Command::GetLbaStatus {
             lba,
             alloc,
             report_type,
         } => get_lba_status(num_blocks, lba, alloc.min(data_in_len), report_type),
         // Takes the I/O locks of every LUN it names itself (Access::None here).
-        Cdb::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, &data.contiguous()),
-        Cdb::ReceiveCopyOperatingParameters { alloc } => {
+        Command::ExtendedCopy { len } => xcopy::extended_copy(lun, be, len, &data.contiguous()),
+        Command::ReceiveCopyOperatingParameters { alloc } => {
             ScsiResponse::good(truncate(xcopy::operating_parameters(cfg), alloc))
         }
     }
@@ -751,14 +746,14 @@ fn read_in_place(
 }
 
 /// The sense for a failed read at the failing block (`lba` if unknown).
-fn read_error(e: IoError, lba: u64, bs: u64) -> ScsiResponse {
+fn read_error(e: IoError, lba: Lba, bs: u64) -> ScsiResponse {
     e.response(Dir::Read, Some(lba), bs)
 }
 
 /// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION; INFORMATION holds the byte offset
 /// of the first byte that differs (SBC-4 5.3, 5.29).
 fn miscompare(offset: u64) -> ScsiResponse {
-    ScsiResponse::check(key::MISCOMPARE, asc::MISCOMPARE_VERIFY, Some(offset))
+    ScsiResponse::check(sense::MISCOMPARE_DURING_VERIFY, Some(offset))
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -774,19 +769,20 @@ const VERIFY_CHUNK: u64 = 1 << 20;
 /// the offset `cmp` returns, MEDIUM ERROR if a read fails.
 fn compare_range(
     be: &dyn BlockBackend,
-    lba: u64,
-    blocks: u64,
+    lba: Lba,
+    blocks: Blocks,
     bs: u64,
     mut cmp: impl FnMut(u64, &[u8]) -> Option<u64>,
 ) -> ScsiResponse {
     let per = (VERIFY_CHUNK / bs).max(1);
-    let mut buf = vec![0u8; (per.min(blocks) * bs) as usize];
+    let mut buf = vec![0u8; (per.min(blocks.0) * bs) as usize];
     let mut done = 0;
-    while done < blocks {
-        let n = per.min(blocks - done);
+    while done < blocks.0 {
+        let n = per.min(blocks.0 - done);
         let chunk = &mut buf[..(n * bs) as usize];
-        if let Err(e) = be.read((lba + done) * bs, &mut [&mut *chunk]) {
-            return read_error(e, lba + done, bs);
+        let at = lba.after(Blocks(done));
+        if let Err(e) = be.read(at.offset(bs), &mut [&mut *chunk]) {
+            return read_error(e, at, bs);
         }
         if let Some(off) = cmp(done * bs, chunk) {
             return miscompare(off);
@@ -799,37 +795,29 @@ fn compare_range(
 /// VERIFY (10/16): BYTCHK 0 reads the range back (MEDIUM ERROR if it cannot be read);
 /// 1 compares it with the Data-Out; 3 compares every block with the one Data-Out
 /// block. DPO (a cache hint) changes nothing here.
-fn verify(
-    lun: &LunState,
-    be: &dyn BlockBackend,
-    lba: u64,
-    blocks: u64,
-    bytchk: u8,
-    data_out: &[u8],
-) -> ScsiResponse {
+fn verify(lun: &LunState, be: &dyn BlockBackend, cmd: &Command, data_out: &[u8]) -> ScsiResponse {
     let bs = lun.cfg.block_size as u64;
+    let Command::Verify {
+        lba,
+        blocks,
+        bytchk,
+    } = *cmd
+    else {
+        return ScsiResponse::internal_failure();
+    };
     if let Err(r) = lun.check_range(lba, blocks) {
         return r;
     }
-    let expected = match bytchk {
-        0 => 0,
-        1 => blocks * bs,
-        _ => {
-            if blocks == 0 {
-                0
-            } else {
-                bs
-            }
-        }
-    };
-    if data_out.len() as u64 != expected {
-        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+    if data_out.len() as u64 != cmd.transfer_length(bs) {
+        return ScsiResponse::error(sense::INVALID_FIELD_IN_IU);
     }
     compare_range(be, lba, blocks, bs, |off, got| match bytchk {
-        0 => None,
-        1 => first_difference(got, &data_out[off as usize..off as usize + got.len()])
-            .map(|i| off + i as u64),
-        _ => got.chunks(bs as usize).enumerate().find_map(|(k, b)| {
+        VerifyCheck::Medium => None,
+        VerifyCheck::Compare => {
+            first_difference(got, &data_out[off as usize..off as usize + got.len()])
+                .map(|i| off + i as u64)
+        }
+        VerifyCheck::CompareOneBlock => got.chunks(bs as usize).enumerate().find_map(|(k, b)| {
             first_difference(b, data_out).map(|i| off + k as u64 * bs + i as u64)
         }),
     })
@@ -840,39 +828,39 @@ fn verify(
 fn compare_and_write(
     lun: &LunState,
     be: &dyn BlockBackend,
-    lba: u64,
-    blocks: u64,
+    lba: Lba,
+    blocks: Blocks,
     fua: bool,
     data_out: &[u8],
 ) -> ScsiResponse {
     let bs = lun.cfg.block_size as u64;
     // NUMBER OF LOGICAL BLOCKS 0: nothing compared or written, not an error.
-    if blocks == 0 {
+    if blocks.0 == 0 {
         return if data_out.is_empty() {
             ScsiResponse::good(Vec::new())
         } else {
-            ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU)
+            ScsiResponse::error(sense::INVALID_FIELD_IN_IU)
         };
     }
-    if blocks > lun.cfg.max_compare_write_blocks as u64 {
-        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+    if blocks.0 > lun.cfg.max_compare_write_blocks as u64 {
+        return ScsiResponse::error(sense::INVALID_FIELD_IN_CDB);
     }
     if let Err(r) = lun.check_range(lba, blocks) {
         return r;
     }
-    let len = (blocks * bs) as usize;
+    let len = blocks.bytes(bs) as usize;
     if data_out.len() != 2 * len {
-        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_IU);
+        return ScsiResponse::error(sense::INVALID_FIELD_IN_IU);
     }
     let (verify, write) = data_out.split_at(len);
     let mut cur = vec![0u8; len];
-    if let Err(e) = be.read(lba * bs, &mut [&mut cur[..]]) {
+    if let Err(e) = be.read(lba.offset(bs), &mut [&mut cur[..]]) {
         return read_error(e, lba, bs);
     }
     if let Some(i) = first_difference(&cur, verify) {
         return miscompare(i as u64);
     }
-    write_or_error(be, lba * bs, &[write], fua || !lun.write_cache(), bs)
+    write_or_error(be, lba, &[write], fua || !lun.write_cache(), bs)
 }
 
 /// GET LBA STATUS (SBC-4 5.8). The engine keeps no map of deallocated blocks (a
@@ -882,19 +870,19 @@ fn compare_and_write(
 ///
 /// `room` is the allocation length or the Data-In buffer, whichever is shorter: the
 /// descriptors built stop there (a capacity beyond 2^32 blocks takes several).
-fn get_lba_status(num_blocks: u64, lba: u64, room: usize, report_type: u8) -> ScsiResponse {
-    if lba >= num_blocks {
-        return ScsiResponse::illegal(asc::LBA_OUT_OF_RANGE);
+fn get_lba_status(num_blocks: u64, lba: Lba, room: usize, report_type: u8) -> ScsiResponse {
+    if lba.0 >= num_blocks {
+        return ScsiResponse::error(sense::LBA_OUT_OF_RANGE);
     }
-    // REPORT TYPE: 0 all, 1 nonzero status, 2 mapped, 3 deallocated, 4 anchored.
-    let mapped_wanted = match report_type {
-        0 | 2 => true,
-        1 | 3 | 4 => false,
-        _ => return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB),
+    // Every block is mapped: reported for the types that include mapped blocks.
+    let mapped_wanted = match ReportType::try_from(report_type) {
+        Ok(ReportType::All | ReportType::Mapped) => true,
+        Ok(ReportType::NonzeroStatus | ReportType::Deallocated | ReportType::Anchored) => false,
+        Err(s) => return ScsiResponse::error(s),
     };
     let mut d = vec![0u8; 8];
     d[7] = 0x01; // RTP: the REPORT TYPE field was processed
-    let mut next = lba;
+    let mut next = lba.0;
     while mapped_wanted && next < num_blocks && d.len() < room.max(24) {
         let n = (num_blocks - next).min(u32::MAX as u64);
         let mut desc = [0u8; 16];
@@ -909,16 +897,17 @@ fn get_lba_status(num_blocks: u64, lba: u64, room: usize, report_type: u8) -> Sc
     ScsiResponse::good(truncate(d, room))
 }
 
+/// Writes `data` at block `lba`: GOOD, or the sense of the failure.
 fn write_or_error(
     be: &dyn BlockBackend,
-    off: u64,
+    lba: Lba,
     data: &[&[u8]],
     fua: bool,
     bs: u64,
 ) -> ScsiResponse {
-    match be.write(off, data, fua) {
+    match be.write(lba.offset(bs), data, fua) {
         Ok(()) => ScsiResponse::good(Vec::new()),
-        Err(e) => e.response(Dir::Write, Some(off / bs), bs),
+        Err(e) => e.response(Dir::Write, Some(lba), bs),
     }
 }
 
@@ -1045,18 +1034,22 @@ fn mode_sense(
     lun: &LunState,
     page: u8,
     subpage: u8,
-    pc: u8,
+    pc: PageControl,
     dbd: bool,
     ten: bool,
 ) -> Result<Vec<u8>, ScsiResponse> {
-    if pc == 3 {
-        return Err(ScsiResponse::illegal(asc::SAVING_NOT_SUPPORTED));
+    if pc == PageControl::Saved {
+        return Err(ScsiResponse::error(sense::SAVING_PARAMETERS_NOT_SUPPORTED));
     }
     if subpage != 0 && !(page == 0x3f && subpage == 0xff) {
-        return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB));
+        return Err(ScsiResponse::error(sense::INVALID_FIELD_IN_CDB));
     }
-    let changeable = pc == 1;
-    let wce = if pc == 2 { true } else { lun.write_cache() };
+    let changeable = pc == PageControl::Changeable;
+    let wce = if pc == PageControl::Default {
+        true
+    } else {
+        lun.write_cache()
+    };
     let mut pages = Vec::new();
     match page {
         0x08 => pages.extend(caching_page(wce, changeable)),
@@ -1065,7 +1058,7 @@ fn mode_sense(
             pages.extend(caching_page(wce, changeable));
             pages.extend(control_page(changeable));
         }
-        _ => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+        _ => return Err(ScsiResponse::error(sense::INVALID_FIELD_IN_CDB)),
     }
     let cfg = &lun.cfg;
     let mut bd = Vec::new();
@@ -1109,42 +1102,42 @@ fn mode_select(
 ) -> ScsiResponse {
     if !pf || sp {
         // Only SPC page format, and nothing can be saved.
-        return ScsiResponse::illegal(if sp {
-            asc::SAVING_NOT_SUPPORTED
+        return ScsiResponse::error(if sp {
+            sense::SAVING_PARAMETERS_NOT_SUPPORTED
         } else {
-            asc::INVALID_FIELD_IN_CDB
+            sense::INVALID_FIELD_IN_CDB
         });
     }
     if data.len() != len {
-        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     if len == 0 {
         return ScsiResponse::good(Vec::new());
     }
     let (hl, bdl) = if ten {
         if len < 8 {
-            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+            return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         (8, u16::from_be_bytes([data[6], data[7]]) as usize)
     } else {
         if len < 4 {
-            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+            return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         (4, data[3] as usize)
     };
     let mut p = hl + bdl;
     if p > len {
-        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     let mut new_wce = lun.write_cache();
     while p < len {
         if p + 2 > len {
-            return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+            return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let code = data[p] & 0x3f;
         let plen = data[p + 1] as usize + 2;
         if data[p] & 0x40 != 0 || p + plen > len {
-            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+            return ScsiResponse::error(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         let page = &data[p..p + plen];
         match code {
@@ -1159,12 +1152,12 @@ fn mode_select(
                     }
                 });
                 if differs {
-                    return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+                    return ScsiResponse::error(sense::INVALID_FIELD_IN_PARAMETER_LIST);
                 }
                 new_wce = page[2] & 0x04 != 0;
             }
             0x0a if page == control_page(false).as_slice() => {}
-            _ => return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM),
+            _ => return ScsiResponse::error(sense::INVALID_FIELD_IN_PARAMETER_LIST),
         }
         p += plen;
     }
@@ -1187,8 +1180,12 @@ fn timeouts_descriptor() -> [u8; 12] {
 fn report_opcodes(options: u8, opcode: u8, sa: u16, rctd: bool) -> Result<Vec<u8>, ScsiResponse> {
     let by_opcode = || SUPPORTED.iter().filter(move |s| s.opcode == opcode);
     let has_sa = by_opcode().any(|s| s.sa.is_some());
+    let options = match ReportingOptions::try_from(options) {
+        Ok(o) => o,
+        Err(s) => return Err(ScsiResponse::error(s)),
+    };
     let found = match options {
-        0 => {
+        ReportingOptions::All => {
             let mut d = vec![0u8; 4];
             for s in SUPPORTED {
                 let mut desc = vec![s.opcode, 0, 0, 0, 0, 0, 0, 0];
@@ -1210,17 +1207,18 @@ fn report_opcodes(options: u8, opcode: u8, sa: u16, rctd: bool) -> Result<Vec<u8
             return Ok(d);
         }
         // One command by opcode: an error for an opcode that has service actions.
-        1 if has_sa => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
-        1 => by_opcode().next(),
+        ReportingOptions::Opcode if has_sa => {
+            return Err(ScsiResponse::error(sense::INVALID_FIELD_IN_CDB))
+        }
+        ReportingOptions::Opcode => by_opcode().next(),
         // One command by opcode and service action: an error for a supported opcode
         // without service actions.
-        2 if !has_sa && by_opcode().next().is_some() => {
-            return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB))
+        ReportingOptions::OpcodeAndServiceAction if !has_sa && by_opcode().next().is_some() => {
+            return Err(ScsiResponse::error(sense::INVALID_FIELD_IN_CDB))
         }
-        2 => by_opcode().find(|s| s.sa == Some(sa)),
+        ReportingOptions::OpcodeAndServiceAction => by_opcode().find(|s| s.sa == Some(sa)),
         // Either: the service action counts only for opcodes that have them.
-        3 => by_opcode().find(|s| s.sa.is_none() || s.sa == Some(sa)),
-        _ => return Err(ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB)),
+        ReportingOptions::Either => by_opcode().find(|s| s.sa.is_none() || s.sa == Some(sa)),
     };
     let mut d = vec![0u8; 4];
     match found {
@@ -1244,47 +1242,47 @@ fn report_opcodes(options: u8, opcode: u8, sa: u16, rctd: bool) -> Result<Vec<u8
 fn write_same(
     lun: &LunState,
     be: &dyn BlockBackend,
-    lba: u64,
-    blocks: u64,
+    lba: Lba,
+    blocks: Blocks,
     unmap: bool,
     ndob: bool,
     data: &[u8],
 ) -> ScsiResponse {
     let cfg = &lun.cfg;
     let bs = cfg.block_size as u64;
-    if blocks == 0 || blocks > cfg.max_unmap_blocks as u64 {
-        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+    if blocks.0 == 0 || blocks.0 > cfg.max_unmap_blocks as u64 {
+        return ScsiResponse::error(sense::INVALID_FIELD_IN_CDB);
     }
     if let Err(r) = lun.check_range(lba, blocks) {
         return r;
     }
     let block: Vec<u8> = if ndob {
         if !data.is_empty() {
-            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            return ScsiResponse::error(sense::INVALID_FIELD_IN_CDB);
         }
         vec![0u8; bs as usize]
     } else {
         if data.len() as u64 != bs {
-            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_CDB);
+            return ScsiResponse::error(sense::INVALID_FIELD_IN_CDB);
         }
         data.to_vec()
     };
     if unmap && block.iter().all(|&b| b == 0) {
         // Unmapped blocks read as zeros (LBPRZ), so the discard is the write.
-        return match be.discard(lba * bs, blocks * bs) {
+        return match be.discard(lba.offset(bs), blocks.bytes(bs)) {
             Ok(()) => ScsiResponse::good(Vec::new()),
             Err(e) => e.response(Dir::Write, Some(lba), bs),
         };
     }
     // Replicate in chunks of at most 1 MiB.
     let per = ((1u64 << 20) / bs).max(1);
-    let chunk: Vec<u8> = block.repeat(per.min(blocks) as usize);
+    let chunk: Vec<u8> = block.repeat(per.min(blocks.0) as usize);
     let mut done = 0;
-    while done < blocks {
-        let n = per.min(blocks - done);
+    while done < blocks.0 {
+        let n = per.min(blocks.0 - done);
         let r = write_or_error(
             be,
-            (lba + done) * bs,
+            lba.after(Blocks(done)),
             &[&chunk[..(n * bs) as usize]],
             !lun.write_cache(),
             bs,
@@ -1304,56 +1302,43 @@ fn unmap(lun: &LunState, be: &dyn BlockBackend, len: usize, data: &[u8]) -> Scsi
         return ScsiResponse::good(Vec::new());
     }
     if data.len() != len || len < 8 {
-        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     let bd_len = u16::from_be_bytes([data[2], data[3]]) as usize;
     if !bd_len.is_multiple_of(16) || 8 + bd_len > len {
-        return ScsiResponse::illegal(asc::PARAM_LIST_LENGTH);
+        return ScsiResponse::error(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     let n = bd_len / 16;
     if n > cfg.max_unmap_descriptors as usize {
-        return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+        return ScsiResponse::error(sense::INVALID_FIELD_IN_PARAMETER_LIST);
     }
-    let descs: Vec<(u64, u64)> = (0..n)
+    let descs: Vec<(Lba, Blocks)> = (0..n)
         .map(|i| {
             let d = &data[8 + 16 * i..24 + 16 * i];
             (
-                u64::from_be_bytes(d[0..8].try_into().expect("8")),
-                u32::from_be_bytes(d[8..12].try_into().expect("4")) as u64,
+                Lba(u64::from_be_bytes(d[0..8].try_into().expect("8"))),
+                Blocks(u32::from_be_bytes(d[8..12].try_into().expect("4")) as u64),
             )
         })
         .collect();
     // Validate every descriptor before touching any data.
     for &(lba, count) in &descs {
-        if count > cfg.max_unmap_blocks as u64 {
-            return ScsiResponse::illegal(asc::INVALID_FIELD_IN_PARAM);
+        if count.0 > cfg.max_unmap_blocks as u64 {
+            return ScsiResponse::error(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         if let Err(r) = lun.check_range(lba, count) {
             return r;
         }
     }
     for (lba, count) in descs {
-        if count == 0 {
+        if count.0 == 0 {
             continue;
         }
-        if let Err(e) = be.discard(lba * bs, count * bs) {
+        if let Err(e) = be.discard(lba.offset(bs), count.bytes(bs)) {
             return e.response(Dir::Write, Some(lba), bs);
         }
     }
     ScsiResponse::good(Vec::new())
-}
-
-/// The opcode of a CDB, for logs.
-pub fn opcode_name(cdb: &[u8]) -> &'static str {
-    match cdb.first() {
-        Some(&op::READ_10) | Some(&op::READ_16) | Some(&op::READ_6) | Some(&op::READ_12) => "READ",
-        Some(&op::WRITE_10) | Some(&op::WRITE_16) | Some(&op::WRITE_6) | Some(&op::WRITE_12) => {
-            "WRITE"
-        }
-        Some(&op::SYNCHRONIZE_CACHE_10) | Some(&op::SYNCHRONIZE_CACHE_16) => "SYNCHRONIZE CACHE",
-        Some(&op::UNMAP) => "UNMAP",
-        _ => "other",
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use super::*;
 use cdb::{build10 as rw10, build16 as rw16};
 use rand::{Rng, SeedableRng};
+use sense::key;
 use std::sync::Mutex;
 
 struct Mem {
@@ -710,8 +711,18 @@ fn report_supported_operation_codes() {
     );
 }
 
+/// Whether the transport hands the command to the backend path: a CDB that parses
+/// into a command that needs the backend.
+fn needs_backend(cdb: &[u8]) -> bool {
+    Command::parse(cdb).is_ok_and(|c| c.needs_backend())
+}
+
 #[test]
 fn needs_backend_only_for_io_commands() {
+    assert!(
+        !needs_backend(&[0x28, 0, 0]),
+        "a short READ is refused without I/O"
+    );
     assert!(needs_backend(&rw10(0x28, 0, 1, 0)));
     assert!(needs_backend(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
     assert!(!needs_backend(&[0x12, 0, 0, 0, 36, 0]));
@@ -760,6 +771,22 @@ fn random_cdbs_never_panic_and_responses_are_well_formed() {
             assert!(r.data_in.is_empty());
         } else {
             assert!(r.sense.is_empty());
+            // What the command did agrees with the direction and length it declares:
+            // Data-In only from a Data-In command and never more than its CDB asks
+            // for; Data-Out accepted only at the CDB's length (a parameter list of
+            // length 0 is no list, whatever the transport carries).
+            let cmd = Command::parse(&c).expect("GOOD only for a parsed command");
+            let want = cmd.transfer_length(512);
+            match cmd.direction() {
+                Direction::FromDevice => {
+                    assert!(r.data_in.len() as u64 <= want, "seed {seed}: {cmd:?}")
+                }
+                Direction::ToDevice => assert!(
+                    want == 0 || data.len() as u64 == want,
+                    "seed {seed}: {cmd:?}"
+                ),
+                Direction::None => assert!(r.data_in.is_empty(), "seed {seed}: {cmd:?}"),
+            }
         }
     }
 }

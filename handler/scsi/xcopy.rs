@@ -8,8 +8,8 @@
 
 use std::sync::{Arc, Mutex, PoisonError, RwLockReadGuard, Weak};
 
-use super::sense::{asc, key};
-use super::{naa, read_error, BlockBackend, LunConfig, LunState, ScsiResponse};
+use super::sense::{self, key, Sense};
+use super::{naa, read_error, BlockBackend, Blocks, Lba, LunConfig, LunState, ScsiResponse};
 
 /// Most CSCD descriptors in one EXTENDED COPY.
 pub const MAX_CSCD_DESCRIPTORS: u16 = 8;
@@ -24,15 +24,16 @@ const CHUNK: u64 = 1 << 20;
 const CSCD_IDENTIFICATION: u8 = 0xe4;
 const SEGMENT_BLOCK_TO_BLOCK: u8 = 0x02;
 
-/// ILLEGAL REQUEST ASC/ASCQ of EXTENDED COPY parameter lists (SPC-4 table D.1).
-mod xasc {
-    pub const TOO_MANY_CSCD: (u8, u8) = (0x26, 0x06);
-    pub const UNSUPPORTED_CSCD_TYPE: (u8, u8) = (0x26, 0x07);
-    pub const TOO_MANY_SEGMENTS: (u8, u8) = (0x26, 0x08);
-    pub const UNSUPPORTED_SEGMENT_TYPE: (u8, u8) = (0x26, 0x09);
-    /// COPY TARGET DEVICE NOT REACHABLE (with sense key COPY ABORTED).
-    pub const TARGET_NOT_REACHABLE: (u8, u8) = (0x0d, 0x02);
-}
+/// ILLEGAL REQUEST / TOO MANY TARGET DESCRIPTORS (SPC-4 table D.1).
+const TOO_MANY_CSCD: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x06);
+/// ILLEGAL REQUEST / UNSUPPORTED TARGET DESCRIPTOR TYPE CODE.
+const UNSUPPORTED_CSCD_TYPE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x07);
+/// ILLEGAL REQUEST / TOO MANY SEGMENT DESCRIPTORS.
+const TOO_MANY_SEGMENTS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x08);
+/// ILLEGAL REQUEST / UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE.
+const UNSUPPORTED_SEGMENT_TYPE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x09);
+/// COPY ABORTED / COPY TARGET DEVICE NOT REACHABLE.
+const TARGET_NOT_REACHABLE: Sense = Sense::new(key::COPY_ABORTED, 0x0d, 0x02);
 
 struct Member {
     naa: [u8; 16],
@@ -72,17 +73,17 @@ enum Target {
 struct Segment {
     src: usize,
     dst: usize,
-    blocks: u64,
-    src_lba: u64,
-    dst_lba: u64,
+    blocks: Blocks,
+    src_lba: Lba,
+    dst_lba: Lba,
 }
 
 fn be_u(b: &[u8]) -> u64 {
     b.iter().fold(0u64, |a, &x| (a << 8) | x as u64)
 }
 
-fn param(a: (u8, u8)) -> ScsiResponse {
-    ScsiResponse::illegal(a)
+fn param(s: Sense) -> ScsiResponse {
+    ScsiResponse::error(s)
 }
 
 /// EXTENDED COPY (LID1) with a parameter list of `len` bytes in `data`.
@@ -96,33 +97,33 @@ pub(super) fn extended_copy(
         return ScsiResponse::good(Vec::new()); // no copy: not an error
     }
     if data.len() != len {
-        return param(asc::INVALID_FIELD_IN_IU);
+        return param(sense::INVALID_FIELD_IN_IU);
     }
     if len < 16 || len as u64 > MAX_LIST_LEN as u64 {
-        return param(asc::PARAM_LIST_LENGTH);
+        return param(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     let cscd_len = be_u(&data[2..4]) as usize;
     let seg_len = be_u(&data[8..12]) as usize;
     let inline_len = be_u(&data[12..16]) as usize;
     if inline_len != 0 {
-        return param(asc::INVALID_FIELD_IN_PARAM); // no inline data segments
+        return param(sense::INVALID_FIELD_IN_PARAMETER_LIST); // no inline data segments
     }
     if 16 + cscd_len + seg_len != len || !cscd_len.is_multiple_of(32) {
-        return param(asc::PARAM_LIST_LENGTH);
+        return param(sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     if cscd_len / 32 > MAX_CSCD_DESCRIPTORS as usize {
-        return param(xasc::TOO_MANY_CSCD);
+        return param(TOO_MANY_CSCD);
     }
     // CSCD descriptors: each names a LUN by its NAA designator.
     let own = naa(&lun.cfg);
     let mut targets = Vec::new();
     for d in data[16..16 + cscd_len].chunks(32) {
         if d[0] != CSCD_IDENTIFICATION {
-            return param(xasc::UNSUPPORTED_CSCD_TYPE);
+            return param(UNSUPPORTED_CSCD_TYPE);
         }
         // Peripheral device type 0 (disk); designator: binary, LU, NAA, 16 bytes.
         if d[1] & 0x1f != 0 || d[4] & 0x0f != 1 || d[5] & 0x3f != 0x03 || d[7] != 16 {
-            return param(asc::INVALID_FIELD_IN_PARAM);
+            return param(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         let id = &d[8..24];
         let t = if *id == own {
@@ -130,9 +131,7 @@ pub(super) fn extended_copy(
         } else {
             match find(id) {
                 Some((l, b)) => Target::Other(l, b),
-                None => {
-                    return ScsiResponse::check(key::COPY_ABORTED, xasc::TARGET_NOT_REACHABLE, None)
-                }
+                None => return ScsiResponse::error(TARGET_NOT_REACHABLE),
             }
         };
         let bs = match &t {
@@ -141,7 +140,7 @@ pub(super) fn extended_copy(
         };
         // DISK BLOCK LENGTH must be the target's block size.
         if be_u(&d[29..32]) != bs as u64 {
-            return param(asc::INVALID_FIELD_IN_PARAM);
+            return param(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         targets.push(t);
     }
@@ -156,31 +155,31 @@ pub(super) fn extended_copy(
     let mut p = 16 + cscd_len;
     while p < len {
         if segments.len() == MAX_SEGMENT_DESCRIPTORS as usize {
-            return param(xasc::TOO_MANY_SEGMENTS);
+            return param(TOO_MANY_SEGMENTS);
         }
         if p + 4 > len {
-            return param(asc::PARAM_LIST_LENGTH);
+            return param(sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let d = &data[p..];
         if d[0] != SEGMENT_BLOCK_TO_BLOCK {
-            return param(xasc::UNSUPPORTED_SEGMENT_TYPE);
+            return param(UNSUPPORTED_SEGMENT_TYPE);
         }
         if be_u(&d[2..4]) != 0x18 || p + 28 > len {
-            return param(asc::PARAM_LIST_LENGTH);
+            return param(sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let s = Segment {
             src: be_u(&d[4..6]) as usize,
             dst: be_u(&d[6..8]) as usize,
-            blocks: be_u(&d[10..12]),
-            src_lba: be_u(&d[12..20]),
-            dst_lba: be_u(&d[20..28]),
+            blocks: Blocks(be_u(&d[10..12])),
+            src_lba: Lba(be_u(&d[12..20])),
+            dst_lba: Lba(be_u(&d[20..28])),
         };
         if s.src >= targets.len() || s.dst >= targets.len() {
-            return param(asc::INVALID_FIELD_IN_PARAM);
+            return param(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         let (sl, dl) = (view(s.src).0, view(s.dst).0);
         if sl.cfg.block_size != dl.cfg.block_size {
-            return param(asc::INVALID_FIELD_IN_PARAM);
+            return param(sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         if let Err(r) = sl.check_range(s.src_lba, s.blocks) {
             return r;
@@ -215,25 +214,26 @@ pub(super) fn extended_copy(
 fn copy_blocks(
     sl: &LunState,
     sb: &dyn BlockBackend,
-    src: u64,
+    src: Lba,
     dl: &LunState,
     db: &dyn BlockBackend,
-    dst: u64,
-    blocks: u64,
+    dst: Lba,
+    blocks: Blocks,
 ) -> Result<(), ScsiResponse> {
     let bs = sl.cfg.block_size as u64;
     let per = (CHUNK / bs).max(1);
     let same = std::ptr::eq(sl, dl);
-    let backwards = same && dst > src && dst < src + blocks;
-    let mut buf = vec![0u8; (per.min(blocks) * bs) as usize];
+    let backwards = same && dst > src && dst < src.after(blocks);
+    let mut buf = vec![0u8; (per.min(blocks.0) * bs) as usize];
     let mut done = 0;
-    while done < blocks {
-        let n = per.min(blocks - done);
-        let off = if backwards { blocks - done - n } else { done };
+    while done < blocks.0 {
+        let n = per.min(blocks.0 - done);
+        let off = Blocks(if backwards { blocks.0 - done - n } else { done });
         let chunk = &mut buf[..(n * bs) as usize];
-        sb.read((src + off) * bs, &mut [&mut *chunk])
-            .map_err(|e| read_error(e, src + off, bs))?;
-        let r = super::write_or_error(db, (dst + off) * bs, &[chunk], !dl.write_cache(), bs);
+        let from = src.after(off);
+        sb.read(from.offset(bs), &mut [&mut *chunk])
+            .map_err(|e| read_error(e, from, bs))?;
+        let r = super::write_or_error(db, dst.after(off), &[chunk], !dl.write_cache(), bs);
         if r.status != super::GOOD {
             return Err(r);
         }
