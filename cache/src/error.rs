@@ -162,3 +162,45 @@ impl Error {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eio() -> Error {
+        Error::io("/dev/x", 4096, io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn failures_keep_their_cause_typed_and_their_text() {
+        let io_text = eio().to_string();
+        let e = Error::Failed(eio().into());
+        assert_eq!(e.to_string(), format!("cache failed: {io_text}"));
+        assert_eq!(e.io_error().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+        assert_eq!(
+            Error::Failed(Failure::Killed).to_string(),
+            "cache failed: killed"
+        );
+        let b = Error::BackingFailed {
+            dev: 3,
+            secs: 7,
+            source: Arc::new(eio()),
+        };
+        assert_eq!(
+            b.to_string(),
+            format!("backing device 3: writeback failing for 7 s ({io_text}); write refused")
+        );
+        assert_eq!(b.io_error().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    }
+
+    #[test]
+    fn a_copied_io_error_reads_the_same() {
+        let e = eio();
+        let c = e.copy_io().expect("an Io error");
+        assert_eq!(c.to_string(), e.to_string());
+        assert_eq!(c.io_offset(), Some(4096));
+        let custom = Error::io("/dev/y", 0, io::Error::other("power cut"));
+        assert_eq!(custom.copy_io().unwrap().to_string(), custom.to_string());
+        assert!(Error::Failed(Failure::Closing).copy_io().is_none());
+    }
+}
