@@ -150,9 +150,10 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             Ok(true)
         }
         Err(e) => {
-            if let Error::Io { .. } = e {
-                // A cache device that fails a write fails the cache, as elsewhere.
-                st.failed.get_or_insert_with(|| e.to_string());
+            if let Some(copy) = e.copy_io() {
+                // A cache device that fails a write fails the cache, as elsewhere (unless
+                // it already failed).
+                st.failed.get_or_insert_with(|| copy.into());
                 inner.io_cv.notify_all();
                 inner.worker_cv.notify_all();
             }

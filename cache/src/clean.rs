@@ -52,23 +52,12 @@ use slog::warn;
 use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
 use crate::index::{key, Loc};
+use crate::logio::{commit, read_segments};
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
 
 /// Segments a cleaning step reads and moves at most (bounds the RAM it holds).
 const MAX_STEP: u64 = 16;
-
-/// The cleaner's counters (part of [`State`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct CleanState {
-    /// Lines moved to the head of the log.
-    pub moved_lines: u64,
-    /// Line copies written back to backing devices (by writeback or for the cleaner).
-    pub written_back_lines: u64,
-    /// The last plan found the tail segment movable: space can come without the
-    /// backing devices (a writer waiting for space is not refused for a failed one).
-    pub tail_movable: bool,
-}
 
 /// Slots only the cleaner may fill (0 when moving is off).
 ///
@@ -136,7 +125,7 @@ fn head_id(st: &State) -> u64 {
 
 /// The end of the log: every line written so far.
 fn head(st: &State) -> Pos {
-    crate::engine::last_written_pos(st)
+    st.last_written_pos()
 }
 
 /// What a cleaning step did or asks the writeback thread to do.
@@ -202,7 +191,7 @@ impl Cleaner {
                 drop(st);
                 self.pending = None;
                 if let Err(e) = release(inner, p.upto) {
-                    cache_failed(inner, &e);
+                    cache_failed(inner, e);
                 }
                 return Step::Worked;
             }
@@ -317,14 +306,13 @@ impl Cleaner {
             .map(|(&k, &v)| (k, v))
             .collect();
         drop(st);
-        let (bufs, headers) =
-            match crate::writeback::read_segments(inner, first, last, &skip, &gens) {
-                Ok(r) => r,
-                Err(e) => {
-                    cache_failed(inner, &e);
-                    return Step::Worked;
-                }
-            };
+        let (bufs, headers) = match read_segments(inner, first, last, &skip, &gens) {
+            Ok(r) => r,
+            Err(e) => {
+                cache_failed(inner, e);
+                return Step::Worked;
+            }
+        };
         let mut st = inner.lock();
         let mut done = first - 1;
         let mut segs = headers.iter().zip(bufs.iter()).peekable();
@@ -430,18 +418,15 @@ fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) ->
 }
 
 /// The cache device failed while cleaning: the cache stops accepting writes.
-fn cache_failed(inner: &Inner, e: &Error) {
+fn cache_failed(inner: &Inner, e: Error) {
     warn!(inner.log, "cache device failed during cleaning; cache stops"; "error" => %e);
-    let mut st = inner.lock();
-    st.failed = Some(e.to_string());
-    inner.io_cv.notify_all();
-    inner.worker_cv.notify_all();
+    inner.fail(&mut inner.lock(), e);
 }
 
 /// Persists `wb_id = upto` (every segment up to it is empty of needed data now) and
 /// frees the slots.
 fn release(inner: &Inner, upto: u64) -> Result<(), Error> {
-    crate::writeback::commit(inner, Some(upto))?;
+    commit(inner, Some(upto))?;
     let mut st = inner.lock();
     if upto > st.wb_id {
         st.wb_id = upto;
@@ -452,41 +437,4 @@ fn release(inner: &Inner, upto: u64) -> Result<(), Error> {
     inner.io_cv.notify_all();
     inner.worker_cv.notify_all();
     Ok(())
-}
-
-impl crate::engine::Cache {
-    /// Test support: recounts every segment's live lines from the index and compares
-    /// them with the counts the cleaner decides from; also checks that no line lives in
-    /// a released segment.
-    #[doc(hidden)]
-    pub fn check_line_counts(&self) -> std::result::Result<(), String> {
-        let st = self.inner.lock();
-        let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
-        for (k, l) in st.index.iter() {
-            if l.seg <= st.wb_id {
-                return Err(format!(
-                    "line {:?} lives in segment {} <= last_writeback_id {}",
-                    crate::index::unkey(k),
-                    l.seg,
-                    st.wb_id
-                ));
-            }
-            *live.entry(l.seg).or_default() += 1;
-        }
-        for (seg, n) in st.index.segments() {
-            let want = live.get(&seg).copied().unwrap_or(0);
-            if n.live != want || n.lines < n.live {
-                return Err(format!(
-                    "segment {seg}: counted {} live of {} lines, the index holds {want}",
-                    n.live, n.lines
-                ));
-            }
-        }
-        for (seg, n) in &live {
-            if st.index.seg_lines(*seg).live != *n {
-                return Err(format!("segment {seg}: {n} live lines not counted"));
-            }
-        }
-        Ok(())
-    }
 }

@@ -1,5 +1,6 @@
-//! The engine's shared state and its user-facing operations: write, read, flush,
-//! discard, drain, tunables, stats, close.
+//! [`Cache`], the engine's user-facing operations: write, read, flush, discard, drain,
+//! tunables, stats, close. Opening is in `open.rs`; the state these work on, and the
+//! operations the threads share with them, in `state.rs`.
 //!
 //! Invariants (all under `Inner::state`):
 //! - `index` maps every cached (device, line) to its newest copy; a copy's dirty bits
@@ -12,23 +13,21 @@
 //! - A read that found a line on the cache device is valid only if that segment's slot
 //!   was not reused meanwhile: `loc.seg + nr_segments > write_started_id`.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use slog::{error, info, o, warn, Logger};
+use slog::{info, warn};
 
 use crate::damage::DamageReport;
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Result};
 use crate::format::{
-    Entry, Geometry, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SEAL_AHEAD, SECTOR,
-    SECTORS_PER_LINE,
+    Entry, Geometry, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR, SECTORS_PER_LINE,
 };
 use crate::index::{key, Loc};
 use crate::iov::{Gather, Scatter};
-use crate::recovery::{random_u64, replay, superblock_of, RecoveryReport};
-use crate::state::{BackingSlot, Inner, OpenSeg, Pos, Recovered, State};
+use crate::state::{BackingSlot, Inner, Pos, State, STAGE_WINDOW};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
 
@@ -41,27 +40,6 @@ pub struct Backing {
     pub dev: Arc<dyn BlockDevice>,
     /// A label identifying it across restarts (up to 32 bytes; e.g. the LUN name).
     pub label: String,
-}
-
-/// Options for [`Cache::open`].
-#[derive(Clone)]
-pub struct OpenOptions {
-    /// RAM for segment buffers, in bytes (at least 2 segments are used). Default 64 MiB.
-    pub ram_bytes: u64,
-    /// Initial tunables.
-    pub tunables: Tunables,
-    /// Logger; the engine logs state changes and errors, never per I/O.
-    pub logger: Logger,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            ram_bytes: 64 << 20,
-            tunables: Tunables::default(),
-            logger: Logger::root(slog::Discard, o!()),
-        }
-    }
 }
 
 /// Progress of a [`Cache::drain`].
@@ -107,45 +85,6 @@ fn sector_mask(first: u64, count: u64) -> u8 {
 }
 
 impl Inner {
-    /// Makes sure an open segment with a free line exists, sealing a full one and
-    /// taking a buffer from the pool. Returns `false` when no buffer is free (all are
-    /// sealed and waiting for the flusher); the caller waits on `io_cv` and retries.
-    pub(crate) fn ensure_open(&self, st: &mut State) -> bool {
-        if let Some(o) = &st.open {
-            if o.entries.len() < self.geo.lines_per_segment as usize {
-                return true;
-            }
-            self.seal(st);
-        }
-        if st.next_id > st.flushed_id + SEAL_AHEAD {
-            // The format's promise (FORMAT.md): wait for the flusher to catch up.
-            self.worker_cv.notify_all();
-            return false;
-        }
-        match st.pool.pop() {
-            Some(buf) => {
-                let id = st.next_id;
-                st.next_id += 1;
-                st.open = Some(OpenSeg {
-                    id,
-                    buf,
-                    entries: Vec::with_capacity(self.geo.lines_per_segment as usize),
-                    last_write: Instant::now(),
-                    written: 0,
-                    staged: 0,
-                    gen: 0,
-                    crc: 0,
-                    hcrc: 0,
-                });
-                true
-            }
-            None => {
-                self.worker_cv.notify_all();
-                false
-            }
-        }
-    }
-
     fn slot_reused(&self, st: &State, seg: u64) -> bool {
         seg + self.geo.nr_segments <= st.slot_claimed_id
     }
@@ -352,7 +291,7 @@ impl Inner {
             if stage
                 && st
                     .last_append
-                    .is_some_and(|t| Instant::now() < t + crate::flush::STAGE_WINDOW)
+                    .is_some_and(|t| Instant::now() < t + STAGE_WINDOW)
             {
                 self.worker_cv.notify_all();
             }
@@ -381,171 +320,9 @@ impl Inner {
             }));
         }
     }
-
-    /// Waits until the log up to `target` is on the cache device and the cache device
-    /// was flushed.
-    pub(crate) fn wait_durable(&self, target: Pos) -> Result<()> {
-        let mut st = self.lock();
-        loop {
-            if st.durable_pos() >= target {
-                return Ok(());
-            }
-            if let Some(f) = &st.failed {
-                return Err(Error::Failed(f.clone()));
-            }
-            if st.flusher_exited {
-                return Err(Error::Failed("the cache is closing".into()));
-            }
-            if let Some(e) = st.stuck_refusal() {
-                return Err(e);
-            }
-            self.request_durable(&mut st, target);
-            st = self.wait_io(st, Duration::from_millis(50));
-        }
-    }
-
-    /// Asks the flusher to make the log up to `target` durable: a flush of what is
-    /// written, and for lines of the open segment a flush request (format 2 appends
-    /// them, format 1 seals the segment).
-    pub(crate) fn request_durable(&self, st: &mut State, target: Pos) {
-        st.durable_req = st.durable_req.max(target);
-        if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
-            st.flush_req = Some(match st.flush_req {
-                Some((t, m)) => (t, m.max(target)),
-                None => (Instant::now(), target),
-            });
-        }
-        self.worker_cv.notify_all();
-    }
 }
 
 impl Cache {
-    /// Opens a formatted cache device with its backing devices, replays the log and
-    /// starts the flusher and writeback threads.
-    ///
-    /// Refused: a device that is not an lc cache or of another format version; dirty
-    /// data for a backing device id that is not given, or given with another label.
-    pub fn open(
-        cache: Arc<dyn BlockDevice>,
-        backing: Vec<Backing>,
-        opts: OpenOptions,
-    ) -> Result<(Cache, RecoveryReport)> {
-        let desc = cache.describe();
-        let sb = superblock_of(cache.as_ref())?;
-        let geo = sb.geometry;
-        let mut slots: Vec<Option<BackingSlot>> = (0..MAX_BACKING).map(|_| None).collect();
-        for b in &backing {
-            if b.id as usize >= MAX_BACKING {
-                return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
-            }
-            if slots[b.id as usize].is_some() {
-                return Err(Error::Invalid(format!(
-                    "backing device id {} given twice",
-                    b.id
-                )));
-            }
-            if b.label.len() > 32 {
-                return Err(Error::Invalid(format!(
-                    "label {:?} longer than 32 bytes",
-                    b.label
-                )));
-            }
-            slots[b.id as usize] = Some(BackingSlot {
-                dev: b.dev.clone(),
-                label: b.label.clone(),
-                dirty: 0,
-                needs_flush: false,
-                counters: [0; 16],
-                failing: None,
-            });
-        }
-        let ram_buffers = (opts.ram_bytes / geo.segment_size as u64).max(2) as usize;
-        let planned =
-            ((geo.nr_segments as usize + ram_buffers) * geo.lines_per_segment as usize).max(64);
-        let started = Instant::now();
-        let r = replay(cache.as_ref(), &sb, planned)?;
-        // What replay read may still sit in the device's volatile cache (after a kill
-        // rather than a power cut). Make it durable before anything claims it is.
-        cache.flush().map_err(|e| Error::io(&desc, 0, e))?;
-        for (id, reason) in &r.report.damaged {
-            error!(opts.logger, "cache log damaged: a durable segment failed its checks; its data is lost and reads of it fail";
-                   "cache" => &desc, "segment" => id, "reason" => reason);
-        }
-        if r.damage.unresolved() {
-            let d = r.damage.report();
-            error!(opts.logger, "data lost to cache log damage";
-                   "cache" => &desc, "lost_lines" => format!("{:?}", d.lost_lines),
-                   "unknown_upto" => d.unknown_upto);
-        }
-        if let Some(tail) = &r.report.tail {
-            info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
-        }
-        // Every dirty line must belong to a backing device given now, with its old label.
-        let mut dirty = vec![0u64; MAX_BACKING];
-        for (k, _) in r.index.iter() {
-            dirty[crate::index::unkey(k).0 as usize] += 1;
-        }
-        for (dev, &n) in dirty.iter().enumerate().filter(|(_, &n)| n > 0) {
-            let old = sb.backing[dev]
-                .as_ref()
-                .map(|b| b.label.clone())
-                .unwrap_or_default();
-            match &mut slots[dev] {
-                None => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} ({old:?}), which is not attached"
-                        ),
-                    })
-                }
-                Some(s) if sb.backing[dev].is_some() && s.label != old => {
-                    return Err(Error::BadFormat {
-                        device: desc,
-                        reason: format!(
-                            "holds dirty data for backing device {dev} labelled {old:?}, but {:?} was given with that id",
-                            s.label
-                        ),
-                    })
-                }
-                Some(s) => s.dirty += n,
-            }
-        }
-        let report = r.report.clone();
-        info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
-              "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
-              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
-        let state = State::new(
-            Recovered {
-                index: r.index,
-                backing: slots,
-                last_id: r.last_id,
-                last_crc: r.last_crc,
-                wb_id: r.wb_id,
-                sb_seq: sb.seq,
-                damage: r.damage,
-                recovered_gens: r.recovered_gens,
-                ambiguous: r.ambiguous,
-                cp_seq: r.cp_seq,
-                cp_upto: r.cp_upto,
-            },
-            &geo,
-            ram_buffers,
-            opts.tunables.clone(),
-        );
-        let inner = Arc::new(Inner {
-            cache,
-            geo,
-            uuid: sb.uuid,
-            nonce: random_u64(),
-            state: Mutex::new(state),
-            io_cv: Condvar::new(),
-            worker_cv: Condvar::new(),
-            log: opts.logger,
-        });
-        Ok((Cache::from_inner(inner), report))
-    }
-
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Cache {
         let mut threads = Vec::new();
         let i = inner.clone();
@@ -922,7 +699,7 @@ impl Cache {
     pub fn flush(&self) -> Result<()> {
         let (target, to_flush) = {
             let mut st = self.inner.lock();
-            let target = last_written_pos(&st);
+            let target = st.last_written_pos();
             let mut devs = Vec::new();
             for b in st.backing.iter_mut().flatten() {
                 if b.needs_flush {
@@ -1051,7 +828,7 @@ impl Cache {
         let target = {
             let mut st = self.inner.lock();
             self.inner.seal(&mut st);
-            last_written_pos(&st)
+            st.last_written_pos()
         };
         self.inner.wait_durable(target)
     }
@@ -1153,7 +930,7 @@ impl Cache {
                     Some(crate::stats::WritebackFailure {
                         dev: i as u8,
                         since: f.since_wall,
-                        error: f.error.clone(),
+                        error: f.error.to_string(),
                     })
                 })
                 .collect(),
@@ -1246,9 +1023,10 @@ impl Cache {
         report
     }
 
-    /// The error that stopped the cache, if any.
+    /// The text of the error that stopped the cache, if any (every call it refuses
+    /// returns it typed, as [`Error::Failed`]).
     pub fn failure(&self) -> Option<String> {
-        self.inner.lock().failed.clone()
+        self.inner.lock().failed.as_ref().map(|f| f.to_string())
     }
 
     /// Flushes everything, writes the superblock and stops the worker threads.
@@ -1262,7 +1040,7 @@ impl Cache {
     pub fn kill(mut self) {
         {
             let mut st = self.inner.lock();
-            st.failed.get_or_insert_with(|| "killed".into());
+            st.failed.get_or_insert(Failure::Killed);
             st.stop_flush = true;
             st.stop_checkpoint = true;
             st.stop_writeback = true;
@@ -1325,7 +1103,7 @@ impl Cache {
         let st = self.inner.lock();
         match &st.failed {
             Some(f) => {
-                warn!(self.inner.log, "cache closed after failure"; "error" => f.as_str());
+                warn!(self.inner.log, "cache closed after failure"; "error" => %f);
                 Err(Error::Failed(f.clone()))
             }
             None => {
@@ -1337,21 +1115,45 @@ impl Cache {
     }
 }
 
-impl Drop for Cache {
-    fn drop(&mut self) {
-        let _ = self.shutdown();
+impl Cache {
+    /// Test support: recounts every segment's live lines from the index and compares
+    /// them with the counts the cleaner decides from; also checks that no line lives in
+    /// a released segment.
+    #[doc(hidden)]
+    pub fn check_line_counts(&self) -> std::result::Result<(), String> {
+        let st = self.inner.lock();
+        let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
+        for (k, l) in st.index.iter() {
+            if l.seg <= st.wb_id {
+                return Err(format!(
+                    "line {:?} lives in segment {} <= last_writeback_id {}",
+                    crate::index::unkey(k),
+                    l.seg,
+                    st.wb_id
+                ));
+            }
+            *live.entry(l.seg).or_default() += 1;
+        }
+        for (seg, n) in st.index.segments() {
+            let want = live.get(&seg).copied().unwrap_or(0);
+            if n.live != want || n.lines < n.live {
+                return Err(format!(
+                    "segment {seg}: counted {} live of {} lines, the index holds {want}",
+                    n.live, n.lines
+                ));
+            }
+        }
+        for (seg, n) in &live {
+            if st.index.seg_lines(*seg).live != *n {
+                return Err(format!("segment {seg}: {n} live lines not counted"));
+            }
+        }
+        Ok(())
     }
 }
 
-/// The end of the log: every line written so far (the open segment's only if it has
-/// lines).
-pub(crate) fn last_written_pos(st: &State) -> Pos {
-    match &st.open {
-        Some(o) if !o.entries.is_empty() => Pos {
-            id: o.id,
-            lines: o.entries.len() as u32,
-        },
-        Some(o) => Pos::all(o.id - 1),
-        None => Pos::all(st.next_id - 1),
+impl Drop for Cache {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
     }
 }

@@ -1,6 +1,7 @@
 //! The engine's error type: every variant names the device, offset or key involved.
 
 use std::io;
+use std::sync::Arc;
 
 /// Errors returned by the cache engine.
 #[derive(Debug, thiserror::Error)]
@@ -66,18 +67,43 @@ pub enum Error {
     /// Writeback to this backing device has been failing for longer than
     /// `writeback_fail_timeout_s`: writes that need it to make progress are refused
     /// rather than left waiting. Its dirty data stays in the cache.
-    #[error("backing device {dev}: writeback failing for {secs} s ({reason}); write refused")]
+    #[error("backing device {dev}: writeback failing for {secs} s ({source}); write refused")]
     BackingFailed {
         /// Backing device id.
         dev: u8,
         /// Seconds since writeback to it first failed.
         secs: u64,
-        /// The last writeback error.
-        reason: String,
+        /// The last writeback error (an [`Error::Io`] on that device: its offset there
+        /// and the `io::Error`).
+        source: Arc<Error>,
     },
-    /// The engine stopped accepting writes after an unrecoverable cache-device error.
+    /// The cache stopped accepting writes: an unrecoverable cache-device error, or it is
+    /// closing or was killed.
     #[error("cache failed: {0}")]
-    Failed(String),
+    Failed(#[source] Failure),
+}
+
+/// Why a cache stopped accepting writes (carried by [`Error::Failed`]).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Failure {
+    /// The cache device failed a write or flush of the log, a checkpoint or the
+    /// superblock, or a read the writeback thread or the cleaner needed: the error it
+    /// returned (an [`Error::Io`] with the cache device's offset and the `io::Error`,
+    /// or an [`Error::BadFormat`] for a segment that failed its checks).
+    #[error(transparent)]
+    Device(Arc<Error>),
+    /// The cache was killed (`Cache::kill`, tests and benchmarks).
+    #[error("killed")]
+    Killed,
+    /// The cache is closing: its flusher has exited and nothing more becomes durable.
+    #[error("the cache is closing")]
+    Closing,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Device(Arc::new(e))
+    }
 }
 
 /// Result alias for the engine.
@@ -100,5 +126,81 @@ impl Error {
             Error::Io { offset, .. } | Error::Lost { offset, .. } => Some(*offset),
             _ => None,
         }
+    }
+
+    /// The device error behind this one: the `io::Error` of an [`Error::Io`], also
+    /// when it is the cause of a [`Error::BackingFailed`] or a [`Failure::Device`].
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::BackingFailed { source, .. } | Error::Failed(Failure::Device(source)) => {
+                source.io_error()
+            }
+            _ => None,
+        }
+    }
+
+    /// A copy of an [`Error::Io`] (the `io::Error` rebuilt from its OS error code, or
+    /// its kind and text), for recording as a failure while returning the original.
+    pub(crate) fn copy_io(&self) -> Option<Error> {
+        let Error::Io {
+            device,
+            offset,
+            source,
+        } = self
+        else {
+            return None;
+        };
+        let source = match source.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(source.kind(), source.to_string()),
+        };
+        Some(Error::Io {
+            device: device.clone(),
+            offset: *offset,
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eio() -> Error {
+        Error::io("/dev/x", 4096, io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn failures_keep_their_cause_typed_and_their_text() {
+        let io_text = eio().to_string();
+        let e = Error::Failed(eio().into());
+        assert_eq!(e.to_string(), format!("cache failed: {io_text}"));
+        assert_eq!(e.io_error().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+        assert_eq!(
+            Error::Failed(Failure::Killed).to_string(),
+            "cache failed: killed"
+        );
+        let b = Error::BackingFailed {
+            dev: 3,
+            secs: 7,
+            source: Arc::new(eio()),
+        };
+        assert_eq!(
+            b.to_string(),
+            format!("backing device 3: writeback failing for 7 s ({io_text}); write refused")
+        );
+        assert_eq!(b.io_error().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    }
+
+    #[test]
+    fn a_copied_io_error_reads_the_same() {
+        let e = eio();
+        let c = e.copy_io().expect("an Io error");
+        assert_eq!(c.to_string(), e.to_string());
+        assert_eq!(c.io_offset(), Some(4096));
+        let custom = Error::io("/dev/y", 0, io::Error::other("power cut"));
+        assert_eq!(custom.copy_io().unwrap().to_string(), custom.to_string());
+        assert!(Error::Failed(Failure::Closing).copy_io().is_none());
     }
 }

@@ -21,7 +21,7 @@ use slog::{error, info};
 use crate::device::AlignedBuf;
 use crate::error::Error;
 use crate::format::{Geometry, SegmentHeader, LINE};
-use crate::state::{Inner, OpenSeg, Pos, Sealed, State};
+use crate::state::{Inner, OpenSeg, Pos, Sealed, State, STAGE_WINDOW};
 
 /// Body of the flusher thread.
 pub(crate) fn run(inner: &Inner) {
@@ -308,14 +308,12 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     st
 }
 
-/// Format 2, while flushes come often (an append in the last [`STAGE_WINDOW`]): the
-/// open segment's lines are written to its slot as they accumulate, at least the
-/// tunable `stage_lines` at a time (or whatever is there when a flush request waits
-/// for more writers), so the append a flush then needs writes little more than its
-/// header. A staged line is written, not durable: no header covers it until an append
-/// or the seal writes one, and the crcs in that header are what recovery checks it by.
-/// How long after an append the flusher keeps staging lines.
-pub(crate) const STAGE_WINDOW: Duration = Duration::from_secs(1);
+// Format 2, while flushes come often (an append in the last `STAGE_WINDOW`): the
+// open segment's lines are written to its slot as they accumulate, at least the
+// tunable `stage_lines` at a time (or whatever is there when a flush request waits
+// for more writers), so the append a flush then needs writes little more than its
+// header. A staged line is written, not durable: no header covers it until an append
+// or the seal writes one, and the crcs in that header are what recovery checks it by.
 
 /// True when the open segment's lines should be staged now.
 fn stage_due(inner: &Inner, st: &State, now: Instant) -> bool {
@@ -418,5 +416,5 @@ fn flush_device<'a>(inner: &'a Inner, st: MutexGuard<'a, State>) -> MutexGuard<'
 
 fn fail(inner: &Inner, st: &mut State, e: Error) {
     error!(inner.log, "cache device write failed; cache stops accepting writes"; "error" => %e);
-    st.failed = Some(e.to_string());
+    inner.fail(st, e);
 }

@@ -21,6 +21,8 @@ mod flush;
 pub mod format;
 pub mod index;
 mod iov;
+mod logio;
+mod open;
 mod readahead;
 mod recovery;
 mod state;
@@ -31,9 +33,10 @@ mod writeback;
 
 pub use damage::DamageReport;
 pub use device::{BlockDevice, FileDevice, MemDevice};
-pub use engine::{Backing, Cache, DrainProgress, OpenOptions};
-pub use error::{Error, Result};
+pub use engine::{Backing, Cache, DrainProgress};
+pub use error::{Error, Failure, Result};
 pub use format::Geometry;
+pub use open::OpenOptions;
 pub use recovery::{
     check_device, format_device, probe, CheckReport, CheckpointUse, FormatOptions, RecoveryReport,
 };

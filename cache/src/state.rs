@@ -1,8 +1,8 @@
 //! The engine's shared state: everything behind `Inner::state` (one mutex), the
 //! in-RAM segments, the backing-device slots, and the few operations on it that every
-//! thread needs (lock, wait, seal). The user-facing API (`engine.rs`), the flusher
-//! (`flush.rs`) and writeback (`writeback.rs`) build on this module; it depends on none
-//! of them.
+//! thread needs (lock, wait, open and seal a segment, ask for durability, fail). The
+//! user-facing API (`engine.rs`, `open.rs`) and the threads (`flush.rs`, `writeback.rs`
+//! with `clean.rs`, `checkpoint.rs`) build on this module; it depends on none of them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -12,8 +12,8 @@ use slog::Logger;
 
 use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::error::Error;
-use crate::format::{Entry, Geometry, SegmentHeader, LINE, MAX_BACKING};
+use crate::error::{Error, Failure, Result};
+use crate::format::{Entry, Geometry, SegmentHeader, LINE, MAX_BACKING, SEAL_AHEAD};
 use crate::index::Index;
 use crate::stats::Counters;
 use crate::tunables::Tunables;
@@ -90,10 +90,35 @@ pub(crate) struct BackingSlot {
 pub(crate) struct BackingFailure {
     pub since: Instant,
     pub since_wall: std::time::SystemTime,
-    pub error: String,
+    pub error: Arc<Error>,
+}
+
+/// The cleaner's counters (part of [`State`]; the cleaner is `clean.rs`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CleanState {
+    /// Lines moved to the head of the log.
+    pub moved_lines: u64,
+    /// Line copies written back to backing devices (by writeback or for the cleaner).
+    pub written_back_lines: u64,
+    /// The last plan found the tail segment movable: space can come without the
+    /// backing devices (a writer waiting for space is not refused for a failed one).
+    pub tail_movable: bool,
 }
 
 impl State {
+    /// The end of the log: every line written so far (the open segment's only if it has
+    /// lines).
+    pub(crate) fn last_written_pos(&self) -> Pos {
+        match &self.open {
+            Some(o) if !o.entries.is_empty() => Pos {
+                id: o.id,
+                lines: o.entries.len() as u32,
+            },
+            Some(o) => Pos::all(o.id - 1),
+            None => Pos::all(self.next_id - 1),
+        }
+    }
+
     /// How far the log is durable: every segment up to `flushed_id`, and the appended
     /// lines of the one after it.
     pub(crate) fn durable_pos(&self) -> Pos {
@@ -127,7 +152,7 @@ impl State {
         (f.since.elapsed() >= timeout).then(|| Error::BackingFailed {
             dev,
             secs: f.since.elapsed().as_secs(),
-            reason: f.error.clone(),
+            source: f.error.clone(),
         })
     }
 
@@ -200,7 +225,8 @@ pub(crate) struct State {
     /// Time appends spent writing, and flushing (microseconds).
     pub append_write_us: u64,
     pub append_flush_us: u64,
-    pub failed: Option<String>,
+    /// Why the cache stopped accepting writes.
+    pub failed: Option<Failure>,
     /// Damaged log segments and the data lost with them (see `damage.rs`).
     pub damage: Damage,
     /// Segments recovery took at an older append than their newest header (whose
@@ -215,7 +241,7 @@ pub(crate) struct State {
     pub flusher_exited: bool,
     pub stop_writeback: bool,
     /// The cleaner's counters (`clean.rs`).
-    pub clean: crate::clean::CleanState,
+    pub clean: CleanState,
     /// Checkpoints (format 2): the newest sequence number whose area header is valid
     /// on the device (the next one is written into the other area), the last segment
     /// the newest written or loaded checkpoint covers, checkpoints written, and
@@ -305,6 +331,10 @@ impl State {
     }
 }
 
+/// Format 2: how long after an append the flusher keeps staging the open segment's
+/// lines (see `flush.rs`); a writer that fills `stage_lines` within it wakes the flusher.
+pub(crate) const STAGE_WINDOW: Duration = Duration::from_secs(1);
+
 pub(crate) struct Inner {
     pub cache: Arc<dyn BlockDevice>,
     pub geo: Geometry,
@@ -336,6 +366,89 @@ impl Inner {
 
     pub(crate) fn cache_desc(&self) -> String {
         self.cache.describe()
+    }
+
+    /// The cache device failed (`e`): the cache stops accepting writes, and everyone
+    /// waiting wakes to see it.
+    pub(crate) fn fail(&self, st: &mut State, e: Error) {
+        st.failed = Some(e.into());
+        self.io_cv.notify_all();
+        self.worker_cv.notify_all();
+    }
+
+    /// Makes sure an open segment with a free line exists, sealing a full one and
+    /// taking a buffer from the pool. Returns `false` when no buffer is free (all are
+    /// sealed and waiting for the flusher); the caller waits on `io_cv` and retries.
+    pub(crate) fn ensure_open(&self, st: &mut State) -> bool {
+        if let Some(o) = &st.open {
+            if o.entries.len() < self.geo.lines_per_segment as usize {
+                return true;
+            }
+            self.seal(st);
+        }
+        if st.next_id > st.flushed_id + SEAL_AHEAD {
+            // The format's promise (FORMAT.md): wait for the flusher to catch up.
+            self.worker_cv.notify_all();
+            return false;
+        }
+        match st.pool.pop() {
+            Some(buf) => {
+                let id = st.next_id;
+                st.next_id += 1;
+                st.open = Some(OpenSeg {
+                    id,
+                    buf,
+                    entries: Vec::with_capacity(self.geo.lines_per_segment as usize),
+                    last_write: Instant::now(),
+                    written: 0,
+                    staged: 0,
+                    gen: 0,
+                    crc: 0,
+                    hcrc: 0,
+                });
+                true
+            }
+            None => {
+                self.worker_cv.notify_all();
+                false
+            }
+        }
+    }
+
+    /// Waits until the log up to `target` is on the cache device and the cache device
+    /// was flushed.
+    pub(crate) fn wait_durable(&self, target: Pos) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.durable_pos() >= target {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                return Err(Error::Failed(f.clone()));
+            }
+            if st.flusher_exited {
+                return Err(Error::Failed(Failure::Closing));
+            }
+            if let Some(e) = st.stuck_refusal() {
+                return Err(e);
+            }
+            self.request_durable(&mut st, target);
+            st = self.wait_io(st, Duration::from_millis(50));
+        }
+    }
+
+    /// Asks the flusher to make the log up to `target` durable: a flush of what is
+    /// written, and for lines of the open segment a flush request (format 2 appends
+    /// them, format 1 seals the segment).
+    pub(crate) fn request_durable(&self, st: &mut State, target: Pos) {
+        st.durable_req = st.durable_req.max(target);
+        if st.open.as_ref().is_some_and(|o| o.id <= target.id) {
+            st.flush_req = Some(match st.flush_req {
+                Some((t, m)) => (t, m.max(target)),
+                None => (Instant::now(), target),
+            });
+        }
+        self.worker_cv.notify_all();
     }
 
     /// Seals the open segment (if it has lines): encodes its final header, moves it to

@@ -22,10 +22,11 @@ use slog::{info, warn};
 
 use crate::clean::{Cleaner, Step};
 use crate::device::{AlignedBuf, BlockDevice};
-use crate::error::{Error, Result};
-use crate::format::{newest_header, SegmentHeader, Superblock, LINE, SECTOR, SECTORS_PER_LINE};
+use crate::error::Error;
+use crate::format::{SegmentHeader, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
-use crate::state::{backing_table, BackingFailure, Inner, State};
+use crate::logio::{commit, read_segments};
+use crate::state::{BackingFailure, Inner, State};
 
 /// One line copy picked for writeback.
 struct Item {
@@ -141,11 +142,7 @@ pub(crate) fn run(inner: &Inner) {
             }
             Err(WbError::Cache(e)) => {
                 warn!(inner.log, "cache device failed during writeback; cache stops"; "error" => %e);
-                let mut st = inner.lock();
-                st.failed = Some(e.to_string());
-                inner.io_cv.notify_all();
-                inner.worker_cv.notify_all();
-                drop(st);
+                inner.fail(&mut inner.lock(), e);
             }
             Err(WbError::Backing(failures)) => {
                 let mut st = inner.lock();
@@ -154,14 +151,14 @@ pub(crate) fn run(inner: &Inner) {
                         continue;
                     };
                     match &mut b.failing {
-                        Some(f) => f.error = e.to_string(),
+                        Some(f) => f.error = Arc::new(e),
                         None => {
                             warn!(inner.log, "writeback to a backing device failing; its dirty data stays in the cache, retrying";
                                   "dev" => dev, "label" => &b.label, "segments" => format!("{first}..={last}"), "error" => %e);
                             b.failing = Some(BackingFailure {
                                 since: Instant::now(),
                                 since_wall: std::time::SystemTime::now(),
-                                error: e.to_string(),
+                                error: Arc::new(e),
                             });
                         }
                     }
@@ -176,31 +173,6 @@ pub(crate) fn run(inner: &Inner) {
         st = inner.lock();
     }
     info!(inner.log, "writeback stopped"; "last_writeback_id" => st.wb_id);
-}
-
-/// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
-pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
-    let (sb, off) = {
-        let mut st = inner.lock();
-        st.sb_seq += 1;
-        let sb = Superblock {
-            geometry: inner.geo,
-            uuid: inner.uuid,
-            seq: st.sb_seq,
-            last_writeback_id: new_wb.unwrap_or(st.wb_id),
-            durable_id: st.durable_claim(),
-            backing: backing_table(&st),
-        };
-        (sb.encode(), Superblock::copy_offset(st.sb_seq))
-    };
-    let desc = inner.cache.describe();
-    inner
-        .cache
-        .write_at(&sb, off)
-        .and_then(|_| inner.cache.flush())
-        .map_err(|e| Error::io(&desc, off, e))?;
-    inner.lock().cache_bytes_written += sb.len() as u64;
-    Ok(())
 }
 
 /// A writeback failure: on the cache device (fatal) or on backing devices (each
@@ -263,53 +235,6 @@ fn write_back(
     inner.io_cv.notify_all();
     inner.worker_cv.notify_all();
     Ok(())
-}
-
-/// Reads segments `first..=last` but `skip` back from the cache device and checks them.
-/// A segment's newest header is used unless recovery took an older one (`gens`: its
-/// newest append failed its checks), so writeback sees the lines the index was built
-/// from.
-pub(crate) fn read_segments(
-    inner: &Inner,
-    first: u64,
-    last: u64,
-    skip: &[u64],
-    gens: &BTreeMap<u64, u16>,
-) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
-    let geo = &inner.geo;
-    let ds = geo.data_start();
-    let desc = inner.cache.describe();
-    let mut bufs = Vec::new();
-    let mut headers = Vec::new();
-    for id in (first..=last).filter(|id| !skip.contains(id)) {
-        let mut buf = AlignedBuf::new(geo.segment_size as usize);
-        let off = geo.segment_offset(id);
-        inner
-            .cache
-            .read_at(&mut buf, off)
-            .map_err(|e| Error::io(&desc, off, e))?;
-        let bad = |reason: String| Error::BadFormat {
-            device: desc.clone(),
-            reason: format!("segment {id} unreadable for writeback: {reason}"),
-        };
-        let h = match gens.get(&id) {
-            Some(&gen) => crate::format::decode_copies(&buf, geo)
-                .into_iter()
-                .flatten()
-                .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
-            None => newest_header(&buf, geo, id, &inner.uuid),
-        };
-        let Some((h, _)) = h else {
-            return Err(bad("no header of this segment".into()));
-        };
-        let n = h.entries.len();
-        if crate::format::crc(&buf[ds..ds + n * LINE as usize]) != h.data_crc {
-            return Err(bad("data checksum mismatch".into()));
-        }
-        headers.push(h);
-        bufs.push(buf);
-    }
-    Ok((bufs, headers))
 }
 
 /// Picks the copies to write back, writes them (sorted and merged when `sort`) and

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use lc_cache::testing::FaultDevice;
-use lc_cache::{BlockDevice, Cache, Error, MemDevice, OpenOptions, Tunables};
+use lc_cache::{BlockDevice, Cache, Error, Failure, MemDevice, OpenOptions, Tunables};
 
 const SEG: u32 = 64 << 10;
 
@@ -89,6 +89,12 @@ fn cache_device_failure_fails_flushes_but_keeps_reads_and_never_panics() {
     c.write(0, 8192, &[6u8; 4096], false).unwrap();
     let e = c.flush().unwrap_err();
     assert!(e.to_string().contains("cache failed"), "{e}");
+    // Typed: the cache device's error, with its offset and the io::Error behind it.
+    match &e {
+        Error::Failed(Failure::Device(d)) => assert!(matches!(**d, Error::Io { .. }), "{d}"),
+        _ => panic!("not a cache-device failure: {e:?}"),
+    }
+    assert!(e.io_error().is_some(), "{e}");
     let mut buf = [0u8; 4096];
     c.read(0, 0, &mut buf).unwrap();
     assert_eq!(buf, [5u8; 4096]);
@@ -191,6 +197,10 @@ fn dead_backing_device_fails_writes_after_the_timeout_and_recovers() {
     // After the timeout, writes to the dead device fail at once instead of piling up.
     let e = c.write(0, 1 << 19, &[1u8; 4096], false).unwrap_err();
     assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
+    assert!(
+        e.io_error().is_some(),
+        "the backing device's error is kept: {e}"
+    );
     // Writes to the healthy device go on until the log is full behind the dead
     // device's lines; then they fail too, within a bounded time, rather than hang.
     let started = std::time::Instant::now();
