@@ -625,26 +625,57 @@ impl Cache {
                 r.map_err(|e| Error::io(&backing.describe(), failed_at, e))?;
                 i = j + 1;
             }
-            // 3. Cache-device reads for lines that live there: straight into the
-            // caller's buffer when every wanted sector is dirty and the part lies in one
-            // buffer, else a whole line into a bounce.
+            // 3. Cache-device reads for lines that live there. A run of lines whose
+            // wanted sectors are all dirty and which lie in consecutive slots of one
+            // segment is one read per buffer piece, straight into the caller's buffers
+            // (a 1 MiB READ of lines written together is a handful of reads, not 256);
+            // any other line is read whole into a bounce.
             let mut disk: Vec<(usize, Box<[u8; LINE as usize]>)> = Vec::new();
-            let mut on_disk = false;
-            for (i, s) in plan.iter_mut().enumerate() {
-                let Src::Disk(l) = *s else { continue };
-                on_disk = true;
+            let on_disk = plan
+                .iter()
+                .any(|s| matches!(s, Src::Disk(_) | Src::DiskDirect(_)));
+            let direct = |i: usize, s: &Src| match s {
+                Src::Disk(l) if wanted(i) & !l.dirty == 0 => Some(*l),
+                _ => None,
+            };
+            let mut i = 0;
+            while i < plan.len() {
+                let Src::Disk(l) = plan[i] else {
+                    i += 1;
+                    continue;
+                };
                 let off = inner.geo.line_offset(l.seg, l.slot as u32);
-                let (at, in_line, len) = span(i);
-                if wanted(i) & !l.dirty == 0 {
-                    if let Some(dst) = buf.contiguous(at, len) {
-                        let from = off + in_line as u64;
-                        let Some(r) = dev_read(inner.cache.as_ref(), dst, from) else {
-                            return Ok(None);
-                        };
-                        r.map_err(|e| Error::io(&inner.cache_desc(), from, e))?;
-                        *s = Src::DiskDirect(l);
-                        continue;
+                if direct(i, &plan[i]).is_some() {
+                    let mut j = i;
+                    while let Some(next) = plan.get(j + 1).and_then(|s| direct(j + 1, s)) {
+                        let Src::Disk(prev) = plan[j] else { break };
+                        if next.seg != prev.seg || next.slot != prev.slot + 1 {
+                            break;
+                        }
+                        j += 1;
                     }
+                    let (at, in_line, _) = span(i);
+                    let (at_j, _, len_j) = span(j);
+                    let from = off + in_line as u64;
+                    let mut res: Option<std::io::Result<()>> = Some(Ok(()));
+                    let mut failed_at = from;
+                    buf.for_each(at, at_j + len_j - at, |o, piece| {
+                        if matches!(res, Some(Ok(()))) {
+                            failed_at = from + o as u64;
+                            res = dev_read(inner.cache.as_ref(), piece, failed_at);
+                        }
+                    });
+                    let Some(r) = res else {
+                        return Ok(None);
+                    };
+                    r.map_err(|e| Error::io(&inner.cache_desc(), failed_at, e))?;
+                    for s in &mut plan[i..=j] {
+                        if let Src::Disk(l) = *s {
+                            *s = Src::DiskDirect(l);
+                        }
+                    }
+                    i = j + 1;
+                    continue;
                 }
                 let mut b = Box::new([0u8; LINE as usize]);
                 let Some(r) = dev_read(inner.cache.as_ref(), &mut b[..], off) else {
@@ -652,6 +683,7 @@ impl Cache {
                 };
                 r.map_err(|e| Error::io(&inner.cache_desc(), off, e))?;
                 disk.push((i, b));
+                i += 1;
             }
             {
                 let mut st = inner.lock();

@@ -97,13 +97,6 @@ impl<'a, 'b> Scatter<'a, 'b> {
         self.starts.partition_point(|&s| s <= pos).saturating_sub(1)
     }
 
-    /// `[pos, pos + len)` as one slice, when it lies inside one part.
-    pub(crate) fn contiguous(&mut self, pos: usize, len: usize) -> Option<&mut [u8]> {
-        let i = self.part_of(pos);
-        let at = pos - self.starts[i];
-        self.parts.get_mut(i)?.get_mut(at..at + len)
-    }
-
     /// Calls `f(position in the range, slice)` for each piece of `[pos, pos + len)`, in
     /// order.
     pub(crate) fn for_each(&mut self, pos: usize, len: usize, mut f: impl FnMut(usize, &mut [u8])) {
@@ -173,8 +166,6 @@ mod tests {
         let mut s = Scatter::new(&mut parts);
         assert_eq!(s.len(), 20);
         s.copy_from(3, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
-        assert!(s.contiguous(3, 3).is_none(), "spans two parts");
-        assert_eq!(s.contiguous(5, 9).map(|x| x.len()), Some(9));
         s.zero(4, 2);
         drop(parts);
         assert_eq!(
