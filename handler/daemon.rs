@@ -1,6 +1,6 @@
 //! `lc serve`: opens the configured caches, claims every TCMU device of subtype `lc`
 //! (those that exist at start-up, re-attached with the block/reset/attach/unblock
-//! sequence of `docs/tcmu.md` §6.6; those whose `enable` is still waiting for a reply,
+//! sequence of `docs/TCMU.md` §6.4; those whose `enable` is still waiting for a reply,
 //! answered (`docs/DESIGN.md` "Start-up"); and those announced later over netlink), serves
 //! them from the event loop, and answers the control socket. On SIGTERM/SIGINT it
 //! stops taking commands, lets in-flight ones finish (up to a bound, logging what is
@@ -916,7 +916,7 @@ fn complete_waiting_enables(sh: &Shared, paths: &Paths, el: &mut EventLoop, nl: 
 
 /// Start-up (`docs/DESIGN.md` "Start-up"), with `block_netlink` set: serves every TCMU
 /// device that exists. A configured device of subtype `lc` is re-attached (block,
-/// reset the ring, attach, unblock: `docs/tcmu.md` §6.6); a device whose `enable` is
+/// reset the ring, attach, unblock: `docs/TCMU.md` §6.4); a device whose `enable` is
 /// still waiting is answered ([`complete_waiting_enable`]); a device whose configfs
 /// directory is gone (being removed) is left alone.
 fn claim_existing(

@@ -1,4 +1,4 @@
-//! The D-Bus face targetcli looks for (`docs/tcmu.md` §5.4): the name
+//! The D-Bus face targetcli looks for (`docs/TCMU.md` §5): the name
 //! `org.kernel.TCMUService1` on the system bus, an ObjectManager at
 //! `/org/kernel/TCMUService1`, and exactly one object under it,
 //! `/org/kernel/TCMUService1/lc`, with interface `org.kernel.TCMUService1`

@@ -377,7 +377,7 @@ impl Device {
         for f in fetched {
             let cmd: Command = match f {
                 Fetched::Cmd(c) => c,
-                // Aborted commands are still completed normally (tcmu.md 1.7).
+                // Aborted commands are still completed normally (`docs/TCMU.md` §1.7).
                 Fetched::Tmr(_) => continue,
                 Fetched::Malformed(m) => {
                     if let Err(e) = self.refuse(m) {

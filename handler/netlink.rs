@@ -1,4 +1,4 @@
-//! Generic netlink with the kernel's `TCM-USER` family (`docs/tcmu.md` §2): resolving
+//! Generic netlink with the kernel's `TCM-USER` family (`docs/TCMU.md` §2): resolving
 //! the family and its `config` multicast group through nlctrl, joining it, receiving
 //! ADDED / REMOVED / RECONFIG device events, answering them with the `*_DONE` replies,
 //! and `SET_FEATURES`.

@@ -1,4 +1,4 @@
-//! The TCMU command ring (`docs/tcmu.md` §1): mailbox validation, fetching entries from
+//! The TCMU command ring (`docs/TCMU.md` §1): mailbox validation, fetching entries from
 //! our tail to `cmd_head`, lending a command's iovecs over the data area as slices
 //! ([`Ring::lend`]: the cache engine copies Data-Out from them and reads Data-In into
 //! them, once), and completing commands — in ring order, or out of order when the kernel
@@ -234,7 +234,7 @@ pub trait Doorbell: Send {
     fn ack(&self) -> io::Result<()>;
     /// Tells the kernel the tail moved.
     fn kick(&self) -> io::Result<()>;
-    /// Has the kernel reset the ring (`action/reset_ring`, `docs/tcmu.md` §3.5):
+    /// Has the kernel reset the ring (`action/reset_ring`, `docs/TCMU.md` §3.5):
     /// every outstanding command is completed to its initiator with BUSY and
     /// `cmd_head` = `cmd_tail` = 0. Only while no command of the ring is being
     /// executed. `Ok(false)` when this kernel (or doorbell) cannot.

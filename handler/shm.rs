@@ -6,7 +6,7 @@
 //!
 //! Accesses are volatile (the kernel writes the same memory concurrently); `cmd_head`
 //! is read with an acquire load and `cmd_tail` written with a release store, as
-//! `docs/tcmu.md` §1.8 requires.
+//! `docs/TCMU.md` §1.8 requires.
 //!
 //! A mapping can vanish under us: the kernel raises SIGBUS for a data page it does not
 //! back (or a file shrunk under a shared mapping). Every mapping is registered in a
@@ -18,7 +18,7 @@
 //! the previous SIGBUS disposition (the process dies as it would have).
 //!
 //! The one exception to "no references into the mapping": a TCMU command's data
-//! (`docs/tcmu.md` §1.6) is *lent* as slices ([`Lent`]) so the cache engine copies a
+//! (`docs/TCMU.md` §1.11) is *lent* as slices ([`Lent`]) so the cache engine copies a
 //! write's Data-Out straight into its segment buffer and reads straight into the
 //! Data-In, with no staging copy. What makes that sound is written at
 //! [`SharedMap::lend`]: the part of the mapping that can be lent (the data area) is out
@@ -265,7 +265,7 @@ impl SharedMap {
     /// - The kernel writes a command's data blocks (Data-Out) before it publishes the
     ///   entry (`cmd_head`, read with acquire ordering), and touches them again only
     ///   after the command's completion (reading Data-In), nor does it reuse or unmap
-    ///   them before (`docs/tcmu.md` §1.2, §1.8). The ring lends a command's iovecs
+    ///   them before (`docs/TCMU.md` §1.2, §1.11). The ring lends a command's iovecs
     ///   only between fetching and completing it, and the loan is given back (dropped)
     ///   before the completion is written.
     /// - What remains is the kernel taking the pages away (device removal): the SIGBUS

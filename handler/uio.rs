@@ -50,7 +50,7 @@ impl Doorbell for UioDoorbell {
         rustix::io::write(&self.fd, &1u32.to_ne_bytes())?;
         Ok(())
     }
-    /// tcmu-runner's recovery (`docs/tcmu.md` §6.6): block the device (new commands
+    /// tcmu-runner's recovery (`docs/TCMU.md` §6.4): block the device (new commands
     /// get BUSY meanwhile), reset the ring (outstanding ones complete BUSY, so
     /// initiators retry), unblock.
     fn reset_ring(&self) -> io::Result<bool> {

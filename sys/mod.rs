@@ -50,7 +50,7 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    /// The offsets `docs/tcmu.md` (sections 1.4-1.7) gives, which the ring relies on.
+    /// The offsets `docs/TCMU.md` (§1.4-§1.7) gives, which the ring relies on.
     #[test]
     fn layout_matches_the_spec() {
         assert_eq!(size_of::<tcmu_mailbox>(), 128);
