@@ -52,9 +52,10 @@ targetcli /backstores/ramdisk create name=r0 size=1G >/dev/null
 loopback_lun /backstores/ramdisk/r0 >/dev/null
 row "LIO ramdisk (LIO ceiling)" "$(lun_dev r0)" rd
 targetcli clearconfig confirm=True >/dev/null
-lc_row() { # name key hw_max_sectors [daemon/cache toml lines]
+lc_row() { # name key hw_max_sectors [[cache] line] [[daemon] line]
     cp /payload/lc.toml /etc/lc/lc.toml
     [ -n "${4:-}" ] && sed -i "/^device = /a $4" /etc/lc/lc.toml
+    [ -n "${5:-}" ] && sed -i "/^\[daemon\]/a $5" /etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
     seed_misses
     start_lc
@@ -72,6 +73,10 @@ lc_row() { # name key hw_max_sectors [daemon/cache toml lines]
 lc_row "lc (README: hw_max_sectors=2048)" lc 2048
 lc_row "lc, LIO default hw_max_sectors" lc128 ""
 lc_row "lc, hw_max_sectors=2048, o_direct" lcd 2048 "o_direct = true"
+# More I/O workers per device: reads of the cache device in flight (issue 10).
+for t in ${LC_BIGIO_IO_THREADS:-}; do
+    lc_row "lc, o_direct, io_threads=$t" "lcd$t" 2048 "o_direct = true" "io_threads = $t"
+done
 cp /payload/lc.toml /etc/lc/lc.toml
 fresh_ssd() {
     wipefs -a /dev/vdb >/dev/null 2>&1 || true
