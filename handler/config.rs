@@ -238,7 +238,7 @@ pub enum LunProblem {
     RamWithoutSize,
     /// `size` is not a size.
     #[error("size: {0}")]
-    BadSize(String),
+    BadSize(crate::units::SizeError),
     /// `size` is zero or not whole 4 KiB blocks.
     #[error("size: {0} bytes is not a positive multiple of 4096")]
     RamSize(u64),
