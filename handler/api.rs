@@ -343,3 +343,189 @@ pub struct Drained {
     /// Always 0.
     pub dirty_lines: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// The field names of `v`, recursively; the keys of `maps` (name-keyed maps, not
+    /// fields) are skipped, their values' fields are not.
+    fn fields(v: &Value, maps: &[&str], out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    out.push(k.clone());
+                    if maps.contains(&k.as_str()) {
+                        for y in x.as_object().into_iter().flat_map(|o| o.values()) {
+                            fields(y, maps, out);
+                        }
+                    } else {
+                        fields(x, maps, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| fields(x, maps, out)),
+            _ => {}
+        }
+    }
+
+    fn damage() -> Damage {
+        Damage {
+            segments: vec![3],
+            lost_lines: vec![LostLines {
+                backing_id: 0,
+                lun: Some("disk0".into()),
+                lines: 1,
+            }],
+            lost_ranges: vec![LostRange {
+                backing_id: 0,
+                lun: Some("disk0".into()),
+                sector: 8,
+                sectors: 8,
+            }],
+            unknown_after_segment: Some(3),
+        }
+    }
+
+    /// The row of the requests table for `cmd`, and the `damage` paragraph.
+    fn doc(cmd: &str) -> String {
+        let doc = include_str!("../docs/CONTROL.md");
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{{\"cmd\":\"{cmd}\"")))
+            .unwrap_or_else(|| panic!("docs/CONTROL.md has no row for {cmd}"));
+        let damage = &doc[doc.find("`damage` is `null`").expect("damage paragraph")..];
+        format!("{row}\n{damage}")
+    }
+
+    fn assert_documented(cmd: &str, answer: &impl Serialize, maps: &[&str]) {
+        let text = doc(cmd);
+        let mut names = Vec::new();
+        fields(&serde_json::to_value(answer).unwrap(), maps, &mut names);
+        for n in names {
+            assert!(
+                text.contains(&n),
+                "docs/CONTROL.md does not document field {n:?} of the {cmd} answer"
+            );
+        }
+    }
+
+    #[test]
+    fn control_md_documents_every_field_of_every_answer() {
+        let status = Status {
+            caches: vec![CacheStatus {
+                name: "c0".into(),
+                device: "/dev/sdb".into(),
+                nr_segments: 1,
+                dirty_segments: 1,
+                last_writeback_id: 1,
+                failure: Some("x".into()),
+                damage: Some(damage()),
+            }],
+            luns: vec![LunStatus::Cached(CachedLunStatus {
+                name: "disk0".into(),
+                cache: "c0".into(),
+                backing: "/dev/sdc".into(),
+                backing_id: 0,
+                served_by: Some("uio0".into()),
+                dirty_lines: 1,
+                lost_lines: 1,
+                unreadable_after_damage: true,
+                writeback_failing_since: Some(1),
+                writeback_error: Some("x".into()),
+            })],
+        };
+        let mut status = status;
+        status.luns.push(LunStatus::Ram(RamLunStatus {
+            name: "ram0".into(),
+            backend: "ram".into(),
+            cache: "-".into(),
+            backing: "RAM, 1.0 GiB".into(),
+            size: 1 << 30,
+            served_by: Some("uio1".into()),
+            dirty_lines: 0,
+            lost_lines: 0,
+        }));
+        assert_documented("status", &status, &[]);
+        let mut stats = CacheStats {
+            dirty_lines: vec![DirtyLines {
+                backing_id: 0,
+                lines: 1,
+            }],
+            writeback_failures: vec![WritebackFailure {
+                backing_id: 0,
+                since: 1,
+                error: "x".into(),
+            }],
+            failure: Some("x".into()),
+            damage: Some(damage()),
+            luns: vec![LunStats {
+                lun: "disk0".into(),
+                backing_id: 0,
+                counters: BTreeMap::new(),
+                dirty_lines: 1,
+                lost_lines: 1,
+                writeback_failing: true,
+            }],
+            ..CacheStats::default()
+        };
+        stats.counters.insert("read_hit_ram_full".into(), 1);
+        let stats = StatsReply {
+            stats: [("c0".to_string(), stats)].into(),
+        };
+        assert_documented("stats", &stats, &["stats", "counters", "tunables"]);
+        assert_documented(
+            "reload",
+            &Reloaded {
+                reloaded: vec!["x".into()],
+            },
+            &[],
+        );
+        assert_documented("accept_loss", &Accepted { accepted: damage() }, &[]);
+        let drained = Drained {
+            lun: "disk0".into(),
+            dirty_lines: 0,
+        };
+        assert_documented("drain", &drained, &[]);
+        assert_documented("drain", &Progress::default(), &[]);
+        for cmd in ["set", "flush", "commit", "clear_stats", "check"] {
+            assert_documented(cmd, &Done {}, &[]);
+        }
+    }
+
+    #[test]
+    fn answers_read_back_as_the_daemon_wrote_them() {
+        let ram = LunStatus::Ram(RamLunStatus {
+            name: "ram0".into(),
+            backend: "ram".into(),
+            cache: "-".into(),
+            backing: "RAM, 1.0 GiB".into(),
+            size: 1 << 30,
+            served_by: None,
+            dirty_lines: 0,
+            lost_lines: 0,
+        });
+        let cached = LunStatus::Cached(CachedLunStatus {
+            name: "disk0".into(),
+            cache: "c0".into(),
+            backing: "/dev/sdc".into(),
+            backing_id: 0,
+            served_by: None,
+            dirty_lines: 0,
+            lost_lines: 0,
+            unreadable_after_damage: false,
+            writeback_failing_since: None,
+            writeback_error: None,
+        });
+        let v = serde_json::to_value(vec![&cached, &ram]).unwrap();
+        // A RAM LUN has no backing_id or writeback fields; a cached LUN shows its
+        // absent values as null.
+        assert_eq!(
+            v.to_string(),
+            r#"[{"backing":"/dev/sdc","backing_id":0,"cache":"c0","dirty_lines":0,"lost_lines":0,"name":"disk0","served_by":null,"unreadable_after_damage":false,"writeback_error":null,"writeback_failing_since":null},{"backend":"ram","backing":"RAM, 1.0 GiB","cache":"-","dirty_lines":0,"lost_lines":0,"name":"ram0","served_by":null,"size":1073741824}]"#
+        );
+        let back: Vec<LunStatus> = serde_json::from_value(v).unwrap();
+        assert_eq!(back, vec![cached, ram]);
+    }
+}
