@@ -16,6 +16,7 @@ pub mod event_loop;
 pub mod man;
 pub mod metrics;
 pub mod netlink;
+pub mod paths;
 pub mod ram;
 pub mod ring;
 pub mod scsi;

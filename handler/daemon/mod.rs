@@ -7,7 +7,7 @@
 //! still running then), completes them on their rings, stops the I/O workers, and
 //! only then closes the caches.
 //!
-//! One concern per module: `paths` where the kernel's files are, `shared` the
+//! One concern per module (the kernel's paths are `crate::paths`): `shared` the
 //! state control threads share (caches, LUN tables, served devices), `open` opening
 //! caches and backing devices, `reload` the configuration reload policy,
 //! `requests` what each control request does, `lun` the LUN lifecycle (a served
@@ -18,13 +18,12 @@
 mod events;
 mod lun;
 mod open;
-mod paths;
 mod reconfig;
 mod reload;
 mod requests;
 mod serve;
 mod shared;
 
-pub use paths::Paths;
+pub use crate::paths::Paths;
 pub use serve::serve;
 pub use shared::{LunBackend, Shared};

@@ -1,9 +1,17 @@
 //! Where the kernel's files are: sysfs, the device nodes, configfs. Every kernel path
-//! the daemon uses is found from here (tests point it elsewhere).
+//! lc uses starts from here; the daemon takes them as [`Paths`] so tests can point
+//! elsewhere.
 
 use std::path::PathBuf;
 
 use crate::uio::Configfs;
+
+/// The sysfs root.
+pub const SYSFS: &str = "/sys";
+/// The device nodes.
+pub const DEV: &str = "/dev";
+/// LIO's configfs target core (`<configfs>/target/core`).
+pub const CONFIGFS_CORE: &str = "/sys/kernel/config/target/core";
 
 /// Where the kernel's files are (parameters so tests can point elsewhere).
 #[derive(Clone, Debug)]
@@ -19,8 +27,8 @@ pub struct Paths {
 impl Default for Paths {
     fn default() -> Self {
         Paths {
-            sysfs: PathBuf::from("/sys"),
-            dev: PathBuf::from("/dev"),
+            sysfs: PathBuf::from(SYSFS),
+            dev: PathBuf::from(DEV),
             configfs: Configfs::default(),
         }
     }
