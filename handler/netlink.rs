@@ -586,17 +586,23 @@ impl TcmuNetlink {
         }
     }
 
-    /// Sends the `*_DONE` reply `done` (a `TCMU_CMD_*_DONE`) for the device with
-    /// `se_device.dev_index` `device_id` with `status` (0 or −errno), asking for an
-    /// acknowledgement, and says what the kernel did with it (the reply is handled
-    /// in our `sendmsg`, so a completed writer is off the kernel's list of pending
-    /// commands when this returns).
+    /// Sends the `*_DONE` reply to an event of kind `to` (an ADDED_DEVICE_DONE for
+    /// [`EventKind::Added`]...) for the device with `se_device.dev_index` `device_id`
+    /// with `status` (0 or −errno), asking for an acknowledgement, and says what the
+    /// kernel did with it (the reply is handled in our `sendmsg`, so a completed
+    /// writer is off the kernel's list of pending commands when this returns).
     pub fn reply_acked(
         &mut self,
-        done: u8,
+        to: &EventKind,
         device_id: u32,
         status: i32,
     ) -> io::Result<DoneOutcome> {
+        let done = done_cmd(to.cmd()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("genl command {} has no reply", to.cmd()),
+            )
+        })?;
         self.seq += 1;
         let seq = self.seq;
         let msg = encode_done(

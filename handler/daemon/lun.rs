@@ -13,10 +13,9 @@ use super::{Paths, Shared};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
-use crate::netlink::{DoneOutcome, TcmuNetlink};
+use crate::netlink::{DoneOutcome, EventKind, TcmuNetlink};
 use crate::ring::Ring;
 use crate::scsi::{LunConfig, LunState};
-use crate::sys;
 use crate::uio::{self, UioDevice};
 
 /// Builds the served device for a UIO device (after validating its cfgstring).
@@ -161,8 +160,7 @@ fn complete_waiting_enable(
             }
         }
     };
-    let done = sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE_DONE as u8;
-    let outcome = nl.reply_acked(done, id, status);
+    let outcome = nl.reply_acked(&EventKind::Added, id, status);
     match &outcome {
         Ok(DoneOutcome::Completed) => {
             info!(log, "answered an enable that was waiting for a daemon"; "uio" => &u.uio,
