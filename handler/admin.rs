@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use lc_cache::{check_device, format_device, probe, BlockDevice, FileDevice, FormatOptions};
 
+use crate::error::{Error, Result};
 use crate::units::human;
 
 /// Options of `lc format`.
@@ -27,42 +28,38 @@ pub struct FormatArgs<'a> {
 
 /// Formats a cache device. `confirm` supplies the answer to the confirmation prompt
 /// (stdin in the CLI); output goes to `out`.
-pub fn format(
-    args: &FormatArgs,
-    confirm: &mut dyn BufRead,
-    out: &mut dyn Write,
-) -> Result<(), String> {
+pub fn format(args: &FormatArgs, confirm: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
     let dev: Arc<dyn BlockDevice> = Arc::new(
-        FileDevice::open_exclusive(args.device, false)
-            .map_err(|e| format!("cannot open {}: {e}", args.device.display()))?,
+        FileDevice::open_exclusive(args.device, false).map_err(|source| Error::OpenDevice {
+            path: args.device.to_path_buf(),
+            source,
+        })?,
     );
     let existing = match probe(dev.as_ref()) {
         Ok(sb) => sb.map(|sb| sb.geometry),
         // A damaged lc superblock still means lc data may be there.
         Err(e) => {
             if !args.force {
-                return Err(format!("{e}; refusing to format without --force"));
+                return Err(Error::DamagedCache { source: e });
             }
             None
         }
     };
     if existing.is_none() && !args.force {
         if let Some(what) = foreign_signature(dev.as_ref()) {
-            return Err(format!(
-                "{} holds {what}; formatting destroys it. Check the device name, or pass --force",
-                args.device.display()
-            ));
+            return Err(Error::ForeignData {
+                path: args.device.to_path_buf(),
+                what,
+            });
         }
     }
     if let Some(g) = existing {
         if !args.force {
-            return Err(format!(
-                "{} already holds an lc cache ({} segments of {}); formatting destroys its dirty data. \
-                 Run `lc check` first, drain it, or pass --force",
-                args.device.display(),
-                g.nr_segments,
-                human(g.segment_size as u64)
-            ));
+            return Err(Error::AlreadyFormatted {
+                path: args.device.to_path_buf(),
+                nr_segments: g.nr_segments,
+                segment_size: g.segment_size as u64,
+            });
         }
     }
     if !args.yes {
@@ -71,13 +68,12 @@ pub fn format(
             "Format {} ({}) as an lc cache? Everything on it is lost. Type 'yes': ",
             args.device.display(),
             human(dev.size())
-        )
-        .map_err(|e| e.to_string())?;
-        out.flush().map_err(|e| e.to_string())?;
+        )?;
+        out.flush()?;
         let mut answer = String::new();
-        confirm.read_line(&mut answer).map_err(|e| e.to_string())?;
+        confirm.read_line(&mut answer)?;
         if answer.trim() != "yes" {
-            return Err("not confirmed; nothing written".into());
+            return Err(Error::NotConfirmed);
         }
     }
     let g = format_device(
@@ -87,8 +83,7 @@ pub fn format(
             segment_size: args.segment_size,
             version: args.version,
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     writeln!(
         out,
         "formatted {}: format v{}, block size {}, {} segments of {} ({} lines each), {} of cache",
@@ -99,8 +94,7 @@ pub fn format(
         human(g.segment_size as u64),
         g.lines_per_segment,
         human(g.total_lines() * 4096)
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(())
 }
 
@@ -139,10 +133,12 @@ pub struct CheckOutcome {
 }
 
 /// Read-only metadata check of a cache device.
-pub fn check(device: &Path, json: bool) -> Result<CheckOutcome, String> {
-    let dev = FileDevice::open(device, false)
-        .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
-    let r = check_device(&dev).map_err(|e| e.to_string())?;
+pub fn check(device: &Path, json: bool) -> Result<CheckOutcome> {
+    let dev = FileDevice::open(device, false).map_err(|source| Error::OpenDevice {
+        path: device.to_path_buf(),
+        source,
+    })?;
+    let r = check_device(&dev)?;
     let g = r.superblock.geometry;
     let backing: Vec<serde_json::Value> = r
         .superblock

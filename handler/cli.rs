@@ -6,7 +6,9 @@ use std::path::Path;
 use serde_json::Value;
 use slog::{o, Drain, Logger};
 
-use crate::control::{request, Request};
+use crate::api::{Accepted, CacheStatus, LunStatus, Reloaded, Request, StatsReply, Status};
+use crate::control::request;
+use crate::error::{Error, Result};
 
 /// The daemon's logger at `level` (error, warning, info, debug). Under systemd
 /// (stderr is the journal: `JOURNAL_STREAM` names it) each line carries its syslog
@@ -101,98 +103,145 @@ impl slog::Serializer for KvText<'_> {
     }
 }
 
-fn table(v: &Value) -> String {
+/// The table of a `status` answer: caches, then LUNs.
+fn status_table(v: &Status) -> String {
     let mut out = String::new();
-    if let Some(caches) = v["caches"].as_array() {
-        out += "CACHE      DEVICE                          SEGMENTS  DIRTY  WRITTEN-BACK  STATE\n";
-        for c in caches {
-            out += &format!(
-                "{:<10} {:<31} {:>8} {:>6} {:>13}  {}\n",
-                c["name"].as_str().unwrap_or(""),
-                c["device"].as_str().unwrap_or(""),
-                c["nr_segments"].as_u64().unwrap_or(0),
-                c["dirty_segments"].as_u64().unwrap_or(0),
-                c["last_writeback_id"].as_u64().unwrap_or(0),
-                cache_state(c)
-            );
-        }
+    out += "CACHE      DEVICE                          SEGMENTS  DIRTY  WRITTEN-BACK  STATE\n";
+    for c in &v.caches {
+        out += &format!(
+            "{:<10} {:<31} {:>8} {:>6} {:>13}  {}\n",
+            c.name,
+            c.device,
+            c.nr_segments,
+            c.dirty_segments,
+            c.last_writeback_id,
+            cache_state(c)
+        );
     }
-    if let Some(luns) = v["luns"].as_array() {
-        out +=
-            "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES  STATE\n";
-        for l in luns {
-            let lost = match (
-                l["lost_lines"].as_u64(),
-                l["unreadable_after_damage"].as_bool(),
-            ) {
-                (_, Some(true)) => "unknown".to_string(),
-                (Some(n), _) => n.to_string(),
-                _ => "0".to_string(),
-            };
-            out += &format!(
-                "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
-                l["name"].as_str().unwrap_or(""),
-                l["cache"].as_str().unwrap_or(""),
-                l["backing_id"]
-                    .as_u64()
-                    .map_or("-".to_string(), |i| i.to_string()),
-                l["backing"].as_str().unwrap_or(""),
-                l["served_by"].as_str().unwrap_or("-"),
-                l["dirty_lines"].as_u64().unwrap_or(0),
-                lost,
-                match l["writeback_failing_since"].as_u64() {
+    out += "\nLUN        CACHE      ID  BACKING                         SERVED-BY  DIRTY-LINES  LOST-LINES  STATE\n";
+    for l in &v.luns {
+        let (name, cache, id, backing, served_by, dirty, lost, state) = match l {
+            LunStatus::Cached(l) => (
+                &l.name,
+                &l.cache,
+                l.backing_id.to_string(),
+                &l.backing,
+                &l.served_by,
+                l.dirty_lines,
+                if l.unreadable_after_damage {
+                    "unknown".to_string()
+                } else {
+                    l.lost_lines.to_string()
+                },
+                match l.writeback_failing_since {
                     Some(t) => format!(
                         "writeback failing since {} ({})",
                         utc(t),
-                        l["writeback_error"].as_str().unwrap_or("")
+                        l.writeback_error.as_deref().unwrap_or("")
                     ),
                     None => "ok".into(),
-                }
-            );
-        }
+                },
+            ),
+            LunStatus::Ram(l) => (
+                &l.name,
+                &l.cache,
+                "-".to_string(),
+                &l.backing,
+                &l.served_by,
+                l.dirty_lines,
+                l.lost_lines.to_string(),
+                "ok".into(),
+            ),
+        };
+        out += &format!(
+            "{:<10} {:<10} {:>3}  {:<31} {:<10} {:>11}  {:>10}  {}\n",
+            name,
+            cache,
+            id,
+            backing,
+            served_by.as_deref().unwrap_or("-"),
+            dirty,
+            lost,
+            state
+        );
     }
-    if let Some(r) = v.get("reloaded").and_then(|r| r.as_array()) {
-        if r.is_empty() {
-            out += "configuration reloaded: nothing changed\n";
-        }
-        for c in r {
-            out += &format!("reloaded: {}\n", c.as_str().unwrap_or(""));
-        }
+    out
+}
+
+/// The lines of a `reload` answer.
+fn reload_text(v: &Reloaded) -> String {
+    let mut out = String::new();
+    if v.reloaded.is_empty() {
+        out += "configuration reloaded: nothing changed\n";
     }
-    if let Some(a) = v.get("accepted").filter(|a| !a.is_null()) {
-        out += &format!("damaged segments {}: loss accepted\n", a["segments"]);
-        for r in a["lost_ranges"].as_array().into_iter().flatten() {
-            out += &format!(
-                "lost: backing {} ({}) sectors {}..+{} now read older data\n",
-                r["backing_id"],
-                r["lun"].as_str().unwrap_or("-"),
-                r["sector"],
-                r["sectors"]
-            );
-        }
-        if let Some(s) = a["unknown_after_segment"].as_u64() {
-            out += &format!("lines not rewritten since segment {s} now read older data\n");
-        }
+    for c in &v.reloaded {
+        out += &format!("reloaded: {c}\n");
     }
-    if let Some(stats) = v["stats"].as_object() {
-        for (name, s) in stats {
-            out += &format!("cache {name}\n");
-            if let Some(m) = s.as_object() {
-                for (k, val) in m {
-                    if k == "counters" || k == "tunables" {
-                        if let Some(inner) = val.as_object() {
-                            for (ik, iv) in inner {
-                                out += &format!("  {k}.{ik:<28} {iv}\n");
-                            }
+    out
+}
+
+/// The lines of an `accept_loss` answer.
+fn accepted_text(v: &Accepted) -> String {
+    let a = &v.accepted;
+    let mut out = format!("damaged segments {}: loss accepted\n", json(&a.segments));
+    for r in &a.lost_ranges {
+        out += &format!(
+            "lost: backing {} ({}) sectors {}..+{} now read older data\n",
+            r.backing_id,
+            r.lun.as_deref().unwrap_or("-"),
+            r.sector,
+            r.sectors
+        );
+    }
+    if let Some(s) = a.unknown_after_segment {
+        out += &format!("lines not rewritten since segment {s} now read older data\n");
+    }
+    out
+}
+
+/// The lines of a `stats` answer: every field of each cache, `counters` and
+/// `tunables` one per line.
+fn stats_text(v: &StatsReply) -> String {
+    let mut out = String::new();
+    for (name, s) in &v.stats {
+        out += &format!("cache {name}\n");
+        // Through a JSON object: every field, sorted by name, values as JSON.
+        if let Value::Object(m) = serde_json::to_value(s).unwrap_or_default() {
+            for (k, val) in m {
+                if k == "counters" || k == "tunables" {
+                    if let Some(inner) = val.as_object() {
+                        for (ik, iv) in inner {
+                            out += &format!("  {k}.{ik:<28} {iv}\n");
                         }
-                    } else {
-                        out += &format!("  {k:<37} {val}\n");
                     }
+                } else {
+                    out += &format!("  {k:<37} {val}\n");
                 }
             }
         }
     }
     out
+}
+
+/// A value as compact JSON.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// The text `lc` prints for the answer `v` to `req` (empty for answers without
+/// fields).
+fn table(req: &Request, v: Value) -> Result<String> {
+    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
+        let line = v.to_string();
+        serde_json::from_value(v).map_err(|source| Error::BadResponse { line, source })
+    }
+    Ok(match req {
+        Request::Status => status_table(&parse(v)?),
+        Request::Stats { .. } => stats_text(&parse(v)?),
+        Request::Reload => reload_text(&parse(v)?),
+        Request::AcceptLoss { .. } => accepted_text(&parse(v)?),
+        _ => String::new(),
+    })
 }
 
 /// RFC 3339 UTC time of seconds since the epoch.
@@ -202,43 +251,41 @@ fn utc(t: u64) -> String {
 }
 
 /// The STATE column of a cache: failed, damaged (and what is lost), or ok.
-fn cache_state(c: &Value) -> String {
-    if let Some(f) = c["failure"].as_str() {
+fn cache_state(c: &CacheStatus) -> String {
+    if let Some(f) = &c.failure {
         return format!("FAILED: {f}");
     }
-    let d = &c["damage"];
-    if d.is_null() {
+    let Some(d) = &c.damage else {
         return "ok".into();
-    }
-    let lost: u64 = d["lost_lines"]
-        .as_array()
-        .map_or(0, |a| a.iter().filter_map(|x| x["lines"].as_u64()).sum());
-    let unknown = d["unknown_after_segment"]
-        .as_u64()
-        .map_or(String::new(), |s| {
-            format!(", lines not rewritten since segment {s} unreadable")
-        });
+    };
+    let lost: u64 = d.lost_lines.iter().map(|x| x.lines).sum();
+    let unknown = d.unknown_after_segment.map_or(String::new(), |s| {
+        format!(", lines not rewritten since segment {s} unreadable")
+    });
     if lost == 0 && unknown.is_empty() {
         return format!(
             "ok (damaged segments {} kept until written back)",
-            d["segments"]
+            json(&d.segments)
         );
     }
     format!(
         "DAMAGED: segments {} lost {lost} lines{unknown}; rewrite them or `lc accept-loss`",
-        d["segments"]
+        json(&d.segments)
     )
 }
 
 /// Prints the daemon's statistics in the Prometheus text exposition format.
-pub fn prometheus(socket: &Path, cache: Option<String>) -> Result<(), String> {
-    let v = request(socket, &Request::Stats { cache }, &mut |_| {})?;
-    print!("{}", prometheus_text(&v));
+pub fn prometheus(socket: &Path, cache: Option<String>) -> Result<()> {
+    let req = Request::Stats { cache };
+    let v = request(socket, &req, &mut |_| {})?;
+    let line = v.to_string();
+    let stats = serde_json::from_value(v).map_err(|source| Error::BadResponse { line, source })?;
+    print!("{}", prometheus_text(&stats));
     Ok(())
 }
 
 /// The Prometheus text for a `stats` answer: per cache and per LUN.
-pub fn prometheus_text(v: &Value) -> String {
+pub fn prometheus_text(v: &StatsReply) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut families: Vec<(&str, &str, &str, Vec<String>)> = vec![
         (
@@ -331,34 +378,33 @@ pub fn prometheus_text(v: &Value) -> String {
             f.3.push(format!("{name}{{{labels}}} {value}"));
         }
     };
-    for (cache, s) in v["stats"].as_object().into_iter().flatten() {
+    for (cache, s) in &v.stats {
         let c = format!("cache=\"{}\"", esc(cache));
-        for (k, name) in [
-            ("dirty_segments", "lc_dirty_segments"),
-            ("nr_segments", "lc_segments"),
-            ("cache_bytes_written", "lc_cache_bytes_written_total"),
-            ("backing_bytes_written", "lc_backing_bytes_written_total"),
-            ("live_lines", "lc_live_lines"),
-            ("stale_lines", "lc_stale_lines"),
-            ("moved_lines", "lc_moved_lines_total"),
-            ("written_back_lines", "lc_written_back_lines_total"),
+        for (n, name) in [
+            (s.dirty_segments, "lc_dirty_segments"),
+            (s.nr_segments, "lc_segments"),
+            (s.cache_bytes_written, "lc_cache_bytes_written_total"),
+            (s.backing_bytes_written, "lc_backing_bytes_written_total"),
+            (s.live_lines, "lc_live_lines"),
+            (s.stale_lines, "lc_stale_lines"),
+            (s.moved_lines, "lc_moved_lines_total"),
+            (s.written_back_lines, "lc_written_back_lines_total"),
         ] {
-            add(name, c.clone(), s[k].as_u64().unwrap_or(0).to_string());
+            add(name, c.clone(), n.to_string());
         }
         add(
             "lc_failed",
             c.clone(),
-            (!s["failure"].is_null() as u8).to_string(),
+            (s.failure.is_some() as u8).to_string(),
         );
-        for l in s["luns"].as_array().into_iter().flatten() {
-            let lun = format!("{c},lun=\"{}\"", esc(l["lun"].as_str().unwrap_or("")));
+        for l in &s.luns {
+            let lun = format!("{c},lun=\"{}\"", esc(&l.lun));
             let mut totals = [[0u64; 2]; 2]; // [op][hit]
-            for (name, n) in l["counters"].as_object().into_iter().flatten() {
+            for (name, &n) in &l.counters {
                 let parts: Vec<&str> = name.split('_').collect();
                 let &[op, hit, at, size] = parts.as_slice() else {
                     continue;
                 };
-                let n = n.as_u64().unwrap_or(0);
                 totals[(op == "write") as usize][(hit == "hit") as usize] += n;
                 add(
                     "lc_line_accesses_total",
@@ -377,20 +423,12 @@ pub fn prometheus_text(v: &Value) -> String {
                     );
                 }
             }
-            add(
-                "lc_dirty_lines",
-                lun.clone(),
-                l["dirty_lines"].as_u64().unwrap_or(0).to_string(),
-            );
-            add(
-                "lc_lost_lines",
-                lun.clone(),
-                l["lost_lines"].as_u64().unwrap_or(0).to_string(),
-            );
+            add("lc_dirty_lines", lun.clone(), l.dirty_lines.to_string());
+            add("lc_lost_lines", lun.clone(), l.lost_lines.to_string());
             add(
                 "lc_writeback_failing",
                 lun,
-                ((l["writeback_failing"].as_bool() == Some(true)) as u8).to_string(),
+                (l.writeback_failing as u8).to_string(),
             );
         }
     }
@@ -409,7 +447,7 @@ pub fn prometheus_text(v: &Value) -> String {
 }
 
 /// Sends `req` and prints the answer (a table, or JSON with `json`).
-pub fn run(socket: &Path, req: Request, json: bool) -> Result<(), String> {
+pub fn run(socket: &Path, req: Request, json: bool) -> Result<()> {
     let drain = matches!(req, Request::Drain { .. });
     let bar = drain.then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -423,10 +461,8 @@ pub fn run(socket: &Path, req: Request, json: bool) -> Result<(), String> {
     });
     let v = request(socket, &req, &mut |p| {
         if let Some(b) = &bar {
-            let total = p["total"].as_u64().unwrap_or(0);
-            let remaining = p["remaining"].as_u64().unwrap_or(0);
-            b.set_length(total);
-            b.set_position(total.saturating_sub(remaining));
+            b.set_length(p.total);
+            b.set_position(p.total.saturating_sub(p.remaining));
         }
     })?;
     if let Some(b) = bar {
@@ -435,7 +471,7 @@ pub fn run(socket: &Path, req: Request, json: bool) -> Result<(), String> {
     if json {
         println!("{v}");
     } else {
-        let t = table(&v);
+        let t = table(&req, v)?;
         if !t.is_empty() {
             print!("{t}");
         }

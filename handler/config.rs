@@ -238,7 +238,7 @@ pub enum LunProblem {
     RamWithoutSize,
     /// `size` is not a size.
     #[error("size: {0}")]
-    BadSize(String),
+    BadSize(crate::units::SizeError),
     /// `size` is zero or not whole 4 KiB blocks.
     #[error("size: {0} bytes is not a positive multiple of 4096")]
     RamSize(u64),
@@ -481,12 +481,6 @@ impl LunRef<'_> {
     }
 }
 
-impl From<CheckError> for String {
-    fn from(e: CheckError) -> String {
-        e.to_string()
-    }
-}
-
 /// Why [`probe_device`] finds a device unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -646,7 +640,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 .map(|l| (DeviceKey::Lun(l.name.clone()), l.backing.as_path())),
         )
         .collect();
-    check_distinct_devices(path, &devices, Path::new("/sys"))?;
+    check_distinct_devices(path, &devices, Path::new(crate::paths::SYSFS))?;
     Ok(Loaded {
         path: path.to_path_buf(),
         daemon: c.daemon,

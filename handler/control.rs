@@ -20,76 +20,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::api::{Progress, Request, Response};
+use crate::error::Error;
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 << 10;
 
-/// A request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Caches, LUNs and served devices.
-    Status,
-    /// Statistics of one cache (or all).
-    Stats {
-        /// Cache name; all when absent.
-        #[serde(default)]
-        cache: Option<String>,
-    },
-    /// Set a tunable.
-    Set {
-        /// Cache name.
-        cache: String,
-        /// Tunable.
-        key: String,
-        /// Value.
-        value: String,
-    },
-    /// Seal and flush the open segment, wait until durable.
-    Flush {
-        /// Cache name.
-        cache: String,
-    },
-    /// Commit the superblock now.
-    Commit {
-        /// Cache name.
-        cache: String,
-    },
-    /// Reset the access counters.
-    ClearStats {
-        /// Cache name.
-        cache: String,
-    },
-    /// Re-read the configuration file (as SIGHUP does); the answer lists what changed.
-    Reload,
-    /// The operator accepts data lost to cache log damage: reply with what was lost,
-    /// then stop refusing reads of it (older data becomes readable).
-    AcceptLoss {
-        /// Cache name.
-        cache: String,
-    },
-    /// Write back every dirty line of a LUN's backing device (progress lines, then a
-    /// final line).
-    Drain {
-        /// LUN name.
-        lun: String,
-    },
-    /// Validate a cfgstring as targetcli would send it.
-    Check {
-        /// e.g. "lc/disk0".
-        cfgstring: String,
-        /// Size targetcli would create.
-        #[serde(default)]
-        size: Option<u64>,
-    },
-}
-
 /// What the daemon does with requests; `progress` receives intermediate lines.
 pub trait Handler: Send + Sync {
-    /// Serves one request; returns the final response object (without "ok").
-    fn handle(&self, req: Request, progress: &mut dyn FnMut(Value)) -> Result<Value, String>;
+    /// Serves one request; returns the final answer (without "ok"). An error's message
+    /// is sent to the client.
+    fn handle(&self, req: Request, progress: &mut dyn FnMut(Progress)) -> Result<Response, Error>;
 }
 
 /// Why the control socket cannot be created.
@@ -131,12 +75,6 @@ pub enum ControlError {
         /// Why.
         source: io::Error,
     },
-}
-
-impl From<ControlError> for String {
-    fn from(e: ControlError) -> String {
-        e.to_string()
-    }
 }
 
 /// What makes a socket directory unsafe.
@@ -450,18 +388,21 @@ pub fn serve_conn(s: UnixStream, handler: &dyn Handler, limits: Limits) {
                 // After one progress line fails (the client stopped reading), the
                 // request runs to its end without waiting on the client again.
                 let mut stuck = false;
-                let mut progress = |v: Value| {
-                    if !stuck && write_line(&mut w2, &json!({ "progress": v })).is_err() {
+                let mut progress = |p: Progress| {
+                    if !stuck && write_line(&mut w2, &json!({ "progress": p })).is_err() {
                         stuck = true;
                     }
                 };
-                let resp = match handler.handle(req, &mut progress) {
-                    Ok(Value::Object(mut m)) => {
+                let resp = match handler
+                    .handle(req, &mut progress)
+                    .map(|r| serde_json::to_value(r).map_err(Error::Encode))
+                {
+                    Ok(Ok(Value::Object(mut m))) => {
                         m.insert("ok".into(), Value::Bool(true));
                         Value::Object(m)
                     }
-                    Ok(other) => json!({"ok": true, "result": other}),
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Ok(Ok(other)) => json!({"ok": true, "result": other}),
+                    Ok(Err(e)) | Err(e) => json!({"ok": false, "error": e.to_string()}),
                 };
                 if stuck {
                     return;
@@ -475,21 +416,21 @@ pub fn serve_conn(s: UnixStream, handler: &dyn Handler, limits: Limits) {
     }
 }
 
-/// Sends a request and returns the final response; progress lines go to `progress`.
+/// Sends a request and returns the final response line as sent (with `"ok": true`);
+/// progress lines go to `progress`. A refusal is [`Error::Refused`] with the daemon's
+/// message.
 pub fn request(
     path: &Path,
     req: &Request,
-    progress: &mut dyn FnMut(&Value),
-) -> Result<Value, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot reach the lc daemon at {}: {e} (is `lc serve` running?)",
-            path.display()
-        )
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Value, Error> {
+    let mut s = UnixStream::connect(path).map_err(|source| Error::Connect {
+        path: path.to_path_buf(),
+        source,
     })?;
     s.set_read_timeout(Some(Duration::from_secs(24 * 3600)))
         .ok();
-    let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(req).map_err(Error::Encode)?;
     line.push('\n');
     // A daemon that refuses the connection (too many open) answers with one error
     // line and closes, maybe before the request is written: read that line even when
@@ -498,21 +439,28 @@ pub fn request(
     let mut r = BufReader::new(s);
     loop {
         let mut l = String::new();
-        match (r.read_line(&mut l), &sent) {
-            (Ok(0), Ok(())) => return Err("the daemon closed the connection".into()),
-            (Ok(0) | Err(_), Err(e)) => return Err(e.to_string()),
-            (Err(e), Ok(())) => return Err(e.to_string()),
+        match (r.read_line(&mut l), sent.is_ok()) {
+            (Ok(0), true) => return Err(Error::Closed),
+            (Ok(0) | Err(_), false) => return Err(Error::Io(sent.unwrap_err())),
+            (Err(e), true) => return Err(Error::Io(e)),
             (Ok(_), _) => {}
         }
-        let v: Value = serde_json::from_str(&l).map_err(|e| format!("bad response {l:?}: {e}"))?;
+        let v: Value = serde_json::from_str(&l).map_err(|source| Error::BadResponse {
+            line: l.clone(),
+            source,
+        })?;
         if let Some(p) = v.get("progress") {
-            progress(p);
+            if let Ok(p) = Progress::deserialize(p) {
+                progress(p);
+            }
             continue;
         }
         return if v["ok"] == Value::Bool(true) {
             Ok(v)
         } else {
-            Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+            Err(Error::Refused(
+                v["error"].as_str().unwrap_or("unknown error").to_string(),
+            ))
         };
     }
 }
@@ -520,19 +468,34 @@ pub fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{Done, Drained, Status};
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, req: Request, progress: &mut dyn FnMut(Value)) -> Result<Value, String> {
+        fn handle(
+            &self,
+            req: Request,
+            progress: &mut dyn FnMut(Progress),
+        ) -> Result<Response, Error> {
             match req {
                 Request::Drain { lun } => {
                     for i in (0..3).rev() {
-                        progress(json!({"remaining": i, "total": 3}));
+                        progress(Progress {
+                            remaining: i,
+                            total: 3,
+                        });
                     }
-                    Ok(json!({ "drained": lun }))
+                    Ok(Response::Drained(Drained {
+                        lun,
+                        dirty_lines: 0,
+                    }))
                 }
-                Request::Set { key, .. } if key == "bad" => Err("tunable bad: unknown".into()),
-                other => Ok(json!({ "echo": serde_json::to_value(other).unwrap() })),
+                Request::Set { cache, key, .. } if key == "bad" => Err(Error::NoCache {
+                    cache,
+                    known: vec![],
+                }),
+                Request::Status => Ok(Response::Status(Status::default())),
+                _ => Ok(Response::Done(Done {})),
             }
         }
     }
@@ -555,17 +518,22 @@ mod tests {
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let v = request(&p, &Request::Status, &mut |_| {}).unwrap();
-        assert_eq!(v["echo"]["cmd"], "status");
+        assert_eq!(v.to_string(), r#"{"caches":[],"luns":[],"ok":true}"#);
+        let v = request(&p, &Request::Reload, &mut |_| {}).unwrap();
+        assert_eq!(v.to_string(), r#"{"ok":true}"#);
         let mut seen = Vec::new();
         let v = request(
             &p,
             &Request::Drain {
                 lun: "disk0".into(),
             },
-            &mut |p| seen.push(p["remaining"].as_u64().unwrap()),
+            &mut |p| seen.push(p.remaining),
         )
         .unwrap();
-        assert_eq!(v["drained"], "disk0");
+        assert_eq!(
+            v.to_string(),
+            r#"{"dirty_lines":0,"lun":"disk0","ok":true}"#
+        );
         assert_eq!(seen, vec![2, 1, 0]);
         let e = request(
             &p,
@@ -577,7 +545,10 @@ mod tests {
             &mut |_| {},
         )
         .unwrap_err();
-        assert!(e.contains("unknown"));
+        assert!(
+            matches!(&e, Error::Refused(m) if m == r#"no cache "c" (known: [])"#),
+            "{e}"
+        );
         assert!(matches!(listen(&p), Err(ControlError::InUse { .. })));
     }
 

@@ -30,7 +30,8 @@ pub const CONFIG_DESC: &str =
     "lc/<lun>: the name of a [[lun]] in /etc/lc/lc.toml (its cache and backing device). \
 The size given to create must not exceed the backing device. Example: cfgstring=disk0";
 
-type CheckFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Validates a cfgstring: None, or the reason it is refused as sent to targetcli.
+type CheckFn = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 struct LcHandler {
     check: CheckFn,
@@ -73,8 +74,8 @@ impl LcHandler {
             )));
         }
         Ok(match (self.check)(cfgstring) {
-            Ok(()) => (true, String::new()),
-            Err(e) => (false, e),
+            None => (true, String::new()),
+            Some(reason) => (false, reason),
         })
     }
 }
@@ -129,7 +130,7 @@ impl DbusService {
                 b.serve_at(
                     HANDLER_PATH,
                     LcHandler {
-                        check: Box::new(move |c| check(c).map_err(|e| e.to_string())),
+                        check: Box::new(move |c| check(c).err().map(|e| e.to_string())),
                     },
                 )
             })

@@ -4,16 +4,19 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dbus;
 pub mod device;
+pub mod error;
 pub mod event_loop;
 pub mod man;
 pub mod metrics;
 pub mod netlink;
+pub mod paths;
 pub mod ram;
 pub mod ring;
 pub mod scsi;
@@ -23,3 +26,5 @@ pub mod sys;
 pub mod uio;
 pub mod units;
 pub mod workers;
+
+pub use error::{Error, Result};

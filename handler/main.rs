@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use lc::control::Request;
+use lc::api::Request;
+use lc::Error;
 
 const DEFAULT_SOCKET: &str = "/run/lc/control.sock";
 
@@ -157,7 +158,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve { config, log_level } => lc::config::load(&config)
-            .map_err(|e| e.to_string())
+            .map_err(Error::from)
             .and_then(|cfg| {
                 let log = lc::cli::logger(log_level.as_deref().unwrap_or(&cfg.daemon.log_level));
                 lc::daemon::serve(cfg, lc::daemon::Paths::default(), log)
@@ -170,8 +171,8 @@ fn main() -> ExitCode {
             yes,
             force,
         } => lc::units::parse_size(&segment_size)
-            .and_then(|s| u32::try_from(s).map_err(|_| format!("segment size {s} too large")))
-            .map_err(|e| format!("--segment-size: {e}"))
+            .map_err(Error::SegmentSize)
+            .and_then(|s| u32::try_from(s).map_err(|_| Error::SegmentSizeTooLarge(s)))
             .and_then(|segment_size| {
                 let args = lc::admin::FormatArgs {
                     device: &device,
@@ -234,10 +235,11 @@ fn main() -> ExitCode {
                 _ => clap_mangen::Man::new(Cli::command())
                     .section("8")
                     .render(&mut out)
-                    .map_err(|e| e.to_string()),
+                    .map_err(Error::from),
             }
         }
     };
+    // The one place errors become text and exit codes.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::{Handler, Request};
+use crate::api::{Request, Response};
+use crate::control::Handler;
 
 /// Scrapes answered at once; more are closed.
 pub const MAX_CLIENTS: usize = 4;
@@ -35,7 +36,11 @@ pub fn answer(handler: &dyn Handler, mut stream: TcpStream) -> std::io::Result<(
     let (status, body) = match (parts.next(), parts.next()) {
         (Some("GET"), Some("/metrics")) => {
             match handler.handle(Request::Stats { cache: None }, &mut |_| {}) {
-                Ok(v) => ("200 OK", crate::cli::prometheus_text(&v)),
+                Ok(Response::Stats(s)) => ("200 OK", crate::cli::prometheus_text(&s)),
+                Ok(_) => (
+                    "500 Internal Server Error",
+                    "not an answer to stats\n".to_string(),
+                ),
                 Err(e) => ("500 Internal Server Error", format!("{e}\n")),
             }
         }

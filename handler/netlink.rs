@@ -109,17 +109,57 @@ pub fn encode(
     b
 }
 
+/// Why bytes received from netlink do not decode; each names the length, offset or
+/// attribute at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// A message length shorter than its header or past the datagram's end.
+    #[error("netlink message length {len} at {at} of {total}")]
+    MessageLength {
+        /// The length field.
+        len: usize,
+        /// Where the message starts.
+        at: usize,
+        /// The datagram's length.
+        total: usize,
+    },
+    /// An attribute length shorter than its header or past the payload's end.
+    #[error("attribute length {len} at {at}")]
+    AttrLength {
+        /// The length field.
+        len: usize,
+        /// Where the attribute starts.
+        at: usize,
+    },
+    /// A genl payload shorter than its 4-byte header.
+    #[error("{0} truncated")]
+    Truncated(&'static str),
+    /// A required attribute is missing.
+    #[error("{0}")]
+    Missing(&'static str),
+    /// The TCMU family lacks the `config` multicast group.
+    #[error("family {FAMILY} has no {GROUP:?} group")]
+    NoGroup,
+    /// An acknowledgement too short to hold its error code.
+    #[error("answer to request {seq} without an error code")]
+    AckWithoutErrno {
+        /// The request's sequence number.
+        seq: u32,
+    },
+}
+
 /// Splits a datagram into messages. Malformed lengths are errors, never panics.
-pub fn parse_messages(buf: &[u8]) -> Result<Vec<Msg>, String> {
+pub fn parse_messages(buf: &[u8]) -> Result<Vec<Msg>, Malformed> {
     let mut out = Vec::new();
     let mut p = 0;
     while p + 16 <= buf.len() {
         let len = u32::from_ne_bytes(buf[p..p + 4].try_into().expect("4")) as usize;
         if len < 16 || p + len > buf.len() {
-            return Err(format!(
-                "netlink message length {len} at {p} of {}",
-                buf.len()
-            ));
+            return Err(Malformed::MessageLength {
+                len,
+                at: p,
+                total: buf.len(),
+            });
         }
         out.push(Msg {
             msg_type: u16::from_ne_bytes(buf[p + 4..p + 6].try_into().expect("2")),
@@ -133,14 +173,14 @@ pub fn parse_messages(buf: &[u8]) -> Result<Vec<Msg>, String> {
 }
 
 /// Parses attributes (type, value) of a genl payload after `skip` bytes of headers.
-pub fn parse_attrs(b: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+pub fn parse_attrs(b: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, Malformed> {
     let mut out = Vec::new();
     let mut p = 0;
     while p + 4 <= b.len() {
         let len = u16::from_ne_bytes([b[p], b[p + 1]]) as usize;
         let t = u16::from_ne_bytes([b[p + 2], b[p + 3]]) & NLA_TYPE_MASK;
         if len < 4 || p + len > b.len() {
-            return Err(format!("attribute length {len} at {p}"));
+            return Err(Malformed::AttrLength { len, at: p });
         }
         out.push((t, b[p + 4..p + len].to_vec()));
         p += align4(len);
@@ -181,11 +221,46 @@ pub enum Reconfig {
     Unknown,
 }
 
+/// What a device event announces (its genl command).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `TCMU_CMD_ADDED_DEVICE`: a device is being enabled and waits for our reply.
+    Added,
+    /// `TCMU_CMD_REMOVED_DEVICE`: a device is being removed.
+    Removed,
+    /// `TCMU_CMD_RECONFIG_DEVICE`: a live attribute write, with what it changes.
+    Reconfig(Reconfig),
+    /// Another command number: not acted on, not answered.
+    Other(u8),
+}
+
+impl EventKind {
+    /// The kind of the genl command `cmd`; `change` is what a RECONFIG changes.
+    fn of(cmd: u8, change: impl FnOnce() -> Reconfig) -> EventKind {
+        match cmd as u32 {
+            sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE => EventKind::Added,
+            sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE => EventKind::Removed,
+            sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE => EventKind::Reconfig(change()),
+            _ => EventKind::Other(cmd),
+        }
+    }
+
+    /// The genl command of the event.
+    pub fn cmd(&self) -> u8 {
+        match self {
+            EventKind::Added => sys::tcmu_genl_cmd_TCMU_CMD_ADDED_DEVICE as u8,
+            EventKind::Removed => sys::tcmu_genl_cmd_TCMU_CMD_REMOVED_DEVICE as u8,
+            EventKind::Reconfig(_) => sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE as u8,
+            EventKind::Other(c) => *c,
+        }
+    }
+}
+
 /// A device event from the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// The genl command (ADDED / REMOVED / RECONFIG).
-    pub cmd: u8,
+    /// What it announces.
+    pub kind: EventKind,
     /// Genl header version (replies are expected only when > 1).
     pub version: u8,
     /// The UIO name, `tcm-user/<hba>/<name>/<dev_config>`.
@@ -194,26 +269,26 @@ pub struct Event {
     pub minor: u32,
     /// Device id to echo in the reply.
     pub device_id: Option<u32>,
-    /// For RECONFIG.
-    pub change: Option<Reconfig>,
 }
 
 /// Decodes a TCMU event from a genl payload (header + attributes).
-pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
+pub fn parse_event(payload: &[u8]) -> Result<Event, Malformed> {
     if payload.len() < 4 {
-        return Err("genl header truncated".into());
+        return Err(Malformed::Truncated("genl header"));
     }
     let (cmd, version) = (payload[0], payload[1]);
     let attrs = parse_attrs(&payload[4..])?;
     let device = attr_str(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEVICE as u16)
-        .ok_or("event without TCMU_ATTR_DEVICE")?;
+        .ok_or(Malformed::Missing("event without TCMU_ATTR_DEVICE"))?;
     let minor = attr_u32(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_MINOR as u16)
-        .ok_or("event without TCMU_ATTR_MINOR")?;
+        .ok_or(Malformed::Missing("event without TCMU_ATTR_MINOR"))?;
     let device_id = attr_u32(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEVICE_ID as u16);
     if version > 1 && device_id.is_none() {
-        return Err("version 2 event without TCMU_ATTR_DEVICE_ID".into());
+        return Err(Malformed::Missing(
+            "version 2 event without TCMU_ATTR_DEVICE_ID",
+        ));
     }
-    let change = (cmd == sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE as u8).then(|| {
+    let kind = EventKind::of(cmd, || {
         if let Some(c) = attr_str(&attrs, sys::tcmu_genl_attr_TCMU_ATTR_DEV_CFG as u16) {
             Reconfig::Config(c.trim_end_matches('\n').to_string())
         } else if let Some(v) =
@@ -229,34 +304,35 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
         }
     });
     Ok(Event {
-        cmd,
+        kind,
         version,
         device,
         minor,
         device_id,
-        change,
     })
 }
 
 /// Reads (family id, `config` group id) out of an nlctrl GETFAMILY reply payload.
-pub fn parse_family(payload: &[u8]) -> Result<(u16, u32), String> {
+pub fn parse_family(payload: &[u8]) -> Result<(u16, u32), Malformed> {
     if payload.len() < 4 {
-        return Err("nlctrl reply truncated".into());
+        return Err(Malformed::Truncated("nlctrl reply"));
     }
     let attrs = parse_attrs(&payload[4..])?;
     let id = attr(&attrs, CTRL_ATTR_FAMILY_ID)
         .and_then(|v| v.get(..2))
         .map(|v| u16::from_ne_bytes(v.try_into().expect("2")))
-        .ok_or("no family id")?;
-    let groups = attr(&attrs, CTRL_ATTR_MCAST_GROUPS).ok_or("no multicast groups")?;
+        .ok_or(Malformed::Missing("no family id"))?;
+    let groups =
+        attr(&attrs, CTRL_ATTR_MCAST_GROUPS).ok_or(Malformed::Missing("no multicast groups"))?;
     for (_, g) in parse_attrs(groups)? {
         let ga = parse_attrs(&g)?;
         if attr_str(&ga, CTRL_ATTR_MCAST_GRP_NAME).as_deref() == Some(GROUP) {
-            let gid = attr_u32(&ga, CTRL_ATTR_MCAST_GRP_ID).ok_or("group without id")?;
+            let gid = attr_u32(&ga, CTRL_ATTR_MCAST_GRP_ID)
+                .ok_or(Malformed::Missing("group without id"))?;
             return Ok((id, gid));
         }
     }
-    Err(format!("family {FAMILY} has no {GROUP:?} group"))
+    Err(Malformed::NoGroup)
 }
 
 /// Encodes a `*_DONE` reply: `TCMU_ATTR_CMD_STATUS` and `TCMU_ATTR_DEVICE_ID`, both of
@@ -315,7 +391,7 @@ pub enum RecvError {
     },
     /// Lengths or attributes that do not add up.
     #[error("malformed netlink message: {0}")]
-    Malformed(String),
+    Malformed(Malformed),
     /// Neither a TCMU event nor a netlink control message.
     #[error("unexpected netlink message type {0}")]
     UnexpectedType(u16),
@@ -360,10 +436,9 @@ pub fn split_ack(
             if seq == Some(m.seq) && ack.is_none() {
                 match errno_of(&m.payload) {
                     Some(e) => ack = Some(e),
-                    None => out.push(Err(RecvError::Malformed(format!(
-                        "answer to request {} without an error code",
-                        m.seq
-                    )))),
+                    None => out.push(Err(RecvError::Malformed(Malformed::AckWithoutErrno {
+                        seq: m.seq,
+                    }))),
                 }
             }
         } else if m.msg_type != NLMSG_DONE {
@@ -406,7 +481,7 @@ pub struct TcmuNetlink {
     seq: u32,
     /// Events (or errors) received while waiting for an acknowledgement, handed out
     /// first by [`TcmuNetlink::recv_events`].
-    stash: Vec<Result<Event, String>>,
+    stash: Vec<Result<Event, RecvError>>,
 }
 
 fn errno_of(payload: &[u8]) -> Option<i32> {
@@ -466,8 +541,7 @@ impl TcmuNetlink {
             match self.sock.recv_from_full() {
                 Ok((buf, from)) => {
                     let (ack, evs) = split_ack(&buf, from.port_number(), self.family, Some(seq));
-                    self.stash
-                        .extend(evs.into_iter().map(|r| r.map_err(|e| e.to_string())));
+                    self.stash.extend(evs);
                     if let Some(e) = ack {
                         return Ok(e);
                     }
@@ -512,17 +586,23 @@ impl TcmuNetlink {
         }
     }
 
-    /// Sends the `*_DONE` reply `done` (a `TCMU_CMD_*_DONE`) for the device with
-    /// `se_device.dev_index` `device_id` with `status` (0 or −errno), asking for an
-    /// acknowledgement, and says what the kernel did with it (the reply is handled
-    /// in our `sendmsg`, so a completed writer is off the kernel's list of pending
-    /// commands when this returns).
+    /// Sends the `*_DONE` reply to an event of kind `to` (an ADDED_DEVICE_DONE for
+    /// [`EventKind::Added`]...) for the device with `se_device.dev_index` `device_id`
+    /// with `status` (0 or −errno), asking for an acknowledgement, and says what the
+    /// kernel did with it (the reply is handled in our `sendmsg`, so a completed
+    /// writer is off the kernel's list of pending commands when this returns).
     pub fn reply_acked(
         &mut self,
-        done: u8,
+        to: &EventKind,
         device_id: u32,
         status: i32,
     ) -> io::Result<DoneOutcome> {
+        let done = done_cmd(to.cmd()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("genl command {} has no reply", to.cmd()),
+            )
+        })?;
         self.seq += 1;
         let seq = self.seq;
         let msg = encode_done(
@@ -540,15 +620,13 @@ impl TcmuNetlink {
     /// Drains pending events (non-blocking). Undecodable messages, and datagrams not
     /// from the kernel ([`decode_datagram`]), are returned as errors in the list so the
     /// caller can log them; they never stop the loop.
-    pub fn recv_events(&mut self) -> io::Result<Vec<Result<Event, String>>> {
+    pub fn recv_events(&mut self) -> io::Result<Vec<Result<Event, RecvError>>> {
         let mut out = std::mem::take(&mut self.stash);
         loop {
             match self.sock.recv_from_full() {
-                Ok((buf, from)) => out.extend(
-                    decode_datagram(&buf, from.port_number(), self.family)
-                        .into_iter()
-                        .map(|r| r.map_err(|e| e.to_string())),
-                ),
+                Ok((buf, from)) => {
+                    out.extend(decode_datagram(&buf, from.port_number(), self.family))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
                 Err(e) => return Err(e),
             }
@@ -557,7 +635,7 @@ impl TcmuNetlink {
 
     /// Sends the `*_DONE` reply for `ev` with `status` (0 or -errno).
     pub fn reply(&mut self, ev: &Event, status: i32) -> io::Result<()> {
-        let (Some(cmd), Some(id)) = (done_cmd(ev.cmd), ev.device_id) else {
+        let (Some(cmd), Some(id)) = (done_cmd(ev.kind.cmd()), ev.device_id) else {
             return Ok(());
         };
         if ev.version < 2 {
@@ -608,7 +686,10 @@ mod tests {
         assert_eq!(m.len(), 1);
         let e = parse_event(&m[0].payload).unwrap();
         assert_eq!(e.device, "tcm-user/0/disk0/lc/disk0");
-        assert_eq!((e.minor, e.device_id, e.change), (3, Some(77), None));
+        assert_eq!(
+            (e.minor, e.device_id, e.kind),
+            (3, Some(77), EventKind::Added)
+        );
         let mut buf = kernel_event(
             sys::tcmu_genl_cmd_TCMU_CMD_RECONFIG_DEVICE,
             &[(4, Attr::Str("lc/disk1\n"))],
@@ -619,12 +700,12 @@ mod tests {
         ));
         let m = parse_messages(&buf).unwrap();
         assert_eq!(
-            parse_event(&m[0].payload).unwrap().change,
-            Some(Reconfig::Config("lc/disk1".into()))
+            parse_event(&m[0].payload).unwrap().kind,
+            EventKind::Reconfig(Reconfig::Config("lc/disk1".into()))
         );
         assert_eq!(
-            parse_event(&m[1].payload).unwrap().change,
-            Some(Reconfig::WriteCache(false))
+            parse_event(&m[1].payload).unwrap().kind,
+            EventKind::Reconfig(Reconfig::WriteCache(false))
         );
     }
 
@@ -650,8 +731,8 @@ mod tests {
         payload.extend_from_slice(&5u16.to_ne_bytes());
         payload.extend_from_slice(&(1u64 << 33).to_ne_bytes());
         assert_eq!(
-            parse_event(&payload).unwrap().change,
-            Some(Reconfig::Size(1 << 33))
+            parse_event(&payload).unwrap().kind,
+            EventKind::Reconfig(Reconfig::Size(1 << 33))
         );
     }
 
@@ -660,11 +741,15 @@ mod tests {
         assert!(parse_messages(&[40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         let buf = encode(0x1a, 0, 0, 1, 2, &[(2, Attr::U32(1))]);
         let m = parse_messages(&buf).unwrap();
-        assert!(parse_event(&m[0].payload).unwrap_err().contains("DEVICE"));
+        assert_eq!(
+            parse_event(&m[0].payload).unwrap_err(),
+            Malformed::Missing("event without TCMU_ATTR_DEVICE")
+        );
         let buf = encode(0x1a, 0, 0, 1, 2, &[(1, Attr::Str("x")), (2, Attr::U32(1))]);
-        assert!(parse_event(&parse_messages(&buf).unwrap()[0].payload)
-            .unwrap_err()
-            .contains("DEVICE_ID"));
+        assert_eq!(
+            parse_event(&parse_messages(&buf).unwrap()[0].payload).unwrap_err(),
+            Malformed::Missing("version 2 event without TCMU_ATTR_DEVICE_ID")
+        );
         assert!(parse_attrs(&[9, 0, 1, 0]).is_err());
         assert!(parse_event(&[1]).is_err());
     }
@@ -806,17 +891,14 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         let forged_port = got
             .iter()
-            .filter(|r| {
-                r.as_ref()
-                    .is_err_and(|e| e.contains("(a process, not the kernel) dropped"))
-            })
+            .filter(|r| matches!(r, Err(RecvError::NotFromKernel { .. })))
             .count();
         assert_eq!(forged_port, 1, "{got:?}");
         // The kernel's datagram passed the sender check (and then, not being a TCMU
         // event, failed to decode as one).
         assert_eq!(
             got.iter()
-                .filter(|r| r.as_ref().is_err_and(|e| e.starts_with("malformed")))
+                .filter(|r| matches!(r, Err(RecvError::Malformed(_))))
                 .count(),
             1,
             "{got:?}"

@@ -283,7 +283,7 @@ pub struct Configfs {
 impl Default for Configfs {
     fn default() -> Self {
         Configfs {
-            root: PathBuf::from("/sys/kernel/config/target/core"),
+            root: PathBuf::from(crate::paths::CONFIGFS_CORE),
         }
     }
 }
