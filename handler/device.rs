@@ -611,7 +611,7 @@ mod tests {
         };
         assert_eq!(io_err(lost, request).offset, Some(8192));
         // The target's own failures carry no offset and are HARDWARE ERROR.
-        let failed = io_err(lc_cache::Error::Failed("cache device gone".into()), request);
+        let failed = io_err(lc_cache::Error::Failed(io(8192).into()), request);
         assert_eq!((failed.kind, failed.offset), (IoErrorKind::Target, None));
     }
 }
