@@ -74,7 +74,7 @@ lc_row "lc (README: hw_max_sectors=2048)" lc 2048
 lc_row "lc, LIO default hw_max_sectors" lc128 ""
 lc_row "lc, hw_max_sectors=2048, o_direct" lcd 2048 "o_direct = true"
 # More I/O workers per device: reads of the cache device in flight (issue 10).
-for t in ${LC_BIGIO_IO_THREADS:-}; do
+for t in ${LC_BENCH_IO_THREADS:-}; do
     lc_row "lc, o_direct, io_threads=$t" "lcd$t" 2048 "o_direct = true" "io_threads = $t"
 done
 cp /payload/lc.toml /etc/lc/lc.toml
