@@ -117,11 +117,22 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<()> {
     }
     while !stop.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-            if let Err(e) = sh.reload() {
-                error!(log, "reload refused; the configuration in force is kept"; "error" => %e);
+            // On its own thread, like a reload from the control socket: a reload may
+            // open a cache (a log replay) or wait for a busy device, and the rings keep
+            // being served meanwhile. `Shared::reload` runs one reload at a time.
+            let (sh, rlog) = (sh.clone(), log.clone());
+            let spawned = std::thread::Builder::new()
+                .name("lc-reload".into())
+                .spawn(move || {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                    if let Err(e) = sh.reload() {
+                        error!(rlog, "reload refused; the configuration in force is kept"; "error" => %e);
+                    }
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                });
+            if let Err(e) = spawned {
+                error!(log, "reload not started: no thread"; "error" => %e);
             }
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
         let ready = el.run_once(None)?;
         for t in ready {
