@@ -10,6 +10,8 @@ pub mod control;
 pub mod daemon;
 pub mod dbus;
 pub mod device;
+#[cfg(feature = "test-utils")]
+pub mod emulator;
 pub mod event_loop;
 pub mod man;
 pub mod metrics;
