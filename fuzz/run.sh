@@ -20,16 +20,26 @@ else
     mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^lc-fuzz$')
 fi
 
+# libfuzzer-sys compiles libFuzzer's C++ sources.
+if ! command -v c++ >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
+fi
+
 export RUSTFLAGS="${RUSTFLAGS:-} -Cpasses=sancov-module \
  -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
  -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares \
  --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
-# Instrumented objects must not mix with ordinary ones: a target dir of their own.
+# Instrumented objects must not mix with ordinary ones: a target dir of their own. An
+# explicit --target keeps RUSTFLAGS off build scripts and proc macros (which would not
+# link without libFuzzer's hooks), as cargo-fuzz does.
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}/fuzz-stable"
-cargo build --locked --release --target-dir "$target_dir" --bins
-bin="$target_dir/release"
+host=$(rustc -vV | sed -n 's/^host: //p')
+cargo build --locked --release --target "$host" --target-dir "$target_dir" --bins
+bin="$target_dir/$host/release"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/lc-fuzz.XXXXXX")
 trap 'rm -rf "$work"' EXIT

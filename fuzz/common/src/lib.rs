@@ -4,6 +4,7 @@
 //! `fuzz/seeds/<target>/` in `cargo test`. Each must return normally on every input: a
 //! panic is a bug in the decoder it drives (or in the invariant it checks).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -17,10 +18,14 @@ use lc::scsi::{execute, BlockBackend, IoError, LunConfig, LunState};
 use lc_cache::format::{self, CheckpointHeader, Geometry, SegmentHeader, Superblock};
 use serde_json::Value;
 
+/// A target's body.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the binary `fuzz/fuzz_targets/<name>.rs` and the seed
 /// directory `fuzz/seeds/<name>/`) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("ring_entry", ring_entry),
+    ("ring_ops", ring_ops),
     ("scsi_cdb", scsi_cdb),
     ("superblock", superblock),
     ("segment_header", segment_header),
@@ -72,6 +77,134 @@ pub fn ring_entry(data: &[u8]) {
     }
     r.publish().expect("the tail is published");
     assert_eq!(r.outstanding(), 0);
+}
+
+/// A sequence of ring operations, one per input byte (its low 3 bits the operation,
+/// the rest its argument), played between the kernel emulator and the handler's ring
+/// over heap memory (byte 0: the mailbox flags): commands queued with Data-Out or room
+/// for Data-In, fetched, their data checked through the loan, completed in any order,
+/// the tail published and reaped, TMRs. The emulator panics on a completion it cannot
+/// match (a broken kernel ring); every command completed comes back once with its
+/// status and Data-In, and at the end every command queued has come back.
+pub fn ring_ops(data: &[u8]) {
+    let Some((&flags, ops)) = data.split_first() else {
+        return;
+    };
+    let mut emu = Emulator::new(2 * 4096 - 128, 16 * 4096, flags as u16 & 0x7);
+    let mut r = Ring::new(emu.handler_map()).expect("the emulator's mailbox");
+    // id -> (Data-Out, Data-In length) of queued commands; fetched commands; completed
+    // ones (id -> the status and Data-In given).
+    let mut queued: HashMap<u16, (Vec<u8>, usize)> = HashMap::new();
+    let mut fetched: Vec<lc::ring::Command> = Vec::new();
+    let mut done: HashMap<u16, (u8, Vec<u8>)> = HashMap::new();
+    let reap = |emu: &mut Emulator,
+                queued: &mut HashMap<u16, (Vec<u8>, usize)>,
+                done: &mut HashMap<u16, (u8, Vec<u8>)>| {
+        for c in emu.reap() {
+            let (status, data_in) = done.remove(&c.cmd_id).expect("reaped once, completed");
+            assert_eq!(c.status, status, "status of {}", c.cmd_id);
+            assert_eq!(c.data_in, data_in, "Data-In of {}", c.cmd_id);
+            queued.remove(&c.cmd_id);
+        }
+    };
+    let complete = |r: &mut Ring, c: lc::ring::Command, arg: u8, done: &mut HashMap<_, _>| {
+        let (_, in_len) = queued_len(&c);
+        let data_in: Vec<u8> = (0..in_len).map(|i| (i as u8) ^ arg).collect();
+        if in_len > 0 {
+            r.scatter(&c.iovs, &data_in).expect("Data-In into the loan");
+        }
+        let status = if arg & 1 == 0 { 0 } else { 2 };
+        let resp = Response {
+            status,
+            sense: vec![arg; (arg % 4) as usize],
+            read_len: None,
+        };
+        r.complete(c.cmd_id, resp)
+            .expect("a fetched command completes");
+        done.insert(c.cmd_id, (status, data_in));
+    };
+    for (i, &b) in ops.iter().enumerate() {
+        let arg = b >> 3;
+        match b & 7 {
+            // WRITE(10) or READ(10) of 1-4 blocks of 512 bytes.
+            op @ (0 | 1) => {
+                let blocks = 1 + (arg % 4) as usize;
+                let (out, in_len) = if op == 0 {
+                    (vec![i as u8; blocks * 512], 0)
+                } else {
+                    (Vec::new(), blocks * 512)
+                };
+                let opcode = if op == 0 { 0x2a } else { 0x28 };
+                let cdb = [opcode, 0, 0, 0, 0, 0, 0, 0, blocks as u8, 0];
+                if let Some(id) = emu.submit(&cdb, &out, in_len) {
+                    queued.insert(id, (out, in_len));
+                }
+            }
+            2 => {
+                for f in r.fetch().expect("the emulator's entries are sound") {
+                    match f {
+                        Fetched::Cmd(c) => {
+                            let (out, _) = &queued[&c.cmd_id];
+                            if !out.is_empty() {
+                                let got = r.gather(&c.iovs).expect("the Data-Out loan");
+                                assert_eq!(&got, out, "Data-Out of {}", c.cmd_id);
+                            }
+                            fetched.push(c);
+                        }
+                        Fetched::Tmr(_) => {}
+                        Fetched::Malformed(m) => panic!("emulator entry refused: {m:?}"),
+                    }
+                }
+            }
+            3 if !fetched.is_empty() => {
+                let c = fetched.remove(arg as usize % fetched.len());
+                complete(&mut r, c, arg, &mut done);
+            }
+            4 if r.publish().expect("publish") => reap(&mut emu, &mut queued, &mut done),
+            5 => {
+                let ids: Vec<u16> = queued.keys().copied().take(arg as usize % 4).collect();
+                emu.submit_tmr(arg, &ids);
+            }
+            _ => {}
+        }
+    }
+    // Drain: fetch and complete everything, publish, reap.
+    loop {
+        for f in r.fetch().expect("fetch") {
+            if let Fetched::Cmd(c) = f {
+                fetched.push(c);
+            }
+        }
+        if fetched.is_empty() {
+            break;
+        }
+        for c in std::mem::take(&mut fetched) {
+            complete(&mut r, c, 0, &mut done);
+        }
+    }
+    r.publish().expect("publish");
+    reap(&mut emu, &mut queued, &mut done);
+    assert!(
+        done.is_empty(),
+        "completed, never reaped: {:?}",
+        done.keys()
+    );
+    assert!(
+        queued.is_empty(),
+        "queued, never completed: {:?}",
+        queued.keys()
+    );
+    assert_eq!(emu.inflight(), 0);
+}
+
+/// Data-Out and Data-In lengths of a fetched READ(10)/WRITE(10) of `ring_ops`.
+fn queued_len(c: &lc::ring::Command) -> (usize, usize) {
+    let bytes = c.cdb.get(8).copied().unwrap_or(0) as usize * 512;
+    if c.cdb.first() == Some(&0x28) {
+        (0, bytes)
+    } else {
+        (bytes, 0)
+    }
 }
 
 /// An in-memory disk for the SCSI target.
@@ -235,7 +368,9 @@ pub fn control_request(data: &[u8]) {
     let mut r = client;
     let _ = r.read_to_string(&mut answer);
     writer.join().expect("the writer");
-    served.join().expect("the connection is served without a panic");
+    served
+        .join()
+        .expect("the connection is served without a panic");
     for line in answer.lines() {
         let v: Value = serde_json::from_str(line).expect("each answer is JSON");
         assert!(v.get("ok").is_some(), "an answer without ok: {line}");

@@ -31,8 +31,8 @@ fn every_target_has_a_libfuzzer_binary_that_fuzz_run_builds() {
     let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
     for (name, _) in lc_fuzz_common::TARGETS {
         let file = fuzz_dir().join("fuzz_targets").join(format!("{name}.rs"));
-        let text = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert!(
             text.contains(&format!("lc_fuzz_common::{name}(")),
             "{} does not call lc_fuzz_common::{name}",
