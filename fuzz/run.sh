@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets of fuzz/ with stable Rust and runs each for a bounded
-# time from its checked-in seeds: fuzz/run.sh [SECONDS per target, default 25]
+# time from its checked-in seeds: fuzz/run.sh [SECONDS per target, default 20]
 # [TARGET...] (default: every [[bin]] of fuzz/Cargo.toml).
 #
 # Stable, not nightly: cargo-fuzz's default build needs nightly for -Zsanitizer, but
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-secs=${1:-25}
+secs=${1:-20}
 shift || true
 if [ $# -gt 0 ]; then
     targets=("$@")

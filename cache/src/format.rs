@@ -330,6 +330,24 @@ impl Superblock {
             lines_per_segment: le_u32(b, 24),
             nr_segments: le_u64(b, 32),
         };
+        // The fields are untrusted: sizes that overflow a u64 (which the recomputation
+        // below would compute with) describe no device.
+        let fits = || {
+            let ring =
+                (geometry.segment_size as u64).checked_mul(geometry.nr_segments.checked_add(1)?)?;
+            let lines = geometry
+                .nr_segments
+                .checked_mul(geometry.lines_per_segment as u64)?;
+            let area = (CP_ENTRY as u64)
+                .checked_mul(lines)?
+                .checked_add(CP_HEADER as u64 + LINE)?;
+            ring.checked_add(area.checked_mul(2)?)
+        };
+        if fits().is_none() {
+            return Err(bad(
+                "superblock geometry invalid: larger than any device".into()
+            ));
+        }
         // Recompute from first principles: a superblock must describe a geometry we make.
         let expect = Geometry::with_version(
             version,
@@ -630,6 +648,34 @@ pub fn newest_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `superblock` fuzz target: the size of such a geometry overflowed.
+    #[test]
+    fn a_superblock_whose_geometry_overflows_a_u64_is_refused_not_a_panic() {
+        let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
+        for (nr_segments, lines_per_segment) in [
+            (u64::MAX / 2, g.lines_per_segment),
+            (u64::MAX, 1),
+            (1 << 40, u32::MAX),
+        ] {
+            let sb = Superblock {
+                geometry: Geometry {
+                    nr_segments,
+                    lines_per_segment,
+                    ..g
+                },
+                uuid: [1; 16],
+                seq: 1,
+                last_writeback_id: 0,
+                durable_id: 0,
+                backing: vec![None; MAX_BACKING],
+            };
+            assert!(matches!(
+                Superblock::decode(&sb.encode(), "t"),
+                Err(Error::BadFormat { .. })
+            ));
+        }
+    }
 
     #[test]
     fn geometry_matches_format_doc() {
