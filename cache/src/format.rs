@@ -148,9 +148,30 @@ impl Geometry {
             header_blocks,
             lines_per_segment: blocks - copies * header_blocks,
         };
-        // Format 2: the two checkpoint areas after the ring take what they need.
-        while g.device_bytes() > device_size && g.nr_segments > 2 {
-            g.nr_segments -= 1;
+        // Format 2: the two checkpoint areas after the ring take what they need: the
+        // largest segment count that fits (`device_bytes` grows with it), or 2. A binary
+        // search, not a walk down one segment at a time, which takes minutes for a size
+        // read from a damaged superblock.
+        let fits = |n: u64| {
+            Geometry {
+                nr_segments: n,
+                ..g
+            }
+            .device_bytes()
+                <= device_size
+        };
+        if g.nr_segments > 2 && !fits(g.nr_segments) {
+            // Every count from `hi` on is too many; `lo` fits, or is the floor 2.
+            let (mut lo, mut hi) = (2, g.nr_segments);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            g.nr_segments = lo;
         }
         if g.device_bytes() > device_size {
             return Err(Error::Invalid(format!(
@@ -648,6 +669,27 @@ pub fn newest_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The segment count left after the checkpoint areas is the largest that fits, as
+    /// a walk down from the ring's slot count finds it.
+    #[test]
+    fn the_segment_count_is_the_largest_that_fits_beside_the_checkpoint_areas() {
+        for device in [3 << 20, 5 << 20, 64 << 20, (1 << 30) + 12345, 1 << 40] {
+            for segment in [64 << 10, 1 << 20, 4 << 20] {
+                let Ok(g) = Geometry::new(4096, segment, device) else {
+                    continue;
+                };
+                let mut walk = Geometry {
+                    nr_segments: device / segment as u64 - 1,
+                    ..g
+                };
+                while walk.device_bytes() > device && walk.nr_segments > 2 {
+                    walk.nr_segments -= 1;
+                }
+                assert_eq!(g.nr_segments, walk.nr_segments, "{device} {segment}");
+            }
+        }
+    }
 
     /// Found by the `superblock` fuzz target: the size of such a geometry overflowed.
     #[test]
