@@ -17,16 +17,13 @@
 //! Run: `cargo bench --bench ring` (env `LC_BENCH_OPS`, default 20000 per 4 KiB row;
 //! `LC_BENCH_LARGE_OPS`, default 512 per large row).
 
-#[path = "../tests/common/emulator.rs"]
-mod emulator;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use emulator::{Emulator, FLAG_OOOC, FLAG_READ_LEN};
 use lc::device::{Device, EngineBackend};
+use lc::emulator::{self, Emulator, FLAG_OOOC, FLAG_READ_LEN};
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
 use lc::scsi::cdb::build16;
@@ -250,7 +247,8 @@ fn main() {
             if shape == Shape::Hot {
                 cache.write(0, 0, &vec![7u8; size], false).unwrap();
             }
-            let mut emu = Emulator::new(
+            // A shared mapping, as a real device's memory.
+            let mut emu = Emulator::new_mapped(
                 (8 << 20) - emulator::CMDR_OFF as u32,
                 64 << 20,
                 FLAG_OOOC | FLAG_READ_LEN,

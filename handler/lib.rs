@@ -11,6 +11,8 @@ pub mod control;
 pub mod daemon;
 pub mod dbus;
 pub mod device;
+#[cfg(feature = "test-utils")]
+pub mod emulator;
 pub mod error;
 pub mod event_loop;
 pub mod man;

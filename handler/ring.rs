@@ -4,6 +4,11 @@
 //! them, once), and completing commands — in ring order, or out of order when the kernel
 //! offers `CAP_OOOC` (the "steal the slot at the tail" scheme of §1.10).
 //!
+//! [`Queue`] is the state machine, indices only, taking the memory it works on at every
+//! call (the device's mapping, or a heap buffer in tests and fuzzing); [`Ring`] binds
+//! one to the memory of a device. The layout comes from the bindings of `sys/`
+//! (`offset_of!`).
+//!
 //! Safe code over [`SharedMap`]: every offset the kernel hands us (entry lengths,
 //! `cdb_off`, iovecs) is validated before use, and a malformed entry is a
 //! [`RingError`] that makes the caller stop serving the device, never an out-of-bounds
@@ -18,27 +23,44 @@ use std::sync::Arc;
 use crate::shm::{Lent, SharedMap, ShmError};
 use crate::sys;
 
-/// Byte offsets inside the mailbox and entries (pinned by the tests in `sys/`).
-mod off {
-    pub const MB_VERSION: u64 = 0;
-    pub const MB_FLAGS: u64 = 2;
-    pub const MB_CMDR_OFF: u64 = 4;
-    pub const MB_CMDR_SIZE: u64 = 8;
-    pub const MB_CMD_HEAD: u64 = 12;
-    pub const MB_CMD_TAIL: u64 = 64;
-    pub const HDR_LEN_OP: u64 = 0;
-    pub const HDR_CMD_ID: u64 = 4;
-    pub const HDR_UFLAGS: u64 = 7;
-    pub const REQ_IOV_CNT: u64 = 8;
-    pub const REQ_IOV_BIDI_CNT: u64 = 12;
-    pub const REQ_CDB_OFF: u64 = 24;
-    pub const REQ_IOV: u64 = 48;
-    pub const RSP_STATUS: u64 = 8;
-    pub const RSP_READ_LEN: u64 = 12;
-    pub const RSP_SENSE: u64 = 16;
-    pub const TMR_TYPE: u64 = 8;
-    pub const TMR_CMD_CNT: u64 = 12;
-    pub const TMR_CMD_IDS: u64 = 32;
+/// Byte offsets inside the mailbox and entries, taken from the bindings of `sys/`
+/// (whose layout tests pin them to the kernel's).
+pub(crate) mod off {
+    use crate::sys::{
+        iovec, tcmu_cmd_entry, tcmu_cmd_entry__bindgen_ty_1 as Body,
+        tcmu_cmd_entry__bindgen_ty_1__bindgen_ty_1 as Req,
+        tcmu_cmd_entry__bindgen_ty_1__bindgen_ty_2 as Rsp, tcmu_cmd_entry_hdr as Hdr,
+        tcmu_mailbox as Mb, tcmu_tmr_entry as TmrEntry,
+    };
+    use std::mem::{offset_of, size_of};
+
+    pub const MB_VERSION: u64 = offset_of!(Mb, version) as u64;
+    pub const MB_FLAGS: u64 = offset_of!(Mb, flags) as u64;
+    pub const MB_CMDR_OFF: u64 = offset_of!(Mb, cmdr_off) as u64;
+    pub const MB_CMDR_SIZE: u64 = offset_of!(Mb, cmdr_size) as u64;
+    pub const MB_CMD_HEAD: u64 = offset_of!(Mb, cmd_head) as u64;
+    pub const MB_CMD_TAIL: u64 = offset_of!(Mb, cmd_tail) as u64;
+    pub const HDR_LEN_OP: u64 = offset_of!(Hdr, len_op) as u64;
+    pub const HDR_CMD_ID: u64 = offset_of!(Hdr, cmd_id) as u64;
+    pub const HDR_UFLAGS: u64 = offset_of!(Hdr, uflags) as u64;
+    /// Where the request/response union starts in an entry.
+    const BODY: u64 = offset_of!(tcmu_cmd_entry, __bindgen_anon_1) as u64;
+    const REQ: u64 = BODY + offset_of!(Body, req) as u64;
+    const RSP: u64 = BODY + offset_of!(Body, rsp) as u64;
+    pub const REQ_IOV_CNT: u64 = REQ + offset_of!(Req, iov_cnt) as u64;
+    pub const REQ_IOV_BIDI_CNT: u64 = REQ + offset_of!(Req, iov_bidi_cnt) as u64;
+    pub const REQ_CDB_OFF: u64 = REQ + offset_of!(Req, cdb_off) as u64;
+    pub const REQ_IOV: u64 = REQ + offset_of!(Req, iov) as u64;
+    /// Size of one iovec in the entry, and where its fields are.
+    pub const IOV_SIZE: u64 = size_of::<iovec>() as u64;
+    pub const IOV_BASE: u64 = offset_of!(iovec, iov_base) as u64;
+    pub const IOV_LEN: u64 = offset_of!(iovec, iov_len) as u64;
+    pub const RSP_STATUS: u64 = RSP + offset_of!(Rsp, scsi_status) as u64;
+    pub const RSP_READ_LEN: u64 = RSP + offset_of!(Rsp, read_len) as u64;
+    pub const RSP_SENSE: u64 = RSP + offset_of!(Rsp, sense_buffer) as u64;
+    pub const TMR_TYPE: u64 = offset_of!(TmrEntry, tmr_type) as u64;
+    pub const TMR_CMD_CNT: u64 = offset_of!(TmrEntry, cmd_cnt) as u64;
+    pub const TMR_CMD_IDS: u64 = offset_of!(TmrEntry, cmd_ids) as u64;
 }
 
 /// Size of the mailbox at the start of the map.
@@ -253,9 +275,13 @@ struct Slot {
     done: Option<Response>,
 }
 
-/// The command ring of one device.
-pub struct Ring {
-    map: Arc<SharedMap>,
+/// The ring's state machine: where the ring is, our fetch position and published tail,
+/// and the entries fetched and not yet passed. It holds no memory: every call takes the
+/// memory it works on (the `virtio-queue` way), so the same code runs over a device's
+/// mapping, a heap buffer ([`SharedMap::heap`]), the kernel emulator and the fuzzers.
+/// [`Ring`] binds one to the memory of one device.
+#[derive(Debug)]
+pub struct Queue {
     cmdr_off: u64,
     cmdr_size: u32,
     data_off: u64,
@@ -266,8 +292,15 @@ pub struct Ring {
     tail: u32,
     /// Fetched entries not yet passed by the tail, in ring order.
     slots: VecDeque<Slot>,
-    /// Completions written since the last [`Ring::publish`].
+    /// Completions written since the last [`Queue::publish`].
     moved: bool,
+}
+
+/// The command ring of one device: a [`Queue`] over the device's memory, which it owns
+/// (shared with the loans it hands out).
+pub struct Ring {
+    mem: Arc<SharedMap>,
+    q: Queue,
 }
 
 fn entry_err(offset: u32, fault: EntryFault) -> RingError {
@@ -304,39 +337,36 @@ pub fn cdb_len(cdb_head: &[u8]) -> Option<usize> {
     })
 }
 
-impl Ring {
-    /// Validates the mailbox of `map` and takes over the ring at the current `cmd_tail`.
-    pub fn new(mut map: SharedMap) -> Result<Ring, RingError> {
-        let version = map.read_u16(off::MB_VERSION)?;
+impl Queue {
+    /// Validates the mailbox in `mem` and takes over the ring at the current `cmd_tail`.
+    pub fn new(mem: &SharedMap) -> Result<Queue, RingError> {
+        let version = mem.read_u16(off::MB_VERSION)?;
         if version as u32 != sys::TCMU_MAILBOX_VERSION {
             return Err(RingError::Mailbox(format!(
                 "version {version}, lc speaks version {}",
                 sys::TCMU_MAILBOX_VERSION
             )));
         }
-        let flags = map.read_u16(off::MB_FLAGS)?;
-        let cmdr_off = map.read_u32(off::MB_CMDR_OFF)? as u64;
-        let cmdr_size = map.read_u32(off::MB_CMDR_SIZE)?;
+        let flags = mem.read_u16(off::MB_FLAGS)?;
+        let cmdr_off = mem.read_u32(off::MB_CMDR_OFF)? as u64;
+        let cmdr_size = mem.read_u32(off::MB_CMDR_SIZE)?;
         let data_off = cmdr_off + cmdr_size as u64;
         if cmdr_off < MAILBOX_SIZE
             || !cmdr_off.is_multiple_of(8)
             || cmdr_size < 64
             || cmdr_size % 8 != 0
-            || data_off > map.len() as u64
+            || data_off > mem.len() as u64
         {
             return Err(RingError::Mailbox(format!(
                 "ring at {cmdr_off}+{cmdr_size} does not fit the {}-byte map",
-                map.len()
+                mem.len()
             )));
         }
-        let tail = map.read_u32(off::MB_CMD_TAIL)?;
+        let tail = mem.read_u32(off::MB_CMD_TAIL)?;
         if tail >= cmdr_size || tail % 8 != 0 {
             return Err(RingError::Mailbox(format!("cmd_tail {tail} invalid")));
         }
-        // The data area is reached only through loans from here on.
-        map.set_lendable(data_off)?;
-        Ok(Ring {
-            map: Arc::new(map),
+        Ok(Queue {
             cmdr_off,
             cmdr_size,
             data_off,
@@ -348,12 +378,14 @@ impl Ring {
         })
     }
 
+    /// Where the data area starts (offset from the start of the memory).
+    pub fn data_off(&self) -> u64 {
+        self.data_off
+    }
+
     /// "head H tail T size S flags F", for logs.
-    pub fn describe(&self) -> String {
-        let head = self
-            .map
-            .load_acquire_u32(off::MB_CMD_HEAD)
-            .unwrap_or(u32::MAX);
+    pub fn describe(&self, mem: &SharedMap) -> String {
+        let head = mem.load_acquire_u32(off::MB_CMD_HEAD).unwrap_or(u32::MAX);
         format!(
             "head {head} tail {} size {} flags {:#x}",
             self.tail, self.cmdr_size, self.flags
@@ -382,11 +414,11 @@ impl Ring {
         self.cmdr_off + ring_off as u64
     }
 
-    fn iovec(&self, at: u64) -> Result<Result<IoVec, EntryFault>, ShmError> {
-        let base = self.map.read_u64(at)?;
-        let len = self.map.read_u64(at + 8)?;
+    fn iovec(&self, mem: &SharedMap, at: u64) -> Result<Result<IoVec, EntryFault>, ShmError> {
+        let base = mem.read_u64(at + off::IOV_BASE)?;
+        let len = mem.read_u64(at + off::IOV_LEN)?;
         Ok(match base.checked_add(len) {
-            Some(end) if base >= self.data_off && end <= self.map.len() as u64 => {
+            Some(end) if base >= self.data_off && end <= mem.len() as u64 => {
                 Ok(IoVec { off: base, len })
             }
             _ => Err(EntryFault::IovecOutside { base, len }),
@@ -394,15 +426,14 @@ impl Ring {
     }
 
     /// Whether the kernel queued entries not fetched yet (one shared-memory load).
-    pub fn pending(&self) -> bool {
-        self.map
-            .load_acquire_u32(off::MB_CMD_HEAD)
+    pub fn pending(&self, mem: &SharedMap) -> bool {
+        mem.load_acquire_u32(off::MB_CMD_HEAD)
             .is_ok_and(|head| head != self.fetch_tail)
     }
 
     /// Fetches every entry between our tail and `cmd_head`.
-    pub fn fetch(&mut self) -> Result<Vec<Fetched>, RingError> {
-        let head = self.map.load_acquire_u32(off::MB_CMD_HEAD)?;
+    pub fn fetch(&mut self, mem: &SharedMap) -> Result<Vec<Fetched>, RingError> {
+        let head = mem.load_acquire_u32(off::MB_CMD_HEAD)?;
         if head >= self.cmdr_size || head % 8 != 0 {
             return Err(RingError::Mailbox(format!("cmd_head {head} invalid")));
         }
@@ -410,7 +441,7 @@ impl Ring {
         while self.fetch_tail != head {
             let at = self.fetch_tail;
             let e = self.abs(at);
-            let len_op = self.map.read_u32(e + off::HDR_LEN_OP)?;
+            let len_op = mem.read_u32(e + off::HDR_LEN_OP)?;
             let len = len_op & !(sys::TCMU_OP_MASK);
             let op = len_op & sys::TCMU_OP_MASK;
             let dist = (head + self.cmdr_size - at) % self.cmdr_size;
@@ -424,7 +455,7 @@ impl Ring {
                 done: None,
             };
             if op == sys::tcmu_opcode_TCMU_OP_CMD {
-                let cmd_id = self.map.read_u16(e + off::HDR_CMD_ID)?;
+                let cmd_id = mem.read_u16(e + off::HDR_CMD_ID)?;
                 if self
                     .slots
                     .iter()
@@ -434,7 +465,7 @@ impl Ring {
                     return Err(entry_err(at, EntryFault::DuplicateId(cmd_id)));
                 }
                 slot.cmd = Some(cmd_id);
-                out.push(match self.parse_cmd(at, len, cmd_id)? {
+                out.push(match self.parse_cmd(mem, at, len, cmd_id)? {
                     Ok(cmd) => Fetched::Cmd(cmd),
                     Err(fault) => Fetched::Malformed(Malformed {
                         offset: at,
@@ -443,7 +474,7 @@ impl Ring {
                     }),
                 });
             } else if op == sys::tcmu_opcode_TCMU_OP_TMR {
-                out.push(match self.parse_tmr(e, len)? {
+                out.push(match Self::parse_tmr(mem, e, len)? {
                     Ok(t) => Fetched::Tmr(t),
                     Err(fault) => Fetched::Malformed(Malformed {
                         offset: at,
@@ -453,29 +484,28 @@ impl Ring {
                 });
             } else if op != sys::tcmu_opcode_TCMU_OP_PAD {
                 // An opcode this build does not know: tell the kernel, skip it.
-                let uf = self.map.read_u8(e + off::HDR_UFLAGS)?;
-                self.map
-                    .write_u8(e + off::HDR_UFLAGS, uf | sys::TCMU_UFLAG_UNKNOWN_OP as u8)?;
+                let uf = mem.read_u8(e + off::HDR_UFLAGS)?;
+                mem.write_u8(e + off::HDR_UFLAGS, uf | sys::TCMU_UFLAG_UNKNOWN_OP as u8)?;
             }
             self.slots.push_back(slot);
             self.fetch_tail = (at + len) % self.cmdr_size;
         }
         // Entries that need no completion at the front can be passed at once.
-        self.pass_prefix()?;
+        self.pass_prefix(mem)?;
         Ok(out)
     }
 
-    fn parse_tmr(&self, e: u64, len: u32) -> Result<Result<Tmr, EntryFault>, ShmError> {
+    fn parse_tmr(mem: &SharedMap, e: u64, len: u32) -> Result<Result<Tmr, EntryFault>, ShmError> {
         if (len as u64) < off::TMR_CMD_IDS {
             return Ok(Err(EntryFault::TmrTooShort));
         }
-        let tmr_type = self.map.read_u8(e + off::TMR_TYPE)?;
-        let ids = self.map.read_u32(e + off::TMR_CMD_CNT)? as u64;
+        let tmr_type = mem.read_u8(e + off::TMR_TYPE)?;
+        let ids = mem.read_u32(e + off::TMR_CMD_CNT)? as u64;
         if off::TMR_CMD_IDS + 2 * ids > len as u64 {
             return Ok(Err(EntryFault::TmrIds { ids, len }));
         }
         let cmd_ids = (0..ids)
-            .map(|i| self.map.read_u16(e + off::TMR_CMD_IDS + 2 * i))
+            .map(|i| mem.read_u16(e + off::TMR_CMD_IDS + 2 * i))
             .collect::<Result<_, _>>()?;
         Ok(Ok(Tmr { tmr_type, cmd_ids }))
     }
@@ -486,15 +516,16 @@ impl Ring {
     /// against each other (disjoint, so their total is at most the data area).
     fn parse_cmd(
         &self,
+        mem: &SharedMap,
         at: u32,
         len: u32,
         cmd_id: u16,
     ) -> Result<Result<Command, EntryFault>, ShmError> {
         let e = self.abs(at);
-        let iov_cnt = self.map.read_u32(e + off::REQ_IOV_CNT)?;
-        let bidi_cnt = self.map.read_u32(e + off::REQ_IOV_BIDI_CNT)?;
+        let iov_cnt = mem.read_u32(e + off::REQ_IOV_CNT)?;
+        let bidi_cnt = mem.read_u32(e + off::REQ_IOV_BIDI_CNT)?;
         let (n, nb) = (iov_cnt as u64, bidi_cnt as u64);
-        let iov_end = off::REQ_IOV + 16 * (n + nb);
+        let iov_end = off::REQ_IOV + off::IOV_SIZE * (n + nb);
         if iov_end > len as u64 {
             return Ok(Err(EntryFault::TooManyIovecs {
                 iov_cnt,
@@ -502,7 +533,7 @@ impl Ring {
                 len,
             }));
         }
-        let cdb_off = self.map.read_u64(e + off::REQ_CDB_OFF)?;
+        let cdb_off = mem.read_u64(e + off::REQ_CDB_OFF)?;
         let entry_end = e + len as u64;
         if cdb_off < e + iov_end || cdb_off >= entry_end {
             return Ok(Err(EntryFault::CdbOutside(cdb_off)));
@@ -510,7 +541,7 @@ impl Ring {
         let avail = (entry_end - cdb_off) as usize;
         let mut head = [0u8; 8];
         let hn = avail.min(8);
-        self.map.read(cdb_off, &mut head[..hn])?;
+        mem.read(cdb_off, &mut head[..hn])?;
         let Some(cl) = cdb_len(&head[..hn]) else {
             return Ok(Err(EntryFault::CdbTruncated));
         };
@@ -520,7 +551,7 @@ impl Ring {
         // n + nb <= len / 16 here: the vectors are bounded by the ring, not by data.
         let mut all = Vec::with_capacity((n + nb) as usize);
         for i in 0..n + nb {
-            match self.iovec(e + off::REQ_IOV + 16 * i)? {
+            match self.iovec(mem, e + off::REQ_IOV + off::IOV_SIZE * i)? {
                 Ok(v) => all.push(v),
                 Err(f) => return Ok(Err(f)),
             }
@@ -529,7 +560,7 @@ impl Ring {
             return Ok(Err(f));
         }
         let mut cdb = vec![0u8; cl];
-        self.map.read(cdb_off, &mut cdb)?;
+        mem.read(cdb_off, &mut cdb)?;
         let bidi_iovs = all.split_off(n as usize);
         Ok(Ok(Command {
             cmd_id,
@@ -539,31 +570,15 @@ impl Ring {
         }))
     }
 
-    /// Lends a command's iovecs as slices of the data area, from fetching the command
-    /// until its completion: the loan must be dropped before [`Ring::complete`], after
-    /// which the kernel reuses the blocks. Fails ([`ShmError::InUse`]) for iovecs that
-    /// share bytes with those of a command still lent (a kernel that does that is
-    /// broken: the command is refused, not served).
-    pub fn lend(&self, iovs: &[IoVec]) -> Result<Lent, RingError> {
-        let ranges: Vec<(u64, u64)> = iovs.iter().map(|v| (v.off, v.len)).collect();
-        Ok(self.map.lend(&ranges)?)
-    }
-
-    /// Copies a command's Data-Out bytes out of the ring (a contiguous copy, for
-    /// parameter lists; the data of a write is lent instead).
-    pub fn gather(&self, iovs: &[IoVec]) -> Result<Vec<u8>, RingError> {
-        Ok(self.lend(iovs)?.gather()?)
-    }
-
-    /// Copies Data-In bytes into a command's iovecs (at most their total length);
-    /// the rest of the iovecs is zeroed so no stale data reaches the initiator.
-    pub fn scatter(&self, iovs: &[IoVec], data: &[u8]) -> Result<(), RingError> {
-        Ok(self.lend(iovs)?.scatter(data)?)
-    }
-
-    fn write_response(&self, slot_off: u32, cmd_id: u16, r: &Response) -> Result<(), RingError> {
+    fn write_response(
+        &self,
+        mem: &SharedMap,
+        slot_off: u32,
+        cmd_id: u16,
+        r: &Response,
+    ) -> Result<(), RingError> {
         let e = self.abs(slot_off);
-        self.map.write_u16(e + off::HDR_CMD_ID, cmd_id)?;
+        mem.write_u16(e + off::HDR_CMD_ID, cmd_id)?;
         let mut uflags = 0u8;
         let mut read_len = 0u32;
         if let Some(n) = r.read_len {
@@ -572,22 +587,22 @@ impl Ring {
                 read_len = n;
             }
         }
-        self.map.write_u8(e + off::HDR_UFLAGS, uflags)?;
-        self.map.write_u8(e + off::RSP_STATUS, r.status)?;
-        self.map.write_u32(e + off::RSP_READ_LEN, read_len)?;
+        mem.write_u8(e + off::HDR_UFLAGS, uflags)?;
+        mem.write_u8(e + off::RSP_STATUS, r.status)?;
+        mem.write_u32(e + off::RSP_READ_LEN, read_len)?;
         let mut sense = [0u8; SENSE_SIZE];
         let n = r.sense.len().min(SENSE_SIZE);
         sense[..n].copy_from_slice(&r.sense[..n]);
-        self.map.write(e + off::RSP_SENSE, &sense)?;
+        mem.write(e + off::RSP_SENSE, &sense)?;
         Ok(())
     }
 
     /// Advances the tail over leading entries that need nothing more.
-    fn pass_prefix(&mut self) -> Result<(), RingError> {
+    fn pass_prefix(&mut self, mem: &SharedMap) -> Result<(), RingError> {
         while let Some(front) = self.slots.front() {
             match (&front.cmd, &front.done) {
                 (None, _) => {}
-                (Some(id), Some(r)) => self.write_response(front.off, *id, r)?,
+                (Some(id), Some(r)) => self.write_response(mem, front.off, *id, r)?,
                 (Some(_), None) => break,
             }
             let s = self.slots.pop_front().expect("front");
@@ -597,8 +612,8 @@ impl Ring {
         Ok(())
     }
 
-    /// Records the completion of `cmd_id`. Call [`Ring::publish`] afterwards.
-    pub fn complete(&mut self, cmd_id: u16, r: Response) -> Result<(), RingError> {
+    /// Records the completion of `cmd_id`. Call [`Queue::publish`] afterwards.
+    pub fn complete(&mut self, mem: &SharedMap, cmd_id: u16, r: Response) -> Result<(), RingError> {
         if !self
             .slots
             .iter()
@@ -609,7 +624,7 @@ impl Ring {
         if self.out_of_order() {
             // Steal the first CMD slot at the tail for this completion (§1.10): the
             // kernel identifies the command by the id written into the slot.
-            self.pass_prefix()?;
+            self.pass_prefix(mem)?;
             let pos = self
                 .slots
                 .iter()
@@ -636,14 +651,14 @@ impl Ring {
                 .expect("outstanding");
             s.done = Some(r);
         }
-        self.pass_prefix()
+        self.pass_prefix(mem)
     }
 
     /// Starts over after the kernel reset the ring ([`Doorbell::reset_ring`]): every
     /// fetched entry is forgotten (the kernel completed them all) and fetching resumes
     /// at the mailbox's `cmd_tail` (0 after a reset).
-    pub fn restart(&mut self) -> Result<(), RingError> {
-        let tail = self.map.load_acquire_u32(off::MB_CMD_TAIL)?;
+    pub fn restart(&mut self, mem: &SharedMap) -> Result<(), RingError> {
+        let tail = mem.load_acquire_u32(off::MB_CMD_TAIL)?;
         if tail >= self.cmdr_size || tail % 8 != 0 {
             return Err(RingError::Mailbox(format!("cmd_tail {tail} invalid")));
         }
@@ -654,19 +669,106 @@ impl Ring {
         Ok(())
     }
 
+    /// Publishes the tail (release store) if it moved; returns whether a kick is due.
+    pub fn publish(&mut self, mem: &SharedMap) -> Result<bool, RingError> {
+        if !self.moved {
+            return Ok(false);
+        }
+        mem.store_release_u32(off::MB_CMD_TAIL, self.tail)?;
+        self.moved = false;
+        Ok(true)
+    }
+}
+
+impl Ring {
+    /// Validates the mailbox of `map` and takes over the ring at the current `cmd_tail`;
+    /// from then on the data area of `map` is reached only through loans
+    /// ([`Ring::lend`]).
+    pub fn new(mut map: SharedMap) -> Result<Ring, RingError> {
+        let q = Queue::new(&map)?;
+        map.set_lendable(q.data_off())?;
+        Ok(Ring {
+            mem: Arc::new(map),
+            q,
+        })
+    }
+
+    /// The state machine, for what [`Ring`] does not pass on.
+    pub fn queue(&self) -> &Queue {
+        &self.q
+    }
+
+    /// "head H tail T size S flags F", for logs.
+    pub fn describe(&self) -> String {
+        self.q.describe(&self.mem)
+    }
+
+    /// Mailbox capability flags.
+    pub fn flags(&self) -> u16 {
+        self.q.flags()
+    }
+
+    /// True when the kernel accepts out-of-order completions.
+    pub fn out_of_order(&self) -> bool {
+        self.q.out_of_order()
+    }
+
+    /// Commands fetched and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.q.outstanding()
+    }
+
+    /// Whether the kernel queued entries not fetched yet (one shared-memory load).
+    pub fn pending(&self) -> bool {
+        self.q.pending(&self.mem)
+    }
+
+    /// Fetches every entry between our tail and `cmd_head` ([`Queue::fetch`]).
+    pub fn fetch(&mut self) -> Result<Vec<Fetched>, RingError> {
+        self.q.fetch(&self.mem)
+    }
+
+    /// Lends a command's iovecs as slices of the data area, from fetching the command
+    /// until its completion: the loan must be dropped before [`Ring::complete`], after
+    /// which the kernel reuses the blocks. Fails ([`ShmError::InUse`]) for iovecs that
+    /// share bytes with those of a command still lent (a kernel that does that is
+    /// broken: the command is refused, not served).
+    pub fn lend(&self, iovs: &[IoVec]) -> Result<Lent, RingError> {
+        let ranges: Vec<(u64, u64)> = iovs.iter().map(|v| (v.off, v.len)).collect();
+        Ok(self.mem.lend(&ranges)?)
+    }
+
+    /// Copies a command's Data-Out bytes out of the ring (a contiguous copy, for
+    /// parameter lists; the data of a write is lent instead).
+    pub fn gather(&self, iovs: &[IoVec]) -> Result<Vec<u8>, RingError> {
+        Ok(self.lend(iovs)?.gather()?)
+    }
+
+    /// Copies Data-In bytes into a command's iovecs (at most their total length);
+    /// the rest of the iovecs is zeroed so no stale data reaches the initiator.
+    pub fn scatter(&self, iovs: &[IoVec], data: &[u8]) -> Result<(), RingError> {
+        Ok(self.lend(iovs)?.scatter(data)?)
+    }
+
+    /// Records the completion of `cmd_id` ([`Queue::complete`]). Call [`Ring::publish`]
+    /// afterwards.
+    pub fn complete(&mut self, cmd_id: u16, r: Response) -> Result<(), RingError> {
+        self.q.complete(&self.mem, cmd_id, r)
+    }
+
+    /// Starts over after the kernel reset the ring ([`Queue::restart`]).
+    pub fn restart(&mut self) -> Result<(), RingError> {
+        self.q.restart(&self.mem)
+    }
+
     /// True once the mapping faulted (SIGBUS) and was replaced by zero pages.
     pub fn is_gone(&self) -> bool {
-        self.map.is_gone()
+        self.mem.is_gone()
     }
 
     /// Publishes the tail (release store) if it moved; returns whether a kick is due.
     pub fn publish(&mut self) -> Result<bool, RingError> {
-        if !self.moved {
-            return Ok(false);
-        }
-        self.map.store_release_u32(off::MB_CMD_TAIL, self.tail)?;
-        self.moved = false;
-        Ok(true)
+        self.q.publish(&self.mem)
     }
 }
 

@@ -2,7 +2,10 @@
 //! [`SharedMap`], accessed only through methods that take an offset and a length and
 //! check them against the mapping (the idea of rust-vmm's `vm-memory`). Raw pointers
 //! never leave this module, so the ring code above it cannot read or write outside the
-//! mapping whatever offsets the kernel (or a bug) hands it.
+//! mapping whatever offsets the kernel (or a bug) hands it. The same handle can stand
+//! over a heap buffer instead ([`SharedMap::heap`]), with the same bounds and loans, so
+//! the ring runs unchanged over memory nothing maps: in the kernel emulator's tests, the
+//! fuzzers, Miri.
 //!
 //! Accesses are volatile (the kernel writes the same memory concurrently); `cmd_head`
 //! is read with an acquire load and `cmd_tail` written with a release store, as
@@ -25,6 +28,7 @@
 //! of reach of every other accessor, no two loans overlap, and the kernel neither
 //! writes nor reads a command's data blocks between queueing it and its completion.
 
+use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -181,26 +185,66 @@ fn install_sigbus_handler() {
     });
 }
 
-/// A shared, read-write mapping of a file descriptor (a UIO device or a memfd).
-pub struct SharedMap {
+/// The memory behind one or more [`SharedMap`] handles: a shared mapping of a file, or
+/// a heap buffer standing in for one. Unmapped or freed when the last handle (or loan)
+/// is dropped.
+struct Region {
     ptr: NonNull<u8>,
     len: usize,
-    /// Its slot in the SIGBUS guard table, if it got one.
-    guard: Option<usize>,
+    kind: Kind,
+}
+
+enum Kind {
+    /// `mmap(MAP_SHARED)` of a descriptor, with its slot in the SIGBUS guard table if it
+    /// got one.
+    Mapped { guard: Option<usize> },
+    /// `alloc_zeroed` with this layout (page-aligned, as a mapping is).
+    Heap { layout: Layout },
+}
+
+// SAFETY: the region is plain memory; every access goes through volatile or atomic
+// operations on checked ranges (or the slices of a loan, which no other access reaches),
+// so using it from several threads is no less safe than the kernel writing it
+// concurrently, which the accessors already assume.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        match self.kind {
+            Kind::Mapped { guard } => {
+                if let Some(i) = guard {
+                    unregister_guard(i);
+                }
+                // SAFETY: ptr/len are exactly what mmap returned (or the same range
+                // remapped by the SIGBUS handler); the last handle and loan are gone, so
+                // no access can follow the unmap.
+                unsafe {
+                    libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
+                }
+            }
+            Kind::Heap { layout } => {
+                // SAFETY: ptr was returned by `alloc_zeroed(layout)` and is freed once,
+                // here, after the last handle and loan are gone.
+                unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+            }
+        }
+    }
+}
+
+/// A handle on memory shared with the kernel: a read-write `MAP_SHARED` mapping of a
+/// file descriptor (a UIO device or a memfd), or a heap buffer with the same layout
+/// rules ([`SharedMap::heap`]: for tests, the fuzzers and Miri, where nothing is
+/// mapped). The ring code cannot tell them apart.
+pub struct SharedMap {
+    region: Arc<Region>,
     /// `[lend_from, len)` can only be lent ([`SharedMap::lend`]); the plain accessors
     /// stay below it. `len` until [`SharedMap::set_lendable`].
     lend_from: usize,
     /// Ranges lent now: start -> end.
     lent: Mutex<BTreeMap<u64, u64>>,
 }
-
-// SAFETY: the mapping is plain shared memory; every access goes through volatile or
-// atomic operations on checked ranges, so using it from several threads is no less
-// safe than the kernel writing it concurrently, which the accessors already assume.
-unsafe impl Send for SharedMap {}
-// SAFETY: as above; methods take `&self`, and the only references into the map are
-// those of a `Lent`, whose ranges no other loan or accessor reaches (`SharedMap::lend`).
-unsafe impl Sync for SharedMap {}
 
 impl SharedMap {
     /// Maps exactly `len` bytes of `fd` at file offset 0, read-write and shared.
@@ -227,23 +271,65 @@ impl SharedMap {
             NonNull::new(p as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         install_sigbus_handler();
         let guard = register_guard(p as usize, len);
-        Ok(SharedMap {
+        Ok(Self::over(Region {
             ptr,
             len,
-            guard,
+            kind: Kind::Mapped { guard },
+        }))
+    }
+
+    /// `len` zeroed bytes on the heap, page-aligned like a mapping: the same accessors,
+    /// loans and bounds, with nothing mapped (no SIGBUS, never [`ShmError::Gone`]).
+    pub fn heap(len: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len, 4096)
+            .ok()
+            .filter(|_| len > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad heap size"))?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Ok(Self::over(Region {
+            ptr,
+            len,
+            kind: Kind::Heap { layout },
+        }))
+    }
+
+    fn over(region: Region) -> Self {
+        let len = region.len;
+        SharedMap {
+            region: Arc::new(region),
             lend_from: len,
             lent: Mutex::new(BTreeMap::new()),
-        })
+        }
+    }
+
+    /// Another handle on the same memory, with nothing lendable and no loans: the other
+    /// side's view (the kernel emulator's, `crate::emulator`). Like a second mapping of
+    /// the same file, it reaches every byte, so it must keep to the protocol the kernel
+    /// keeps (`SharedMap::lend`): leave a command's data blocks alone between
+    /// publishing the command and reaping its completion.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn alias(&self) -> SharedMap {
+        SharedMap {
+            region: self.region.clone(),
+            lend_from: self.region.len,
+            lent: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.region.ptr.as_ptr()
     }
 
     /// Makes `[from, len)` (a TCMU data area) the lendable part: from now on it is
     /// reached only through [`SharedMap::lend`], and the plain accessors refuse it.
     pub fn set_lendable(&mut self, from: u64) -> Result<(), ShmError> {
-        if from > self.len as u64 {
+        if from > self.region.len as u64 {
             return Err(ShmError::OutOfBounds {
                 offset: from,
                 len: 0,
-                map_len: self.len,
+                map_len: self.region.len,
             });
         }
         self.lend_from = from as usize;
@@ -313,8 +399,10 @@ impl SharedMap {
 
     /// True once an access faulted (SIGBUS) and the mapping was replaced by zero pages.
     pub fn is_gone(&self) -> bool {
-        self.guard
-            .is_some_and(|i| GUARDS[i].dead.load(Ordering::Acquire))
+        match self.region.kind {
+            Kind::Mapped { guard } => guard.is_some_and(|i| GUARDS[i].dead.load(Ordering::Acquire)),
+            Kind::Heap { .. } => false,
+        }
     }
 
     /// Called after every access: a SIGBUS during it (handled on this thread) has
@@ -330,22 +418,22 @@ impl SharedMap {
 
     /// Size of the mapping in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.region.len
     }
 
     /// True for an empty mapping (never: `map` refuses those).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.region.len == 0
     }
 
     fn check(&self, offset: u64, len: u64, align: u64) -> Result<usize, ShmError> {
         let err = ShmError::OutOfBounds {
             offset,
             len,
-            map_len: self.len,
+            map_len: self.region.len,
         };
         let end = offset.checked_add(len).ok_or(err.clone())?;
-        if end > self.len as u64 || !offset.is_multiple_of(align) {
+        if end > self.region.len as u64 || !offset.is_multiple_of(align) {
             return Err(err);
         }
         Ok(offset as usize)
@@ -370,9 +458,7 @@ impl SharedMap {
         // SAFETY: [o, o+len) is inside the mapping (checked); dst is a distinct local
         // buffer, so the ranges do not overlap. The bytes may change concurrently
         // (kernel), which only makes the copied values arbitrary, never unsound for u8.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), dst.as_mut_ptr(), dst.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr().add(o), dst.as_mut_ptr(), dst.len()) };
         self.alive()
     }
 
@@ -381,7 +467,7 @@ impl SharedMap {
         let o = self.check_plain(offset, src.len() as u64, 1)?;
         // SAFETY: [o, o+len) is inside the mapping (checked) and writable (PROT_WRITE);
         // src is a distinct buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(o), src.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr().add(o), src.len()) };
         self.alive()
     }
 
@@ -389,7 +475,7 @@ impl SharedMap {
     pub fn fill(&self, offset: u64, len: u64, byte: u8) -> Result<(), ShmError> {
         let o = self.check_plain(offset, len, 1)?;
         // SAFETY: the range is inside the writable mapping (checked).
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(o), byte, len as usize) };
+        unsafe { std::ptr::write_bytes(self.ptr().add(o), byte, len as usize) };
         self.alive()
     }
 
@@ -398,7 +484,7 @@ impl SharedMap {
         let mut b = [0u8; N];
         for (i, v) in b.iter_mut().enumerate() {
             // SAFETY: o + i is inside the mapping (checked for the whole array).
-            *v = unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(o + i)) };
+            *v = unsafe { std::ptr::read_volatile(self.ptr().add(o + i)) };
         }
         self.alive()?;
         Ok(b)
@@ -408,7 +494,7 @@ impl SharedMap {
         let o = self.check_plain(offset, N as u64, 1)?;
         for (i, v) in b.iter().enumerate() {
             // SAFETY: o + i is inside the writable mapping (checked for the whole array).
-            unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(o + i), *v) };
+            unsafe { std::ptr::write_volatile(self.ptr().add(o + i), *v) };
         }
         self.alive()
     }
@@ -452,7 +538,7 @@ impl SharedMap {
         // start is page-aligned), and live as long as &self. AtomicU32 has the layout of
         // u32, and all concurrent access by us is atomic; the kernel side uses
         // READ_ONCE/WRITE_ONCE-style accesses on these words.
-        Ok(unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(o) as *mut u32) })
+        Ok(unsafe { AtomicU32::from_ptr(self.ptr().add(o) as *mut u32) })
     }
 
     /// Loads a u32 with acquire ordering (for `cmd_head`).
@@ -499,9 +585,7 @@ impl Lent {
                 // them, the plain accessors cannot reach them, `&mut` slices of this
                 // loan need `&mut self`, and the kernel leaves a command's data blocks
                 // alone until it is completed (`SharedMap::lend`).
-                unsafe {
-                    std::slice::from_raw_parts(self.map.ptr.as_ptr().add(o as usize), n as usize)
-                }
+                unsafe { std::slice::from_raw_parts(self.map.ptr().add(o as usize), n as usize) }
             })
             .collect()
     }
@@ -515,10 +599,7 @@ impl Lent {
                 // (checked by `lend`), so these slices do not alias each other, and
                 // `&mut self` excludes every other slice of this loan.
                 unsafe {
-                    std::slice::from_raw_parts_mut(
-                        self.map.ptr.as_ptr().add(o as usize),
-                        n as usize,
-                    )
+                    std::slice::from_raw_parts_mut(self.map.ptr().add(o as usize), n as usize)
                 }
             })
             .collect()
@@ -568,20 +649,6 @@ impl Drop for Lent {
         let mut lent = self.map.lent.lock().unwrap_or_else(|e| e.into_inner());
         for (o, _) in &self.ranges {
             lent.remove(o);
-        }
-    }
-}
-
-impl Drop for SharedMap {
-    fn drop(&mut self) {
-        if let Some(i) = self.guard {
-            unregister_guard(i);
-        }
-        // SAFETY: ptr/len are exactly what mmap returned (or the same range remapped by
-        // the SIGBUS handler); nothing borrows the mapping past &self, so no access can
-        // follow the unmap.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
         }
     }
 }
@@ -678,6 +745,30 @@ mod tests {
         drop(a);
         drop(b);
         assert!(m.lend(&[(8100, 2000)]).is_ok());
+    }
+
+    #[test]
+    fn heap_memory_has_the_bounds_loans_and_aliases_of_a_mapping() {
+        let mut m = SharedMap::heap(4 * 4096).unwrap();
+        let kernel = m.alias();
+        m.set_lendable(4096).unwrap();
+        let m = Arc::new(m);
+        kernel.write_u32(100, 0xdead_beef).unwrap();
+        assert_eq!(m.read_u32(100).unwrap(), 0xdead_beef);
+        kernel.store_release_u32(64, 7).unwrap();
+        assert_eq!(m.load_acquire_u32(64).unwrap(), 7);
+        assert!(m.load_acquire_u32(66).is_err(), "misaligned atomic");
+        assert!(m.read_u32(4094).is_err(), "the data area is lent only");
+        assert!(kernel.read_u64(4 * 4096 - 4).is_err());
+        kernel.write(8192, &[1, 2, 3]).unwrap();
+        let mut loan = m.lend(&[(8192, 3)]).unwrap();
+        assert_eq!(loan.slices()[0], &[1, 2, 3]);
+        assert!(m.lend(&[(8193, 1)]).is_err());
+        loan.scatter(&[9]).unwrap();
+        drop(loan);
+        assert_eq!(kernel.read_u32(8192).unwrap(), 9);
+        assert!(!m.is_gone());
+        assert!(SharedMap::heap(0).is_err());
     }
 
     #[test]

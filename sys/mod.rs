@@ -2,12 +2,13 @@
 //! nothing else. The ring code reads and writes these layouts through the bounds-checked
 //! accessors of `handler/shm.rs`, by the offsets pinned below.
 //!
-//! The bindings are checked in as `sys/tcmu_generated.rs`, generated from the UAPI
-//! headers of Linux 6.1.187 (Debian 12's linux-libc-dev 6.1.187-1; the file's first
-//! lines say the same), so building needs no libclang. `cargo build --features
-//! regen-bindings` regenerates them with bindgen (needs libclang) and builds with the
-//! new ones; `build.rs` says how to write them back, and CI (`.ci/run`) fails when they
-//! differ from the checked-in file.
+//! The bindings are checked in as `sys/tcmu_generated.rs`, generated from the kernel
+//! header vendored as `sys/target_core_user.h` (from Linux 6.1.187: `sys/README.md`
+//! records it, and the generated file's first lines say the same), so building needs no
+//! libclang and regenerating does not depend on the machine's headers. `cargo build
+//! --features regen-bindings` regenerates them with bindgen (needs libclang) and builds
+//! with the new ones; `build.rs` says how to write them back, and CI (`.ci/run`) fails
+//! when they differ from the checked-in file.
 #![allow(
     non_camel_case_types,
     non_upper_case_globals,

@@ -2,9 +2,7 @@
 //! TMR entries, out-of-order completion, Data-Out/Data-In through many iovecs, and
 //! malformed entries that must be refused without touching memory outside the map.
 
-mod common;
-
-use common::emulator::*;
+use lc::emulator::*;
 use lc::ring::{Doorbell, EntryFault, Fetched, Response, Ring, RingError};
 use rand::{Rng, SeedableRng};
 

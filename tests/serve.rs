@@ -6,14 +6,12 @@
 //! that complete slow commands, and a hung backing device that never stalls another
 //! LUN.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::emulator::*;
 use lc::device::{Device, EngineBackend};
+use lc::emulator::*;
 use lc::event_loop::EventLoop;
 use lc::ring::Ring;
 use lc::scsi::cdb::{build10 as rw10, build16 as rw16};
@@ -506,7 +504,8 @@ fn a_sigbus_on_one_mapping_fails_that_device_and_the_other_keeps_serving() {
     let f = files();
     let cache = open_cache(&f);
     let mut good = Emulator::small(FLAG_OOOC);
-    let mut bad = Emulator::small(FLAG_OOOC);
+    // In a real mapping, so the memory can be taken away.
+    let mut bad = Emulator::new_mapped((64 << 10) - CMDR_OFF as u32, 4 << 20, FLAG_OOOC);
     let served = Served::start(vec![
         device(&good, &cache, "good"),
         device(&bad, &cache, "bad"),

@@ -148,9 +148,30 @@ impl Geometry {
             header_blocks,
             lines_per_segment: blocks - copies * header_blocks,
         };
-        // Format 2: the two checkpoint areas after the ring take what they need.
-        while g.device_bytes() > device_size && g.nr_segments > 2 {
-            g.nr_segments -= 1;
+        // Format 2: the two checkpoint areas after the ring take what they need: the
+        // largest segment count that fits (`device_bytes` grows with it), or 2. A binary
+        // search, not a walk down one segment at a time, which takes minutes for a size
+        // read from a damaged superblock.
+        let fits = |n: u64| {
+            Geometry {
+                nr_segments: n,
+                ..g
+            }
+            .device_bytes()
+                <= device_size
+        };
+        if g.nr_segments > 2 && !fits(g.nr_segments) {
+            // Every count from `hi` on is too many; `lo` fits, or is the floor 2.
+            let (mut lo, mut hi) = (2, g.nr_segments);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            g.nr_segments = lo;
         }
         if g.device_bytes() > device_size {
             return Err(Error::Invalid(format!(
@@ -330,6 +351,24 @@ impl Superblock {
             lines_per_segment: le_u32(b, 24),
             nr_segments: le_u64(b, 32),
         };
+        // The fields are untrusted: sizes that overflow a u64 (which the recomputation
+        // below would compute with) describe no device.
+        let fits = || {
+            let ring =
+                (geometry.segment_size as u64).checked_mul(geometry.nr_segments.checked_add(1)?)?;
+            let lines = geometry
+                .nr_segments
+                .checked_mul(geometry.lines_per_segment as u64)?;
+            let area = (CP_ENTRY as u64)
+                .checked_mul(lines)?
+                .checked_add(CP_HEADER as u64 + LINE)?;
+            ring.checked_add(area.checked_mul(2)?)
+        };
+        if fits().is_none() {
+            return Err(bad(
+                "superblock geometry invalid: larger than any device".into()
+            ));
+        }
         // Recompute from first principles: a superblock must describe a geometry we make.
         let expect = Geometry::with_version(
             version,
@@ -630,6 +669,55 @@ pub fn newest_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The segment count left after the checkpoint areas is the largest that fits, as
+    /// a walk down from the ring's slot count finds it.
+    #[test]
+    fn the_segment_count_is_the_largest_that_fits_beside_the_checkpoint_areas() {
+        for device in [3 << 20, 5 << 20, 64 << 20, (1 << 30) + 12345, 1 << 40] {
+            for segment in [64 << 10, 1 << 20, 4 << 20] {
+                let Ok(g) = Geometry::new(4096, segment, device) else {
+                    continue;
+                };
+                let mut walk = Geometry {
+                    nr_segments: device / segment as u64 - 1,
+                    ..g
+                };
+                while walk.device_bytes() > device && walk.nr_segments > 2 {
+                    walk.nr_segments -= 1;
+                }
+                assert_eq!(g.nr_segments, walk.nr_segments, "{device} {segment}");
+            }
+        }
+    }
+
+    /// Found by the `superblock` fuzz target: the size of such a geometry overflowed.
+    #[test]
+    fn a_superblock_whose_geometry_overflows_a_u64_is_refused_not_a_panic() {
+        let g = Geometry::new(512, 1 << 20, 64 << 20).unwrap();
+        for (nr_segments, lines_per_segment) in [
+            (u64::MAX / 2, g.lines_per_segment),
+            (u64::MAX, 1),
+            (1 << 40, u32::MAX),
+        ] {
+            let sb = Superblock {
+                geometry: Geometry {
+                    nr_segments,
+                    lines_per_segment,
+                    ..g
+                },
+                uuid: [1; 16],
+                seq: 1,
+                last_writeback_id: 0,
+                durable_id: 0,
+                backing: vec![None; MAX_BACKING],
+            };
+            assert!(matches!(
+                Superblock::decode(&sb.encode(), "t"),
+                Err(Error::BadFormat { .. })
+            ));
+        }
+    }
 
     #[test]
     fn geometry_matches_format_doc() {

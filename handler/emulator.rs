@@ -1,5 +1,5 @@
 //! A kernel-side TCMU ring emulator: lays out a mapping exactly as
-//! `target_core_user` does (mailbox, command ring, data area in a memfd), queues
+//! `target_core_user` does (mailbox, command ring, data area), queues
 //! commands as the kernel's `queue_cmd_ring` would (PAD at the wrap, 1 byte kept free,
 //! data blocks, iovecs as map offsets, ids 1..65535), signals the handler through an
 //! eventfd, and reaps completions like `tcmu_handle_completions` (walking from its last
@@ -7,20 +7,30 @@
 //! handler's doorbell can reset the ring as `action/reset_ring` does (outstanding
 //! commands completed BUSY, head = tail = 0), and the backing memory can be truncated
 //! away (the SIGBUS a removed device gives).
-#![allow(dead_code)]
+//!
+//! The memory is a heap buffer ([`SharedMap::heap`]) unless a test needs a real mapping
+//! ([`Emulator::new_mapped`]: a memfd, which can be truncated); the handler's side
+//! gets another handle on the same memory ([`Emulator::handler_map`]). Only built with
+//! the `test-utils` feature: the tests, the ring benchmark and the fuzzers use it.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use lc::ring::{cdb_len, Doorbell};
-use lc::shm::{memfd, SharedMap};
+use crate::ring::{cdb_len, off, Doorbell, CMD_ENTRY_SIZE, MAILBOX_SIZE, SENSE_SIZE};
+use crate::shm::{memfd, SharedMap};
+use crate::sys;
 
-pub const CMDR_OFF: u64 = 128;
+/// Where the emulator puts the command ring: right after the mailbox, as the kernel does.
+pub const CMDR_OFF: u64 = MAILBOX_SIZE;
+/// The data area's block size (the kernel's `DATA_BLOCK_SIZE`, a page).
 pub const BLOCK: u64 = 4096;
-pub const FLAG_OOOC: u16 = 1;
-pub const FLAG_READ_LEN: u16 = 2;
-pub const FLAG_TMR: u16 = 4;
+/// Mailbox flag: out-of-order completions.
+pub const FLAG_OOOC: u16 = sys::TCMU_MAILBOX_FLAG_CAP_OOOC as u16;
+/// Mailbox flag: `read_len` in responses.
+pub const FLAG_READ_LEN: u16 = sys::TCMU_MAILBOX_FLAG_CAP_READ_LEN as u16;
+/// Mailbox flag: TMR notifications.
+pub const FLAG_TMR: u16 = sys::TCMU_MAILBOX_FLAG_CAP_TMR as u16;
 
 struct Inflight {
     blocks: Vec<usize>,
@@ -31,9 +41,13 @@ struct Inflight {
 /// What the initiator gets back for a command.
 #[derive(Debug, Clone)]
 pub struct Completion {
+    /// The command's id.
     pub cmd_id: u16,
+    /// SAM status.
     pub status: u8,
+    /// The response's sense buffer (all of it).
     pub sense: Vec<u8>,
+    /// Data-In, cut to `read_len` when the handler reported one.
     pub data_in: Vec<u8>,
 }
 
@@ -59,10 +73,15 @@ struct Kernel {
 
 /// The kernel's side of one TCMU device.
 pub struct Emulator {
-    fd: OwnedFd,
+    /// The memfd behind a mapped device ([`Emulator::new_mapped`]).
+    fd: Option<OwnedFd>,
+    /// The kernel's handle on the device memory.
     pub map: Arc<SharedMap>,
+    /// Size of the device memory.
     pub map_len: usize,
+    /// Size of the command ring.
     pub cmdr_size: u32,
+    /// Where the data area starts.
     pub data_off: u64,
     k: Arc<Mutex<Kernel>>,
     to_handler: OwnedFd,
@@ -109,15 +128,15 @@ impl Doorbell for EmuDoorbell {
             k.reset_completions.push(Completion {
                 cmd_id: id,
                 status: BUSY,
-                sense: vec![0u8; 96],
+                sense: vec![0u8; SENSE_SIZE],
                 data_in: Vec::new(),
             });
         }
         k.head = 0;
         k.last_cleaned = 0;
         k.resets += 1;
-        self.map.store_release_u32(12, 0).unwrap();
-        self.map.store_release_u32(64, 0).unwrap();
+        self.map.store_release_u32(off::MB_CMD_HEAD, 0).unwrap();
+        self.map.store_release_u32(off::MB_CMD_TAIL, 0).unwrap();
         Ok(true)
     }
 }
@@ -131,17 +150,38 @@ fn eventfd() -> OwnedFd {
 }
 
 impl Emulator {
-    /// A device with a `cmdr_size`-byte ring and `data_size` bytes of data area.
+    /// A device with a `cmdr_size`-byte ring and `data_size` bytes of data area, in
+    /// heap memory.
     pub fn new(cmdr_size: u32, data_size: u64, flags: u16) -> Emulator {
+        let map_len = Self::layout(cmdr_size, data_size);
+        Self::over(SharedMap::heap(map_len).unwrap(), None, cmdr_size, flags)
+    }
+
+    /// As [`Emulator::new`], in a shared mapping of a memfd (so that
+    /// [`Emulator::truncate_backing`] can take it away).
+    pub fn new_mapped(cmdr_size: u32, data_size: u64, flags: u16) -> Emulator {
+        let map_len = Self::layout(cmdr_size, data_size);
+        let fd = memfd("tcmu-emulator", map_len as u64).unwrap();
+        let map = SharedMap::map(fd.as_fd(), map_len).unwrap();
+        Self::over(map, Some(fd), cmdr_size, flags)
+    }
+
+    fn layout(cmdr_size: u32, data_size: u64) -> usize {
         let data_off = CMDR_OFF + cmdr_size as u64;
         assert_eq!(data_off % BLOCK, 0, "data area must be page aligned");
-        let map_len = (data_off + data_size) as usize;
-        let fd = memfd("tcmu-emulator", map_len as u64).unwrap();
-        let map = Arc::new(SharedMap::map(fd.as_fd(), map_len).unwrap());
-        map.write_u16(0, 2).unwrap();
-        map.write_u16(2, flags).unwrap();
-        map.write_u32(4, CMDR_OFF as u32).unwrap();
-        map.write_u32(8, cmdr_size).unwrap();
+        (data_off + data_size) as usize
+    }
+
+    fn over(map: SharedMap, fd: Option<OwnedFd>, cmdr_size: u32, flags: u16) -> Emulator {
+        let map_len = map.len();
+        let data_off = CMDR_OFF + cmdr_size as u64;
+        let data_size = map_len as u64 - data_off;
+        map.write_u16(off::MB_VERSION, sys::TCMU_MAILBOX_VERSION as u16)
+            .unwrap();
+        map.write_u16(off::MB_FLAGS, flags).unwrap();
+        map.write_u32(off::MB_CMDR_OFF, CMDR_OFF as u32).unwrap();
+        map.write_u32(off::MB_CMDR_SIZE, cmdr_size).unwrap();
+        let map = Arc::new(map);
         Emulator {
             fd,
             map,
@@ -169,9 +209,9 @@ impl Emulator {
         Emulator::new((64 << 10) - CMDR_OFF as u32, 4 << 20, flags)
     }
 
-    /// A second mapping of the same memory, as the handler's mmap of /dev/uioN.
+    /// The handler's handle on the same memory, as its mmap of /dev/uioN.
     pub fn handler_map(&self) -> SharedMap {
-        SharedMap::map(self.fd.as_fd(), self.map_len).unwrap()
+        self.map.alias()
     }
 
     /// The handler's doorbell.
@@ -212,9 +252,11 @@ impl Emulator {
     }
 
     /// Shrinks the memory behind the mapping to nothing, as a removed device leaves
-    /// it: every later access to either side's mapping raises SIGBUS.
+    /// it: every later access to either side's mapping raises SIGBUS. Only for a
+    /// device made by [`Emulator::new_mapped`].
     pub fn truncate_backing(&self) {
-        std::fs::File::from(self.fd.try_clone().unwrap())
+        let fd = self.fd.as_ref().expect("a mapped emulator (new_mapped)");
+        std::fs::File::from(fd.try_clone().unwrap())
             .set_len(0)
             .unwrap();
     }
@@ -284,7 +326,8 @@ impl Emulator {
         if pad > 0 {
             let e = CMDR_OFF + k.head as u64;
             self.map.fill(e, 8, 0).unwrap();
-            self.map.write_u32(e, pad).unwrap(); // op PAD = 0
+            let len_op = pad | sys::tcmu_opcode_TCMU_OP_PAD;
+            self.map.write_u32(e + off::HDR_LEN_OP, len_op).unwrap();
             k.head = 0;
         }
         Some(k.head)
@@ -292,7 +335,9 @@ impl Emulator {
 
     fn publish_head(&self, k: &mut Kernel, at: u32, len: u32) {
         k.head = (at + len) % self.cmdr_size;
-        self.map.store_release_u32(12, k.head).unwrap();
+        self.map
+            .store_release_u32(off::MB_CMD_HEAD, k.head)
+            .unwrap();
         self.kick_handler();
     }
 
@@ -305,7 +350,9 @@ impl Emulator {
         let bytes = data_out.len().max(data_in_len);
         let blocks = Self::alloc_blocks(&mut k, bytes)?;
         let iovs = self.iovs_for(&blocks, bytes);
-        let base = (48 + 16 * iovs.len() as u32).max(112);
+        // The CDB follows the iovecs, and never starts inside the fixed-size entry.
+        let base =
+            ((off::REQ_IOV + off::IOV_SIZE * iovs.len() as u64) as u32).max(CMD_ENTRY_SIZE as u32);
         let len = base + (cdb.len() as u32).div_ceil(8) * 8;
         let Some(at) = self.reserve(&mut k, len) else {
             for &b in &blocks {
@@ -321,13 +368,17 @@ impl Emulator {
         };
         let e = CMDR_OFF + at as u64;
         self.map.fill(e, len as u64, 0).unwrap();
-        self.map.write_u32(e, len | 1).unwrap();
-        self.map.write_u16(e + 4, id).unwrap();
-        self.map.write_u32(e + 8, iovs.len() as u32).unwrap();
-        self.map.write_u64(e + 24, e + base as u64).unwrap();
+        let len_op = len | sys::tcmu_opcode_TCMU_OP_CMD;
+        self.map.write_u32(e + off::HDR_LEN_OP, len_op).unwrap();
+        self.map.write_u16(e + off::HDR_CMD_ID, id).unwrap();
+        let m = &self.map;
+        m.write_u32(e + off::REQ_IOV_CNT, iovs.len() as u32)
+            .unwrap();
+        m.write_u64(e + off::REQ_CDB_OFF, e + base as u64).unwrap();
         for (i, (o, l)) in iovs.iter().enumerate() {
-            self.map.write_u64(e + 48 + 16 * i as u64, *o).unwrap();
-            self.map.write_u64(e + 56 + 16 * i as u64, *l).unwrap();
+            let v = e + off::REQ_IOV + off::IOV_SIZE * i as u64;
+            m.write_u64(v + off::IOV_BASE, *o).unwrap();
+            m.write_u64(v + off::IOV_LEN, *l).unwrap();
         }
         self.map.write(e + base as u64, cdb).unwrap();
         let mut pos = 0;
@@ -376,7 +427,8 @@ impl Emulator {
             id
         };
         let mut e = entry.to_vec();
-        e[4..6].copy_from_slice(&id.to_ne_bytes());
+        let at = off::HDR_CMD_ID as usize;
+        e[at..at + 2].copy_from_slice(&id.to_ne_bytes());
         self.submit_raw(&e);
         id
     }
@@ -385,20 +437,33 @@ impl Emulator {
     pub fn submit_tmr(&mut self, tmr_type: u8, ids: &[u16]) -> bool {
         let k = self.k.clone();
         let mut k = k.lock().unwrap();
-        let len = (32 + 2 * ids.len() as u32).div_ceil(8) * 8;
+        let len = (off::TMR_CMD_IDS as u32 + 2 * ids.len() as u32).div_ceil(8) * 8;
         let Some(at) = self.reserve(&mut k, len) else {
             return false;
         };
         let e = CMDR_OFF + at as u64;
         self.map.fill(e, len as u64, 0).unwrap();
-        self.map.write_u32(e, len | 2).unwrap();
-        self.map.write_u8(e + 8, tmr_type).unwrap();
-        self.map.write_u32(e + 12, ids.len() as u32).unwrap();
+        let len_op = len | sys::tcmu_opcode_TCMU_OP_TMR;
+        self.map.write_u32(e + off::HDR_LEN_OP, len_op).unwrap();
+        self.map.write_u8(e + off::TMR_TYPE, tmr_type).unwrap();
+        self.map
+            .write_u32(e + off::TMR_CMD_CNT, ids.len() as u32)
+            .unwrap();
         for (i, id) in ids.iter().enumerate() {
-            self.map.write_u16(e + 32 + 2 * i as u64, *id).unwrap();
+            let at = e + off::TMR_CMD_IDS + 2 * i as u64;
+            self.map.write_u16(at, *id).unwrap();
         }
         self.publish_head(&mut k, at, len);
         true
+    }
+
+    /// Writes `bytes` over the command ring from its start (at most the ring) and
+    /// publishes `head`, as a kernel gone wrong would: for the fuzzers. Nothing written
+    /// this way is known to the emulator as a command.
+    pub fn scribble(&mut self, bytes: &[u8], head: u32) {
+        let n = bytes.len().min(self.cmdr_size as usize);
+        self.map.write(CMDR_OFF, &bytes[..n]).unwrap();
+        self.map.store_release_u32(off::MB_CMD_HEAD, head).unwrap();
     }
 
     /// Commands queued and not reaped.
@@ -413,26 +478,26 @@ impl Emulator {
         let _ = rustix::io::read(&self.to_kernel, &mut b);
         let k = self.k.clone();
         let mut k = k.lock().unwrap();
-        let tail = self.map.load_acquire_u32(64).unwrap();
+        let tail = self.map.load_acquire_u32(off::MB_CMD_TAIL).unwrap();
         let mut out = std::mem::take(&mut k.reset_completions);
         while k.last_cleaned != tail {
             let e = CMDR_OFF + k.last_cleaned as u64;
-            let len_op = self.map.read_u32(e).unwrap();
-            let len = len_op & !7;
+            let len_op = self.map.read_u32(e + off::HDR_LEN_OP).unwrap();
+            let len = len_op & !sys::TCMU_OP_MASK;
             assert!(len >= 8, "zero-length entry at {}", k.last_cleaned);
-            if len_op & 7 == 1 {
-                let id = self.map.read_u16(e + 4).unwrap();
+            if len_op & sys::TCMU_OP_MASK == sys::tcmu_opcode_TCMU_OP_CMD {
+                let id = self.map.read_u16(e + off::HDR_CMD_ID).unwrap();
                 let inf = k
                     .inflight
                     .remove(&id)
                     .unwrap_or_else(|| panic!("cmd_id {id} not found, ring is broken"));
-                let status = self.map.read_u8(e + 8).unwrap();
-                let uflags = self.map.read_u8(e + 7).unwrap();
-                let mut sense = vec![0u8; 96];
-                self.map.read(e + 16, &mut sense).unwrap();
+                let status = self.map.read_u8(e + off::RSP_STATUS).unwrap();
+                let uflags = self.map.read_u8(e + off::HDR_UFLAGS).unwrap();
+                let mut sense = vec![0u8; SENSE_SIZE];
+                self.map.read(e + off::RSP_SENSE, &mut sense).unwrap();
                 let mut n = inf.data_in_len;
-                if uflags & 2 != 0 {
-                    let rl = self.map.read_u32(e + 12).unwrap() as usize;
+                if uflags & sys::TCMU_UFLAG_READ_LEN as u8 != 0 {
+                    let rl = self.map.read_u32(e + off::RSP_READ_LEN).unwrap() as usize;
                     if rl != 0 {
                         n = n.min(rl);
                     }
