@@ -80,7 +80,7 @@ pub fn syslog_priority(level: slog::Level) -> u8 {
 /// Writes `<prio>message, key: value, ...` lines to stderr, one write each.
 struct JournalDrain;
 
-impl slog::Drain for JournalDrain {
+impl Drain for JournalDrain {
     type Ok = ();
     type Err = std::io::Error;
     fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> std::io::Result<()> {

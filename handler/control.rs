@@ -319,14 +319,14 @@ fn close_gently(r: &mut BufReader<UnixStream>, w: &UnixStream) {
         .set_read_timeout(Some(Duration::from_millis(100)));
     let mut sink = [0u8; 4096];
     for _ in 0..256 {
-        match std::io::Read::read(r, &mut sink) {
+        match io::Read::read(r, &mut sink) {
             Ok(n) if n > 0 => continue,
             _ => break,
         }
     }
 }
 
-fn write_line(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+fn write_line(s: &mut UnixStream, v: &Value) -> io::Result<()> {
     let mut t = v.to_string();
     t.push('\n');
     s.write_all(t.as_bytes())
@@ -346,7 +346,7 @@ pub fn serve_conn(s: UnixStream, handler: &dyn Handler, limits: Limits) {
     let mut r = BufReader::new(s);
     loop {
         let mut line = String::new();
-        match std::io::Read::take(&mut r, MAX_LINE as u64 + 1).read_line(&mut line) {
+        match io::Read::take(&mut r, MAX_LINE as u64 + 1).read_line(&mut line) {
             Ok(0) => return,
             Err(e)
                 if matches!(
@@ -500,7 +500,7 @@ mod tests {
         }
     }
 
-    fn server() -> (tempfile::TempDir, std::path::PathBuf) {
+    fn server() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run/control.sock");
         let l = listen(&p).unwrap();

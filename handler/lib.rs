@@ -1,7 +1,6 @@
 //! The lc daemon and command-line tool: everything LIO-facing (TCMU ring, netlink,
 //! SCSI emulation, D-Bus) and the administration commands, built on the `lc-cache`
 //! engine.
-#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
 pub mod api;

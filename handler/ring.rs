@@ -64,9 +64,9 @@ pub(crate) mod off {
 }
 
 /// Size of the mailbox at the start of the map.
-pub const MAILBOX_SIZE: u64 = std::mem::size_of::<sys::tcmu_mailbox>() as u64;
+pub const MAILBOX_SIZE: u64 = size_of::<sys::tcmu_mailbox>() as u64;
 /// Size of a command entry without extra iovecs.
-pub const CMD_ENTRY_SIZE: u64 = std::mem::size_of::<sys::tcmu_cmd_entry>() as u64;
+pub const CMD_ENTRY_SIZE: u64 = size_of::<sys::tcmu_cmd_entry>() as u64;
 /// Bytes of sense data in a response.
 pub const SENSE_SIZE: usize = sys::TCMU_SENSE_BUFFERSIZE as usize;
 /// Largest CDB the SCSI core passes (`SCSI_MAX_VARLEN_CDB_SIZE`).

@@ -205,7 +205,7 @@ pub fn open(
             }
         }
     };
-    let fd: std::os::fd::OwnedFd = f.into();
+    let fd: OwnedFd = f.into();
     let map = SharedMap::map(fd.as_fd(), size)?;
     Ok((map, UioDoorbell::new(fd)))
 }

@@ -373,8 +373,7 @@ mod tests {
         Job {
             device: 0,
             cmd_id: id,
-            command: crate::scsi::Command::parse(&crate::scsi::cdb::build10(0x28, 0, 1, 0))
-                .unwrap(),
+            command: scsi::Command::parse(&scsi::cdb::build10(0x28, 0, 1, 0)).unwrap(),
             data: JobData::In(mem.lend(&[(id as u64 * 512, 512)]).unwrap()),
             lun: Arc::new(LunState::new(LunConfig::new("w", 512, 100))),
             backend: be.clone(),

@@ -208,7 +208,7 @@ impl Index {
 
     /// Bytes of RAM held by the table.
     pub fn memory_bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<(u64, u64)>()
+        self.slots.len() * size_of::<(u64, u64)>()
     }
 
     fn home(&self, k: u64) -> usize {

@@ -9,7 +9,6 @@
 //!
 //! The engine knows nothing of SCSI or TCMU.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod checkpoint;
 mod clean;

@@ -188,7 +188,7 @@ fn write_back(
     last: u64,
     skip: &[u64],
     sort: bool,
-) -> std::result::Result<(), WbError> {
+) -> Result<(), WbError> {
     let gens: BTreeMap<u64, u16> = {
         let st = inner.lock();
         st.recovered_gens
@@ -245,7 +245,7 @@ fn write_items(
     bufs: &[AlignedBuf],
     headers: &[SegmentHeader],
     sort: bool,
-) -> std::result::Result<Vec<Item>, Vec<(u8, Error)>> {
+) -> Result<Vec<Item>, Vec<(u8, Error)>> {
     let hl = inner.geo.data_start();
     // Decide, under the lock, which copies to write.
     let mut items: Vec<Item> = Vec::new();

@@ -137,13 +137,12 @@ impl Data<'_, '_> {
 /// of them would have blocked.
 struct NonBlocking<'a> {
     be: &'a dyn BlockBackend,
-    blocked: std::sync::atomic::AtomicBool,
+    blocked: AtomicBool,
 }
 
 impl NonBlocking<'_> {
     fn would_block(&self) -> IoError {
-        self.blocked
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.blocked.store(true, Ordering::Relaxed);
         IoError {
             offset: None,
             message: "would block".into(),
@@ -154,7 +153,7 @@ impl NonBlocking<'_> {
 
 impl BlockBackend for NonBlocking<'_> {
     fn read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), IoError> {
-        if self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.blocked.load(Ordering::Relaxed) {
             return Err(self.would_block());
         }
         self.be
@@ -162,7 +161,7 @@ impl BlockBackend for NonBlocking<'_> {
             .unwrap_or_else(|| Err(self.would_block()))
     }
     fn write(&self, offset: u64, data: &[&[u8]], fua: bool) -> Result<(), IoError> {
-        if fua || self.blocked.load(std::sync::atomic::Ordering::Relaxed) {
+        if fua || self.blocked.load(Ordering::Relaxed) {
             return Err(self.would_block());
         }
         self.be
