@@ -143,7 +143,20 @@ impl FileDevice {
             flags |= libc::O_EXCL;
         }
         opts.custom_flags(flags);
-        let mut file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        let mut direct = direct;
+        let mut opened = opts.open(path);
+        // A file system without O_DIRECT (tmpfs) refuses the flag with EINVAL: such a
+        // file is served through the page cache ([`FileDevice::is_direct`] says so).
+        if direct
+            && opened
+                .as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL))
+        {
+            direct = false;
+            opts.custom_flags(flags & !libc::O_DIRECT);
+            opened = opts.open(path);
+        }
+        let mut file = opened.map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => busy(),
             _ => annotate(path, e),
         })?;
@@ -173,6 +186,12 @@ impl FileDevice {
             is_block,
             through: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether I/O bypasses the page cache: `O_DIRECT` was asked for and the file
+    /// system accepted it.
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     fn needs_bounce(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
@@ -490,6 +509,27 @@ mod tests {
         let f = std::fs::read(&p).unwrap();
         assert!(f[65536 + 100..65536 + 8192].iter().all(|&x| x == 2));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn o_direct_files_round_trip_on_tmpfs_too() {
+        // tmpfs before Linux 6.6 refuses O_DIRECT (EINVAL): the device then opens
+        // without it and `is_direct` says so; newer tmpfs takes it. Either way the
+        // device works.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return;
+        }
+        let p = shm.join(format!("lc-direct-{}.img", std::process::id()));
+        create_file(&p, 1 << 20).unwrap();
+        let d = FileDevice::open(&p, true).unwrap();
+        let mut b = AlignedBuf::new(4096);
+        let mut w = AlignedBuf::new(4096);
+        w.fill(7);
+        d.write_at(&w, 8192).unwrap();
+        d.read_at(&mut b, 8192).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
     }
 
     #[test]

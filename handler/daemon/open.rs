@@ -34,7 +34,13 @@ fn open_exclusive(
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            r => return r,
+            Ok(d) => {
+                if direct && !d.is_direct() {
+                    warn!(log, "o_direct: the file system refuses O_DIRECT; served through the page cache"; "device" => path.display().to_string());
+                }
+                return Ok(d);
+            }
+            Err(e) => return Err(e),
         }
     }
 }
