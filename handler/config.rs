@@ -75,8 +75,8 @@ pub struct CacheSection {
     pub name: String,
     /// Cache device (formatted with `lc format`).
     pub device: PathBuf,
-    /// Open the devices with O_DIRECT.
-    #[serde(default)]
+    /// Open the devices with O_DIRECT (default: on; docs/CONFIG.md says why).
+    #[serde(default = "default_o_direct")]
     pub o_direct: bool,
     /// RAM for segment buffers, e.g. "64MiB".
     #[serde(default = "default_ram")]
@@ -84,6 +84,10 @@ pub struct CacheSection {
     /// Tunables (see `lc_cache::Tunables`), e.g. `writeback_threshold = 50`.
     #[serde(default)]
     pub tunables: BTreeMap<String, toml::Value>,
+}
+
+fn default_o_direct() -> bool {
+    true
 }
 
 fn default_ram() -> String {
