@@ -53,13 +53,14 @@ fn check_reads(c: &lc_cache::Cache, off: u64, want: &[u8], what: &str) {
     }
 }
 
-#[test]
-fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back_everywhere() {
-    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
-    let backing = pattern(1 << 20, 0x42);
+/// A cache of `segments` 64 KiB segments (writeback and the idle seal off, 4 RAM
+/// buffers) over a 1 MiB backing device holding `pattern(.., salt)`; and that pattern,
+/// the model of what reads must return.
+fn cache_over_pattern(segments: u64, salt: u8) -> (lc_cache::Cache, Vec<u8>) {
+    let backing = pattern(1 << 20, salt);
     let disk: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.clone(), "b0"));
     let c = open(
-        cache,
+        mem_cache(SEG as u64 * segments, 512, SEG),
         &[disk],
         Tunables {
             writeback_enabled: false,
@@ -68,7 +69,12 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
         },
         4,
     );
-    let mut model = backing.clone();
+    (c, backing)
+}
+
+#[test]
+fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back_everywhere() {
+    let (c, mut model) = cache_over_pattern(16, 0x42);
     // 512 bytes into line 1, through line 4 and half of line 5: the first and last lines
     // are partial (their other sectors come from the backing device).
     let off = 4096 + 512;
@@ -165,20 +171,7 @@ fn reads_of_lines_on_the_cache_device_in_any_slot_order_and_across_segments_read
     // 14 lines per 64 KiB segment), lines 40..60 in reverse (slots descending), then
     // one line rewritten in a later segment: reads of every range cut every way must
     // return the newest data whether the lines are read as one run or one by one.
-    let cache = mem_cache(SEG as u64 * 32, 512, SEG);
-    let backing = pattern(1 << 20, 0x17);
-    let disk: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.clone(), "b0"));
-    let c = open(
-        cache,
-        &[disk],
-        Tunables {
-            writeback_enabled: false,
-            flush_interval_s: 0,
-            ..Tunables::default()
-        },
-        4,
-    );
-    let mut model = backing.clone();
+    let (c, mut model) = cache_over_pattern(32, 0x17);
     let mut put = |c: &lc_cache::Cache, line: usize, salt: u8| {
         let d = pattern(4096, salt);
         c.write(0, (line * 4096) as u64, &d, false).unwrap();

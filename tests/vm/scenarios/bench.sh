@@ -94,21 +94,7 @@ if command -v tcmu-runner >/dev/null; then
 else
     echo "tcmu-runner: not installed in the image" | tee -a "$out"
 fi
-fresh_ssd() { # a cache device whose old superblock no cache can mistake for its own
-    wipefs -a /dev/vdb >/dev/null 2>&1 || true
-    dd if=/dev/zero of=/dev/vdb bs=1M count=1 oflag=direct status=none
-}
 hdd_sectors=$(blockdev --getsz /dev/vdc)
-# A device-mapper cache behind a LIO block backstore through the same loopback.
-lio_row() { # name dm-name table key
-    dmsetup create "$2" --table "$3"
-    dmsetup mknodes
-    targetcli /backstores/block create name="${2}blk" dev="/dev/mapper/$2" >/dev/null
-    loopback_lun "/backstores/block/${2}blk" >/dev/null
-    row "$1" "$(lun_dev "${2}blk")" "$4"
-    targetcli clearconfig confirm=True >/dev/null
-    dmsetup remove "$2"
-}
 if modprobe dm-writecache 2>/dev/null; then
     fresh_ssd
     lio_row "dm-writecache (LIO block)" wc "0 $hdd_sectors writecache s /dev/vdc /dev/vdb 4096 0" wc

@@ -78,28 +78,17 @@ for t in ${LC_BENCH_IO_THREADS:-}; do
     lc_row "lc, o_direct, io_threads=$t" "lcd$t" 2048 "o_direct = true" "io_threads = $t"
 done
 cp /payload/lc.toml /etc/lc/lc.toml
-fresh_ssd() {
-    wipefs -a /dev/vdb >/dev/null 2>&1 || true
-    dd if=/dev/zero of=/dev/vdb bs=1M count=1 oflag=direct status=none
-}
 hdd_sectors=$(blockdev --getsz /dev/vdc)
-lio_row() { # name dm-name table key
+if modprobe dm-writecache 2>/dev/null; then
     fresh_ssd
     seed_misses
-    dmsetup create "$2" --table "$3"
-    dmsetup mknodes
-    targetcli /backstores/block create name="${2}blk" dev="/dev/mapper/$2" >/dev/null
-    loopback_lun "/backstores/block/${2}blk" >/dev/null
-    row "$1" "$(lun_dev "${2}blk")" "$4"
-    targetcli clearconfig confirm=True >/dev/null
-    dmsetup remove "$2"
-}
-if modprobe dm-writecache 2>/dev/null; then
     lio_row "dm-writecache (LIO block)" wc "0 $hdd_sectors writecache s /dev/vdc /dev/vdb 4096 0" wc
 else
     echo "dm-writecache: module not available" | tee -a "$out"
 fi
 if modprobe dm-writeboost 2>/dev/null; then
+    fresh_ssd
+    seed_misses
     lio_row "dm-writeboost rct=1 (LIO block)" wb \
         "0 $hdd_sectors writeboost /dev/vdc /dev/vdb 2 read_cache_threshold 1" wb
 else

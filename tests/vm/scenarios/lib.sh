@@ -69,6 +69,27 @@ loopback_lun() {
     echo "$wwn"
 }
 
+# Wipes the start of cache device $1 (default /dev/vdb): its old superblock no cache
+# can then mistake for its own.
+fresh_ssd() {
+    local d=${1:-/dev/vdb}
+    wipefs -a "$d" >/dev/null 2>&1 || true
+    dd if=/dev/zero of="$d" bs=1M count=1 oflag=direct status=none
+}
+
+# A device-mapper cache (dm name $2, table $3) behind a LIO block backstore through the
+# loopback; runs the scenario's `row NAME DEV KEY` on it ($1 = name, $4 = key), then
+# takes it all down.
+lio_row() {
+    dmsetup create "$2" --table "$3"
+    dmsetup mknodes
+    targetcli /backstores/block create name="${2}blk" dev="/dev/mapper/$2" >/dev/null
+    loopback_lun "/backstores/block/${2}blk" >/dev/null
+    row "$1" "$(lun_dev "${2}blk")" "$4"
+    targetcli clearconfig confirm=True >/dev/null
+    dmsetup remove "$2"
+}
+
 fio_verify() {
     local dev=$1 size=$2 rw=${3:-randwrite}
     fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw="$rw" \

@@ -39,10 +39,6 @@ run() { # dev tag [fio options]: per-interval write IOPS into /tmp/sus-<tag>
         /tmp/sus_"$2"_iops.*.log >"/tmp/sus-$2"
     echo "$2: $(awk '{printf "%s ", $2}' "/tmp/sus-$2")" | tee -a "$out"
 }
-fresh_ssd() {
-    wipefs -a "$ssd" >/dev/null 2>&1 || true
-    dd if=/dev/zero of="$ssd" bs=1M count=1 oflag=direct status=none
-}
 
 # lc, a fresh cache before each run.
 for mode in fsync plain; do
@@ -66,7 +62,7 @@ cp /payload/lc.toml /etc/lc/lc.toml
 modprobe dm-writecache || fail "no dm-writecache module in the guest kernel"
 hdd_sectors=$(blockdev --getsz /dev/vdc)
 for mode in fsync plain; do
-    fresh_ssd
+    fresh_ssd "$ssd"
     dmsetup create wc --table "0 $hdd_sectors writecache s /dev/vdc $ssd 4096 0"
     dmsetup mknodes
     targetcli /backstores/block create name=wcblk dev=/dev/mapper/wc >/dev/null
