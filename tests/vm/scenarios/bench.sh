@@ -20,17 +20,6 @@ RT=${LC_BENCH_RUNTIME:-15}
 out=/payload/results/bench-table.txt
 vals=/tmp/bench-values
 : >"$vals"
-job() { # dev rw bs qd [fio options] -> IOPS, or "failed" (e.g. I/O errors); the other jobs still run
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    if fio --name=b --filename="$1" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" "${@:5}" \
-        --output-format=json --output=/tmp/job.json >/dev/null 2>&1; then
-        python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))' \
-            /tmp/job.json || echo failed
-    else
-        echo failed
-    fi
-}
 timed() { job "$@" --time_based --runtime="$RT" --size=512M; }
 fmt='%-30s %14s %12s %16s %12s\n'
 row() { # name dev key

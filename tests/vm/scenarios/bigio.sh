@@ -20,17 +20,6 @@ out=/payload/results/bigio-table.txt
 vals=/tmp/bigio-values
 : >"$vals"
 MISS_OFF=$((768 << 20))
-job() { # dev rw bs qd [fio options] -> IOPS, or "failed"
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    if fio --name=b --filename="$1" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" "${@:5}" \
-        --output-format=json --output=/tmp/job.json >/dev/null 2>&1; then
-        python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))' \
-            /tmp/job.json || echo failed
-    else
-        echo failed
-    fi
-}
 # 16 MiB of known data straight onto the HDD, where every device will look for it.
 seed_misses() {
     dd if=/dev/urandom of=/dev/vdc bs=1M count=16 seek=$((MISS_OFF >> 20)) oflag=direct status=none

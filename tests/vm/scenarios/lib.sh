@@ -90,6 +90,21 @@ lio_row() {
     dmsetup remove "$2"
 }
 
+# One fio job on $1 (rw $2, block size $3, queue depth $4, more fio options after),
+# the guest's page cache dropped first: prints its IOPS, or "failed" (e.g. I/O errors;
+# the scenario's other jobs still run).
+job() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    if fio --name=b --filename="$1" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" "${@:5}" \
+        --output-format=json --output=/tmp/job.json >/dev/null 2>&1; then
+        python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))' \
+            /tmp/job.json || echo failed
+    else
+        echo failed
+    fi
+}
+
 fio_verify() {
     local dev=$1 size=$2 rw=${3:-randwrite}
     fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw="$rw" \
