@@ -31,6 +31,10 @@ pub struct Stats {
     pub cache_bytes_written: u64,
     /// Bytes written to backing devices by writeback.
     pub backing_bytes_written: u64,
+    /// Lines promoted into the cache on read misses (clean copies; read caching).
+    pub promoted_lines: u64,
+    /// The same per attached backing device id.
+    pub device_promoted_lines: Vec<(u8, u64)>,
     /// RAM held by segment buffers and the index, in bytes.
     pub ram_bytes: u64,
     /// Index bytes alone.
