@@ -375,8 +375,7 @@ impl Inner {
             }
             // Log space goes to writers first: no promotion under pressure, in the
             // reserve, or when a segment buffer is not free now.
-            if st.need_space || crate::clean::in_reserve(self, &st) || !self.ensure_open(&mut st)
-            {
+            if st.need_space || crate::clean::in_reserve(self, &st) || !self.ensure_open(&mut st) {
                 return;
             }
             let o = st.open.as_mut().expect("open");

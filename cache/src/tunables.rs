@@ -161,9 +161,7 @@ impl Tunables {
                 self.checkpoint_interval_segments = parse_range(key, v, 0, 1_000_000)?
             }
             "stage_lines" => self.stage_lines = parse_range(key, v, 0, 1024)?,
-            "read_promote_threshold" => {
-                self.read_promote_threshold = parse_range(key, v, 0, 1000)?
-            }
+            "read_promote_threshold" => self.read_promote_threshold = parse_range(key, v, 0, 1000)?,
             "sequential_cutoff" => {
                 self.sequential_cutoff = v.parse().map_err(|_| Error::Tunable {
                     key: key.into(),

@@ -168,13 +168,19 @@ fn a_read_miss_is_promoted_and_the_next_read_hits() {
     assert_eq!(read(&c, 0, 4 * LINE), data[..4 * LINE as usize]);
     assert_eq!(full_read_hits(&c), 4);
     c.seal_now().unwrap();
-    assert_eq!(read(&c, LINE, 2 * LINE), data[LINE as usize..3 * LINE as usize]);
+    assert_eq!(
+        read(&c, LINE, 2 * LINE),
+        data[LINE as usize..3 * LINE as usize]
+    );
     assert_eq!(full_read_hits(&c), 6);
     assert_eq!(c.stats().promoted_lines, 4, "hits are not promoted again");
     // A partial line is not promoted.
     let mut buf = vec![0u8; 512];
     c.read(0, 5 * LINE + 512, &mut buf).unwrap();
-    assert_eq!(buf, data[(5 * LINE + 512) as usize..(5 * LINE + 1024) as usize]);
+    assert_eq!(
+        buf,
+        data[(5 * LINE + 512) as usize..(5 * LINE + 1024) as usize]
+    );
     assert_eq!(c.stats().promoted_lines, 4);
     c.check_line_counts().unwrap();
     c.close().unwrap();
@@ -204,7 +210,11 @@ fn reads_continuing_a_long_sequential_stream_are_not_promoted() {
     for l in 0..16 {
         read(&c, l * LINE, LINE);
     }
-    assert_eq!(c.stats().promoted_lines, 8, "the first 8 lines of the stream only");
+    assert_eq!(
+        c.stats().promoted_lines,
+        8,
+        "the first 8 lines of the stream only"
+    );
     // A random read is promoted again.
     read(&c, 20 * LINE, LINE);
     assert_eq!(c.stats().promoted_lines, 9);
@@ -233,8 +243,16 @@ fn writes_over_promoted_lines_read_the_new_data() {
         let off = (base + 1) * LINE + 1536;
         c.write(0, off, &part, false).unwrap();
         data[off as usize..off as usize + 1024].copy_from_slice(&part);
-        assert_eq!(dirty(&c), 2 * (round + 1), "each write over a clean copy adds one");
-        assert_eq!(read(&c, 0, 8 * LINE), data[..8 * LINE as usize], "round {round}");
+        assert_eq!(
+            dirty(&c),
+            2 * (round + 1),
+            "each write over a clean copy adds one"
+        );
+        assert_eq!(
+            read(&c, 0, 8 * LINE),
+            data[..8 * LINE as usize],
+            "round {round}"
+        );
         c.check_line_counts().unwrap();
     }
     // Written back, the data is the backing device's.
@@ -367,7 +385,11 @@ fn a_promotion_racing_a_discard_of_the_uncached_line_is_not_inserted() {
     b.release();
     reader.join().unwrap();
     data[2 * LINE as usize..3 * LINE as usize].fill(0);
-    assert_eq!(c.stats().promoted_lines, 0, "the read's old data is not cached");
+    assert_eq!(
+        c.stats().promoted_lines,
+        0,
+        "the read's old data is not cached"
+    );
     assert_eq!(read(&c, 0, 4 * LINE), data[..4 * LINE as usize]);
 }
 
@@ -391,7 +413,11 @@ fn a_promotion_racing_a_writeback_is_not_inserted() {
     });
     b.release();
     reader.join().unwrap();
-    assert_eq!(c.stats().promoted_lines, 0, "the read's old data is not cached");
+    assert_eq!(
+        c.stats().promoted_lines,
+        0,
+        "the read's old data is not cached"
+    );
     assert_eq!(read(&c, 0, 4 * LINE), data[..4 * LINE as usize]);
 }
 
