@@ -111,7 +111,7 @@ impl Cache {
                 l.clean
                     && match &slots[dev] {
                         None => true,
-                        Some(s) => sb.backing[dev].as_ref().is_none_or(|b| b.label != s.label),
+                        Some(s) => sb.backing[dev].as_ref().is_some_and(|b| b.label != s.label),
                     }
             })
             .map(|(k, _)| k)

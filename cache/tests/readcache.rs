@@ -300,10 +300,11 @@ fn writeback_never_writes_a_clean_line() {
 }
 
 #[test]
-fn the_cleaner_drops_clean_lines_without_copies_or_backing_writes() {
+fn the_cleaner_drops_clean_lines_without_copying_or_writing_them_back() {
     // Reads of a device much larger than the log promote line after line while a small
     // set of dirty lines is rewritten: the log wraps many times, every clean line is
-    // dropped for free, the dirty ones are moved, and the backing device gets nothing.
+    // dropped for free, the dirty ones are moved, and the backing device gets only the
+    // few dirty lines writeback takes.
     let seed = seed("readcache-cleaner");
     let mut rng = rng(seed);
     let slots = 16u64;
@@ -332,8 +333,18 @@ fn the_cleaner_drops_clean_lines_without_copies_or_backing_writes() {
         s.promoted_lines > 3 * slots * 15,
         "seed {seed}: the log did not wrap with promotions: {s:?}"
     );
-    assert_eq!(b.writes.load(Ordering::Relaxed), 0, "seed {seed}: {s:?}");
-    assert_eq!(s.written_back_lines, 0, "seed {seed}: {s:?}");
+    // Writeback may still take a tail segment now and then (a writer waiting for
+    // space while the cleaner waits for a release): only dirty lines reach the
+    // backing device, every one a full line.
+    assert_eq!(
+        s.backing_bytes_written,
+        s.written_back_lines * LINE,
+        "seed {seed}: {s:?}"
+    );
+    assert!(
+        s.written_back_lines * 20 < s.promoted_lines,
+        "seed {seed}: {s:?}"
+    );
     assert_eq!(read(&c, 0, lines * LINE), data, "seed {seed}");
     c.check_line_counts().unwrap();
     c.close().unwrap();
@@ -452,7 +463,14 @@ fn clean_lines_survive_a_restart_from_a_checkpoint_or_a_replay() {
         let c = open(cache.clone(), &devs, t.clone(), 4);
         c.write(0, 0, &[3u8; 4096], false).unwrap();
         read(&c, LINE, 20 * LINE);
-        c.close().unwrap();
+        // Stopped as a crash would stop it (a clean stop may write everything back),
+        // after a checkpoint or with every segment durable.
+        if checkpoints {
+            assert!(c.checkpoint().unwrap());
+        } else {
+            c.seal_now().unwrap();
+        }
+        c.kill();
         let c = open(cache, &devs, t, 4);
         let s = c.stats();
         assert_eq!(s.index_entries, 21, "checkpoints {checkpoints}");
