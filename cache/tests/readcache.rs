@@ -345,6 +345,10 @@ fn the_cleaner_drops_clean_lines_without_copying_or_writing_them_back() {
         s.written_back_lines * 20 < s.promoted_lines,
         "seed {seed}: {s:?}"
     );
+    assert!(
+        b.writes.load(Ordering::Relaxed) <= s.written_back_lines,
+        "seed {seed}: {s:?}"
+    );
     assert_eq!(read(&c, 0, lines * LINE), data, "seed {seed}");
     c.check_line_counts().unwrap();
     c.close().unwrap();
