@@ -53,12 +53,6 @@ impl Loc {
             | self.tomb as u64
     }
 
-    /// True for a copy that writeback must write to the backing device (a dirty line
-    /// or a discard record; not a clean copy).
-    pub fn is_dirty(self) -> bool {
-        !self.clean
-    }
-
     /// The inverse of [`Loc::pack`].
     pub fn unpack(v: u64) -> Self {
         Loc {

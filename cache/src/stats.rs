@@ -25,7 +25,8 @@ pub struct Stats {
     pub open_segment_id: u64,
     /// Segment slots in the ring.
     pub nr_segments: u64,
-    /// Segments holding dirty data (flushed or in RAM, not yet written back).
+    /// Segments after the writeback point (flushed or in RAM, not yet written back or
+    /// cleaned), clean copies of read misses included: 0 means the log holds nothing.
     pub dirty_segments: u64,
     /// Bytes written to the cache device (segments and superblocks).
     pub cache_bytes_written: u64,
