@@ -345,9 +345,14 @@ impl Inner {
     fn promote(&self, dev: u8, epoch: u64, buf: &mut Scatter<'_, '_>, cands: &[(u64, usize)]) {
         let mut st = self.lock();
         let threshold = st.tunables.read_promote_threshold;
-        let attached = st.backing.get(dev as usize).is_some_and(|b| b.is_some());
+        // Attached, and every discard passed to it durable there.
+        let settled = st
+            .backing
+            .get(dev as usize)
+            .and_then(|b| b.as_ref())
+            .is_some_and(|b| b.discards_issued == b.discards_flushed);
         if threshold == 0
-            || !attached
+            || !settled
             || st.failed.is_some()
             || st.damage.unresolved()
             || st.stop_flush
@@ -854,16 +859,20 @@ impl Cache {
             let mut st = self.inner.lock();
             let target = st.last_written_pos();
             let mut devs = Vec::new();
-            for b in st.backing.iter_mut().flatten() {
-                if b.needs_flush {
+            for (id, b) in st.backing.iter_mut().enumerate() {
+                if let Some(b) = b.as_mut().filter(|b| b.needs_flush) {
                     b.needs_flush = false;
-                    devs.push(b.dev.clone());
+                    devs.push((id, b.dev.clone(), b.discards_issued));
                 }
             }
             (target, devs)
         };
-        for d in to_flush {
+        for (id, d, issued) in to_flush {
             d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+            let mut st = self.inner.lock();
+            if let Some(b) = st.backing[id].as_mut() {
+                b.discards_flushed = b.discards_flushed.max(issued);
+            }
         }
         self.inner.wait_durable(target)
     }
@@ -897,8 +906,14 @@ impl Cache {
         let (l0, l1) = (full_start / LINE, full_end / LINE);
         // Lines with a cached copy, and lines lost to damage (a discard record makes
         // them read as zeros, like the rest of the range).
+        // The backing data changes under reads of uncached lines: from the moment the
+        // cached lines are listed (a line promoted after that would get no discard
+        // record) no promotion is inserted, nor after the discard for reads planned
+        // before its end (the invalidation), so a stale clean copy never appears.
+        let any_clean;
         let cached: Vec<u64> = {
-            let st = self.inner.lock();
+            let mut st = self.inner.lock();
+            st.discards += 1;
             let lost = st
                 .damage
                 .lost
@@ -919,25 +934,37 @@ impl Cache {
             v.extend(lost);
             v.sort_unstable();
             v.dedup();
+            any_clean = v
+                .iter()
+                .any(|&l| st.index.get(key(dev, l)).is_some_and(|x| x.clean));
             v
         };
-        for line in cached {
-            self.inner
-                .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
-        }
-        // The backing data changes under reads of uncached lines: no promotion of
-        // what they read is inserted while the discard runs, nor after it (the
-        // invalidation), so a stale clean copy of a discarded line never appears.
-        self.inner.lock().discards += 1;
-        let r = backing
-            .discard(full_start, full_end - full_start)
-            .map_err(|e| Error::io(&backing.describe(), full_start, e));
+        let r = (|| {
+            let mut last = Pos::default();
+            for line in cached {
+                let at = self
+                    .inner
+                    .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
+                last = last.max(at.expect("a waiting write completes"));
+            }
+            // A clean copy is not written back: if the discard reached the backing
+            // device and its discard record did not survive a crash, the replayed
+            // clean copy would read old data until dropped, then the zeros. The
+            // records are made durable first.
+            if any_clean {
+                self.inner.wait_durable(last)?;
+            }
+            backing
+                .discard(full_start, full_end - full_start)
+                .map_err(|e| Error::io(&backing.describe(), full_start, e))
+        })();
         let mut st = self.inner.lock();
         st.discards -= 1;
         st.index.invalidate();
         r?;
         if let Some(b) = st.backing[dev as usize].as_mut() {
             b.needs_flush = true;
+            b.discards_issued += 1;
         }
         Ok(())
     }
@@ -1132,6 +1159,8 @@ impl Cache {
             counters: [0; 16],
             failing: None,
             promoted: 0,
+            discards_issued: 0,
+            discards_flushed: 0,
             stream: Default::default(),
         });
         st.commit_requested = true;

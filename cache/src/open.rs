@@ -76,6 +76,8 @@ impl Cache {
                 counters: [0; 16],
                 failing: None,
                 promoted: 0,
+                discards_issued: 0,
+                discards_flushed: 0,
                 stream: Default::default(),
             });
         }

@@ -85,6 +85,11 @@ pub(crate) struct BackingSlot {
     pub failing: Option<BackingFailure>,
     /// Lines of this device promoted into the cache on read misses.
     pub promoted: u64,
+    /// Discards passed to this device, and how many of them a flush of it made
+    /// durable: while they differ a crash could undo a discard on the device, so no
+    /// read of it is promoted (the clean copy would outlive the undo).
+    pub discards_issued: u64,
+    pub discards_flushed: u64,
     /// The sequential read stream being followed (promotion skips long streams).
     pub stream: Stream,
 }
