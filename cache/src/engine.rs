@@ -418,6 +418,7 @@ impl Inner {
             st.promoted_lines += 1;
             if let Some(b) = st.backing[dev as usize].as_mut() {
                 b.promoted += 1;
+                b.may_hold_clean = true;
             }
         }
     }
@@ -910,7 +911,7 @@ impl Cache {
         // cached lines are listed (a line promoted after that would get no discard
         // record) no promotion is inserted, nor after the discard for reads planned
         // before its end (the invalidation), so a stale clean copy never appears.
-        let any_clean;
+        let sync_first;
         let cached: Vec<u64> = {
             let mut st = self.inner.lock();
             st.discards += 1;
@@ -934,9 +935,10 @@ impl Cache {
             v.extend(lost);
             v.sort_unstable();
             v.dedup();
-            any_clean = v
-                .iter()
-                .any(|&l| st.index.get(key(dev, l)).is_some_and(|x| x.clean));
+            sync_first = !v.is_empty()
+                && st.backing[dev as usize]
+                    .as_ref()
+                    .is_some_and(|b| b.may_hold_clean);
             v
         };
         let r = (|| {
@@ -948,10 +950,11 @@ impl Cache {
                 last = last.max(at.expect("a waiting write completes"));
             }
             // A clean copy is not written back: if the discard reached the backing
-            // device and its discard record did not survive a crash, the replayed
-            // clean copy would read old data until dropped, then the zeros. The
-            // records are made durable first.
-            if any_clean {
+            // device and its discard records did not survive a crash, a replayed
+            // clean copy (the newest entry, or an older one under a newer copy lost
+            // with the records) would read old data until dropped, then the zeros.
+            // The records are made durable first.
+            if sync_first {
                 self.inner.wait_durable(last)?;
             }
             backing
@@ -1161,6 +1164,7 @@ impl Cache {
             promoted: 0,
             discards_issued: 0,
             discards_flushed: 0,
+            may_hold_clean: false,
             stream: Default::default(),
         });
         st.commit_requested = true;

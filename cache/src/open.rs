@@ -78,6 +78,7 @@ impl Cache {
                 promoted: 0,
                 discards_issued: 0,
                 discards_flushed: 0,
+                may_hold_clean: false,
                 stream: Default::default(),
             });
         }
@@ -120,6 +121,11 @@ impl Cache {
             .collect();
         for k in foreign {
             r.index.remove(k);
+        }
+        for (k, _) in r.index.iter().filter(|(_, l)| l.clean) {
+            if let Some(s) = slots[crate::index::unkey(k).0 as usize].as_mut() {
+                s.may_hold_clean = true;
+            }
         }
         let mut dirty = vec![0u64; MAX_BACKING];
         for (k, _) in r.index.iter().filter(|(_, l)| !l.clean) {

@@ -90,6 +90,10 @@ pub(crate) struct BackingSlot {
     /// read of it is promoted (the clean copy would outlive the undo).
     pub discards_issued: u64,
     pub discards_flushed: u64,
+    /// The log may hold clean copies of this device's lines (one was promoted since
+    /// open, or recovery restored one): a discard then makes its records durable
+    /// before it passes to the device.
+    pub may_hold_clean: bool,
     /// The sequential read stream being followed (promotion skips long streams).
     pub stream: Stream,
 }
