@@ -272,6 +272,8 @@ pub struct CacheStats {
     pub moved_lines: u64,
     /// See `lc_cache::Stats`.
     pub written_back_lines: u64,
+    /// See `lc_cache::Stats`: lines promoted into the cache on read misses.
+    pub promoted_lines: u64,
     /// Backing devices writeback fails on.
     pub writeback_failures: Vec<WritebackFailure>,
     /// The tunables in force.
@@ -319,6 +321,8 @@ pub struct LunStats {
     pub lost_lines: u64,
     /// Whether writeback to it fails.
     pub writeback_failing: bool,
+    /// Its lines promoted into the cache on read misses.
+    pub promoted_lines: u64,
 }
 
 /// `reload`: what changed.
@@ -467,6 +471,7 @@ mod tests {
                 dirty_lines: 1,
                 lost_lines: 1,
                 writeback_failing: true,
+                promoted_lines: 1,
             }],
             ..CacheStats::default()
         };

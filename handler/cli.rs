@@ -367,6 +367,12 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             vec![],
         ),
         (
+            "lc_promoted_lines_total",
+            "counter",
+            "Lines promoted into the cache on read misses (clean copies).",
+            vec![],
+        ),
+        (
             "lc_failed",
             "gauge",
             "1 once the cache device failed.",
@@ -389,6 +395,7 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             (s.stale_lines, "lc_stale_lines"),
             (s.moved_lines, "lc_moved_lines_total"),
             (s.written_back_lines, "lc_written_back_lines_total"),
+            (s.promoted_lines, "lc_promoted_lines_total"),
         ] {
             add(name, c.clone(), n.to_string());
         }

@@ -6,10 +6,12 @@
 //! to the head of the log, which costs cache-device bandwidth only, or leaves the segment
 //! to **writeback** (the backing devices, maybe an HDD at a few hundred IOPS).
 //!
-//! Cost rule: moving a segment with `l` live lines out of `L = lines_per_segment` costs
+//! Cost rule: moving a segment with `l` live dirty lines out of `L = lines_per_segment` costs
 //! `l` line copies and `l / L` of a new slot, and frees one slot; writing it back costs
 //! `l` random writes to a backing device and frees one slot. Stale lines cost nothing
-//! either way. A segment is moved when `l ≤ clean_live_max · L` (tunable, default 0.8:
+//! either way, and so do clean copies (lines promoted on read misses, identical to the
+//! backing device): they are never moved, only dropped (`l` counts live lines that are
+//! not clean; a segment whose live lines are all clean costs nothing to clean). A segment is moved when `l ≤ clean_live_max · L` (tunable, default 0.8:
 //! at most 4 lines moved per line of space won), else written back: a (nearly) fully
 //! live segment frees (almost) nothing by moving. The effective threshold is lowered
 //! for tiny rings so that the reserve below always fits a cleaning step that gains a
@@ -33,6 +35,11 @@
 //!   line of those segments. Hence the meaning of `last_writeback_id`: no segment at or
 //!   below it holds anything recovery needs (each line was written back or has a
 //!   durable newer copy).
+//! - A clean copy of a segment being cleaned is dropped from the index only when the
+//!   segment is released, after the commit: until then it is read from the segment, and
+//!   a discard of its line finds it and writes a discard record (dropped earlier, a
+//!   discard of the uncached line would go to the backing device alone while recovery
+//!   could still replay the clean copy from the unreleased segment: stale data).
 //! - Reserve: user writes do not fill segments with `id > wb_id + nr_segments − R`
 //!   ([`reserve`]); they wait (raising `need_space`) and only the cleaner writes there,
 //!   so its moves always have slots that may be written.
@@ -98,8 +105,7 @@ pub(crate) fn free_slots(geo: &Geometry, st: &State) -> i64 {
 /// one, or the next) lies in the cleaner's reserve, so the writer must wait; raises
 /// `need_space`. Checked before a segment is opened, so users never open one there.
 pub(crate) fn user_must_wait(inner: &Inner, st: &mut State) -> bool {
-    let r = reserve(&inner.geo, &st.tunables);
-    if r == 0 || next_fill(&inner.geo, st) + r <= st.wb_id + inner.geo.nr_segments {
+    if !in_reserve(inner, st) {
         return false;
     }
     if !st.need_space {
@@ -107,6 +113,13 @@ pub(crate) fn user_must_wait(inner: &Inner, st: &mut State) -> bool {
         inner.worker_cv.notify_all();
     }
     true
+}
+
+/// True when the segment the next line would fill lies in the cleaner's reserve (a
+/// user write would wait; a promotion is skipped).
+pub(crate) fn in_reserve(inner: &Inner, st: &State) -> bool {
+    let r = reserve(&inner.geo, &st.tunables);
+    r > 0 && next_fill(&inner.geo, st) + r > st.wb_id + inner.geo.nr_segments
 }
 
 /// Id of the segment the next line goes to (the open one while it has room).
@@ -151,6 +164,8 @@ pub(crate) struct Cleaner {
     pending: Option<Pending>,
     /// A segment found holding a live line that must not be moved (lost to damage).
     unmovable: Option<u64>,
+    /// Clean copies found live in the pending segments: dropped at their release.
+    clean_lines: Vec<(u64, Loc)>,
 }
 
 enum Moved {
@@ -171,6 +186,7 @@ impl Cleaner {
         let lps = geo.lines_per_segment as u64;
         if st.failed.is_some() {
             self.pending = None;
+            self.clean_lines.clear();
             return Step::Idle;
         }
         // Segments beyond the ring (users filled it before the reserve applied, e.g.
@@ -184,13 +200,15 @@ impl Cleaner {
         {
             // Leave the moved copies as duplicates; the old segments stay as they are.
             self.pending = None;
+            self.clean_lines.clear();
         }
         // 1. Release moved segments once the head after their moves is durable.
         if let Some(p) = self.pending {
             if st.durable_pos() >= p.target {
                 drop(st);
                 self.pending = None;
-                if let Err(e) = release(inner, p.upto) {
+                let clean = std::mem::take(&mut self.clean_lines);
+                if let Err(e) = release(inner, p.upto, &clean) {
                     cache_failed(inner, e);
                 }
                 return Step::Worked;
@@ -202,7 +220,7 @@ impl Cleaner {
         let t = &st.tunables;
         // Background writeback above the threshold makes room too: the rule decides
         // how (only `writeback_force` and drains ask for the backing devices as such).
-        let dirty_pct = st.flushed_id.saturating_sub(st.wb_id) * 100 / geo.nr_segments;
+        let dirty_pct = st.dirty_log_pct(geo.nr_segments, t.writeback_threshold as u64);
         let above =
             t.writeback_enabled && !t.writeback_force && dirty_pct > t.writeback_threshold as u64;
         let pressure = st.need_space || free < low_watermark(geo, t) as i64;
@@ -234,7 +252,7 @@ impl Cleaner {
                 && tail < st.next_id
                 && tail <= st.damage.writeback_limit()
                 && self.unmovable != Some(tail)
-                && (rotation || st.index.seg_lines(tail).live as u64 * 100 <= f * lps));
+                && (rotation || st.index.seg_lines(tail).dirty_live() as u64 * 100 <= f * lps));
         let movable = |st: &State, id: u64| {
             if rotate {
                 return true;
@@ -245,7 +263,7 @@ impl Cleaner {
             } else {
                 (n.lines as u64).max(1)
             };
-            n.live as u64 * 100 <= f * of
+            n.dirty_live() as u64 * 100 <= f * of
         };
         if !wanted && self.pending.is_none() {
             return Step::Idle;
@@ -267,7 +285,7 @@ impl Cleaner {
         let mut last = first - 1;
         if wanted && !beyond && self.unmovable != Some(first) {
             while last < end && last + 1 - first < MAX_STEP {
-                let live = st.index.seg_lines(last + 1).live as u64;
+                let live = st.index.seg_lines(last + 1).dirty_live() as u64;
                 if !movable(&st, last + 1) || live > room {
                     break;
                 }
@@ -324,7 +342,7 @@ impl Cleaner {
             let (h, buf) = segs.next().expect("a header per segment read");
             debug_assert_eq!(h.id, id);
             let r = loop {
-                match move_segment(inner, &mut st, h, buf) {
+                match move_segment(inner, &mut st, h, buf, &mut self.clean_lines) {
                     Moved::NoBuffer => {
                         inner.worker_cv.notify_all();
                         st = inner.wait_io(st, Duration::from_millis(10));
@@ -358,7 +376,14 @@ impl Cleaner {
 /// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment.
 /// Lines already moved (the index points elsewhere now) are skipped, so a retry after
 /// `NoBuffer` or `NoRoom` continues where it stopped.
-fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) -> Moved {
+/// Clean copies are not moved: they are listed in `clean` (dropped at release).
+fn move_segment(
+    inner: &Inner,
+    st: &mut State,
+    h: &SegmentHeader,
+    buf: &[u8],
+    clean: &mut Vec<(u64, Loc)>,
+) -> Moved {
     let geo = &inner.geo;
     let ds = geo.data_start();
     // A live line lost to damage must never get a newer copy (it would read again).
@@ -386,6 +411,10 @@ fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) ->
         else {
             continue; // stale: a newer copy exists (or the line was written back)
         };
+        if l.clean {
+            clean.push((k, l));
+            continue;
+        }
         // An open segment with a free line, in a slot that may be written.
         if next_fill(geo, st) > st.wb_id + geo.nr_segments {
             return Moved::NoRoom;
@@ -409,6 +438,7 @@ fn move_segment(inner: &Inner, st: &mut State, h: &SegmentHeader, buf: &[u8]) ->
             slot: new_slot as u16,
             dirty: l.dirty,
             tomb: l.tomb,
+            clean: false,
         };
         let old = st.index.insert(k, loc);
         debug_assert_eq!(old, Some(l));
@@ -424,12 +454,15 @@ fn cache_failed(inner: &Inner, e: Error) {
 }
 
 /// Persists `wb_id = upto` (every segment up to it is empty of needed data now) and
-/// frees the slots.
-fn release(inner: &Inner, upto: u64) -> Result<(), Error> {
+/// frees the slots, dropping the clean copies `clean` still live in them.
+fn release(inner: &Inner, upto: u64, clean: &[(u64, Loc)]) -> Result<(), Error> {
     commit(inner, Some(upto))?;
     let mut st = inner.lock();
     if upto > st.wb_id {
         st.wb_id = upto;
+    }
+    for &(k, l) in clean.iter().filter(|(_, l)| l.seg <= upto) {
+        st.index.remove_if(k, l);
     }
     st.damage.passed(upto);
     st.index.forget_segments(upto);

@@ -61,7 +61,9 @@ impl Damage {
         self.segments.insert(id);
         match entries {
             Some(es) => {
-                for e in es {
+                // A clean copy holds what the backing device holds: nothing is lost
+                // with it.
+                for e in es.iter().filter(|e| !e.is_clean()) {
                     let k = key(e.dev, e.sector / SECTORS_PER_LINE);
                     let bits = if e.is_tombstone() { FULL_LINE } else { e.dirty };
                     *self.lost.entry(k).or_insert(0) |= bits;
@@ -76,7 +78,7 @@ impl Damage {
     /// are not).
     pub fn add_lost(&mut self, id: u64, entries: &[Entry]) {
         self.segments.insert(id);
-        for e in entries {
+        for e in entries.iter().filter(|e| !e.is_clean()) {
             let k = key(e.dev, e.sector / SECTORS_PER_LINE);
             let bits = if e.is_tombstone() { FULL_LINE } else { e.dirty };
             *self.lost.entry(k).or_insert(0) |= bits;
@@ -177,6 +179,7 @@ mod tests {
             slot: 0,
             dirty,
             tomb: false,
+            clean: false,
         })
     }
 

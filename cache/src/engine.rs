@@ -23,11 +23,12 @@ use crate::damage::DamageReport;
 use crate::device::BlockDevice;
 use crate::error::{Error, Failure, Result};
 use crate::format::{
-    Entry, Geometry, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR, SECTORS_PER_LINE,
+    Entry, Geometry, ENTRY_CLEAN, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR,
+    SECTORS_PER_LINE,
 };
 use crate::index::{key, Loc};
 use crate::iov::{Gather, Scatter};
-use crate::state::{BackingSlot, Inner, Pos, State, STAGE_WINDOW};
+use crate::state::{BackingSlot, Inner, Pos, State, MISS_TABLE_MAX, STAGE_WINDOW};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
 
@@ -216,9 +217,16 @@ impl Inner {
                     Loc {
                         dirty,
                         tomb: flags != 0,
+                        clean: false,
                         ..loc
                     },
                 );
+                if loc.clean {
+                    // A clean copy became dirty (or a discard record): one dirty line more.
+                    if let Some(b) = st.backing[dev as usize].as_mut() {
+                        b.dirty += 1;
+                    }
+                }
                 if !tomb {
                     st.count(dev, counter_index(true, true, true, mask == FULL_LINE));
                 }
@@ -300,9 +308,11 @@ impl Inner {
                 slot: slot as u16,
                 dirty,
                 tomb,
+                clean: false,
             };
             st.damage.supersede(k, mask);
-            if st.index.insert(k, loc).is_none() {
+            // A new dirty line: none was cached, or only a clean copy.
+            if st.index.insert(k, loc).is_none_or(|o| o.clean) {
                 if let Some(b) = st.backing[dev as usize].as_mut() {
                     b.dirty += 1;
                 }
@@ -318,6 +328,98 @@ impl Inner {
                 id: open_id,
                 lines: slot as u32 + 1,
             }));
+        }
+    }
+
+    /// Read caching: appends lines of backing device `dev` that a read just served from
+    /// it (whole lines, uncached when the read planned, `epoch` = the index's removal
+    /// count then) to the open segment as clean copies, each at its
+    /// `read_promote_threshold`-th miss. Never waits: a line that does not fit now is
+    /// not promoted. `cands` holds (line, its position in `buf`).
+    ///
+    /// Nothing is promoted when the backing data may have changed since the plan: an
+    /// entry was removed meanwhile (writeback wrote a newer copy and dropped it, the
+    /// cleaner dropped a clean copy, a device was detached) or a discard went to the
+    /// backing device (`discards`, and [`crate::index::Index::invalidate`] after it);
+    /// and a line that has an entry now (a write or discard came in) keeps it.
+    fn promote(&self, dev: u8, epoch: u64, buf: &mut Scatter<'_, '_>, cands: &[(u64, usize)]) {
+        let mut st = self.lock();
+        let threshold = st.tunables.read_promote_threshold;
+        // Attached, and every discard passed to it durable there.
+        let settled = st
+            .backing
+            .get(dev as usize)
+            .and_then(|b| b.as_ref())
+            .is_some_and(|b| b.discards_issued == b.discards_flushed);
+        if threshold == 0
+            || !settled
+            || st.failed.is_some()
+            || st.damage.unresolved()
+            || st.stop_flush
+            || st.discards > 0
+            || st.index.removals() != epoch
+        {
+            return;
+        }
+        let hl = self.geo.data_start();
+        for &(line, at) in cands {
+            let k = key(dev, line);
+            if st.index.get(k).is_some() {
+                continue;
+            }
+            if threshold > 1 {
+                if st.misses.len() >= MISS_TABLE_MAX && !st.misses.contains_key(&k) {
+                    st.misses.clear();
+                }
+                let n = st.misses.entry(k).or_insert(0);
+                *n += 1;
+                if *n < threshold {
+                    continue;
+                }
+                st.misses.remove(&k);
+            }
+            // Log space goes to writers first: no promotion under pressure, in the
+            // reserve, or when a segment buffer is not free now.
+            if st.need_space || crate::clean::in_reserve(self, &st) || !self.ensure_open(&mut st) {
+                return;
+            }
+            let o = st.open.as_mut().expect("open");
+            let slot = o.entries.len();
+            let s = hl + slot * LINE as usize;
+            let line_buf = &mut o.buf[s..s + LINE as usize];
+            buf.for_each(at, LINE as usize, |off, piece| {
+                line_buf[off..off + piece.len()].copy_from_slice(piece)
+            });
+            o.entries.push(Entry {
+                sector: line * SECTORS_PER_LINE,
+                dev,
+                dirty: FULL_LINE,
+                flags: ENTRY_CLEAN,
+            });
+            let seg = o.id;
+            let stage = o.entries.len() - o.staged == st.tunables.stage_lines as usize;
+            if stage
+                && st
+                    .last_append
+                    .is_some_and(|t| Instant::now() < t + STAGE_WINDOW)
+            {
+                self.worker_cv.notify_all();
+            }
+            st.index.insert(
+                k,
+                Loc {
+                    seg,
+                    slot: slot as u16,
+                    dirty: FULL_LINE,
+                    tomb: false,
+                    clean: true,
+                },
+            );
+            st.promoted_lines += 1;
+            if let Some(b) = st.backing[dev as usize].as_mut() {
+                b.promoted += 1;
+                b.may_hold_clean = true;
+            }
         }
     }
 }
@@ -514,9 +616,17 @@ impl Cache {
     ) -> Result<Option<()>> {
         let inner = &self.inner;
         let total = buf.len() as u64;
-        let backing = {
-            let st = inner.lock();
-            inner.check_range(&st, dev, offset, total)?
+        let (backing, promoting) = {
+            let mut st = inner.lock();
+            let backing = inner.check_range(&st, dev, offset, total)?;
+            // Reads that continue a long sequential stream are not promoted.
+            let t = &st.tunables;
+            let (threshold, cutoff) = (t.read_promote_threshold, t.sequential_cutoff);
+            let stream = match st.backing[dev as usize].as_mut() {
+                Some(b) if total > 0 => b.stream.follow(offset, total),
+                _ => 0,
+            };
+            (backing, threshold > 0 && (cutoff == 0 || stream <= cutoff))
         };
         if total == 0 {
             return Ok(Some(()));
@@ -550,8 +660,10 @@ impl Cache {
             // 1. Plan every line under the lock; copy RAM-resident data now.
             let mut plan: Vec<Src> = Vec::with_capacity((last_line - first_line + 1) as usize);
             let mut counted: Vec<usize> = Vec::with_capacity(plan.capacity());
+            let epoch;
             {
                 let st = inner.lock();
+                epoch = st.index.removals();
                 for line in first_line..=last_line {
                     let i = (line - first_line) as usize;
                     let full = offset <= line * LINE && (line + 1) * LINE <= end_off;
@@ -702,6 +814,17 @@ impl Cache {
                     st.count(dev, c);
                 }
             }
+            // Whole lines read from the backing device: candidates for promotion.
+            let full = |i: usize| span(i).2 == LINE as usize;
+            let promote: Vec<(u64, usize)> = if promoting {
+                plan.iter()
+                    .enumerate()
+                    .filter(|&(i, s)| matches!(s, Src::Backing) && full(i))
+                    .map(|(i, _)| (first_line + i as u64, span(i).0))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             // 4. Overlay cached sectors kept aside, and discarded lines.
             let mut disk_iter = disk.into_iter();
             for (i, s) in plan.into_iter().enumerate() {
@@ -723,6 +846,10 @@ impl Cache {
                     buf.copy_from(at + lo - in_line, &data[lo..lo + SECTOR as usize]);
                 }
             }
+            // 5. Promotion (read caching): after the backing data is in the buffers.
+            if !promote.is_empty() {
+                inner.promote(dev, epoch, buf, &promote);
+            }
             return Ok(Some(()));
         }
     }
@@ -733,16 +860,20 @@ impl Cache {
             let mut st = self.inner.lock();
             let target = st.last_written_pos();
             let mut devs = Vec::new();
-            for b in st.backing.iter_mut().flatten() {
-                if b.needs_flush {
+            for (id, b) in st.backing.iter_mut().enumerate() {
+                if let Some(b) = b.as_mut().filter(|b| b.needs_flush) {
                     b.needs_flush = false;
-                    devs.push(b.dev.clone());
+                    devs.push((id, b.dev.clone(), b.discards_issued));
                 }
             }
             (target, devs)
         };
-        for d in to_flush {
+        for (id, d, issued) in to_flush {
             d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+            let mut st = self.inner.lock();
+            if let Some(b) = st.backing[id].as_mut() {
+                b.discards_flushed = b.discards_flushed.max(issued);
+            }
         }
         self.inner.wait_durable(target)
     }
@@ -776,8 +907,14 @@ impl Cache {
         let (l0, l1) = (full_start / LINE, full_end / LINE);
         // Lines with a cached copy, and lines lost to damage (a discard record makes
         // them read as zeros, like the rest of the range).
+        // The backing data changes under reads of uncached lines: from the moment the
+        // cached lines are listed (a line promoted after that would get no discard
+        // record) no promotion is inserted, nor after the discard for reads planned
+        // before its end (the invalidation), so a stale clean copy never appears.
+        let sync_first;
         let cached: Vec<u64> = {
-            let st = self.inner.lock();
+            let mut st = self.inner.lock();
+            st.discards += 1;
             let lost = st
                 .damage
                 .lost
@@ -798,18 +935,39 @@ impl Cache {
             v.extend(lost);
             v.sort_unstable();
             v.dedup();
+            sync_first = !v.is_empty()
+                && st.backing[dev as usize]
+                    .as_ref()
+                    .is_some_and(|b| b.may_hold_clean);
             v
         };
-        for line in cached {
-            self.inner
-                .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
-        }
-        backing
-            .discard(full_start, full_end - full_start)
-            .map_err(|e| Error::io(&backing.describe(), full_start, e))?;
+        let r = (|| {
+            let mut last = Pos::default();
+            for line in cached {
+                let at = self
+                    .inner
+                    .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
+                last = last.max(at.expect("a waiting write completes"));
+            }
+            // A clean copy is not written back: if the discard reached the backing
+            // device and its discard records did not survive a crash, a replayed
+            // clean copy (the newest entry, or an older one under a newer copy lost
+            // with the records) would read old data until dropped, then the zeros.
+            // The records are made durable first.
+            if sync_first {
+                self.inner.wait_durable(last)?;
+            }
+            backing
+                .discard(full_start, full_end - full_start)
+                .map_err(|e| Error::io(&backing.describe(), full_start, e))
+        })();
         let mut st = self.inner.lock();
+        st.discards -= 1;
+        st.index.invalidate();
+        r?;
         if let Some(b) = st.backing[dev as usize].as_mut() {
             b.needs_flush = true;
+            b.discards_issued += 1;
         }
         Ok(())
     }
@@ -934,6 +1092,13 @@ impl Cache {
                     .map_or(0, |o| (!o.entries.is_empty()) as u64),
             cache_bytes_written: st.cache_bytes_written,
             backing_bytes_written: st.backing_bytes_written,
+            promoted_lines: st.promoted_lines,
+            device_promoted_lines: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.promoted)))
+                .collect(),
             ram_bytes: buffers.max(st.ram_buffers) as u64 * seg + st.index.memory_bytes() as u64,
             index_bytes: st.index.memory_bytes() as u64,
             index_entries: st.index.len() as u64,
@@ -996,6 +1161,11 @@ impl Cache {
             needs_flush: false,
             counters: [0; 16],
             failing: None,
+            promoted: 0,
+            discards_issued: 0,
+            discards_flushed: 0,
+            may_hold_clean: false,
+            stream: Default::default(),
         });
         st.commit_requested = true;
         self.inner.worker_cv.notify_all();
@@ -1029,6 +1199,16 @@ impl Cache {
                 "backing device {dev} has {lost} lines lost to damage; accept the loss first"
             )));
         }
+        // Clean copies of the device go with it (another device may take its id).
+        let clean: Vec<(u64, Loc)> = st
+            .index
+            .iter()
+            .filter(|&(k, l)| l.clean && crate::index::unkey(k).0 == dev)
+            .collect();
+        for (k, l) in clean {
+            st.index.remove_if(k, l);
+        }
+        st.index.invalidate();
         st.backing[dev as usize] = None;
         st.commit_requested = true;
         self.inner.worker_cv.notify_all();
@@ -1155,7 +1335,13 @@ impl Cache {
     pub fn check_line_counts(&self) -> std::result::Result<(), String> {
         let st = self.inner.lock();
         let mut live: std::collections::BTreeMap<u64, u32> = Default::default();
+        let mut clean: std::collections::BTreeMap<u64, u32> = Default::default();
+        let mut dirty = vec![0u64; MAX_BACKING];
         for (k, l) in st.index.iter() {
+            *clean.entry(l.seg).or_default() += l.clean as u32;
+            if !l.clean {
+                dirty[crate::index::unkey(k).0 as usize] += 1;
+            }
             if l.seg <= st.wb_id {
                 return Err(format!(
                     "line {:?} lives in segment {} <= last_writeback_id {}",
@@ -1174,10 +1360,28 @@ impl Cache {
                     n.live, n.lines
                 ));
             }
+            let want = clean.get(&seg).copied().unwrap_or(0);
+            if n.clean != want {
+                return Err(format!(
+                    "segment {seg}: counted {} clean lines, the index holds {want}",
+                    n.clean
+                ));
+            }
         }
         for (seg, n) in &live {
             if st.index.seg_lines(*seg).live != *n {
                 return Err(format!("segment {seg}: {n} live lines not counted"));
+            }
+        }
+        // Dirty lines per device: every entry that is not a clean copy.
+        for (i, b) in st.backing.iter().enumerate() {
+            if let Some(b) = b {
+                if b.dirty != dirty[i] {
+                    return Err(format!(
+                        "backing device {i}: {} dirty lines counted, the index holds {}",
+                        b.dirty, dirty[i]
+                    ));
+                }
             }
         }
         Ok(())

@@ -55,6 +55,9 @@ pub const CP_ENTRY: usize = 16;
 pub const ENTRY_SIZE: usize = 16;
 /// Entry flag: the line is a discard record (tombstone) with no data.
 pub const ENTRY_TOMBSTONE: u8 = 1;
+/// Entry flag: the line is a clean copy (a full line identical to the backing device,
+/// promoted on a read miss; never written back); its `dirty` is [`FULL_LINE`].
+pub const ENTRY_CLEAN: u8 = 2;
 
 const SB_TABLE_OFF: usize = 128;
 const SB_ENTRY_SIZE: usize = 48;
@@ -414,7 +417,7 @@ pub struct Entry {
     pub dev: u8,
     /// One bit per sector of the line that holds dirty data.
     pub dirty: u8,
-    /// [`ENTRY_TOMBSTONE`] or 0.
+    /// [`ENTRY_TOMBSTONE`], [`ENTRY_CLEAN`] or 0.
     pub flags: u8,
 }
 
@@ -422,6 +425,11 @@ impl Entry {
     /// True for a discard record.
     pub fn is_tombstone(&self) -> bool {
         self.flags & ENTRY_TOMBSTONE != 0
+    }
+
+    /// True for a clean copy.
+    pub fn is_clean(&self) -> bool {
+        self.flags & ENTRY_CLEAN != 0
     }
 }
 
@@ -523,8 +531,9 @@ impl SegmentHeader {
             };
             if !e.sector.is_multiple_of(SECTORS_PER_LINE)
                 || e.dev as usize >= MAX_BACKING
-                || e.flags & !ENTRY_TOMBSTONE != 0
+                || !matches!(e.flags, 0 | ENTRY_TOMBSTONE | ENTRY_CLEAN)
                 || (e.dirty == 0) != e.is_tombstone()
+                || (e.is_clean() && e.dirty != FULL_LINE)
             {
                 return Err(format!("entry {i} malformed"));
             }
@@ -835,6 +844,10 @@ mod tests {
             "| {SB_TABLE_OFF} | 255 × {SB_ENTRY_SIZE} B | backing table |"
         )));
         assert!(doc.contains(&format!("| {SEG_FIXED} | {ENTRY_SIZE} B × n | entries |")));
+        assert!(doc.contains(&format!(
+            "`+10 u8 flags` (bit 0 = discard record, value {ENTRY_TOMBSTONE}; bit 1 = clean copy, value {ENTRY_CLEAN})"
+        )));
+        assert!(doc.contains("dirty << 4 | clean << 1 | discard"));
         assert!(doc.contains(&format!("superblock copy A ({SB_COPY_SIZE} bytes)")));
         assert!(doc.contains(&format!("| {} | u32 | crc |", CP_HEADER - 4)));
         assert!(doc.contains(&format!("the header ({CP_HEADER} bytes)")));
@@ -911,6 +924,12 @@ mod tests {
                     dirty: 0,
                     flags: ENTRY_TOMBSTONE,
                 },
+                Entry {
+                    sector: 160,
+                    dev: 2,
+                    dirty: FULL_LINE,
+                    flags: ENTRY_CLEAN,
+                },
             ],
         };
         let mut buf = vec![0u8; g.header_len()];
@@ -949,5 +968,43 @@ mod tests {
         h1.encode_into(&mut b1);
         assert_eq!(SegmentHeader::decode(&b1, &v1).unwrap().0, h1);
         assert!(SegmentHeader::decode(&b1, &g).is_err());
+    }
+
+    #[test]
+    fn a_clean_entry_is_a_full_line_and_nothing_else() {
+        let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
+        let header = |dirty: u8, flags: u8| SegmentHeader {
+            id: 5,
+            lap: 1,
+            gen: 1,
+            nonce: 1,
+            prev_crc: 0,
+            durable: 4,
+            data_crc: 0,
+            uuid: [1; 16],
+            entries: vec![Entry {
+                sector: 8,
+                dev: 0,
+                dirty,
+                flags,
+            }],
+        };
+        let mut buf = vec![0u8; g.header_len()];
+        header(FULL_LINE, ENTRY_CLEAN).encode_into(&mut buf);
+        let (h, _) = SegmentHeader::decode(&buf, &g).unwrap();
+        assert!(h.entries[0].is_clean() && !h.entries[0].is_tombstone());
+        for (dirty, flags) in [
+            (0x0f, ENTRY_CLEAN),
+            (0, ENTRY_CLEAN),
+            (0, ENTRY_CLEAN | ENTRY_TOMBSTONE),
+            (FULL_LINE, ENTRY_CLEAN | ENTRY_TOMBSTONE),
+            (FULL_LINE, 4),
+        ] {
+            header(dirty, flags).encode_into(&mut buf);
+            assert!(
+                SegmentHeader::decode(&buf, &g).is_err(),
+                "dirty {dirty:#x} flags {flags} accepted"
+            );
+        }
     }
 }

@@ -25,8 +25,9 @@ pub fn unkey(k: u64) -> (u8, u64) {
 pub const LINE_MASK: u64 = (1 << 56) - 1;
 const EMPTY: u64 = u64::MAX;
 
-/// Where a line's newest copy is: segment id, line slot in it, its dirty bits, and
-/// whether it is a discard record (reads as zeros).
+/// Where a line's newest copy is: segment id, line slot in it, its dirty bits, whether
+/// it is a discard record (reads as zeros), and whether it is a clean copy (a full line
+/// identical to the backing device, promoted on a read miss: `dirty` is 0xff).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Loc {
     /// Segment id (< 2^40).
@@ -37,15 +38,18 @@ pub struct Loc {
     pub dirty: u8,
     /// A discard record.
     pub tomb: bool,
+    /// A clean copy: every sector readable from it, none to write back.
+    pub clean: bool,
 }
 
 impl Loc {
     /// The packed form (checkpoint entries store it): `seg << 24 | slot << 12 |
-    /// dirty << 4 | tomb`.
+    /// dirty << 4 | clean << 1 | tomb`.
     pub fn pack(self) -> u64 {
         (self.seg << 24)
             | ((self.slot as u64) << 12)
             | ((self.dirty as u64) << 4)
+            | (self.clean as u64) << 1
             | self.tomb as u64
     }
 
@@ -56,6 +60,7 @@ impl Loc {
             slot: ((v >> 12) & 0x3ff) as u16,
             dirty: ((v >> 4) & 0xff) as u8,
             tomb: v & 1 != 0,
+            clean: v & 2 != 0,
         }
     }
 }
@@ -66,6 +71,11 @@ pub struct Index {
     len: usize,
     /// Per segment id: lines the index points at (live) and copies ever indexed in it.
     segs: std::collections::BTreeMap<u64, SegLines>,
+    /// Entries removed so far (every remove, successful remove_if and forgotten
+    /// segment range, and [`Index::invalidate`]): a read that found a line uncached
+    /// promotes it only if nothing was removed meanwhile (the backing data may have
+    /// changed under it).
+    removals: u64,
     /// While a snapshot is taken: every key inserted, removed or moved since it began,
     /// with its packed location before its first change (`None`: absent).
     journal: Option<std::collections::HashMap<u64, Option<u64>>>,
@@ -78,6 +88,15 @@ pub struct SegLines {
     pub live: u32,
     /// Line copies indexed in the segment since it was written (live or superseded).
     pub lines: u32,
+    /// Live lines that are clean copies (`<= live`): the cleaner drops them for free.
+    pub clean: u32,
+}
+
+impl SegLines {
+    /// Live lines with data the backing devices do not have (dirty or discards).
+    pub fn dirty_live(&self) -> u32 {
+        self.live - self.clean
+    }
 }
 
 /// Per-segment line counts of a bulk load in progress ([`Index::begin_bulk`]).
@@ -85,6 +104,7 @@ pub struct Bulk {
     first: u64,
     live: Vec<u32>,
     lines: Vec<u32>,
+    clean: Vec<u32>,
 }
 
 impl Bulk {
@@ -117,8 +137,21 @@ impl Index {
             slots: vec![(EMPTY, 0); cap],
             len: 0,
             segs: std::collections::BTreeMap::new(),
+            removals: 0,
             journal: None,
         }
+    }
+
+    /// The removal count (see the field): compare two readings to learn whether any
+    /// entry was removed between them.
+    pub fn removals(&self) -> u64 {
+        self.removals
+    }
+
+    /// Counts an invalidation that removed no entry here (a discard passed to a
+    /// backing device): promotions planned before it are refused.
+    pub fn invalidate(&mut self) {
+        self.removals += 1;
     }
 
     /// Live and indexed lines of segment `seg` (zero when unknown).
@@ -134,6 +167,7 @@ impl Index {
     /// Forgets the line counts of segments `..=upto` (their slots were released).
     pub fn forget_segments(&mut self, upto: u64) {
         self.segs = self.segs.split_off(&(upto + 1));
+        self.removals += 1;
     }
 
     /// Keeps the per-segment counts: the copy `old` stops being live, `new` starts
@@ -141,18 +175,32 @@ impl Index {
     fn account(&mut self, old: Option<Loc>, new: Option<Loc>) {
         if let (Some(o), Some(n)) = (old, new) {
             if o.seg == n.seg && o.slot == n.slot {
+                // Updated in place: only its clean flag can change the counts.
+                if o.clean != n.clean {
+                    if let Some(s) = self.segs.get_mut(&o.seg) {
+                        if n.clean {
+                            s.clean += 1;
+                        } else {
+                            s.clean = s.clean.saturating_sub(1);
+                        }
+                    }
+                }
                 return;
             }
         }
         if let Some(o) = old {
             if let Some(s) = self.segs.get_mut(&o.seg) {
                 s.live = s.live.saturating_sub(1);
+                if o.clean {
+                    s.clean = s.clean.saturating_sub(1);
+                }
             }
         }
         if let Some(n) = new {
             let s = self.segs.entry(n.seg).or_default();
             s.live += 1;
             s.lines += 1;
+            s.clean += n.clean as u32;
         }
     }
 
@@ -276,6 +324,7 @@ impl Index {
             first,
             live: vec![0; n],
             lines: vec![0; n],
+            clean: vec![0; n],
         }
     }
 
@@ -285,11 +334,24 @@ impl Index {
         let old = self.insert_raw(k, loc);
         if let Some(o) = old {
             if o.seg == loc.seg && o.slot == loc.slot {
+                if o.clean != loc.clean {
+                    // The array counts the copy if it counts a live line of its kind
+                    // (either count may hold it: they are added).
+                    match b.at(o.seg) {
+                        Some(j) if loc.clean && b.live[j] > b.clean[j] => b.clean[j] += 1,
+                        Some(j) if !loc.clean && b.clean[j] > 0 => b.clean[j] -= 1,
+                        _ => self.account(Some(o), Some(loc)),
+                    }
+                }
                 return;
             }
             match b.at(o.seg) {
                 // Either count (the map's or the array's) may hold it: they are added.
-                Some(j) if b.live[j] > 0 => b.live[j] -= 1,
+                Some(j) if o.clean && b.clean[j] > 0 => {
+                    b.live[j] -= 1;
+                    b.clean[j] -= 1;
+                }
+                Some(j) if !o.clean && b.live[j] > b.clean[j] => b.live[j] -= 1,
                 _ => self.account(Some(o), None),
             }
         }
@@ -297,6 +359,7 @@ impl Index {
             Some(i) => {
                 b.live[i] += 1;
                 b.lines[i] += 1;
+                b.clean[i] += loc.clean as u32;
             }
             None => self.account(None, Some(loc)),
         }
@@ -309,6 +372,7 @@ impl Index {
                 let s = self.segs.entry(b.first + i as u64).or_default();
                 s.live += live;
                 s.lines += lines;
+                s.clean += b.clean[i];
             }
         }
     }
@@ -319,6 +383,7 @@ impl Index {
             Ok(i) if Loc::unpack(self.slots[i].1) == expect => {
                 self.delete_at(i);
                 self.account(Some(expect), None);
+                self.removals += 1;
                 true
             }
             _ => false,
@@ -331,6 +396,7 @@ impl Index {
         let old = Loc::unpack(self.slots[i].1);
         self.delete_at(i);
         self.account(Some(old), None);
+        self.removals += 1;
         Some(old)
     }
 
@@ -433,6 +499,7 @@ mod tests {
                 slot: rng.gen_range(0..1024),
                 dirty: rng.gen(),
                 tomb: rng.gen(),
+                clean: rng.gen(),
             };
             match rng.gen_range(0..4) {
                 0 | 1 => assert_eq!(idx.insert(k, loc), model.insert(k, loc), "seed {seed}"),
@@ -448,15 +515,22 @@ mod tests {
             }
             assert_eq!(idx.len(), model.len());
         }
-        // The per-segment live counts are exact.
+        // The per-segment live and clean counts are exact.
         let mut live: HashMap<u64, u32> = HashMap::new();
+        let mut clean: HashMap<u64, u32> = HashMap::new();
         for l in model.values() {
             *live.entry(l.seg).or_default() += 1;
+            *clean.entry(l.seg).or_default() += l.clean as u32;
         }
         for (seg, n) in idx.segments() {
             assert_eq!(
                 n.live,
                 live.get(&seg).copied().unwrap_or(0),
+                "seed {seed} seg {seg}"
+            );
+            assert_eq!(
+                n.clean,
+                clean.get(&seg).copied().unwrap_or(0),
                 "seed {seed} seg {seg}"
             );
             assert!(n.lines >= n.live);
@@ -483,6 +557,7 @@ mod tests {
                 slot: rng.gen_range(0..1024),
                 dirty: rng.gen_range(1..=255),
                 tomb: false,
+                clean: rng.gen_bool(0.2),
             };
             for _ in 0..rng.gen_range(0..300) {
                 let k = key(0, rng.gen_range(0..500));
@@ -526,6 +601,7 @@ mod tests {
                 slot: rng.gen_range(0..4),
                 dirty: 1,
                 tomb: false,
+                clean: rng.gen_bool(0.3),
             };
             (k, loc)
         };
@@ -558,6 +634,28 @@ mod tests {
         let lines = (1usize << 30) / 4096;
         let idx = Index::with_capacity(lines);
         assert!(idx.memory_bytes() <= lines * 20);
+    }
+
+    #[test]
+    fn a_clean_copy_packs_beside_the_discard_bit() {
+        let l = Loc {
+            seg: (1 << 40) - 1,
+            slot: 1023,
+            dirty: 0xff,
+            tomb: false,
+            clean: true,
+        };
+        assert_eq!(l.pack() & 3, 2);
+        assert_eq!(Loc::unpack(l.pack()), l);
+        let mut idx = Index::with_capacity(16);
+        let r = idx.removals();
+        idx.insert(key(0, 1), l);
+        assert_eq!(idx.removals(), r, "an insert removes nothing");
+        idx.remove(key(0, 1));
+        assert!(idx.removals() > r);
+        let r = idx.removals();
+        idx.forget_segments(5);
+        assert!(idx.removals() > r);
     }
 
     #[test]

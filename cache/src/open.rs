@@ -75,13 +75,18 @@ impl Cache {
                 needs_flush: false,
                 counters: [0; 16],
                 failing: None,
+                promoted: 0,
+                discards_issued: 0,
+                discards_flushed: 0,
+                may_hold_clean: false,
+                stream: Default::default(),
             });
         }
         let ram_buffers = (opts.ram_bytes / geo.segment_size as u64).max(2) as usize;
         let planned =
             ((geo.nr_segments as usize + ram_buffers) * geo.lines_per_segment as usize).max(64);
         let started = Instant::now();
-        let r = replay(cache.as_ref(), &sb, planned)?;
+        let mut r = replay(cache.as_ref(), &sb, planned)?;
         // What replay read may still sit in the device's volatile cache (after a kill
         // rather than a power cut). Make it durable before anything claims it is.
         cache.flush().map_err(|e| Error::io(&desc, 0, e))?;
@@ -99,8 +104,31 @@ impl Cache {
             info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
         }
         // Every dirty line must belong to a backing device given now, with its old label.
+        // Clean copies of a device not given now, or given under another label, are
+        // forgotten (they may not match what is there): they hold no dirty data.
+        let foreign: Vec<u64> = r
+            .index
+            .iter()
+            .filter(|(k, l)| {
+                let dev = crate::index::unkey(*k).0 as usize;
+                l.clean
+                    && match &slots[dev] {
+                        None => true,
+                        Some(s) => sb.backing[dev].as_ref().is_some_and(|b| b.label != s.label),
+                    }
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in foreign {
+            r.index.remove(k);
+        }
+        for (k, _) in r.index.iter().filter(|(_, l)| l.clean) {
+            if let Some(s) = slots[crate::index::unkey(k).0 as usize].as_mut() {
+                s.may_hold_clean = true;
+            }
+        }
         let mut dirty = vec![0u64; MAX_BACKING];
-        for (k, _) in r.index.iter() {
+        for (k, _) in r.index.iter().filter(|(_, l)| !l.clean) {
             dirty[crate::index::unkey(k).0 as usize] += 1;
         }
         for (dev, &n) in dirty.iter().enumerate().filter(|(_, &n)| n > 0) {

@@ -293,7 +293,8 @@ fn load_checkpoint(
                     && loc.seg > h.last_writeback_id
                     && loc.seg <= h.upto
                     && (loc.slot as u32) < geo.lines_per_segment
-                    && (loc.dirty == 0) == loc.tomb;
+                    && (loc.dirty == 0) == loc.tomb
+                    && !(loc.clean && (loc.tomb || loc.dirty != FULL_LINE));
                 if !sound {
                     malformed = Some(done / CP_ENTRY + i);
                     break;
@@ -700,6 +701,7 @@ fn walk<'scope, 'env>(
                             slot: slot as u16,
                             dirty: e.dirty,
                             tomb: e.is_tombstone(),
+                            clean: e.is_clean(),
                         },
                     );
                     report.restored_lines += 1;

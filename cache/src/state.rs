@@ -83,7 +83,46 @@ pub(crate) struct BackingSlot {
     pub counters: Counters,
     /// Writeback to this device is failing: since when, and the last error.
     pub failing: Option<BackingFailure>,
+    /// Lines of this device promoted into the cache on read misses.
+    pub promoted: u64,
+    /// Discards passed to this device, and how many of them a flush of it made
+    /// durable: while they differ a crash could undo a discard on the device, so no
+    /// read of it is promoted (the clean copy would outlive the undo).
+    pub discards_issued: u64,
+    pub discards_flushed: u64,
+    /// The log may hold clean copies of this device's lines (one was promoted since
+    /// open, or recovery restored one): a discard then makes its records durable
+    /// before it passes to the device.
+    pub may_hold_clean: bool,
+    /// The sequential read stream being followed (promotion skips long streams).
+    pub stream: Stream,
 }
+
+/// A sequential stream of reads of one backing device: where the next read would
+/// continue it, and the bytes it has read so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Stream {
+    pub next: u64,
+    pub len: u64,
+}
+
+impl Stream {
+    /// Counts a read of `len` bytes at `offset`; returns the length of the stream it
+    /// belongs to (itself included).
+    pub fn follow(&mut self, offset: u64, len: u64) -> u64 {
+        if offset == self.next && self.len > 0 {
+            self.len = self.len.saturating_add(len);
+        } else {
+            self.len = len;
+        }
+        self.next = offset + len;
+        self.len
+    }
+}
+
+/// Most lines whose read misses are counted for `read_promote_threshold` > 1; the
+/// table is cleared when full.
+pub(crate) const MISS_TABLE_MAX: usize = 1 << 16;
 
 /// A backing device whose writeback fails (kept until a batch succeeds).
 #[derive(Clone, Debug)]
@@ -133,6 +172,26 @@ impl State {
         } else {
             self.flushed_id
         }
+    }
+
+    /// The share of the ring, in percent, holding data not yet written back: segments
+    /// after `wb_id` up to `flushed_id`, except those whose live lines are all clean
+    /// copies (nothing of them needs the backing devices). Stale-only segments count,
+    /// as they always did.
+    pub(crate) fn dirty_log_pct(&self, nr_segments: u64, threshold: u64) -> u64 {
+        let all = self.flushed_id.saturating_sub(self.wb_id);
+        // The exact count walks the per-segment counts: only when it can matter.
+        if all * 100 / nr_segments <= threshold {
+            return all * 100 / nr_segments;
+        }
+        let clean_only = self
+            .index
+            .segments()
+            .filter(|&(id, n)| {
+                id > self.wb_id && id <= self.flushed_id && n.clean > 0 && n.dirty_live() == 0
+            })
+            .count() as u64;
+        (all - clean_only.min(all)) * 100 / nr_segments
     }
 
     /// Counts one line access (see [`crate::stats::counter_index`]) for the cache and
@@ -215,6 +274,13 @@ pub(crate) struct State {
     pub counters: Counters,
     pub cache_bytes_written: u64,
     pub backing_bytes_written: u64,
+    /// Lines promoted into the cache on read misses (clean copies).
+    pub promoted_lines: u64,
+    /// Read misses per line key, while `read_promote_threshold` > 1 (bounded by
+    /// [`MISS_TABLE_MAX`]).
+    pub misses: std::collections::HashMap<u64, u32>,
+    /// Discards passing to backing devices now: no promotion is inserted meanwhile.
+    pub discards: u32,
     pub partial_segments: u64,
     /// Appends: flushes that made an open segment's lines durable without sealing it.
     pub appends: u64,
@@ -308,6 +374,9 @@ impl State {
             counters: [0; 16],
             cache_bytes_written: 0,
             backing_bytes_written: 0,
+            promoted_lines: 0,
+            misses: Default::default(),
+            discards: 0,
             partial_segments: 0,
             appends: 0,
             last_append: None,

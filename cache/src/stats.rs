@@ -25,12 +25,17 @@ pub struct Stats {
     pub open_segment_id: u64,
     /// Segment slots in the ring.
     pub nr_segments: u64,
-    /// Segments holding dirty data (flushed or in RAM, not yet written back).
+    /// Segments after the writeback point (flushed or in RAM, not yet written back or
+    /// cleaned), clean copies of read misses included: 0 means the log holds nothing.
     pub dirty_segments: u64,
     /// Bytes written to the cache device (segments and superblocks).
     pub cache_bytes_written: u64,
     /// Bytes written to backing devices by writeback.
     pub backing_bytes_written: u64,
+    /// Lines promoted into the cache on read misses (clean copies; read caching).
+    pub promoted_lines: u64,
+    /// The same per attached backing device id.
+    pub device_promoted_lines: Vec<(u8, u64)>,
     /// RAM held by segment buffers and the index, in bytes.
     pub ram_bytes: u64,
     /// Index bytes alone.

@@ -40,6 +40,14 @@ pub struct Tunables {
     /// than a header; 0 = never (a flush writes every line since the last one),
     /// 0..=1024 (default 8).
     pub stage_lines: u32,
+    /// Read caching: a line read whole from a backing device (not cached) is promoted
+    /// into the cache as a clean copy at its N-th such miss; 0 = never promote,
+    /// 0..=1000 (default 1: at the first miss).
+    pub read_promote_threshold: u32,
+    /// Reads continuing a sequential stream longer than this many bytes are not
+    /// promoted (a backup or copy does not push cached data out); 0 = no cutoff
+    /// (default 4 MiB).
+    pub sequential_cutoff: u64,
 }
 
 impl Default for Tunables {
@@ -57,6 +65,8 @@ impl Default for Tunables {
             clean_live_max: 80,
             checkpoint_interval_segments: 256,
             stage_lines: 8,
+            read_promote_threshold: 1,
+            sequential_cutoff: 4 << 20,
         }
     }
 }
@@ -75,6 +85,8 @@ pub const NAMES: &[&str] = &[
     "clean_live_max",
     "checkpoint_interval_segments",
     "stage_lines",
+    "read_promote_threshold",
+    "sequential_cutoff",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -149,6 +161,13 @@ impl Tunables {
                 self.checkpoint_interval_segments = parse_range(key, v, 0, 1_000_000)?
             }
             "stage_lines" => self.stage_lines = parse_range(key, v, 0, 1024)?,
+            "read_promote_threshold" => self.read_promote_threshold = parse_range(key, v, 0, 1000)?,
+            "sequential_cutoff" => {
+                self.sequential_cutoff = v.parse().map_err(|_| Error::Tunable {
+                    key: key.into(),
+                    reason: format!("{v:?} is not a number of bytes"),
+                })?
+            }
             _ => {
                 return Err(Error::Tunable {
                     key: key.into(),
@@ -186,6 +205,11 @@ impl Tunables {
                 self.checkpoint_interval_segments.to_string(),
             ),
             ("stage_lines", self.stage_lines.to_string()),
+            (
+                "read_promote_threshold",
+                self.read_promote_threshold.to_string(),
+            ),
+            ("sequential_cutoff", self.sequential_cutoff.to_string()),
         ]
     }
 }
@@ -209,6 +233,12 @@ mod tests {
         assert!(t.set("clean_live_max", "0.96").is_err());
         assert!(t.set("clean_live_max", "-0.1").is_err());
         assert!(t.set("clean_live_max", "x").is_err());
+        t.set("read_promote_threshold", "3").unwrap();
+        assert_eq!(t.read_promote_threshold, 3);
+        assert!(t.set("read_promote_threshold", "1001").is_err());
+        t.set("sequential_cutoff", "0").unwrap();
+        assert_eq!(t.sequential_cutoff, 0);
+        assert!(t.set("sequential_cutoff", "4M").is_err());
         assert!(t
             .set("nope", "1")
             .unwrap_err()

@@ -34,6 +34,8 @@ struct Item {
     sector: u64,
     dirty: u8,
     tomb: bool,
+    /// A clean copy: the backing device holds it already; not written, only released.
+    clean: bool,
     seg: u64,
     slot: u16,
     data_off: usize,
@@ -51,12 +53,13 @@ fn should_run(inner: &Inner, st: &State) -> bool {
         return false;
     }
     let t = &st.tunables;
-    let dirty_pct = (st.flushed_id - st.wb_id) * 100 / inner.geo.nr_segments;
+    let threshold = t.writeback_threshold as u64;
+    let dirty_pct = st.dirty_log_pct(inner.geo.nr_segments, threshold);
     t.writeback_force
         || st.need_space
         || st.drains > 0
         || st.stop_writeback
-        || (t.writeback_enabled && dirty_pct > t.writeback_threshold as u64)
+        || (t.writeback_enabled && dirty_pct > threshold)
 }
 
 /// Body of the writeback thread.
@@ -201,7 +204,7 @@ fn write_back(
     {
         // Every device of the batch took its lines: none of them is failing now.
         let mut st = inner.lock();
-        for it in &items {
+        for it in items.iter().filter(|it| !it.clean) {
             if let Some(b) = st.backing[it.dev as usize].as_mut() {
                 if b.failing.take().is_some() {
                     info!(inner.log, "writeback to a backing device recovered"; "dev" => it.dev, "label" => &b.label);
@@ -215,7 +218,7 @@ fn write_back(
     st.wb_id = last;
     st.damage.passed(last);
     st.recovered_gens = st.recovered_gens.split_off(&(last + 1));
-    st.clean.written_back_lines += items.len() as u64;
+    st.clean.written_back_lines += items.iter().filter(|it| !it.clean).count() as u64;
     for it in &items {
         let k = key(it.dev, it.sector / SECTORS_PER_LINE);
         let loc = Loc {
@@ -223,8 +226,9 @@ fn write_back(
             slot: it.slot,
             dirty: it.dirty,
             tomb: it.tomb,
+            clean: it.clean,
         };
-        if st.index.remove_if(k, loc) {
+        if st.index.remove_if(k, loc) && !it.clean {
             if let Some(b) = st.backing[it.dev as usize].as_mut() {
                 b.dirty = b.dirty.saturating_sub(1);
             }
@@ -270,6 +274,7 @@ fn write_items(
                     sector: e.sector,
                     dirty: e.dirty,
                     tomb: e.is_tombstone(),
+                    clean: e.is_clean(),
                     seg: h.id,
                     slot: slot as u16,
                     data_off: hl + slot * LINE as usize,
@@ -324,7 +329,7 @@ fn write_items(
         }
     };
     for it in &items {
-        if failed.iter().any(|(d, _)| *d == it.dev) {
+        if it.clean || failed.iter().any(|(d, _)| *d == it.dev) {
             continue;
         }
         if !touched.contains(&it.dev) {

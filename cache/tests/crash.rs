@@ -4,7 +4,10 @@
 //! materialised as a power cut could leave them (flushed data plus any subset of
 //! unflushed writes, possibly torn at sector granularity), the cache is reopened, and
 //! every sector must read either its last durable value or a value written later —
-//! never older data, never garbage.
+//! never older data, never garbage. Reads of whole lines (and the full reads after each
+//! recovery) promote misses into the cache as clean lines, so cuts land in their
+//! appends, writeback and cleaning too; a clean line after a crash is gone or equal to
+//! the backing device, never stale.
 
 mod common;
 
@@ -103,6 +106,8 @@ fn open_in(
 }
 
 /// Runs random I/O until the power is cut; updates the model as operations complete.
+/// `reads`: a mix heavy in reads (promotions), discards and drains (backing data that
+/// changes under promoted lines).
 fn workload(
     c: &Cache,
     world: &CrashWorld,
@@ -110,6 +115,7 @@ fn workload(
     setup: &Setup,
     rng: &mut SmallRng,
     max_ops: usize,
+    reads: bool,
 ) {
     let blocks_total = setup.backing_size / setup.block;
     for _ in 0..max_ops {
@@ -122,7 +128,16 @@ fn workload(
         let (off, len) = (start * setup.block, blocks * setup.block);
         let s0 = (off / 512) as usize;
         let ns = (len / 512) as usize;
-        match rng.gen_range(0..100) {
+        let op = match rng.gen_range(0..100) {
+            r if !reads => r,
+            0..=29 => 0,   // write
+            30..=39 => 70, // flush
+            40..=54 => 85, // discard
+            55..=89 => 93, // read
+            90..=94 => 96, // seal
+            _ => 99,       // drain
+        };
+        match op {
             0..=69 => {
                 m.serial += 1;
                 let serial = m.serial;
@@ -161,6 +176,15 @@ fn workload(
                 let _ = c.discard(dev as u8, off, len);
             }
             93..=95 => {
+                // Half of the reads are of whole lines: misses are promoted.
+                let (s0, ns, off, len) = if rng.gen_bool(0.5) {
+                    let lines = setup.backing_size / 4096;
+                    let n = rng.gen_range(1..=lines.min(4));
+                    let off = rng.gen_range(0..=lines - n) * 4096;
+                    ((off / 512) as usize, (n * 8) as usize, off, n * 4096)
+                } else {
+                    (s0, ns, off, len)
+                };
                 let mut buf = vec![0u8; len as usize];
                 let ok = match rng
                     .gen_bool(0.5)
@@ -246,8 +270,9 @@ fn recover_and_check(
     }
 }
 
-/// Runs one case; returns the lines the cleaner moved.
-fn run_case(seed: u64) -> u64 {
+/// Runs one case (`reads`: the read-heavy mix); returns the lines the cleaner moved
+/// and the lines promoted.
+fn run_case(seed: u64, reads: bool) -> (u64, u64) {
     let mut rng = rng(seed);
     let block = if rng.gen_bool(0.5) { 512u32 } else { 4096 };
     let setup = Setup {
@@ -280,20 +305,21 @@ fn run_case(seed: u64) -> u64 {
         &mut rng,
         &format!("seed {seed} initial"),
     );
-    let mut moved = 0;
+    let (mut moved, mut promoted) = (0, 0);
     for round in 0..3 {
         let ctx = format!("seed {seed} round {round}");
         world.cut_after(rng.gen_range(0..400));
-        workload(&c, &world, &mut m, &setup, &mut rng, 300);
+        workload(&c, &world, &mut m, &setup, &mut rng, 300, reads);
         world.cut_now();
         moved += c.stats().moved_lines;
+        promoted += c.stats().promoted_lines;
         drop(c);
         let images = world.crash_images(&mut rng);
         (world, c) = recover_and_check(images, &mut m, &setup, &mut rng, &ctx);
     }
     // Last: a power cut, then media damage in a segment the log proves durable.
     world.cut_after(rng.gen_range(0..400));
-    workload(&c, &world, &mut m, &setup, &mut rng, 300);
+    workload(&c, &world, &mut m, &setup, &mut rng, 300, reads);
     world.cut_now();
     drop(c);
     let mut images = world.crash_images(&mut rng);
@@ -303,7 +329,7 @@ fn run_case(seed: u64) -> u64 {
         let ctx = format!("{ctx} (segment {id}, byte {off})");
         check_after_damage(images, &m, &setup, &mut rng, &ctx);
     }
-    moved
+    (moved, promoted)
 }
 
 /// A random byte of a segment that the image proves durable (the superblock's
@@ -393,11 +419,29 @@ fn check_after_damage(
 #[test]
 fn acknowledged_writes_survive_power_cuts_at_random_points() {
     let base = seed("crash");
-    let mut moved = 0;
+    let (mut moved, mut promoted) = (0, 0);
     for i in 0..cases(300) as u64 {
-        moved += run_case(base.wrapping_add(i));
+        let (m, p) = run_case(base.wrapping_add(i), false);
+        moved += m;
+        promoted += p;
     }
-    // The power cuts must also land in the cleaner's moves and releases.
-    eprintln!("lines moved by the cleaner: {moved}");
+    // The power cuts must also land in the cleaner's moves and releases, and in
+    // promotions of read misses.
+    eprintln!("lines moved by the cleaner: {moved}, promoted by reads: {promoted}");
     assert!(moved > 0, "the cleaner never ran");
+    assert!(promoted > 0, "no read miss was promoted");
+}
+
+#[test]
+fn promoted_lines_after_power_cuts_are_gone_or_equal_to_the_backing_device() {
+    // Whole-line reads promote misses while writes, writeback (drains) and discards
+    // change the backing data under them; every read before and after each cut is
+    // checked against the model, so a stale clean line shows as older data.
+    let base = seed("crash-promote");
+    let mut promoted = 0;
+    for i in 0..cases(300) as u64 / 3 {
+        promoted += run_case(base.wrapping_add(i), true).1;
+    }
+    eprintln!("lines promoted by reads: {promoted}");
+    assert!(promoted > 0, "no read miss was promoted");
 }

@@ -1,14 +1,21 @@
 //! Model-based randomized tests: random sequences of writes (aligned, partial,
-//! multi-line; half from scattered pieces), reads (half into scattered pieces), flushes, FUA writes, discards, drains and tunable changes on
-//! several backing devices, compared after every read with plain in-memory disks.
+//! multi-line; half from scattered pieces), reads (half into scattered pieces, half of
+//! whole lines, so misses are promoted into the cache as clean lines), flushes, FUA
+//! writes, discards, drains and tunable changes on several backing devices that start
+//! with random data, compared after every read with plain in-memory disks; the
+//! per-segment and dirty line counts are checked after every step.
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
 use lc_cache::{BlockDevice, MemDevice};
 use rand::Rng;
+
+/// Lines promoted by reads, over every case (the tests run in parallel: shared).
+static PROMOTED: AtomicU64 = AtomicU64::new(0);
 
 struct Case {
     block: u64,
@@ -28,11 +35,13 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
     };
     let cache = mem_cache(seg * (slots + 1), block_size, seg as u32);
     let ndev = rng.gen_range(1..=3);
-    let devs: Vec<Arc<dyn BlockDevice>> = (0..ndev)
-        .map(|_| Arc::new(MemDevice::new(case.backing_size)) as Arc<dyn BlockDevice>)
-        .collect();
+    // Random initial content: a promoted line that is stale or misplaced shows.
     let mut model: Vec<Vec<u8>> = (0..ndev)
-        .map(|_| vec![0u8; case.backing_size as usize])
+        .map(|_| (0..case.backing_size).map(|_| rng.gen()).collect())
+        .collect();
+    let devs: Vec<Arc<dyn BlockDevice>> = model
+        .iter()
+        .map(|m| Arc::new(MemDevice::from_bytes(m.clone(), "mem")) as Arc<dyn BlockDevice>)
         .collect();
     let mut c = open(
         cache.clone(),
@@ -46,7 +55,7 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
         let cap = if rng.gen_bool(0.8) { 4 } else { 40 };
         let blocks = rng.gen_range(1..=max_blocks.min(cap));
         let start = rng.gen_range(0..=max_blocks - blocks);
-        let (off, len) = (start * case.block, blocks * case.block);
+        let (mut off, mut len) = (start * case.block, blocks * case.block);
         let ctx = format!("seed {seed} step {step} dev {dev} off {off} len {len}");
         match rng.gen_range(0..100) {
             0..=44 => {
@@ -76,6 +85,14 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
                 model[dev][off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             45..=79 => {
+                if rng.gen_bool(0.5) {
+                    // Whole lines (misses promote them).
+                    let lines = case.backing_size / 4096;
+                    let n = rng.gen_range(1..=lines.min(if cap == 4 { 2 } else { 12 }));
+                    off = rng.gen_range(0..=lines - n) * 4096;
+                    len = n * 4096;
+                }
+                let ctx = format!("seed {seed} step {step} dev {dev} off {off} len {len}");
                 let mut buf = vec![0u8; len as usize];
                 let cuts = if rng.gen_bool(0.5) {
                     random_cuts(&mut rng, buf.len())
@@ -117,6 +134,7 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
             96..=97 => c.seal_now().expect(&ctx),
             _ => {
                 // Clean close and reopen: recovery of a cleanly closed cache.
+                PROMOTED.fetch_add(c.stats().promoted_lines, Ordering::Relaxed);
                 c.close().expect(&ctx);
                 c = open(
                     cache.clone(),
@@ -126,6 +144,8 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
                 );
             }
         }
+        c.check_line_counts()
+            .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
     }
     // Everything reads back, then after a full drain the backing devices alone hold it.
     for (dev, m) in model.iter().enumerate() {
@@ -134,6 +154,7 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
         assert!(buf == *m, "seed {seed}: final read of dev {dev}");
         c.drain(dev as u8, &mut |_| {}).unwrap();
     }
+    PROMOTED.fetch_add(c.stats().promoted_lines, Ordering::Relaxed);
     c.close().unwrap();
     for (dev, m) in model.iter().enumerate() {
         let mut buf = vec![0u8; case.backing_size as usize];
@@ -151,6 +172,10 @@ fn assert_inline_served(served: (u64, u64)) {
         "try_write served {}, try_read served {}",
         served.0,
         served.1
+    );
+    assert!(
+        PROMOTED.load(Ordering::Relaxed) > 0,
+        "no read miss was promoted"
     );
 }
 

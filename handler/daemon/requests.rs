@@ -83,6 +83,7 @@ fn lun_stats(s: &lc_cache::Stats, luns: &[LunSection], cache: &str) -> Vec<LunSt
                 .as_ref()
                 .map_or(0, |d| per(&d.lost_lines, l.backing_id)),
             writeback_failing: s.writeback_failures.iter().any(|f| f.dev == l.backing_id),
+            promoted_lines: per(&s.device_promoted_lines, l.backing_id),
         })
         .collect()
 }
@@ -115,6 +116,7 @@ fn cache_stats(c: &Cache, luns: &[LunSection], cache: &str) -> CacheStats {
         stale_lines: s.stale_lines,
         moved_lines: s.moved_lines,
         written_back_lines: s.written_back_lines,
+        promoted_lines: s.promoted_lines,
         writeback_failures: s
             .writeback_failures
             .iter()

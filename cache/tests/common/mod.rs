@@ -47,6 +47,10 @@ pub fn random_tunables(rng: &mut SmallRng) -> Tunables {
         checkpoint_interval_segments: rng.gen_range(0..=3),
         // Staging lines ahead of appends: off, every line, and every few lines.
         stage_lines: [0, 1, 1, 2, 8][rng.gen_range(0..5)],
+        // Read caching: off, at the first miss (mostly), at the second; streams cut
+        // off at 16 KiB, at the default, or never.
+        read_promote_threshold: [0, 1, 1, 1, 2][rng.gen_range(0..5)],
+        sequential_cutoff: [0, 16 << 10, 4 << 20][rng.gen_range(0..3)],
         ..Tunables::default()
     }
 }
