@@ -160,8 +160,8 @@ impl Geometry {
                 nr_segments: n,
                 ..g
             }
-            .device_bytes()
-                <= device_size
+            .checked_device_bytes()
+            .is_some_and(|b| b <= device_size)
         };
         if g.nr_segments > 2 && !fits(g.nr_segments) {
             // Every count from `hi` on is too many; `lo` fits, or is the floor 2.
@@ -176,13 +176,15 @@ impl Geometry {
             }
             g.nr_segments = lo;
         }
-        if g.device_bytes() > device_size {
-            return Err(Error::Invalid(format!(
-                "device of {device_size} bytes too small: need {} bytes for segments of {segment_size} bytes",
-                g.device_bytes()
-            )));
+        match g.checked_device_bytes() {
+            Some(b) if b <= device_size => Ok(g),
+            Some(b) => Err(Error::Invalid(format!(
+                "device of {device_size} bytes too small: need {b} bytes for segments of {segment_size} bytes"
+            ))),
+            None => Err(Error::Invalid(format!(
+                "device of {device_size} bytes: its layout overflows 64-bit offsets"
+            ))),
         }
-        Ok(g)
     }
 
     /// Bytes of one checkpoint area (format 2; 0 in format 1): the header and one
@@ -204,6 +206,26 @@ impl Geometry {
     /// (format 2) the checkpoint areas.
     pub fn device_bytes(&self) -> u64 {
         self.checkpoint_offset(2)
+    }
+
+    /// [`Geometry::device_bytes`], or `None` where it would overflow a u64 (a segment
+    /// count no device has, e.g. read from a damaged superblock).
+    fn checked_device_bytes(&self) -> Option<u64> {
+        let area = if self.version == 1 {
+            0
+        } else {
+            (CP_ENTRY as u64)
+                .checked_mul(
+                    self.nr_segments
+                        .checked_mul(self.lines_per_segment as u64)?,
+                )?
+                .checked_add(CP_HEADER as u64)?
+                .div_ceil(LINE)
+                .checked_mul(LINE)?
+        };
+        (self.segment_size as u64)
+            .checked_mul(self.nr_segments.checked_add(1)?)?
+            .checked_add(area.checked_mul(2)?)
     }
 
     /// Header length in bytes (one copy).
