@@ -58,7 +58,6 @@ fn should_run(inner: &Inner, st: &State) -> bool {
     t.writeback_force
         || st.need_space
         || st.drains > 0
-        || st.stop_writeback
         || (t.writeback_enabled && dirty_pct > threshold)
 }
 
@@ -103,6 +102,11 @@ pub(crate) fn run(inner: &Inner) {
                 Step::Idle => {}
             }
             st = inner.lock();
+        }
+        if st.stop_writeback {
+            // Asked to stop while the cleaner had the lock released: the top of the
+            // loop commits and exits. A stop never starts a writeback batch.
+            continue;
         }
         if range.is_some() && backoff.is_none() && st.failed.is_none() {
             // Checked again under the lock: the cleaner released it.

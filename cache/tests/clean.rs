@@ -231,21 +231,7 @@ fn live_and_stale_counts_add_up_and_survive_reopen() {
     c.close().unwrap();
     let c = open(cache, &devs, t, 4);
     let s = c.stats();
-    // Under load (about 1 run in 70 with two crash tests beside it) the two segments
-    // have been written back by the time the reopen looks (`last_writeback_id` 2),
-    // although background writeback is off: then nothing is replayed, the lines read
-    // back from the backing device, and there is nothing to count. Why writeback ran
-    // is not yet known (noted in the issue); the data is never lost either way.
-    if s.last_writeback_id >= 2 {
-        let mut b = vec![0u8; 4096];
-        for l in 0..10u64 {
-            c.read(0, l * 4096, &mut b).unwrap();
-            assert_eq!(b, buf, "line {l} after writeback");
-        }
-        assert_eq!((s.live_lines, s.stale_lines), (0, 0));
-    } else {
-        assert_eq!((s.live_lines, s.stale_lines), (10, 5));
-    }
+    assert_eq!((s.live_lines, s.stale_lines), (10, 5));
     c.check_line_counts().unwrap();
     // Random partial writes and discards keep the counts exact.
     for _ in 0..3000 {
