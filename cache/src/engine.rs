@@ -28,7 +28,7 @@ use crate::format::{
 };
 use crate::index::{key, Loc};
 use crate::iov::{Gather, Scatter};
-use crate::state::{BackingSlot, Inner, Pos, State, MISS_TABLE_MAX, STAGE_WINDOW};
+use crate::state::{BackingSlot, Inner, Pos, State, MISS_TABLE_MAX};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
 
@@ -294,15 +294,7 @@ impl Inner {
                 flags,
             });
             o.last_write = Instant::now();
-            // While flushes come often the flusher stages lines as they accumulate.
-            let stage = o.entries.len() - o.staged == st.tunables.stage_lines as usize;
-            if stage
-                && st
-                    .last_append
-                    .is_some_and(|t| Instant::now() < t + STAGE_WINDOW)
-            {
-                self.worker_cv.notify_all();
-            }
+            self.kick_stager(&st);
             let loc = Loc {
                 seg: open_id,
                 slot: slot as u16,
@@ -397,14 +389,7 @@ impl Inner {
                 flags: ENTRY_CLEAN,
             });
             let seg = o.id;
-            let stage = o.entries.len() - o.staged == st.tunables.stage_lines as usize;
-            if stage
-                && st
-                    .last_append
-                    .is_some_and(|t| Instant::now() < t + STAGE_WINDOW)
-            {
-                self.worker_cv.notify_all();
-            }
+            self.kick_stager(&st);
             st.index.insert(
                 k,
                 Loc {
@@ -1154,19 +1139,7 @@ impl Cache {
                 b.id
             )));
         }
-        st.backing[b.id as usize] = Some(BackingSlot {
-            dev: b.dev,
-            label: b.label.clone(),
-            dirty: 0,
-            needs_flush: false,
-            counters: [0; 16],
-            failing: None,
-            promoted: 0,
-            discards_issued: 0,
-            discards_flushed: 0,
-            may_hold_clean: false,
-            stream: Default::default(),
-        });
+        st.backing[b.id as usize] = Some(BackingSlot::new(b.dev, b.label.clone()));
         st.commit_requested = true;
         self.inner.worker_cv.notify_all();
         info!(self.inner.log, "backing device attached"; "dev" => b.id, "label" => b.label);

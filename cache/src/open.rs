@@ -68,19 +68,7 @@ impl Cache {
                     b.label
                 )));
             }
-            slots[b.id as usize] = Some(BackingSlot {
-                dev: b.dev.clone(),
-                label: b.label.clone(),
-                dirty: 0,
-                needs_flush: false,
-                counters: [0; 16],
-                failing: None,
-                promoted: 0,
-                discards_issued: 0,
-                discards_flushed: 0,
-                may_hold_clean: false,
-                stream: Default::default(),
-            });
+            slots[b.id as usize] = Some(BackingSlot::new(b.dev.clone(), b.label.clone()));
         }
         let ram_buffers = (opts.ram_bytes / geo.segment_size as u64).max(2) as usize;
         let planned =

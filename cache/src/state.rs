@@ -98,6 +98,25 @@ pub(crate) struct BackingSlot {
     pub stream: Stream,
 }
 
+impl BackingSlot {
+    /// A device just attached (at open or later): nothing dirty, counted or failing.
+    pub fn new(dev: Arc<dyn BlockDevice>, label: String) -> Self {
+        BackingSlot {
+            dev,
+            label,
+            dirty: 0,
+            needs_flush: false,
+            counters: [0; 16],
+            failing: None,
+            promoted: 0,
+            discards_issued: 0,
+            discards_flushed: 0,
+            may_hold_clean: false,
+            stream: Default::default(),
+        }
+    }
+}
+
 /// A sequential stream of reads of one backing device: where the next read would
 /// continue it, and the bytes it has read so far.
 #[derive(Clone, Copy, Debug, Default)]
@@ -418,6 +437,19 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// After a line was added to the open segment: while flushes come often, wakes the
+    /// flusher to stage the lines once `stage_lines` of them have accumulated.
+    pub(crate) fn kick_stager(&self, st: &State) {
+        let Some(o) = st.open.as_ref() else { return };
+        if o.entries.len() - o.staged == st.tunables.stage_lines as usize
+            && st
+                .last_append
+                .is_some_and(|t| Instant::now() < t + STAGE_WINDOW)
+        {
+            self.worker_cv.notify_all();
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
