@@ -135,6 +135,16 @@ fn read(c: &Cache, off: u64, len: u64) -> Vec<u8> {
     buf
 }
 
+/// Starts `read(c, off, len)` on a thread whose backing read `b` holds (until
+/// `b.release()`); returns once the read is held there.
+fn held_read(c: &Arc<Cache>, b: &Backing, off: u64, len: u64) -> std::thread::JoinHandle<Vec<u8>> {
+    b.hold_next_read();
+    let c = c.clone();
+    let reader = std::thread::spawn(move || read(&c, off, len));
+    b.wait_held();
+    reader
+}
+
 /// Read hits of whole lines (in RAM or on the cache device).
 fn full_read_hits(c: &Cache) -> u64 {
     let s = c.stats();
@@ -359,12 +369,7 @@ fn a_promotion_racing_a_write_is_not_inserted() {
     for partial in [false, true] {
         let (c, b, mut data) = setup(8, 16, tunables());
         let c = Arc::new(c);
-        b.hold_next_read();
-        let reader = {
-            let c = c.clone();
-            std::thread::spawn(move || read(&c, 2 * LINE, LINE))
-        };
-        b.wait_held();
+        let reader = held_read(&c, &b, 2 * LINE, LINE);
         // The write lands between the read's plan and its promotion.
         let (off, len) = if partial {
             (2 * LINE + 512, 512)
@@ -388,12 +393,7 @@ fn a_promotion_racing_a_write_is_not_inserted() {
 fn a_promotion_racing_a_discard_of_the_uncached_line_is_not_inserted() {
     let (c, b, mut data) = setup(8, 16, tunables());
     let c = Arc::new(c);
-    b.hold_next_read();
-    let reader = {
-        let c = c.clone();
-        std::thread::spawn(move || read(&c, 2 * LINE, LINE))
-    };
-    b.wait_held();
+    let reader = held_read(&c, &b, 2 * LINE, LINE);
     // The line has no entry: the discard goes to the backing device alone.
     c.discard(0, 2 * LINE, LINE).unwrap();
     assert_eq!(dirty(&c), 0);
@@ -412,12 +412,7 @@ fn a_promotion_racing_a_discard_of_the_uncached_line_is_not_inserted() {
 fn a_promotion_racing_a_writeback_is_not_inserted() {
     let (c, b, mut data) = setup(8, 16, tunables());
     let c = Arc::new(c);
-    b.hold_next_read();
-    let reader = {
-        let c = c.clone();
-        std::thread::spawn(move || read(&c, 2 * LINE, LINE))
-    };
-    b.wait_held();
+    let reader = held_read(&c, &b, 2 * LINE, LINE);
     // Written, written back and dropped from the index while the read holds old data.
     let new = random_bytes(11, LINE);
     c.write(0, 2 * LINE, &new, false).unwrap();
