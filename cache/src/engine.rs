@@ -13,7 +13,7 @@
 //! - A read that found a line on the cache device is valid only if that segment's slot
 //!   was not reused meanwhile: `loc.seg + nr_segments > write_started_id`.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,10 @@ enum Src {
     /// On the cache device, read straight into the caller's buffer.
     DiskDirect(Loc),
 }
+
+/// Lines a write copies into the open segment per hold of the engine lock (128 KiB):
+/// one lock and one clock read per run of lines, and the lock is let go between runs.
+const LINES_PER_HOLD: usize = 32;
 
 fn sector_mask(first: u64, count: u64) -> u8 {
     debug_assert!(first + count <= SECTORS_PER_LINE && count > 0);
@@ -147,15 +151,21 @@ impl Inner {
     /// Without `wait`, returns
     /// `Ok(None)` instead of waiting for a RAM buffer or reading older data of a
     /// partial line from the cache device; nothing was changed then.
-    fn write_line(
-        &self,
+    /// Called with the engine lock held (`st`), which it may release while it waits;
+    /// hands the lock back with the result. `now` is the time the open segment's
+    /// `last_write` takes (one clock read per lock hold, not per line).
+    #[allow(clippy::too_many_arguments)]
+    fn write_line<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
         dev: u8,
         line: u64,
         first: u64,
         data: Gather<'_>,
         tomb: bool,
         wait: bool,
-    ) -> Result<Option<Pos>> {
+        now: Instant,
+    ) -> (MutexGuard<'a, State>, Result<Option<Pos>>) {
         let count = data.len() as u64 / SECTOR;
         let mask = if tomb {
             FULL_LINE
@@ -163,20 +173,19 @@ impl Inner {
             sector_mask(first, count)
         };
         let k = key(dev, line);
-        let mut st = self.lock();
         // A line read from the cache device while the lock was released.
         let mut fetched: Option<(Loc, Box<[u8; LINE as usize]>)> = None;
         loop {
-            if let Some(f) = &st.failed {
-                return Err(Error::Failed(f.clone()));
+            if let Some(f) = st.failed.clone() {
+                return (st, Err(Error::Failed(f)));
             }
             // Users wait while the segment they would fill lies in the cleaner's reserve.
             if crate::clean::user_must_wait(self, &mut st) || !self.ensure_open(&mut st) {
                 if !wait {
-                    return Ok(None);
+                    return (st, Ok(None));
                 }
                 if let Some(e) = st.stuck_refusal() {
-                    return Err(e);
+                    return (st, Err(e));
                 }
                 st = self.wait_io(st, Duration::from_millis(100));
                 continue;
@@ -210,7 +219,7 @@ impl Inner {
                 };
                 e.dirty = dirty;
                 e.flags = flags;
-                o.last_write = Instant::now();
+                o.last_write = now;
                 st.damage.supersede(k, mask);
                 st.index.insert(
                     k,
@@ -230,17 +239,19 @@ impl Inner {
                 if !tomb {
                     st.count(dev, counter_index(true, true, true, mask == FULL_LINE));
                 }
-                return Ok(Some(Pos {
+                let pos = Pos {
                     id: open_id,
                     lines: loc.slot as u32 + 1,
-                }));
+                };
+                return (st, Ok(Some(pos)));
             }
             // Older data this partial write must keep (never sectors lost to damage).
             let Some(keep) = st.damage.mergeable(k, old, mask) else {
-                return Err(Error::Lost {
+                let lost = Error::Lost {
                     dev,
                     offset: line * LINE,
-                });
+                };
+                return (st, Err(lost));
             };
             let mut base: Option<Box<[u8; LINE as usize]>> = None;
             let mut base_bits = 0u8;
@@ -256,13 +267,15 @@ impl Inner {
                             base = Some(b);
                         } else {
                             if !wait {
-                                return Ok(None);
+                                return (st, Ok(None));
                             }
                             drop(st);
                             let mut b = Box::new([0u8; LINE as usize]);
                             let r = self.read_cache_line(loc, &mut b[..]);
                             st = self.lock();
-                            r?;
+                            if let Err(e) = r {
+                                return (st, Err(e));
+                            }
                             if !self.slot_reused(&st, loc.seg) {
                                 fetched = Some((loc, b));
                             }
@@ -293,7 +306,7 @@ impl Inner {
                 dirty,
                 flags,
             });
-            o.last_write = Instant::now();
+            o.last_write = now;
             self.kick_stager(&st);
             let loc = Loc {
                 seg: open_id,
@@ -316,10 +329,11 @@ impl Inner {
                     counter_index(true, old.is_some(), on_ram, mask == FULL_LINE),
                 );
             }
-            return Ok(Some(Pos {
+            let pos = Pos {
                 id: open_id,
                 lines: slot as u32 + 1,
-            }));
+            };
+            return (st, Ok(Some(pos)));
         }
     }
 
@@ -497,19 +511,31 @@ impl Cache {
         let mut last = Pos::default();
         let mut pos = 0usize;
         let mut rest = data;
+        let mut st = self.inner.lock();
+        let mut now = Instant::now();
+        let mut held = 0;
         while rest.len() > 0 {
+            if held == LINES_PER_HOLD {
+                // Let the flusher and readers in between runs of lines.
+                drop(st);
+                st = self.inner.lock();
+                now = Instant::now();
+                held = 0;
+            }
             let off = offset + pos as u64;
             let line = off / LINE;
             let in_line = off % LINE;
             let n = ((LINE - in_line) as usize).min(rest.len());
             let (piece, after) = rest.split_at(n);
-            let Some(at) =
+            let (g, r) =
                 self.inner
-                    .write_line(dev, line, in_line / SECTOR, piece, false, wait)?
-            else {
+                    .write_line(st, dev, line, in_line / SECTOR, piece, false, wait, now);
+            st = g;
+            let Some(at) = r? else {
                 return Ok(None);
             };
             last = last.max(at);
+            held += 1;
             pos += n;
             rest = after;
         }
@@ -929,10 +955,19 @@ impl Cache {
         let r = (|| {
             let mut last = Pos::default();
             for line in cached {
-                let at = self
-                    .inner
-                    .write_line(dev, line, 0, Gather::new(&[]), true, true)?;
-                last = last.max(at.expect("a waiting write completes"));
+                let st = self.inner.lock();
+                let (st, r) = self.inner.write_line(
+                    st,
+                    dev,
+                    line,
+                    0,
+                    Gather::new(&[]),
+                    true,
+                    true,
+                    Instant::now(),
+                );
+                drop(st);
+                last = last.max(r?.expect("a waiting write completes"));
             }
             // A clean copy is not written back: if the discard reached the backing
             // device and its discard records did not survive a crash, a replayed
