@@ -79,7 +79,16 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         }
         st.cp_busy = true;
         let snap = st.index.begin_snapshot();
-        (snap, upto, st.prev_crc, st.wb_id, st.cp_seq + 1)
+        // The crc of segment `upto`'s final header: known now if the flusher already
+        // encoded it, else once it writes the segment (`flush.rs`).
+        let upto_crc = if st.crc_id == upto {
+            Some(st.prev_crc)
+        } else {
+            st.cp_crc_want = Some(upto);
+            st.cp_crc_got = None;
+            None
+        };
+        (snap, upto, upto_crc, st.wb_id, st.cp_seq + 1)
     };
     let r = (|| -> Result<(u64, usize)> {
         let journal = loop {
@@ -94,7 +103,13 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             .iter()
             .all(|&(_, v)| crate::index::Loc::unpack(v).seg <= upto));
         inner.wait_durable(Pos::all(upto))?;
-        let durable_id = inner.lock().durable_claim();
+        let (durable_id, upto_crc) = {
+            let st = inner.lock();
+            let crc = upto_crc.or(st.cp_crc_got).ok_or_else(|| {
+                Error::Invalid(format!("checkpoint: no header crc of segment {upto}"))
+            })?;
+            (st.durable_claim(), crc)
+        };
         let area = seq % 2;
         let base = geo.checkpoint_offset(area);
         let desc = inner.cache.describe();
@@ -138,6 +153,8 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
     })();
     let mut st = inner.lock();
     st.cp_busy = false;
+    st.cp_crc_want = None;
+    st.cp_crc_got = None;
     // A snapshot cut short by an error stops journaling.
     let _ = st.index.end_snapshot();
     match r {

@@ -139,12 +139,17 @@ pub(crate) fn run(inner: &Inner) {
         let last = batch.last().expect("batch").id;
         st.write_started_id = last;
         st.slot_claimed_id = st.slot_claimed_id.max(last);
+        let mut prev_crc = st.prev_crc;
         drop(st);
         let mut bytes = 0u64;
         let mut result = Ok(());
+        let mut crcs = Vec::with_capacity(batch.len());
         for seg in &batch {
-            match write_sealed(inner, seg) {
-                Ok(b) => bytes += b,
+            match write_sealed(inner, seg, &mut prev_crc) {
+                Ok(b) => {
+                    bytes += b;
+                    crcs.push((seg.id, prev_crc));
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -155,6 +160,11 @@ pub(crate) fn run(inner: &Inner) {
         st.cache_bytes_written += bytes;
         match result {
             Ok(()) => {
+                st.prev_crc = prev_crc;
+                st.crc_id = last;
+                if let Some(&(_, c)) = crcs.iter().find(|(id, _)| Some(*id) == st.cp_crc_want) {
+                    st.cp_crc_got = Some(c);
+                }
                 st.written_id = last;
                 st.unflushed_since.get_or_insert(Instant::now());
                 // The segments are readable from the cache device now. Readers copy
@@ -184,25 +194,42 @@ pub(crate) fn run(inner: &Inner) {
     drop(st);
 }
 
-/// Writes what is left of a sealed segment: all of it (both header copies and its
-/// lines, one sequential write) when no append or staging wrote any, else the lines
-/// not yet on the device and the final header's copy (unless the newest append's is
-/// final). Returns the bytes written.
-fn write_sealed(inner: &Inner, seg: &Sealed) -> Result<u64, Error> {
+/// Writes what is left of a sealed segment: all of it (header copy 0, the zeros of
+/// copy 1 and the lines) when no append or staging wrote any, else the lines not yet
+/// on the device and the final header's copy (unless the newest append's is final).
+/// Encodes the final header first, after the header of crc `prev_crc`, and leaves
+/// this segment's header crc there. Returns the bytes written.
+fn write_sealed(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Result<u64, Error> {
     let geo = &inner.geo;
     let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
     let base = geo.segment_offset(seg.id);
+    let header = match &seg.header {
+        Some(h) => {
+            let (b, crc) = h.encode(inner, seg, *prev_crc);
+            *prev_crc = crc;
+            Some(b)
+        }
+        None => {
+            *prev_crc = seg.hcrc;
+            None
+        }
+    };
     let mut parts: Vec<(&[u8], u64)> = Vec::new();
+    let c = geo.header_copy(seg.gen);
     if seg.from == 0 {
-        parts.push((&seg.buf[..ds + seg.n * line], base));
+        // Nothing of the slot written yet: the header is copy 0, the rest follows it.
+        debug_assert_eq!(c, 0);
+        if let Some(h) = &header {
+            parts.push((h, base));
+        }
+        parts.push((&seg.buf[hl..ds + seg.n * line], base + hl as u64));
     } else {
         if seg.n > seg.from {
             let lines = &seg.buf[ds + seg.from * line..ds + seg.n * line];
             parts.push((lines, geo.line_offset(seg.id, seg.from as u32)));
         }
-        if seg.header {
-            let c = geo.header_copy(seg.gen);
-            parts.push((&seg.buf[c * hl..(c + 1) * hl], base + (c * hl) as u64));
+        if let Some(h) = &header {
+            parts.push((h, base + (c * hl) as u64));
         }
     }
     let mut bytes = 0;

@@ -61,17 +61,61 @@ pub(crate) struct OpenSeg {
     pub hcrc: u32,
 }
 
-/// A sealed segment: its final header encoded in `buf`, immutable until written.
-/// Lines `from..n` and the header still have to be written (`from` > 0 when appends
-/// or staging wrote the lines before it; then the header is copy `header_copy(gen)`
-/// alone, and only when `header`: no append covered all `n` lines).
+/// A sealed segment, immutable until written. Lines `from..n` and the final header
+/// (copy `header_copy(gen)`) still have to be written (`from` > 0 when appends or
+/// staging wrote the lines before it). The header is encoded by the flusher when it
+/// writes the segment, not by the seal: its data crc over up to a whole segment is the
+/// costliest step of a seal, and the seal runs under the engine lock on a writer's
+/// thread. The flusher writes segments in id order, so it also carries the chain of
+/// header crcs (`State::prev_crc`).
 pub(crate) struct Sealed {
     pub id: u64,
     pub buf: AlignedBuf,
     pub from: usize,
     pub n: usize,
     pub gen: u16,
-    pub header: bool,
+    /// The final header to encode and write; `None` when the newest append's header
+    /// (crc `hcrc`) covers all `n` lines and is final.
+    pub header: Option<PendingHeader>,
+    pub hcrc: u32,
+}
+
+/// What a sealed segment's final header holds besides its data crc and `prev_crc`,
+/// both of which the flusher computes ([`PendingHeader::encode`]).
+pub(crate) struct PendingHeader {
+    /// The durable point claimed (taken at the seal, as an encoded header would have).
+    pub durable: u64,
+    /// crc32c of lines `0..written` (the appends'), extended over `written..n`.
+    pub crc: u32,
+    pub written: usize,
+    pub entries: Vec<Entry>,
+}
+
+impl PendingHeader {
+    /// Encodes `seg`'s final header after the header of crc `prev_crc` into a buffer
+    /// of one header copy; returns it with its crc (the next header's `prev_crc`).
+    pub(crate) fn encode(&self, inner: &Inner, seg: &Sealed, prev_crc: u32) -> (AlignedBuf, u32) {
+        let geo = &inner.geo;
+        let (ds, line) = (geo.data_start(), LINE as usize);
+        let data_crc = crc32c::crc32c_append(
+            self.crc,
+            &seg.buf[ds + self.written * line..ds + seg.n * line],
+        );
+        let hdr = SegmentHeader {
+            id: seg.id,
+            lap: geo.lap(seg.id),
+            gen: seg.gen,
+            nonce: inner.nonce,
+            prev_crc,
+            durable: self.durable,
+            data_crc,
+            uuid: inner.uuid,
+            entries: self.entries.clone(),
+        };
+        let mut b = AlignedBuf::new(geo.header_len());
+        let crc = hdr.encode_into(&mut b);
+        (b, crc)
+    }
 }
 
 pub(crate) struct BackingSlot {
@@ -262,7 +306,14 @@ pub(crate) struct State {
     pub ram: BTreeMap<u64, Arc<Sealed>>,
     pub pool: Vec<AlignedBuf>,
     pub ram_buffers: usize,
+    /// crc of the header of segment `crc_id`, the newest the flusher encoded (or
+    /// recovery read): the next header's `prev_crc`.
     pub prev_crc: u32,
+    pub crc_id: u64,
+    /// A checkpoint waiting for the header crc of this segment (sealed, not yet
+    /// encoded when it looked), and that crc once the flusher wrote the segment.
+    pub cp_crc_want: Option<u64>,
+    pub cp_crc_got: Option<u32>,
     /// Highest sealed segment id whose write has started.
     pub write_started_id: u64,
     /// Highest segment id whose slot has been written to (a sealed segment's write or
@@ -374,6 +425,9 @@ impl State {
                 .collect(),
             ram_buffers,
             prev_crc: r.last_crc,
+            crc_id: r.last_id,
+            cp_crc_want: None,
+            cp_crc_got: None,
             write_started_id: r.last_id,
             slot_claimed_id: r.last_id,
             partial: Pos::default(),
@@ -564,7 +618,6 @@ impl Inner {
         let geo = &self.geo;
         let (hl, ds) = (geo.header_len(), geo.data_start());
         let (n, written, from) = (o.entries.len(), o.written, o.staged);
-        let line = LINE as usize;
         let header = n > written || written == 0;
         let gen = if !geo.appends() {
             0
@@ -573,28 +626,16 @@ impl Inner {
         } else {
             o.gen
         };
-        if header {
-            let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + written * line..ds + n * line]);
-            let hdr = SegmentHeader {
-                id: o.id,
-                lap: geo.lap(o.id),
-                gen,
-                nonce: self.nonce,
-                prev_crc: st.prev_crc,
-                durable: st.durable_claim(),
-                data_crc,
-                uuid: self.uuid,
-                entries: std::mem::take(&mut o.entries),
-            };
-            let c = geo.header_copy(gen);
-            st.prev_crc = hdr.encode_into(&mut o.buf[c * hl..(c + 1) * hl]);
-            if gen == 1 {
-                // The first header of a segment: the other copy goes out as zeros in
-                // the same write, so no older header of this slot outlives it.
-                o.buf[hl..ds].fill(0);
-            }
-        } else {
-            st.prev_crc = o.hcrc;
+        let pending = header.then(|| PendingHeader {
+            durable: st.durable_claim(),
+            crc: o.crc,
+            written,
+            entries: std::mem::take(&mut o.entries),
+        });
+        if gen == 1 {
+            // The first header of a segment: the other copy goes out as zeros with
+            // the lines, so no older header of this slot outlives it.
+            o.buf[hl..ds].fill(0);
         }
         if n < geo.lines_per_segment as usize {
             st.partial_segments += 1;
@@ -607,7 +648,8 @@ impl Inner {
                 from,
                 n,
                 gen,
-                header,
+                header: pending,
+                hcrc: o.hcrc,
             }),
         );
         self.worker_cv.notify_all();
