@@ -4,8 +4,10 @@
 //! device is flushed, and the segment stays open for the lines that follow), format 1
 //! seals the segment. Seals the open segment when it has been idle for
 //! `flush_interval_s`, or on request;
-//! writes sealed segments to their ring slots in id order (each as one sequential
-//! write) and returns their buffers to the pool (`written_id`); flushes the cache device
+//! writes sealed segments to their ring slots in id order, encoding each one's final
+//! header first (data crc and the `prev_crc` chain: the seal left it pending), whole
+//! segments in consecutive slots as one vectored write, and returns their buffers to
+//! the pool (`written_id`); flushes the cache device
 //! when someone waits for durability (a flush or FUA write), when writeback needs the
 //! segments, or when written data has gone unflushed for a second or 16 segments, then
 //! advances `flushed_id` and wakes the waiters.
@@ -144,12 +146,22 @@ pub(crate) fn run(inner: &Inner) {
         let mut bytes = 0u64;
         let mut result = Ok(());
         let mut crcs = Vec::with_capacity(batch.len());
-        for seg in &batch {
-            match write_sealed(inner, seg, &mut prev_crc) {
-                Ok(b) => {
-                    bytes += b;
+        for chunk in batch.chunks(WRITE_CHUNK_SEGMENTS) {
+            let headers: Vec<Option<AlignedBuf>> = chunk
+                .iter()
+                .map(|seg| {
+                    let h = final_header(inner, seg, &mut prev_crc);
                     crcs.push((seg.id, prev_crc));
-                }
+                    h
+                })
+                .collect();
+            let parts: Vec<(&[u8], u64)> = chunk
+                .iter()
+                .zip(&headers)
+                .flat_map(|(seg, h)| sealed_parts(&inner.geo, seg, h.as_ref()))
+                .collect();
+            match write_runs(inner, &parts) {
+                Ok(b) => bytes += b,
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -194,16 +206,17 @@ pub(crate) fn run(inner: &Inner) {
     drop(st);
 }
 
-/// Writes what is left of a sealed segment: all of it (header copy 0, the zeros of
-/// copy 1 and the lines) when no append or staging wrote any, else the lines not yet
-/// on the device and the final header's copy (unless the newest append's is final).
-/// Encodes the final header first, after the header of crc `prev_crc`, and leaves
-/// this segment's header crc there. Returns the bytes written.
-fn write_sealed(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Result<u64, Error> {
-    let geo = &inner.geo;
-    let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
-    let base = geo.segment_offset(seg.id);
-    let header = match &seg.header {
+/// Sealed segments whose final headers are encoded before their writes start: the
+/// writes of one chunk go out together.
+const WRITE_CHUNK_SEGMENTS: usize = 8;
+
+/// The most bytes one write of adjacent pieces takes.
+const MAX_RUN: usize = 8 << 20;
+
+/// Encodes the final header of a sealed segment (when it needs one) after the header
+/// of crc `prev_crc`, and leaves this segment's header crc there.
+fn final_header(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Option<AlignedBuf> {
+    match &seg.header {
         Some(h) => {
             let (b, crc) = h.encode(inner, seg, *prev_crc);
             *prev_crc = crc;
@@ -213,13 +226,26 @@ fn write_sealed(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Result<u64, 
             *prev_crc = seg.hcrc;
             None
         }
-    };
-    let mut parts: Vec<(&[u8], u64)> = Vec::new();
+    }
+}
+
+/// What is left to write of a sealed segment, with the device offset of each piece:
+/// all of it (header copy 0, the zeros of copy 1 and the lines) when no append or
+/// staging wrote any, else the lines not yet on the device and the final header's copy
+/// (unless the newest append's is final, `header` `None`).
+fn sealed_parts<'a>(
+    geo: &Geometry,
+    seg: &'a Sealed,
+    header: Option<&'a AlignedBuf>,
+) -> Vec<(&'a [u8], u64)> {
+    let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
+    let base = geo.segment_offset(seg.id);
     let c = geo.header_copy(seg.gen);
+    let mut parts: Vec<(&[u8], u64)> = Vec::new();
     if seg.from == 0 {
         // Nothing of the slot written yet: the header is copy 0, the rest follows it.
         debug_assert_eq!(c, 0);
-        if let Some(h) = &header {
+        if let Some(h) = header {
             parts.push((h, base));
         }
         parts.push((&seg.buf[hl..ds + seg.n * line], base + hl as u64));
@@ -228,17 +254,37 @@ fn write_sealed(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Result<u64, 
             let lines = &seg.buf[ds + seg.from * line..ds + seg.n * line];
             parts.push((lines, geo.line_offset(seg.id, seg.from as u32)));
         }
-        if let Some(h) = &header {
+        if let Some(h) = header {
             parts.push((h, base + (c * hl) as u64));
         }
     }
-    let mut bytes = 0;
-    for (data, off) in parts {
+    parts
+}
+
+/// Writes `parts` in their order, each run of adjacent pieces (a whole segment, and
+/// whole segments in consecutive slots) as one write of up to [`MAX_RUN`] bytes.
+/// Returns the bytes written.
+fn write_runs(inner: &Inner, parts: &[(&[u8], u64)]) -> Result<u64, Error> {
+    let mut bytes = 0u64;
+    let mut i = 0;
+    while i < parts.len() {
+        let start = parts[i].1;
+        let mut run = vec![parts[i].0];
+        let mut end = start + parts[i].0.len() as u64;
+        i += 1;
+        while i < parts.len()
+            && parts[i].1 == end
+            && (end - start) as usize + parts[i].0.len() <= MAX_RUN
+        {
+            run.push(parts[i].0);
+            end += parts[i].0.len() as u64;
+            i += 1;
+        }
         inner
             .cache
-            .write_at(data, off)
-            .map_err(|e| Error::io(&inner.cache.describe(), off, e))?;
-        bytes += data.len() as u64;
+            .write_vectored_at(&run, start)
+            .map_err(|e| Error::io(&inner.cache.describe(), start, e))?;
+        bytes += end - start;
     }
     Ok(bytes)
 }
