@@ -274,6 +274,8 @@ pub struct CacheStats {
     pub written_back_lines: u64,
     /// See `lc_cache::Stats`: lines promoted into the cache on read misses.
     pub promoted_lines: u64,
+    /// See `lc_cache::Stats`: bytes written around the cache (write-around).
+    pub bypassed_bytes: u64,
     /// Backing devices writeback fails on.
     pub writeback_failures: Vec<WritebackFailure>,
     /// The tunables in force.
@@ -323,6 +325,10 @@ pub struct LunStats {
     pub writeback_failing: bool,
     /// Its lines promoted into the cache on read misses.
     pub promoted_lines: u64,
+    /// Bytes of it that went around the cache (write-around).
+    pub bypassed_bytes: u64,
+    /// Writes of it that went around the cache.
+    pub bypassed_writes: u64,
 }
 
 /// `reload`: what changed.
@@ -472,6 +478,8 @@ mod tests {
                 lost_lines: 1,
                 writeback_failing: true,
                 promoted_lines: 1,
+                bypassed_bytes: 1,
+                bypassed_writes: 1,
             }],
             ..CacheStats::default()
         };

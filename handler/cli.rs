@@ -373,6 +373,12 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             vec![],
         ),
         (
+            "lc_bypassed_bytes_total",
+            "counter",
+            "Bytes written around the cache to backing devices (sequential streams past sequential_cutoff).",
+            vec![],
+        ),
+        (
             "lc_failed",
             "gauge",
             "1 once the cache device failed.",
@@ -396,6 +402,7 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             (s.moved_lines, "lc_moved_lines_total"),
             (s.written_back_lines, "lc_written_back_lines_total"),
             (s.promoted_lines, "lc_promoted_lines_total"),
+            (s.bypassed_bytes, "lc_bypassed_bytes_total"),
         ] {
             add(name, c.clone(), n.to_string());
         }

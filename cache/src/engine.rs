@@ -79,6 +79,20 @@ enum Src {
 /// one lock and one clock read per run of lines, and the lock is let go between runs.
 const LINES_PER_HOLD: usize = 32;
 
+/// Follows the write streams of device `dev` with a write of `len` bytes at `offset`;
+/// whether it continues a stream longer than `sequential_cutoff` (0 = never), so it
+/// would go around the cache.
+fn follow_write(st: &mut State, dev: u8, offset: u64, len: u64) -> bool {
+    let cutoff = st.tunables.sequential_cutoff;
+    match st.backing.get_mut(dev as usize).and_then(|b| b.as_mut()) {
+        Some(b) if len > 0 => {
+            let run = b.wstream.follow(offset, len);
+            cutoff > 0 && run > cutoff
+        }
+        _ => false,
+    }
+}
+
 fn sector_mask(first: u64, count: u64) -> u8 {
     debug_assert!(first + count <= SECTORS_PER_LINE && count > 0);
     let m = if count == 8 {
@@ -356,13 +370,14 @@ impl Inner {
             .backing
             .get(dev as usize)
             .and_then(|b| b.as_ref())
-            .is_some_and(|b| b.discards_issued == b.discards_flushed);
+            .is_some_and(|b| b.changes_issued == b.changes_flushed);
         if threshold == 0
             || !settled
             || st.failed.is_some()
             || st.damage.unresolved()
             || st.stop_flush
             || st.discards > 0
+            || !st.bypassing.is_empty()
             || st.index.removals() != epoch
         {
             return;
@@ -479,14 +494,32 @@ impl Cache {
     /// [`Cache::write`] does: each line's bytes are copied from the slices straight into
     /// the open segment's buffer (a line may span slices), with no staging copy. The
     /// total length must be a multiple of the block size; the slices need not be.
+    ///
+    /// A write that continues a sequential stream longer than `sequential_cutoff` goes
+    /// around the cache to the backing device instead (write-around, see
+    /// [`Cache::bypass`]) when none of its lines is cached.
     pub fn write_vectored(&self, dev: u8, offset: u64, data: &[&[u8]], fua: bool) -> Result<()> {
+        let pieces = data;
         let data = Gather::new(data);
-        {
+        let len = data.len() as u64;
+        let around = {
             let mut st = self.inner.lock();
-            self.inner
-                .check_range(&st, dev, offset, data.len() as u64)?;
+            self.inner.check_range(&st, dev, offset, len)?;
             if let Some(e) = st.backing_refusal(dev) {
                 return Err(e);
+            }
+            follow_write(&mut st, dev, offset, len)
+        };
+        if around {
+            if let Some(r) = self.bypass(dev, offset, pieces, fua) {
+                return r;
+            }
+        }
+        {
+            let mut st = self.inner.lock();
+            // After a write going around the cache over the same bytes, not beside it.
+            while st.bypass_overlaps(dev, offset, len) {
+                st = self.inner.wait_io(st, Duration::from_millis(100));
             }
             st.active_writers += 1;
         }
@@ -554,13 +587,19 @@ impl Cache {
     /// [`Cache::write_vectored`] copies it.
     pub fn try_write_vectored(&self, dev: u8, offset: u64, data: &[&[u8]]) -> Option<Result<()>> {
         let data = Gather::new(data);
+        let len = data.len() as u64;
         {
             let mut st = self.inner.lock();
-            if let Err(e) = self.inner.check_range(&st, dev, offset, data.len() as u64) {
+            if let Err(e) = self.inner.check_range(&st, dev, offset, len) {
                 return Some(Err(e));
             }
             if let Some(e) = st.backing_refusal(dev) {
                 return Some(Err(e));
+            }
+            // A write going around the cache, or one that must wait for such a write,
+            // blocks: [`Cache::write_vectored`] does it.
+            if follow_write(&mut st, dev, offset, len) || st.bypass_overlaps(dev, offset, len) {
+                return None;
             }
             st.active_writers += 1;
         }
@@ -570,6 +609,85 @@ impl Cache {
             Ok(Some(_)) => Some(Ok(())),
             Ok(None) => None,
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Write-around: writes `data` at `offset` straight to backing device `dev` (and
+    /// flushes it for `fua`), when that cannot leave a stale copy anywhere: no line of
+    /// the range is cached (dirty, clean or discarded), lost to damage, or being
+    /// written around already. A line without an entry has no copy in any segment
+    /// recovery would replay (entries leave the index only when superseded, or with
+    /// their segment at or below `last_writeback_id`), so nothing written around is
+    /// undone by a crash. While it runs, cached writes and discards overlapping it wait
+    /// and no read miss is promoted; promotions planned before its end are dropped
+    /// (their backing read may predate it). `None` when it cannot go around now, or
+    /// the backing device failed it: the caller writes through the cache instead (a
+    /// failing backing device does not lose the write).
+    fn bypass(&self, dev: u8, offset: u64, data: &[&[u8]], fua: bool) -> Option<Result<()>> {
+        let len: u64 = data.iter().map(|p| p.len() as u64).sum();
+        let (l0, l1) = (offset / LINE, (offset + len).div_ceil(LINE));
+        let backing = {
+            let mut st = self.inner.lock();
+            let b = st.backing.get(dev as usize)?.as_ref()?;
+            let eligible = st.failed.is_none()
+                && !st.stop_flush
+                && !st.damage.unresolved()
+                && b.failing.is_none()
+                && !st.bypass_overlaps(dev, offset, len)
+                && st
+                    .damage
+                    .lost
+                    .range(key(dev, l0)..key(dev, l1))
+                    .next()
+                    .is_none()
+                && (l0..l1).all(|l| st.index.get(key(dev, l)).is_none());
+            if !eligible {
+                return None;
+            }
+            let d = b.dev.clone();
+            st.bypassing.push(crate::state::Bypass {
+                dev,
+                start: offset,
+                end: offset + len,
+            });
+            d
+        };
+        let r = backing.write_vectored_at(data, offset).and_then(|()| {
+            if fua {
+                backing.flush()
+            } else {
+                Ok(())
+            }
+        });
+        let mut st = self.inner.lock();
+        if let Some(i) = st
+            .bypassing
+            .iter()
+            .position(|b| b.dev == dev && b.start == offset && b.end == offset + len)
+        {
+            st.bypassing.swap_remove(i);
+        }
+        st.index.invalidate();
+        if r.is_ok() {
+            st.bypassed_bytes += len;
+        }
+        if let Some(b) = st.backing[dev as usize].as_mut() {
+            // Not durable on the device until a flush of it: no promotion till then.
+            b.needs_flush = true;
+            b.changes_issued += 1;
+            if r.is_ok() {
+                b.bypassed_bytes += len;
+                b.bypassed_writes += 1;
+            }
+        }
+        self.inner.io_cv.notify_all();
+        match r {
+            Ok(()) => Some(Ok(())),
+            Err(e) => {
+                warn!(self.inner.log, "a write around the cache failed; it goes through the cache";
+                      "device" => backing.describe(), "offset" => offset, "len" => len, "error" => %e);
+                None
+            }
         }
     }
 
@@ -874,7 +992,7 @@ impl Cache {
             for (id, b) in st.backing.iter_mut().enumerate() {
                 if let Some(b) = b.as_mut().filter(|b| b.needs_flush) {
                     b.needs_flush = false;
-                    devs.push((id, b.dev.clone(), b.discards_issued));
+                    devs.push((id, b.dev.clone(), b.changes_issued));
                 }
             }
             (target, devs)
@@ -883,7 +1001,7 @@ impl Cache {
             d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
             let mut st = self.inner.lock();
             if let Some(b) = st.backing[id].as_mut() {
-                b.discards_flushed = b.discards_flushed.max(issued);
+                b.changes_flushed = b.changes_flushed.max(issued);
             }
         }
         self.inner.wait_durable(target)
@@ -894,8 +1012,13 @@ impl Cache {
     /// the range reads as zeros.
     pub fn discard(&self, dev: u8, offset: u64, len: u64) -> Result<()> {
         let backing = {
-            let st = self.inner.lock();
-            self.inner.check_range(&st, dev, offset, len)?
+            let mut st = self.inner.lock();
+            let b = self.inner.check_range(&st, dev, offset, len)?;
+            // After a write going around the cache over the same bytes, not beside it.
+            while st.bypass_overlaps(dev, offset, len) {
+                st = self.inner.wait_io(st, Duration::from_millis(100));
+            }
+            b
         };
         if len == 0 {
             return Ok(());
@@ -987,7 +1110,7 @@ impl Cache {
         r?;
         if let Some(b) = st.backing[dev as usize].as_mut() {
             b.needs_flush = true;
-            b.discards_issued += 1;
+            b.changes_issued += 1;
         }
         Ok(())
     }
@@ -1118,6 +1241,16 @@ impl Cache {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.promoted)))
+                .collect(),
+            bypassed_bytes: st.bypassed_bytes,
+            device_bypassed: st
+                .backing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| {
+                    b.as_ref()
+                        .map(|b| (i as u8, b.bypassed_bytes, b.bypassed_writes))
+                })
                 .collect(),
             ram_bytes: buffers.max(st.ram_buffers) as u64 * seg + st.index.memory_bytes() as u64,
             index_bytes: st.index.memory_bytes() as u64,

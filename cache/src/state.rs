@@ -129,17 +129,23 @@ pub(crate) struct BackingSlot {
     pub failing: Option<BackingFailure>,
     /// Lines of this device promoted into the cache on read misses.
     pub promoted: u64,
-    /// Discards passed to this device, and how many of them a flush of it made
-    /// durable: while they differ a crash could undo a discard on the device, so no
-    /// read of it is promoted (the clean copy would outlive the undo).
-    pub discards_issued: u64,
-    pub discards_flushed: u64,
+    /// Changes made to this device outside writeback (discards passed to it, writes
+    /// that went around the cache), and how many of them a flush of it made durable:
+    /// while they differ a crash could undo one on the device, so no read of it is
+    /// promoted (the clean copy would outlive the undo).
+    pub changes_issued: u64,
+    pub changes_flushed: u64,
     /// The log may hold clean copies of this device's lines (one was promoted since
     /// open, or recovery restored one): a discard then makes its records durable
     /// before it passes to the device.
     pub may_hold_clean: bool,
-    /// The sequential read stream being followed (promotion skips long streams).
+    /// The sequential read streams being followed (promotion skips long streams).
     pub stream: Stream,
+    /// The sequential write streams (write-around past `sequential_cutoff`).
+    pub wstream: Stream,
+    /// Bytes and writes that went around the cache to this device.
+    pub bypassed_bytes: u64,
+    pub bypassed_writes: u64,
 }
 
 impl BackingSlot {
@@ -153,34 +159,58 @@ impl BackingSlot {
             counters: [0; 16],
             failing: None,
             promoted: 0,
-            discards_issued: 0,
-            discards_flushed: 0,
+            changes_issued: 0,
+            changes_flushed: 0,
             may_hold_clean: false,
             stream: Default::default(),
+            wstream: Default::default(),
+            bypassed_bytes: 0,
+            bypassed_writes: 0,
         }
     }
 }
 
-/// A sequential stream of reads of one backing device: where the next read would
-/// continue it, and the bytes it has read so far.
-#[derive(Clone, Copy, Debug, Default)]
+/// Sequential streams of requests (reads or writes) of one backing device. A request
+/// continues a stream when it starts where one of the last [`STREAM_RECENT`] requests
+/// ended (a queue of commands may arrive a little out of order); the same request seen
+/// again (tried on the event loop, then run on a worker) is counted once.
+#[derive(Default)]
 pub(crate) struct Stream {
-    pub next: u64,
-    pub len: u64,
+    /// (start, end, length of the stream it ends), oldest first.
+    recent: std::collections::VecDeque<(u64, u64, u64)>,
 }
+
+/// Requests a [`Stream`] remembers.
+const STREAM_RECENT: usize = 8;
 
 impl Stream {
-    /// Counts a read of `len` bytes at `offset`; returns the length of the stream it
+    /// Counts a request of `len` bytes at `offset`; returns the length of the stream it
     /// belongs to (itself included).
     pub fn follow(&mut self, offset: u64, len: u64) -> u64 {
-        if offset == self.next && self.len > 0 {
-            self.len = self.len.saturating_add(len);
-        } else {
-            self.len = len;
+        let end = offset.saturating_add(len);
+        if let Some(r) = self.recent.iter().find(|r| r.0 == offset && r.1 == end) {
+            return r.2;
         }
-        self.next = offset + len;
-        self.len
+        let run = self
+            .recent
+            .iter()
+            .filter(|r| r.1 == offset)
+            .map(|r| r.2)
+            .max()
+            .map_or(len, |l| l.saturating_add(len));
+        if self.recent.len() == STREAM_RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((offset, end, run));
+        run
     }
+}
+
+/// A write passing around the cache to its backing device (write-around), in flight.
+pub(crate) struct Bypass {
+    pub dev: u8,
+    pub start: u64,
+    pub end: u64,
 }
 
 /// Most lines whose read misses are counted for `read_promote_threshold` > 1; the
@@ -268,6 +298,15 @@ impl State {
 
     /// The refusal for a write to backing device `dev` when writeback to it has failed
     /// for longer than `writeback_fail_timeout_s`.
+    /// Whether a write going around the cache overlaps bytes `offset..offset + len`
+    /// of device `dev`.
+    pub(crate) fn bypass_overlaps(&self, dev: u8, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.bypassing
+            .iter()
+            .any(|b| b.dev == dev && b.start < end && offset < b.end)
+    }
+
     pub(crate) fn backing_refusal(&self, dev: u8) -> Option<Error> {
         let timeout = Duration::from_secs(self.tunables.writeback_fail_timeout_s as u64);
         let f = self.backing.get(dev as usize)?.as_ref()?.failing.as_ref()?;
@@ -351,6 +390,11 @@ pub(crate) struct State {
     pub misses: std::collections::HashMap<u64, u32>,
     /// Discards passing to backing devices now: no promotion is inserted meanwhile.
     pub discards: u32,
+    /// Writes going around the cache now (write-around): no promotion is inserted
+    /// meanwhile, and no cached write or discard overlapping one starts.
+    pub bypassing: Vec<Bypass>,
+    /// Bytes written around the cache (all devices).
+    pub bypassed_bytes: u64,
     pub partial_segments: u64,
     /// Appends: flushes that made an open segment's lines durable without sealing it.
     pub appends: u64,
@@ -450,6 +494,8 @@ impl State {
             promoted_lines: 0,
             misses: Default::default(),
             discards: 0,
+            bypassing: Vec::new(),
+            bypassed_bytes: 0,
             partial_segments: 0,
             appends: 0,
             last_append: None,

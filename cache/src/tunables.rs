@@ -45,7 +45,8 @@ pub struct Tunables {
     /// 0..=1000 (default 1: at the first miss).
     pub read_promote_threshold: u32,
     /// Reads continuing a sequential stream longer than this many bytes are not
-    /// promoted (a backup or copy does not push cached data out); 0 = no cutoff
+    /// promoted, and such writes go around the cache when none of their lines is
+    /// cached (a backup or copy does not push cached data out); 0 = no cutoff
     /// (default 4 MiB).
     pub sequential_cutoff: u64,
 }

@@ -6,105 +6,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use lc_cache::stats::counter_index;
-use lc_cache::{BlockDevice, Cache, MemDevice, Tunables};
+use lc_cache::{BlockDevice, Cache, Tunables};
 use rand::Rng;
 
 const SEG: u64 = 64 << 10; // 15 lines per segment
 const LINE: u64 = 4096;
-
-/// A backing device that counts writes and discards, and can hold the next read until
-/// released (to land other requests between a read's plan and its promotion).
-struct Backing {
-    inner: MemDevice,
-    writes: AtomicU64,
-    hold: AtomicBool,
-    gate: Mutex<Gate>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct Gate {
-    /// A held read is waiting.
-    waiting: bool,
-    /// Let it go.
-    open: bool,
-}
-
-impl Backing {
-    fn new(data: Vec<u8>) -> Arc<Self> {
-        Arc::new(Backing {
-            inner: MemDevice::from_bytes(data, "backing"),
-            writes: AtomicU64::new(0),
-            hold: AtomicBool::new(false),
-            gate: Mutex::new(Gate::default()),
-            cv: Condvar::new(),
-        })
-    }
-
-    /// The next read blocks until [`Backing::release`].
-    fn hold_next_read(&self) {
-        *self.gate.lock().unwrap() = Gate::default();
-        self.hold.store(true, Ordering::SeqCst);
-    }
-
-    /// Waits until a held read has read its data and waits.
-    fn wait_held(&self) {
-        let mut g = self.gate.lock().unwrap();
-        while !g.waiting {
-            g = self.cv.wait(g).unwrap();
-        }
-    }
-
-    fn release(&self) {
-        self.gate.lock().unwrap().open = true;
-        self.cv.notify_all();
-    }
-
-    fn bytes(&self, off: u64, len: u64) -> Vec<u8> {
-        let mut b = vec![0u8; len as usize];
-        self.inner.read_at(&mut b, off).unwrap();
-        b
-    }
-}
-
-impl BlockDevice for Backing {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)?;
-        if self.hold.swap(false, Ordering::SeqCst) {
-            // The data is read (the old data); the read returns only when released.
-            let mut g = self.gate.lock().unwrap();
-            g.waiting = true;
-            self.cv.notify_all();
-            while !g.open {
-                g = self.cv.wait(g).unwrap();
-            }
-        }
-        Ok(())
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.write_at(data, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.discard(offset, len)
-    }
-    fn describe(&self) -> String {
-        "gated backing".into()
-    }
-}
 
 fn random_bytes(seed: u64, len: u64) -> Vec<u8> {
     let mut rng = rng(seed);
@@ -121,10 +33,10 @@ fn tunables() -> Tunables {
 }
 
 /// A cache of `slots` segments over one backing device of `lines` random lines.
-fn setup(slots: u64, lines: u64, t: Tunables) -> (Cache, Arc<Backing>, Vec<u8>) {
+fn setup(slots: u64, lines: u64, t: Tunables) -> (Cache, Arc<Gated>, Vec<u8>) {
     let cache = mem_cache(SEG * (slots + 1), 512, SEG as u32);
     let data = random_bytes(lines, lines * LINE);
-    let b = Backing::new(data.clone());
+    let b = Gated::new(data.clone());
     let devs: Vec<Arc<dyn BlockDevice>> = vec![b.clone()];
     (open(cache, &devs, t, 4), b, data)
 }
@@ -137,7 +49,7 @@ fn read(c: &Cache, off: u64, len: u64) -> Vec<u8> {
 
 /// Starts `read(c, off, len)` on a thread whose backing read `b` holds (until
 /// `b.release()`); returns once the read is held there.
-fn held_read(c: &Arc<Cache>, b: &Backing, off: u64, len: u64) -> std::thread::JoinHandle<Vec<u8>> {
+fn held_read(c: &Arc<Cache>, b: &Gated, off: u64, len: u64) -> std::thread::JoinHandle<Vec<u8>> {
     b.hold_next_read();
     let c = c.clone();
     let reader = std::thread::spawn(move || read(&c, off, len));
@@ -455,7 +367,7 @@ fn clean_lines_survive_a_restart_from_a_checkpoint_or_a_replay() {
     for checkpoints in [true, false] {
         let cache = mem_cache(SEG * 9, 512, SEG as u32);
         let data = random_bytes(5, 32 * LINE);
-        let b = Backing::new(data.clone());
+        let b = Gated::new(data.clone());
         let devs: Vec<Arc<dyn BlockDevice>> = vec![b.clone()];
         let mut t = tunables();
         t.checkpoint_interval_segments = if checkpoints { 256 } else { 0 };

@@ -84,6 +84,16 @@ fn lun_stats(s: &lc_cache::Stats, luns: &[LunSection], cache: &str) -> Vec<LunSt
                 .map_or(0, |d| per(&d.lost_lines, l.backing_id)),
             writeback_failing: s.writeback_failures.iter().any(|f| f.dev == l.backing_id),
             promoted_lines: per(&s.device_promoted_lines, l.backing_id),
+            bypassed_bytes: s
+                .device_bypassed
+                .iter()
+                .find(|d| d.0 == l.backing_id)
+                .map_or(0, |d| d.1),
+            bypassed_writes: s
+                .device_bypassed
+                .iter()
+                .find(|d| d.0 == l.backing_id)
+                .map_or(0, |d| d.2),
         })
         .collect()
 }
@@ -117,6 +127,7 @@ fn cache_stats(c: &Cache, luns: &[LunSection], cache: &str) -> CacheStats {
         moved_lines: s.moved_lines,
         written_back_lines: s.written_back_lines,
         promoted_lines: s.promoted_lines,
+        bypassed_bytes: s.bypassed_bytes,
         writeback_failures: s
             .writeback_failures
             .iter()

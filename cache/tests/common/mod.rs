@@ -1,7 +1,8 @@
 //! Shared helpers for the engine's integration tests.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use lc_cache::{
     format_device, Backing, BlockDevice, Cache, FormatOptions, MemDevice, OpenOptions, Tunables,
@@ -210,4 +211,101 @@ pub fn pieces_mut<'a>(buf: &'a mut [u8], cuts: &[usize]) -> Vec<&'a mut [u8]> {
     }
     out.push(rest);
     out
+}
+
+/// A backing device that counts writes, discards and flushes, can hold the next read
+/// until released (to land other requests between a read's plan and its promotion), and
+/// can fail writes.
+pub struct Gated {
+    inner: MemDevice,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub fail_writes: AtomicBool,
+    hold: AtomicBool,
+    gate: Mutex<Gate>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// A held read is waiting.
+    waiting: bool,
+    /// Let it go.
+    open: bool,
+}
+
+impl Gated {
+    pub fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(Gated {
+            inner: MemDevice::from_bytes(data, "backing"),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            fail_writes: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
+            gate: Mutex::new(Gate::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// The next read blocks until [`Backing::release`].
+    pub fn hold_next_read(&self) {
+        *self.gate.lock().unwrap() = Gate::default();
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a held read has read its data and waits.
+    pub fn wait_held(&self) {
+        let mut g = self.gate.lock().unwrap();
+        while !g.waiting {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    pub fn release(&self) {
+        self.gate.lock().unwrap().open = true;
+        self.cv.notify_all();
+    }
+
+    pub fn bytes(&self, off: u64, len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        self.inner.read_at(&mut b, off).unwrap();
+        b
+    }
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)?;
+        if self.hold.swap(false, Ordering::SeqCst) {
+            // The data is read (the old data); the read returns only when released.
+            let mut g = self.gate.lock().unwrap();
+            g.waiting = true;
+            self.cv.notify_all();
+            while !g.open {
+                g = self.cv.wait(g).unwrap();
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected write error"));
+        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "gated backing".into()
+    }
 }
