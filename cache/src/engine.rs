@@ -80,17 +80,20 @@ enum Src {
 const LINES_PER_HOLD: usize = 32;
 
 /// Follows the write streams of device `dev` with a write of `len` bytes at `offset`;
-/// whether it continues a stream longer than `sequential_cutoff` (0 = never), so it
-/// would go around the cache.
-fn follow_write(st: &mut State, dev: u8, offset: u64, len: u64) -> bool {
+/// whether it should go around the cache: it continues a stream longer than
+/// `sequential_cutoff` (0 = never) and the cache is busy, its log at least half
+/// `writeback_threshold` dirty (below that a stream is absorbed like any write).
+fn follow_write(st: &mut State, nr_segments: u64, dev: u8, offset: u64, len: u64) -> bool {
     let cutoff = st.tunables.sequential_cutoff;
-    match st.backing.get_mut(dev as usize).and_then(|b| b.as_mut()) {
+    let long = match st.backing.get_mut(dev as usize).and_then(|b| b.as_mut()) {
         Some(b) if len > 0 => {
             let run = b.wstream.follow(offset, len);
             cutoff > 0 && run > cutoff
         }
         _ => false,
-    }
+    };
+    let half = st.tunables.writeback_threshold as u64 / 2;
+    long && st.dirty_log_pct(nr_segments, half) >= half
 }
 
 fn sector_mask(first: u64, count: u64) -> u8 {
@@ -508,7 +511,7 @@ impl Cache {
             if let Some(e) = st.backing_refusal(dev) {
                 return Err(e);
             }
-            follow_write(&mut st, dev, offset, len)
+            follow_write(&mut st, self.inner.geo.nr_segments, dev, offset, len)
         };
         if around {
             if let Some(r) = self.bypass(dev, offset, pieces, fua) {
@@ -598,7 +601,9 @@ impl Cache {
             }
             // A write going around the cache, or one that must wait for such a write,
             // blocks: [`Cache::write_vectored`] does it.
-            if follow_write(&mut st, dev, offset, len) || st.bypass_overlaps(dev, offset, len) {
+            if follow_write(&mut st, self.inner.geo.nr_segments, dev, offset, len)
+                || st.bypass_overlaps(dev, offset, len)
+            {
                 return None;
             }
             st.active_writers += 1;
@@ -985,25 +990,8 @@ impl Cache {
 
     /// Makes every write completed before this call durable (SCSI SYNCHRONIZE CACHE).
     pub fn flush(&self) -> Result<()> {
-        let (target, to_flush) = {
-            let mut st = self.inner.lock();
-            let target = st.last_written_pos();
-            let mut devs = Vec::new();
-            for (id, b) in st.backing.iter_mut().enumerate() {
-                if let Some(b) = b.as_mut().filter(|b| b.needs_flush) {
-                    b.needs_flush = false;
-                    devs.push((id, b.dev.clone(), b.changes_issued));
-                }
-            }
-            (target, devs)
-        };
-        for (id, d, issued) in to_flush {
-            d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
-            let mut st = self.inner.lock();
-            if let Some(b) = st.backing[id].as_mut() {
-                b.changes_flushed = b.changes_flushed.max(issued);
-            }
-        }
+        let target = self.inner.lock().last_written_pos();
+        self.inner.flush_backing()?;
         self.inner.wait_durable(target)
     }
 

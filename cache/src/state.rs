@@ -550,6 +550,46 @@ impl Inner {
         }
     }
 
+    /// Flushes every backing device changed outside writeback since its last flush
+    /// (`needs_flush`: discards, writes around the cache); once a device's flush
+    /// succeeds the changes issued before it are durable there (`changes_flushed`), and
+    /// read misses of it are promoted again. A device whose flush fails stays marked.
+    pub(crate) fn flush_backing(&self) -> Result<()> {
+        let devs: Vec<(usize, Arc<dyn BlockDevice>, u64)> = {
+            let mut st = self.lock();
+            st.backing
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(id, b)| b.as_mut().filter(|b| b.needs_flush).map(|b| (id, b)))
+                .map(|(id, b)| {
+                    b.needs_flush = false;
+                    (id, b.dev.clone(), b.changes_issued)
+                })
+                .collect()
+        };
+        for (id, d, issued) in devs {
+            let r = d.flush();
+            let mut st = self.lock();
+            if let Some(b) = st.backing[id].as_mut() {
+                match &r {
+                    Ok(()) => b.changes_flushed = b.changes_flushed.max(issued),
+                    Err(_) => b.needs_flush = true,
+                }
+            }
+            r.map_err(|e| Error::io(&d.describe(), 0, e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a backing device has changes (discards, writes around the cache) not
+    /// yet flushed: the writeback thread flushes them when idle.
+    pub(crate) fn backing_unsettled(st: &State) -> bool {
+        st.backing
+            .iter()
+            .flatten()
+            .any(|b| b.needs_flush && b.changes_issued > b.changes_flushed)
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

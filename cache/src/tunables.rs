@@ -46,8 +46,8 @@ pub struct Tunables {
     pub read_promote_threshold: u32,
     /// Reads continuing a sequential stream longer than this many bytes are not
     /// promoted, and such writes go around the cache when none of their lines is
-    /// cached (a backup or copy does not push cached data out); 0 = no cutoff
-    /// (default 4 MiB).
+    /// cached and the log is at least half `writeback_threshold` dirty (a backup or
+    /// copy does not push cached data out); 0 = no cutoff (default 4 MiB).
     pub sequential_cutoff: u64,
 }
 

@@ -67,6 +67,8 @@ pub(crate) fn run(inner: &Inner) {
     // When the last batch failed on a backing device, and the pause before the retry.
     let mut last_error: Option<(Instant, Duration)> = None;
     let mut cleaner = Cleaner::default();
+    // Whether the last flush of changed backing devices failed (warned once).
+    let mut settle_failed = false;
     let mut st = inner.lock();
     loop {
         let interval = Duration::from_secs(st.tunables.superblock_commit_interval_s as u64);
@@ -116,6 +118,20 @@ pub(crate) fn run(inner: &Inner) {
         }
         if range.is_none() && (backoff.is_some() || !should_run(inner, &st) || st.failed.is_some())
         {
+            if st.failed.is_none() && Inner::backing_unsettled(&st) {
+                // Discards and writes around the cache become durable on their device
+                // without waiting for a flush request (promotions of it wait for that).
+                drop(st);
+                match inner.flush_backing() {
+                    Ok(()) => settle_failed = false,
+                    Err(e) if !settle_failed => {
+                        settle_failed = true;
+                        warn!(inner.log, "flushing a backing device failed; retrying"; "error" => %e);
+                    }
+                    Err(_) => {}
+                }
+                st = inner.lock();
+            }
             st = inner
                 .worker_cv
                 .wait_timeout(st, backoff.unwrap_or(Duration::from_millis(500)))

@@ -12,13 +12,16 @@ use std::sync::Arc;
 use common::*;
 use lc_cache::{BlockDevice, Cache, Tunables};
 
-const SEG: u64 = 64 << 10; // 15 lines per segment
+const SEG: u64 = 64 << 10; // 14 lines per segment (format 2)
 const LINE: u64 = 4096;
 const CUTOFF: u64 = 4 * LINE;
 
+/// Writeback off; a threshold of 0 makes the cache always busy, so streams past the
+/// cutoff go around it from the start.
 fn tunables(cutoff: u64) -> Tunables {
     Tunables {
         writeback_enabled: false,
+        writeback_threshold: 0,
         flush_interval_s: 0,
         read_promote_threshold: 1,
         sequential_cutoff: cutoff,
@@ -28,10 +31,14 @@ fn tunables(cutoff: u64) -> Tunables {
 
 /// A cache of 8 segments over one backing device of `lines` zeroed lines.
 fn setup(lines: u64, cutoff: u64) -> (Arc<Cache>, Arc<Gated>) {
+    setup_with(lines, tunables(cutoff))
+}
+
+fn setup_with(lines: u64, t: Tunables) -> (Arc<Cache>, Arc<Gated>) {
     let cache = mem_cache(SEG * 9, 512, SEG as u32);
     let b = Gated::new(vec![0u8; (lines * LINE) as usize]);
     let devs: Vec<Arc<dyn BlockDevice>> = vec![b.clone()];
-    (Arc::new(open(cache, &devs, tunables(cutoff), 4)), b)
+    (Arc::new(open(cache, &devs, t, 4)), b)
 }
 
 fn pattern(tag: u8, len: u64) -> Vec<u8> {
@@ -175,22 +182,50 @@ fn a_read_miss_planned_before_a_write_around_is_not_promoted() {
         "the read planned before the write"
     );
     assert_eq!(c.stats().promoted_lines, 0, "nothing stale promoted");
-    assert_eq!(
-        read(&c, 8 * LINE, 2 * LINE),
-        data[8 * LINE as usize..10 * LINE as usize]
-    );
-    // Not promoted until the written-around data is flushed on the device either.
-    assert_eq!(c.stats().promoted_lines, 0);
-    c.flush().unwrap();
-    assert_eq!(
-        read(&c, 8 * LINE, 2 * LINE),
-        data[8 * LINE as usize..10 * LINE as usize]
-    );
+    // Read misses of the new data are promoted once the device is flushed, which the
+    // writeback thread does by itself (no flush request needed).
+    let t = std::time::Instant::now();
+    while c.stats().promoted_lines == 0 {
+        assert_eq!(
+            read(&c, 8 * LINE, 2 * LINE),
+            data[8 * LINE as usize..10 * LINE as usize]
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "never promoted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(b.flushes.load(Ordering::SeqCst) > 0);
     assert_eq!(c.stats().promoted_lines, 2);
     assert_eq!(
         read(&c, 8 * LINE, 2 * LINE),
         data[8 * LINE as usize..10 * LINE as usize]
     );
+}
+
+#[test]
+fn a_quiet_cache_absorbs_a_stream_until_it_is_half_the_writeback_threshold_dirty() {
+    let (c, _b) = setup_with(
+        256,
+        Tunables {
+            writeback_threshold: 70,
+            ..tunables(CUTOFF)
+        },
+    );
+    let data = pattern(11, 120 * LINE);
+    for i in 0..30 {
+        let at = (i * 4 * LINE) as usize;
+        c.write(0, i * 4 * LINE, &data[at..at + 4 * LINE as usize], false)
+            .unwrap();
+        c.flush().unwrap();
+    }
+    let bypassed = c.stats().bypassed_bytes / LINE;
+    // 8 segments of 14 lines: busy from 3 flushed segments (37 % >= 35 %).
+    assert!(dirty(&c) >= 3 * 14, "absorbed {} lines", dirty(&c));
+    assert!(bypassed > 0, "then written around");
+    assert_eq!(dirty(&c) + bypassed, 120);
+    assert_eq!(read(&c, 0, 120 * LINE), data);
 }
 
 #[test]
