@@ -156,7 +156,16 @@ fn flipped_bytes_in_log_never_serve_older_data() {
                 }
                 let damaged = !r.damaged.is_empty();
                 detected += damaged as usize;
-                assert_eq!(c.stats().damage.is_some(), damaged, "{ctx}");
+                // Reported, unless the cleaner already released every damaged segment
+                // (one whose lines were all rewritten later holds nothing live; seen
+                // under load, with writeback off) and so forgot it.
+                let s = c.stats();
+                let released = r.damaged.iter().all(|(id, _)| *id <= s.last_writeback_id);
+                assert!(
+                    s.damage.is_some() == damaged || (damaged && released),
+                    "{ctx}: {r:?}, now {:?}",
+                    s.damage
+                );
                 let lost = check_reads(&c, &hist, !damaged, &ctx);
                 let report = c.stats().damage.unwrap_or_default();
                 let reported: u64 = report.lost_ranges.iter().map(|r| r.2).sum();
