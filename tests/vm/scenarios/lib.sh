@@ -13,8 +13,10 @@ start_lc() {
     mkdir -p /run/lc
     lc serve --config /etc/lc/lc.toml >>/tmp/lc.log 2>&1 &
     echo $! >/tmp/lc.pid
+    # Ready when the control socket accepts a connection: after a kill -9 the old
+    # daemon's socket file is still there until the new one binds it.
     for _ in $(seq 150); do
-        [ -S /run/lc/control.sock ] && return 0
+        [ -S /run/lc/control.sock ] && python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect("/run/lc/control.sock")' 2>/dev/null && return 0
         kill -0 "$(cat /tmp/lc.pid)" 2>/dev/null || fail "lc serve exited"
         sleep 0.2
     done
