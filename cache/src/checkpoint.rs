@@ -80,8 +80,9 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         st.cp_busy = true;
         let snap = st.index.begin_snapshot();
         // The crc of segment `upto`'s final header: known now if the flusher already
-        // encoded it, else once it writes the segment (`flush.rs`).
-        let upto_crc = if st.crc_id == upto {
+        // wrote it (then it is the newest), else once it writes the segment
+        // (`flush.rs`).
+        let upto_crc = if st.written_id == upto {
             Some(st.prev_crc)
         } else {
             st.cp_crc_want = Some(upto);

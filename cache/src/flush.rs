@@ -173,7 +173,6 @@ pub(crate) fn run(inner: &Inner) {
         match result {
             Ok(()) => {
                 st.prev_crc = prev_crc;
-                st.crc_id = last;
                 if let Some(&(_, c)) = crcs.iter().find(|(id, _)| Some(*id) == st.cp_crc_want) {
                     st.cp_crc_got = Some(c);
                 }

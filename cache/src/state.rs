@@ -296,8 +296,6 @@ impl State {
         }
     }
 
-    /// The refusal for a write to backing device `dev` when writeback to it has failed
-    /// for longer than `writeback_fail_timeout_s`.
     /// Whether a write going around the cache overlaps bytes `offset..offset + len`
     /// of device `dev`.
     pub(crate) fn bypass_overlaps(&self, dev: u8, offset: u64, len: u64) -> bool {
@@ -307,6 +305,8 @@ impl State {
             .any(|b| b.dev == dev && b.start < end && offset < b.end)
     }
 
+    /// The refusal for a write to backing device `dev` when writeback to it has failed
+    /// for longer than `writeback_fail_timeout_s`.
     pub(crate) fn backing_refusal(&self, dev: u8) -> Option<Error> {
         let timeout = Duration::from_secs(self.tunables.writeback_fail_timeout_s as u64);
         let f = self.backing.get(dev as usize)?.as_ref()?.failing.as_ref()?;
@@ -345,10 +345,9 @@ pub(crate) struct State {
     pub ram: BTreeMap<u64, Arc<Sealed>>,
     pub pool: Vec<AlignedBuf>,
     pub ram_buffers: usize,
-    /// crc of the header of segment `crc_id`, the newest the flusher encoded (or
-    /// recovery read): the next header's `prev_crc`.
+    /// crc of the header of segment `written_id`, the newest the flusher encoded and
+    /// wrote (or recovery read): the next header's `prev_crc`.
     pub prev_crc: u32,
-    pub crc_id: u64,
     /// A checkpoint waiting for the header crc of this segment (sealed, not yet
     /// encoded when it looked), and that crc once the flusher wrote the segment.
     pub cp_crc_want: Option<u64>,
@@ -469,7 +468,6 @@ impl State {
                 .collect(),
             ram_buffers,
             prev_crc: r.last_crc,
-            crc_id: r.last_id,
             cp_crc_want: None,
             cp_crc_got: None,
             write_started_id: r.last_id,
