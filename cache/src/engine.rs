@@ -96,6 +96,15 @@ fn follow_write(st: &mut State, nr_segments: u64, dev: u8, offset: u64, len: u64
     long && st.dirty_log_pct(nr_segments, half) >= half
 }
 
+/// One figure of every attached backing device, by id.
+fn per_device<T>(st: &State, f: impl Fn(&BackingSlot) -> T) -> Vec<(u8, T)> {
+    st.backing
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, f(b))))
+        .collect()
+}
+
 fn sector_mask(first: u64, count: u64) -> u8 {
     debug_assert!(first + count <= SECTORS_PER_LINE && count > 0);
     let m = if count == 8 {
@@ -1201,18 +1210,8 @@ impl Cache {
         let buffers = st.pool.len() + st.ram.len() + st.open.is_some() as usize;
         Stats {
             counters: st.counters,
-            dirty_lines: st
-                .backing
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.dirty)))
-                .collect(),
-            device_counters: st
-                .backing
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.counters)))
-                .collect(),
+            dirty_lines: per_device(&st, |b| b.dirty),
+            device_counters: per_device(&st, |b| b.counters),
             last_flushed_id: st.flushed_id,
             last_writeback_id: st.wb_id,
             open_segment_id: st.open.as_ref().map_or(st.next_id, |o| o.id),
@@ -1224,22 +1223,10 @@ impl Cache {
             cache_bytes_written: st.cache_bytes_written,
             backing_bytes_written: st.backing_bytes_written,
             promoted_lines: st.promoted_lines,
-            device_promoted_lines: st
-                .backing
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.as_ref().map(|b| (i as u8, b.promoted)))
-                .collect(),
+            device_promoted_lines: per_device(&st, |b| b.promoted),
             bypassed_bytes: st.bypassed_bytes,
-            device_bypassed: st
-                .backing
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| {
-                    b.as_ref()
-                        .map(|b| (i as u8, b.bypassed_bytes, b.bypassed_writes))
-                })
-                .collect(),
+            device_bypassed_bytes: per_device(&st, |b| b.bypassed_bytes),
+            device_bypassed_writes: per_device(&st, |b| b.bypassed_writes),
             ram_bytes: buffers.max(st.ram_buffers) as u64 * seg + st.index.memory_bytes() as u64,
             index_bytes: st.index.memory_bytes() as u64,
             index_entries: st.index.len() as u64,

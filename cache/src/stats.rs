@@ -39,8 +39,10 @@ pub struct Stats {
     /// Bytes written around the cache to backing devices (write-around of sequential
     /// streams past `sequential_cutoff`).
     pub bypassed_bytes: u64,
-    /// Per attached backing device id: (id, bytes, writes) written around the cache.
-    pub device_bypassed: Vec<(u8, u64, u64)>,
+    /// The same per attached backing device id.
+    pub device_bypassed_bytes: Vec<(u8, u64)>,
+    /// Writes that went around the cache, per attached backing device id.
+    pub device_bypassed_writes: Vec<(u8, u64)>,
     /// RAM held by segment buffers and the index, in bytes.
     pub ram_bytes: u64,
     /// Index bytes alone.

@@ -74,7 +74,8 @@ fn a_stream_past_the_cutoff_goes_around_and_reads_back() {
     // The first two chunks (8 KiB, 16 KiB of stream) are within the cutoff: cached.
     assert_eq!(dirty(&c), 4, "the stream's first 16 KiB are cached");
     assert_eq!(s.bypassed_bytes, 12 * LINE);
-    assert_eq!(s.device_bypassed, vec![(0, 12 * LINE, 6)]);
+    assert_eq!(s.device_bypassed_bytes, vec![(0, 12 * LINE)]);
+    assert_eq!(s.device_bypassed_writes, vec![(0, 6)]);
     // On the backing device already (writeback is off), and read back whole.
     assert_eq!(b.bytes(4 * LINE, 12 * LINE), data[4 * LINE as usize..]);
     assert_eq!(read(&c, 0, 16 * LINE), data);

@@ -84,16 +84,8 @@ fn lun_stats(s: &lc_cache::Stats, luns: &[LunSection], cache: &str) -> Vec<LunSt
                 .map_or(0, |d| per(&d.lost_lines, l.backing_id)),
             writeback_failing: s.writeback_failures.iter().any(|f| f.dev == l.backing_id),
             promoted_lines: per(&s.device_promoted_lines, l.backing_id),
-            bypassed_bytes: s
-                .device_bypassed
-                .iter()
-                .find(|d| d.0 == l.backing_id)
-                .map_or(0, |d| d.1),
-            bypassed_writes: s
-                .device_bypassed
-                .iter()
-                .find(|d| d.0 == l.backing_id)
-                .map_or(0, |d| d.2),
+            bypassed_bytes: per(&s.device_bypassed_bytes, l.backing_id),
+            bypassed_writes: per(&s.device_bypassed_writes, l.backing_id),
         })
         .collect()
 }
