@@ -521,6 +521,8 @@ fn walk<'scope, 'env>(
     let mut chain_known = true;
     // The previous segment was taken at a header that may not be its final one.
     let mut pending: Option<Pending> = None;
+    // The last segment that was taken at an uncertain header (see `Pending`).
+    let mut uncertain: Option<u64> = None;
     let mut claims = Claims {
         max: sb.durable_id.max(cp_durable),
         scanned_to: 0,
@@ -578,6 +580,7 @@ fn walk<'scope, 'env>(
             .collect();
         mine.sort_by_key(|(h, _)| std::cmp::Reverse(h.gen));
         if let Some(p) = pending.take() {
+            uncertain = Some(p.id());
             // Which header of the previous segment this one follows tells which was final.
             let follows = mine.first().map(|(h, _)| h.prev_crc);
             let durable = claims.cover(dev, sb, &mut ahead, p.id(), window_end)?;
@@ -777,6 +780,10 @@ fn walk<'scope, 'env>(
             (_, p) => ambiguous = p.id() == last_id,
         }
     }
+    // Also when the segment after it ended the log: nothing after it is durable to
+    // tell which of its headers was final (a claim covering it now would make the next
+    // recovery take its torn newer append for a durable one).
+    ambiguous |= uncertain == Some(last_id);
     if !chain_known {
         // Resuming after a segment of unknown header: nothing to chain to.
         last_crc = 0;
