@@ -309,3 +309,36 @@ impl BlockDevice for Gated {
         "gated backing".into()
     }
 }
+
+/// A device whose writes each take `delay` first (a slow cache device: writers get
+/// ahead of the flusher, which then writes many sealed segments at once).
+pub struct Slow {
+    pub inner: MemDevice,
+    pub delay: std::time::Duration,
+}
+
+impl BlockDevice for Slow {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.inner.write_at(data, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.inner.write_vectored_at(bufs, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "slow cache".into()
+    }
+}
