@@ -5,9 +5,8 @@
 //! seals the segment. Seals the open segment when it has been idle for
 //! `flush_interval_s`, or on request;
 //! writes sealed segments to their ring slots in id order, encoding each one's final
-//! header first (data crc and the `prev_crc` chain: the seal left it pending; the data
-//! crcs of the next 8 segments are computed on a helper thread while 8 are written),
-//! whole segments in consecutive slots as one vectored write, and returns their buffers to
+//! header first (data crc and the `prev_crc` chain: the seal left it pending), whole
+//! segments in consecutive slots as one vectored write, and returns their buffers to
 //! the pool (`written_id`); flushes the cache device
 //! when someone waits for durability (a flush or FUA write), when writeback needs the
 //! segments, or when written data has gone unflushed for a second or 16 segments, then
@@ -144,7 +143,31 @@ pub(crate) fn run(inner: &Inner) {
         st.slot_claimed_id = st.slot_claimed_id.max(last);
         let mut prev_crc = st.prev_crc;
         drop(st);
-        let (bytes, crcs, result) = write_batch(inner, &batch, &mut prev_crc);
+        let mut bytes = 0u64;
+        let mut result = Ok(());
+        let mut crcs = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(WRITE_CHUNK_SEGMENTS) {
+            let headers: Vec<Option<AlignedBuf>> = chunk
+                .iter()
+                .map(|seg| {
+                    let h = final_header(inner, seg, &mut prev_crc);
+                    crcs.push((seg.id, prev_crc));
+                    h
+                })
+                .collect();
+            let parts: Vec<(&[u8], u64)> = chunk
+                .iter()
+                .zip(&headers)
+                .flat_map(|(seg, h)| sealed_parts(&inner.geo, seg, h.as_ref()))
+                .collect();
+            match write_runs(inner, &parts) {
+                Ok(b) => bytes += b,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
         st = inner.lock();
         st.cache_bytes_written += bytes;
         match result {
@@ -189,90 +212,16 @@ const WRITE_CHUNK_SEGMENTS: usize = 8;
 /// The most bytes one write of adjacent pieces takes.
 const MAX_RUN: usize = 8 << 20;
 
-/// Writes a run of sealed segments (consecutive ids) in chunks of
-/// [`WRITE_CHUNK_SEGMENTS`], encoding each one's final header after the header of crc
-/// `prev_crc` and leaving the last header's crc there. The data crcs of a chunk's
-/// headers (the costly part: up to a whole segment each) are computed while the chunk
-/// before it is written, on a helper thread; the first chunk's are split between this
-/// thread and a helper. Returns the bytes written, each segment's header crc, and the
-/// first error (nothing after it is written).
-fn write_batch(
-    inner: &Inner,
-    batch: &[Arc<Sealed>],
-    prev_crc: &mut u32,
-) -> (u64, Vec<(u64, u32)>, Result<(), Error>) {
-    let geo = &inner.geo;
-    let chunks: Vec<&[Arc<Sealed>]> = batch.chunks(WRITE_CHUNK_SEGMENTS).collect();
-    let mut bytes = 0u64;
-    let mut crcs = Vec::with_capacity(batch.len());
-    std::thread::scope(|s| {
-        let mut ahead = None;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let data = match ahead.take() {
-                Some(h) => join_crcs(h),
-                None if chunk.len() >= 2 => {
-                    let (a, b) = chunk.split_at(chunk.len() / 2);
-                    let h = s.spawn(move || data_crcs(geo, b));
-                    let mut d = data_crcs(geo, a);
-                    d.extend(join_crcs(h));
-                    d
-                }
-                None => data_crcs(geo, chunk),
-            };
-            if let Some(&next) = chunks.get(i + 1) {
-                ahead = Some(s.spawn(move || data_crcs(geo, next)));
-            }
-            let headers: Vec<Option<AlignedBuf>> = chunk
-                .iter()
-                .zip(data)
-                .map(|(seg, d)| {
-                    let h = final_header(inner, seg, d, prev_crc);
-                    crcs.push((seg.id, *prev_crc));
-                    h
-                })
-                .collect();
-            let parts: Vec<(&[u8], u64)> = chunk
-                .iter()
-                .zip(&headers)
-                .flat_map(|(seg, h)| sealed_parts(geo, seg, h.as_ref()))
-                .collect();
-            match write_runs(inner, &parts) {
-                Ok(b) => bytes += b,
-                Err(e) => return (bytes, crcs, Err(e)),
-            }
-        }
-        (bytes, crcs, Ok(()))
-    })
-}
-
-/// The data crc of each segment's pending final header (`None`: no header to encode).
-fn data_crcs(geo: &Geometry, segs: &[Arc<Sealed>]) -> Vec<Option<u32>> {
-    segs.iter()
-        .map(|seg| seg.header.as_ref().map(|h| h.data_crc(geo, seg)))
-        .collect()
-}
-
-fn join_crcs(h: std::thread::ScopedJoinHandle<'_, Vec<Option<u32>>>) -> Vec<Option<u32>> {
-    // A checksum loop does not panic; if it did, the panic goes on in this thread.
-    h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Encodes the final header of a sealed segment (when it needs one: `data_crc` is its
-/// data crc) after the header of crc `prev_crc`, and leaves this segment's header crc
-/// there.
-fn final_header(
-    inner: &Inner,
-    seg: &Sealed,
-    data_crc: Option<u32>,
-    prev_crc: &mut u32,
-) -> Option<AlignedBuf> {
-    match (&seg.header, data_crc) {
-        (Some(h), Some(d)) => {
-            let (b, crc) = h.encode(inner, seg, *prev_crc, d);
+/// Encodes the final header of a sealed segment (when it needs one) after the header
+/// of crc `prev_crc`, and leaves this segment's header crc there.
+fn final_header(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Option<AlignedBuf> {
+    match &seg.header {
+        Some(h) => {
+            let (b, crc) = h.encode(inner, seg, *prev_crc);
             *prev_crc = crc;
             Some(b)
         }
-        _ => {
+        None => {
             *prev_crc = seg.hcrc;
             None
         }

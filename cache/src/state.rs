@@ -92,27 +92,15 @@ pub(crate) struct PendingHeader {
 }
 
 impl PendingHeader {
-    /// The header's data crc: over all `n` lines of `seg` (the costly part of a
-    /// header: up to a whole segment of data, computed with no lock held).
-    pub(crate) fn data_crc(&self, geo: &Geometry, seg: &Sealed) -> u32 {
+    /// Encodes `seg`'s final header after the header of crc `prev_crc` into a buffer
+    /// of one header copy; returns it with its crc (the next header's `prev_crc`).
+    pub(crate) fn encode(&self, inner: &Inner, seg: &Sealed, prev_crc: u32) -> (AlignedBuf, u32) {
+        let geo = &inner.geo;
         let (ds, line) = (geo.data_start(), LINE as usize);
-        crc32c::crc32c_append(
+        let data_crc = crc32c::crc32c_append(
             self.crc,
             &seg.buf[ds + self.written * line..ds + seg.n * line],
-        )
-    }
-
-    /// Encodes `seg`'s final header, of data crc `data_crc` ([`Self::data_crc`]),
-    /// after the header of crc `prev_crc` into a buffer of one header copy; returns it
-    /// with its crc (the next header's `prev_crc`).
-    pub(crate) fn encode(
-        &self,
-        inner: &Inner,
-        seg: &Sealed,
-        prev_crc: u32,
-        data_crc: u32,
-    ) -> (AlignedBuf, u32) {
-        let geo = &inner.geo;
+        );
         let hdr = SegmentHeader {
             id: seg.id,
             lap: geo.lap(seg.id),
