@@ -56,9 +56,9 @@ mkdir -p "$disks"
 
 boot() {
     local accel="-accel tcg,thread=multi"
-    timeout "${LC_VM_TIMEOUT:-3000}" qemu-system-x86_64 $accel -m 2048 -smp 2 -nographic -no-reboot \
+    timeout "${LC_VM_TIMEOUT:-3000}" qemu-system-x86_64 $accel -cpu "${LC_VM_CPU:-qemu64}" -m 2048 -smp 2 -nographic -no-reboot \
         -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-        -append "root=/dev/vda rw console=ttyS0 init=/sbin/lc-init panic=-1 quiet" \
+        -append "root=/dev/vda rw console=ttyS0 init=/sbin/lc-init panic=-1 quiet ${LC_VM_CMDLINE:-}" \
         -drive "file=$image/rootfs.img,if=virtio,format=raw,snapshot=on" \
         -drive "file=$disks/ssd.img,if=virtio,format=raw,cache=none,aio=threads" \
         -drive "file=$disks/hdd.img,if=virtio,format=raw,cache=none,aio=threads,throttling.iops-total=${LC_VM_HDD_IOPS:-300}" \

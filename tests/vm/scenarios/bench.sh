@@ -34,6 +34,8 @@ row() { # name dev key
 }
 printf "$fmt" "device" "seqwrite 1M" "randwrite" "randwrite" "randread" | tee "$out"
 printf "$fmt" "(IOPS; 4K unless said)" "QD4 256 MiB" "QD32" "QD32 fsync/32" "QD32" | tee -a "$out"
+# What the guest's CPU model gives software (TCG: QEMU's model, not the host's).
+echo "guest: $(guest_cpu)" | tee -a "$out"
 row "raw SSD" /dev/vdb ssd
 targetcli /backstores/block create name=hddblk dev=/dev/vdc >/dev/null
 loopback_lun /backstores/block/hddblk >/dev/null

@@ -124,3 +124,14 @@ for _ in $(seq 50); do pgrep -x lc >/dev/null || break; sleep 0.2; done
 dmsetup remove_all >/dev/null 2>&1 || true
 rm -f /run/lc/control.sock /tmp/lc.log
 cp /payload/lc.toml /etc/lc/lc.toml
+
+# The guest's CPU model and clock source, for benchmark tables: under TCG the CPU
+# is QEMU's model (LC_VM_CPU), whose features decide e.g. whether crc32c runs in
+# hardware, and an unstable TSC makes every clock read an HPET access.
+guest_cpu() {
+    local f=/proc/cpuinfo
+    printf '%s; sse4_2 %s; clocksource %s' \
+        "$(grep -m1 'model name' $f | cut -d: -f2 | sed 's/^ //')" \
+        "$(grep -qw sse4_2 $f && echo yes || echo no)" \
+        "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+}
