@@ -87,6 +87,20 @@ fn recover(
     (cache, c, b, report)
 }
 
+/// A fresh format-2 cache of 16 segments of `seg` bytes (4 RAM buffers, no writeback)
+/// over a backing device: the cache, its device and the backing device.
+fn fresh(seg: u32) -> (Cache, Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) {
+    let cache = mem_cache(seg as u64 * 16, 512, seg);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        no_writeback(),
+        4,
+    );
+    (c, cache, backing)
+}
+
 /// Segments a single writer uses with a flush after every 4 KiB write, and the appends
 /// the cache counted.
 fn sync_writer(version: u32, writes: u64) -> (u64, u64) {
@@ -134,14 +148,7 @@ fn a_flush_after_every_write_fills_the_cache_at_the_rate_of_its_data() {
 
 #[test]
 fn a_line_rewritten_after_an_append_takes_a_new_line_and_the_newest_copy_wins() {
-    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        no_writeback(),
-        4,
-    );
+    let (c, cache, backing) = fresh(SEG);
     // Blocks 0..4 appended, then rewritten (whole and in part) and appended again,
     // all in one segment (14 lines).
     for b in 0..4 {
@@ -181,14 +188,7 @@ fn wait_staged(c: &Cache, lines: u64) {
 #[test]
 fn lines_staged_between_flushes_are_immutable_and_the_newest_copy_survives_a_kill() {
     let seg = 4 * SEG; // room for every line below in one segment
-    let cache = mem_cache(seg as u64 * 16, 512, seg);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        no_writeback(),
-        4,
-    );
+    let (c, cache, backing) = fresh(seg);
     // An append makes the flusher stage the lines that follow, before any flush.
     c.write(0, 0, &block(1, 0), true).unwrap();
     for b in 1..=8 {
@@ -278,14 +278,7 @@ fn a_torn_last_append_is_never_claimed_durable_by_the_next_life() {
     // superblock or checkpoint) before a segment after it is durable: the next
     // recovery would take the torn third append for a durable one and report its
     // line lost.
-    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        no_writeback(),
-        4,
-    );
+    let (c, cache, backing) = fresh(SEG);
     for b in 0..3 {
         c.write(0, b * 4096, &block(b + 1, b), true).unwrap();
     }
