@@ -514,27 +514,24 @@ impl Cache {
         let pieces = data;
         let data = Gather::new(data);
         let len = data.len() as u64;
-        let around = {
-            let mut st = self.inner.lock();
-            self.inner.check_range(&st, dev, offset, len)?;
-            if let Some(e) = st.backing_refusal(dev) {
-                return Err(e);
-            }
-            follow_write(&mut st, self.inner.geo.nr_segments, dev, offset, len)
-        };
-        if around {
+        let mut st = self.inner.lock();
+        self.inner.check_range(&st, dev, offset, len)?;
+        if let Some(e) = st.backing_refusal(dev) {
+            return Err(e);
+        }
+        if follow_write(&mut st, self.inner.geo.nr_segments, dev, offset, len) {
+            drop(st);
             if let Some(r) = self.bypass(dev, offset, pieces, fua) {
                 return r;
             }
+            st = self.inner.lock();
         }
-        {
-            let mut st = self.inner.lock();
-            // After a write going around the cache over the same bytes, not beside it.
-            while st.bypass_overlaps(dev, offset, len) {
-                st = self.inner.wait_io(st, Duration::from_millis(100));
-            }
-            st.active_writers += 1;
+        // After a write going around the cache over the same bytes, not beside it.
+        while st.bypass_overlaps(dev, offset, len) {
+            st = self.inner.wait_io(st, Duration::from_millis(100));
         }
+        st.active_writers += 1;
+        drop(st);
         let r = self.write_lines(dev, offset, data, true);
         self.inner.lock().active_writers -= 1;
         let last = r?.expect("a waiting write completes");
