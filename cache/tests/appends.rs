@@ -312,8 +312,8 @@ fn a_torn_last_append_is_never_claimed_durable_by_the_next_life() {
 #[test]
 fn many_sealed_segments_written_at_once_have_sound_headers_after_a_kill() {
     // A slow cache device: writers fill many RAM buffers while the flusher writes, so
-    // it then writes long runs of sealed segments, whose headers' data crcs are
-    // computed a chunk ahead on a helper thread. Every one must be sound: a kill
+    // it then writes long runs of sealed segments, their final headers encoded 8 at a
+    // time and the segments written in vectored runs. Every one must be sound: a kill
     // after the flush loses nothing and recovery finds no damage and no torn tail.
     let segs = 48u64;
     let slow = Arc::new(Slow {

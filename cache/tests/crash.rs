@@ -128,12 +128,7 @@ fn workload(
         }
         let dev = rng.gen_range(0..setup.ndev);
         let blocks = rng.gen_range(1..=blocks_total.min(6));
-        let start = if rng.gen_bool(0.4) && ends[dev] + blocks <= blocks_total {
-            ends[dev]
-        } else {
-            rng.gen_range(0..=blocks_total - blocks)
-        };
-        ends[dev] = start + blocks;
+        let start = request_start(rng, &mut ends[dev], blocks, blocks_total);
         let (off, len) = (start * setup.block, blocks * setup.block);
         let s0 = (off / 512) as usize;
         let ns = (len / 512) as usize;

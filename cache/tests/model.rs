@@ -61,12 +61,7 @@ fn run_case(seed: u64, ops: usize) -> (u64, u64) {
         let dev = rng.gen_range(0..ndev);
         let cap = if rng.gen_bool(0.8) { 4 } else { 40 };
         let blocks = rng.gen_range(1..=max_blocks.min(cap));
-        let start = if rng.gen_bool(0.4) && ends[dev] + blocks <= max_blocks {
-            ends[dev]
-        } else {
-            rng.gen_range(0..=max_blocks - blocks)
-        };
-        ends[dev] = start + blocks;
+        let start = request_start(&mut rng, &mut ends[dev], blocks, max_blocks);
         let (mut off, mut len) = (start * case.block, blocks * case.block);
         let ctx = format!("seed {seed} step {step} dev {dev} off {off} len {len}");
         match rng.gen_range(0..100) {

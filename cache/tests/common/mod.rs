@@ -213,6 +213,20 @@ pub fn pieces_mut<'a>(buf: &'a mut [u8], cuts: &[usize]) -> Vec<&'a mut [u8]> {
     out
 }
 
+/// Where a random request of `blocks` blocks on a device of `total` blocks starts: 40%
+/// of the time where the device's last request ended (`end`), so sequential streams
+/// form (writes past `sequential_cutoff` go around the cache), else anywhere. Leaves
+/// the request's end in `end`.
+pub fn request_start(rng: &mut SmallRng, end: &mut u64, blocks: u64, total: u64) -> u64 {
+    let start = if rng.gen_bool(0.4) && *end + blocks <= total {
+        *end
+    } else {
+        rng.gen_range(0..=total - blocks)
+    };
+    *end = start + blocks;
+    start
+}
+
 /// A backing device that counts writes, discards and flushes, can hold the next read
 /// until released (to land other requests between a read's plan and its promotion), and
 /// can fail writes.
@@ -247,7 +261,7 @@ impl Gated {
         })
     }
 
-    /// The next read blocks until [`Backing::release`].
+    /// The next read blocks until [`Gated::release`].
     pub fn hold_next_read(&self) {
         *self.gate.lock().unwrap() = Gate::default();
         self.hold.store(true, Ordering::SeqCst);
