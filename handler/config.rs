@@ -32,6 +32,10 @@ pub struct DaemonSection {
     /// Microseconds the event loop keeps polling idle rings before it sleeps.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Read cached data from the cache device through an io_uring of the event loop
+    /// (no worker thread per read) where the kernel allows it.
+    #[serde(default = "yes")]
+    pub io_uring: bool,
     /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`); off when
     /// absent.
     #[serde(default)]
@@ -62,6 +66,7 @@ impl Default for DaemonSection {
             io_threads: default_io_threads(),
             dbus: true,
             busy_poll_us: default_busy_poll_us(),
+            io_uring: true,
             metrics_listen: None,
         }
     }
@@ -814,6 +819,7 @@ backing_id = 0
         assert_eq!(c.luns[0].backing_id, 0);
         assert_eq!(c.daemon.io_threads, 4);
         assert_eq!(c.daemon.busy_poll_us, 50);
+        assert!(c.daemon.io_uring);
     }
 
     #[test]

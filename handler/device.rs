@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use slog::{error, info, warn, Logger};
 
 use crate::ring::{Command, Doorbell, Fetched, Malformed, Response, Ring, RingError};
-use crate::scsi::{self, BlockBackend, IoError, IoErrorKind, LunState};
-use crate::shm::{Lent, ShmError};
+use crate::scsi::{self, BlockBackend, IoError, IoErrorKind, LunState, StartedRead};
+use crate::shm::{Lent, LoanRead, LoanReads, ShmError};
 pub use crate::workers::{Done, Job, JobData, Running, Workers};
 
 /// The engine as a SCSI block backend for one backing device id.
@@ -96,6 +96,22 @@ impl BlockBackend for EngineBackend {
                 .map_err(|e| io_err(e, request)),
         )
     }
+    fn start_read(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Option<StartedRead> {
+        let (fd, align) = self.cache.cache_fd()?;
+        let plan = self.cache.start_read(self.dev, offset, bufs).ok()??;
+        let reads = plan
+            .reads
+            .iter()
+            .map(|r| (r.device_offset, r.pos, r.len))
+            .collect();
+        let cache = self.cache.clone();
+        Some(StartedRead {
+            fd,
+            align,
+            reads,
+            finish: Box::new(move || cache.finish_read(plan)),
+        })
+    }
     fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
         Some(
             self.cache
@@ -105,7 +121,23 @@ impl BlockBackend for EngineBackend {
     }
 }
 
-/// A command of one device on its workers (its loan travels with the job).
+/// A READ the event loop's io_uring reads ([`Device::serve`] queues it,
+/// [`Device::on_read`] completes it).
+pub struct ReadTag {
+    /// Which device (event-loop token value).
+    pub device: usize,
+    cmd_id: u16,
+    command: scsi::Command,
+    /// Bytes the answer places in the Data-In.
+    placed: usize,
+    finish: Box<dyn FnOnce() -> bool + Send>,
+}
+
+/// The event loop's io_uring reads into loans.
+pub type Reads = LoanReads<ReadTag>;
+
+/// A command of one device on its workers or in its loop's io_uring (its loan travels
+/// with the job or the read).
 struct InFlight {
     cmd_id: u16,
 }
@@ -146,6 +178,8 @@ pub struct Device {
     broken_by: Option<String>,
     /// Whether commands that need no blocking I/O are served on the loop thread.
     inline: bool,
+    /// READs answered from the loop's io_uring.
+    uring_reads: u64,
     log: Logger,
 }
 
@@ -178,6 +212,7 @@ impl Device {
             resets: 0,
             broken_by: None,
             inline: true,
+            uring_reads: 0,
             log,
         }
     }
@@ -209,6 +244,11 @@ impl Device {
     /// Malformed entries completed with an error (or skipped) so far.
     pub fn malformed(&self) -> u64 {
         self.malformed
+    }
+
+    /// READs answered from the event loop's io_uring.
+    pub fn uring_reads(&self) -> u64 {
+        self.uring_reads
     }
 
     /// Commands handed to workers and not yet completed.
@@ -352,9 +392,9 @@ impl Device {
 
     /// Handles readiness of the device fd: fetches new entries, answers what needs no
     /// I/O at once, hands the rest to the workers.
-    pub fn on_readable(&mut self, token: usize) {
+    pub fn on_readable(&mut self, token: usize, reads: Option<&mut Reads>) {
         let _ = self.bell.ack();
-        self.serve(token);
+        self.serve(token, reads);
     }
 
     /// Whether the kernel queued commands not fetched yet (a shared-memory load, no
@@ -363,9 +403,10 @@ impl Device {
         matches!(self.state, State::Serving) && self.ring.pending()
     }
 
-    /// Fetches new entries, answers what needs no I/O at once, hands the rest to the
-    /// workers.
-    pub fn serve(&mut self, token: usize) {
+    /// Fetches new entries, answers what needs no I/O at once, queues READs of data on
+    /// the cache device on `reads` (the loop's io_uring, which the caller submits), hands
+    /// the rest to the workers.
+    pub fn serve(&mut self, token: usize, mut reads: Option<&mut Reads>) {
         self.try_reset();
         if !matches!(self.state, State::Serving) {
             return;
@@ -453,38 +494,121 @@ impl Device {
                     continue;
                 }
             }
-            let job = Job {
-                device: token,
-                cmd_id: cmd.cmd_id,
-                command,
-                data,
-                lun: self.lun.clone(),
-                backend: self.backend.clone(),
-                queued: Instant::now(),
-            };
-            let refused = match &mut self.workers {
-                Some(w) => w.submit(job).err().map(|j| (j, true)),
-                None => Some((job, false)),
-            };
-            let (mut j, r) = match refused {
-                None => {
-                    self.inflight.push(InFlight { cmd_id: cmd.cmd_id });
-                    continue;
+            // A READ of data on the cache device: read by the loop's io_uring.
+            let data = match (reads.as_deref_mut(), data) {
+                (Some(r), JobData::In(lent)) => {
+                    match self.start_read(r, token, cmd.cmd_id, &command, lent) {
+                        Ok(()) => {
+                            self.inflight.push(InFlight { cmd_id: cmd.cmd_id });
+                            continue;
+                        }
+                        Err(lent) => JobData::In(lent),
+                    }
                 }
-                Some((j, true)) => {
-                    error!(self.log, "cannot start an I/O worker"; "device" => &self.name);
-                    (j, scsi::ScsiResponse::internal_failure())
-                }
-                Some((mut j, false)) => {
-                    let r = j.data.execute(&j.lun, &j.command, j.backend.as_ref(), true);
-                    (j, r.expect("a waiting run answers"))
-                }
+                (_, d) => d,
             };
-            if let Err(e) = self.finish(cmd.cmd_id, &mut j.data, r) {
+            if let Err(e) = self.hand_to_workers(token, cmd.cmd_id, command, data) {
                 return self.ring_broken(e);
             }
         }
         self.publish();
+    }
+
+    /// Queues a READ on the loop's io_uring when the backend can begin it there;
+    /// otherwise gives the loan back.
+    fn start_read(
+        &mut self,
+        r: &mut Reads,
+        token: usize,
+        cmd_id: u16,
+        command: &scsi::Command,
+        mut lent: Lent,
+    ) -> Result<(), Lent> {
+        let started = {
+            let mut bufs = lent.slices_mut();
+            scsi::start_read(&self.lun, command, &mut bufs, self.backend.as_ref())
+        };
+        let Some((s, placed)) = started else {
+            return Err(lent);
+        };
+        let tag = ReadTag {
+            device: token,
+            cmd_id,
+            command: *command,
+            placed,
+            finish: s.finish,
+        };
+        r.read(lent, s.fd, s.align, &s.reads, tag)
+            .map_err(|(lent, _)| lent)
+    }
+
+    /// Completes a READ the loop's io_uring read: GOOD when every read filled its
+    /// bytes and the backend says they are the answer; otherwise the command is read
+    /// again in full on a worker (which reports any error as the LUN's).
+    pub fn on_read(&mut self, done: LoanRead<ReadTag>) {
+        let LoanRead { lent, ok, tag } = done;
+        let cmd_id = tag.cmd_id;
+        let Some(i) = self.inflight.iter().position(|f| f.cmd_id == cmd_id) else {
+            return;
+        };
+        if !matches!(self.state, State::Serving | State::Draining) {
+            self.inflight.swap_remove(i);
+            return;
+        }
+        let good = ok && !lent.is_gone() && (tag.finish)();
+        let mut data = JobData::In(lent);
+        if good {
+            self.inflight.swap_remove(i);
+            self.uring_reads += 1;
+            let r = scsi::ScsiResponse::placed(tag.placed);
+            if let Err(e) = self.finish(cmd_id, &mut data, r) {
+                self.ring_broken(e);
+            }
+            return;
+        }
+        self.inflight.swap_remove(i);
+        if let Err(e) = self.hand_to_workers(tag.device, cmd_id, tag.command, data) {
+            self.ring_broken(e);
+        }
+    }
+
+    /// Hands a command to the device's workers (or runs it here when it has none);
+    /// it is in flight until [`Device::on_done`].
+    fn hand_to_workers(
+        &mut self,
+        token: usize,
+        cmd_id: u16,
+        command: scsi::Command,
+        data: JobData,
+    ) -> Result<(), RingError> {
+        let job = Job {
+            device: token,
+            cmd_id,
+            command,
+            data,
+            lun: self.lun.clone(),
+            backend: self.backend.clone(),
+            queued: Instant::now(),
+        };
+        let refused = match &mut self.workers {
+            Some(w) => w.submit(job).err().map(|j| (j, true)),
+            None => Some((job, false)),
+        };
+        let (mut j, r) = match refused {
+            None => {
+                self.inflight.push(InFlight { cmd_id });
+                return Ok(());
+            }
+            Some((j, true)) => {
+                error!(self.log, "cannot start an I/O worker"; "device" => &self.name);
+                (j, scsi::ScsiResponse::internal_failure())
+            }
+            Some((mut j, false)) => {
+                let r = j.data.execute(&j.lun, &j.command, j.backend.as_ref(), true);
+                (j, r.expect("a waiting run answers"))
+            }
+        };
+        self.finish(cmd_id, &mut j.data, r)
     }
 
     /// The LUN's mode state (capacity, write cache), shared with the daemon, which
@@ -511,9 +635,9 @@ impl Device {
 
     /// After a batch of [`Device::on_done`]: resets a ring whose commands are all
     /// back and serves it again, and publishes the tail.
-    pub fn after_completions(&mut self, token: usize) {
+    pub fn after_completions(&mut self, token: usize, reads: Option<&mut Reads>) {
         if matches!(self.state, State::Resetting) {
-            self.serve(token);
+            self.serve(token, reads);
         } else {
             self.publish();
         }

@@ -1,11 +1,13 @@
 //! The daemon's mio event loop: every device's doorbell fd, the worker results (through
-//! a `mio::Waker`), and any extra sources the daemon registers (netlink, control
-//! socket, signals), whose readiness is handed back to the caller. Blocking I/O never
-//! runs here: commands that touch the backend go to the device's own [`Workers`].
+//! a `mio::Waker`), the completions of its io_uring, and any extra sources the daemon
+//! registers (netlink, control socket, signals), whose readiness is handed back to the
+//! caller. Blocking I/O never runs here: READs of data on the cache device are queued
+//! on the loop's io_uring (docs/DESIGN.md "Reads through io_uring"), every other
+//! command that touches the backend goes to the device's own [`Workers`].
 //!
 //! Stopping a device (removal) or all of them (daemon stop) waits, with a bound, for
-//! every command on its workers, completes them and publishes the tail; the loop keeps
-//! serving the other devices meanwhile.
+//! every command on its workers or its io_uring, completes them and publishes the tail;
+//! the loop keeps serving the other devices meanwhile.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,7 +21,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slog::{info, warn, Logger};
 
-use crate::device::{Device, Done, Workers};
+use crate::device::{Device, Done, Reads, Workers};
 use crate::workers::Notify;
 
 /// Idle rounds of the busy poll between two reads of the clock.
@@ -27,6 +29,10 @@ const SPIN_CLOCK_EVERY: u32 = 16;
 const WAKER: Token = Token(0);
 /// Tokens from here on are devices; below are extra sources.
 const FIRST_DEVICE: usize = 1 << 16;
+/// The io_uring of cache-device reads.
+const READS: Token = Token(FIRST_DEVICE - 1);
+/// Reads the io_uring holds at once (more wait for room on the workers' path).
+const READS_DEPTH: u32 = 256;
 
 /// How long stopping a device waits for the commands on its workers, by default.
 pub const STOP_BOUND: Duration = Duration::from_secs(30);
@@ -53,6 +59,8 @@ pub struct EventLoop {
     stop_bound: Duration,
     queue_deadline: Duration,
     last_expiry: Instant,
+    /// Cache-device reads through io_uring ([`EventLoop::enable_io_uring`]).
+    reads: Option<Reads>,
     /// Extra-source tokens seen while stopping a device, returned by the next
     /// [`EventLoop::run_once`].
     deferred: Vec<usize>,
@@ -94,6 +102,7 @@ impl EventLoop {
             stop_bound: STOP_BOUND,
             queue_deadline: QUEUE_DEADLINE,
             last_expiry: Instant::now(),
+            reads: None,
             deferred: Vec::new(),
             log,
         })
@@ -104,6 +113,40 @@ impl EventLoop {
     /// a wake-up of this thread. Zero (the default) sleeps in `epoll_wait` at once.
     pub fn set_busy_poll(&mut self, d: Duration) {
         self.busy_poll = d;
+    }
+
+    /// Reads of cached data go through an io_uring of this loop (`[daemon] io_uring`)
+    /// where the kernel allows it; otherwise (logged) they stay on the workers.
+    pub fn enable_io_uring(&mut self) {
+        if self.reads.is_some() {
+            return;
+        }
+        match Reads::new(READS_DEPTH) {
+            Ok(r) => {
+                let fd = r.fd();
+                match self
+                    .poll
+                    .registry()
+                    .register(&mut SourceFd(&fd), READS, Interest::READABLE)
+                {
+                    Ok(()) => {
+                        info!(self.log, "reads of cached data through io_uring"; "depth" => READS_DEPTH);
+                        self.reads = Some(r);
+                    }
+                    Err(e) => {
+                        warn!(self.log, "io_uring not pollable; reads stay on the I/O workers"; "error" => %e)
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(self.log, "io_uring unavailable; reads stay on the I/O workers"; "error" => %e)
+            }
+        }
+    }
+
+    /// Whether reads go through io_uring.
+    pub fn io_uring(&self) -> bool {
+        self.reads.is_some()
     }
 
     /// How long stopping a device waits for its commands ([`STOP_BOUND`]).
@@ -137,8 +180,9 @@ impl EventLoop {
             self.done_tx.clone(),
             self.notify.clone(),
         ));
-        dev.on_readable(id);
+        dev.on_readable(id, self.reads.as_mut());
         self.devices.insert(id, dev);
+        self.submit_reads();
         Ok(id)
     }
 
@@ -229,7 +273,7 @@ impl EventLoop {
     pub fn add_source(&mut self, fd: RawFd) -> io::Result<usize> {
         let t = self.next_source;
         self.next_source += 1;
-        assert!(t < FIRST_DEVICE, "too many sources");
+        assert!(t < READS.0, "too many sources");
         self.poll
             .registry()
             .register(&mut SourceFd(&fd), Token(t), Interest::READABLE)?;
@@ -271,7 +315,7 @@ impl EventLoop {
         let mut devs = Vec::new();
         for ev in self.events.iter() {
             match ev.token() {
-                WAKER => {}
+                WAKER | READS => {}
                 Token(t) if t >= FIRST_DEVICE => devs.push(t),
                 Token(t) => {
                     if !self.deferred.contains(&t) {
@@ -282,9 +326,11 @@ impl EventLoop {
         }
         for id in devs {
             if let Some(d) = self.devices.get_mut(&id) {
-                d.on_readable(id);
+                d.on_readable(id, self.reads.as_mut());
             }
         }
+        self.submit_reads();
+        self.complete_reads();
         self.complete_done();
         if self.last_expiry.elapsed() >= EXPIRY_TICK {
             self.last_expiry = Instant::now();
@@ -296,6 +342,44 @@ impl EventLoop {
             self.spin();
         }
         Ok(())
+    }
+
+    /// Hands the reads the devices queued to the kernel. A failed submit is not
+    /// expected (the queue has room by construction); it is logged, and the reads stay
+    /// queued for the next one.
+    fn submit_reads(&mut self) {
+        if let Some(r) = self.reads.as_mut() {
+            if let Err(e) = r.submit() {
+                warn!(self.log, "io_uring submit failed"; "error" => %e);
+            }
+        }
+    }
+
+    /// Completions from the io_uring: complete them all (or hand them to the workers
+    /// to be read again), then one kick per device. Returns whether there were any.
+    fn complete_reads(&mut self) -> bool {
+        let Some(r) = self.reads.as_mut() else {
+            return false;
+        };
+        if !r.ready() {
+            return false;
+        }
+        let mut touched = Vec::new();
+        for done in r.reap() {
+            touched.push(done.tag.device);
+            if let Some(d) = self.devices.get_mut(&done.tag.device) {
+                d.on_read(done);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            if let Some(d) = self.devices.get_mut(&id) {
+                d.after_completions(id, self.reads.as_mut());
+            }
+        }
+        self.submit_reads();
+        true
     }
 
     /// Completions from the workers: complete them all, then one kick per device.
@@ -313,9 +397,10 @@ impl EventLoop {
         let any = !touched.is_empty();
         for id in touched {
             if let Some(d) = self.devices.get_mut(&id) {
-                d.after_completions(id);
+                d.after_completions(id, self.reads.as_mut());
             }
         }
+        self.submit_reads();
         any
     }
 
@@ -332,10 +417,14 @@ impl EventLoop {
             let mut any = false;
             for (&id, d) in self.devices.iter_mut() {
                 if d.pending() {
-                    d.serve(id);
+                    d.serve(id, self.reads.as_mut());
                     any = true;
                 }
             }
+            if any {
+                self.submit_reads();
+            }
+            any |= self.complete_reads();
             any |= self.complete_done();
             if any {
                 last_work = Instant::now();

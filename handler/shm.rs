@@ -31,7 +31,7 @@
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -649,6 +649,239 @@ impl Drop for Lent {
         let mut lent = self.map.lent.lock().unwrap_or_else(|e| e.into_inner());
         for (o, _) in &self.ranges {
             lent.remove(o);
+        }
+    }
+}
+
+/// A finished [`LoanReads`] read: the loan back, whether every piece of it was read
+/// whole, and the caller's tag.
+pub struct LoanRead<T> {
+    /// The loan, filled where `ok`.
+    pub lent: Lent,
+    /// Every read of it returned all its bytes.
+    pub ok: bool,
+    /// What the caller queued it with.
+    pub tag: T,
+}
+
+/// Reads from files straight into loans ([`Lent`]), many at once, through one
+/// io_uring (the event loop's: a TCMU READ of cached data is read from the cache device
+/// into its Data-In with no thread in between). A loan stays here, held, from the
+/// moment its reads are queued until the kernel has completed every one of them, so
+/// the memory the kernel writes stays lent to nobody else and mapped.
+pub struct LoanReads<T> {
+    ring: io_uring::IoUring,
+    /// In-flight loans, by slot (the reads' `user_data`).
+    flights: Vec<Option<Flight<T>>>,
+    free: Vec<usize>,
+    /// Reads queued or running: kept at most the completion queue's size, so no
+    /// completion can overflow it.
+    reads: usize,
+    /// Reads queued since the last submit.
+    queued: bool,
+}
+
+struct Flight<T> {
+    lent: Lent,
+    left: usize,
+    ok: bool,
+    tag: T,
+}
+
+impl<T> LoanReads<T> {
+    /// How long dropping the ring waits for reads still in flight.
+    pub const DROP_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// A ring for up to `entries` reads at once (rounded up to a power of two by the
+    /// kernel). Fails where io_uring is not available (an old kernel, a seccomp filter,
+    /// `kernel.io_uring_disabled`).
+    pub fn new(entries: u32) -> io::Result<LoanReads<T>> {
+        let ring = io_uring::IoUring::new(entries)?;
+        Ok(LoanReads {
+            ring,
+            flights: Vec::new(),
+            free: Vec::new(),
+            reads: 0,
+            queued: false,
+        })
+    }
+
+    /// The ring's descriptor: readable while completions wait.
+    pub fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Loans whose reads are not all complete.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len() - self.free.len()
+    }
+
+    /// Queues reads into `lent`: for each `(offset, pos, len)` of `reads`, `len` bytes
+    /// at byte `offset` of `fd` into the loan's bytes at `pos` (counted through its
+    /// ranges in order), a read per range it crosses. `align`: the address and length
+    /// alignment each piece needs (`O_DIRECT`), checked here. All or nothing: the loan
+    /// and the tag come back (nothing queued) when a read lies outside the loan, a piece
+    /// is not aligned, or the ring has no room now. `fd` must stay open until
+    /// [`LoanReads::submit`] (the kernel takes its own reference then).
+    pub fn read(
+        &mut self,
+        lent: Lent,
+        fd: RawFd,
+        align: usize,
+        reads: &[(u64, usize, usize)],
+        tag: T,
+    ) -> Result<(), (Lent, T)> {
+        // Cut the reads at the loan's ranges: (file offset, offset in the map, length).
+        let mut pieces: Vec<(u64, u64, usize)> = Vec::new();
+        for &(off, pos, len) in reads {
+            let (mut off, mut pos, mut len) = (off, pos as u64, len as u64);
+            let mut at = 0u64;
+            for &(ro, rl) in &lent.ranges {
+                if len == 0 {
+                    break;
+                }
+                if pos < at + rl {
+                    let n = len.min(at + rl - pos);
+                    pieces.push((off, ro + pos - at, n as usize));
+                    off += n;
+                    pos += n;
+                    len -= n;
+                }
+                at += rl;
+            }
+            if len > 0 {
+                return Err((lent, tag));
+            }
+        }
+        let base = lent.map.ptr() as usize;
+        let aligned = |&(off, at, n): &(u64, u64, usize)| {
+            (base + at as usize).is_multiple_of(align)
+                && n.is_multiple_of(align.min(512))
+                && off.is_multiple_of(align.min(512) as u64)
+                && n <= i32::MAX as usize
+        };
+        let cq = self.ring.params().cq_entries() as usize;
+        if !pieces.iter().all(aligned) || self.reads + pieces.len() > cq {
+            return Err((lent, tag));
+        }
+        if self.room() < pieces.len() {
+            // Make room: what is queued goes to the kernel now.
+            if self.submit().is_err() || self.room() < pieces.len() {
+                return Err((lent, tag));
+            }
+        }
+        if self.flights.len() >= u32::MAX as usize && self.free.is_empty() {
+            return Err((lent, tag));
+        }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.flights.push(None);
+            self.flights.len() - 1
+        });
+        let mut sq = self.ring.submission();
+        for &(off, at, n) in &pieces {
+            // SAFETY: [at, at + n) lies inside the loan's ranges (cut above from them),
+            // so inside the mapping, which stays mapped while the loan's `Arc` is held;
+            // the loan is held in `flights[slot]` until the kernel has completed every
+            // read queued here (`reap` gives it back only when `left` reaches 0, and
+            // `Drop` waits for them), so no other access of this process reaches those
+            // bytes while the kernel writes them (`SharedMap::lend`).
+            let ptr = unsafe { lent.map.ptr().add(at as usize) };
+            let e = io_uring::opcode::Read::new(io_uring::types::Fd(fd), ptr, n as u32)
+                .offset(off)
+                .build()
+                .user_data((n as u64) << 32 | slot as u64);
+            // SAFETY: the entry's buffer is valid for writes of `n` bytes until its
+            // completion (above); room for every piece was checked above.
+            let pushed = unsafe { sq.push(&e) };
+            debug_assert!(pushed.is_ok(), "room was checked");
+        }
+        drop(sq);
+        self.reads += pieces.len();
+        self.queued = true;
+        self.flights[slot] = Some(Flight {
+            lent,
+            left: pieces.len(),
+            ok: true,
+            tag,
+        });
+        Ok(())
+    }
+
+    /// Free entries in the submission queue.
+    fn room(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    /// Hands the queued reads to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.queued {
+            self.ring.submit()?;
+            self.queued = false;
+        }
+        Ok(())
+    }
+
+    /// Whether completions wait (a shared-memory load, no system call).
+    pub fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// The loans whose reads have all completed.
+    pub fn reap(&mut self) -> Vec<LoanRead<T>> {
+        let mut done = Vec::new();
+        let mut ended: Vec<(usize, bool)> = Vec::new();
+        for cqe in self.ring.completion() {
+            // `user_data`: the piece's length above the slot; a short read (or an
+            // error) fails the flight.
+            let (len, slot) = (cqe.user_data() >> 32, cqe.user_data() as u32 as usize);
+            ended.push((slot, cqe.result() >= 0 && cqe.result() as u64 == len));
+        }
+        for (slot, ok) in ended {
+            self.reads -= 1;
+            let Some(f) = self.flights.get_mut(slot).and_then(|f| f.as_mut()) else {
+                continue;
+            };
+            f.ok &= ok;
+            f.left -= 1;
+            if f.left == 0 {
+                let f = self.flights[slot].take().expect("in flight");
+                self.free.push(slot);
+                done.push(LoanRead {
+                    lent: f.lent,
+                    ok: f.ok,
+                    tag: f.tag,
+                });
+            }
+        }
+        done
+    }
+}
+
+impl<T> Drop for LoanReads<T> {
+    fn drop(&mut self) {
+        // The kernel may still write into loans held here: wait for every read (up to
+        // [`LoanReads::DROP_BOUND`]: a hung device) before the loans, and maybe the
+        // mappings, go.
+        let deadline = std::time::Instant::now() + Self::DROP_BOUND;
+        let second = io_uring::types::Timespec::new().sec(1);
+        while self.reads > 0 && std::time::Instant::now() < deadline {
+            let args = io_uring::types::SubmitArgs::new().timespec(&second);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+            let _ = self.reap();
+        }
+        if self.reads > 0 {
+            // Reads that never completed: keep their loans (and so their mappings)
+            // for the life of the process rather than free memory the kernel may still
+            // write.
+            for f in self.flights.drain(..).flatten() {
+                std::mem::forget(f.lent);
+            }
         }
     }
 }

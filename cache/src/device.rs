@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -51,6 +51,12 @@ pub trait BlockDevice: Send + Sync {
     /// or block device: the range is in the page cache); `None` otherwise, and nothing
     /// was read. The default never reads.
     fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
+    /// The file descriptor a caller may read this device through itself (e.g. with
+    /// io_uring), and the alignment of the buffers such reads need (the `O_DIRECT`
+    /// alignment, or 1); `None` when there is none. The default has none.
+    fn read_fd(&self) -> Option<(RawFd, usize)> {
         None
     }
     /// A hint, best effort: `true` while the caller reads in its own order and sizes
@@ -253,6 +259,11 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_fd(&self) -> Option<(RawFd, usize)> {
+        let align = if self.direct { DIRECT_ALIGN } else { 1 };
+        Some((self.file.as_raw_fd(), align))
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {

@@ -13,6 +13,7 @@
 //! - A read that found a line on the cache device is valid only if that segment's slot
 //!   was not reused meanwhile: `loc.seg + nr_segments > write_started_id`.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -75,6 +76,80 @@ enum Src {
     DiskDirect(Loc),
 }
 
+/// The lines a read of `total` (> 0) bytes at `offset` covers, and the caller's part
+/// of each.
+#[derive(Clone, Copy)]
+struct ReadSpan {
+    offset: u64,
+    end: u64,
+    first_line: u64,
+    last_line: u64,
+}
+
+impl ReadSpan {
+    fn new(offset: u64, total: u64) -> ReadSpan {
+        let end = offset + total;
+        ReadSpan {
+            offset,
+            end,
+            first_line: offset / LINE,
+            last_line: (end - 1) / LINE,
+        }
+    }
+
+    fn lines(&self) -> usize {
+        (self.last_line - self.first_line + 1) as usize
+    }
+
+    /// The caller's part of line `i` (counted from `first_line`): its position in the
+    /// buffers, its offset in the line, its length.
+    fn part(&self, i: usize) -> (usize, usize, usize) {
+        let ls = (self.first_line + i as u64) * LINE;
+        let a = self.offset.max(ls);
+        let b = self.end.min(ls + LINE);
+        (
+            (a - self.offset) as usize,
+            (a - ls) as usize,
+            (b - a) as usize,
+        )
+    }
+
+    /// Sectors of line `i` the caller asked for.
+    fn wanted(&self, i: usize) -> u8 {
+        let (_, in_line, len) = self.part(i);
+        sector_mask(in_line as u64 / SECTOR, len as u64 / SECTOR)
+    }
+}
+
+/// A READ whose cache-device reads the caller performs itself (the daemon's io_uring),
+/// from [`Cache::start_read`]: every line it covers was in a RAM segment buffer (already
+/// copied into the caller's buffers), discarded (already zeroed), or has every wanted
+/// sector on the cache device, read by [`DeviceReads::reads`]. Once they all filled
+/// their bytes, [`Cache::finish_read`] says whether those bytes are sound.
+#[derive(Debug)]
+pub struct DeviceReads {
+    /// The cache-device reads, runs of lines in consecutive slots merged.
+    pub reads: Vec<DeviceRead>,
+    dev: u8,
+    /// Segments read from: the bytes are sound only if none of their slots was
+    /// reused before the reads ended.
+    segs: Vec<u64>,
+    /// Access counters, counted when the read is sound.
+    counted: Vec<usize>,
+}
+
+/// One read of [`DeviceReads`]: `len` bytes at byte `device_offset` of the cache
+/// device into the caller's buffers at `pos` (counted through their concatenation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRead {
+    /// Byte offset on the cache device.
+    pub device_offset: u64,
+    /// Where the bytes go in the caller's buffers.
+    pub pos: usize,
+    /// How many bytes.
+    pub len: usize,
+}
+
 /// Lines a write copies into the open segment per hold of the engine lock (128 KiB):
 /// one lock and one clock read per run of lines, and the lock is let go between runs.
 const LINES_PER_HOLD: usize = 32;
@@ -116,6 +191,58 @@ fn sector_mask(first: u64, count: u64) -> u8 {
 }
 
 impl Inner {
+    /// Step 1 of a read, under the engine lock: where each line of `sp` is, with its
+    /// access counter; a line whose wanted sectors are all in a RAM segment buffer is
+    /// copied into `buf` now. A line lost to damage fails the read (`Error::Lost`).
+    fn plan_lines(
+        &self,
+        st: &State,
+        dev: u8,
+        sp: &ReadSpan,
+        buf: &mut Scatter<'_, '_>,
+    ) -> Result<(Vec<Src>, Vec<usize>)> {
+        let mut plan: Vec<Src> = Vec::with_capacity(sp.lines());
+        let mut counted: Vec<usize> = Vec::with_capacity(sp.lines());
+        for line in sp.first_line..=sp.last_line {
+            let i = (line - sp.first_line) as usize;
+            let full = sp.offset <= line * LINE && (line + 1) * LINE <= sp.end;
+            let loc = st.index.get(key(dev, line));
+            if st.damage.unresolved() && !st.damage.readable(key(dev, line), sp.wanted(i), loc) {
+                return Err(Error::Lost {
+                    dev,
+                    offset: (line * LINE).max(sp.offset),
+                });
+            }
+            let src = match loc {
+                None => Src::Backing,
+                Some(l) if l.tomb => Src::Zero,
+                Some(l) => match self.ram_slice(st, l) {
+                    // Every wanted sector is in RAM: to the caller, once.
+                    Some(ram) if sp.wanted(i) & !l.dirty == 0 => {
+                        let (at, in_line, len) = sp.part(i);
+                        buf.copy_from(at, &ram[in_line..in_line + len]);
+                        Src::Copied
+                    }
+                    // Backing data goes under the dirty sectors after the lock is
+                    // released: keep them aside (the bounce).
+                    Some(_) => match self.ram_line(st, l) {
+                        Some(b) => Src::Ram(b, l.dirty),
+                        None => Src::Disk(l),
+                    },
+                    None => Src::Disk(l),
+                },
+            };
+            let (hit, on_ram) = match &src {
+                Src::Backing => (false, false),
+                Src::Ram(..) | Src::Copied => (true, true),
+                _ => (true, false),
+            };
+            counted.push(counter_index(false, hit, on_ram, full));
+            plan.push(src);
+        }
+        Ok((plan, counted))
+    }
+
     fn slot_reused(&self, st: &State, seg: u64) -> bool {
         seg + self.geo.nr_segments <= st.slot_claimed_id
     }
@@ -746,6 +873,98 @@ impl Cache {
             .map(|r| r.expect("a waiting read completes"))
     }
 
+    /// The cache device's file descriptor for [`Cache::start_read`]'s reads, with the
+    /// alignment their buffers need (its `O_DIRECT` alignment, or 1); `None` when the
+    /// device has none (then every read goes through [`Cache::read_vectored`]).
+    pub fn cache_fd(&self) -> Option<(RawFd, usize)> {
+        self.inner.cache.read_fd()
+    }
+
+    /// Starts a read of the concatenation of `bufs` (as [`Cache::read_vectored`] fills
+    /// it) whose cache-device reads the caller performs itself, e.g. all at once through
+    /// io_uring: lines in RAM are copied and discarded lines zeroed now, and the reads
+    /// of lines on the cache device are returned. `Ok(None)` (nothing counted, nothing
+    /// to undo) when the read needs anything else: backing data (a miss, a partial
+    /// line), a bounce, or anything lost to damage; [`Cache::read_vectored`] serves it
+    /// then. The caller must call [`Cache::finish_read`] once every read filled its
+    /// bytes, and read again with [`Cache::read_vectored`] when it says no or a read
+    /// failed (the plan does not say what an error means for the LUN; the full read
+    /// does).
+    pub fn start_read(
+        &self,
+        dev: u8,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+    ) -> Result<Option<DeviceReads>> {
+        let inner = &self.inner;
+        let mut buf = Scatter::new(bufs);
+        let total = buf.len() as u64;
+        if total == 0 {
+            return Ok(None);
+        }
+        let sp = ReadSpan::new(offset, total);
+        let mut st = inner.lock();
+        inner.check_range(&st, dev, offset, total)?;
+        if st.damage.unresolved() {
+            return Ok(None);
+        }
+        let (plan, counted) = inner.plan_lines(&st, dev, &sp, &mut buf)?;
+        let mut reads: Vec<DeviceRead> = Vec::new();
+        let mut segs: Vec<u64> = Vec::new();
+        for (i, s) in plan.iter().enumerate() {
+            let (at, in_line, len) = sp.part(i);
+            match s {
+                Src::Copied => {}
+                Src::Zero => buf.zero(at, len),
+                Src::Disk(l) if sp.wanted(i) & !l.dirty == 0 => {
+                    let from = inner.geo.line_offset(l.seg, l.slot as u32) + in_line as u64;
+                    match reads.last_mut() {
+                        Some(r)
+                            if r.pos + r.len == at && r.device_offset + r.len as u64 == from =>
+                        {
+                            r.len += len
+                        }
+                        _ => reads.push(DeviceRead {
+                            device_offset: from,
+                            pos: at,
+                            len,
+                        }),
+                    }
+                    if !segs.contains(&l.seg) {
+                        segs.push(l.seg);
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+        // The read counts for the device's streams as one served here would.
+        if let Some(b) = st.backing[dev as usize].as_mut() {
+            b.stream.follow(offset, total);
+        }
+        Ok(Some(DeviceReads {
+            reads,
+            dev,
+            segs,
+            counted,
+        }))
+    }
+
+    /// Ends a read begun by [`Cache::start_read`] after every one of its reads filled
+    /// its bytes: `true` when they are sound (no slot they came from was reused for a
+    /// newer segment meanwhile; the read is counted), `false` when the read must be
+    /// done again with [`Cache::read_vectored`].
+    pub fn finish_read(&self, r: DeviceReads) -> bool {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        if r.segs.iter().any(|&seg| inner.slot_reused(&st, seg)) {
+            return false;
+        }
+        for c in r.counted {
+            st.count(r.dev, c);
+        }
+        true
+    }
+
     /// The read path; without `wait`, `Ok(None)` as soon as a device read would block.
     fn read_impl(
         &self,
@@ -780,69 +999,18 @@ impl Cache {
                     d.try_read_at(b, off)
                 }
             };
-        let first_line = offset / LINE;
-        let end_off = offset + total;
-        let last_line = (end_off - 1) / LINE;
-        // The caller's part of line `i` (counted from `first_line`): its position in
-        // the buffers, its offset in the line, its length.
-        let span = |i: usize| {
-            let ls = (first_line + i as u64) * LINE;
-            let a = offset.max(ls);
-            let b = end_off.min(ls + LINE);
-            ((a - offset) as usize, (a - ls) as usize, (b - a) as usize)
-        };
-        // Sectors of line `i` the caller asked for.
-        let wanted = |i: usize| {
-            let (_, in_line, len) = span(i);
-            sector_mask(in_line as u64 / SECTOR, len as u64 / SECTOR)
-        };
+        let sp = ReadSpan::new(offset, total);
+        let first_line = sp.first_line;
+        let span = |i: usize| sp.part(i);
+        let wanted = |i: usize| sp.wanted(i);
         'retry: loop {
             // 1. Plan every line under the lock; copy RAM-resident data now.
-            let mut plan: Vec<Src> = Vec::with_capacity((last_line - first_line + 1) as usize);
-            let mut counted: Vec<usize> = Vec::with_capacity(plan.capacity());
             let epoch;
-            {
+            let (mut plan, counted) = {
                 let st = inner.lock();
                 epoch = st.index.removals();
-                for line in first_line..=last_line {
-                    let i = (line - first_line) as usize;
-                    let full = offset <= line * LINE && (line + 1) * LINE <= end_off;
-                    let loc = st.index.get(key(dev, line));
-                    if st.damage.unresolved() && !st.damage.readable(key(dev, line), wanted(i), loc)
-                    {
-                        return Err(Error::Lost {
-                            dev,
-                            offset: (line * LINE).max(offset),
-                        });
-                    }
-                    let src = match loc {
-                        None => Src::Backing,
-                        Some(l) if l.tomb => Src::Zero,
-                        Some(l) => match inner.ram_slice(&st, l) {
-                            // Every wanted sector is in RAM: to the caller, once.
-                            Some(ram) if wanted(i) & !l.dirty == 0 => {
-                                let (at, in_line, len) = span(i);
-                                buf.copy_from(at, &ram[in_line..in_line + len]);
-                                Src::Copied
-                            }
-                            // Backing data goes under the dirty sectors after the lock
-                            // is released: keep them aside (the bounce).
-                            Some(_) => match inner.ram_line(&st, l) {
-                                Some(b) => Src::Ram(b, l.dirty),
-                                None => Src::Disk(l),
-                            },
-                            None => Src::Disk(l),
-                        },
-                    };
-                    let (hit, on_ram) = match &src {
-                        Src::Backing => (false, false),
-                        Src::Ram(..) | Src::Copied => (true, true),
-                        _ => (true, false),
-                    };
-                    counted.push(counter_index(false, hit, on_ram, full));
-                    plan.push(src);
-                }
-            }
+                inner.plan_lines(&st, dev, &sp, buf)?
+            };
             // 2. Backing reads for every run of lines that needs backing data, straight
             // into the caller's buffers (a piece per buffer the run covers).
             let needs_backing = |i: usize, s: &Src| match s {

@@ -39,7 +39,18 @@ fn read_cuts(len: usize) -> Vec<Vec<usize>> {
     v
 }
 
-fn check_reads(c: &lc_cache::Cache, off: u64, want: &[u8], what: &str) {
+/// Checks every way of reading `want` at `off`: `read_vectored` and `try_read_vectored`
+/// cut every way of [`read_cuts`], and the caller's own reads of `start_read` (the
+/// daemon's io_uring path) from the cache device `dev` when the engine hands them out.
+/// Returns how many cuts `start_read` served.
+fn check_reads(
+    c: &lc_cache::Cache,
+    dev: &Arc<dyn BlockDevice>,
+    off: u64,
+    want: &[u8],
+    what: &str,
+) -> usize {
+    let mut started = 0;
     for cuts in read_cuts(want.len()) {
         let mut buf = vec![0xeeu8; want.len()];
         c.read_vectored(0, off, &mut pieces_mut(&mut buf, &cuts))
@@ -50,17 +61,32 @@ fn check_reads(c: &lc_cache::Cache, off: u64, want: &[u8], what: &str) {
             r.unwrap();
             assert!(buf == want, "{what}: try_read cut at {cuts:?} differs");
         }
+        let mut buf = vec![0xeeu8; want.len()];
+        let plan = c
+            .start_read(0, off, &mut pieces_mut(&mut buf, &cuts))
+            .unwrap();
+        if let Some(plan) = plan {
+            for r in &plan.reads {
+                dev.read_at(&mut buf[r.pos..r.pos + r.len], r.device_offset)
+                    .unwrap();
+            }
+            assert!(c.finish_read(plan), "{what}: nothing was reused");
+            assert!(buf == want, "{what}: start_read cut at {cuts:?} differs");
+            started += 1;
+        }
     }
+    started
 }
 
 /// A cache of `segments` 64 KiB segments (writeback and the idle seal off, 4 RAM
 /// buffers) over a 1 MiB backing device holding `pattern(.., salt)`; and that pattern,
 /// the model of what reads must return.
-fn cache_over_pattern(segments: u64, salt: u8) -> (lc_cache::Cache, Vec<u8>) {
+fn cache_over_pattern(segments: u64, salt: u8) -> (lc_cache::Cache, Vec<u8>, Arc<dyn BlockDevice>) {
     let backing = pattern(1 << 20, salt);
     let disk: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(backing.clone(), "b0"));
+    let dev = mem_cache(SEG as u64 * segments, 512, SEG);
     let c = open(
-        mem_cache(SEG as u64 * segments, 512, SEG),
+        dev.clone(),
         &[disk],
         Tunables {
             writeback_enabled: false,
@@ -69,12 +95,12 @@ fn cache_over_pattern(segments: u64, salt: u8) -> (lc_cache::Cache, Vec<u8>) {
         },
         4,
     );
-    (c, backing)
+    (c, backing, dev)
 }
 
 #[test]
 fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back_everywhere() {
-    let (c, mut model) = cache_over_pattern(16, 0x42);
+    let (c, mut model, dev) = cache_over_pattern(16, 0x42);
     // 512 bytes into line 1, through line 4 and half of line 5: the first and last lines
     // are partial (their other sectors come from the backing device).
     let off = 4096 + 512;
@@ -87,8 +113,14 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
     model[off as usize..off as usize + data.len()].copy_from_slice(&data);
     let (from, to) = (0u64, 8 * 4096);
     let want = &model[from as usize..to as usize];
-    check_reads(&c, from, want, "open segment (RAM)");
-    check_reads(&c, off, &model[off as usize..off as usize + 1024], "a part");
+    check_reads(&c, &dev, from, want, "open segment (RAM)");
+    check_reads(
+        &c,
+        &dev,
+        off,
+        &model[off as usize..off as usize + 1024],
+        "a part",
+    );
 
     // Overwrite part of it in place (open segment), from other pieces.
     let off2 = 2 * 4096 + 1024;
@@ -98,6 +130,7 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
     model[off2 as usize..off2 as usize + 4096].copy_from_slice(&data2);
     check_reads(
         &c,
+        &dev,
         from,
         &model[from as usize..to as usize],
         "after overwrite",
@@ -112,7 +145,13 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
         n[counter_index(false, true, false, true)] + n[counter_index(false, true, false, false)]
     };
     let before = disk_hits(&c);
-    check_reads(&c, from, &model[from as usize..to as usize], "cache device");
+    check_reads(
+        &c,
+        &dev,
+        from,
+        &model[from as usize..to as usize],
+        "cache device",
+    );
     assert!(
         disk_hits(&c) > before,
         "the lines were read from the cache device"
@@ -123,6 +162,7 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
     model[3 * 4096..4 * 4096].fill(0);
     check_reads(
         &c,
+        &dev,
         from,
         &model[from as usize..to as usize],
         "discarded line",
@@ -140,6 +180,7 @@ fn a_write_from_pieces_with_lines_and_sectors_across_piece_boundaries_reads_back
     model[off3 as usize..off3 as usize + data3.len()].copy_from_slice(&data3);
     check_reads(
         &c,
+        &dev,
         from,
         &model[from as usize..to as usize],
         "after try_write",
@@ -171,7 +212,7 @@ fn reads_of_lines_on_the_cache_device_in_any_slot_order_and_across_segments_read
     // 14 lines per 64 KiB segment), lines 40..60 in reverse (slots descending), then
     // one line rewritten in a later segment: reads of every range cut every way must
     // return the newest data whether the lines are read as one run or one by one.
-    let (c, mut model) = cache_over_pattern(32, 0x17);
+    let (c, mut model, dev) = cache_over_pattern(32, 0x17);
     let mut put = |c: &lc_cache::Cache, line: usize, salt: u8| {
         let d = pattern(4096, salt);
         c.write(0, (line * 4096) as u64, &d, false).unwrap();
@@ -188,14 +229,58 @@ fn reads_of_lines_on_the_cache_device_in_any_slot_order_and_across_segments_read
     c.flush().unwrap();
     for (from, to) in [(0, 60), (3, 31), (13, 15), (18, 23), (38, 45), (0, 1)] {
         let (a, b) = (from * 4096, to * 4096);
-        check_reads(&c, a as u64, &model[a..b], &format!("lines {from}..{to}"));
+        let what = format!("lines {from}..{to}");
+        let served = check_reads(&c, &dev, a as u64, &model[a..b], &what);
+        // Whole dirty lines on the cache device (or still in RAM): every cut is
+        // served by the caller's own reads.
+        assert_eq!(served, read_cuts(b - a).len(), "{what}: start_read served");
     }
     // Sector-granular edges of a run: start and end inside lines.
     check_reads(
         &c,
+        &dev,
         5 * 4096 + 1536,
         &model[5 * 4096 + 1536..9 * 4096 + 512],
         "sectors",
     );
+    c.close().unwrap();
+}
+
+#[test]
+fn reads_handed_out_by_start_read_are_refused_once_their_slot_was_reused() {
+    // A line on the cache device is planned for the caller's own read; before the
+    // caller reads, the cleaner moves it and its slot takes a newer segment. Whatever
+    // the caller then read there is not that line: finish_read says so, and the full
+    // read returns the line.
+    let (c, mut model, dev) = cache_over_pattern(8, 0x21);
+    let line = pattern(4096, 0x33);
+    c.write(0, 0, &line, false).unwrap();
+    model[..4096].copy_from_slice(&line);
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    let plan = c
+        .start_read(0, 0, &mut [&mut buf[..]])
+        .unwrap()
+        .expect("a whole line on the cache device");
+    let first = c.stats().open_segment_id;
+    // Overwrite a few other lines over and over: their old copies go stale, the
+    // cleaner moves line 0 ahead and the ring comes round to its old slot.
+    let mut n = 0u8;
+    while c.stats().open_segment_id < first + 3 * 8 {
+        for l in 1..5u64 {
+            let d = pattern(4096, n);
+            c.write(0, l * 4096, &d, false).unwrap();
+            model[l as usize * 4096..(l as usize + 1) * 4096].copy_from_slice(&d);
+            n = n.wrapping_add(1);
+        }
+        c.flush().unwrap();
+    }
+    for r in &plan.reads {
+        dev.read_at(&mut buf[r.pos..r.pos + r.len], r.device_offset)
+            .unwrap();
+    }
+    assert!(!c.finish_read(plan), "the slot was reused");
+    check_reads(&c, &dev, 0, &model[..8 * 4096], "after the reuse");
     c.close().unwrap();
 }

@@ -42,6 +42,9 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<()> {
     let sh = Shared::open(cfg, log.clone())?;
     let mut el = EventLoop::new(io_threads, log.clone())?;
     el.set_busy_poll(Duration::from_micros(sh.t().cfg.daemon.busy_poll_us));
+    if sh.t().cfg.daemon.io_uring {
+        el.enable_io_uring();
+    }
     // Start-up (docs/DESIGN.md "Start-up"): block netlink (a new waited-for command
     // fails with EAGAIN instead of racing the scan), join, serve the devices that exist
     // and answer the enables waiting for a reply, then fail what is still waiting (a

@@ -86,11 +86,32 @@ pub trait BlockBackend: Send + Sync {
     fn try_read(&self, _offset: u64, _bufs: &mut [&mut [u8]]) -> Option<Result<(), IoError>> {
         None
     }
+    /// Begins a read whose device reads the caller performs itself ([`StartedRead`]);
+    /// `None` when the backend cannot (then [`BlockBackend::read`] serves it). Never
+    /// blocks. The default never begins one.
+    fn start_read(&self, _offset: u64, _bufs: &mut [&mut [u8]]) -> Option<StartedRead> {
+        None
+    }
     /// [`BlockBackend::write`] without FUA that never blocks: `None` when it would
     /// have to wait; the write is then repeated with [`BlockBackend::write`].
     fn try_write(&self, _offset: u64, _data: &[&[u8]]) -> Option<Result<(), IoError>> {
         None
     }
+}
+
+/// A READ begun with [`BlockBackend::start_read`], whose device reads the caller
+/// performs itself (the event loop's io_uring): `reads` from `fd` into the command's
+/// buffer, then `finish`.
+pub struct StartedRead {
+    /// The file to read.
+    pub fd: std::os::fd::RawFd,
+    /// The alignment each read's buffer and length need (`O_DIRECT`), or 1.
+    pub align: usize,
+    /// (byte offset in `fd`, position in the buffer, length).
+    pub reads: Vec<(u64, usize, usize)>,
+    /// Called once every read filled its bytes: `true` when they are the answer,
+    /// `false` when the read must be done again with [`BlockBackend::read`].
+    pub finish: Box<dyn FnOnce() -> bool + Send>,
 }
 
 /// A command's data as the transport holds it: the pieces of its buffer in order (a
@@ -331,6 +352,14 @@ impl ScsiResponse {
         }
     }
 
+    /// GOOD for a READ that filled the first `placed` bytes of its Data-In in place.
+    pub fn placed(placed: usize) -> Self {
+        ScsiResponse {
+            placed,
+            ..ScsiResponse::good(Vec::new())
+        }
+    }
+
     fn check(s: Sense, info: Option<u64>) -> Self {
         ScsiResponse {
             status: CHECK_CONDITION,
@@ -473,6 +502,48 @@ pub fn try_execute_data(
     (!nb.blocked.into_inner()).then_some(r)
 }
 
+/// Begins a READ on the loop thread whose device reads the caller performs itself
+/// ([`BlockBackend::start_read`]), for `bufs`, the command's Data-In; with how many
+/// bytes the answer places there. `None` (nothing done) for any other command, and for
+/// a READ that needs anything else: a range or sense to report, a transfer that is not
+/// whole blocks of the buffer, the LUN's I/O lock taken (a COMPARE AND WRITE), or a
+/// backend that cannot; [`execute_data`] then serves it as before. The lock is not held
+/// while the reads run: a READ beside a COMPARE AND WRITE of the same blocks returns the
+/// old or the new data, as it would if either had come first.
+pub fn start_read(
+    lun: &LunState,
+    cmd: &Command,
+    bufs: &mut [&mut [u8]],
+    be: &dyn BlockBackend,
+) -> Option<(StartedRead, usize)> {
+    let Command::Read { lba, blocks, .. } = *cmd else {
+        return None;
+    };
+    if lun.capacity_changed.load(Ordering::Acquire) || lun.check_range(lba, blocks).is_err() {
+        return None;
+    }
+    let bs = lun.cfg.block_size as u64;
+    let room: usize = bufs.iter().map(|b| b.len()).sum();
+    let len = cmd.transfer_length(bs).min(room as u64) as usize;
+    if len == 0 || !(len as u64).is_multiple_of(bs) {
+        return None;
+    }
+    let _held = lock(&lun.io, Access::Shared, false)?;
+    // The first `len` bytes of the buffer.
+    let mut pieces: Vec<&mut [u8]> = Vec::with_capacity(bufs.len());
+    let mut left = len;
+    for b in bufs.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        let n = b.len().min(left);
+        pieces.push(&mut b[..n]);
+        left -= n;
+    }
+    let started = be.start_read(lba.offset(bs), &mut pieces)?;
+    Some((started, len))
+}
+
 /// Parses and executes one command (waiting for the LUN's I/O lock and the backend),
 /// its Data-Out in one buffer and its Data-In returned in [`ScsiResponse::data_in`].
 pub fn execute(
@@ -603,10 +674,7 @@ fn dispatch(
             }
             match data {
                 Data::In(bufs) => match read_in_place(be, lba.offset(bs), bufs, len as usize, bs) {
-                    Ok(()) => ScsiResponse {
-                        placed: len as usize,
-                        ..ScsiResponse::good(Vec::new())
-                    },
+                    Ok(()) => ScsiResponse::placed(len as usize),
                     Err(e) => read_error(e, lba, bs),
                 },
                 Data::Out(..) => {
