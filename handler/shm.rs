@@ -720,8 +720,8 @@ impl<T> LoanReads<T> {
     /// at byte `offset` of `fd` into the loan's bytes at `pos` (counted through its
     /// ranges in order), a read per range it crosses. `align`: the address and length
     /// alignment each piece needs (`O_DIRECT`), checked here. All or nothing: the loan
-    /// and the tag come back (nothing queued) when a read lies outside the loan, a piece
-    /// is not aligned, or the ring has no room now. `fd` must stay open until
+    /// and the tag come back (nothing queued) when there is nothing to read, a read lies
+    /// outside the loan, a piece is not aligned, or the ring has no room now. `fd` must stay open until
     /// [`LoanReads::submit`] (the kernel takes its own reference then).
     pub fn read(
         &mut self,
@@ -752,6 +752,10 @@ impl<T> LoanReads<T> {
             if len > 0 {
                 return Err((lent, tag));
             }
+        }
+        if pieces.is_empty() {
+            // Nothing to read (a completion would never come): the caller serves it.
+            return Err((lent, tag));
         }
         let base = lent.map.ptr() as usize;
         let aligned = |&(off, at, n): &(u64, u64, usize)| {
@@ -905,6 +909,7 @@ pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn accesses_are_bounds_checked_and_shared_between_mappings() {
@@ -1027,5 +1032,62 @@ mod tests {
         );
         assert_eq!(other.read_u32(0), Ok(9), "other mappings are untouched");
         assert!(!other.is_gone());
+    }
+    #[test]
+    fn loan_reads_fill_a_loan_across_its_ranges_and_refuse_what_they_cannot_take() {
+        let mut reads: LoanReads<u32> = match LoanReads::new(8) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("io_uring refused by this kernel ({e}): nothing to test");
+                return;
+            }
+        };
+        // A file of 16 KiB whose byte i is i * 7 (mod 256).
+        let file = memfd("loan-src", 16384).unwrap();
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 7) as u8).collect();
+        std::fs::File::from(file.try_clone().unwrap())
+            .write_all_at(&data, 0)
+            .unwrap();
+        let fd = memfd("shm-loanreads", 8 * 4096).unwrap();
+        let mut m = SharedMap::map(fd.as_fd(), 8 * 4096).unwrap();
+        m.set_lendable(4096).unwrap();
+        let m = Arc::new(m);
+        // Two ranges out of order in the map: 4 KiB at 16 KiB, then 8 KiB at 4 KiB.
+        let lent = m.lend(&[(16384, 4096), (4096, 8192)]).unwrap();
+        // 6 KiB from file offset 1024 into loan bytes 2048.. (crossing the ranges),
+        // and 512 bytes from 12288 into its last 512.
+        let plan = [(1024u64, 2048usize, 6144usize), (12288, 11776, 512)];
+        assert!(reads.read(lent, file.as_raw_fd(), 512, &plan, 7).is_ok());
+        assert_eq!(reads.in_flight(), 1);
+        reads.submit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            done = reads.reap();
+        }
+        let d = done.pop().unwrap();
+        assert!(d.ok && d.tag == 7 && reads.in_flight() == 0);
+        let got = d.lent.slices().concat();
+        assert_eq!(&got[2048..8192], &data[1024..7168]);
+        assert_eq!(&got[11776..], &data[12288..12800]);
+        // Refused, with the loan back: nothing to read, a read past the loan, a piece
+        // not aligned as asked.
+        let lent = d.lent;
+        let (lent, tag) = reads.read(lent, file.as_raw_fd(), 1, &[], 1).unwrap_err();
+        assert_eq!(tag, 1);
+        let past = [(0u64, 12000usize, 1000usize)];
+        let (lent, _) = reads.read(lent, file.as_raw_fd(), 1, &past, 2).unwrap_err();
+        let odd = [(0u64, 100usize, 512usize)];
+        let (lent, _) = reads
+            .read(lent, file.as_raw_fd(), 512, &odd, 3)
+            .unwrap_err();
+        // A read past the end of the file is short: the flight fails.
+        let short = [(16000u64, 0usize, 1024usize)];
+        assert!(reads.read(lent, file.as_raw_fd(), 1, &short, 4).is_ok());
+        reads.submit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            done = reads.reap();
+        }
+        assert!(!done[0].ok, "a short read fails its flight");
     }
 }
