@@ -217,8 +217,10 @@ impl Device {
         }
     }
 
-    /// Serves every backend command on a worker, none on the loop thread (for
-    /// benchmarks comparing both paths).
+    /// With `false`, no backend command is served inline on the loop thread (RAM hits,
+    /// page-cache hits, plain writes): each goes to a worker, or, a READ of data on the
+    /// cache device, to the loop's io_uring when it has one (for benchmarks comparing
+    /// the paths, and tests of the io_uring path whatever the file system under them).
     pub fn set_inline(&mut self, on: bool) {
         self.inline = on;
     }
