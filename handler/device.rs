@@ -553,14 +553,13 @@ impl Device {
         let Some(i) = self.inflight.iter().position(|f| f.cmd_id == cmd_id) else {
             return;
         };
+        self.inflight.swap_remove(i);
         if !matches!(self.state, State::Serving | State::Draining) {
-            self.inflight.swap_remove(i);
             return;
         }
         let good = ok && !lent.is_gone() && (tag.finish)();
         let mut data = JobData::In(lent);
         if good {
-            self.inflight.swap_remove(i);
             self.uring_reads += 1;
             let r = scsi::ScsiResponse::placed(tag.placed);
             if let Err(e) = self.finish(cmd_id, &mut data, r) {
@@ -568,7 +567,6 @@ impl Device {
             }
             return;
         }
-        self.inflight.swap_remove(i);
         if let Err(e) = self.hand_to_workers(tag.device, cmd_id, tag.command, data) {
             self.ring_broken(e);
         }

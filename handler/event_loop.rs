@@ -371,6 +371,14 @@ impl EventLoop {
                 d.on_read(done);
             }
         }
+        self.after_completions(touched);
+        true
+    }
+
+    /// After a batch of completions of the devices `touched` (repeats allowed): one
+    /// [`Device::after_completions`] each (a kick, or a reset's re-serve), then the
+    /// reads that queued.
+    fn after_completions(&mut self, mut touched: Vec<usize>) {
         touched.sort_unstable();
         touched.dedup();
         for id in touched {
@@ -379,7 +387,6 @@ impl EventLoop {
             }
         }
         self.submit_reads();
-        true
     }
 
     /// Completions from the workers: complete them all, then one kick per device.
@@ -392,15 +399,8 @@ impl EventLoop {
             touched.push(done.device);
             self.deliver(done);
         }
-        touched.sort_unstable();
-        touched.dedup();
         let any = !touched.is_empty();
-        for id in touched {
-            if let Some(d) = self.devices.get_mut(&id) {
-                d.after_completions(id, self.reads.as_mut());
-            }
-        }
-        self.submit_reads();
+        self.after_completions(touched);
         any
     }
 
