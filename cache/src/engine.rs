@@ -811,7 +811,6 @@ impl Cache {
         }
         if let Some(b) = st.backing[dev as usize].as_mut() {
             // Not durable on the device until a flush of it: no promotion till then.
-            b.needs_flush = true;
             b.changes_issued += 1;
             if r.is_ok() {
                 b.bypassed_bytes += len;
@@ -1271,7 +1270,6 @@ impl Cache {
         st.index.invalidate();
         r?;
         if let Some(b) = st.backing[dev as usize].as_mut() {
-            b.needs_flush = true;
             b.changes_issued += 1;
         }
         Ok(())

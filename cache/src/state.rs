@@ -122,7 +122,6 @@ pub(crate) struct BackingSlot {
     pub dev: Arc<dyn BlockDevice>,
     pub label: String,
     pub dirty: u64,
-    pub needs_flush: bool,
     /// The access counters of this device alone.
     pub counters: Counters,
     /// Writeback to this device is failing: since when, and the last error.
@@ -132,7 +131,8 @@ pub(crate) struct BackingSlot {
     /// Changes made to this device outside writeback (discards passed to it, writes
     /// that went around the cache), and how many of them a flush of it made durable:
     /// while they differ a crash could undo one on the device, so no read of it is
-    /// promoted (the clean copy would outlive the undo).
+    /// promoted (the clean copy would outlive the undo), and a flush request flushes
+    /// it.
     pub changes_issued: u64,
     pub changes_flushed: u64,
     /// The log may hold clean copies of this device's lines (one was promoted since
@@ -155,7 +155,6 @@ impl BackingSlot {
             dev,
             label,
             dirty: 0,
-            needs_flush: false,
             counters: [0; 16],
             failing: None,
             promoted: 0,
@@ -548,33 +547,31 @@ impl Inner {
         }
     }
 
-    /// Flushes every backing device changed outside writeback since its last flush
-    /// (`needs_flush`: discards, writes around the cache); once a device's flush
-    /// succeeds the changes issued before it are durable there (`changes_flushed`), and
-    /// read misses of it are promoted again. A device whose flush fails stays marked.
+    /// Flushes every backing device changed outside writeback (discards, writes around
+    /// the cache) since its last flush: on return, every change issued to it before
+    /// this call is durable there (`changes_flushed`), and read misses of it are
+    /// promoted again. Threads do not rely on each other's flushes: a flush another
+    /// thread has started may not have reached the device yet, so a device with changes
+    /// not yet known flushed is flushed here again. A failed flush leaves them unflushed.
     pub(crate) fn flush_backing(&self) -> Result<()> {
         let devs: Vec<(usize, Arc<dyn BlockDevice>, u64)> = {
-            let mut st = self.lock();
+            let st = self.lock();
             st.backing
-                .iter_mut()
+                .iter()
                 .enumerate()
-                .filter_map(|(id, b)| b.as_mut().filter(|b| b.needs_flush).map(|b| (id, b)))
-                .map(|(id, b)| {
-                    b.needs_flush = false;
-                    (id, b.dev.clone(), b.changes_issued)
-                })
+                .filter_map(|(id, b)| b.as_ref().map(|b| (id, b)))
+                .filter(|(_, b)| b.changes_issued > b.changes_flushed)
+                .map(|(id, b)| (id, b.dev.clone(), b.changes_issued))
                 .collect()
         };
         for (id, d, issued) in devs {
-            let r = d.flush();
-            let mut st = self.lock();
-            if let Some(b) = st.backing[id].as_mut() {
-                match &r {
-                    Ok(()) => b.changes_flushed = b.changes_flushed.max(issued),
-                    Err(_) => b.needs_flush = true,
+            d.flush().map_err(|e| Error::io(&d.describe(), 0, e))?;
+            // The same device still (not detached and another attached meanwhile).
+            if let Some(b) = self.lock().backing[id].as_mut() {
+                if Arc::ptr_eq(&b.dev, &d) {
+                    b.changes_flushed = b.changes_flushed.max(issued);
                 }
             }
-            r.map_err(|e| Error::io(&d.describe(), 0, e))?;
         }
         Ok(())
     }
@@ -585,7 +582,7 @@ impl Inner {
         st.backing
             .iter()
             .flatten()
-            .any(|b| b.needs_flush && b.changes_issued > b.changes_flushed)
+            .any(|b| b.changes_issued > b.changes_flushed)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {

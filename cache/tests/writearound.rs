@@ -2,7 +2,8 @@
 //! `sequential_cutoff` goes straight to the backing device when none of its lines is
 //! cached, so the cache keeps what it held; a stream over cached lines, a cutoff of 0,
 //! or a backing device that fails the write keep the write in the cache; FUA flushes the
-//! backing device; a read miss planned before a write around its lines is not promoted.
+//! backing device, and so does a flush, even while another thread's flush of it is under
+//! way; a read miss planned before a write around its lines is not promoted.
 
 mod common;
 
@@ -83,6 +84,29 @@ fn a_stream_past_the_cutoff_goes_around_and_reads_back() {
     let f = b.flushes.load(Ordering::SeqCst);
     c.flush().unwrap();
     assert!(b.flushes.load(Ordering::SeqCst) > f);
+}
+
+#[test]
+fn a_flush_returns_only_once_a_backing_flush_already_under_way_has_completed() {
+    // The writeback thread flushes a device written around when it is idle; a SYNCHRONIZE
+    // CACHE arriving while that flush is under way must not return before the written
+    // around data is durable (a crash test once read an acknowledged write as its older
+    // value after recovery: the flush had returned while the other thread's flush of
+    // that device had not yet happened).
+    let (c, b) = setup(64, CUTOFF);
+    b.hold_next_flush();
+    stream(&c, 0, 2 * LINE, 4, 1, false);
+    assert!(c.stats().bypassed_bytes > 0);
+    // The writeback thread's flush of the device has started and is held.
+    b.wait_held();
+    assert_eq!(b.flushes_done.load(Ordering::SeqCst), 0);
+    c.flush().unwrap();
+    let done = b.flushes_done.load(Ordering::SeqCst);
+    b.release();
+    assert!(
+        done > 0,
+        "SYNCHRONIZE CACHE returned before any flush of the device written around completed"
+    );
 }
 
 #[test]

@@ -228,14 +228,18 @@ pub fn request_start(rng: &mut SmallRng, end: &mut u64, blocks: u64, total: u64)
 }
 
 /// A backing device that counts writes, discards and flushes, can hold the next read
-/// until released (to land other requests between a read's plan and its promotion), and
+/// until released (to land other requests between a read's plan and its promotion) or
+/// the next flush (to land requests while another thread's flush is under way), and
 /// can fail writes.
 pub struct Gated {
     inner: MemDevice,
     pub writes: AtomicU64,
+    /// Flushes started, and flushes completed.
     pub flushes: AtomicU64,
+    pub flushes_done: AtomicU64,
     pub fail_writes: AtomicBool,
     hold: AtomicBool,
+    hold_flush: AtomicBool,
     gate: Mutex<Gate>,
     cv: Condvar,
 }
@@ -254,8 +258,10 @@ impl Gated {
             inner: MemDevice::from_bytes(data, "backing"),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            flushes_done: AtomicU64::new(0),
             fail_writes: AtomicBool::new(false),
             hold: AtomicBool::new(false),
+            hold_flush: AtomicBool::new(false),
             gate: Mutex::new(Gate::default()),
             cv: Condvar::new(),
         })
@@ -267,7 +273,15 @@ impl Gated {
         self.hold.store(true, Ordering::SeqCst);
     }
 
-    /// Waits until a held read has read its data and waits.
+    /// The next flush blocks, before it makes anything durable, until
+    /// [`Gated::release`].
+    pub fn hold_next_flush(&self) {
+        *self.gate.lock().unwrap() = Gate::default();
+        self.hold_flush.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a held read has read its data (or a held flush has started) and
+    /// waits.
     pub fn wait_held(&self) {
         let mut g = self.gate.lock().unwrap();
         while !g.waiting {
@@ -278,6 +292,16 @@ impl Gated {
     pub fn release(&self) {
         self.gate.lock().unwrap().open = true;
         self.cv.notify_all();
+    }
+
+    /// Says it is held, and waits for [`Gated::release`].
+    fn wait_release(&self) {
+        let mut g = self.gate.lock().unwrap();
+        g.waiting = true;
+        self.cv.notify_all();
+        while !g.open {
+            g = self.cv.wait(g).unwrap();
+        }
     }
 
     pub fn bytes(&self, off: u64, len: u64) -> Vec<u8> {
@@ -295,12 +319,7 @@ impl BlockDevice for Gated {
         self.inner.read_at(buf, offset)?;
         if self.hold.swap(false, Ordering::SeqCst) {
             // The data is read (the old data); the read returns only when released.
-            let mut g = self.gate.lock().unwrap();
-            g.waiting = true;
-            self.cv.notify_all();
-            while !g.open {
-                g = self.cv.wait(g).unwrap();
-            }
+            self.wait_release();
         }
         Ok(())
     }
@@ -313,7 +332,12 @@ impl BlockDevice for Gated {
     }
     fn flush(&self) -> std::io::Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.inner.flush()
+        if self.hold_flush.swap(false, Ordering::SeqCst) {
+            self.wait_release();
+        }
+        self.inner.flush()?;
+        self.flushes_done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.writes.fetch_add(1, Ordering::Relaxed);
