@@ -259,6 +259,9 @@ pub struct CacheStats {
     /// See `lc_cache::Stats`.
     pub appends: u64,
     /// See `lc_cache::Stats`.
+    #[serde(default)]
+    pub caller_appends: u64,
+    /// See `lc_cache::Stats`.
     pub staged_lines: u64,
     /// See `lc_cache::Stats`.
     pub append_write_us: u64,

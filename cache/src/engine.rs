@@ -1395,6 +1395,7 @@ impl Cache {
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
             appends: st.appends,
+            caller_appends: st.caller_appends,
             staged_lines: st.staged_lines,
             append_write_us: st.append_write_us,
             append_flush_us: st.append_flush_us,

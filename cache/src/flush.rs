@@ -29,6 +29,16 @@ use crate::state::{Inner, OpenSeg, Pos, Sealed, State, STAGE_WINDOW};
 pub(crate) fn run(inner: &Inner) {
     let mut st = inner.lock();
     loop {
+        if st.caller_io {
+            // A caller is appending the open segment (`append_here`): the log is its
+            // until it is done, and it wakes us then.
+            st = inner
+                .worker_cv
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
         let now = Instant::now();
         let open_lines = st.open.as_ref().map_or(0, |o| o.entries.len());
         let mut append_due = false;
@@ -131,11 +141,13 @@ pub(crate) fn run(inner: &Inner) {
             if let Some(t) = st.unflushed_since {
                 wait = wait.min((t + UNFLUSHED_MAX_AGE).saturating_duration_since(now));
             }
+            st.flusher_idle = true;
             st = inner
                 .worker_cv
                 .wait_timeout(st, wait.max(Duration::from_micros(100)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.flusher_idle = false;
             continue;
         }
         let last = batch.last().expect("batch").id;
@@ -286,6 +298,48 @@ fn write_runs(inner: &Inner, parts: &[(&[u8], u64)]) -> Result<u64, Error> {
         bytes += end - start;
     }
     Ok(bytes)
+}
+
+/// Format 2: a caller waiting for durability (`Inner::wait_durable`: a flush, a FUA
+/// write, a checkpoint) appends the open segment's lines itself, on its own thread,
+/// when that is all the target needs and the flusher is idle, instead of waking the
+/// flusher and waiting to be woken: two thread hand-offs less per flush. The append is
+/// the flusher's own ([`append`]); while it runs, `caller_io` keeps the flusher from
+/// touching the log, so appends, staging and segment writes stay one at a time and in
+/// order as when the flusher does them all. Not when another writer is inside
+/// `write` (the barrier deadline lets its lines join the flusher's append), when
+/// sealed segments wait to be written before the open one, or when the open segment's
+/// slot may not be written yet. Returns whether it appended.
+pub(crate) fn append_here<'a>(
+    inner: &'a Inner,
+    mut st: MutexGuard<'a, State>,
+    target: Pos,
+) -> (MutexGuard<'a, State>, bool) {
+    let geo = &inner.geo;
+    let lps = geo.lines_per_segment as usize;
+    let limit = st.wb_id + geo.nr_segments;
+    let due = geo.appends()
+        && st.flusher_idle
+        && !st.caller_io
+        && st.failed.is_none()
+        && !st.stop_flush
+        && st.active_writers == 0
+        && st.ram.range(st.write_started_id + 1..).next().is_none()
+        && st.open.as_ref().is_some_and(|o| {
+            o.id == target.id
+                && o.written < o.entries.len()
+                && o.entries.len() < lps
+                && o.id <= limit
+        });
+    if !due {
+        return (st, false);
+    }
+    st.caller_io = true;
+    st.caller_appends += 1;
+    st = append(inner, st);
+    st.caller_io = false;
+    inner.worker_cv.notify_all();
+    (st, true)
 }
 
 /// Format 2: makes the open segment's lines durable without sealing it. Writes the

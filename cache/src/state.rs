@@ -376,6 +376,13 @@ pub(crate) struct State {
     /// Callers currently inside [`Cache::write`]: a flush waits the barrier deadline for
     /// more lines only when some other write could join the segment.
     pub active_writers: u32,
+    /// The flusher is waiting for work (its condition-variable wait).
+    pub flusher_idle: bool,
+    /// A caller of `wait_durable` is appending the open segment itself
+    /// (`flush::append_here`): the flusher does nothing until it is done.
+    pub caller_io: bool,
+    /// Appends done by callers of `wait_durable` (of `appends`).
+    pub caller_appends: u64,
     pub commit_requested: bool,
     pub tunables: Tunables,
     pub counters: Counters,
@@ -483,6 +490,9 @@ impl State {
             need_space: false,
             drains: 0,
             active_writers: 0,
+            flusher_idle: false,
+            caller_io: false,
+            caller_appends: 0,
             commit_requested: false,
             tunables,
             counters: [0; 16],
@@ -667,6 +677,11 @@ impl Inner {
             }
             if let Some(e) = st.stuck_refusal() {
                 return Err(e);
+            }
+            let appended;
+            (st, appended) = crate::flush::append_here(self, st, target);
+            if appended {
+                continue;
             }
             self.request_durable(&mut st, target);
             st = self.wait_io(st, Duration::from_millis(50));

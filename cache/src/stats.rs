@@ -55,6 +55,9 @@ pub struct Stats {
     /// Format 2: flushes that made the open segment's lines durable by an append
     /// instead of sealing it.
     pub appends: u64,
+    /// Format 2: of `appends`, those done by the thread that waited for them (a flush
+    /// or FUA write finding the flusher idle) instead of by the flusher.
+    pub caller_appends: u64,
     /// Format 2: lines written to the open segment's slot ahead of the append that made
     /// them durable (staged while flushes come often).
     pub staged_lines: u64,

@@ -102,8 +102,8 @@ fn fresh(seg: u32) -> (Cache, Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) {
 }
 
 /// Segments a single writer uses with a flush after every 4 KiB write, and the appends
-/// the cache counted.
-fn sync_writer(version: u32, writes: u64) -> (u64, u64) {
+/// the cache counted (all, and those the writer's own thread did).
+fn sync_writer(version: u32, writes: u64) -> (u64, u64, u64) {
     let cache = mem_cache_v(SEG as u64 * 64, 512, SEG, version);
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
     let c = open(
@@ -126,13 +126,13 @@ fn sync_writer(version: u32, writes: u64) -> (u64, u64) {
     for b in 0..writes {
         assert_eq!(serial_of(&c2, b), Some(1), "format {version} block {b}");
     }
-    (used, s.appends)
+    (used, s.appends, s.caller_appends)
 }
 
 #[test]
 fn a_flush_after_every_write_fills_the_cache_at_the_rate_of_its_data() {
     let writes = 100;
-    let (used, appends) = sync_writer(2, writes);
+    let (used, appends, by_caller) = sync_writer(2, writes);
     let data = writes * 4096;
     let space = used * SEG as u64;
     assert!(
@@ -140,8 +140,14 @@ fn a_flush_after_every_write_fills_the_cache_at_the_rate_of_its_data() {
         "format 2: {used} segments of {SEG} for {data} bytes of data"
     );
     assert!(appends >= writes - used, "{appends} appends");
+    // A flush that finds the flusher idle appends on its own thread (the blocks it
+    // made durable survived the kill in `sync_writer`).
+    assert!(
+        by_caller > 0,
+        "no append by the flushing thread of {appends}"
+    );
     // Format 1 seals a segment per flush.
-    let (used1, appends1) = sync_writer(1, writes);
+    let (used1, appends1, _) = sync_writer(1, writes);
     assert_eq!(appends1, 0);
     assert!(used1 >= writes, "format 1 used {used1} segments");
 }

@@ -112,6 +112,7 @@ fn cache_stats(c: &Cache, luns: &[LunSection], cache: &str) -> CacheStats {
         partial_segments: s.partial_segments,
         appends: s.appends,
         staged_lines: s.staged_lines,
+        caller_appends: s.caller_appends,
         append_write_us: s.append_write_us,
         append_flush_us: s.append_flush_us,
         live_lines: s.live_lines,
