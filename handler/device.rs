@@ -43,6 +43,7 @@ fn io_err(e: lc_cache::Error, request: Option<(u64, u64)>) -> IoError {
     let kind = match &e {
         E::Io { .. } | E::Lost { .. } | E::BackingFailed { .. } => IoErrorKind::Medium,
         E::Failed(_)
+        | E::Superblock(_)
         | E::LogBlocked { .. }
         | E::BadFormat { .. }
         | E::Version { .. }

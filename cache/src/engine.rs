@@ -1326,15 +1326,23 @@ impl Cache {
         self.inner.wait_durable(target)
     }
 
-    /// Writes the superblock now and waits for it.
+    /// Writes the superblock now and waits until it is on the device (written and
+    /// flushed). A commit already under way does not count: it may hold older state.
+    /// The writeback thread does every commit, one at a time, so two never race for
+    /// the same copy.
     pub fn commit_superblock(&self) -> Result<()> {
         let mut st = self.inner.lock();
-        let seq = st.sb_seq;
+        let want = st.sb_seq + 1;
         st.commit_requested = true;
         self.inner.worker_cv.notify_all();
-        while st.sb_seq == seq {
+        while st.sb_committed < want {
             if let Some(f) = &st.failed {
                 return Err(Error::Failed(f.clone()));
+            }
+            if let Some((seq, e)) = &st.sb_failed {
+                if *seq >= want {
+                    return Err(Error::Superblock(e.clone()));
+                }
             }
             st = self.inner.wait_io(st, Duration::from_millis(50));
         }

@@ -77,6 +77,10 @@ pub enum Error {
         /// and the `io::Error`).
         source: Arc<Error>,
     },
+    /// A superblock commit asked for (`Cache::commit_superblock`) failed on the cache
+    /// device: the superblock there is the previous one.
+    #[error("superblock commit failed: {0}")]
+    Superblock(#[source] Arc<Error>),
     /// The cache stopped accepting writes: an unrecoverable cache-device error, or it is
     /// closing or was killed.
     #[error("cache failed: {0}")]
@@ -129,13 +133,14 @@ impl Error {
     }
 
     /// The device error behind this one: the `io::Error` of an [`Error::Io`], also
-    /// when it is the cause of a [`Error::BackingFailed`] or a [`Failure::Device`].
+    /// when it is the cause of a [`Error::BackingFailed`], an [`Error::Superblock`] or a
+    /// [`Failure::Device`].
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
             Error::Io { source, .. } => Some(source),
-            Error::BackingFailed { source, .. } | Error::Failed(Failure::Device(source)) => {
-                source.io_error()
-            }
+            Error::BackingFailed { source, .. }
+            | Error::Superblock(source)
+            | Error::Failed(Failure::Device(source)) => source.io_error(),
             _ => None,
         }
     }

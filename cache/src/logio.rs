@@ -2,6 +2,7 @@
 //! `clean.rs`): reading written segments back and committing the superblock.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
@@ -10,7 +11,7 @@ use crate::state::{backing_table, Inner};
 
 /// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
 pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
-    let (sb, off) = {
+    let (sb, off, seq) = {
         let mut st = inner.lock();
         st.sb_seq += 1;
         let sb = Superblock {
@@ -21,16 +22,27 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
             durable_id: st.durable_claim(),
             backing: backing_table(&st),
         };
-        (sb.encode(), Superblock::copy_offset(st.sb_seq))
+        (sb.encode(), Superblock::copy_offset(st.sb_seq), st.sb_seq)
     };
     let desc = inner.cache.describe();
-    inner
+    let r = inner
         .cache
         .write_at(&sb, off)
         .and_then(|_| inner.cache.flush())
-        .map_err(|e| Error::io(&desc, off, e))?;
-    inner.lock().cache_bytes_written += sb.len() as u64;
-    Ok(())
+        .map_err(|e| Arc::new(Error::io(&desc, off, e)));
+    let mut st = inner.lock();
+    inner.io_cv.notify_all();
+    match r {
+        Ok(()) => {
+            st.sb_committed = st.sb_committed.max(seq);
+            st.cache_bytes_written += sb.len() as u64;
+            Ok(())
+        }
+        Err(e) => {
+            st.sb_failed = Some((seq, e.clone()));
+            Err(Error::Superblock(e))
+        }
+    }
 }
 
 /// Reads segments `first..=last` but `skip` back from the cache device and checks them.

@@ -367,7 +367,11 @@ pub(crate) struct State {
     pub durable_req: Pos,
     pub flushed_id: u64,
     pub wb_id: u64,
+    /// The sequence number of the last superblock commit started; of the last one
+    /// written and flushed; the last one that failed, with its error.
     pub sb_seq: u64,
+    pub sb_committed: u64,
+    pub sb_failed: Option<(u64, Arc<Error>)>,
     /// Earliest pending flush request and the highest point it waits for.
     pub flush_req: Option<(Instant, Pos)>,
     pub seal_requested: bool,
@@ -485,6 +489,8 @@ impl State {
             flushed_id: r.last_id,
             wb_id: r.wb_id,
             sb_seq: r.sb_seq,
+            sb_committed: r.sb_seq,
+            sb_failed: None,
             flush_req: None,
             seal_requested: false,
             need_space: false,

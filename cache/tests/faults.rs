@@ -296,3 +296,56 @@ fn backing_devices_attach_and_detach_while_the_cache_runs() {
     b.read_at(&mut raw, 0).unwrap();
     assert_eq!(raw, [7u8; 4096], "drained before detach");
 }
+
+#[test]
+fn commit_superblock_returns_once_the_superblock_is_on_the_device_and_fails_when_it_is_not() {
+    // The cache device holds its next flush: the superblock is written, not yet durable.
+    let cache = Gated::new(vec![0u8; SEG as usize * 8]);
+    lc_cache::format_device(
+        cache.as_ref(),
+        lc_cache::FormatOptions {
+            block_size: 512,
+            segment_size: SEG,
+            version: lc_cache::format::FORMAT_VERSION,
+        },
+    )
+    .unwrap();
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let c = Arc::new(open(
+        cache.clone(),
+        &[backing],
+        Tunables {
+            superblock_commit_interval_s: 3600,
+            ..Tunables::default()
+        },
+        2,
+    ));
+    cache.hold_next_flush();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = {
+        let (c, done) = (c.clone(), done.clone());
+        std::thread::spawn(move || {
+            let r = c.commit_superblock();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        })
+    };
+    cache.wait_held();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let early = done.load(std::sync::atomic::Ordering::SeqCst);
+    cache.release();
+    t.join().unwrap().unwrap();
+    assert!(
+        !early,
+        "commit_superblock returned while the superblock's flush was held"
+    );
+    // A superblock the device refuses is an error, not a commit.
+    cache
+        .fail_writes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(c.commit_superblock().is_err());
+    cache
+        .fail_writes
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    c.commit_superblock().unwrap();
+}
