@@ -66,6 +66,10 @@ use crate::tunables::Tunables;
 /// Segments a cleaning step reads and moves at most (bounds the RAM it holds).
 const MAX_STEP: u64 = 16;
 
+/// Lines moved per hold of the engine lock (128 KiB of copying): writers, readers and
+/// the event loop get the lock between runs, as they do between a write's runs.
+const MOVES_PER_HOLD: u32 = 32;
+
 /// Slots only the cleaner may fill (0 when moving is off).
 ///
 /// A cleaning step that started with `R` free slots and moves tail segments that are at
@@ -175,6 +179,8 @@ enum Moved {
     NoRoom,
     /// No RAM buffer now; retry after the flusher wrote one.
     NoBuffer,
+    /// Moved [`MOVES_PER_HOLD`] lines: let the lock go, then continue.
+    Yield,
     /// A live line is lost to damage: the segment is left to writeback.
     Unmovable,
 }
@@ -341,8 +347,16 @@ impl Cleaner {
             }
             let (h, buf) = segs.next().expect("a header per segment read");
             debug_assert_eq!(h.id, id);
+            let mut next = 0;
             let r = loop {
-                match move_segment(inner, &mut st, h, buf, &mut self.clean_lines) {
+                match move_segment(inner, &mut st, h, buf, &mut self.clean_lines, &mut next) {
+                    Moved::Yield => {
+                        drop(st);
+                        st = inner.lock();
+                        if st.failed.is_some() || st.stop_writeback {
+                            break Moved::NoRoom;
+                        }
+                    }
                     Moved::NoBuffer => {
                         inner.worker_cv.notify_all();
                         st = inner.wait_io(st, Duration::from_millis(10));
@@ -359,7 +373,7 @@ impl Cleaner {
                     self.unmovable = Some(id);
                     break;
                 }
-                Moved::NoRoom | Moved::NoBuffer => break,
+                Moved::NoRoom | Moved::NoBuffer | Moved::Yield => break,
             }
         }
         if done >= first {
@@ -373,9 +387,12 @@ impl Cleaner {
     }
 }
 
-/// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment.
-/// Lines already moved (the index points elsewhere now) are skipped, so a retry after
-/// `NoBuffer` or `NoRoom` continues where it stopped.
+/// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment, at
+/// most [`MOVES_PER_HOLD`] of them per call (`Yield` when more are left). `next` is
+/// the slot to continue from: a call after `Yield` or `NoBuffer` continues where the
+/// last stopped (the slots before it were moved, stale or listed clean, and an index
+/// entry never points back at an old copy); each line is checked against the index
+/// under the lock it is moved under.
 /// Clean copies are not moved: they are listed in `clean` (dropped at release).
 fn move_segment(
     inner: &Inner,
@@ -383,6 +400,7 @@ fn move_segment(
     h: &SegmentHeader,
     buf: &[u8],
     clean: &mut Vec<(u64, Loc)>,
+    next: &mut usize,
 ) -> Moved {
     let geo = &inner.geo;
     let ds = geo.data_start();
@@ -402,7 +420,8 @@ fn move_segment(
             }
         }
     }
-    for (slot, e) in h.entries.iter().enumerate() {
+    let mut moved = 0;
+    for (slot, e) in h.entries.iter().enumerate().skip(*next) {
         let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
         let Some(l) = st
             .index
@@ -415,11 +434,17 @@ fn move_segment(
             clean.push((k, l));
             continue;
         }
+        if moved == MOVES_PER_HOLD {
+            *next = slot;
+            return Moved::Yield;
+        }
         // An open segment with a free line, in a slot that may be written.
         if next_fill(geo, st) > st.wb_id + geo.nr_segments {
+            *next = slot;
             return Moved::NoRoom;
         }
         if !inner.ensure_open(st) {
+            *next = slot;
             return Moved::NoBuffer;
         }
         let o = st.open.as_mut().expect("open");
@@ -443,6 +468,7 @@ fn move_segment(
         let old = st.index.insert(k, loc);
         debug_assert_eq!(old, Some(l));
         st.clean.moved_lines += 1;
+        moved += 1;
     }
     Moved::Done
 }
