@@ -320,9 +320,14 @@ impl Cleaner {
             return Step::Idle;
         }
         // 3. Read the planned segments and move. Damaged segments and segments with no
-        // live line (live counts only fall) have nothing to move and are not read.
+        // live line (live counts only fall) have nothing to move and are not read,
+        // except a damaged segment recovery took at an older append: the index holds
+        // that append's lines (read with its header, as writeback does).
         let skip: Vec<u64> = (first..=last)
-            .filter(|&id| st.damage.segments.contains(&id) || st.index.seg_lines(id).live == 0)
+            .filter(|&id| {
+                (st.damage.segments.contains(&id) && !st.recovered_gens.contains_key(&id))
+                    || st.index.seg_lines(id).live == 0
+            })
             .collect();
         let gens = st
             .recovered_gens

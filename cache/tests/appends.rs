@@ -1,7 +1,8 @@
 //! Format 2: a flush appends to the segment being filled instead of sealing it, so a
 //! sync-heavy writer fills the cache at the rate of its data; appended lines survive a
 //! kill; a line rewritten after an append takes a new line and the newest copy wins;
-//! a format-1 cache still opens, serves and writes back.
+//! a format-1 cache still opens, serves and writes back; the cleaner moves the lines of a
+//! segment recovery took at an older append (its final header damaged).
 
 mod common;
 
@@ -353,4 +354,81 @@ fn many_sealed_segments_written_at_once_have_sound_headers_after_a_kill() {
     for b in 0..blocks {
         assert_eq!(serial_of(&c2, b), Some(7), "block {b}");
     }
+}
+
+#[test]
+fn the_cleaner_moves_the_lines_of_a_segment_recovery_took_at_an_older_append() {
+    // Segment 1 gets four appends (blocks 0..4, FUA each), then fills and is sealed;
+    // blocks 1..4 are rewritten in segment 2. The sealed header of segment 1 is damaged:
+    // recovery takes its fourth append (block 0 still live there, dirty) and reports
+    // the lines added after it unknown. Once the loss is accepted, the cleaner cleans
+    // segment 1: its live line must reach a newer segment (or the backing device)
+    // before the segment is released, and read back after another restart.
+    let (c, cache, backing) = fresh(SEG);
+    for b in 0..4 {
+        c.write(0, b * 4096, &block(1, b), true).unwrap();
+    }
+    let lps = c.geometry().lines_per_segment as u64;
+    for b in 4..lps + 4 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    for b in 1..4 {
+        c.write(0, b * 4096, &block(2, b), false).unwrap();
+    }
+    // Segment 2 filled and sealed, and the superblock claims it durable: recovery
+    // replays it past the damaged one.
+    for b in lps + 4..2 * lps + 8 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    c.commit_superblock().unwrap();
+    assert!(c.stats().open_segment_id >= 3);
+    let (mut img, back) = (image(&cache), image(&backing));
+    let g = c.geometry();
+    std::mem::forget(c);
+    // Flip a byte of segment 1's newest header copy.
+    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
+    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c")
+        .or_else(|_| Superblock::decode(&img[SB_COPY_SIZE..2 * SB_COPY_SIZE], "c"))
+        .unwrap();
+    let off = g.segment_offset(1) as usize;
+    let (h, _) = newest_header(&img[off..off + g.data_start()], &g, 1, &sb.uuid).unwrap();
+    assert!(
+        h.gen > 4,
+        "segment 1 sealed after its appends (gen {})",
+        h.gen
+    );
+    img[off + g.header_copy(h.gen) * g.header_len() + 70] ^= 0x80;
+    let (c2, dev, bdev, report) = recover(img, back);
+    assert!(
+        report.damaged.iter().any(|(id, _)| *id == 1),
+        "segment 1 damaged: {report:?}"
+    );
+    c2.accept_loss();
+    assert_eq!(serial_of(&c2, 0), Some(1), "block 0 from the older append");
+    // Clean: moving on, everything above 0% dirty written back or moved.
+    c2.set_tunable("writeback_enabled", "true").unwrap();
+    c2.set_tunable("writeback_threshold", "0").unwrap();
+    let t0 = std::time::Instant::now();
+    while c2.stats().last_writeback_id < 1 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "segment 1 never cleaned"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    c2.flush().unwrap();
+    assert_eq!(serial_of(&c2, 0), Some(1));
+    assert!(
+        c2.stats().moved_lines > 0,
+        "the cleaner moved segment 1's live line"
+    );
+    let (img, back) = (image(&dev), image(&bdev));
+    std::mem::forget(c2);
+    let (c3, _, _, report) = recover(img, back);
+    assert_eq!(
+        serial_of(&c3, 0),
+        Some(1),
+        "block 0 after segment 1 was released: {report:?}"
+    );
 }
