@@ -1268,11 +1268,12 @@ impl Cache {
         let mut st = self.inner.lock();
         st.discards -= 1;
         st.index.invalidate();
-        r?;
+        // Counted failed too: a discard the device failed may have taken effect in
+        // part, and is not durable before a flush of it either.
         if let Some(b) = st.backing[dev as usize].as_mut() {
             b.changes_issued += 1;
         }
-        Ok(())
+        r
     }
 
     /// Writes back every dirty line of backing device `dev` (the detach step), calling

@@ -229,6 +229,8 @@ pub struct Faults {
     pub bad_write_sectors: HashSet<u64>,
     /// Fail every flush.
     pub fail_flush: bool,
+    /// Fail every discard.
+    pub fail_discard: bool,
     /// Fail everything.
     pub dead: bool,
 }
@@ -308,9 +310,11 @@ impl BlockDevice for FaultDevice {
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.faults().dead {
+        let f = self.faults();
+        if f.dead || f.fail_discard {
             return Err(eio());
         }
+        drop(f);
         self.inner.discard(offset, len)
     }
     fn describe(&self) -> String {

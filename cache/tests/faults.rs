@@ -349,3 +349,46 @@ fn commit_superblock_returns_once_the_superblock_is_on_the_device_and_fails_when
         .store(false, std::sync::atomic::Ordering::SeqCst);
     c.commit_superblock().unwrap();
 }
+
+#[test]
+fn a_failed_discard_keeps_read_misses_of_its_device_from_being_promoted_until_a_flush() {
+    // A discard the device failed may have taken effect in part, and nothing makes it
+    // durable before a flush of the device: a clean copy promoted meanwhile could
+    // outlive a crash that undoes it there.
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let dev = Arc::new(FaultDevice::new(mem));
+    let c = open(
+        mem_cache(SEG as u64 * 8, 512, SEG),
+        &[dev.clone() as Arc<dyn BlockDevice>],
+        Tunables {
+            read_promote_threshold: 1,
+            ..Tunables::default()
+        },
+        2,
+    );
+    {
+        let mut f = dev.faults.lock().unwrap();
+        f.fail_discard = true;
+        f.fail_flush = true;
+    }
+    assert!(c.discard(0, 0, 8192).is_err());
+    let mut buf = vec![0u8; 8192];
+    c.read(0, 0, &mut buf).unwrap();
+    assert_eq!(
+        c.stats().promoted_lines,
+        0,
+        "promoted after a failed discard"
+    );
+    {
+        let mut f = dev.faults.lock().unwrap();
+        f.fail_discard = false;
+        f.fail_flush = false;
+    }
+    c.flush().unwrap();
+    c.read(0, 0, &mut buf).unwrap();
+    assert_eq!(
+        c.stats().promoted_lines,
+        2,
+        "promoted once the device was flushed"
+    );
+}
