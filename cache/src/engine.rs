@@ -1436,8 +1436,9 @@ impl Cache {
     }
 
     /// Attaches another backing device to a running cache (a LUN added by a config
-    /// reload). Its id must be free; the superblock's table records it at the next
-    /// commit, which is requested now.
+    /// reload). Its id must be free. Returns once the superblock's table records it,
+    /// with the first segment that may hold its lines; if that commit fails, the
+    /// device is not attached and the error is returned.
     pub fn attach_backing(&self, b: Backing) -> Result<()> {
         if b.id as usize >= MAX_BACKING {
             return Err(Error::Invalid(format!("backing device id {} > 254", b.id)));
@@ -1455,10 +1456,29 @@ impl Cache {
                 b.id
             )));
         }
-        st.backing[b.id as usize] = Some(BackingSlot::new(b.dev, b.label.clone()));
-        st.commit_requested = true;
-        self.inner.worker_cv.notify_all();
-        info!(self.inner.log, "backing device attached"; "dev" => b.id, "label" => b.label);
+        // Its lines start in a segment of their own: the open one is sealed when it
+        // holds lines (maybe a detached device's of this id), and the superblock
+        // records where they start before the device takes a write, so recovery never
+        // replays an earlier device's copies as this one's.
+        self.inner.seal(&mut st);
+        let since = st.open.as_ref().map_or(st.next_id, |o| o.id);
+        let dev = b.dev.clone();
+        st.backing[b.id as usize] = Some(BackingSlot::new(b.dev, b.label.clone(), since));
+        drop(st);
+        if let Err(e) = self.commit_superblock() {
+            // Not attached after all: its record is not durable. It took no write (the
+            // caller serves it only once this returns).
+            let mut st = self.inner.lock();
+            let slot = &mut st.backing[b.id as usize];
+            if slot
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(&s.dev, &dev) && s.dirty == 0)
+            {
+                *slot = None;
+            }
+            return Err(e);
+        }
+        info!(self.inner.log, "backing device attached"; "dev" => b.id, "label" => &b.label, "since_segment" => since);
         Ok(())
     }
 

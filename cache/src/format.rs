@@ -287,7 +287,15 @@ pub struct BackingRecord {
     pub size: u64,
     /// A label identifying it (up to 32 bytes of UTF-8, e.g. a LUN name).
     pub label: String,
+    /// The first segment id that may hold its lines: a line of this id in an older
+    /// segment belongs to a device detached before this one was attached, and is
+    /// dropped at open. 0: any (superblocks of earlier lc versions). At most
+    /// [`MAX_SINCE`] (48 bits on the device).
+    pub since: u64,
 }
+
+/// The largest `since` a backing-table entry holds (its 6 bytes).
+pub const MAX_SINCE: u64 = (1 << 48) - 1;
 
 /// The superblock (both copies hold the same fields; the newer valid `seq` wins).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -333,6 +341,7 @@ impl Superblock {
                 let off = SB_TABLE_OFF + id * SB_ENTRY_SIZE;
                 b[off] = id as u8;
                 b[off + 1] = 1;
+                b[off + 2..off + 8].copy_from_slice(&rec.since.min(MAX_SINCE).to_le_bytes()[..6]);
                 put_u64(&mut b, off + 8, rec.size);
                 let label = rec.label.as_bytes();
                 let n = label.len().min(SB_LABEL_LEN);
@@ -413,9 +422,12 @@ impl Superblock {
             if b[off + 1] == 1 {
                 let raw = &b[off + 16..off + 16 + SB_LABEL_LEN];
                 let end = raw.iter().position(|&c| c == 0).unwrap_or(SB_LABEL_LEN);
+                let mut since = [0u8; 8];
+                since[..6].copy_from_slice(&b[off + 2..off + 8]);
                 *slot = Some(BackingRecord {
                     size: le_u64(b, off + 8),
                     label: String::from_utf8_lossy(&raw[..end]).into_owned(),
+                    since: u64::from_le_bytes(since),
                 });
             }
         }
@@ -882,6 +894,7 @@ mod tests {
         backing[3] = Some(BackingRecord {
             size: 12345,
             label: "disk0".into(),
+            since: MAX_SINCE - 7,
         });
         let sb = Superblock {
             geometry: g,
@@ -896,6 +909,9 @@ mod tests {
         assert_eq!(&b[0..8], b"lcCACHE\0");
         assert_eq!(le_u64(&b, 64), 42);
         assert_eq!(b[SB_TABLE_OFF + 3 * SB_ENTRY_SIZE], 3);
+        // `since`, 48 bits at +2 of the entry.
+        let e = SB_TABLE_OFF + 3 * SB_ENTRY_SIZE;
+        assert_eq!(b[e + 2..e + 8], (MAX_SINCE - 7).to_le_bytes()[..6]);
         assert_eq!(Superblock::decode(&b, "t").unwrap(), sb);
         let mut bad = b.clone();
         bad[100] ^= 1;

@@ -68,7 +68,7 @@ impl Cache {
                     b.label
                 )));
             }
-            slots[b.id as usize] = Some(BackingSlot::new(b.dev.clone(), b.label.clone()));
+            slots[b.id as usize] = Some(BackingSlot::new(b.dev.clone(), b.label.clone(), 0));
         }
         let ram_buffers = (opts.ram_bytes / geo.segment_size as u64).max(2) as usize;
         let planned =
@@ -92,23 +92,44 @@ impl Cache {
             info!(opts.logger, "log ends at a torn segment (never acknowledged durable)"; "cache" => &desc, "at" => tail);
         }
         // Every dirty line must belong to a backing device given now, with its old label.
-        // Clean copies of a device not given now, or given under another label, are
-        // forgotten (they may not match what is there): they hold no dirty data.
+        // Clean copies of a device not given now, given under another label, or not in
+        // the table, are forgotten (they may not match what is there): they hold no
+        // dirty data. Lines of a recorded device in segments before its `since` belong
+        // to a device detached earlier under its id (drained: nothing dirty of it is
+        // needed), and are forgotten too.
         let foreign: Vec<u64> = r
             .index
             .iter()
             .filter(|(k, l)| {
                 let dev = crate::index::unkey(*k).0 as usize;
-                l.clean
-                    && match &slots[dev] {
-                        None => true,
-                        Some(s) => sb.backing[dev].as_ref().is_some_and(|b| b.label != s.label),
-                    }
+                match (&slots[dev], &sb.backing[dev]) {
+                    (None, _) | (Some(_), None) => l.clean,
+                    (Some(s), Some(b)) if b.label != s.label => l.clean,
+                    (Some(_), Some(b)) => l.seg < b.since,
+                }
             })
             .map(|(k, _)| k)
             .collect();
         for k in foreign {
             r.index.remove(k);
+        }
+        // Where each given device's lines may start: the superblock's `since` when it is
+        // the device recorded there (same label). Else the oldest segment holding a line
+        // of it kept above (a device given at the last open whose record was not
+        // committed yet keeps its dirty lines), or the next segment: a device new to
+        // this cache, or one that replaces another under its id.
+        let mut oldest = vec![r.last_id + 1; MAX_BACKING];
+        for (k, l) in r.index.iter() {
+            let dev = crate::index::unkey(k).0 as usize;
+            oldest[dev] = oldest[dev].min(l.seg);
+        }
+        for (dev, s) in slots.iter_mut().enumerate() {
+            if let Some(s) = s {
+                s.since = match &sb.backing[dev] {
+                    Some(b) if b.label == s.label => b.since,
+                    _ => oldest[dev],
+                };
+            }
         }
         for (k, _) in r.index.iter().filter(|(_, l)| l.clean) {
             if let Some(s) = slots[crate::index::unkey(k).0 as usize].as_mut() {
@@ -167,6 +188,10 @@ impl Cache {
             ram_buffers,
             opts.tunables.clone(),
         );
+        // A device given now that the table does not record (or records otherwise) is
+        // recorded before it takes a write: a later open then tells its lines from
+        // those of a device detached under its id (FORMAT.md, `since`).
+        let table_changed = crate::state::backing_table(&state) != sb.backing;
         let inner = Arc::new(Inner {
             cache,
             geo,
@@ -177,6 +202,9 @@ impl Cache {
             worker_cv: Condvar::new(),
             log: opts.logger,
         });
+        if table_changed {
+            crate::logio::commit(&inner, None)?;
+        }
         Ok((Cache::from_inner(inner), report))
     }
 }

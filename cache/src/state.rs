@@ -146,11 +146,14 @@ pub(crate) struct BackingSlot {
     /// Bytes and writes that went around the cache to this device.
     pub bypassed_bytes: u64,
     pub bypassed_writes: u64,
+    /// The first segment id that may hold lines of this device (the superblock
+    /// table's `since`): older segments' lines of its id are a detached device's.
+    pub since: u64,
 }
 
 impl BackingSlot {
     /// A device just attached (at open or later): nothing dirty, counted or failing.
-    pub fn new(dev: Arc<dyn BlockDevice>, label: String) -> Self {
+    pub fn new(dev: Arc<dyn BlockDevice>, label: String, since: u64) -> Self {
         BackingSlot {
             dev,
             label,
@@ -165,6 +168,7 @@ impl BackingSlot {
             wstream: Default::default(),
             bypassed_bytes: 0,
             bypassed_writes: 0,
+            since,
         }
     }
 }
@@ -765,6 +769,7 @@ pub(crate) fn backing_table(st: &State) -> Vec<Option<crate::format::BackingReco
             v[i] = Some(crate::format::BackingRecord {
                 size: b.dev.size(),
                 label: b.label.clone(),
+                since: b.since,
             });
         }
     }

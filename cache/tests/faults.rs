@@ -392,3 +392,86 @@ fn a_failed_discard_keeps_read_misses_of_its_device_from_being_promoted_until_a_
         "promoted once the device was flushed"
     );
 }
+
+#[test]
+fn a_device_attached_under_a_detached_ones_id_never_reads_its_predecessors_data() {
+    // Device A (id 3) has clean copies in the log (read misses promoted); it is
+    // detached and device B attached under id 3 while the cache runs (killed before or
+    // after B's first write), or B is given under id 3 at the next open. B must read its
+    // own data after the restart, never A's copies replayed from the log.
+    let lines = 16u64;
+    let a = Arc::new(MemDevice::from_bytes(
+        vec![0xaa; (lines * 4096) as usize],
+        "a",
+    ));
+    let b = Arc::new(MemDevice::from_bytes(
+        vec![0xbb; (lines * 4096) as usize],
+        "b",
+    ));
+    for (write_b, attach) in [(false, true), (true, true), (false, false)] {
+        let cache = mem_cache(SEG as u64 * 16, 512, SEG);
+        let t = Tunables {
+            writeback_enabled: false,
+            read_promote_threshold: 1,
+            ..Tunables::default()
+        };
+        let (c, _) = Cache::open(
+            cache.clone(),
+            vec![lc_cache::Backing {
+                id: 3,
+                dev: a.clone(),
+                label: "a".into(),
+            }],
+            OpenOptions {
+                tunables: t.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut buf = vec![0u8; (lines * 4096) as usize];
+        c.read(3, 0, &mut buf).unwrap();
+        assert!(c.stats().promoted_lines > 0);
+        c.seal_now().unwrap();
+        c.detach_backing(3).unwrap();
+        if attach {
+            c.attach_backing(lc_cache::Backing {
+                id: 3,
+                dev: b.clone(),
+                label: "b".into(),
+            })
+            .unwrap();
+        } else {
+            c.commit_superblock().unwrap();
+        }
+        if write_b {
+            c.write(3, 0, &[0xcc; 4096], true).unwrap();
+        }
+        // Killed: no clean close.
+        let mut img = vec![0u8; cache.size() as usize];
+        cache.read_at(&mut img, 0).unwrap();
+        std::mem::forget(c);
+        let (c, report) = Cache::open(
+            Arc::new(MemDevice::from_bytes(img, "cache")),
+            vec![lc_cache::Backing {
+                id: 3,
+                dev: b.clone(),
+                label: "b".into(),
+            }],
+            OpenOptions {
+                tunables: t,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.read(3, 0, &mut buf).unwrap();
+        for (i, line) in buf.chunks(4096).enumerate() {
+            let want = if write_b && i == 0 { 0xcc } else { 0xbb };
+            assert!(
+                line.iter().all(|&x| x == want),
+                "write_b {write_b} attach {attach}: line {i} reads {:#x}, not B's {want:#x} ({report:?})",
+                line[0]
+            );
+        }
+        c.close().unwrap();
+    }
+}
