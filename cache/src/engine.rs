@@ -1278,6 +1278,9 @@ impl Cache {
 
     /// Writes back every dirty line of backing device `dev` (the detach step), calling
     /// `progress` as lines are written back; returns when the device has no dirty line.
+    /// Fails, rather than wait forever, when writeback cannot get there: the device's
+    /// writeback failing past `writeback_fail_timeout_s` (or another device's, with no
+    /// progress for as long), or the log stopped before damage kept as evidence.
     pub fn drain(&self, dev: u8, progress: &mut dyn FnMut(DrainProgress)) -> Result<()> {
         let inner = &self.inner;
         let mut st = inner.lock();
@@ -1294,6 +1297,8 @@ impl Cache {
         st.drains += 1;
         let mut total = st.backing[dev as usize].as_ref().map_or(0, |b| b.dirty);
         info!(inner.log, "drain started"; "dev" => dev, "dirty_lines" => total);
+        let fail_timeout = Duration::from_secs(st.tunables.writeback_fail_timeout_s as u64);
+        let (mut last_remaining, mut progress_at) = (u64::MAX, Instant::now());
         let result = loop {
             let remaining = st.backing[dev as usize].as_ref().map_or(0, |b| b.dirty);
             total = total.max(remaining);
@@ -1305,6 +1310,25 @@ impl Cache {
             }
             if let Some(f) = &st.failed {
                 break Err(Error::Failed(f.clone()));
+            }
+            // Writeback that cannot make progress: the device failing for longer than
+            // `writeback_fail_timeout_s`, or the log stopped before damage kept as
+            // evidence (the refusals writes get).
+            if let Some(e) = st.backing_refusal(dev) {
+                break Err(e);
+            }
+            let limit = st.damage.writeback_limit();
+            if limit <= st.wb_id {
+                break Err(Error::LogBlocked { segment: limit + 1 });
+            }
+            if remaining < last_remaining {
+                (last_remaining, progress_at) = (remaining, Instant::now());
+            } else if let Some(e) = (progress_at.elapsed() >= fail_timeout)
+                .then(|| (0..MAX_BACKING).find_map(|d| st.backing_refusal(d as u8)))
+                .flatten()
+            {
+                // Another device's failing writeback holds this one's back.
+                break Err(e);
             }
             if st.open.as_ref().is_some_and(|o| !o.entries.is_empty()) {
                 st.seal_requested = true;

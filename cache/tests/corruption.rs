@@ -560,6 +560,9 @@ fn log_full_behind_damage_fails_writes_instead_of_hanging() {
     assert!(matches!(e, lc_cache::Error::LogBlocked { .. }), "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     assert_eq!(read_block(&r.cache, 0).unwrap(), 3);
+    // A drain (the detach step) fails the same way instead of waiting forever.
+    let e = r.cache.drain(0, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, lc_cache::Error::LogBlocked { .. }), "{e}");
     // Accepting the loss lets writeback pass the damaged segment; writes work again.
     r.cache.accept_loss();
     r.cache.write(0, 200 * 4096, &block(21, 200), true).unwrap();

@@ -201,6 +201,9 @@ fn dead_backing_device_fails_writes_after_the_timeout_and_recovers() {
         e.io_error().is_some(),
         "the backing device's error is kept: {e}"
     );
+    // A drain of it (the detach step) fails the same way instead of waiting forever.
+    let e = c.drain(0, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::BackingFailed { dev: 0, .. }), "{e}");
     // Writes to the healthy device go on until the log is full behind the dead
     // device's lines; then they fail too, within a bounded time, rather than hang.
     let started = std::time::Instant::now();
