@@ -1637,21 +1637,31 @@ impl Cache {
                 warn!(self.inner.log, "final checkpoint failed"; "error" => %e);
             }
         }
-        {
+        // The writeback thread's last act is a superblock commit: it must succeed.
+        let last_commit = {
             let mut st = self.inner.lock();
             st.stop_writeback = true;
             self.inner.worker_cv.notify_all();
-        }
+            st.sb_seq + 1
+        };
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let st = self.inner.lock();
-        match &st.failed {
-            Some(f) => {
+        let commit_failed = st
+            .sb_failed
+            .as_ref()
+            .filter(|(seq, _)| *seq >= last_commit && st.sb_committed < last_commit);
+        match (&st.failed, commit_failed) {
+            (Some(f), _) => {
                 warn!(self.inner.log, "cache closed after failure"; "error" => %f);
                 Err(Error::Failed(f.clone()))
             }
-            None => {
+            (None, Some((_, e))) => {
+                warn!(self.inner.log, "cache closed, its last superblock commit failed"; "error" => %e);
+                Err(Error::Superblock(e.clone()))
+            }
+            (None, None) => {
                 info!(self.inner.log, "cache closed"; "last_flushed_id" => st.flushed_id,
                       "last_writeback_id" => st.wb_id);
                 Ok(())

@@ -319,6 +319,7 @@ fn commit_superblock_returns_once_the_superblock_is_on_the_device_and_fails_when
         &[backing],
         Tunables {
             superblock_commit_interval_s: 3600,
+            checkpoint_interval_segments: 0,
             ..Tunables::default()
         },
         2,
@@ -351,6 +352,13 @@ fn commit_superblock_returns_once_the_superblock_is_on_the_device_and_fails_when
         .fail_writes
         .store(false, std::sync::atomic::Ordering::SeqCst);
     c.commit_superblock().unwrap();
+    // A close whose last superblock commit fails says so.
+    cache
+        .fail_writes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let c = Arc::try_unwrap(c).ok().expect("one owner");
+    let e = c.close().unwrap_err();
+    assert!(matches!(e, Error::Superblock(_)), "{e}");
 }
 
 #[test]
