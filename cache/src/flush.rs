@@ -185,6 +185,7 @@ pub(crate) fn run(inner: &Inner) {
         match result {
             Ok(()) => {
                 st.prev_crc = prev_crc;
+                st.chain.extend(crcs.iter().copied());
                 if let Some(&(_, c)) = crcs.iter().find(|(id, _)| Some(*id) == st.cp_crc_want) {
                     st.cp_crc_got = Some(c);
                 }

@@ -312,6 +312,11 @@ pub struct Superblock {
     /// written (0: not recorded). Recovery takes it as proof, like a header's
     /// `durable`.
     pub durable_id: u64,
+    /// The header crc segment `last_writeback_id + 1` chains to (its `prev_crc`), when
+    /// known: recovery takes no segment there that does not, so a segment left in its
+    /// slot from before an earlier torn tail is never replayed. `None`: not recorded
+    /// (older versions, or the engine did not know it), and not checked.
+    pub last_writeback_crc: Option<u32>,
     /// Backing-device table indexed by device id.
     pub backing: Vec<Option<BackingRecord>>,
 }
@@ -336,6 +341,10 @@ impl Superblock {
         put_u64(&mut b, 56, self.seq);
         put_u64(&mut b, 64, self.last_writeback_id);
         put_u64(&mut b, 72, self.durable_id);
+        if let Some(c) = self.last_writeback_crc {
+            put_u32(&mut b, 80, c);
+            b[84] = 1;
+        }
         for (id, rec) in self.backing.iter().enumerate().take(MAX_BACKING) {
             if let Some(rec) = rec {
                 let off = SB_TABLE_OFF + id * SB_ENTRY_SIZE;
@@ -437,6 +446,7 @@ impl Superblock {
             seq: le_u64(b, 56),
             last_writeback_id: le_u64(b, 64),
             durable_id: le_u64(b, 72),
+            last_writeback_crc: (b[84] == 1).then(|| le_u32(b, 80)),
             backing,
         })
     }
@@ -753,6 +763,7 @@ mod tests {
                 seq: 1,
                 last_writeback_id: 0,
                 durable_id: 0,
+                last_writeback_crc: None,
                 backing: vec![None; MAX_BACKING],
             };
             assert!(matches!(
@@ -902,12 +913,14 @@ mod tests {
             seq: 9,
             last_writeback_id: 42,
             durable_id: 45,
+            last_writeback_crc: Some(0xfeed_f00d),
             backing,
         };
         let b = sb.encode();
         assert_eq!(b.len(), SB_COPY_SIZE);
         assert_eq!(&b[0..8], b"lcCACHE\0");
         assert_eq!(le_u64(&b, 64), 42);
+        assert_eq!((le_u32(&b, 80), b[84]), (0xfeed_f00d, 1));
         assert_eq!(b[SB_TABLE_OFF + 3 * SB_ENTRY_SIZE], 3);
         // `since`, 48 bits at +2 of the entry.
         let e = SB_TABLE_OFF + 3 * SB_ENTRY_SIZE;

@@ -11,18 +11,31 @@ use crate::state::{backing_table, Inner};
 
 /// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
 pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
-    let (sb, off, seq) = {
+    let (sb, off, seq, wb_crc) = {
         let mut st = inner.lock();
         st.sb_seq += 1;
+        // What the segment after the new writeback point chains to: the flusher
+        // recorded it when it wrote that point's segment (or recovery, when it walked
+        // it).
+        let wb_crc = match new_wb {
+            Some(w) => st.chain.get(&w).copied(),
+            None => st.wb_crc,
+        };
         let sb = Superblock {
             geometry: inner.geo,
             uuid: inner.uuid,
             seq: st.sb_seq,
             last_writeback_id: new_wb.unwrap_or(st.wb_id),
             durable_id: st.durable_claim(),
+            last_writeback_crc: wb_crc,
             backing: backing_table(&st),
         };
-        (sb.encode(), Superblock::copy_offset(st.sb_seq), st.sb_seq)
+        (
+            sb.encode(),
+            Superblock::copy_offset(st.sb_seq),
+            st.sb_seq,
+            wb_crc,
+        )
     };
     let desc = inner.cache.describe();
     let r = inner
@@ -36,6 +49,11 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
         Ok(()) => {
             st.sb_committed = st.sb_committed.max(seq);
             st.cache_bytes_written += sb.len() as u64;
+            if let Some(w) = new_wb {
+                // The caller makes `w` the writeback point next; older crcs go.
+                st.wb_crc = wb_crc;
+                st.chain = st.chain.split_off(&w);
+            }
             Ok(())
         }
         Err(e) => {

@@ -183,6 +183,8 @@ impl Cache {
                 ambiguous: r.ambiguous,
                 cp_seq: r.cp_seq,
                 cp_upto: r.cp_upto,
+                chain: r.chain,
+                wb_crc: r.wb_crc,
             },
             &geo,
             ram_buffers,

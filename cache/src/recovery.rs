@@ -113,6 +113,8 @@ pub fn format_device(dev: &dyn BlockDevice, opts: FormatOptions) -> Result<Geome
             seq,
             last_writeback_id: 0,
             durable_id: 0,
+            // Segment 1 of a fresh log chains to 0.
+            last_writeback_crc: Some(0),
             backing: vec![None; MAX_BACKING],
         };
         let off = Superblock::copy_offset(seq);
@@ -194,6 +196,12 @@ pub(crate) struct Replay {
     /// append torn, or a copy unreadable): nothing may claim it durable until a
     /// segment after it is (see [`State::durable_claim`](crate::state::State)).
     pub ambiguous: bool,
+    /// The header crc each walked segment's successor chains to (its `prev_crc`), by
+    /// segment id, up to `last_id` (whose value is `last_crc`): what a superblock
+    /// recording that segment as the writeback point stores (`last_writeback_crc`).
+    pub chain: BTreeMap<u64, u32>,
+    /// That crc for `wb_id`, when known.
+    pub wb_crc: Option<u32>,
     pub report: RecoveryReport,
     /// The newest checkpoint sequence number whose area header is valid (0: none).
     pub cp_seq: u64,
@@ -494,7 +502,11 @@ fn walk<'scope, 'env>(
         ..Default::default()
     };
     let mut last_id = wb;
-    let mut last_crc = 0u32;
+    // What segment `wb + 1` chains to, when the superblock recorded it for this `wb`
+    // (a checkpoint or a reused slot may have raised the point past it).
+    let mut wb_crc = sb.last_writeback_crc.filter(|_| wb == sb.last_writeback_id);
+    let mut last_crc = wb_crc.unwrap_or(0);
+    let mut chain: BTreeMap<u64, u32> = BTreeMap::new();
     let mut first_id = wb + 1;
     let mut index;
     if let Some(b) = base {
@@ -564,6 +576,8 @@ fn walk<'scope, 'env>(
             chain_known = true;
             last_id = proven;
             last_crc = 0;
+            wb_crc = None;
+            chain.clear();
             alt_crc = None;
             start = proven;
             id = proven + 1;
@@ -649,7 +663,11 @@ fn walk<'scope, 'env>(
             })
         } else {
             let h = &mine[0].0;
-            let chained = id == start + 1 || h.prev_crc == last_crc || alt_crc == Some(h.prev_crc);
+            // The first segment after the writeback point chains to what the superblock
+            // recorded, when it did (else to anything: nothing before it is known).
+            let chained = (id == start + 1 && wb_crc.is_none())
+                || h.prev_crc == last_crc
+                || alt_crc == Some(h.prev_crc);
             if chain_known && !chained {
                 Err(Bad {
                     header: Some(mine[0].clone()),
@@ -710,6 +728,7 @@ fn walk<'scope, 'env>(
                     report.restored_lines += 1;
                 }
                 report.replayed_segments += 1;
+                chain.insert(id - 1, h.prev_crc);
                 last_crc = hcrc;
                 alt_crc = None;
                 chain_known = true;
@@ -788,7 +807,10 @@ fn walk<'scope, 'env>(
         // Resuming after a segment of unknown header: nothing to chain to.
         last_crc = 0;
     }
+    chain.insert(last_id, last_crc);
     Ok(Replay {
+        chain,
+        wb_crc,
         cp_seq,
         cp_upto: report.checkpoint.as_ref().map_or(0, |c| c.upto),
         ambiguous,

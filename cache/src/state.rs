@@ -371,6 +371,11 @@ pub(crate) struct State {
     pub durable_req: Pos,
     pub flushed_id: u64,
     pub wb_id: u64,
+    /// The header crc the successor of each segment after the writeback point chains to
+    /// (its `prev_crc`), by segment id; and that crc for `wb_id` itself, when known: a
+    /// superblock commit records it (`last_writeback_crc`).
+    pub chain: BTreeMap<u64, u32>,
+    pub wb_crc: Option<u32>,
     /// The sequence number of the last superblock commit started; of the last one
     /// written and flushed; the last one that failed, with its error.
     pub sb_seq: u64,
@@ -460,6 +465,8 @@ pub(crate) struct Recovered {
     pub ambiguous: bool,
     pub cp_seq: u64,
     pub cp_upto: u64,
+    pub chain: BTreeMap<u64, u32>,
+    pub wb_crc: Option<u32>,
 }
 
 impl State {
@@ -492,6 +499,8 @@ impl State {
             durable_req: Pos::default(),
             flushed_id: r.last_id,
             wb_id: r.wb_id,
+            chain: r.chain,
+            wb_crc: r.wb_crc,
             sb_seq: r.sb_seq,
             sb_committed: r.sb_seq,
             sb_failed: None,

@@ -432,3 +432,48 @@ fn the_cleaner_moves_the_lines_of_a_segment_recovery_took_at_an_older_append() {
         "block 0 after segment 1 was released: {report:?}"
     );
 }
+
+#[test]
+fn a_segment_left_over_from_before_a_torn_tail_is_never_replayed_after_the_writeback_point() {
+    // Life 1 writes segments 1 and 2 (serial 1). The power cut keeps segment 2 and
+    // loses segment 1 (never flushed: nothing claims it durable), so recovery ends the
+    // log at segment 0 and segment 2 stays in its slot, left over. Life 2 rewrites
+    // lines of segment 2 (serial 2, FUA) in a new segment 1 and drains it: the
+    // writeback point is 1. Life 3 walks from segment 2 and must not take the
+    // left-over one: those lines read serial 2 (a crash test caught clean copies of
+    // zeros replayed this way).
+    let (c, cache, backing) = fresh(SEG);
+    let lps = c.geometry().lines_per_segment as u64;
+    for b in 0..2 * lps {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.seal_now().unwrap();
+    let g = c.geometry();
+    let (mut img, back) = (image(&cache), image(&backing));
+    std::mem::forget(c);
+    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
+    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c")
+        .or_else(|_| Superblock::decode(&img[SB_COPY_SIZE..2 * SB_COPY_SIZE], "c"))
+        .unwrap();
+    let off2 = g.segment_offset(2) as usize;
+    let (h2, _) = newest_header(&img[off2..off2 + g.data_start()], &g, 2, &sb.uuid).unwrap();
+    assert!(
+        h2.durable < 1,
+        "segment 2 claims segment 1 durable: not a torn tail"
+    );
+    let off1 = g.segment_offset(1) as usize;
+    img[off1..off1 + SEG as usize].fill(0);
+    let (c2, dev, bdev, report) = recover(img, back);
+    assert_eq!(report.replayed_segments, 0, "{report:?}");
+    for b in lps..lps + 2 {
+        c2.write(0, b * 4096, &block(2, b), true).unwrap();
+    }
+    c2.drain(0, &mut |_| {}).unwrap();
+    assert_eq!(c2.stats().last_writeback_id, 1);
+    let (img, back) = (image(&dev), image(&bdev));
+    std::mem::forget(c2);
+    let (c3, _, _, report) = recover(img, back);
+    for b in lps..lps + 2 {
+        assert_eq!(serial_of(&c3, b), Some(2), "block {b}: {report:?}");
+    }
+}
