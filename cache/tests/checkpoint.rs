@@ -364,3 +364,59 @@ fn unreadable_lines_matter_only_where_the_walk_reads_them() {
         Ok(_) => panic!("opened with unreadable lines in a replayed segment"),
     }
 }
+
+#[test]
+fn a_checkpoint_with_segments_waiting_in_ram_beyond_the_ring_covers_the_ring_only() {
+    // The cleaner off (no reserve) and the backing device failing writeback: writers
+    // fill the ring, then sealed segments wait in RAM for a slot. A checkpoint then
+    // covers what the ring holds (its area has room for the ring's lines), returns,
+    // and the next open loads it; it neither waits for the segments beyond the ring
+    // (they cannot be written) nor writes past its area.
+    let cache = mem_cache(SEG as u64 * 9, 512, SEG);
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let failing = Arc::new(lc_cache::testing::FaultDevice::new(mem.clone()));
+    failing
+        .faults
+        .lock()
+        .unwrap()
+        .bad_write_sectors
+        .extend(0..BACKING / 512);
+    let backing: Arc<dyn BlockDevice> = failing;
+    let t = Tunables {
+        clean_live_max: 0,
+        ..tunables(0)
+    };
+    let c = Arc::new(open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        t.clone(),
+        8,
+    ));
+    let g = c.geometry();
+    let (nr, lps) = (g.nr_segments, g.lines_per_segment as u64);
+    let lines = (nr + 3) * lps;
+    for b in 0..lines {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    assert!(
+        c.stats().open_segment_id > nr + 1,
+        "segments beyond the ring"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c2 = c.clone();
+    std::thread::spawn(move || tx.send(c2.checkpoint().map_err(|e| e.to_string())));
+    let r = rx.recv_timeout(std::time::Duration::from_secs(20));
+    // Killed (a close would wait for the segments that cannot be written).
+    std::mem::forget(c);
+    assert_eq!(r.expect("the checkpoint returned"), Ok(true));
+    let (img, back) = (image(&cache), image(&mem));
+    let (c3, report) = reopen(img, back, t);
+    let cp = report.checkpoint.clone().expect("checkpoint loaded");
+    assert_eq!(cp.upto, nr, "{report:?}");
+    assert_eq!(cp.entries, nr * lps);
+    for b in 0..nr * lps {
+        let mut buf = vec![0u8; 4096];
+        c3.read(0, b * 4096, &mut buf).unwrap();
+        assert_eq!(decode_sector(0, b * 8, &buf[..512]), Some(1), "block {b}");
+    }
+}
