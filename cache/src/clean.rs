@@ -496,6 +496,7 @@ fn release(inner: &Inner, upto: u64, clean: &[(u64, Loc)]) -> Result<(), Error> 
         st.index.remove_if(k, l);
     }
     st.damage.passed(upto);
+    st.recovered_gens = st.recovered_gens.split_off(&(upto + 1));
     st.index.forget_segments(upto);
     st.need_space = false;
     inner.io_cv.notify_all();

@@ -1507,7 +1507,9 @@ impl Cache {
     }
 
     /// Detaches backing device `dev` (a LUN removed by a config reload). Refused while
-    /// it has dirty lines (drain it first) or lines lost to damage.
+    /// it has dirty lines (drain it first) or lines lost to damage. Returns once the
+    /// superblock's table no longer lists it (an error if that commit failed: the
+    /// device is detached in memory either way).
     pub fn detach_backing(&self, dev: u8) -> Result<()> {
         let mut st = self.inner.lock();
         let Some(b) = st.backing.get(dev as usize).and_then(|b| b.as_ref()) else {
@@ -1543,10 +1545,12 @@ impl Cache {
         }
         st.index.invalidate();
         st.backing[dev as usize] = None;
-        st.commit_requested = true;
-        self.inner.worker_cv.notify_all();
+        drop(st);
         info!(self.inner.log, "backing device detached"; "dev" => dev);
-        Ok(())
+        // Once this returns the table no longer lists it: a device given under its id
+        // and label at a later open is a new one from the next segment on (`since`),
+        // and the detached one's copies in the log are not taken for its lines.
+        self.commit_superblock()
     }
 
     /// The operator's decision after damage (`lc accept-loss`): returns what was lost,

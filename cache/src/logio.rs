@@ -49,7 +49,7 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
         Ok(()) => {
             st.sb_committed = st.sb_committed.max(seq);
             st.cache_bytes_written += sb.len() as u64;
-            if let Some(w) = new_wb {
+            if let Some(w) = new_wb.filter(|&w| w >= st.wb_id) {
                 // The caller makes `w` the writeback point next; older crcs go.
                 st.wb_crc = wb_crc;
                 st.chain = st.chain.split_off(&w);

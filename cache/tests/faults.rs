@@ -451,8 +451,6 @@ fn a_device_attached_under_a_detached_ones_id_never_reads_its_predecessors_data(
                 label: "b".into(),
             })
             .unwrap();
-        } else {
-            c.commit_superblock().unwrap();
         }
         if write_b {
             c.write(3, 0, &[0xcc; 4096], true).unwrap();
