@@ -70,11 +70,16 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         }
         inner.seal(&mut st);
         // The last sealed segment (an open segment left has no lines: it may never be
-        // written), but no further than the ring reaches: sealed segments waiting in
-        // RAM for a slot (the cleaner off, writeback failing) may never be written,
-        // and the area holds the ring's lines, no more.
-        let upto =
-            (st.open.as_ref().map_or(st.next_id, |o| o.id) - 1).min(st.wb_id + geo.nr_segments);
+        // written).
+        let upto = st.open.as_ref().map_or(st.next_id, |o| o.id) - 1;
+        // Not while sealed segments wait in RAM for a slot beyond the ring (the
+        // cleaner off, writeback failing): they may never be written, and the area
+        // holds the ring's lines, no more. (Nor can it stop at the ring's end: the
+        // snapshot holds each line's newest copy, so a line whose newest copy waits
+        // in RAM would be missing its older durable one.)
+        if upto > st.wb_id + geo.nr_segments {
+            return Ok(false);
+        }
         // Nothing new; or all written back; or the last segment is the one recovery
         // took at an uncertain header (its final header is not known).
         if upto <= st.cp_upto.max(st.wb_id) || (st.unclaimed != 0 && upto <= st.unclaimed) {
@@ -87,9 +92,6 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         // (`flush.rs`).
         let upto_crc = if st.written_id == upto {
             Some(st.prev_crc)
-        } else if let Some(&c) = st.chain.get(&upto).filter(|_| st.written_id > upto) {
-            // Written already, and more after it.
-            Some(c)
         } else {
             st.cp_crc_want = Some(upto);
             st.cp_crc_got = None;
@@ -105,10 +107,10 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             }
         };
         let mut entries = snap.merge(journal);
-        entries.retain(|&(_, v)| {
-            let seg = crate::index::Loc::unpack(v).seg;
-            seg > wb && seg <= upto
-        });
+        entries.retain(|&(_, v)| crate::index::Loc::unpack(v).seg > wb);
+        debug_assert!(entries
+            .iter()
+            .all(|&(_, v)| crate::index::Loc::unpack(v).seg <= upto));
         inner.wait_durable(Pos::all(upto))?;
         let (durable_id, upto_crc) = {
             let st = inner.lock();
