@@ -9,6 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use lc_cache::format::{newest_header, Geometry, SegmentHeader, Superblock, SB_COPY_SIZE};
 use lc_cache::{BlockDevice, Cache, MemDevice, OpenOptions, Tunables};
 
 const SEG: u32 = 64 << 10;
@@ -86,6 +87,18 @@ fn recover(
     )
     .unwrap();
     (cache, c, b, report)
+}
+
+/// The newest header of segment `id` in a cache image (of the cache its superblock
+/// names).
+fn newest_header_in(img: &[u8], g: &Geometry, id: u64) -> SegmentHeader {
+    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c")
+        .or_else(|_| Superblock::decode(&img[SB_COPY_SIZE..2 * SB_COPY_SIZE], "c"))
+        .unwrap();
+    let off = g.segment_offset(id) as usize;
+    newest_header(&img[off..off + g.data_start()], g, id, &sb.uuid)
+        .unwrap()
+        .0
 }
 
 /// A fresh format-2 cache of 16 segments of `seg` bytes (4 RAM buffers, no writeback)
@@ -387,12 +400,8 @@ fn the_cleaner_moves_the_lines_of_a_segment_recovery_took_at_an_older_append() {
     let g = c.geometry();
     std::mem::forget(c);
     // Flip a byte of segment 1's newest header copy.
-    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
-    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c")
-        .or_else(|_| Superblock::decode(&img[SB_COPY_SIZE..2 * SB_COPY_SIZE], "c"))
-        .unwrap();
+    let h = newest_header_in(&img, &g, 1);
     let off = g.segment_offset(1) as usize;
-    let (h, _) = newest_header(&img[off..off + g.data_start()], &g, 1, &sb.uuid).unwrap();
     assert!(
         h.gen > 4,
         "segment 1 sealed after its appends (gen {})",
@@ -451,12 +460,7 @@ fn a_segment_left_over_from_before_a_torn_tail_is_never_replayed_after_the_write
     let g = c.geometry();
     let (mut img, back) = (image(&cache), image(&backing));
     std::mem::forget(c);
-    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
-    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c")
-        .or_else(|_| Superblock::decode(&img[SB_COPY_SIZE..2 * SB_COPY_SIZE], "c"))
-        .unwrap();
-    let off2 = g.segment_offset(2) as usize;
-    let (h2, _) = newest_header(&img[off2..off2 + g.data_start()], &g, 2, &sb.uuid).unwrap();
+    let h2 = newest_header_in(&img, &g, 2);
     assert!(
         h2.durable < 1,
         "segment 2 claims segment 1 durable: not a torn tail"
