@@ -1314,17 +1314,13 @@ impl Cache {
             // Writeback that cannot make progress: the device failing for longer than
             // `writeback_fail_timeout_s`, or the log stopped before damage kept as
             // evidence (the refusals writes get).
-            if let Some(e) = st.backing_refusal(dev) {
+            if let Some(e) = st.backing_refusal(dev).or_else(|| st.log_blocked()) {
                 break Err(e);
-            }
-            let limit = st.damage.writeback_limit();
-            if limit <= st.wb_id {
-                break Err(Error::LogBlocked { segment: limit + 1 });
             }
             if remaining < last_remaining {
                 (last_remaining, progress_at) = (remaining, Instant::now());
             } else if let Some(e) = (progress_at.elapsed() >= fail_timeout)
-                .then(|| (0..MAX_BACKING).find_map(|d| st.backing_refusal(d as u8)))
+                .then(|| st.any_backing_refusal())
                 .flatten()
             {
                 // Another device's failing writeback holds this one's back.

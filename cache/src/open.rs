@@ -113,16 +113,24 @@ impl Cache {
         for k in foreign {
             r.index.remove(k);
         }
+        // One pass over what is kept: dirty lines per device, which devices may hold
+        // clean copies, and the oldest segment holding a line of each.
+        let mut dirty = vec![0u64; MAX_BACKING];
+        let mut oldest = vec![r.last_id + 1; MAX_BACKING];
+        for (k, l) in r.index.iter() {
+            let dev = crate::index::unkey(k).0 as usize;
+            oldest[dev] = oldest[dev].min(l.seg);
+            if !l.clean {
+                dirty[dev] += 1;
+            } else if let Some(s) = slots[dev].as_mut() {
+                s.may_hold_clean = true;
+            }
+        }
         // Where each given device's lines may start: the superblock's `since` when it is
         // the device recorded there (same label). Else the oldest segment holding a line
         // of it kept above (a device given at the last open whose record was not
         // committed yet keeps its dirty lines), or the next segment: a device new to
         // this cache, or one that replaces another under its id.
-        let mut oldest = vec![r.last_id + 1; MAX_BACKING];
-        for (k, l) in r.index.iter() {
-            let dev = crate::index::unkey(k).0 as usize;
-            oldest[dev] = oldest[dev].min(l.seg);
-        }
         for (dev, s) in slots.iter_mut().enumerate() {
             if let Some(s) = s {
                 s.since = match &sb.backing[dev] {
@@ -130,15 +138,6 @@ impl Cache {
                     _ => oldest[dev],
                 };
             }
-        }
-        for (k, _) in r.index.iter().filter(|(_, l)| l.clean) {
-            if let Some(s) = slots[crate::index::unkey(k).0 as usize].as_mut() {
-                s.may_hold_clean = true;
-            }
-        }
-        let mut dirty = vec![0u64; MAX_BACKING];
-        for (k, _) in r.index.iter().filter(|(_, l)| !l.clean) {
-            dirty[crate::index::unkey(k).0 as usize] += 1;
         }
         for (dev, &n) in dirty.iter().enumerate().filter(|(_, &n)| n > 0) {
             let old = sb.backing[dev]

@@ -328,14 +328,24 @@ impl State {
         if !self.need_space {
             return None;
         }
-        let limit = self.damage.writeback_limit();
-        if limit <= self.wb_id {
-            return Some(Error::LogBlocked { segment: limit + 1 });
+        if let Some(e) = self.log_blocked() {
+            return Some(e);
         }
         if self.clean.tail_movable {
             // The cleaner frees the tail without the backing devices.
             return None;
         }
+        self.any_backing_refusal()
+    }
+
+    /// Writeback stopped before a damaged segment kept as evidence.
+    pub(crate) fn log_blocked(&self) -> Option<Error> {
+        let limit = self.damage.writeback_limit();
+        (limit <= self.wb_id).then_some(Error::LogBlocked { segment: limit + 1 })
+    }
+
+    /// [`State::backing_refusal`] of the first device that has one.
+    pub(crate) fn any_backing_refusal(&self) -> Option<Error> {
         (0..self.backing.len()).find_map(|d| self.backing_refusal(d as u8))
     }
 }
