@@ -341,7 +341,7 @@ impl State {
     /// Writeback stopped before a damaged segment kept as evidence.
     pub(crate) fn log_blocked(&self) -> Option<Error> {
         let limit = self.damage.writeback_limit();
-        (limit <= self.wb_id).then_some(Error::LogBlocked { segment: limit + 1 })
+        (limit <= self.wb_id).then(|| Error::LogBlocked { segment: limit + 1 })
     }
 
     /// [`State::backing_refusal`] of the first device that has one.
