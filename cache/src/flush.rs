@@ -68,6 +68,12 @@ pub(crate) fn run(inner: &Inner) {
             // satisfy it.
             st.flush_req = None;
         }
+        let limit = st.wb_id + inner.geo.nr_segments;
+        let append_id = st.open.as_ref().map_or(0, |o| o.id);
+        let behind = st.ram.range(st.write_started_id + 1..).next().is_some();
+        // An append about to run flushes the device after its writes, and that flush
+        // covers every segment written before it: no flush of its own before it.
+        let append_next = append_due && !behind && append_id <= limit;
         // 1. A flush someone waits for, once what they wait for is written.
         let wanted = st.durable_req.id > st.flushed_id
             && st.written_id
@@ -75,15 +81,16 @@ pub(crate) fn run(inner: &Inner) {
                     .durable_req
                     .id
                     .min(st.open.as_ref().map_or(st.next_id, |o| o.id) - 1);
-        if st.written_id > st.flushed_id && st.failed.is_none() && (wanted || flush_due(&st, now)) {
+        if st.written_id > st.flushed_id
+            && st.failed.is_none()
+            && !append_next
+            && (wanted || flush_due(&st, now))
+        {
             st = flush_device(inner, st);
             continue;
         }
         // 2. The next run of sealed segments whose slots are free.
-        let limit = st.wb_id + inner.geo.nr_segments;
         // 3. Then an append of the open segment, once everything before it is written.
-        let append_id = st.open.as_ref().map_or(0, |o| o.id);
-        let behind = st.ram.range(st.write_started_id + 1..).next().is_some();
         if append_due && !behind && st.failed.is_none() {
             if append_id <= limit {
                 st = append(inner, st);

@@ -481,3 +481,42 @@ fn a_segment_left_over_from_before_a_torn_tail_is_never_replayed_after_the_write
         assert_eq!(serial_of(&c3, b), Some(2), "block {b}: {report:?}");
     }
 }
+
+#[test]
+fn a_flush_that_appends_after_a_sealed_segment_flushes_the_cache_device_once() {
+    // The sealed segment's write is held, so the flusher (not the flushing thread) does
+    // the append that follows it; the append's own device flush covers the segment.
+    let img = image(&mem_cache(SEG as u64 * 16, 512, SEG));
+    let dev = Gated::new(img);
+    let cache: Arc<dyn BlockDevice> = dev.clone();
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        no_writeback(),
+        4,
+    );
+    let lps = c.geometry().lines_per_segment as u64;
+    dev.hold_next_write();
+    for b in 0..=lps {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    dev.wait_held();
+    let before = dev.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let f = s.spawn(|| c.flush());
+        // The flush request is in before the segment's write goes on.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        dev.release();
+        f.join().unwrap().unwrap();
+    });
+    let flushes = dev.flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(flushes, 1, "device flushes for one Cache::flush");
+    assert_eq!(c.stats().appends, 1);
+    let (img, back) = (image(&cache), image(&backing));
+    std::mem::forget(c);
+    let (c2, _) = reopen(img, back);
+    for b in 0..=lps {
+        assert_eq!(serial_of(&c2, b), Some(1), "block {b}");
+    }
+}

@@ -240,6 +240,7 @@ pub struct Gated {
     pub fail_writes: AtomicBool,
     hold: AtomicBool,
     hold_flush: AtomicBool,
+    hold_write: AtomicBool,
     gate: Mutex<Gate>,
     cv: Condvar,
 }
@@ -262,6 +263,7 @@ impl Gated {
             fail_writes: AtomicBool::new(false),
             hold: AtomicBool::new(false),
             hold_flush: AtomicBool::new(false),
+            hold_write: AtomicBool::new(false),
             gate: Mutex::new(Gate::default()),
             cv: Condvar::new(),
         })
@@ -280,8 +282,14 @@ impl Gated {
         self.hold_flush.store(true, Ordering::SeqCst);
     }
 
-    /// Waits until a held read has read its data (or a held flush has started) and
-    /// waits.
+    /// The next write blocks, before it writes anything, until [`Gated::release`].
+    pub fn hold_next_write(&self) {
+        *self.gate.lock().unwrap() = Gate::default();
+        self.hold_write.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a held read has read its data (or a held flush or write has
+    /// started) and waits.
     pub fn wait_held(&self) {
         let mut g = self.gate.lock().unwrap();
         while !g.waiting {
@@ -326,6 +334,9 @@ impl BlockDevice for Gated {
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("injected write error"));
+        }
+        if self.hold_write.swap(false, Ordering::SeqCst) {
+            self.wait_release();
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.write_at(data, offset)
