@@ -289,6 +289,8 @@ fn restarts(p: &Path, gib: u64) {
     let t = Tunables {
         writeback_enabled: false,
         flush_interval_s: 0,
+        // The fill is one sequential stream: all of it goes into the log.
+        sequential_cutoff: 0,
         ..Tunables::default()
     };
     let (cache, _) = open_cache(&cache_dev, &backing, t.clone());
