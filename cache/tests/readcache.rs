@@ -400,10 +400,14 @@ fn no_promotion_until_a_discard_is_durable_on_the_backing_device() {
     // Until the backing device is flushed a crash could undo the discard there, while
     // a clean copy of its zeros outlived it in the log: the line would read zeros
     // after the crash, then the old data once the copy is dropped.
-    let (c, _b, _) = setup(8, 16, tunables());
+    let (c, b, _) = setup(8, 16, tunables());
+    // The writeback thread flushes a device with unflushed changes when idle: held
+    // here, so the discard stays undurable until the flush below.
+    b.hold_next_flush();
     c.discard(0, 0, 4 * LINE).unwrap();
     assert_eq!(read(&c, 0, 4 * LINE), vec![0u8; 4 * LINE as usize]);
     assert_eq!(c.stats().promoted_lines, 0);
+    b.release();
     c.flush().unwrap();
     assert_eq!(read(&c, 0, 4 * LINE), vec![0u8; 4 * LINE as usize]);
     assert_eq!(c.stats().promoted_lines, 4);
