@@ -89,7 +89,6 @@ pub(crate) fn run(inner: &Inner) {
             st = flush_device(inner, st);
             continue;
         }
-        // 2. The next run of sealed segments whose slots are free.
         // 3. Then an append of the open segment, once everything before it is written.
         if append_due && !behind && st.failed.is_none() {
             if append_id <= limit {
@@ -111,13 +110,15 @@ pub(crate) fn run(inner: &Inner) {
             st = stage(inner, st);
             continue;
         }
+        // 2. The next run of sealed segments whose slots are free (3 and 4 above run
+        // only when none waits to be written: `behind`).
         let batch: Vec<Arc<Sealed>> = st
             .ram
             .range(st.write_started_id + 1..)
             .take_while(|(id, _)| **id <= limit)
             .map(|(_, s)| s.clone())
             .collect();
-        let blocked = st.ram.range(st.write_started_id + 1..).next().is_some() && batch.is_empty();
+        let blocked = behind && batch.is_empty();
         if blocked && !st.need_space {
             st.need_space = true;
             inner.worker_cv.notify_all();
