@@ -237,6 +237,9 @@ pub struct Gated {
     /// Flushes started, and flushes completed.
     pub flushes: AtomicU64,
     pub flushes_done: AtomicU64,
+    /// Writes (and discards) done before the start of the latest completed flush:
+    /// those a flush has made durable. Equal to `writes` when nothing is unflushed.
+    pub writes_flushed: AtomicU64,
     pub fail_writes: AtomicBool,
     hold: AtomicBool,
     hold_flush: AtomicBool,
@@ -260,6 +263,7 @@ impl Gated {
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             flushes_done: AtomicU64::new(0),
+            writes_flushed: AtomicU64::new(0),
             fail_writes: AtomicBool::new(false),
             hold: AtomicBool::new(false),
             hold_flush: AtomicBool::new(false),
@@ -338,21 +342,26 @@ impl BlockDevice for Gated {
         if self.hold_write.swap(false, Ordering::SeqCst) {
             self.wait_release();
         }
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.write_at(data, offset)
+        self.inner.write_at(data, offset)?;
+        // Counted once written, so a flush starting later covers it.
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        let covers = self.writes.load(Ordering::SeqCst);
         if self.hold_flush.swap(false, Ordering::SeqCst) {
             self.wait_release();
         }
         self.inner.flush()?;
+        self.writes_flushed.fetch_max(covers, Ordering::SeqCst);
         self.flushes_done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.discard(offset, len)
+        self.inner.discard(offset, len)?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn describe(&self) -> String {
         "gated backing".into()
