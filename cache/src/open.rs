@@ -96,35 +96,38 @@ impl Cache {
         // the table, are forgotten (they may not match what is there): they hold no
         // dirty data. Lines of a recorded device in segments before its `since` belong
         // to a device detached earlier under its id (drained: nothing dirty of it is
-        // needed), and are forgotten too.
-        let foreign: Vec<u64> = r
-            .index
-            .iter()
-            .filter(|(k, l)| {
-                let dev = crate::index::unkey(*k).0 as usize;
-                match (&slots[dev], &sb.backing[dev]) {
-                    (None, _) | (Some(_), None) => l.clean,
-                    (Some(s), Some(b)) if b.label != s.label => l.clean,
-                    (Some(_), Some(b)) => l.seg < b.since,
-                }
+        // needed), and are forgotten too. The rule is decided once per device.
+        let forget: Vec<Forget> = (0..MAX_BACKING)
+            .map(|dev| match (&slots[dev], &sb.backing[dev]) {
+                (Some(s), Some(b)) if b.label == s.label => Forget::Before(b.since),
+                _ => Forget::Clean,
             })
-            .map(|(k, _)| k)
             .collect();
-        for k in foreign {
-            r.index.remove(k);
-        }
-        // One pass over what is kept: dirty lines per device, which devices may hold
-        // clean copies, and the oldest segment holding a line of each.
+        // One pass over the table (it is large: 5 MiB per GiB of cache): what to forget,
+        // and over what is kept, dirty lines per device, which devices may hold clean
+        // copies, and the oldest segment holding a line of each.
+        let mut foreign = Vec::new();
         let mut dirty = vec![0u64; MAX_BACKING];
         let mut oldest = vec![r.last_id + 1; MAX_BACKING];
         for (k, l) in r.index.iter() {
             let dev = crate::index::unkey(k).0 as usize;
+            let forgotten = match forget[dev] {
+                Forget::Clean => l.clean,
+                Forget::Before(since) => l.seg < since,
+            };
+            if forgotten {
+                foreign.push(k);
+                continue;
+            }
             oldest[dev] = oldest[dev].min(l.seg);
             if !l.clean {
                 dirty[dev] += 1;
             } else if let Some(s) = slots[dev].as_mut() {
                 s.may_hold_clean = true;
             }
+        }
+        for k in foreign {
+            r.index.remove(k);
         }
         // Where each given device's lines may start: the superblock's `since` when it is
         // the device recorded there (same label). Else the oldest segment holding a line
@@ -208,4 +211,15 @@ impl Cache {
         }
         Ok((Cache::from_inner(inner), report))
     }
+}
+
+/// Which recovered lines of a backing device id open forgets.
+#[derive(Clone, Copy)]
+enum Forget {
+    /// Clean copies: the device is not given, not in the table, or given under
+    /// another label.
+    Clean,
+    /// Lines in segments before this one (the device's `since`): the device given is
+    /// the one the table records.
+    Before(u64),
 }
