@@ -9,6 +9,8 @@
 //! writes nothing, so a crash during recovery leaves the device as it was.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::damage::Damage;
@@ -243,10 +245,22 @@ fn checkpoint_headers(
 
 /// Bytes of checkpoint entries per read.
 const CP_READ: usize = 4 << 20;
+/// Checkpoint reads in flight (threads), and buffers: a device serves several reads
+/// at once much faster than one after the other (a virtio disk here: 0.4 GB/s at one
+/// 4 MiB read at a time, 1 GB/s at 8).
+const CP_READERS: usize = 4;
+const CP_BUFFERS: usize = 2 * CP_READERS;
+
+/// A chunk of checkpoint entries read: its number, the buffer, its length in bytes and
+/// its crc32c.
+type CpChunk = (usize, AlignedBuf, usize, u32);
 
 /// Loads the entries of checkpoint `h` (area `area`) whose segment is after `wb` into a
-/// new index; `Err` with the reason when the area fails a check. A second thread reads
-/// the area (and computes its crc) while this one decodes and inserts what was read.
+/// new index; `Err` with the reason when the area fails a check. Reader threads read
+/// the area's chunks (and compute their crcs) in parallel while this one decodes and
+/// inserts them in order. A reader claims the next chunk only once it holds a buffer,
+/// so the chunk the decoder waits for is always being read. `chunk`: bytes per read
+/// ([`CP_READ`]; a multiple of 4096).
 fn load_checkpoint(
     dev: &dyn BlockDevice,
     sb: &Superblock,
@@ -254,44 +268,82 @@ fn load_checkpoint(
     h: &CheckpointHeader,
     wb: u64,
     planned: usize,
+    chunk: usize,
 ) -> Result<std::result::Result<Base, String>> {
+    debug_assert!(chunk > 0 && chunk.is_multiple_of(LINE as usize));
     let geo = &sb.geometry;
     let total = h.nr_entries as usize * CP_ENTRY;
+    let chunks = total.div_ceil(chunk);
     let base = geo.checkpoint_offset(area) + CP_HEADER as u64;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<CpChunk>>(CP_BUFFERS);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+    for _ in 0..CP_BUFFERS.min(chunks) {
+        let _ = empty_tx.send(AlignedBuf::new(chunk));
+    }
+    let empty_rx = Mutex::new(empty_rx);
+    let claimed = AtomicUsize::new(0);
     std::thread::scope(|s| {
-        // Full buffers go to the decoder, empty ones back: two in flight.
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(AlignedBuf, usize)>(1);
-        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<AlignedBuf>();
-        for _ in 0..2 {
-            let _ = empty_tx.send(AlignedBuf::new(CP_READ));
-        }
-        let reader = s.spawn(move || -> Result<u32> {
-            let mut crc = 0u32;
-            let mut done = 0usize;
-            while done < total {
-                let Ok(mut buf) = empty_rx.recv() else {
-                    break; // the decoder gave up (a malformed entry)
+        for _ in 0..CP_READERS.min(chunks) {
+            let (full_tx, empty_rx, claimed) = (full_tx.clone(), &empty_rx, &claimed);
+            s.spawn(move || loop {
+                // The decoder gave up (a malformed entry, a failed read) once the
+                // buffers' channel is closed.
+                let Ok(mut buf) = empty_rx.lock().expect("buffer pool").recv() else {
+                    return;
                 };
-                let len = (total - done).min(CP_READ);
-                let rl = (len as u64).div_ceil(LINE) as usize * LINE as usize;
-                let off = base + done as u64;
-                dev.read_at(&mut buf[..rl], off)
-                    .map_err(|e| Error::io(&dev.describe(), off, e))?;
-                crc = crc32c::crc32c_append(crc, &buf[..len]);
-                if full_tx.send((buf, len)).is_err() {
-                    break;
+                let c = claimed.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    return;
                 }
-                done += len;
-            }
-            Ok(crc)
-        });
-        // The table is allocated (and its pages touched) while the first chunk is read.
+                let len = (total - c * chunk).min(chunk);
+                let rl = (len as u64).div_ceil(LINE) as usize * LINE as usize;
+                let off = base + (c * chunk) as u64;
+                let r = dev
+                    .read_at(&mut buf[..rl], off)
+                    .map_err(|e| Error::io(&dev.describe(), off, e))
+                    .map(|()| {
+                        let crc = crc32c::crc32c(&buf[..len]);
+                        (c, buf, len, crc)
+                    });
+                if full_tx.send(r).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(full_tx);
+        // The table is allocated (and its pages touched) while the first chunks are read.
         let mut index = Index::with_capacity(planned);
         let mut bulk = index.begin_bulk(wb + 1, h.upto);
         let mut loaded = 0u64;
-        let mut done = 0usize;
+        let mut crc = 0u32;
+        let mut early: BTreeMap<usize, (AlignedBuf, usize, u32)> = BTreeMap::new();
         let mut malformed = None;
-        while let Ok((buf, len)) = full_rx.recv() {
+        let mut failed = None;
+        'chunks: for next in 0..chunks {
+            let (buf, len, chunk_crc) = loop {
+                if let Some(c) = early.remove(&next) {
+                    break c;
+                }
+                match full_rx.recv() {
+                    Ok(Ok((c, buf, len, crc))) => {
+                        early.insert(c, (buf, len, crc));
+                    }
+                    Ok(Err(e)) => {
+                        failed = Some(e);
+                        break 'chunks;
+                    }
+                    // Every reader ended before this chunk: cannot happen while the
+                    // buffers' channel is open, but not a reason to hang.
+                    Err(_) => {
+                        failed = Some(Error::Invalid(format!(
+                            "checkpoint {}: chunk {next} never read",
+                            h.seq
+                        )));
+                        break 'chunks;
+                    }
+                }
+            };
+            crc = crc32c::crc32c_combine(crc, chunk_crc, len);
             for (i, e) in buf[..len].chunks_exact(CP_ENTRY).enumerate() {
                 let k = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
                 let v = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
@@ -304,29 +356,26 @@ fn load_checkpoint(
                     && (loc.dirty == 0) == loc.tomb
                     && !(loc.clean && (loc.tomb || loc.dirty != FULL_LINE));
                 if !sound {
-                    malformed = Some(done / CP_ENTRY + i);
-                    break;
+                    malformed = Some(next * chunk / CP_ENTRY + i);
+                    break 'chunks;
                 }
                 if loc.seg > wb {
                     index.bulk_insert(&mut bulk, k, loc);
                     loaded += 1;
                 }
             }
-            if malformed.is_some() {
-                break;
-            }
-            done += len;
             let _ = empty_tx.send(buf);
         }
-        // Ends the reader if it is still going (a malformed entry).
-        drop(full_rx);
+        // Ends the readers still going (a malformed entry, a failed read).
         drop(empty_tx);
-        let read = reader.join().expect("checkpoint reader thread");
-        // A malformed entry is reported as such even when the reader, ahead, failed.
+        drop(full_rx);
+        // A malformed entry is reported as such even when a reader, ahead, failed.
         if let Some(n) = malformed {
             return Ok(Err(format!("checkpoint {} entry {n} malformed", h.seq)));
         }
-        let crc = read?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if crc != h.entries_crc {
             return Ok(Err(format!(
                 "checkpoint {} entries checksum mismatch",
@@ -490,7 +539,7 @@ fn walk<'scope, 'env>(
                 skipped.push(format!("area {name}: checkpoint {} older", h.seq));
                 continue;
             }
-            match load_checkpoint(dev, sb, area, &h, wb, planned)? {
+            match load_checkpoint(dev, sb, area, &h, wb, planned, CP_READ)? {
                 Ok(b) => base = Some(b),
                 Err(e) => skipped.push(format!("area {name}: {e}")),
             }
@@ -995,4 +1044,177 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
         damage: (!r.damage.segments.is_empty()).then(|| r.damage.report()),
         superblock_copies: [status(0), status(1)],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checkpoint load read in many chunks by several readers: the same index as
+    //! one chunk gives, and each failure (a read, a malformed entry, the crc) reported
+    //! as such wherever its chunk falls.
+    use super::*;
+    use crate::device::MemDevice;
+    use crate::engine::{Backing, Cache};
+    use crate::open::OpenOptions;
+    use crate::tunables::Tunables;
+    use std::sync::Arc;
+
+    const SEG: u32 = 64 << 10;
+    /// Lines written: the checkpoint spans several 4 KiB chunks of 256 entries.
+    const LINES: u64 = 3000;
+    const CHUNK: usize = 4096;
+
+    /// A cache closed cleanly after `LINES` distinct writes: its image.
+    fn closed_cache() -> Vec<u8> {
+        let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(512 * SEG as u64));
+        format_device(
+            cache.as_ref(),
+            FormatOptions {
+                block_size: 512,
+                segment_size: SEG,
+                version: crate::format::FORMAT_VERSION,
+            },
+        )
+        .unwrap();
+        let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(LINES * LINE));
+        let (c, _) = Cache::open(
+            cache.clone(),
+            vec![Backing {
+                id: 0,
+                dev: backing,
+                label: "b".into(),
+            }],
+            OpenOptions {
+                tunables: Tunables {
+                    writeback_enabled: false,
+                    flush_interval_s: 0,
+                    ..Tunables::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // In an order (a stride of 7) that is neither the lines' nor the table's.
+        for i in 0..LINES {
+            let line = i * 7 % LINES;
+            c.write(0, line * LINE, &[line as u8; LINE as usize], false)
+                .unwrap();
+        }
+        c.close().unwrap();
+        let mut img = vec![0u8; cache.size() as usize];
+        cache.read_at(&mut img, 0).unwrap();
+        img
+    }
+
+    /// The image's newest checkpoint: the superblock, its area and header.
+    fn newest(dev: &dyn BlockDevice) -> (Superblock, u64, CheckpointHeader) {
+        let sb = superblock_of(dev).unwrap();
+        let (area, h) = checkpoint_headers(dev, &sb)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(a, h)| h.ok().map(|h| (a, h)))
+            .max_by_key(|(_, h)| h.seq)
+            .expect("a checkpoint");
+        (sb, area, h)
+    }
+
+    fn load(
+        dev: &dyn BlockDevice,
+        chunk: usize,
+    ) -> Result<std::result::Result<Vec<(u64, Loc)>, String>> {
+        let (sb, area, h) = newest(dev);
+        let r = load_checkpoint(dev, &sb, area, &h, h.last_writeback_id, 4096, chunk)?;
+        Ok(r.map(|b| {
+            assert_eq!(b.loaded, h.nr_entries);
+            let mut v: Vec<_> = b.index.iter().collect();
+            v.sort_unstable_by_key(|e| e.0);
+            v
+        }))
+    }
+
+    /// Byte offset in the image of entry `n` of the newest checkpoint.
+    fn entry_at(img: &[u8], n: usize) -> usize {
+        let dev = MemDevice::from_bytes(img.to_vec(), "cache");
+        let (sb, area, h) = newest(&dev);
+        assert!(h.nr_entries as usize > n);
+        (sb.geometry.checkpoint_offset(area) as usize) + CP_HEADER + n * CP_ENTRY
+    }
+
+    #[test]
+    fn many_chunks_load_what_one_chunk_loads() {
+        let img = closed_cache();
+        let dev = MemDevice::from_bytes(img, "cache");
+        let whole = load(&dev, CP_READ).unwrap().unwrap();
+        assert_eq!(whole.len() as u64, LINES);
+        let chunked = load(&dev, CHUNK).unwrap().unwrap();
+        assert_eq!(chunked, whole);
+    }
+
+    #[test]
+    fn a_malformed_entry_in_a_late_chunk_is_named() {
+        let mut img = closed_cache();
+        let n = 9 * CHUNK / CP_ENTRY + 3;
+        let at = entry_at(&img, n) + 8;
+        img[at] |= 4; // loc bit 2: reserved, 0 in every sound entry
+        let dev = MemDevice::from_bytes(img, "cache");
+        let e = load(&dev, CHUNK).unwrap().unwrap_err();
+        assert!(e.contains(&format!("entry {n} malformed")), "{e}");
+    }
+
+    #[test]
+    fn a_changed_entry_fails_the_checksum() {
+        let mut img = closed_cache();
+        let n = LINES as usize - 1;
+        let at = entry_at(&img, n);
+        img[at] ^= 0x80; // a key's line number: still a sound entry
+        let dev = MemDevice::from_bytes(img, "cache");
+        let e = load(&dev, CHUNK).unwrap().unwrap_err();
+        assert!(e.contains("checksum mismatch"), "{e}");
+    }
+
+    /// Fails reads that touch `bad`.
+    struct FailingReads {
+        inner: MemDevice,
+        bad: u64,
+    }
+
+    impl BlockDevice for FailingReads {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if (offset..offset + buf.len() as u64).contains(&self.bad) {
+                return Err(std::io::Error::other("injected read error"));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(data, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn describe(&self) -> String {
+            "failing reads".into()
+        }
+    }
+
+    #[test]
+    fn a_failed_read_of_a_late_chunk_is_an_io_error() {
+        let img = closed_cache();
+        let bad = entry_at(&img, 7 * CHUNK / CP_ENTRY + 1) as u64;
+        let dev = FailingReads {
+            inner: MemDevice::from_bytes(img, "cache"),
+            bad,
+        };
+        match load(&dev, CHUNK) {
+            Err(Error::Io { offset, .. }) => {
+                assert_eq!(offset, bad / CHUNK as u64 * CHUNK as u64)
+            }
+            Err(e) => panic!("{e}"),
+            Ok(r) => panic!("loaded: {:?}", r.map(|v| v.len())),
+        }
+    }
 }
