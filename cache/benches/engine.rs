@@ -326,10 +326,12 @@ fn restarts(p: &Path, gib: u64) {
             format!("{} entries up to segment {}", c.loaded, c.upto)
         });
         println!(
-            "  {label:<34} {:>7.3} s  ({:.3} s per GiB of dirty segments; checkpoint: {cp}; {} segments replayed){}",
+            "  {label:<34} {:>7.3} s  ({:.3} s per GiB of dirty segments; checkpoint: {cp}, loaded in {:.3} s; {} segments replayed, walk {:.3} s){}",
             d.as_secs_f64(),
             d.as_secs_f64() / dirty_gib,
+            r.checkpoint_time.as_secs_f64(),
             r.replayed_segments,
+            r.walk_time.as_secs_f64(),
             if dropped { "" } else { " (page cache not dropped)" }
         );
         (cache, d)

@@ -171,7 +171,9 @@ impl Cache {
         let report = r.report.clone();
         info!(opts.logger, "cache opened"; "cache" => &desc, "segments" => geo.nr_segments,
               "last_writeback_id" => r.wb_id, "replayed_segments" => report.replayed_segments,
-              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64);
+              "restored_lines" => report.restored_lines, "ms" => started.elapsed().as_millis() as u64,
+              "checkpoint_ms" => report.checkpoint_time.as_millis() as u64,
+              "walk_ms" => report.walk_time.as_millis() as u64);
         let state = State::new(
             Recovered {
                 index: r.index,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
@@ -66,6 +66,10 @@ pub struct RecoveryReport {
     /// Checkpoint areas not used, and why (a torn or damaged area, one of another
     /// cache, one whose segments were all written back since).
     pub checkpoint_skipped: Vec<String>,
+    /// Time spent loading checkpoints (reading them and building the index).
+    pub checkpoint_time: Duration,
+    /// Time spent walking the log after the checkpoint (or the whole log).
+    pub walk_time: Duration,
 }
 
 /// The checkpoint a recovery loaded (docs/FORMAT.md, "Checkpoint").
@@ -495,6 +499,7 @@ fn walk<'scope, 'env>(
         .unwrap_or(0);
     let mut skipped = Vec::new();
     let mut cp_durable = 0;
+    let mut cp_time = Duration::ZERO;
     let mut base: Option<Base> = None;
     let mut wb = sb.last_writeback_id;
     let mut ahead: Option<ReadAhead> = None;
@@ -525,6 +530,7 @@ fn walk<'scope, 'env>(
                 wb + geo.nr_segments,
             ));
         }
+        let started = Instant::now();
         for (area, h) in valid {
             let name = ["A", "B"][area as usize];
             cp_durable = cp_durable.max(h.durable_id);
@@ -544,12 +550,15 @@ fn walk<'scope, 'env>(
                 Err(e) => skipped.push(format!("area {name}: {e}")),
             }
         }
+        cp_time = started.elapsed();
     }
     let mut report = RecoveryReport {
         last_writeback_id: wb,
         checkpoint_skipped: skipped,
+        checkpoint_time: cp_time,
         ..Default::default()
     };
+    let walk_started = Instant::now();
     let mut last_id = wb;
     // What segment `wb + 1` chains to, when the superblock recorded it for this `wb`
     // (a checkpoint or a reused slot may have raised the point past it).
@@ -612,6 +621,7 @@ fn walk<'scope, 'env>(
         if let Some(proven) = reused {
             report = RecoveryReport {
                 last_writeback_id: proven,
+                checkpoint_time: report.checkpoint_time,
                 ..Default::default()
             };
             index = Index::with_capacity(planned);
@@ -857,6 +867,7 @@ fn walk<'scope, 'env>(
         last_crc = 0;
     }
     chain.insert(last_id, last_crc);
+    report.walk_time = walk_started.elapsed();
     Ok(Replay {
         chain,
         wb_crc,
