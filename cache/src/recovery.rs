@@ -1066,6 +1066,7 @@ mod tests {
     use crate::device::MemDevice;
     use crate::engine::{Backing, Cache};
     use crate::open::OpenOptions;
+    use crate::testing::FaultDevice;
     use crate::tunables::Tunables;
     use std::sync::Arc;
 
@@ -1182,44 +1183,16 @@ mod tests {
         assert!(e.contains("checksum mismatch"), "{e}");
     }
 
-    /// Fails reads that touch `bad`.
-    struct FailingReads {
-        inner: MemDevice,
-        bad: u64,
-    }
-
-    impl BlockDevice for FailingReads {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            if (offset..offset + buf.len() as u64).contains(&self.bad) {
-                return Err(std::io::Error::other("injected read error"));
-            }
-            self.inner.read_at(buf, offset)
-        }
-        fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-            self.inner.write_at(data, offset)
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            self.inner.flush()
-        }
-        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-            self.inner.discard(offset, len)
-        }
-        fn describe(&self) -> String {
-            "failing reads".into()
-        }
-    }
-
     #[test]
     fn a_failed_read_of_a_late_chunk_is_an_io_error() {
         let img = closed_cache();
         let bad = entry_at(&img, 7 * CHUNK / CP_ENTRY + 1) as u64;
-        let dev = FailingReads {
-            inner: MemDevice::from_bytes(img, "cache"),
-            bad,
-        };
+        let dev = FaultDevice::new(Arc::new(MemDevice::from_bytes(img, "cache")));
+        dev.faults
+            .lock()
+            .unwrap()
+            .bad_read_sectors
+            .insert(bad / 512);
         match load(&dev, CHUNK) {
             Err(Error::Io { offset, .. }) => {
                 assert_eq!(offset, bad / CHUNK as u64 * CHUNK as u64)
