@@ -349,8 +349,12 @@ fn restarts(p: &Path, gib: u64) {
     }
     let (cache, full) = timed("no checkpoint (whole log walked):", t);
     cache.kill();
+    // The targets are for a 64 GiB cache. A killed restart also replays up to
+    // `checkpoint_interval_segments` segments (256 MiB of reads), a constant: in a small
+    // cache it outweighs the checkpoint, and the ratio says little.
+    let at = if gib >= 64 { "" } else { " at 64 GiB" };
     println!(
-        "  killed / clean restart: {:.2} (target <= 1.5); killed restart {:.3} s (target <= 1 s); whole-log walk {:.2} s per GiB",
+        "  killed / clean restart: {:.2} (target <= 1.5{at}); killed restart {:.3} s (target <= 1 s{at}); whole-log walk {:.2} s per GiB",
         killed.as_secs_f64() / clean.as_secs_f64(),
         killed.as_secs_f64(),
         full.as_secs_f64() / dirty_gib
