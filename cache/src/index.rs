@@ -154,7 +154,16 @@ pub struct Bulk {
     /// an entry (checkpoints come in hash order, segments at random) costs one cache
     /// line. A segment has fewer than 1024 line slots: the counts fit 16 bits.
     counts: Vec<[u16; 4]>,
+    /// New lines not yet added to `counts`: `counts` index `<< 1 | clean`. Counting a
+    /// batch in a loop of its own lets the processor have many of those cache misses
+    /// (the array is larger than a core's cache for a large cache) in flight at once;
+    /// between two probes of the table they were taken one at a time (a 64 GiB
+    /// checkpoint: 30 ns per entry before, most of it waiting for the counts).
+    pending: Vec<u64>,
 }
+
+/// New lines a bulk load counts at once (see [`Bulk::pending`]).
+const BULK_BATCH: usize = 4096;
 
 const LIVE: usize = 0;
 const LINES: usize = 1;
@@ -165,6 +174,18 @@ impl Bulk {
         seg.checked_sub(self.first)
             .map(|i| i as usize)
             .filter(|&i| i < self.counts.len())
+    }
+
+    /// Adds the pending new lines to `counts`. Saturating: only a checkpoint naming
+    /// one line slot twice (which a sound writer never does) could reach the bound.
+    fn count_pending(&mut self) {
+        for &p in &self.pending {
+            let c = &mut self.counts[(p >> 1) as usize];
+            c[LIVE] = c[LIVE].saturating_add(1);
+            c[LINES] = c[LINES].saturating_add(1);
+            c[CLEAN] = c[CLEAN].saturating_add((p & 1) as u16);
+        }
+        self.pending.clear();
     }
 }
 
@@ -377,6 +398,7 @@ impl Index {
         Bulk {
             first,
             counts: vec![[0; 4]; n],
+            pending: Vec::with_capacity(BULK_BATCH),
         }
     }
 
@@ -385,6 +407,8 @@ impl Index {
     pub fn bulk_insert(&mut self, b: &mut Bulk, k: u64, loc: Loc) {
         let old = self.insert_raw(k, loc);
         if let Some(o) = old {
+            // The old copy's count may be pending.
+            b.count_pending();
             if o.seg == loc.seg && o.slot == loc.slot {
                 if o.clean != loc.clean {
                     // The array counts the copy if it counts a live line of its kind
@@ -409,19 +433,18 @@ impl Index {
         }
         match b.at(loc.seg) {
             Some(i) => {
-                // Saturating: only a checkpoint naming one line slot twice (which a
-                // sound writer never does) could reach the bound.
-                let c = &mut b.counts[i];
-                c[LIVE] = c[LIVE].saturating_add(1);
-                c[LINES] = c[LINES].saturating_add(1);
-                c[CLEAN] = c[CLEAN].saturating_add(loc.clean as u16);
+                b.pending.push((i as u64) << 1 | loc.clean as u64);
+                if b.pending.len() == BULK_BATCH {
+                    b.count_pending();
+                }
             }
             None => self.account(None, Some(loc)),
         }
     }
 
     /// Ends a bulk load: adds its per-segment counts.
-    pub fn finish_bulk(&mut self, b: Bulk) {
+    pub fn finish_bulk(&mut self, mut b: Bulk) {
+        b.count_pending();
         for (i, c) in b.counts.iter().enumerate() {
             if c[LINES] > 0 {
                 let s = self.segs.entry(b.first + i as u64).or_default();
@@ -649,8 +672,8 @@ mod tests {
         let mut one = Index::with_capacity(64);
         let mut bulk = Index::with_capacity(64);
         // Entries before the load, counted in the map.
-        let entry = |rng: &mut rand::rngs::SmallRng| {
-            let k = key(0, rng.gen_range(0..400));
+        let entry = |rng: &mut rand::rngs::SmallRng, lines: u64| {
+            let k = key(0, rng.gen_range(0..lines));
             let loc = Loc {
                 seg: rng.gen_range(1..40),
                 slot: rng.gen_range(0..4),
@@ -661,14 +684,16 @@ mod tests {
             (k, loc)
         };
         for _ in 0..200 {
-            let (k, loc) = entry(&mut rng);
+            let (k, loc) = entry(&mut rng, 400);
             one.insert(k, loc);
             bulk.insert(k, loc);
         }
         let mut b = bulk.begin_bulk(10, 30);
-        for _ in 0..2000 {
-            // Duplicates, repeated copies, and segments outside the bulk range.
-            let (k, loc) = entry(&mut rng);
+        for i in 0..20_000 {
+            // Duplicates, repeated copies, and segments outside the bulk range; then
+            // runs of new lines longer than a counting batch between duplicates.
+            let lines = if i < 2000 { 400 } else { 1 << 20 };
+            let (k, loc) = entry(&mut rng, lines);
             one.insert(k, loc);
             bulk.bulk_insert(&mut b, k, loc);
         }
