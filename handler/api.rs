@@ -274,6 +274,9 @@ pub struct CacheStats {
     /// See `lc_cache::Stats`.
     pub moved_lines: u64,
     /// See `lc_cache::Stats`.
+    #[serde(default)]
+    pub cleaner_bytes_read: u64,
+    /// See `lc_cache::Stats`.
     pub written_back_lines: u64,
     /// See `lc_cache::Stats`: lines promoted into the cache on read misses.
     pub promoted_lines: u64,

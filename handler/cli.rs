@@ -361,6 +361,12 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             vec![],
         ),
         (
+            "lc_cleaner_read_bytes_total",
+            "counter",
+            "Bytes the cleaner read from the cache device (segment headers and live lines).",
+            vec![],
+        ),
+        (
             "lc_written_back_lines_total",
             "counter",
             "Line copies written back to backing devices.",
@@ -400,6 +406,7 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             (s.live_lines, "lc_live_lines"),
             (s.stale_lines, "lc_stale_lines"),
             (s.moved_lines, "lc_moved_lines_total"),
+            (s.cleaner_bytes_read, "lc_cleaner_read_bytes_total"),
             (s.written_back_lines, "lc_written_back_lines_total"),
             (s.promoted_lines, "lc_promoted_lines_total"),
             (s.bypassed_bytes, "lc_bypassed_bytes_total"),

@@ -51,15 +51,17 @@
 //!   a device failing, even a tail too live for the rule is moved (rotated) while the
 //!   log holds a segment's worth of stale lines, since writing it back cannot succeed.
 
+use std::collections::BTreeMap;
 use std::sync::MutexGuard;
 use std::time::Duration;
 
 use slog::warn;
 
+use crate::device::AlignedBuf;
 use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
 use crate::index::{key, Loc};
-use crate::logio::{commit, read_segments};
+use crate::logio::{commit, read_header, read_lines};
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
 
@@ -335,7 +337,7 @@ impl Cleaner {
             .map(|(&k, &v)| (k, v))
             .collect();
         drop(st);
-        let (bufs, headers) = match read_segments(inner, first, last, &skip, &gens) {
+        let (bufs, headers) = match read_live(inner, first, last, &skip, &gens) {
             Ok(r) => r,
             Err(e) => {
                 cache_failed(inner, e);
@@ -392,6 +394,53 @@ impl Cleaner {
     }
 }
 
+/// Reads what the cleaner needs of segments `first..=last` but `skip`: each one's
+/// header, then (with the engine lock taken once in between) its live dirty lines
+/// alone, each checked against its crc ([`read_lines`]), so that cleaning a mostly
+/// stale segment reads little more than its live data. Live lines only ever become
+/// stale (a newer copy always lands at the head), so every line [`move_segment`]
+/// finds live later was read here.
+fn read_live(
+    inner: &Inner,
+    first: u64,
+    last: u64,
+    skip: &[u64],
+    gens: &BTreeMap<u64, u16>,
+) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>), Error> {
+    let mut bufs = Vec::new();
+    let mut headers = Vec::new();
+    for id in (first..=last).filter(|id| !skip.contains(id)) {
+        let (buf, h) = read_header(inner, id, gens)?;
+        bufs.push(buf);
+        headers.push(h);
+    }
+    let live: Vec<Vec<usize>> = {
+        let st = inner.lock();
+        headers
+            .iter()
+            .map(|h| {
+                (0..h.entries.len())
+                    .filter(|&slot| live_at(&st, h, slot).is_some_and(|l| !l.clean))
+                    .collect()
+            })
+            .collect()
+    };
+    let mut bytes = (headers.len() * inner.geo.data_start()) as u64;
+    for ((buf, h), slots) in bufs.iter_mut().zip(&headers).zip(&live) {
+        bytes += read_lines(inner, buf, h, slots)?;
+    }
+    inner.lock().clean.bytes_read += bytes;
+    Ok((bufs, headers))
+}
+
+/// The index's location of the line in slot `slot` of segment `h`, if it is that copy.
+fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<Loc> {
+    let e = &h.entries[slot];
+    st.index
+        .get(key(e.dev, e.sector / crate::format::SECTORS_PER_LINE))
+        .filter(|l| l.seg == h.id && l.slot as usize == slot)
+}
+
 /// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment, at
 /// most [`MOVES_PER_HOLD`] of them per call (`Yield` when more are left). `next` is
 /// the slot to continue from: a call after `Yield` or `NoBuffer` continues where the
@@ -413,11 +462,7 @@ fn move_segment(
     if st.damage.unresolved() {
         for (slot, e) in h.entries.iter().enumerate() {
             let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
-            if let Some(l) = st
-                .index
-                .get(k)
-                .filter(|l| l.seg == h.id && l.slot as usize == slot)
-            {
+            if let Some(l) = live_at(st, h, slot) {
                 let bits = if l.tomb { FULL_LINE } else { l.dirty };
                 if !st.damage.readable(k, bits, Some(l)) {
                     return Moved::Unmovable;
@@ -428,11 +473,7 @@ fn move_segment(
     let mut moved = 0;
     for (slot, e) in h.entries.iter().enumerate().skip(*next) {
         let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
-        let Some(l) = st
-            .index
-            .get(k)
-            .filter(|l| l.seg == h.id && l.slot as usize == slot)
-        else {
+        let Some(l) = live_at(st, h, slot) else {
             continue; // stale: a newer copy exists (or the line was written back)
         };
         if l.clean {
@@ -462,6 +503,7 @@ fn move_segment(
             dev: e.dev,
             dirty: l.dirty,
             flags: if l.tomb { ENTRY_TOMBSTONE } else { 0 },
+            crc: None,
         });
         let loc = Loc {
             seg: o.id,

@@ -170,6 +170,7 @@ mod tests {
             dev,
             dirty,
             flags: 0,
+            crc: None,
         }
     }
 

@@ -372,6 +372,8 @@ impl Inner {
                 };
                 e.dirty = dirty;
                 e.flags = flags;
+                // Its crc is taken when its header is encoded (not yet: slot >= staged).
+                e.crc = None;
                 o.last_write = now;
                 st.damage.supersede(k, mask);
                 st.index.insert(
@@ -458,6 +460,7 @@ impl Inner {
                 dev,
                 dirty,
                 flags,
+                crc: None,
             });
             o.last_write = now;
             self.kick_stager(&st);
@@ -555,6 +558,7 @@ impl Inner {
                 dev,
                 dirty: FULL_LINE,
                 flags: ENTRY_CLEAN,
+                crc: None,
             });
             let seg = o.id;
             self.kick_stager(&st);
@@ -1436,6 +1440,7 @@ impl Cache {
                 .map(|(_, n)| (n.lines - n.live) as u64)
                 .sum(),
             moved_lines: st.clean.moved_lines,
+            cleaner_bytes_read: st.clean.bytes_read,
             written_back_lines: st.clean.written_back_lines,
             damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
                 .then(|| st.damage.report()),

@@ -365,7 +365,12 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
     let o = st.open.as_mut().expect("open segment");
     let (id, written, staged, n, gen) = (o.id, o.written, o.staged, o.entries.len(), o.gen + 1);
-    let data_crc = crc32c::crc32c_append(o.crc, &o.buf[ds + written * line..ds + n * line]);
+    // Lines `written..n` get their crcs here (they are immutable from now on).
+    let data_crc = crate::format::seal_lines(
+        o.crc,
+        &mut o.entries[written..n],
+        &o.buf[ds + written * line..ds + n * line],
+    );
     let hdr = SegmentHeader {
         id,
         lap: geo.lap(id),

@@ -69,6 +69,42 @@ pub fn crc(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// The crc32c of `a` followed by one line whose crc32c is `line`, from `crc(a)` alone:
+/// `crc(a ‖ b) = Z(crc(a)) ^ crc(b)`, with `Z` the linear map "append 4096 zero bytes"
+/// over GF(2). `Z` is tabulated once (from the crate's general combine, which squares
+/// matrices per call), so extending a data crc by a line costs four lookups.
+pub fn crc_extend_line(a: u32, line: u32) -> u32 {
+    static TABLE: std::sync::OnceLock<[[u32; 256]; 4]> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let col: Vec<u32> = (0..32)
+            .map(|bit| crc32c::crc32c_combine(1 << bit, 0, LINE as usize))
+            .collect();
+        let mut t = [[0u32; 256]; 4];
+        for (byte, tb) in t.iter_mut().enumerate() {
+            for (v, out) in tb.iter_mut().enumerate() {
+                *out = (0..8)
+                    .filter(|k| v & (1 << k) != 0)
+                    .fold(0, |x, k| x ^ col[byte * 8 + k]);
+            }
+        }
+        t
+    });
+    let b = a.to_le_bytes();
+    t[0][b[0] as usize] ^ t[1][b[1] as usize] ^ t[2][b[2] as usize] ^ t[3][b[3] as usize] ^ line
+}
+
+/// Records the crc of each line of `entries` (their bytes `lines`, 4096 each, in
+/// order) and returns `crc` (the data crc of the lines before them) extended over them.
+pub fn seal_lines(mut crc: u32, entries: &mut [Entry], lines: &[u8]) -> u32 {
+    debug_assert_eq!(lines.len(), entries.len() * LINE as usize);
+    for (e, l) in entries.iter_mut().zip(lines.chunks_exact(LINE as usize)) {
+        let c = crc32c::crc32c(l);
+        e.crc = Some(c);
+        crc = crc_extend_line(crc, c);
+    }
+    crc
+}
+
 fn le_u32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
@@ -463,6 +499,10 @@ pub struct Entry {
     pub dirty: u8,
     /// [`ENTRY_TOMBSTONE`], [`ENTRY_CLEAN`] or 0.
     pub flags: u8,
+    /// crc32c of the line's 4096 bytes, when recorded (written by every header since
+    /// line checksums exist; `None` in older headers, and for lines whose header is
+    /// not encoded yet). Lets the cleaner read and check a line without its segment.
+    pub crc: Option<u32>,
 }
 
 impl Entry {
@@ -528,6 +568,10 @@ impl SegmentHeader {
             out[off + 8] = e.dev;
             out[off + 9] = e.dirty;
             out[off + 10] = e.flags;
+            if let Some(c) = e.crc {
+                out[off + 11] = 1;
+                put_u32(out, off + 12, c);
+            }
         }
         let crc_off = out.len() - 4;
         let c = crc(&out[..crc_off]);
@@ -572,8 +616,12 @@ impl SegmentHeader {
                 dev: b[off + 8],
                 dirty: b[off + 9],
                 flags: b[off + 10],
+                crc: (b[off + 11] == 1).then(|| le_u32(b, off + 12)),
             };
-            if !e.sector.is_multiple_of(SECTORS_PER_LINE)
+            // Headers from before line checksums have zeros at 11..16.
+            let crc_ok = b[off + 11] == 1 || (b[off + 11] == 0 && le_u32(b, off + 12) == 0);
+            if !crc_ok
+                || !e.sector.is_multiple_of(SECTORS_PER_LINE)
                 || e.dev as usize >= MAX_BACKING
                 || !matches!(e.flags, 0 | ENTRY_TOMBSTONE | ENTRY_CLEAN)
                 || (e.dirty == 0) != e.is_tombstone()
@@ -968,18 +1016,21 @@ mod tests {
                     dev: 1,
                     dirty: 0xff,
                     flags: 0,
+                    crc: Some(0xdead_beef),
                 },
                 Entry {
                     sector: 80,
                     dev: 2,
                     dirty: 0,
                     flags: ENTRY_TOMBSTONE,
+                    crc: None,
                 },
                 Entry {
                     sector: 160,
                     dev: 2,
                     dirty: FULL_LINE,
                     flags: ENTRY_CLEAN,
+                    crc: Some(0),
                 },
             ],
         };
@@ -1022,6 +1073,86 @@ mod tests {
     }
 
     #[test]
+    fn line_checksums_sit_in_the_entries_reserved_bytes() {
+        let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
+        let mut h = SegmentHeader {
+            id: 5,
+            lap: 1,
+            gen: 1,
+            nonce: 1,
+            prev_crc: 0,
+            durable: 4,
+            data_crc: 0,
+            uuid: [1; 16],
+            entries: (0..3)
+                .map(|i| Entry {
+                    sector: 8 * i,
+                    dev: 0,
+                    dirty: FULL_LINE,
+                    flags: 0,
+                    crc: None,
+                })
+                .collect(),
+        };
+        h.entries[1].crc = Some(0x0102_0304);
+        h.entries[2].crc = Some(0);
+        let mut buf = vec![0u8; g.header_len()];
+        h.encode_into(&mut buf);
+        let e = |i: usize| SEG_FIXED + i * ENTRY_SIZE;
+        assert_eq!(
+            &buf[e(0) + 11..e(0) + 16],
+            &[0; 5],
+            "no crc: zeros, as before"
+        );
+        assert_eq!(&buf[e(1) + 11..e(1) + 16], &[1, 4, 3, 2, 1]);
+        assert_eq!(
+            &buf[e(2) + 11..e(2) + 16],
+            &[1, 0, 0, 0, 0],
+            "a crc of 0 is recorded"
+        );
+        assert_eq!(SegmentHeader::decode(&buf, &g).unwrap().0, h);
+        // Anything else in those bytes is malformed, even under a valid header crc.
+        for (at, v) in [(e(0) + 11, 2u8), (e(0) + 12, 1), (e(1) + 11, 3)] {
+            let mut b = buf.clone();
+            b[at] = v;
+            let n = b.len() - 4;
+            let c = crc(&b[..n]);
+            put_u32(&mut b, n, c);
+            assert!(
+                SegmentHeader::decode(&b, &g).is_err(),
+                "byte {at} = {v} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_data_crc_extends_line_by_line() {
+        let mut lines = vec![0u8; 5 * LINE as usize];
+        for (i, b) in lines.iter_mut().enumerate() {
+            *b = (i * 7 + i / 4096) as u8;
+        }
+        let mut entries = [Entry {
+            sector: 0,
+            dev: 0,
+            dirty: FULL_LINE,
+            flags: 0,
+            crc: None,
+        }; 5];
+        let first = crc(&lines[..2 * LINE as usize]);
+        let all = seal_lines(first, &mut entries[2..], &lines[2 * LINE as usize..]);
+        assert_eq!(all, crc(&lines));
+        for (i, e) in entries.iter().enumerate().skip(2) {
+            let l = &lines[i * LINE as usize..(i + 1) * LINE as usize];
+            assert_eq!(e.crc, Some(crc(l)));
+        }
+        assert_eq!(entries[0].crc, None);
+        assert_eq!(
+            crc_extend_line(crc(b""), crc(&lines[..4096])),
+            crc(&lines[..4096])
+        );
+    }
+
+    #[test]
     fn a_clean_entry_is_a_full_line_and_nothing_else() {
         let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
         let header = |dirty: u8, flags: u8| SegmentHeader {
@@ -1038,6 +1169,7 @@ mod tests {
                 dev: 0,
                 dirty,
                 flags,
+                crc: None,
             }],
         };
         let mut buf = vec![0u8; g.header_len()];

@@ -75,37 +75,126 @@ pub(crate) fn read_segments(
     gens: &BTreeMap<u64, u16>,
 ) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
     let geo = &inner.geo;
-    let ds = geo.data_start();
-    let desc = inner.cache.describe();
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
     for id in (first..=last).filter(|id| !skip.contains(id)) {
         let mut buf = AlignedBuf::new(geo.segment_size as usize);
-        let off = geo.segment_offset(id);
-        inner
-            .cache
-            .read_at(&mut buf, off)
-            .map_err(|e| Error::io(&desc, off, e))?;
-        let bad = |reason: String| Error::BadFormat {
-            device: desc.clone(),
-            reason: format!("segment {id} unreadable for writeback: {reason}"),
-        };
-        let h = match gens.get(&id) {
-            Some(&gen) => decode_copies(&buf, geo)
-                .into_iter()
-                .flatten()
-                .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
-            None => newest_header(&buf, geo, id, &inner.uuid),
-        };
-        let Some((h, _)) = h else {
-            return Err(bad("no header of this segment".into()));
-        };
-        let n = h.entries.len();
-        if crate::format::crc(&buf[ds..ds + n * LINE as usize]) != h.data_crc {
-            return Err(bad("data checksum mismatch".into()));
-        }
+        read_part(inner, &mut buf, id, 0, geo.segment_size as usize)?;
+        let h = pick_header(inner, &buf, id, gens)?;
+        check_data(inner, &buf, &h)?;
         headers.push(h);
         bufs.push(buf);
     }
     Ok((bufs, headers))
+}
+
+/// Reads the header copies of segment `id` into a new segment-sized buffer (its lines
+/// are read later, by [`read_lines`]) and picks its header as [`read_segments`] does.
+pub(crate) fn read_header(
+    inner: &Inner,
+    id: u64,
+    gens: &BTreeMap<u64, u16>,
+) -> Result<(AlignedBuf, SegmentHeader)> {
+    let geo = &inner.geo;
+    let mut buf = AlignedBuf::new(geo.segment_size as usize);
+    read_part(inner, &mut buf, id, 0, geo.data_start())?;
+    let h = pick_header(inner, &buf, id, gens)?;
+    Ok((buf, h))
+}
+
+/// Slots further apart than this are read by separate requests; closer ones by one
+/// request spanning the lines between them (32 KiB read for one request less).
+const READ_GAP: usize = 8;
+
+/// Reads the lines `slots` (ascending) of segment `h` into `buf` (from
+/// [`read_header`]) and checks them: each against its crc in the header when every one
+/// of them has one, else the whole segment against its data crc (headers from before
+/// line checksums; all its lines are read then). Only the lines in `slots` (and those
+/// between close ones) are valid in `buf` afterwards. Returns the bytes read.
+pub(crate) fn read_lines(
+    inner: &Inner,
+    buf: &mut AlignedBuf,
+    h: &SegmentHeader,
+    slots: &[usize],
+) -> Result<u64> {
+    let (ds, line) = (inner.geo.data_start(), LINE as usize);
+    if slots.iter().any(|&s| h.entries[s].crc.is_none()) {
+        read_part(inner, buf, h.id, ds, ds + h.entries.len() * line)?;
+        check_data(inner, buf, h)?;
+        return Ok((h.entries.len() * line) as u64);
+    }
+    let mut bytes = 0;
+    let mut i = 0;
+    while i < slots.len() {
+        let mut j = i;
+        while j + 1 < slots.len() && slots[j + 1] - slots[j] <= READ_GAP {
+            j += 1;
+        }
+        read_part(
+            inner,
+            buf,
+            h.id,
+            ds + slots[i] * line,
+            ds + (slots[j] + 1) * line,
+        )?;
+        bytes += ((slots[j] + 1 - slots[i]) * line) as u64;
+        i = j + 1;
+    }
+    for &s in slots {
+        let at = ds + s * line;
+        if Some(crate::format::crc(&buf[at..at + line])) != h.entries[s].crc {
+            return Err(unreadable(
+                inner,
+                h.id,
+                format!("line {s} checksum mismatch"),
+            ));
+        }
+    }
+    Ok(bytes)
+}
+
+/// Reads bytes `from..to` of segment `id`'s slot into the same range of `buf`.
+fn read_part(inner: &Inner, buf: &mut [u8], id: u64, from: usize, to: usize) -> Result<()> {
+    let off = inner.geo.segment_offset(id) + from as u64;
+    inner
+        .cache
+        .read_at(&mut buf[from..to], off)
+        .map_err(|e| Error::io(&inner.cache.describe(), off, e))
+}
+
+fn unreadable(inner: &Inner, id: u64, reason: String) -> Error {
+    Error::BadFormat {
+        device: inner.cache.describe(),
+        reason: format!("segment {id} unreadable for writeback: {reason}"),
+    }
+}
+
+/// Segment `id`'s header among the copies at the start of `buf`: the newest, or the
+/// append recovery took (`gens`).
+fn pick_header(
+    inner: &Inner,
+    buf: &[u8],
+    id: u64,
+    gens: &BTreeMap<u64, u16>,
+) -> Result<SegmentHeader> {
+    let geo = &inner.geo;
+    let h = match gens.get(&id) {
+        Some(&gen) => decode_copies(buf, geo)
+            .into_iter()
+            .flatten()
+            .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
+        None => newest_header(buf, geo, id, &inner.uuid),
+    };
+    h.map(|(h, _)| h)
+        .ok_or_else(|| unreadable(inner, id, "no header of this segment".into()))
+}
+
+/// Checks the lines of `h` in `buf` against its data crc.
+fn check_data(inner: &Inner, buf: &[u8], h: &SegmentHeader) -> Result<()> {
+    let ds = inner.geo.data_start();
+    let n = h.entries.len();
+    if crate::format::crc(&buf[ds..ds + n * LINE as usize]) != h.data_crc {
+        return Err(unreadable(inner, h.id, "data checksum mismatch".into()));
+    }
+    Ok(())
 }

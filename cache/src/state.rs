@@ -97,8 +97,10 @@ impl PendingHeader {
     pub(crate) fn encode(&self, inner: &Inner, seg: &Sealed, prev_crc: u32) -> (AlignedBuf, u32) {
         let geo = &inner.geo;
         let (ds, line) = (geo.data_start(), LINE as usize);
-        let data_crc = crc32c::crc32c_append(
+        let mut entries = self.entries.clone();
+        let data_crc = crate::format::seal_lines(
             self.crc,
+            &mut entries[self.written..seg.n],
             &seg.buf[ds + self.written * line..ds + seg.n * line],
         );
         let hdr = SegmentHeader {
@@ -110,7 +112,7 @@ impl PendingHeader {
             durable: self.durable,
             data_crc,
             uuid: inner.uuid,
-            entries: self.entries.clone(),
+            entries,
         };
         let mut b = AlignedBuf::new(geo.header_len());
         let crc = hdr.encode_into(&mut b);
@@ -235,6 +237,8 @@ pub(crate) struct CleanState {
     pub moved_lines: u64,
     /// Line copies written back to backing devices (by writeback or for the cleaner).
     pub written_back_lines: u64,
+    /// Bytes the cleaner read from the cache device (headers and live lines).
+    pub bytes_read: u64,
     /// The last plan found the tail segment movable: space can come without the
     /// backing devices (a writer waiting for space is not refused for a failed one).
     pub tail_movable: bool,

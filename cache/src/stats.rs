@@ -72,6 +72,9 @@ pub struct Stats {
     pub stale_lines: u64,
     /// Lines the cleaner moved to the head of the log (instead of writing them back).
     pub moved_lines: u64,
+    /// Bytes the cleaner read from the cache device to move lines (segment headers,
+    /// and live lines alone where the headers hold line checksums).
+    pub cleaner_bytes_read: u64,
     /// Line copies written back to the backing devices.
     pub written_back_lines: u64,
     /// Damage recovery found in the log and what of it is still lost; `None` when the

@@ -53,7 +53,7 @@ for mode in fsync plain; do
     loopback_lun /backstores/user:lc/disk0 >/dev/null
     opt=(); [ "$mode" = fsync ] && opt=(--fsync=32)
     run "$(lun_dev lc)" "lc-$mode" "${opt[@]}"
-    lc stats c0 | grep -E "nr_segments|dirty_segments|partial_segments|last_writeback_id|last_flushed_id|live_lines|stale_lines|moved_lines|written_back_lines" \
+    lc stats c0 | grep -E "nr_segments|dirty_segments|partial_segments|last_writeback_id|last_flushed_id|live_lines|stale_lines|moved_lines|cleaner_bytes_read|written_back_lines" \
         | sed "s/^/  lc-$mode after: /" | tee -a "$out"
     targetcli clearconfig confirm=True >/dev/null
     stop_lc
