@@ -61,7 +61,7 @@ use crate::device::AlignedBuf;
 use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
 use crate::index::{key, Loc};
-use crate::logio::{commit, read_header, read_lines};
+use crate::logio::{check_lines, commit, read_for_moves, read_lines, READ_GAP};
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
 
@@ -336,8 +336,17 @@ impl Cleaner {
             .range(first..=last)
             .map(|(&k, &v)| (k, v))
             .collect();
+        // Whole, unless its live lines are so few that they lie further apart than
+        // READ_GAP on average: then the header first, and the live lines alone.
+        let plan: Vec<(u64, bool)> = (first..=last)
+            .filter(|id| !skip.contains(id))
+            .map(|id| {
+                let live = st.index.seg_lines(id).dirty_live() as u64;
+                (id, live * READ_GAP as u64 >= lps)
+            })
+            .collect();
         drop(st);
-        let (bufs, headers) = match read_live(inner, first, last, &skip, &gens) {
+        let (bufs, headers) = match read_live(inner, &plan, &gens) {
             Ok(r) => r,
             Err(e) => {
                 cache_failed(inner, e);
@@ -394,25 +403,27 @@ impl Cleaner {
     }
 }
 
-/// Reads what the cleaner needs of segments `first..=last` but `skip`: each one's
-/// header, then (with the engine lock taken once in between) its live dirty lines
-/// alone, each checked against its crc ([`read_lines`]), so that cleaning a mostly
-/// stale segment reads little more than its live data. Live lines only ever become
-/// stale (a newer copy always lands at the head), so every line [`move_segment`]
-/// finds live later was read here.
+/// Reads what the cleaner needs of the segments `plan` lists (id, and whether to read
+/// it whole) and checks the live dirty lines of each against their crcs
+/// ([`check_lines`]), not the whole segment. A segment not read whole is read as its
+/// header, then (after the engine lock was taken once for all of them, to list the
+/// live lines) its live lines alone ([`read_lines`]), so that cleaning a mostly stale
+/// segment reads little more than its live data. Live lines only ever become stale (a
+/// newer copy always lands at the head), so every line [`move_segment`] finds live
+/// later was read and checked here.
 fn read_live(
     inner: &Inner,
-    first: u64,
-    last: u64,
-    skip: &[u64],
+    plan: &[(u64, bool)],
     gens: &BTreeMap<u64, u16>,
 ) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>), Error> {
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
-    for id in (first..=last).filter(|id| !skip.contains(id)) {
-        let (buf, h) = read_header(inner, id, gens)?;
+    let mut bytes = 0;
+    for &(id, whole) in plan {
+        let (buf, h, n) = read_for_moves(inner, id, whole, gens)?;
         bufs.push(buf);
         headers.push(h);
+        bytes += n;
     }
     let live: Vec<Vec<usize>> = {
         let st = inner.lock();
@@ -425,9 +436,12 @@ fn read_live(
             })
             .collect()
     };
-    let mut bytes = (headers.len() * inner.geo.data_start()) as u64;
-    for ((buf, h), slots) in bufs.iter_mut().zip(&headers).zip(&live) {
-        bytes += read_lines(inner, buf, h, slots)?;
+    for (((buf, h), slots), &(_, whole)) in bufs.iter_mut().zip(&headers).zip(&live).zip(plan) {
+        if whole {
+            check_lines(inner, buf, h, slots)?;
+        } else {
+            bytes += read_lines(inner, buf, h, slots)?;
+        }
     }
     inner.lock().clean.bytes_read += bytes;
     Ok((bufs, headers))

@@ -1075,16 +1075,8 @@ mod tests {
     #[test]
     fn line_checksums_sit_in_the_entries_reserved_bytes() {
         let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
-        let mut h = SegmentHeader {
-            id: 5,
-            lap: 1,
-            gen: 1,
-            nonce: 1,
-            prev_crc: 0,
-            durable: 4,
-            data_crc: 0,
-            uuid: [1; 16],
-            entries: (0..3)
+        let mut h = small_header(
+            (0..3)
                 .map(|i| Entry {
                     sector: 8 * i,
                     dev: 0,
@@ -1093,7 +1085,7 @@ mod tests {
                     crc: None,
                 })
                 .collect(),
-        };
+        );
         h.entries[1].crc = Some(0x0102_0304);
         h.entries[2].crc = Some(0);
         let mut buf = vec![0u8; g.header_len()];
@@ -1152,10 +1144,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_clean_entry_is_a_full_line_and_nothing_else() {
-        let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
-        let header = |dirty: u8, flags: u8| SegmentHeader {
+    /// Segment 5's first append, holding `entries`.
+    fn small_header(entries: Vec<Entry>) -> SegmentHeader {
+        SegmentHeader {
             id: 5,
             lap: 1,
             gen: 1,
@@ -1164,13 +1155,21 @@ mod tests {
             durable: 4,
             data_crc: 0,
             uuid: [1; 16],
-            entries: vec![Entry {
+            entries,
+        }
+    }
+
+    #[test]
+    fn a_clean_entry_is_a_full_line_and_nothing_else() {
+        let g = Geometry::new(512, 64 << 10, 1 << 20).unwrap();
+        let header = |dirty: u8, flags: u8| {
+            small_header(vec![Entry {
                 sector: 8,
                 dev: 0,
                 dirty,
                 flags,
                 crc: None,
-            }],
+            }])
         };
         let mut buf = vec![0u8; g.header_len()];
         header(FULL_LINE, ENTRY_CLEAN).encode_into(&mut buf);

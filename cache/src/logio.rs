@@ -88,29 +88,37 @@ pub(crate) fn read_segments(
     Ok((bufs, headers))
 }
 
-/// Reads the header copies of segment `id` into a new segment-sized buffer (its lines
-/// are read later, by [`read_lines`]) and picks its header as [`read_segments`] does.
-pub(crate) fn read_header(
+/// Reads segment `id` for the cleaner: the whole slot when `whole`, else only its
+/// header copies (its lines are read later, by [`read_lines`]); picks its header as
+/// [`read_segments`] does. Returns the buffer (segment-sized), the header and the
+/// bytes read.
+pub(crate) fn read_for_moves(
     inner: &Inner,
     id: u64,
+    whole: bool,
     gens: &BTreeMap<u64, u16>,
-) -> Result<(AlignedBuf, SegmentHeader)> {
+) -> Result<(AlignedBuf, SegmentHeader, u64)> {
     let geo = &inner.geo;
     let mut buf = AlignedBuf::new(geo.segment_size as usize);
-    read_part(inner, &mut buf, id, 0, geo.data_start())?;
+    let len = if whole {
+        geo.segment_size as usize
+    } else {
+        geo.data_start()
+    };
+    read_part(inner, &mut buf, id, 0, len)?;
     let h = pick_header(inner, &buf, id, gens)?;
-    Ok((buf, h))
+    Ok((buf, h, len as u64))
 }
 
-/// Slots further apart than this are read by separate requests; closer ones by one
-/// request spanning the lines between them (32 KiB read for one request less).
-const READ_GAP: usize = 8;
+/// Live lines further apart than this (in lines) are read by separate requests, closer
+/// ones by one request spanning the lines between them.
+pub(crate) const READ_GAP: usize = 16;
 
 /// Reads the lines `slots` (ascending) of segment `h` into `buf` (from
-/// [`read_header`]) and checks them: each against its crc in the header when every one
-/// of them has one, else the whole segment against its data crc (headers from before
-/// line checksums; all its lines are read then). Only the lines in `slots` (and those
-/// between close ones) are valid in `buf` afterwards. Returns the bytes read.
+/// [`read_for_moves`] without `whole`), in runs of slots at most [`READ_GAP`] apart,
+/// and checks them ([`check_lines`]); all its lines when one of them has no line crc.
+/// Only the lines in `slots` (and those between close ones) are valid in `buf`
+/// afterwards. Returns the bytes read.
 pub(crate) fn read_lines(
     inner: &Inner,
     buf: &mut AlignedBuf,
@@ -118,27 +126,39 @@ pub(crate) fn read_lines(
     slots: &[usize],
 ) -> Result<u64> {
     let (ds, line) = (inner.geo.data_start(), LINE as usize);
+    let mut bytes = 0;
     if slots.iter().any(|&s| h.entries[s].crc.is_none()) {
         read_part(inner, buf, h.id, ds, ds + h.entries.len() * line)?;
-        check_data(inner, buf, h)?;
-        return Ok((h.entries.len() * line) as u64);
-    }
-    let mut bytes = 0;
-    let mut i = 0;
-    while i < slots.len() {
-        let mut j = i;
-        while j + 1 < slots.len() && slots[j + 1] - slots[j] <= READ_GAP {
-            j += 1;
+        bytes = (h.entries.len() * line) as u64;
+    } else {
+        let mut i = 0;
+        while i < slots.len() {
+            let mut j = i;
+            while j + 1 < slots.len() && slots[j + 1] - slots[j] <= READ_GAP {
+                j += 1;
+            }
+            let (from, to) = (ds + slots[i] * line, ds + (slots[j] + 1) * line);
+            read_part(inner, buf, h.id, from, to)?;
+            bytes += (to - from) as u64;
+            i = j + 1;
         }
-        read_part(
-            inner,
-            buf,
-            h.id,
-            ds + slots[i] * line,
-            ds + (slots[j] + 1) * line,
-        )?;
-        bytes += ((slots[j] + 1 - slots[i]) * line) as u64;
-        i = j + 1;
+    }
+    check_lines(inner, buf, h, slots)?;
+    Ok(bytes)
+}
+
+/// Checks the lines `slots` of segment `h` in `buf`: each against its crc in the
+/// header when every one of them has one, else the whole segment against its data crc
+/// (headers from before line checksums; `buf` must hold all its lines then).
+pub(crate) fn check_lines(
+    inner: &Inner,
+    buf: &[u8],
+    h: &SegmentHeader,
+    slots: &[usize],
+) -> Result<()> {
+    let (ds, line) = (inner.geo.data_start(), LINE as usize);
+    if slots.iter().any(|&s| h.entries[s].crc.is_none()) {
+        return check_data(inner, buf, h);
     }
     for &s in slots {
         let at = ds + s * line;
@@ -150,7 +170,7 @@ pub(crate) fn read_lines(
             ));
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// Reads bytes `from..to` of segment `id`'s slot into the same range of `buf`.

@@ -255,7 +255,7 @@ fn live_and_stale_counts_add_up_and_survive_reopen() {
 /// again after a restart. The cleaner leaves that segment to writeback instead.
 #[test]
 fn a_lost_line_is_never_moved() {
-    use lc_cache::{Cache, Error, OpenOptions};
+    use lc_cache::{Cache, Error};
     // Format 1, where each flush seals a segment, so the segment boundaries below are
     // fixed by the flushes (format 2 would append to one segment).
     let cache = mem_cache_v(SEG * 48, 512, SEG as u32, 1);
@@ -299,16 +299,12 @@ fn a_lost_line_is_never_moved() {
     img[SEG as usize * 3 + 4096 + 5 * 4096 + 7] ^= 1;
     let reopen = |img: Vec<u8>| {
         let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-        let (c, _) = Cache::open(
+        let c = open(
             dev.clone(),
-            backings(std::slice::from_ref(&backing)),
-            OpenOptions {
-                ram_bytes: 4 * SEG,
-                tunables: tunables("0.8"),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+            std::slice::from_ref(&backing),
+            tunables("0.8"),
+            4,
+        );
         (c, dev)
     };
     let (c, dev) = reopen(img);
@@ -417,14 +413,23 @@ fn put(c: &lc_cache::Cache, serial: &mut [u64], l: u64, s: u64) -> Result<(), lc
     Ok(())
 }
 
-/// Segments 1..=8 full, then every line but those in slots 0 and 10 rewritten: the
+/// Segment size of the sparse-tail tests: 252 lines, so that a few live lines lie far
+/// apart.
+const BIG: u64 = 1 << 20;
+/// Lines of [`BIG`] segments.
+const BIG_LINES: u64 = 252;
+/// The line the sparse-tail tests rewrite (after the eight sparse segments' lines).
+const HOT: u64 = 8 * BIG_LINES;
+
+/// Segments 1..=8 full, then every line but those in slots 0 and 100 rewritten: the
 /// eight segments keep two live lines each, far apart. Flushed.
 fn fill_sparse(c: &lc_cache::Cache, serial: &mut [u64]) {
     let lps = c.geometry().lines_per_segment as u64;
+    assert_eq!(lps, BIG_LINES);
     for l in 0..8 * lps {
         put(c, serial, l, 1).unwrap();
     }
-    for l in (0..8 * lps).filter(|l| l % lps != 0 && l % lps != 10) {
+    for l in (0..8 * lps).filter(|l| l % lps != 0 && l % lps != 100) {
         put(c, serial, l, 2).unwrap();
     }
     c.flush().unwrap();
@@ -436,7 +441,7 @@ fn fill_sparse(c: &lc_cache::Cache, serial: &mut [u64]) {
 fn rewrite_until_moved(c: &lc_cache::Cache, serial: &mut [u64]) -> Option<lc_cache::Error> {
     let lps = c.geometry().lines_per_segment as u64;
     for i in 0..3 * SLOTS * lps {
-        if let Err(e) = put(c, serial, 200, 3 + i).and_then(|_| c.flush()) {
+        if let Err(e) = put(c, serial, HOT, 3 + i).and_then(|_| c.flush()) {
             return Some(e);
         }
         if c.stats().moved_lines >= 16 && c.stats().last_writeback_id >= 8 {
@@ -458,6 +463,27 @@ fn check_lines(c: &lc_cache::Cache, serial: &[u64]) {
     }
 }
 
+/// A cache of [`BIG`] segments, [`fill_sparse`]d: the cache, its device, its backing
+/// device and the serials written.
+fn sparse_cache() -> (
+    lc_cache::Cache,
+    Arc<dyn BlockDevice>,
+    Arc<dyn BlockDevice>,
+    Vec<u64>,
+) {
+    let cache = mem_cache(BIG * (SLOTS + 1), 512, BIG as u32);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
+    let c = open(
+        cache.clone(),
+        std::slice::from_ref(&backing),
+        tunables("0.8"),
+        4,
+    );
+    let mut serial = vec![0u64; HOT as usize + 1];
+    fill_sparse(&c, &mut serial);
+    (c, cache, backing, serial)
+}
+
 /// [`fill_sparse`] then [`rewrite_until_moved`]; `rot` flips a byte of line
 /// `(segment, slot)` on the device in between. Returns the cache (maybe failed), its
 /// device, the serials and the error that stopped the rewrites.
@@ -469,16 +495,7 @@ fn sparse_tails(
     Vec<u64>,
     Option<lc_cache::Error>,
 ) {
-    let cache = mem_cache(SEG * (SLOTS + 1), 512, SEG as u32);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        tunables("0.8"),
-        4,
-    );
-    let mut serial = vec![0u64; 256];
-    fill_sparse(&c, &mut serial);
+    let (c, cache, _, mut serial) = sparse_cache();
     if let Some((id, slot)) = rot {
         let off = c.geometry().line_offset(id, slot) + 100;
         let mut b = vec![0u8; 512];
@@ -519,33 +536,14 @@ fn strip_line_crcs(img: &mut [u8], g: &lc_cache::Geometry, last: u64) {
 /// checks its data crc, as before, and moves its lines all the same.
 #[test]
 fn a_segment_without_line_crcs_is_read_whole() {
-    use lc_cache::{Cache, OpenOptions};
-    let cache = mem_cache(SEG * (SLOTS + 1), 512, SEG as u32);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        tunables("0.8"),
-        4,
-    );
-    let mut serial = vec![0u64; 256];
-    fill_sparse(&c, &mut serial);
+    let (c, cache, backing, mut serial) = sparse_cache();
     let (g, last) = (c.geometry(), c.stats().open_segment_id);
     let mut img = vec![0u8; cache.size() as usize];
     cache.read_at(&mut img, 0).unwrap();
     std::mem::forget(c); // killed
     strip_line_crcs(&mut img, &g, last);
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-    let (c, _) = Cache::open(
-        dev,
-        backings(&[backing]),
-        OpenOptions {
-            ram_bytes: 4 * SEG,
-            tunables: tunables("0.8"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let c = open(dev, &[backing], tunables("0.8"), 4);
     check_lines(&c, &serial);
     let err = rewrite_until_moved(&c, &mut serial);
     assert!(err.is_none(), "{err:?}");
@@ -574,10 +572,10 @@ fn the_cleaner_reads_live_lines_alone() {
         s.moved_lines, s.cleaner_bytes_read, s.last_writeback_id
     );
     assert!(s.moved_lines >= 16 && s.last_writeback_id >= 8);
-    // Whole segments would be at least half a segment per line moved (two live lines
-    // per segment); a header (8 KiB here) and the line are an eighth.
+    // Whole segments would be half a segment per line moved (two live lines per
+    // segment); a header (16 KiB) and a line are a fiftieth.
     assert!(
-        s.cleaner_bytes_read * 4 <= s.moved_lines * SEG,
+        s.cleaner_bytes_read * 16 <= s.moved_lines * BIG,
         "{} bytes read to move {} lines",
         s.cleaner_bytes_read,
         s.moved_lines
@@ -590,12 +588,12 @@ fn the_cleaner_reads_live_lines_alone() {
 /// over rotten data): the cache fails, and after a restart the line reads as lost.
 #[test]
 fn a_rotten_live_line_is_never_moved() {
-    use lc_cache::{Cache, Error, OpenOptions};
-    let (c, dev, _, err) = sparse_tails(Some((2, 10)));
+    use lc_cache::Error;
+    let (c, dev, _, err) = sparse_tails(Some((2, 100)));
     let err = err.expect("writes stop");
     assert!(matches!(err, Error::Failed(_)), "{err}");
     assert!(
-        format!("{err:?}").contains("line 10 checksum mismatch"),
+        format!("{err:?}").contains("line 100 checksum mismatch"),
         "{err:?}"
     );
     let lps = c.geometry().lines_per_segment as u64;
@@ -603,18 +601,9 @@ fn a_rotten_live_line_is_never_moved() {
     dev.read_at(&mut img, 0).unwrap();
     std::mem::forget(c); // killed
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let (c, _) = Cache::open(
-        dev,
-        backings(&[backing]),
-        OpenOptions {
-            ram_bytes: 4 * SEG,
-            tunables: tunables("0.8"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
+    let c = open(dev, &[backing], tunables("0.8"), 4);
     let mut b = vec![0u8; 4096];
-    let r = c.read(0, (lps + 10) * 4096, &mut b);
+    let r = c.read(0, (lps + 100) * 4096, &mut b);
     assert!(matches!(r, Err(Error::Lost { .. })), "{r:?}");
 }
