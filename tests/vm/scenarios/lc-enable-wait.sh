@@ -99,7 +99,7 @@ sys.exit(0 if (luns["disk1"]["served_by"] or "").startswith("uio") else 1)' || f
 step "disk0's flushed data reads back; disk1 serves reads and writes"
 got=$(dd if="$dev0" bs=1M count=16 iflag=direct status=none | sha256sum | cut -d' ' -f1)
 [ "$got" = "$sha" ] || fail "disk0 data differs after the restart"
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null || fail "LUN on disk1"
+add_lun "$wwn" /backstores/user:lc/disk1 || fail "LUN on disk1"
 dev1=$(lun_dev lc "$dev0")
 fio_verify "$dev1" 16M
 fio_verify "$dev0" 8M

@@ -25,10 +25,8 @@ TOML
 start_lc
 targetcli /backstores/user:lc create name=disk0 size=512M cfgstring=disk0 >/dev/null
 targetcli /backstores/user:lc create name=disk1 size=512M cfgstring=disk1 >/dev/null
-targetcli /loopback create >/dev/null
-wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk0 >/dev/null
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null
+wwn=$(loopback_lun /backstores/user:lc/disk0)
+add_lun "$wwn" /backstores/user:lc/disk1
 sleep 2
 d0=$(lsscsi | awk '$3 == "LIO-ORG" && $4 == "lc" {print $NF}' | sed -n 1p)
 d1=$(lsscsi | awk '$3 == "LIO-ORG" && $4 == "lc" {print $NF}' | sed -n 2p)

@@ -39,7 +39,7 @@ targetcli /backstores/user:lc create name=disk0 size=512M cfgstring=disk0 >/dev/
 targetcli /backstores/user:lc create name=disk1 size=512M cfgstring=disk1 >/dev/null
 wwn=$(loopback_lun /backstores/user:lc/disk0)
 d0=$(lun_dev lc)
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null
+add_lun "$wwn" /backstores/user:lc/disk1
 d1=$(lun_dev lc "$d0")
 echo "disk0 is $d0, disk1 is $d1"
 

@@ -53,7 +53,7 @@ for _ in $(seq 50); do grep -q "configuration reloaded" /tmp/lc.log && break; sl
 grep "configuration reloaded" /tmp/lc.log || fail "no reload after SIGHUP"
 targetcli /backstores/user:lc create name=disk8 size=64M cfgstring=disk8 >/dev/null || fail "disk8 refused"
 wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk8 >/dev/null
+add_lun "$wwn" /backstores/user:lc/disk8
 dev8=$(lun_dev lc "$dev")
 fio_verify "$dev8" 8M
 wait "$busy" || { cat /tmp/busy.out; fail "fio on disk9 saw errors across the reload"; }

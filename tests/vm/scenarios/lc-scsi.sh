@@ -205,7 +205,7 @@ scsi_checks "$dev" loopback
 step "EXTENDED COPY (sg_xcopy): within disk0, and from disk0 to disk1, another LUN of the daemon"
 targetcli /backstores/user:lc create name=disk1 size=64M cfgstring=disk1 >/dev/null
 wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
-targetcli "/loopback/$wwn/luns" create /backstores/user:lc/disk1 >/dev/null
+add_lun "$wwn" /backstores/user:lc/disk1
 dev1=""
 for _ in $(seq 100); do # LUN 1 of the loopback target
     dev1=$(lsscsi | awk '$1 ~ /:1]$/ && $3 == "LIO-ORG" && $4 == "lc" {print $NF}' | head -1)

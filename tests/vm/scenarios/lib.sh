@@ -7,7 +7,9 @@ fail() {
     jobs -p | xargs -r kill 2>/dev/null
     exit 1
 }
-step() { echo "--- $*"; }
+# Each step says when it started (seconds into the scenario): where a slow run's time went.
+step() { echo "--- [${SECONDS}s] $*"; }
+
 
 start_lc() {
     mkdir -p /run/lc
@@ -63,11 +65,47 @@ retable() {
     dmsetup resume "$1"
 }
 
+# The harness makes loopback LUNs through configfs, as rtslib does: under TCG each
+# targetcli call costs about 6 s (5 of them importing its Python modules), and the
+# default run made some 60 of them for LUNs alone. The backstores themselves are
+# created with targetcli (the user's path, which lc-basic and lc-reboot check).
+cfs=/sys/kernel/config/target
+
+# The configfs directory of the backstore targetcli calls $1 (/backstores/TYPE/NAME).
+so_dir() {
+    local type=${1#/backstores/} hba d
+    type=${type%%/*}
+    case $type in
+    user:*) hba=user ;;
+    block) hba=iblock ;;
+    fileio) hba=fileio ;;
+    ramdisk) hba=rd_mcp ;;
+    *) fail "so_dir: backstore type $type" ;;
+    esac
+    for d in "$cfs"/core/"$hba"_*/"${1##*/}"; do
+        [ -d "$d" ] && { echo "$d"; return 0; }
+    done
+    fail "so_dir: no $1 in configfs"
+}
+
+# Backstore $2 as the next LUN (lun_N, targetcli's lunN) of loopback target $1.
+add_lun() {
+    local tpg=$cfs/loopback/$1/tpgt_1 so n=0
+    so=$(so_dir "$2")
+    while [ -e "$tpg/lun/lun_$n" ]; do n=$((n + 1)); done
+    mkdir "$tpg/lun/lun_$n"
+    ln -s "$so" "$tpg/lun/lun_$n/port_$n"
+}
+
+# A new loopback target (its own SCSI host, the nexus set first so the LUN is scanned
+# when it is added) with backstore $1 as LUN 0; prints the target's wwn.
 loopback_lun() {
-    local backstore=$1 wwn
-    targetcli /loopback create >/dev/null
-    wwn=$(ls /sys/kernel/config/target/loopback | grep naa | head -1)
-    targetcli "/loopback/$wwn/luns" create "$backstore" >/dev/null
+    local wwn
+    naa() { echo "naa.5001405$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n' | cut -c1-9)"; }
+    wwn=$(naa)
+    mkdir -p "$cfs/loopback/$wwn/tpgt_1"
+    echo -n "$(naa)" >"$cfs/loopback/$wwn/tpgt_1/nexus"
+    add_lun "$wwn" "$1"
     echo "$wwn"
 }
 
@@ -118,6 +156,14 @@ fio_verify() {
 # no device-mapper devices, the default config.
 pkill -x fio >/dev/null 2>&1 || true
 iscsiadm -m node --logoutall=all >/dev/null 2>&1 || true
+# LUNs a scenario left after stopping lc: removing them makes sd send SYNCHRONIZE
+# CACHE to a ring no daemon serves, which TCMU times out and sd retries (clearconfig
+# took 165 s that way). Commands to an offline SCSI device fail at once.
+if ! pgrep -x lc >/dev/null; then
+    for d in /sys/class/scsi_device/*/device; do
+        if grep -qs LIO-ORG "$d/vendor"; then echo offline 2>/dev/null >"$d/state" || true; fi
+    done
+fi
 targetcli clearconfig confirm=True >/dev/null 2>&1 || true
 pkill -x lc >/dev/null 2>&1 || true
 for _ in $(seq 50); do pgrep -x lc >/dev/null || break; sleep 0.2; done
