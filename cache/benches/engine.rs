@@ -262,11 +262,12 @@ fn overwrite_case(p: &Path) {
         let d = start.elapsed();
         let s = cache.stats();
         println!(
-            "  clean_live_max {clean}: {} MiB in {:.1} s = {:.1} MiB/s; moved {} lines, wrote back {} ({} MiB to the backing device), cache device {} MiB written",
+            "  clean_live_max {clean}: {} MiB in {:.1} s = {:.1} MiB/s; moved {} lines ({} MiB read by the cleaner), wrote back {} ({} MiB to the backing device), cache device {} MiB written",
             written / MIB,
             d.as_secs_f64(),
             mbps(written, d),
             s.moved_lines,
+            s.cleaner_bytes_read / MIB,
             s.written_back_lines,
             s.backing_bytes_written / MIB,
             s.cache_bytes_written / MIB

@@ -156,12 +156,17 @@ fio_verify() {
 # no device-mapper devices, the default config.
 pkill -x fio >/dev/null 2>&1 || true
 iscsiadm -m node --logoutall=all >/dev/null 2>&1 || true
-# LUNs a scenario left after stopping lc: removing them makes sd send SYNCHRONIZE
-# CACHE to a ring no daemon serves, which TCMU times out and sd retries (clearconfig
-# took 165 s that way). Commands to an offline SCSI device fail at once.
+# LUNs a scenario left after stopping lc: removing one makes sd (sd_remove ->
+# sd_shutdown) send SYNCHRONIZE CACHE into a ring no daemon serves, which TCMU times
+# out and sd retries (clearconfig took 100-165 s that way; an offline device still
+# gets it). "temporary write through" clears sd's write-cache flag without a MODE
+# SELECT, so sd sends no SYNCHRONIZE CACHE.
 if ! pgrep -x lc >/dev/null; then
     for d in /sys/class/scsi_device/*/device; do
-        if grep -qs LIO-ORG "$d/vendor"; then echo offline 2>/dev/null >"$d/state" || true; fi
+        grep -qs LIO-ORG "$d/vendor" || continue
+        for c in "$d"/scsi_disk/*/cache_type; do
+            echo "temporary write through" 2>/dev/null >"$c" || true
+        done
     done
 fi
 targetcli clearconfig confirm=True >/dev/null 2>&1 || true
