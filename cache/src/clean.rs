@@ -431,7 +431,7 @@ fn read_live(
             .iter()
             .map(|h| {
                 (0..h.entries.len())
-                    .filter(|&slot| live_at(&st, h, slot).is_some_and(|l| !l.clean))
+                    .filter(|&slot| live_at(&st, h, slot).is_some_and(|(_, l)| !l.clean))
                     .collect()
             })
             .collect()
@@ -447,12 +447,15 @@ fn read_live(
     Ok((bufs, headers))
 }
 
-/// The index's location of the line in slot `slot` of segment `h`, if it is that copy.
-fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<Loc> {
+/// The index key of the line in slot `slot` of segment `h`, and its location in the
+/// index if that is this copy (the line is live here).
+fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<(u64, Loc)> {
     let e = &h.entries[slot];
+    let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
     st.index
-        .get(key(e.dev, e.sector / crate::format::SECTORS_PER_LINE))
+        .get(k)
         .filter(|l| l.seg == h.id && l.slot as usize == slot)
+        .map(|l| (k, l))
 }
 
 /// Moves the live lines of segment `h` (its bytes in `buf`) to the open segment, at
@@ -474,9 +477,8 @@ fn move_segment(
     let ds = geo.data_start();
     // A live line lost to damage must never get a newer copy (it would read again).
     if st.damage.unresolved() {
-        for (slot, e) in h.entries.iter().enumerate() {
-            let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
-            if let Some(l) = live_at(st, h, slot) {
+        for slot in 0..h.entries.len() {
+            if let Some((k, l)) = live_at(st, h, slot) {
                 let bits = if l.tomb { FULL_LINE } else { l.dirty };
                 if !st.damage.readable(k, bits, Some(l)) {
                     return Moved::Unmovable;
@@ -486,8 +488,7 @@ fn move_segment(
     }
     let mut moved = 0;
     for (slot, e) in h.entries.iter().enumerate().skip(*next) {
-        let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
-        let Some(l) = live_at(st, h, slot) else {
+        let Some((k, l)) = live_at(st, h, slot) else {
             continue; // stale: a newer copy exists (or the line was written back)
         };
         if l.clean {

@@ -127,7 +127,7 @@ pub(crate) fn read_lines(
 ) -> Result<u64> {
     let (ds, line) = (inner.geo.data_start(), LINE as usize);
     let mut bytes = 0;
-    if slots.iter().any(|&s| h.entries[s].crc.is_none()) {
+    if !line_crcs(h, slots) {
         read_part(inner, buf, h.id, ds, ds + h.entries.len() * line)?;
         bytes = (h.entries.len() * line) as u64;
     } else {
@@ -157,7 +157,7 @@ pub(crate) fn check_lines(
     slots: &[usize],
 ) -> Result<()> {
     let (ds, line) = (inner.geo.data_start(), LINE as usize);
-    if slots.iter().any(|&s| h.entries[s].crc.is_none()) {
+    if !line_crcs(h, slots) {
         return check_data(inner, buf, h);
     }
     for &s in slots {
@@ -173,6 +173,12 @@ pub(crate) fn check_lines(
     Ok(())
 }
 
+/// True when the header of `h` records the crc of every line in `slots` (false for
+/// headers written before line checksums).
+fn line_crcs(h: &SegmentHeader, slots: &[usize]) -> bool {
+    slots.iter().all(|&s| h.entries[s].crc.is_some())
+}
+
 /// Reads bytes `from..to` of segment `id`'s slot into the same range of `buf`.
 fn read_part(inner: &Inner, buf: &mut [u8], id: u64, from: usize, to: usize) -> Result<()> {
     let off = inner.geo.segment_offset(id) + from as u64;
@@ -185,7 +191,7 @@ fn read_part(inner: &Inner, buf: &mut [u8], id: u64, from: usize, to: usize) -> 
 fn unreadable(inner: &Inner, id: u64, reason: String) -> Error {
     Error::BadFormat {
         device: inner.cache.describe(),
-        reason: format!("segment {id} unreadable for writeback: {reason}"),
+        reason: format!("segment {id} unreadable for writeback or cleaning: {reason}"),
     }
 }
 

@@ -10,7 +10,6 @@ fail() {
 # Each step says when it started (seconds into the scenario): where a slow run's time went.
 step() { echo "--- [${SECONDS}s] $*"; }
 
-
 start_lc() {
     mkdir -p /run/lc
     lc serve --config /etc/lc/lc.toml >>/tmp/lc.log 2>&1 &
