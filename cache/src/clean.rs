@@ -17,12 +17,14 @@
 //! for tiny rings so that the reserve below always fits a cleaning step that gains a
 //! slot (see [`live_max`]).
 //!
-//! When: under *pressure* (the flusher or a writer raised `need_space`, or the free
-//! slots fell below [`low_watermark`], so cleaning starts before writers stall), or
-//! when background writeback would run (dirty share above `writeback_threshold`).
-//! In the background case the rule weighs live lines against the lines the segment
-//! holds, so only mostly stale segments are moved and the rest is written back as
-//! before; forced writeback and drains always write back.
+//! When: only under *pressure* (the flusher or a writer raised `need_space`, or the
+//! free slots fell below [`low_watermark`], so cleaning starts before writers stall).
+//! The later a tail segment is cleaned, the more of its lines later writes have made
+//! stale: moving earlier moves lines for nothing. (It used to move segments as soon as
+//! the log was `writeback_threshold` full: with a working set of half the cache,
+//! tail segments 60 % live, three lines moved per line written.) Background writeback
+//! runs on the *dirty data* ([`dirty_pct`]), not on the log's fill; forced writeback
+//! and drains always write back.
 //!
 //! Correctness:
 //! - A line is moved under the state lock only if the index still points at the old
@@ -95,6 +97,20 @@ pub(crate) fn live_max(geo: &Geometry, t: &Tunables) -> u64 {
         return 0;
     }
     (t.clean_live_max.min(95) as u64).min(100 * r / (r + 1))
+}
+
+/// The dirty share (percent) background writeback compares with `writeback_threshold`.
+/// With moving on, the live dirty lines (and discard records) against the ring's line
+/// capacity: the data that still needs the backing devices. Stale lines are not dirty
+/// data; the cleaner reclaims their slots when the log runs short. With moving off
+/// only writeback frees slots, so the log's fill ([`State::dirty_log_pct`]) as
+/// before the cleaner.
+pub(crate) fn dirty_pct(geo: &Geometry, st: &State) -> u64 {
+    if live_max(geo, &st.tunables) == 0 {
+        return st.dirty_log_pct(geo.nr_segments, st.tunables.writeback_threshold as u64);
+    }
+    let dirty: u64 = st.backing.iter().flatten().map(|b| b.dirty).sum();
+    dirty * 100 / (geo.nr_segments * geo.lines_per_segment as u64)
 }
 
 /// Cleaning starts when fewer slots than this are free.
@@ -225,17 +241,11 @@ impl Cleaner {
         let f = live_max(geo, &st.tunables);
         let moving = f > 0 && st.drains == 0 && !st.stop_flush && !st.stop_writeback;
         let free = free_slots(geo, &st);
-        let t = &st.tunables;
-        // Background writeback above the threshold makes room too: the rule decides
-        // how (only `writeback_force` and drains ask for the backing devices as such).
-        let dirty_pct = st.dirty_log_pct(geo.nr_segments, t.writeback_threshold as u64);
-        let above =
-            t.writeback_enabled && !t.writeback_force && dirty_pct > t.writeback_threshold as u64;
-        let pressure = st.need_space || free < low_watermark(geo, t) as i64;
-        let wanted = moving && (pressure || above);
-        // The rule: under pressure, live lines against the slot a move frees; in the
-        // background, against the lines the segment holds (only mostly stale segments
-        // are moved, the rest is written back as before).
+        // Only under pressure: moving early only moves lines that later writes would
+        // have made stale, and frees nothing writers need yet (background writeback,
+        // above `writeback_threshold`, is the writeback thread's, see [`dirty_pct`]).
+        let pressure = st.need_space || free < low_watermark(geo, &st.tunables) as i64;
+        let wanted = moving && pressure;
         // A failing backing device: writeback of a tail holding its lines cannot
         // succeed, so under pressure the tail is moved whatever its live share, as
         // long as the log holds a segment's worth of stale lines for the rotation to
@@ -261,17 +271,9 @@ impl Cleaner {
                 && tail <= st.damage.writeback_limit()
                 && self.unmovable != Some(tail)
                 && (rotation || st.index.seg_lines(tail).dirty_live() as u64 * 100 <= f * lps));
+        // The rule: live lines against the slot a move frees.
         let movable = |st: &State, id: u64| {
-            if rotate {
-                return true;
-            }
-            let n = st.index.seg_lines(id);
-            let of = if pressure {
-                lps
-            } else {
-                (n.lines as u64).max(1)
-            };
-            n.dirty_live() as u64 * 100 <= f * of
+            rotate || st.index.seg_lines(id).dirty_live() as u64 * 100 <= f * lps
         };
         if !wanted && self.pending.is_none() {
             return Step::Idle;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use slog::{info, warn};
 
-use crate::clean::{Cleaner, Step};
+use crate::clean::{dirty_pct, Cleaner, Step};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::Error;
 use crate::format::{SegmentHeader, LINE, SECTOR, SECTORS_PER_LINE};
@@ -53,12 +53,10 @@ fn should_run(inner: &Inner, st: &State) -> bool {
         return false;
     }
     let t = &st.tunables;
-    let threshold = t.writeback_threshold as u64;
-    let dirty_pct = st.dirty_log_pct(inner.geo.nr_segments, threshold);
     t.writeback_force
         || st.need_space
         || st.drains > 0
-        || (t.writeback_enabled && dirty_pct > threshold)
+        || (t.writeback_enabled && dirty_pct(&inner.geo, st) > t.writeback_threshold as u64)
 }
 
 /// Body of the writeback thread.

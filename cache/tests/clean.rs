@@ -165,6 +165,114 @@ fn without_moving_the_same_workload_writes_back() {
     );
 }
 
+/// The cleaner waits for the log to run short, and background writeback waits for
+/// dirty data: random overwrites of a working set of a quarter of the ring, until the
+/// log is above `writeback_threshold` full (71 %: its tail segments hold a few live
+/// lines each), have nothing moved or written back; once the log runs short the
+/// cleaner moves lines, and the backing device still gets nothing (a quarter of the
+/// ring is dirty, under the threshold).
+#[test]
+fn nothing_is_cleaned_or_written_back_before_it_is_needed() {
+    let seed = seed("clean-lazy");
+    let mut rng = rng(seed);
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let working = SLOTS * 15 / 4;
+    let backing = Arc::new(Counting {
+        inner: Arc::new(MemDevice::new(working * 4096)),
+        writes: AtomicU64::new(0),
+    });
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let mut t = tunables("0.8");
+    t.writeback_enabled = true;
+    assert_eq!(t.writeback_threshold, 70);
+    let c = open(cache, &devs, t, 4);
+    let mut buf = vec![0u8; 4096];
+    let mut model = vec![0u64; working as usize];
+    let mut i = 0u64;
+    // A segment's worth of random overwrites, made durable.
+    let mut segment = |c: &lc_cache::Cache, model: &mut [u64]| {
+        for _ in 0..15 {
+            i += 1;
+            let l = rng.gen_range(0..working);
+            buf[..8].copy_from_slice(&i.to_le_bytes());
+            c.write(0, l * 4096, &buf, false).unwrap();
+            model[l as usize] = i;
+        }
+        c.flush().unwrap();
+    };
+    while c.stats().last_flushed_id * 100 <= SLOTS * 70 {
+        segment(&c, &mut model);
+    }
+    // Time for the writeback thread to act on a log above the threshold by fill.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = c.stats();
+    assert!(
+        s.last_flushed_id < SLOTS * 3 / 4,
+        "seed {seed}: {} flushed",
+        s.last_flushed_id
+    );
+    assert_eq!(
+        (s.moved_lines, s.written_back_lines),
+        (0, 0),
+        "seed {seed}: nothing cleaned early"
+    );
+    while c.stats().last_flushed_id < 5 * SLOTS {
+        segment(&c, &mut model);
+    }
+    let s = c.stats();
+    assert!(
+        s.moved_lines > 0,
+        "seed {seed}: the cleaner moved lines once the log ran short"
+    );
+    assert_eq!(s.written_back_lines, 0, "seed {seed}");
+    assert_eq!(backing.writes.load(Ordering::Relaxed), 0, "seed {seed}");
+    let mut buf = vec![0u8; 4096];
+    for (l, &want) in model.iter().enumerate() {
+        c.read(0, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(buf[..8].try_into().unwrap()),
+            want,
+            "seed {seed}: line {l}"
+        );
+    }
+    c.check_line_counts().unwrap();
+    c.close().unwrap();
+}
+
+/// Background writeback runs on dirty data: a working set of 40 % of the ring written
+/// once, under a threshold of 20 %, reaches the backing device though the log is far
+/// from short of slots.
+#[test]
+fn dirty_data_above_the_threshold_is_written_back() {
+    let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
+    let working = SLOTS * 15 * 2 / 5;
+    let backing = Arc::new(Counting {
+        inner: Arc::new(MemDevice::new(working * 4096)),
+        writes: AtomicU64::new(0),
+    });
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let mut t = tunables("0.8");
+    t.writeback_enabled = true;
+    t.writeback_threshold = 20;
+    let c = open(cache, &devs, t, 4);
+    let buf = vec![7u8; 4096];
+    for l in 0..working {
+        c.write(0, l * 4096, &buf, false).unwrap();
+    }
+    c.flush().unwrap();
+    let start = std::time::Instant::now();
+    while c.stats().written_back_lines == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing written back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.stats().moved_lines, 0);
+    assert!(backing.writes.load(Ordering::Relaxed) > 0);
+    c.close().unwrap();
+}
+
 #[test]
 fn a_dead_backing_device_does_not_stop_cleaning() {
     let seed = seed("clean-dead-disk");
