@@ -38,7 +38,8 @@ pub struct Tunables {
     /// Format 2: while flushes come often, the flusher writes the open segment's lines
     /// to its slot once this many have accumulated, so a flush then writes little more
     /// than a header; 0 = never (a flush writes every line since the last one),
-    /// 0..=1024 (default 8).
+    /// 0..=1024 (default 0: in the test guest staging cost durable random writes a
+    /// third of their speed, natively it won 6 %; docs/CONFIG.md).
     pub stage_lines: u32,
     /// Read caching: a line read whole from a backing device (not cached) is promoted
     /// into the cache as a clean copy at its N-th such miss; 0 = never promote,
@@ -65,7 +66,7 @@ impl Default for Tunables {
             writeback_fail_timeout_s: 20,
             clean_live_max: 80,
             checkpoint_interval_segments: 256,
-            stage_lines: 8,
+            stage_lines: 0,
             read_promote_threshold: 1,
             sequential_cutoff: 4 << 20,
         }

@@ -49,6 +49,8 @@ fn assert_sectors(c: &Cache, b: u64, want: impl Fn(u64) -> u64) {
 fn no_writeback() -> Tunables {
     Tunables {
         writeback_enabled: false,
+        // These tests were written with staging on (the default until 2026-12).
+        stage_lines: 8,
         ..Tunables::default()
     }
 }

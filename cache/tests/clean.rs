@@ -207,7 +207,7 @@ fn nothing_is_cleaned_or_written_back_before_it_is_needed() {
     std::thread::sleep(Duration::from_millis(1500));
     let s = c.stats();
     assert!(
-        s.last_flushed_id < SLOTS * 3 / 4,
+        s.last_flushed_id <= SLOTS - 7, // more free slots than the low watermark (6)
         "seed {seed}: {} flushed",
         s.last_flushed_id
     );
