@@ -164,9 +164,11 @@ fn head(st: &State) -> Pos {
 }
 
 /// What a cleaning step did or asks the writeback thread to do.
-pub(crate) enum Step {
-    /// Nothing to clean: the writeback thread goes on as before.
-    Idle,
+pub(crate) enum Step<'a> {
+    /// Nothing to clean: the writeback thread goes on as before, in the same hold of
+    /// the lock the cleaner decided in (so a writer cannot run short in between and
+    /// have its room made by a writeback batch instead of a move).
+    Idle(MutexGuard<'a, State>),
     /// Progress (or a bounded wait for it); call again.
     Worked,
     /// Write back segments `first..=last` (the tail is too live to move, or cannot be).
@@ -205,13 +207,13 @@ enum Moved {
 
 impl Cleaner {
     /// One cleaning step. Takes the state lock held by the caller and releases it.
-    pub(crate) fn step(&mut self, inner: &Inner, mut st: MutexGuard<'_, State>) -> Step {
+    pub(crate) fn step<'a>(&mut self, inner: &'a Inner, mut st: MutexGuard<'a, State>) -> Step<'a> {
         let geo = &inner.geo;
         let lps = geo.lines_per_segment as u64;
         if st.failed.is_some() {
             self.pending = None;
             self.clean_lines.clear();
-            return Step::Idle;
+            return Step::Idle(st);
         }
         // Segments beyond the ring (users filled it before the reserve applied, e.g.
         // moving was just turned on): moves could not be written before writeback
@@ -260,6 +262,9 @@ impl Cleaner {
                 .sum::<u64>()
                 >= lps;
         let rotate = pressure && rotation;
+        // The rule: live lines against the slot a move frees.
+        let passes =
+            |st: &State, id: u64| st.index.seg_lines(id).dirty_live() as u64 * 100 <= f * lps;
         // For a writer waiting for space (`State::stuck_refusal`): space comes without
         // the backing devices while moved segments wait for release or the tail
         // passes the rule under pressure (flushed or not yet).
@@ -270,13 +275,10 @@ impl Cleaner {
                 && tail < st.next_id
                 && tail <= st.damage.writeback_limit()
                 && self.unmovable != Some(tail)
-                && (rotation || st.index.seg_lines(tail).dirty_live() as u64 * 100 <= f * lps));
-        // The rule: live lines against the slot a move frees.
-        let movable = |st: &State, id: u64| {
-            rotate || st.index.seg_lines(id).dirty_live() as u64 * 100 <= f * lps
-        };
+                && (rotation || passes(&st, tail)));
+        let movable = |st: &State, id: u64| rotate || passes(st, id);
         if !wanted && self.pending.is_none() {
-            return Step::Idle;
+            return Step::Idle(st);
         }
         // 2. Plan: the tail segments after what was moved already, while each is live at
         // most `f` and their live lines fit the slots that may be written.
@@ -321,7 +323,7 @@ impl Cleaner {
                 }
                 return Step::Writeback { first, last };
             }
-            return Step::Idle;
+            return Step::Idle(st);
         }
         // 3. Read the planned segments and move. Damaged segments and segments with no
         // live line (live counts only fall) have nothing to move and are not read,

@@ -65,8 +65,6 @@ pub(crate) fn run(inner: &Inner) {
     // When the last batch failed on a backing device, and the pause before the retry.
     let mut last_error: Option<(Instant, Duration)> = None;
     let mut cleaner = Cleaner::default();
-    // The cleaner is being asked again at once (a writer ran short since it looked).
-    let mut recheck = false;
     // Whether the last flush of changed backing devices failed (warned once).
     let mut settle_failed = false;
     let mut st = inner.lock();
@@ -97,29 +95,17 @@ pub(crate) fn run(inner: &Inner) {
         if st.failed.is_none() {
             match cleaner.step(inner, st) {
                 Step::Worked => {
-                    recheck = false;
                     st = inner.lock();
                     continue;
                 }
-                Step::Writeback { first, last } => range = Some((first, last)),
-                Step::Idle => {}
+                Step::Writeback { first, last } => {
+                    range = Some((first, last));
+                    st = inner.lock();
+                }
+                // Still the hold the cleaner found no pressure in: a writer short of
+                // space now would have had a move.
+                Step::Idle(g) => st = g,
             }
-            st = inner.lock();
-            // A writer ran short of space since the cleaner looked (it found no
-            // pressure): moving makes that room, not a writeback batch at the backing
-            // devices' speed, when the tail can be moved.
-            // (Once: a cleaner that found nothing to do under pressure as well leaves
-            // it to writeback, as before.)
-            if !recheck
-                && st.need_space
-                && st.clean.tail_movable
-                && st.failed.is_none()
-                && st.wb_id < st.flushed_id
-            {
-                recheck = true;
-                continue;
-            }
-            recheck = false;
         }
         if st.stop_writeback {
             // Asked to stop while the cleaner had the lock released: the top of the

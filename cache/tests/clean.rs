@@ -98,14 +98,7 @@ fn overwrite(seed: u64, clean_live_max: &str, working: u64, laps: u64) -> Run {
                 .unwrap_or_else(|e| panic!("seed {seed} after write {i}: {e}"));
         }
     }
-    for (l, &want) in model.iter().enumerate() {
-        c.read(0, l as u64 * 4096, &mut buf).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(buf[..8].try_into().unwrap()),
-            want,
-            "seed {seed}: final read of line {l}"
-        );
-    }
+    check_model(&c, &model, seed);
     c.check_line_counts().unwrap();
     let stats = c.stats();
     assert_eq!(stats.live_lines, stats.index_entries);
@@ -114,6 +107,20 @@ fn overwrite(seed: u64, clean_live_max: &str, working: u64, laps: u64) -> Run {
         user_writes: n,
         backing_writes: backing.writes.load(Ordering::Relaxed),
         stats,
+    }
+}
+
+/// Every line of `model` reads back the serial its first 8 bytes were last written
+/// with (0: never written).
+fn check_model(c: &lc_cache::Cache, model: &[u64], seed: u64) {
+    let mut buf = vec![0u8; 4096];
+    for (l, &want) in model.iter().enumerate() {
+        c.read(0, l as u64 * 4096, &mut buf).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(buf[..8].try_into().unwrap()),
+            want,
+            "seed {seed}: final read of line {l}"
+        );
     }
 }
 
@@ -226,15 +233,7 @@ fn nothing_is_cleaned_or_written_back_before_it_is_needed() {
     );
     assert_eq!(s.written_back_lines, 0, "seed {seed}");
     assert_eq!(backing.writes.load(Ordering::Relaxed), 0, "seed {seed}");
-    let mut buf = vec![0u8; 4096];
-    for (l, &want) in model.iter().enumerate() {
-        c.read(0, l as u64 * 4096, &mut buf).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(buf[..8].try_into().unwrap()),
-            want,
-            "seed {seed}: line {l}"
-        );
-    }
+    check_model(&c, &model, seed);
     c.check_line_counts().unwrap();
     c.close().unwrap();
 }
