@@ -46,6 +46,17 @@ impl BlockDevice for Counting {
 const SEG: u64 = 64 << 10; // 15 lines per segment
 const SLOTS: u64 = 32;
 
+/// A [`Counting`] in-memory backing device of `lines` lines, and the device list to
+/// open a cache with.
+fn counting(lines: u64) -> (Arc<Counting>, Vec<Arc<dyn BlockDevice>>) {
+    let backing = Arc::new(Counting {
+        inner: Arc::new(MemDevice::new(lines * 4096)),
+        writes: AtomicU64::new(0),
+    });
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    (backing, devs)
+}
+
 fn tunables(clean_live_max: &str) -> Tunables {
     let mut t = Tunables {
         // No background writeback: only space pressure frees slots.
@@ -68,11 +79,7 @@ struct Run {
 fn overwrite(seed: u64, clean_live_max: &str, working: u64, laps: u64) -> Run {
     let mut rng = rng(seed);
     let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
-    let backing = Arc::new(Counting {
-        inner: Arc::new(MemDevice::new(working * 4096)),
-        writes: AtomicU64::new(0),
-    });
-    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let (backing, devs) = counting(working);
     let c = open(cache, &devs, tunables(clean_live_max), 4);
     let capacity = SLOTS * 15;
     let n = laps * capacity;
@@ -184,11 +191,7 @@ fn nothing_is_cleaned_or_written_back_before_it_is_needed() {
     let mut rng = rng(seed);
     let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
     let working = SLOTS * 15 / 4;
-    let backing = Arc::new(Counting {
-        inner: Arc::new(MemDevice::new(working * 4096)),
-        writes: AtomicU64::new(0),
-    });
-    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let (backing, devs) = counting(working);
     let mut t = tunables("0.8");
     t.writeback_enabled = true;
     assert_eq!(t.writeback_threshold, 70);
@@ -245,11 +248,7 @@ fn nothing_is_cleaned_or_written_back_before_it_is_needed() {
 fn dirty_data_above_the_threshold_is_written_back() {
     let cache = mem_cache(SEG * (SLOTS + 1), 4096, SEG as u32);
     let working = SLOTS * 15 * 2 / 5;
-    let backing = Arc::new(Counting {
-        inner: Arc::new(MemDevice::new(working * 4096)),
-        writes: AtomicU64::new(0),
-    });
-    let devs: Vec<Arc<dyn BlockDevice>> = vec![backing.clone()];
+    let (backing, devs) = counting(working);
     let mut t = tunables("0.8");
     t.writeback_enabled = true;
     t.writeback_threshold = 20;
