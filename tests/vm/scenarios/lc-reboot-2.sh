@@ -8,7 +8,9 @@ cp "$state/lc.toml" /etc/lc/lc.toml
 start_lc
 step "restore the saved configuration (as rtslib-fb-targetctl does at boot)"
 timeout 120 targetctl restore "$state/saveconfig.json" || fail "restore failed or hung"
-targetcli ls /backstores/user:lc | grep -q disk9 || fail "disk9 not restored"
+# grep reads all of it: with pipefail, `grep -q` quitting at the first match can
+# fail the pipeline through targetcli's broken pipe (seen once, 2026-12-01).
+targetcli ls /backstores/user:lc | grep disk9 >/dev/null || fail "disk9 not restored"
 dev=$(lun_dev lc)
 lc status
 step "the data flushed before the reboot reads back"
