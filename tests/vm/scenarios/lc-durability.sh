@@ -7,7 +7,7 @@ start_lc
 targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 >/dev/null
 loopback_lun /backstores/user:lc/disk0 >/dev/null
 dev=$(lun_dev lc)
-for round in 1 2 3; do
+for round in 1 2; do
     step "round $round: write a verified pattern, fsync (SYNCHRONIZE CACHE)"
     off=$(( (round - 1) * 64 ))
     fio --name=w --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite \
