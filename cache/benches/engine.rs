@@ -22,6 +22,9 @@
 //! - restarts with checkpoints: a cache file of `LC_BENCH_RESTART_GIB` GiB (default 4,
 //!   sparse until written) filled with dirty lines, killed and reopened, closed and
 //!   reopened, and walked whole (`LC_BENCH_ONLY=restart` runs only this);
+//! - a single writer flushing after every 4 KiB write: IOPS and cache space per byte of
+//!   data, format 2 and format 1 (`LC_BENCH_ONLY=sync` runs only this, format 2 three
+//!   times);
 //! - RAM (index) per GiB of cache.
 
 use std::io::Write;
@@ -155,6 +158,21 @@ fn sync_writer(p: &Path, version: u32) -> (u64, u64, f64) {
     let used = cache.stats().open_segment_id * geo.segment_size as u64;
     cache.close().expect("close");
     (used, n * 4096, iops)
+}
+
+/// Prints [`sync_writer`]'s figures for each format version.
+fn sync_writers(p: &Path, versions: &[u32]) {
+    println!("single writer, a flush after every 4 KiB write:");
+    for &version in versions {
+        let (used, data, iops) = sync_writer(p, version);
+        println!(
+            "  format {version}: {:>8.0} IOPS, cache space used {:>6.1} MiB for {:.1} MiB of data = {:.2}x (target <= 2.2)",
+            iops,
+            used as f64 / MIB as f64,
+            data as f64 / MIB as f64,
+            used as f64 / data as f64
+        );
+    }
 }
 
 /// A backing device as slow as an HDD doing random I/O: every write, discard and
@@ -393,6 +411,10 @@ fn main() {
         restarts(p, cp_gib);
         return;
     }
+    if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("sync") {
+        sync_writers(p, &[2, 2, 2]);
+        return;
+    }
     println!(
         "lc-cache engine benchmark (scratch dir {}, {} MiB of random writes)",
         p.display(),
@@ -512,17 +534,7 @@ fn main() {
     // 3b. A single writer that flushes after every 4 KiB write: cache space used per
     // byte of data, format 2 (appends) against format 1 (a segment per flush).
     println!();
-    println!("single writer, a flush after every 4 KiB write:");
-    for version in [2u32, 1] {
-        let (used, data, iops) = sync_writer(p, version);
-        println!(
-            "  format {version}: {:>8.0} IOPS, cache space used {:>6.1} MiB for {:.1} MiB of data = {:.2}x (target <= 2.2)",
-            iops,
-            used as f64 / MIB as f64,
-            data as f64 / MIB as f64,
-            used as f64 / data as f64
-        );
-    }
+    sync_writers(p, &[2, 1]);
 
     // 4. Recovery time per GiB of cache (the log from step 2 is still dirty).
     // 4. Recovery time per GiB of cache (the log from step 2 is still dirty; no
