@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod clean;
+mod cowrite;
 mod damage;
 pub mod device;
 mod engine;
