@@ -51,8 +51,12 @@ done
 # Disks: the root image is used read-only through a snapshot; cache and HDD are fresh.
 disks=${LC_VM_DISKS:-$payload/disks}
 mkdir -p "$disks"
-[ -f "$disks/ssd.img" ] || truncate -s 1G "$disks/ssd.img"
-[ -f "$disks/hdd.img" ] || truncate -s 2G "$disks/hdd.img"
+# Written whole (zeros), not sparse: in a sparse image the host file system allocates
+# blocks wherever the guest writes first (and commits its journal at the guest's next
+# flush), a cost no real disk has, and one that falls on whichever device of a
+# comparison writes a region first (lc ran first on a fresh disk in the sustained runs).
+[ -f "$disks/ssd.img" ] || dd if=/dev/zero of="$disks/ssd.img" bs=1M count=1024 conv=fsync status=none
+[ -f "$disks/hdd.img" ] || dd if=/dev/zero of="$disks/hdd.img" bs=1M count=2048 conv=fsync status=none
 
 boot() {
     local accel="-accel tcg,thread=multi"
