@@ -382,22 +382,18 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         uuid: inner.uuid,
         entries: o.entries.clone(),
     };
-    let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
-    let lines = unstaged_lines(geo, o);
-    let hcrc;
+    // The header's write, and the lines' when they are a write of their own.
+    let (header, lines, hcrc);
     if gen == 1 && staged == 0 {
         // Copy 0 goes into the zeros the lines' copy starts with.
-        let (mut b, off) = lines.expect("an append has lines to write");
+        let (mut b, off) = unstaged_lines(geo, o).expect("an append has lines to write");
         hcrc = hdr.encode_into(&mut b[..hl]);
-        writes.push((b, off));
+        (header, lines) = ((b, off), None);
     } else {
-        writes.extend(lines);
         let mut h = AlignedBuf::new(hl);
         hcrc = hdr.encode_into(&mut h);
-        writes.push((
-            h,
-            geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64,
-        ));
+        let off = geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64;
+        (header, lines) = ((h, off), unstaged_lines(geo, o));
     }
     o.written = n;
     o.staged = n;
@@ -411,8 +407,6 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let t0 = Instant::now();
     // The header copy on the co-writer thread while this one writes the lines: two
     // writes in flight, one round trip (cowrite.rs says why their order is free).
-    let header = writes.pop().expect("an append writes a header");
-    let lines = writes.pop();
     let (hoff, hlen) = (header.1, header.0.len() as u64);
     let write = |b: &AlignedBuf, off: u64| {
         inner
