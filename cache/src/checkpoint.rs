@@ -23,24 +23,6 @@ use crate::state::{Inner, Pos, State};
 pub(crate) const CHUNK: usize = 64 << 10;
 /// Bytes of entries written per device write.
 const WRITE_CHUNK: usize = 4 << 20;
-/// How often the checkpoint thread looks whether a checkpoint is due without being
-/// woken (a tunable changed). It waits on `cp_cv`, not on `worker_cv`, whose every
-/// notify (several per append) would wake it for nothing: the flusher wakes it when a
-/// checkpoint becomes due ([`kick`]).
-pub(crate) const LOOK_EVERY: Duration = Duration::from_secs(1);
-
-/// True when the checkpoint thread should write a checkpoint now.
-fn due(inner: &Inner, st: &State) -> bool {
-    let n = st.tunables.checkpoint_interval_segments as u64;
-    n > 0 && inner.geo.appends() && st.flushed_id >= st.cp_upto + n && eligible(st)
-}
-
-/// After durability advanced: wakes the checkpoint thread when a checkpoint is due.
-pub(crate) fn kick(inner: &Inner, st: &State) {
-    if due(inner, st) {
-        inner.cp_cv.notify_all();
-    }
-}
 
 /// True when recovery's damage state allows a checkpoint (that state is not in it).
 fn eligible(st: &State) -> bool {
@@ -57,7 +39,8 @@ pub(crate) fn run(inner: &Inner) {
         if st.stop_checkpoint {
             break;
         }
-        if due(inner, &st) {
+        let n = st.tunables.checkpoint_interval_segments as u64;
+        if n > 0 && inner.geo.appends() && st.flushed_id >= st.cp_upto + n && eligible(&st) {
             drop(st);
             if let Err(e) = write(inner) {
                 warn!(inner.log, "checkpoint failed"; "error" => %e);
@@ -66,8 +49,8 @@ pub(crate) fn run(inner: &Inner) {
             continue;
         }
         st = inner
-            .cp_cv
-            .wait_timeout(st, LOOK_EVERY)
+            .worker_cv
+            .wait_timeout(st, Duration::from_secs(1))
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }

@@ -1595,7 +1595,6 @@ impl Cache {
             st.stop_checkpoint = true;
             st.stop_writeback = true;
             self.inner.worker_cv.notify_all();
-            self.inner.cp_cv.notify_all();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -1628,7 +1627,7 @@ impl Cache {
         {
             let mut st = self.inner.lock();
             st.stop_checkpoint = true;
-            self.inner.cp_cv.notify_all();
+            self.inner.worker_cv.notify_all();
         }
         if self.threads.len() == 2 {
             let _ = self.threads.pop().expect("checkpoint thread").join();

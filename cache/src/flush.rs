@@ -382,18 +382,22 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         uuid: inner.uuid,
         entries: o.entries.clone(),
     };
-    // The header's write, and the lines' when they are a write of their own.
-    let (header, lines, hcrc);
+    let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
+    let lines = unstaged_lines(geo, o);
+    let hcrc;
     if gen == 1 && staged == 0 {
         // Copy 0 goes into the zeros the lines' copy starts with.
-        let (mut b, off) = unstaged_lines(geo, o).expect("an append has lines to write");
+        let (mut b, off) = lines.expect("an append has lines to write");
         hcrc = hdr.encode_into(&mut b[..hl]);
-        (header, lines) = ((b, off), None);
+        writes.push((b, off));
     } else {
+        writes.extend(lines);
         let mut h = AlignedBuf::new(hl);
         hcrc = hdr.encode_into(&mut h);
-        let off = geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64;
-        (header, lines) = ((h, off), unstaged_lines(geo, o));
+        writes.push((
+            h,
+            geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64,
+        ));
     }
     o.written = n;
     o.staged = n;
@@ -404,28 +408,20 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let written = st.written_id;
     drop(st);
     let desc = inner.cache.describe();
+    let mut bytes = 0;
+    let mut r = Ok(());
     let t0 = Instant::now();
-    // The header copy on the co-writer thread while this one writes the lines: two
-    // writes in flight, one round trip (cowrite.rs says why their order is free).
-    let (hoff, hlen) = (header.1, header.0.len() as u64);
-    let write = |b: &AlignedBuf, off: u64| {
-        inner
+    for (b, off) in &writes {
+        r = inner
             .cache
-            .write_at(b, off)
-            .map_err(|e| Error::io(&desc, off, e))
-    };
-    let r = match lines {
-        None => write(&header.0, hoff).map(|_| hlen),
-        Some((b, off)) => {
-            let (lr, hr) = inner
-                .cowriter
-                .write_beside(&inner.cache, header.0, hoff, || write(&b, off));
-            lr.and(hr.map_err(|e| Error::io(&desc, hoff, e)))
-                .map(|_| b.len() as u64 + hlen)
+            .write_at(b, *off)
+            .map_err(|e| Error::io(&desc, *off, e));
+        if r.is_err() {
+            break;
         }
-    };
+        bytes += b.len() as u64;
+    }
     let t1 = Instant::now();
-    let bytes = *r.as_ref().unwrap_or(&0);
     let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
     let t2 = Instant::now();
     let mut st = inner.lock();
@@ -435,7 +431,6 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     match r {
         Ok(()) => {
             st.flushed_id = st.flushed_id.max(written);
-            crate::checkpoint::kick(inner, &st);
             st.partial = st.partial.max(Pos {
                 id,
                 lines: n as u32,
@@ -548,7 +543,6 @@ fn flush_device<'a>(inner: &'a Inner, st: MutexGuard<'a, State>) -> MutexGuard<'
     match r {
         Ok(()) => {
             st.flushed_id = target;
-            crate::checkpoint::kick(inner, &st);
             if st.written_id == target {
                 st.unflushed_since = None;
             }

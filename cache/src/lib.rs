@@ -12,7 +12,6 @@
 
 mod checkpoint;
 mod clean;
-mod cowrite;
 mod damage;
 pub mod device;
 mod engine;

@@ -206,8 +206,6 @@ impl Cache {
             state: Mutex::new(state),
             io_cv: Condvar::new(),
             worker_cv: Condvar::new(),
-            cp_cv: Condvar::new(),
-            cowriter: crate::cowrite::CoWriter::new(),
             log: opts.logger,
         });
         if table_changed {

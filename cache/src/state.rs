@@ -573,10 +573,6 @@ pub(crate) struct Inner {
     pub io_cv: Condvar,
     /// Wakes the flusher and writeback threads.
     pub worker_cv: Condvar,
-    /// Wakes the checkpoint thread: a checkpoint is due, or it is to stop.
-    pub cp_cv: Condvar,
-    /// Writes an append's header while the appender writes its lines.
-    pub cowriter: crate::cowrite::CoWriter,
     pub log: Logger,
 }
 
