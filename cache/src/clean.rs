@@ -358,6 +358,12 @@ impl Cleaner {
             }
         };
         let mut st = inner.lock();
+        // The cache began closing while the segments were read: the flusher may have
+        // written its last segment and exited, and a line moved now would never be
+        // written (nor the final checkpoint, which waits for it to be durable).
+        if st.stop_flush {
+            return Step::Idle(st);
+        }
         let mut done = first - 1;
         let mut segs = headers.iter().zip(bufs.iter()).peekable();
         for id in first..=last {
@@ -373,14 +379,14 @@ impl Cleaner {
                     Moved::Yield => {
                         drop(st);
                         st = inner.lock();
-                        if st.failed.is_some() || st.stop_writeback {
+                        if st.failed.is_some() || st.stop_flush {
                             break Moved::NoRoom;
                         }
                     }
                     Moved::NoBuffer => {
                         inner.worker_cv.notify_all();
                         st = inner.wait_io(st, Duration::from_millis(10));
-                        if st.failed.is_some() || st.stop_writeback {
+                        if st.failed.is_some() || st.stop_flush {
                             break Moved::NoRoom;
                         }
                     }

@@ -1653,6 +1653,15 @@ impl Cache {
             let _ = t.join();
         }
         let st = self.inner.lock();
+        // Every line logged before the flusher exited was written by it, and nothing may
+        // log one after (writers are gone; the cleaner and read promotion check
+        // `stop_flush` under the lock they log under).
+        let left = st.open.as_ref().map_or(0, |o| o.entries.len()) + st.ram.len();
+        if st.failed.is_none() && left > 0 {
+            warn!(self.inner.log, "lines logged after the flusher stopped were not written";
+                  "open_lines_and_sealed_segments" => left);
+            debug_assert_eq!(left, 0, "lines logged after the flusher stopped");
+        }
         let commit_failed = st
             .sb_failed
             .as_ref()

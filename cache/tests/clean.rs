@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use lc_cache::testing::FaultDevice;
@@ -258,7 +258,7 @@ fn dirty_data_above_the_threshold_is_written_back() {
         c.write(0, l * 4096, &buf, false).unwrap();
     }
     c.flush().unwrap();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while c.stats().written_back_lines == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -285,7 +285,7 @@ fn a_dead_backing_device_does_not_stop_cleaning() {
     let c = open(cache, &devs, t, 4);
     let mut buf = vec![0u8; 4096];
     let mut model = vec![0u64; working as usize];
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let n = 20 * SLOTS * 15;
     for i in 1..=n {
         let line = rng.gen_range(0..working);
@@ -469,7 +469,7 @@ fn a_dead_backing_device_does_not_stop_the_other_devices() {
         buf[..8].copy_from_slice(&(1000 + l).to_le_bytes());
         c.write(0, l * 4096, &buf, false).unwrap();
     }
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let mut model = vec![0u64; 100];
     let mut i = 0u64;
     while i < 20 * SLOTS * 15 || start.elapsed() < Duration::from_millis(2500) {
@@ -712,4 +712,122 @@ fn a_rotten_live_line_is_never_moved() {
     let mut b = vec![0u8; 4096];
     let r = c.read(0, (lps + 100) * 4096, &mut b);
     assert!(matches!(r, Err(Error::Lost { .. })), "{r:?}");
+}
+
+/// A cache device whose reads, once armed, wait until released (in the test below only
+/// the cleaner reads it), and which counts the writes into its checkpoint areas.
+struct Gate {
+    inner: Arc<dyn BlockDevice>,
+    armed: AtomicBool,
+    reached: AtomicBool,
+    released: (Mutex<bool>, Condvar),
+    checkpoint_areas: Vec<std::ops::Range<u64>>,
+    checkpoint_writes: AtomicU64,
+}
+
+impl Gate {
+    fn new(inner: Arc<dyn BlockDevice>) -> Gate {
+        let p = lc_cache::probe(inner.as_ref()).unwrap().expect("formatted");
+        let g = p.geometry;
+        let checkpoint_areas = (0..2)
+            .map(|a| g.checkpoint_offset(a)..g.checkpoint_offset(a) + g.checkpoint_area_bytes())
+            .collect();
+        Gate {
+            inner,
+            armed: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
+            released: (Mutex::new(false), Condvar::new()),
+            checkpoint_areas,
+            checkpoint_writes: AtomicU64::new(0),
+        }
+    }
+
+    fn release(&self) {
+        *self.released.0.lock().unwrap() = true;
+        self.released.1.notify_all();
+    }
+}
+
+impl BlockDevice for Gate {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.armed.load(Ordering::SeqCst) {
+            self.reached.store(true, Ordering::SeqCst);
+            let (m, cv) = &self.released;
+            // (Bounded: a test that went wrong fails instead of hanging.)
+            let _ = cv
+                .wait_timeout_while(m.lock().unwrap(), Duration::from_secs(30), |r| !*r)
+                .unwrap();
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.checkpoint_areas.iter().any(|a| a.contains(&offset)) {
+            self.checkpoint_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        "gate".into()
+    }
+}
+
+#[test]
+fn moves_read_while_the_cache_closes_are_not_logged_after_the_flusher_stopped() {
+    // The cleaner reads the segments it moves without the lock. When the cache starts
+    // closing meanwhile, the flusher writes what is logged and exits, and the final
+    // checkpoint follows: a line moved after that would never be written (and a move
+    // landing just before the checkpoint would make it wait in vain for that line to
+    // be durable, so the next open would replay the log). The close here lets the
+    // cleaner's read return only once the final checkpoint is being written.
+    let dev = mem_cache(BIG * (SLOTS + 1), 512, BIG as u32);
+    let gate = Arc::new(Gate::new(dev.clone()));
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
+    let mut t = tunables("0.8");
+    // No periodic checkpoint: the only one is the close's.
+    t.checkpoint_interval_segments = 1_000_000;
+    let cache: Arc<dyn BlockDevice> = gate.clone();
+    let c = open(cache, std::slice::from_ref(&backing), t.clone(), 4);
+    let mut serial = vec![0u64; HOT as usize + 1];
+    fill_sparse(&c, &mut serial);
+    gate.armed.store(true, Ordering::SeqCst);
+    // Rewrite one line until the log is short of free slots and the cleaner reads a
+    // sparse tail segment to move its two live lines.
+    let lps = c.geometry().lines_per_segment as u64;
+    let mut i = 0;
+    while !gate.reached.load(Ordering::SeqCst) {
+        assert!(i < 3 * SLOTS * lps, "the cleaner never read a segment");
+        put(&c, &mut serial, HOT, 3 + i).unwrap();
+        c.flush().unwrap();
+        i += 1;
+    }
+    let before = gate.checkpoint_writes.load(Ordering::SeqCst);
+    let closing = std::thread::spawn(move || c.close());
+    let t0 = Instant::now();
+    while gate.checkpoint_writes.load(Ordering::SeqCst) == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no final checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    gate.release();
+    closing
+        .join()
+        .expect("close: lines logged after the flusher stopped")
+        .unwrap();
+    gate.armed.store(false, Ordering::SeqCst);
+    let (c, r) = open_report(dev, std::slice::from_ref(&backing), t, 4);
+    assert_eq!(r.replayed_segments, 0, "{r:?}");
+    assert!(r.checkpoint.is_some(), "{r:?}");
+    check_lines(&c, &serial);
+    c.check_line_counts().unwrap();
 }

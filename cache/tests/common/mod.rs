@@ -112,6 +112,16 @@ pub fn open(
     t: Tunables,
     bufs: usize,
 ) -> Cache {
+    open_report(cache, devs, t, bufs).0
+}
+
+/// [`open`], with what recovery did.
+pub fn open_report(
+    cache: Arc<dyn BlockDevice>,
+    devs: &[Arc<dyn BlockDevice>],
+    t: Tunables,
+    bufs: usize,
+) -> (Cache, lc_cache::RecoveryReport) {
     let ram_bytes = bufs as u64 * segment_bytes(cache.as_ref());
     Cache::open(
         cache,
@@ -123,7 +133,6 @@ pub fn open(
         },
     )
     .unwrap()
-    .0
 }
 
 /// The 4 KiB block `b` of device 0 as write number `serial` writes it (eight tagged
