@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod control;
