@@ -62,8 +62,7 @@ for k in lc lc50 lcp; do
     esac
     printf '\n[[lun]]\nname = "ram0"\nbackend = "ram"\nsize = "1GiB"\n' >>/etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
-    touch /tmp/lc.log
-    n0=$(wc -l </tmp/lc.log)
+    n0=$(cat /tmp/lc.log 2>/dev/null | wc -l)
     start_lc
     targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048 >/dev/null
     loopback_lun /backstores/user:lc/disk0 >/dev/null
