@@ -269,10 +269,7 @@ fn main() {
             );
             device.set_inline(inline);
             el.add_device(device).unwrap();
-            el.set_busy_poll(
-                Duration::from_micros(poll_us),
-                Duration::from_micros(poll_us),
-            );
+            el.set_busy_poll(Duration::from_micros(poll_us));
             let stop = Arc::new(AtomicBool::new(false));
             let s2 = stop.clone();
             let waker = el.waker();

@@ -29,14 +29,9 @@ pub struct DaemonSection {
     /// Own `org.kernel.TCMUService1` on the system bus (for targetcli).
     #[serde(default = "yes")]
     pub dbus: bool,
-    /// Microseconds the event loop keeps polling idle rings before it sleeps, at
-    /// least (0: never polls).
+    /// Microseconds the event loop keeps polling idle rings before it sleeps.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
-    /// Microseconds it keeps polling at most, when wake-ups are measured to cost more
-    /// than `busy_poll_us`.
-    #[serde(default = "default_busy_poll_max_us")]
-    pub busy_poll_max_us: u64,
     /// Read cached data from the cache device through an io_uring of the event loop
     /// (no worker thread per read) where the kernel allows it.
     #[serde(default = "yes")]
@@ -59,9 +54,6 @@ fn default_io_threads() -> usize {
 fn default_busy_poll_us() -> u64 {
     50
 }
-fn default_busy_poll_max_us() -> u64 {
-    1000
-}
 fn yes() -> bool {
     true
 }
@@ -74,7 +66,6 @@ impl Default for DaemonSection {
             io_threads: default_io_threads(),
             dbus: true,
             busy_poll_us: default_busy_poll_us(),
-            busy_poll_max_us: default_busy_poll_max_us(),
             io_uring: true,
             metrics_listen: None,
         }
@@ -561,13 +552,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
             c.daemon.io_threads
         )));
     }
-    for (key, v) in [
-        ("busy_poll_us", c.daemon.busy_poll_us),
-        ("busy_poll_max_us", c.daemon.busy_poll_max_us),
-    ] {
-        if v > 10_000 {
-            return Err(at(format!("daemon.{key}: {v} out of range 0..=10000")));
-        }
+    if c.daemon.busy_poll_us > 10_000 {
+        return Err(at(format!(
+            "daemon.busy_poll_us: {} out of range 0..=10000",
+            c.daemon.busy_poll_us
+        )));
     }
     let mut caches = Vec::new();
     let mut names = HashSet::new();
@@ -830,7 +819,6 @@ backing_id = 0
         assert_eq!(c.luns[0].backing_id, 0);
         assert_eq!(c.daemon.io_threads, 4);
         assert_eq!(c.daemon.busy_poll_us, 50);
-        assert_eq!(c.daemon.busy_poll_max_us, 1000);
         assert!(c.daemon.io_uring);
     }
 
@@ -839,7 +827,6 @@ backing_id = 0
         assert!(err("[daemon]\nbogus = 1").contains("bogus"));
         assert!(err("[daemon]\nlog_level = \"loud\"").contains("daemon.log_level"));
         assert!(err("[daemon]\nbusy_poll_us = 20000").contains("daemon.busy_poll_us"));
-        assert!(err("[daemon]\nbusy_poll_max_us = 10001").contains("daemon.busy_poll_max_us"));
         assert!(
             err(&GOOD.replace("writeback_threshold = 50", "writeback_threshold = 500"))
                 .contains("tunables.writeback_threshold")

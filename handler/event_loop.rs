@@ -21,7 +21,6 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slog::{info, warn, Logger};
 
-use crate::busy_poll::{PollWindow, WakeClock};
 use crate::device::{Device, Done, Reads, Workers};
 use crate::workers::Notify;
 
@@ -56,12 +55,7 @@ pub struct EventLoop {
     next_source: usize,
     events: Events,
     woken: Arc<AtomicBool>,
-    /// When a worker last signalled the waker (the wake-up latency the busy poll
-    /// adapts to).
-    wake_clock: Arc<WakeClock>,
-    busy_poll: PollWindow,
-    /// The window last logged, and when.
-    poll_logged: (Duration, Option<Instant>),
+    busy_poll: Duration,
     stop_bound: Duration,
     queue_deadline: Duration,
     last_expiry: Instant,
@@ -76,8 +70,6 @@ pub struct EventLoop {
 /// The longest one [`EventLoop::run_once`] busy-polls before it looks at its other
 /// sources again.
 const MAX_SPIN: Duration = Duration::from_millis(10);
-/// How often a moving busy-poll window is logged, at most.
-const POLL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl EventLoop {
     /// A loop whose devices get up to `io_threads` I/O workers each.
@@ -89,11 +81,8 @@ impl EventLoop {
         // One wake-up covers every result queued before the loop drains the channel.
         let woken = Arc::new(AtomicBool::new(false));
         let flag = woken.clone();
-        let wake_clock = Arc::new(WakeClock::new());
-        let clock = wake_clock.clone();
         let notify: Notify = Arc::new(move || {
             if !flag.swap(true, Ordering::AcqRel) {
-                clock.mark();
                 let _ = w.wake();
             }
         });
@@ -109,9 +98,7 @@ impl EventLoop {
             next_source: 1,
             events: Events::with_capacity(256),
             woken,
-            wake_clock,
-            busy_poll: PollWindow::new(Duration::ZERO, Duration::ZERO),
-            poll_logged: (Duration::ZERO, None),
+            busy_poll: Duration::ZERO,
             stop_bound: STOP_BOUND,
             queue_deadline: QUEUE_DEADLINE,
             last_expiry: Instant::now(),
@@ -122,18 +109,10 @@ impl EventLoop {
     }
 
     /// After serving, keep polling the rings (shared-memory loads, no sleeping) until
-    /// they have been idle for a window: a command that arrives meanwhile is fetched
-    /// without a wake-up of this thread. The window is the measured wake-up latency
-    /// within `[floor, ceiling]` ([`crate::busy_poll`]); a zero floor (the default)
-    /// sleeps in `epoll_wait` at once.
-    pub fn set_busy_poll(&mut self, floor: Duration, ceiling: Duration) {
-        self.busy_poll = PollWindow::new(floor, ceiling);
-        self.poll_logged = (floor, None);
-    }
-
-    /// The busy poll's current window and the median wake-up latency it follows.
-    pub fn busy_poll(&self) -> (Duration, Option<Duration>) {
-        (self.busy_poll.window(), self.busy_poll.wake_latency())
+    /// they have been idle for `d`: a command that arrives meanwhile is fetched without
+    /// a wake-up of this thread. Zero (the default) sleeps in `epoll_wait` at once.
+    pub fn set_busy_poll(&mut self, d: Duration) {
+        self.busy_poll = d;
     }
 
     /// Reads of cached data go through an io_uring of this loop (`[daemon] io_uring`)
@@ -327,30 +306,22 @@ impl EventLoop {
     /// One round: poll, serve, complete; extra-source tokens go to `deferred`.
     fn poll_once(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         // Wake up in time to apply the per-command deadline.
-        let timeout = timeout.map_or(EXPIRY_TICK, |t| t.min(EXPIRY_TICK));
-        let slept = Instant::now();
-        match self.poll.poll(&mut self.events, Some(timeout)) {
+        let timeout = Some(timeout.map_or(EXPIRY_TICK, |t| t.min(EXPIRY_TICK)));
+        match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
         }
         let mut devs = Vec::new();
-        let mut woken = false;
         for ev in self.events.iter() {
             match ev.token() {
-                WAKER => woken = true,
-                READS => {}
+                WAKER | READS => {}
                 Token(t) if t >= FIRST_DEVICE => devs.push(t),
                 Token(t) => {
                     if !self.deferred.contains(&t) {
                         self.deferred.push(t);
                     }
                 }
-            }
-        }
-        if woken && !timeout.is_zero() {
-            if let Some(l) = self.wake_clock.take_latency(slept, Instant::now()) {
-                self.record_wake(l);
             }
         }
         for id in devs {
@@ -367,24 +338,10 @@ impl EventLoop {
                 d.expire(self.queue_deadline);
             }
         }
-        if !self.busy_poll.window().is_zero() && !self.devices.is_empty() {
+        if !self.busy_poll.is_zero() && !self.devices.is_empty() {
             self.spin();
         }
         Ok(())
-    }
-
-    /// A measured wake-up latency; a window that moved by a quarter or more since the
-    /// last one logged is logged, at most every [`POLL_LOG_EVERY`].
-    fn record_wake(&mut self, latency: Duration) {
-        self.busy_poll.record(latency);
-        let w = self.busy_poll.window();
-        let (logged, at) = self.poll_logged;
-        let moved = w.abs_diff(logged) * 4 >= logged;
-        if moved && at.is_none_or(|t| t.elapsed() >= POLL_LOG_EVERY) {
-            self.poll_logged = (w, Some(Instant::now()));
-            info!(self.log, "busy poll window"; "window_us" => w.as_micros(),
-                  "wake_latency_us" => self.busy_poll.wake_latency().unwrap_or_default().as_micros());
-        }
     }
 
     /// Hands the reads the devices queued to the kernel. A failed submit is not
@@ -453,7 +410,6 @@ impl EventLoop {
     /// read, such as a VM's HPET), a spin that read it every round would mostly spin
     /// in the kernel.
     fn spin(&mut self) {
-        let window = self.busy_poll.window();
         let start = Instant::now();
         let mut last_work = start;
         let mut idle_rounds = 0u32;
@@ -477,7 +433,7 @@ impl EventLoop {
                 idle_rounds += 1;
                 if idle_rounds.is_multiple_of(SPIN_CLOCK_EVERY) {
                     let now = Instant::now();
-                    if now - last_work >= window || now - start >= MAX_SPIN {
+                    if now - last_work >= self.busy_poll || now - start >= MAX_SPIN {
                         return;
                     }
                 }

@@ -4,7 +4,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -185,10 +185,6 @@ impl Shared {
                 "busy_poll_us",
                 new.daemon.busy_poll_us != old.cfg.daemon.busy_poll_us,
             ),
-            (
-                "busy_poll_max_us",
-                new.daemon.busy_poll_max_us != old.cfg.daemon.busy_poll_max_us,
-            ),
             ("io_uring", new.daemon.io_uring != old.cfg.daemon.io_uring),
             ("dbus", new.daemon.dbus != old.cfg.daemon.dbus),
         ] {

@@ -41,11 +41,7 @@ pub fn serve(cfg: Loaded, paths: Paths, log: Logger) -> Result<()> {
     let socket = cfg.daemon.control_socket.clone();
     let sh = Shared::open(cfg, log.clone())?;
     let mut el = EventLoop::new(io_threads, log.clone())?;
-    let d = &sh.t().cfg.daemon;
-    el.set_busy_poll(
-        Duration::from_micros(d.busy_poll_us),
-        Duration::from_micros(d.busy_poll_max_us),
-    );
+    el.set_busy_poll(Duration::from_micros(sh.t().cfg.daemon.busy_poll_us));
     if sh.t().cfg.daemon.io_uring {
         el.enable_io_uring();
     }

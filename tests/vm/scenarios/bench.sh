@@ -4,7 +4,7 @@
 # after every 32 writes: durable random writes; 4 KiB random reads QD32. The guest's
 # page cache is dropped before every job. Devices: the raw SSD, the kernel block
 # backstore on the throttled HDD, LIO's ramdisk backstore (the ceiling of any LIO
-# backstore here), lc (SSD cache + HDD) at three busy-poll settings each followed by an
+# backstore here), lc (SSD cache + HDD) at two busy-poll settings each followed by an
 # lc LUN served from RAM by the same daemon (`backend = "ram"`: the TCMU path's own
 # ceiling, no cache engine), tcmu-runner's user:file on the HDD, dm-writecache and
 # dm-writeboost on the same two disks behind a LIO `block` backstore (the fair peers:
@@ -47,33 +47,23 @@ targetcli /backstores/ramdisk create name=r0 size=1G >/dev/null
 loopback_lun /backstores/ramdisk/r0 >/dev/null
 row "LIO ramdisk (LIO ceiling)" "$(lun_dev r0)" rd
 targetcli clearconfig confirm=True >/dev/null
-# lc with the default busy poll (adaptive: the measured wake-up latency within 50-1000
-# µs), and fixed at either bound (docs/CONFIG.md); each daemon also serves a RAM LUN (no
-# cache engine): the TCMU path's own ceiling. After each lc row, the window the
-# daemon last logged.
-for k in lc lc50 lcp; do
+# lc with the default busy poll, and with the one that pays under TCG (docs/CONFIG.md);
+# each daemon also serves a RAM LUN (no cache engine): the TCMU path's own ceiling.
+for poll in 50 1000; do
     cp /payload/lc.toml /etc/lc/lc.toml
-    case $k in
-        lc) name="lc, busy poll adaptive (default)" ;;
-        lc50) name="lc, busy poll fixed 50us"
-            sed -i "/^\[daemon\]/a busy_poll_max_us = 50" /etc/lc/lc.toml ;;
-        lcp) name="lc, busy poll fixed 1000us"
-            sed -i "/^\[daemon\]/a busy_poll_us = 1000" /etc/lc/lc.toml ;;
-    esac
+    sed -i "/^\[daemon\]/a busy_poll_us = $poll" /etc/lc/lc.toml
     printf '\n[[lun]]\nname = "ram0"\nbackend = "ram"\nsize = "1GiB"\n' >>/etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
-    n0=$(cat /tmp/lc.log 2>/dev/null | wc -l)
     start_lc
     targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048 >/dev/null
     loopback_lun /backstores/user:lc/disk0 >/dev/null
-    row "$name" "$(lun_dev lc)" "$k"
+    k=lc; [ "$poll" = 50 ] || k=lcp
+    row "lc, poll ${poll}us$([ "$poll" = 50 ] && echo ' (default)')" "$(lun_dev lc)" "$k"
     lc stats c0 | grep -E "dirty_segments|partial_segments|last_writeback_id" | tee -a "$out"
-    echo "  $(tail -n +$((n0 + 1)) /tmp/lc.log | grep 'busy poll window' | tail -1)" | tee -a "$out"
     targetcli clearconfig confirm=True >/dev/null
     targetcli /backstores/user:lc create name=ram0 size=1G cfgstring=ram0 >/dev/null
     loopback_lun /backstores/user:lc/ram0 >/dev/null
-    row "${name/lc,/lc RAM LUN,}" "$(lun_dev lc)" "ram$k"
-    echo "  $(tail -n +$((n0 + 1)) /tmp/lc.log | grep 'busy poll window' | tail -1)" | tee -a "$out"
+    row "lc RAM LUN, poll ${poll}us" "$(lun_dev lc)" "ram$k"
     targetcli clearconfig confirm=True >/dev/null
     stop_lc
 done
@@ -121,8 +111,7 @@ v = {}
 for line in open(sys.argv[1]):
     k, *xs = line.split()
     v[k] = [int(x) if x.isdigit() else 0 for x in xs]
-names = {"lc": "lc (adaptive poll)", "lc50": "lc poll 50us", "lcp": "lc poll 1000us",
-         "ramlc": "lc RAM LUN (adaptive poll)", "ramlc50": "lc RAM LUN poll 50us",
+names = {"lc": "lc poll 50us", "lcp": "lc poll 1000us", "ramlc": "lc RAM LUN poll 50us",
          "ramlcp": "lc RAM LUN poll 1000us", "wc": "dm-writecache (LIO)", "wbl": "dm-writeboost (LIO)",
          "wb": "dm-writeboost (local)", "rd": "LIO ramdisk", "blk": "block backstore (HDD)",
          "ssd": "raw SSD", "file": "tcmu-runner user:file"}
@@ -132,7 +121,7 @@ def ratio(a, b, col):
         print(f"{col}: {names[a]} / {names[b]} = {v[a][c] / v[b][c]:.2f}x ({v[a][c]} / {v[b][c]})")
     else:
         print(f"{col}: {names[a]} / {names[b]}: n/a (a row is missing or failed)")
-for lc, ram in [("lc", "ramlc"), ("lc50", "ramlc50"), ("lcp", "ramlcp")]:
+for lc, ram in [("lc", "ramlc"), ("lcp", "ramlcp")]:
     ratio(lc, "wc", "randwrite fsync/32")
     ratio(lc, "wbl", "randwrite")
     ratio(lc, ram, "randwrite")
@@ -140,7 +129,7 @@ for lc, ram in [("lc", "ramlc"), ("lc50", "ramlc50"), ("lcp", "ramlcp")]:
     ratio(lc, "wc", "randread")
     ratio(lc, "wc", "seqwrite 1M")
 # The lc random reads of the previous bar (docs/vm-testbed.md, 2026-11-29, the old engine).
-for k, before in [("lc50", 2628), ("lcp", 1295)]:
+for k, before in [("lc", 2628), ("lcp", 1295)]:
     if k in v:
         print(f"randread: {names[k]} now {v[k][3]}, previously {before}")
 PY
