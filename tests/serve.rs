@@ -7,7 +7,7 @@
 //! LUN.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lc::device::{Device, EngineBackend};
@@ -17,6 +17,7 @@ use lc::ring::Ring;
 use lc::scsi::cdb::{build10 as rw10, build16 as rw16};
 use lc::scsi::{BlockBackend, IoError};
 use lc::scsi::{LunConfig, LunState};
+use lc_cache::testing::HoldDevice;
 use lc_cache::{
     format_device, Backing, BlockDevice, Cache, FileDevice, FormatOptions, MemDevice, OpenOptions,
 };
@@ -666,54 +667,8 @@ fn removing_a_device_waits_for_its_slow_command_while_the_others_are_served() {
 
 /// A disk whose reads wait while it is held (a hung HDD), and always need waiting
 /// (never served inline).
-struct HangingDisk {
-    inner: MemDevice,
-    held: Mutex<bool>,
-    released: Condvar,
-    reads: AtomicUsize,
-}
-
-impl HangingDisk {
-    fn new(size: u64, held: bool) -> Arc<HangingDisk> {
-        Arc::new(HangingDisk {
-            inner: MemDevice::new(size),
-            held: Mutex::new(held),
-            released: Condvar::new(),
-            reads: AtomicUsize::new(0),
-        })
-    }
-
-    fn release(&self) {
-        *self.held.lock().unwrap() = false;
-        self.released.notify_all();
-    }
-}
-
-impl BlockDevice for HangingDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        let mut h = self.held.lock().unwrap();
-        while *h {
-            h = self.released.wait(h).unwrap();
-        }
-        drop(h);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(data, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn describe(&self) -> String {
-        "hanging".into()
-    }
+fn hanging_disk(size: u64, held: bool) -> Arc<HoldDevice> {
+    Arc::new(HoldDevice::new(Arc::new(MemDevice::new(size)), held))
 }
 
 #[test]
@@ -728,8 +683,8 @@ fn a_hung_backing_device_never_stalls_another_lun() {
         },
     )
     .unwrap();
-    let stuck = HangingDisk::new(BACKING, true);
-    let healthy = HangingDisk::new(BACKING, false);
+    let stuck = hanging_disk(BACKING, true);
+    let healthy = hanging_disk(BACKING, false);
     let (cache, _) = Cache::open(
         cache_dev,
         vec![
@@ -770,7 +725,7 @@ fn a_hung_backing_device_never_stalls_another_lun() {
         .map(|i| submit(&mut a, &rw16(0x88, i * 8, 8, 0), &[], 4096))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stuck.reads.load(Ordering::SeqCst) < 4 {
+    while stuck.reads() < 4 {
         assert!(
             Instant::now() < deadline,
             "hung reads never reached the disk"
@@ -789,15 +744,8 @@ fn a_hung_backing_device_never_stalls_another_lun() {
             "healthy LUN's READ took {took:?} while another LUN is hung"
         );
     }
-    assert!(
-        healthy.reads.load(Ordering::SeqCst) >= 5,
-        "reads reached the disk"
-    );
-    assert_eq!(
-        stuck.reads.load(Ordering::SeqCst),
-        4,
-        "at most 4 workers per LUN"
-    );
+    assert!(healthy.reads() >= 5, "reads reached the disk");
+    assert_eq!(stuck.reads(), 4, "at most 4 workers per LUN");
     // The four that never got a worker come back as errors, not hangs.
     let expired = wait_for(&mut a, &hung[4..]);
     for c in &expired {
@@ -888,7 +836,7 @@ fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
         },
     )
     .unwrap();
-    let disk = HangingDisk::new(BACKING, true);
+    let disk = hanging_disk(BACKING, true);
     let (cache, _) = Cache::open(
         cache_dev,
         vec![Backing {
@@ -907,7 +855,7 @@ fn a_stop_gives_up_on_a_hung_command_after_the_bound_and_logs_which() {
     el.add_device(device(&emu, &cache, "disk0")).unwrap();
     let id = submit(&mut emu, &rw16(0x88, 0, 8, 0), &[], 4096);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while disk.reads.load(Ordering::SeqCst) == 0 {
+    while disk.reads() == 0 {
         assert!(Instant::now() < deadline, "read never reached the disk");
         el.run_once(Some(Duration::from_millis(10))).unwrap();
     }

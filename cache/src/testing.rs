@@ -1,11 +1,14 @@
 //! Test devices: [`CrashWorld`] records every write since each device's last flush and
 //! materialises what the devices could hold after a power cut; [`FaultDevice`] injects
-//! I/O errors. Used by the crash, corruption and model tests and available to the
+//! I/O errors; [`HoldDevice`] holds reads (a hung disk, or a reader stopped at a chosen
+//! moment). Used by the crash, corruption, cleaner and model tests and available to the
 //! daemon's tests.
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rand::Rng;
 
@@ -319,5 +322,90 @@ impl BlockDevice for FaultDevice {
     }
     fn describe(&self) -> String {
         format!("faulty:{}", self.inner.describe())
+    }
+}
+
+/// Wraps a device; its reads wait while it is held (a hung disk), and never complete
+/// without waiting (`try_read_at` declines, so a reader on a non-blocking path hands
+/// them to a thread that may wait). Counts the reads begun, and the writes that start
+/// in the ranges given to [`HoldDevice::watch_writes`].
+pub struct HoldDevice {
+    inner: Arc<dyn BlockDevice>,
+    held: Mutex<bool>,
+    released: Condvar,
+    reads: AtomicU64,
+    watched: Mutex<Vec<Range<u64>>>,
+    watched_writes: AtomicU64,
+}
+
+impl HoldDevice {
+    /// Wraps `inner`, held from the start or not.
+    pub fn new(inner: Arc<dyn BlockDevice>, held: bool) -> Self {
+        HoldDevice {
+            inner,
+            held: Mutex::new(held),
+            released: Condvar::new(),
+            reads: AtomicU64::new(0),
+            watched: Mutex::new(Vec::new()),
+            watched_writes: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads from now on wait.
+    pub fn hold(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Waiting reads go on, and later ones do not wait.
+    pub fn release(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.released.notify_all();
+    }
+
+    /// Reads begun so far (held or not).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Counts from now on the writes that start in any of `ranges`.
+    pub fn watch_writes(&self, ranges: Vec<Range<u64>>) {
+        *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = ranges;
+    }
+
+    /// Writes counted in the watched ranges so far.
+    pub fn watched_writes(&self) -> u64 {
+        self.watched_writes.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockDevice for HoldDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(held);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched.iter().any(|r| r.contains(&offset)) {
+            self.watched_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(watched);
+        self.inner.write_at(data, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn describe(&self) -> String {
+        format!("held:{}", self.inner.describe())
     }
 }

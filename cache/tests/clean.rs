@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lc_cache::testing::FaultDevice;
+use lc_cache::testing::{FaultDevice, HoldDevice};
 use lc_cache::{BlockDevice, MemDevice, Tunables};
 use rand::Rng;
 
@@ -714,72 +714,6 @@ fn a_rotten_live_line_is_never_moved() {
     assert!(matches!(r, Err(Error::Lost { .. })), "{r:?}");
 }
 
-/// A cache device whose reads, once armed, wait until released (in the test below only
-/// the cleaner reads it), and which counts the writes into its checkpoint areas.
-struct Gate {
-    inner: Arc<dyn BlockDevice>,
-    armed: AtomicBool,
-    reached: AtomicBool,
-    released: (Mutex<bool>, Condvar),
-    checkpoint_areas: Vec<std::ops::Range<u64>>,
-    checkpoint_writes: AtomicU64,
-}
-
-impl Gate {
-    fn new(inner: Arc<dyn BlockDevice>) -> Gate {
-        let p = lc_cache::probe(inner.as_ref()).unwrap().expect("formatted");
-        let g = p.geometry;
-        let checkpoint_areas = (0..2)
-            .map(|a| g.checkpoint_offset(a)..g.checkpoint_offset(a) + g.checkpoint_area_bytes())
-            .collect();
-        Gate {
-            inner,
-            armed: AtomicBool::new(false),
-            reached: AtomicBool::new(false),
-            released: (Mutex::new(false), Condvar::new()),
-            checkpoint_areas,
-            checkpoint_writes: AtomicU64::new(0),
-        }
-    }
-
-    fn release(&self) {
-        *self.released.0.lock().unwrap() = true;
-        self.released.1.notify_all();
-    }
-}
-
-impl BlockDevice for Gate {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.armed.load(Ordering::SeqCst) {
-            self.reached.store(true, Ordering::SeqCst);
-            let (m, cv) = &self.released;
-            // (Bounded: a test that went wrong fails instead of hanging.)
-            let _ = cv
-                .wait_timeout_while(m.lock().unwrap(), Duration::from_secs(30), |r| !*r)
-                .unwrap();
-        }
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.checkpoint_areas.iter().any(|a| a.contains(&offset)) {
-            self.checkpoint_writes.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.write_at(data, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn describe(&self) -> String {
-        "gate".into()
-    }
-}
-
 #[test]
 fn moves_read_while_the_cache_closes_are_not_logged_after_the_flusher_stopped() {
     // The cleaner reads the segments it moves without the lock. When the cache starts
@@ -789,7 +723,16 @@ fn moves_read_while_the_cache_closes_are_not_logged_after_the_flusher_stopped() 
     // be durable, so the next open would replay the log). The close here lets the
     // cleaner's read return only once the final checkpoint is being written.
     let dev = mem_cache(BIG * (SLOTS + 1), 512, BIG as u32);
-    let gate = Arc::new(Gate::new(dev.clone()));
+    let gate = Arc::new(HoldDevice::new(dev.clone(), false));
+    let g = lc_cache::probe(dev.as_ref())
+        .unwrap()
+        .expect("formatted")
+        .geometry;
+    gate.watch_writes(
+        (0..2)
+            .map(|a| g.checkpoint_offset(a)..g.checkpoint_offset(a) + g.checkpoint_area_bytes())
+            .collect(),
+    );
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
     let mut t = tunables("0.8");
     // No periodic checkpoint: the only one is the close's.
@@ -798,21 +741,23 @@ fn moves_read_while_the_cache_closes_are_not_logged_after_the_flusher_stopped() 
     let c = open(cache, std::slice::from_ref(&backing), t.clone(), 4);
     let mut serial = vec![0u64; HOT as usize + 1];
     fill_sparse(&c, &mut serial);
-    gate.armed.store(true, Ordering::SeqCst);
     // Rewrite one line until the log is short of free slots and the cleaner reads a
-    // sparse tail segment to move its two live lines.
+    // sparse tail segment to move its two live lines (nothing else reads the cache
+    // device here).
+    let opened = gate.reads();
+    gate.hold();
     let lps = c.geometry().lines_per_segment as u64;
     let mut i = 0;
-    while !gate.reached.load(Ordering::SeqCst) {
+    while gate.reads() == opened {
         assert!(i < 3 * SLOTS * lps, "the cleaner never read a segment");
         put(&c, &mut serial, HOT, 3 + i).unwrap();
         c.flush().unwrap();
         i += 1;
     }
-    let before = gate.checkpoint_writes.load(Ordering::SeqCst);
+    let before = gate.watched_writes();
     let closing = std::thread::spawn(move || c.close());
     let t0 = Instant::now();
-    while gate.checkpoint_writes.load(Ordering::SeqCst) == before {
+    while gate.watched_writes() == before {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "no final checkpoint"
@@ -824,7 +769,6 @@ fn moves_read_while_the_cache_closes_are_not_logged_after_the_flusher_stopped() 
         .join()
         .expect("close: lines logged after the flusher stopped")
         .unwrap();
-    gate.armed.store(false, Ordering::SeqCst);
     let (c, r) = open_report(dev, std::slice::from_ref(&backing), t, 4);
     assert_eq!(r.replayed_segments, 0, "{r:?}");
     assert!(r.checkpoint.is_some(), "{r:?}");
