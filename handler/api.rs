@@ -268,6 +268,9 @@ pub struct CacheStats {
     /// See `lc_cache::Stats`.
     pub append_flush_us: u64,
     /// See `lc_cache::Stats`.
+    #[serde(default)]
+    pub append_locked_us: u64,
+    /// See `lc_cache::Stats`.
     pub live_lines: u64,
     /// See `lc_cache::Stats`.
     pub stale_lines: u64,

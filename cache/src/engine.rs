@@ -1432,6 +1432,7 @@ impl Cache {
             staged_lines: st.staged_lines,
             append_write_us: st.append_write_us,
             append_flush_us: st.append_flush_us,
+            append_locked_us: st.append_locked_us,
             live_lines: st.index.len() as u64,
             stale_lines: st
                 .index

@@ -360,6 +360,7 @@ pub(crate) fn append_here<'a>(
 /// the whole log up to here is durable. The lines are copied out under the lock
 /// (writers go on filling the segment meanwhile); lines `0..n` are immutable from here.
 fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    let locked = Instant::now();
     let geo = &inner.geo;
     let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
     let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
@@ -406,6 +407,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     o.hcrc = hcrc;
     st.slot_claimed_id = st.slot_claimed_id.max(id);
     let written = st.written_id;
+    st.append_locked_us += locked.elapsed().as_micros() as u64;
     drop(st);
     let desc = inner.cache.describe();
     let mut bytes = 0;

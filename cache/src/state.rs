@@ -437,6 +437,7 @@ pub(crate) struct State {
     /// Time appends spent writing, and flushing (microseconds).
     pub append_write_us: u64,
     pub append_flush_us: u64,
+    pub append_locked_us: u64,
     /// Why the cache stopped accepting writes.
     pub failed: Option<Failure>,
     /// Damaged log segments and the data lost with them (see `damage.rs`).
@@ -542,6 +543,7 @@ impl State {
             staged_lines: 0,
             append_write_us: 0,
             append_flush_us: 0,
+            append_locked_us: 0,
             failed: None,
             damage: r.damage,
             recovered_gens: r.recovered_gens,

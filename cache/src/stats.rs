@@ -66,6 +66,9 @@ pub struct Stats {
     pub append_write_us: u64,
     /// Format 2: microseconds appends spent flushing the cache device.
     pub append_flush_us: u64,
+    /// Format 2: microseconds appends held the engine lock preparing their writes (the
+    /// new lines' crcs, the header, the copy of the lines), during which writers wait.
+    pub append_locked_us: u64,
     /// Lines of the log the index points at (the newest copy of a cached line).
     pub live_lines: u64,
     /// Lines of the log that a newer copy superseded: space the cleaner can reclaim.

@@ -115,6 +115,7 @@ fn cache_stats(c: &Cache, luns: &[LunSection], cache: &str) -> CacheStats {
         caller_appends: s.caller_appends,
         append_write_us: s.append_write_us,
         append_flush_us: s.append_flush_us,
+        append_locked_us: s.append_locked_us,
         live_lines: s.live_lines,
         stale_lines: s.stale_lines,
         moved_lines: s.moved_lines,
