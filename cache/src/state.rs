@@ -434,7 +434,8 @@ pub(crate) struct State {
     pub last_append: Option<Instant>,
     /// Lines written to an open segment's slot ahead of its append (`flush.rs`).
     pub staged_lines: u64,
-    /// Time appends spent writing, and flushing (microseconds).
+    /// Time appends spent writing, flushing, and holding the lock while preparing
+    /// their writes (microseconds).
     pub append_write_us: u64,
     pub append_flush_us: u64,
     pub append_locked_us: u64,
