@@ -4,7 +4,8 @@
 # without; for lc and for dm-writecache behind a LIO `block` backstore on the same two
 # disks (SSD cache, throttled HDD), in this one boot. Prints the intervals side by side,
 # each run's min/first ratio and the per-interval lc/dm-writecache ratio, and after
-# each lc run its segment counts and the cleaner's (lines live, stale, moved, written
+# each lc run its appends (count; microseconds holding the engine lock, writing,
+# flushing), its segment counts and the cleaner's (lines live, stale, moved, written
 # back; last_flushed_id over nr_segments is how often the log lapped: below 1 the
 # cleaner never ran). The table goes to sustained-table.txt in the results. Not part
 # of the default run:
@@ -53,7 +54,7 @@ for mode in fsync plain; do
     loopback_lun /backstores/user:lc/disk0 >/dev/null
     opt=(); [ "$mode" = fsync ] && opt=(--fsync=32)
     run "$(lun_dev lc)" "lc-$mode" "${opt[@]}"
-    lc stats c0 | grep -E "nr_segments|dirty_segments|partial_segments|last_writeback_id|last_flushed_id|live_lines|stale_lines|moved_lines|cleaner_bytes_read|written_back_lines" \
+    lc stats c0 | grep -E "nr_segments|appends|append_write_us|append_flush_us|append_locked_us|dirty_segments|partial_segments|last_writeback_id|last_flushed_id|live_lines|stale_lines|moved_lines|cleaner_bytes_read|written_back_lines" \
         | sed "s/^/  lc-$mode after: /" | tee -a "$out"
     targetcli clearconfig confirm=True >/dev/null
     stop_lc
