@@ -57,6 +57,8 @@ pub struct DrainProgress {
 pub struct Cache {
     pub(crate) inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// `lc-append-io` (`sidewrite.rs`), stopped last.
+    side: Option<JoinHandle<()>>,
     closed: bool,
 }
 
@@ -605,9 +607,15 @@ impl Cache {
                 .spawn(move || crate::checkpoint::run(&i))
                 .expect("spawn lc-checkpoint"),
         );
+        let i = inner.clone();
+        let side = std::thread::Builder::new()
+            .name("lc-append-io".into())
+            .spawn(move || i.side.run(&*i.cache))
+            .expect("spawn lc-append-io");
         Cache {
             inner,
             threads,
+            side: Some(side),
             closed: false,
         }
     }
@@ -1651,6 +1659,12 @@ impl Cache {
             st.sb_seq + 1
         };
         for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // No append is left to post a write: the flusher is gone, and callers append
+        // only while it runs.
+        self.inner.side.stop();
+        if let Some(t) = self.side.take() {
             let _ = t.join();
         }
         let st = self.inner.lock();

@@ -357,8 +357,19 @@ pub(crate) fn append_here<'a>(
 /// of a segment nothing was staged for writes copy 0 and zeros copy 1 with its lines,
 /// in one write; staging wrote those zeros otherwise), then flushes the cache device.
 /// Called only when every segment before the open one is written, so after the flush
-/// the whole log up to here is durable. The lines are copied out under the lock
-/// (writers go on filling the segment meanwhile); lines `0..n` are immutable from here.
+/// the whole log up to here is durable.
+///
+/// Under the lock only the new lines are copied out and the entries cloned (writers go
+/// on filling the segment meanwhile); lines `0..n` are immutable from here (a rewrite
+/// takes a new line, `staged`). Then the lines' write goes to `lc-append-io` while
+/// this thread computes their crcs, encodes the header and writes it: the order of
+/// the two writes does not matter, as neither counts before the flush (a header whose
+/// lines did not all arrive fails its data crc, and recovery takes the copy before
+/// it). The segment's `written`, `crc` and `hcrc` change only once the append is
+/// durable; a seal in between (a writer filling the segment, a checkpoint) leaves
+/// the final header to cover lines from the old `written` on, and the flusher writes
+/// that segment only after this append returns (it is this append's thread, or waits
+/// for `caller_io`).
 fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
     let locked = Instant::now();
     let geo = &inner.geo;
@@ -366,13 +377,21 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
     let o = st.open.as_mut().expect("open segment");
     let (id, written, staged, n, gen) = (o.id, o.written, o.staged, o.entries.len(), o.gen + 1);
-    // Lines `written..n` get their crcs here (they are immutable from now on).
-    let data_crc = crate::format::seal_lines(
-        o.crc,
-        &mut o.entries[written..n],
-        &o.buf[ds + written * line..ds + n * line],
-    );
-    let hdr = SegmentHeader {
+    let old_crc = o.crc;
+    let mut entries = o.entries.clone();
+    // Lines staged since the last append are on the device; their crcs need their bytes.
+    let staged_bytes =
+        (staged > written).then(|| o.buf[ds + written * line..ds + staged * line].to_vec());
+    let lines = unstaged_lines(geo, o);
+    o.staged = n;
+    o.gen = gen;
+    st.slot_claimed_id = st.slot_claimed_id.max(id);
+    let written_id = st.written_id;
+    st.append_locked_us += locked.elapsed().as_micros() as u64;
+    drop(st);
+    let desc = inner.cache.describe();
+    let t0 = Instant::now();
+    let header = |data_crc: u32, entries: Vec<crate::format::Entry>| SegmentHeader {
         id,
         lap: geo.lap(id),
         gen,
@@ -381,39 +400,42 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         durable,
         data_crc,
         uuid: inner.uuid,
-        entries: o.entries.clone(),
+        entries,
     };
-    let mut writes: Vec<(AlignedBuf, u64)> = Vec::new();
-    let lines = unstaged_lines(geo, o);
-    let hcrc;
+    let mut side = None;
+    let mut here: Vec<(AlignedBuf, u64)> = Vec::new();
+    let (data_crc, hcrc);
     if gen == 1 && staged == 0 {
-        // Copy 0 goes into the zeros the lines' copy starts with.
+        // Copy 0 goes into the zeros the lines' copy starts with: one write.
         let (mut b, off) = lines.expect("an append has lines to write");
-        hcrc = hdr.encode_into(&mut b[..hl]);
-        writes.push((b, off));
+        data_crc = crate::format::seal_lines(old_crc, &mut entries[..n], &b[ds..]);
+        hcrc = header(data_crc, entries.clone()).encode_into(&mut b[..hl]);
+        here.push((b, off));
     } else {
-        writes.extend(lines);
+        let mut crc = old_crc;
+        if let Some((b, off)) = lines {
+            let b = Arc::new(b);
+            side = Some((inner.side.post(&*inner.cache, b.clone(), off), off, b.len()));
+            crc = match staged_bytes {
+                Some(s) => crate::format::seal_lines(crc, &mut entries[written..staged], &s),
+                None => crc,
+            };
+            debug_assert_eq!(b.len(), (n - staged) * line, "no header room after line 0");
+            crc = crate::format::seal_lines(crc, &mut entries[staged..n], &b);
+        } else if let Some(s) = staged_bytes {
+            crc = crate::format::seal_lines(crc, &mut entries[written..n], &s);
+        }
+        data_crc = crc;
         let mut h = AlignedBuf::new(hl);
-        hcrc = hdr.encode_into(&mut h);
-        writes.push((
+        hcrc = header(data_crc, entries.clone()).encode_into(&mut h);
+        here.push((
             h,
             geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64,
         ));
     }
-    o.written = n;
-    o.staged = n;
-    o.gen = gen;
-    o.crc = data_crc;
-    o.hcrc = hcrc;
-    st.slot_claimed_id = st.slot_claimed_id.max(id);
-    let written = st.written_id;
-    st.append_locked_us += locked.elapsed().as_micros() as u64;
-    drop(st);
-    let desc = inner.cache.describe();
     let mut bytes = 0;
     let mut r = Ok(());
-    let t0 = Instant::now();
-    for (b, off) in &writes {
+    for (b, off) in &here {
         r = inner
             .cache
             .write_at(b, *off)
@@ -422,6 +444,13 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
             break;
         }
         bytes += b.len() as u64;
+    }
+    if let Some((p, off, len)) = side {
+        let s = inner.side.wait(p).map_err(|e| Error::io(&desc, off, e));
+        if s.is_ok() {
+            bytes += len as u64;
+        }
+        r = r.and(s);
     }
     let t1 = Instant::now();
     let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
@@ -432,7 +461,17 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     st.append_flush_us += (t2 - t1).as_micros() as u64;
     match r {
         Ok(()) => {
-            st.flushed_id = st.flushed_id.max(written);
+            // Unless a seal took the segment meanwhile (its final header covers these
+            // lines again, from `written` on).
+            if let Some(o) = st.open.as_mut().filter(|o| o.id == id) {
+                o.written = n;
+                o.crc = data_crc;
+                o.hcrc = hcrc;
+                for (e, c) in o.entries[written..n].iter_mut().zip(&entries[written..n]) {
+                    e.crc = c.crc;
+                }
+            }
+            st.flushed_id = st.flushed_id.max(written_id);
             st.partial = st.partial.max(Pos {
                 id,
                 lines: n as u32,

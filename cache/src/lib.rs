@@ -24,6 +24,7 @@ mod logio;
 mod open;
 mod readahead;
 mod recovery;
+mod sidewrite;
 mod state;
 pub mod stats;
 pub mod testing;

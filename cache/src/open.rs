@@ -207,6 +207,7 @@ impl Cache {
             io_cv: Condvar::new(),
             worker_cv: Condvar::new(),
             log: opts.logger,
+            side: Default::default(),
         });
         if table_changed {
             crate::logio::commit(&inner, None)?;

@@ -577,6 +577,8 @@ pub(crate) struct Inner {
     /// Wakes the flusher and writeback threads.
     pub worker_cv: Condvar,
     pub log: Logger,
+    /// The thread an append's line write goes to (`lc-append-io`).
+    pub side: crate::sidewrite::SideWriter,
 }
 
 impl Inner {

@@ -61,13 +61,15 @@ pub struct Stats {
     /// Format 2: lines written to the open segment's slot ahead of the append that made
     /// them durable (staged while flushes come often).
     pub staged_lines: u64,
-    /// Format 2: microseconds appends spent writing lines and headers (with
-    /// `append_flush_us` over `appends`: what a flush waits for on average).
+    /// Format 2: microseconds appends spent writing lines and headers: the lines
+    /// written by `lc-append-io` while the append's thread computes their crcs, encodes
+    /// the header and writes it (with `append_flush_us` over `appends`: what a flush
+    /// waits for on average).
     pub append_write_us: u64,
     /// Format 2: microseconds appends spent flushing the cache device.
     pub append_flush_us: u64,
     /// Format 2: microseconds appends held the engine lock preparing their writes (the
-    /// new lines' crcs, the header, the copy of the lines), during which writers wait.
+    /// copy of the new lines and of the entries), during which writers wait.
     pub append_locked_us: u64,
     /// Lines of the log the index points at (the newest copy of a cached line).
     pub live_lines: u64,
