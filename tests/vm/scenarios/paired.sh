@@ -10,12 +10,12 @@
 # 4 KiB random writes QD32 over 512 MiB, the same with an fsync every 32 writes, 4 KiB
 # random reads QD32 (LC_BENCH_RUNTIME seconds each, default 15). Prints each round's
 # rows, then per ratio its value in each round and the median (paired-table.txt in
-# the results). LC_PAIRED_ROUNDS rounds (default 3). Not part of the default run:
+# the results). LC_BENCH_ROUNDS rounds (default 3). Not part of the default run:
 # tests/vm/run.sh paired
 # timeout: 2400
 source /payload/scenarios/lib.sh
 RT=${LC_BENCH_RUNTIME:-15}
-ROUNDS=${LC_PAIRED_ROUNDS:-3}
+ROUNDS=${LC_BENCH_ROUNDS:-3}
 out=/payload/results/paired-table.txt
 vals=/tmp/paired-values
 : >"$vals"
