@@ -20,7 +20,6 @@ RT=${LC_BENCH_RUNTIME:-15}
 out=/payload/results/bench-table.txt
 vals=/tmp/bench-values
 : >"$vals"
-timed() { job "$@" --time_based --runtime="$RT" --size=512M; }
 fmt='%-30s %14s %12s %16s %12s\n'
 row() { # name dev key
     local s w f r

@@ -144,6 +144,9 @@ job() {
     fi
 }
 
+# `job` for $RT seconds over the first 512 MiB (the benchmarks' timed jobs).
+timed() { job "$@" --time_based --runtime="${RT:?}" --size=512M; }
+
 fio_verify() {
     local dev=$1 size=$2 rw=${3:-randwrite}
     fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw="$rw" \

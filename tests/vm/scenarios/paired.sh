@@ -19,7 +19,6 @@ ROUNDS=${LC_BENCH_ROUNDS:-3}
 out=/payload/results/paired-table.txt
 vals=/tmp/paired-values
 : >"$vals"
-timed() { job "$@" --time_based --runtime="$RT" --size=512M; }
 fmt='%-6s %-24s %10s %14s %10s\n'
 row() { # round name dev key
     local w f r
