@@ -1608,7 +1608,17 @@ impl Cache {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.stop_side();
         self.closed = true;
+    }
+
+    /// Stops `lc-append-io`, once no append can post to it (the flusher has exited,
+    /// and callers append only while it runs).
+    fn stop_side(&mut self) {
+        self.inner.side.stop();
+        if let Some(t) = self.side.take() {
+            let _ = t.join();
+        }
     }
 
     /// Writes a checkpoint now (format 2; see `docs/FORMAT.md`, "Checkpoint"); false
@@ -1661,12 +1671,7 @@ impl Cache {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        // No append is left to post a write: the flusher is gone, and callers append
-        // only while it runs.
-        self.inner.side.stop();
-        if let Some(t) = self.side.take() {
-            let _ = t.join();
-        }
+        self.stop_side();
         let st = self.inner.lock();
         // Every line logged before the flusher exited was written by it, and nothing may
         // log one after (writers are gone; the cleaner and read promotion check
