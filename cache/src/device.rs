@@ -94,6 +94,17 @@ impl AlignedBuf {
         }
     }
 
+    /// Makes the buffer `len` bytes long within its allocation, keeping the bytes
+    /// there (a reused buffer: no allocation, no zeroing); false, and no change, when
+    /// the allocation has no room for `len`.
+    pub fn reuse(&mut self, len: usize) -> bool {
+        if self.start + len > self.storage.len() {
+            return false;
+        }
+        self.len = len;
+        true
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -375,6 +375,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let geo = &inner.geo;
     let (hl, ds, line) = (geo.header_len(), geo.data_start(), LINE as usize);
     let (prev_crc, durable) = (st.prev_crc, st.durable_claim());
+    let spare = st.append_buf.take();
     let o = st.open.as_mut().expect("open segment");
     let (id, written, staged, n, gen) = (o.id, o.written, o.staged, o.entries.len(), o.gen + 1);
     let old_crc = o.crc;
@@ -382,7 +383,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     // Lines staged since the last append are on the device; their crcs need their bytes.
     let staged_bytes =
         (staged > written).then(|| o.buf[ds + written * line..ds + staged * line].to_vec());
-    let lines = unstaged_lines(geo, o);
+    let lines = unstaged_lines(geo, o, spare);
     o.staged = n;
     o.gen = gen;
     st.slot_claimed_id = st.slot_claimed_id.max(id);
@@ -403,6 +404,8 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         entries,
     };
     let mut side = None;
+    // The lines' buffer, kept for the next append once written.
+    let mut lines_buf = None;
     let mut here: Vec<(AlignedBuf, u64)> = Vec::new();
     let (data_crc, hcrc);
     if gen == 1 && staged == 0 {
@@ -415,7 +418,11 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         let mut crc = old_crc;
         if let Some((b, off)) = lines {
             let b = Arc::new(b);
-            side = Some((inner.side.post(&*inner.cache, b.clone(), off), off, b.len()));
+            side = Some((
+                inner.side.post(&*inner.cache, b.clone(), off),
+                off,
+                b.clone(),
+            ));
             crc = match staged_bytes {
                 Some(s) => crate::format::seal_lines(crc, &mut entries[written..staged], &s),
                 None => crc,
@@ -445,17 +452,24 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         }
         bytes += b.len() as u64;
     }
-    if let Some((p, off, len)) = side {
+    if let Some((p, off, b)) = side {
         let s = inner.side.wait(p).map_err(|e| Error::io(&desc, off, e));
         if s.is_ok() {
-            bytes += len as u64;
+            bytes += b.len() as u64;
         }
         r = r.and(s);
+        // `lc-append-io` let go of its clone before it reported the write.
+        lines_buf = Arc::try_unwrap(b).ok();
+    } else if gen == 1 && staged == 0 {
+        lines_buf = here.pop().map(|(b, _)| b);
     }
     let t1 = Instant::now();
     let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
     let t2 = Instant::now();
     let mut st = inner.lock();
+    if st.append_buf.is_none() {
+        st.append_buf = lines_buf;
+    }
     st.cache_bytes_written += bytes;
     st.append_write_us += (t1 - t0).as_micros() as u64;
     st.append_flush_us += (t2 - t1).as_micros() as u64;
@@ -516,9 +530,10 @@ fn stage_due(inner: &Inner, st: &State, now: Instant) -> bool {
 /// are immutable from here. Called, like an append, only when the slot may be written
 /// and every segment before the open one is written.
 fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    let spare = st.append_buf.take();
     let o = st.open.as_mut().expect("open segment");
     let (id, from, n) = (o.id, o.staged, o.entries.len());
-    let (buf, off) = unstaged_lines(&inner.geo, o).expect("staging has lines to write");
+    let (buf, off) = unstaged_lines(&inner.geo, o, spare).expect("staging has lines to write");
     o.staged = n;
     st.slot_claimed_id = st.slot_claimed_id.max(id);
     drop(st);
@@ -530,6 +545,9 @@ fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, 
         .map_err(|e| Error::io(&inner.cache.describe(), off, e));
     let mut st = inner.lock();
     st.cache_bytes_written += buf.len() as u64;
+    if st.append_buf.is_none() {
+        st.append_buf = Some(buf);
+    }
     st.staged_lines += (n - from) as u64;
     if let Err(e) = r {
         fail(inner, &mut st, e);
@@ -538,10 +556,16 @@ fn stage<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, 
     st
 }
 
-/// The open segment's lines not yet on the device (`staged..n`), copied out, and where
-/// they go. From line 0 the copy starts at the segment, its header copies zeros (see
-/// [`stage`]). `None` when every line is on the device.
-fn unstaged_lines(geo: &Geometry, o: &OpenSeg) -> Option<(AlignedBuf, u64)> {
+/// The open segment's lines not yet on the device (`staged..n`), copied out into
+/// `spare` (the buffer the last append or staging used, `State::append_buf`: no
+/// allocation and no zeroing under the lock) or a new buffer, and where they go. From
+/// line 0 the copy starts at the segment, its header copies zeros (see [`stage`]).
+/// `None` when every line is on the device (and `spare` is dropped).
+fn unstaged_lines(
+    geo: &Geometry,
+    o: &OpenSeg,
+    spare: Option<AlignedBuf>,
+) -> Option<(AlignedBuf, u64)> {
     let (ds, line) = (geo.data_start(), LINE as usize);
     let (from, n) = (o.staged, o.entries.len());
     if n == from {
@@ -552,7 +576,13 @@ fn unstaged_lines(geo: &Geometry, o: &OpenSeg) -> Option<(AlignedBuf, u64)> {
     } else {
         (0, geo.line_offset(o.id, from as u32))
     };
-    let mut b = AlignedBuf::new(skip + (n - from) * line);
+    let len = skip + (n - from) * line;
+    // Room for any later append of a segment, so one buffer serves them all.
+    let mut b = spare.unwrap_or_else(|| AlignedBuf::new(geo.segment_size as usize));
+    if !b.reuse(len) {
+        b = AlignedBuf::new(len);
+    }
+    b[..skip].fill(0);
     b[skip..].copy_from_slice(&o.buf[ds + from * line..ds + n * line]);
     Some((b, off))
 }

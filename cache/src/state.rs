@@ -361,6 +361,9 @@ pub(crate) struct State {
     pub next_id: u64,
     pub ram: BTreeMap<u64, Arc<Sealed>>,
     pub pool: Vec<AlignedBuf>,
+    /// Format 2: the buffer the last append or staging copied its lines into, for the
+    /// next one (one segment's size, allocated at the first; outside `ram_buffers`).
+    pub append_buf: Option<AlignedBuf>,
     pub ram_buffers: usize,
     /// crc of the header of segment `written_id`, the newest the flusher encoded and
     /// wrote (or recovery read): the next header's `prev_crc`.
@@ -500,6 +503,7 @@ impl State {
             open: None,
             next_id: r.last_id + 1,
             ram: BTreeMap::new(),
+            append_buf: None,
             pool: (0..ram_buffers)
                 .map(|_| AlignedBuf::new(geo.segment_size as usize))
                 .collect(),

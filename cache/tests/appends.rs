@@ -601,3 +601,41 @@ fn a_segment_sealed_while_its_append_waits_for_the_device_keeps_every_line() {
         );
     }
 }
+
+#[test]
+fn a_first_append_writes_zeros_over_the_other_header_copy_whatever_the_last_append_left() {
+    // Appends copy their lines into one reused buffer. The second append of segment 1
+    // leaves lines where the next segment's first append puts the zeros of header
+    // copy 1: they must go out as zeros, or an older header of the slot could outlive
+    // the lines written over its data.
+    let cache = mem_cache(SEG as u64 * 16, 512, SEG);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let tun = Tunables {
+        writeback_enabled: false,
+        ..Tunables::default()
+    };
+    let c = open(cache.clone(), std::slice::from_ref(&backing), tun, 4);
+    let g = c.geometry();
+    let lps = g.lines_per_segment as u64;
+    for b in 0..3 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    for b in 3..6 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    for b in 6..lps + 3 {
+        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    }
+    c.flush().unwrap();
+    assert!(c.stats().appends >= 3, "{:?}", c.stats());
+    let off = g.segment_offset(2) as usize;
+    let img = image(&cache);
+    let (hl, ds) = (g.header_len(), g.data_start());
+    assert!(
+        img[off + hl..off + ds].iter().all(|&x| x == 0),
+        "header copy 1 of segment 2 after its first append"
+    );
+    drop(c);
+}
