@@ -379,7 +379,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     let o = st.open.as_mut().expect("open segment");
     let (id, written, staged, n, gen) = (o.id, o.written, o.staged, o.entries.len(), o.gen + 1);
     let old_crc = o.crc;
-    let mut entries = o.entries.clone();
+    let entries = o.entries.clone();
     // Lines staged since the last append are on the device; their crcs need their bytes.
     let staged_bytes =
         (staged > written).then(|| o.buf[ds + written * line..ds + staged * line].to_vec());
@@ -392,66 +392,63 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
     drop(st);
     let desc = inner.cache.describe();
     let t0 = Instant::now();
-    let header = |data_crc: u32, entries: Vec<crate::format::Entry>| SegmentHeader {
-        id,
-        lap: geo.lap(id),
-        gen,
-        nonce: inner.nonce,
-        prev_crc,
-        durable,
-        data_crc,
-        uuid: inner.uuid,
-        entries,
+    // The crcs of lines `written..n` (those after `staged` are `tail`), and the header
+    // recording them (its entries are kept for the segment once the append is durable).
+    let header = |mut entries: Vec<crate::format::Entry>, tail: &[u8]| {
+        let mut crc = old_crc;
+        if let Some(s) = &staged_bytes {
+            crc = crate::format::seal_lines(crc, &mut entries[written..staged], s);
+        }
+        let data_crc = crate::format::seal_lines(crc, &mut entries[staged..n], tail);
+        SegmentHeader {
+            id,
+            lap: geo.lap(id),
+            gen,
+            nonce: inner.nonce,
+            prev_crc,
+            durable,
+            data_crc,
+            uuid: inner.uuid,
+            entries,
+        }
     };
     let mut side = None;
-    // The lines' buffer, kept for the next append once written.
-    let mut lines_buf = None;
-    let mut here: Vec<(AlignedBuf, u64)> = Vec::new();
-    let (data_crc, hcrc);
-    if gen == 1 && staged == 0 {
-        // Copy 0 goes into the zeros the lines' copy starts with: one write.
+    // The one write of this thread: the lines with header copy 0 in front of them, or
+    // the header alone while `lc-append-io` writes the lines.
+    let (hdr, hcrc, head, head_off) = if gen == 1 && staged == 0 {
         let (mut b, off) = lines.expect("an append has lines to write");
-        data_crc = crate::format::seal_lines(old_crc, &mut entries[..n], &b[ds..]);
-        hcrc = header(data_crc, entries.clone()).encode_into(&mut b[..hl]);
-        here.push((b, off));
+        let hdr = header(entries, &b[ds..]);
+        let hcrc = hdr.encode_into(&mut b[..hl]);
+        (hdr, hcrc, b, off)
     } else {
-        let mut crc = old_crc;
-        if let Some((b, off)) = lines {
+        let lines = lines.map(|(b, off)| {
             let b = Arc::new(b);
             side = Some((
                 inner.side.post(&*inner.cache, b.clone(), off),
                 off,
                 b.clone(),
             ));
-            crc = match staged_bytes {
-                Some(s) => crate::format::seal_lines(crc, &mut entries[written..staged], &s),
-                None => crc,
-            };
-            debug_assert_eq!(b.len(), (n - staged) * line, "no header room after line 0");
-            crc = crate::format::seal_lines(crc, &mut entries[staged..n], &b);
-        } else if let Some(s) = staged_bytes {
-            crc = crate::format::seal_lines(crc, &mut entries[written..n], &s);
-        }
-        data_crc = crc;
+            b
+        });
+        let tail = lines.as_deref().map_or(&[][..], |b| &b[..]);
+        debug_assert_eq!(
+            tail.len(),
+            (n - staged) * line,
+            "no header room after line 0"
+        );
+        let hdr = header(entries, tail);
         let mut h = AlignedBuf::new(hl);
-        hcrc = header(data_crc, entries.clone()).encode_into(&mut h);
-        here.push((
-            h,
-            geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64,
-        ));
-    }
-    let mut bytes = 0;
-    let mut r = Ok(());
-    for (b, off) in &here {
-        r = inner
-            .cache
-            .write_at(b, *off)
-            .map_err(|e| Error::io(&desc, *off, e));
-        if r.is_err() {
-            break;
-        }
-        bytes += b.len() as u64;
-    }
+        let hcrc = hdr.encode_into(&mut h);
+        let off = geo.segment_offset(id) + (geo.header_copy(gen) * hl) as u64;
+        (hdr, hcrc, h, off)
+    };
+    let mut r = inner
+        .cache
+        .write_at(&head, head_off)
+        .map_err(|e| Error::io(&desc, head_off, e));
+    let mut bytes = if r.is_ok() { head.len() as u64 } else { 0 };
+    // The lines' buffer, kept for the next append once written.
+    let mut lines_buf = None;
     if let Some((p, off, b)) = side {
         let s = inner.side.wait(p).map_err(|e| Error::io(&desc, off, e));
         if s.is_ok() {
@@ -461,7 +458,7 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         // `lc-append-io` let go of its clone before it reported the write.
         lines_buf = Arc::try_unwrap(b).ok();
     } else if gen == 1 && staged == 0 {
-        lines_buf = here.pop().map(|(b, _)| b);
+        lines_buf = Some(head);
     }
     let t1 = Instant::now();
     let r = r.and_then(|_| inner.cache.flush().map_err(|e| Error::io(&desc, 0, e)));
@@ -479,9 +476,12 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
             // lines again, from `written` on).
             if let Some(o) = st.open.as_mut().filter(|o| o.id == id) {
                 o.written = n;
-                o.crc = data_crc;
+                o.crc = hdr.data_crc;
                 o.hcrc = hcrc;
-                for (e, c) in o.entries[written..n].iter_mut().zip(&entries[written..n]) {
+                for (e, c) in o.entries[written..n]
+                    .iter_mut()
+                    .zip(&hdr.entries[written..n])
+                {
                     e.crc = c.crc;
                 }
             }

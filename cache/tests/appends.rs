@@ -107,14 +107,23 @@ fn newest_header_in(img: &[u8], g: &Geometry, id: u64) -> SegmentHeader {
 /// over a backing device: the cache, its device and the backing device.
 fn fresh(seg: u32) -> (Cache, Arc<dyn BlockDevice>, Arc<dyn BlockDevice>) {
     let cache = mem_cache(seg as u64 * 16, 512, seg);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let c = open(
-        cache.clone(),
-        std::slice::from_ref(&backing),
-        no_writeback(),
-        4,
-    );
+    let (c, backing) = open_with(cache.clone(), no_writeback());
     (c, cache, backing)
+}
+
+/// Opens `cache` with tunables `t` and a new backing device, which it returns too.
+fn open_with(cache: Arc<dyn BlockDevice>, t: Tunables) -> (Cache, Arc<dyn BlockDevice>) {
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
+    let c = open(cache, std::slice::from_ref(&backing), t, 4);
+    (c, backing)
+}
+
+/// Writeback off, staging at its default (off): appends write every line themselves.
+fn unstaged() -> Tunables {
+    Tunables {
+        writeback_enabled: false,
+        ..Tunables::default()
+    }
 }
 
 /// Segments a single writer uses with a flush after every 4 KiB write, and the appends
@@ -552,12 +561,7 @@ fn a_segment_sealed_while_its_append_waits_for_the_device_keeps_every_line() {
     let img = image(&mem_cache(SEG as u64 * 16, 512, SEG));
     let dev = Gated::new(img);
     let cache: Arc<dyn BlockDevice> = dev.clone();
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let tun = Tunables {
-        writeback_enabled: false,
-        ..Tunables::default()
-    };
-    let c = open(cache.clone(), std::slice::from_ref(&backing), tun, 4);
+    let (c, backing) = open_with(cache.clone(), unstaged());
     let lps = c.geometry().lines_per_segment as u64;
     for b in 0..3 {
         c.write(0, b * 4096, &block(1, b), false).unwrap();
@@ -609,26 +613,16 @@ fn a_first_append_writes_zeros_over_the_other_header_copy_whatever_the_last_appe
     // copy 1: they must go out as zeros, or an older header of the slot could outlive
     // the lines written over its data.
     let cache = mem_cache(SEG as u64 * 16, 512, SEG);
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(BACKING));
-    let tun = Tunables {
-        writeback_enabled: false,
-        ..Tunables::default()
-    };
-    let c = open(cache.clone(), std::slice::from_ref(&backing), tun, 4);
+    let (c, _) = open_with(cache.clone(), unstaged());
     let g = c.geometry();
     let lps = g.lines_per_segment as u64;
-    for b in 0..3 {
-        c.write(0, b * 4096, &block(1, b), false).unwrap();
+    // Appends of lines 0..3 and 3..6, then segment 1 sealed and segment 2 appended.
+    for run in [0..3, 3..6, 6..lps + 3] {
+        for b in run {
+            c.write(0, b * 4096, &block(1, b), false).unwrap();
+        }
+        c.flush().unwrap();
     }
-    c.flush().unwrap();
-    for b in 3..6 {
-        c.write(0, b * 4096, &block(1, b), false).unwrap();
-    }
-    c.flush().unwrap();
-    for b in 6..lps + 3 {
-        c.write(0, b * 4096, &block(1, b), false).unwrap();
-    }
-    c.flush().unwrap();
     assert!(c.stats().appends >= 3, "{:?}", c.stats());
     let off = g.segment_offset(2) as usize;
     let img = image(&cache);
