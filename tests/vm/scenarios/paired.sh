@@ -20,61 +20,53 @@ out=/payload/results/paired-table.txt
 vals=/tmp/paired-values
 : >"$vals"
 fmt='%-6s %-24s %10s %14s %10s\n'
-row() { # round name dev key
+row() { # name dev key (of round $round)
     local w f r
-    w=$(timed "$3" randwrite 4k 32)
-    f=$(timed "$3" randwrite 4k 32 --fsync=32)
-    r=$(timed "$3" randread 4k 32)
-    printf "$fmt" "$1" "$2" "$w" "$f" "$r" | tee -a "$out"
-    echo "$1 $4 $w $f $r" >>"$vals"
+    w=$(timed "$2" randwrite 4k 32)
+    f=$(timed "$2" randwrite 4k 32 --fsync=32)
+    r=$(timed "$2" randread 4k 32)
+    printf "$fmt" "$round" "$1" "$w" "$f" "$r" | tee -a "$out"
+    echo "$round $3 $w $f $r" >>"$vals"
 }
 hdd_sectors=$(blockdev --getsz /dev/vdc)
 modprobe dm-writecache || fail "dm-writecache: module not available"
 modprobe dm-writeboost || fail "dm-writeboost: module not available"
-lc_row() { # round key: lc on the SSD + HDD, or its RAM LUN
+lc_row() { # key: lc on the SSD + HDD, or its RAM LUN
     cp /payload/lc.toml /etc/lc/lc.toml
     printf '\n[[lun]]\nname = "ram0"\nbackend = "ram"\nsize = "1GiB"\n' >>/etc/lc/lc.toml
     lc format -y --force /dev/vdb >/dev/null
     start_lc
-    if [ "$2" = lc ]; then
+    if [ "$1" = lc ]; then
         targetcli /backstores/user:lc create name=disk0 size=1G cfgstring=disk0 hw_max_sectors=2048 >/dev/null
         loopback_lun /backstores/user:lc/disk0 >/dev/null
-        row "$1" "lc" "$(lun_dev lc)" lc
+        row "lc" "$(lun_dev lc)" lc
     else
         targetcli /backstores/user:lc create name=ram0 size=1G cfgstring=ram0 >/dev/null
         loopback_lun /backstores/user:lc/ram0 >/dev/null
-        row "$1" "lc RAM LUN" "$(lun_dev lc)" ramlc
+        row "lc RAM LUN" "$(lun_dev lc)" ramlc
     fi
     targetcli clearconfig confirm=True >/dev/null
     stop_lc
 }
-dm_row() { # round key
+dm_row() { # key: dm-writecache (wc) or dm-writeboost (wb), SSD wiped first
     fresh_ssd
-    local name table
-    if [ "$2" = wc ]; then
-        name="dm-writecache (LIO)" table="0 $hdd_sectors writecache s /dev/vdc /dev/vdb 4096 0"
+    if [ "$1" = wc ]; then
+        lio_row "dm-writecache (LIO)" wc "0 $hdd_sectors writecache s /dev/vdc /dev/vdb 4096 0" wc
     else
-        name="dm-writeboost (LIO)" table="0 $hdd_sectors writeboost /dev/vdc /dev/vdb"
+        lio_row "dm-writeboost (LIO)" wb "0 $hdd_sectors writeboost /dev/vdc /dev/vdb" wb
     fi
-    dmsetup create "$2" --table "$table"
-    dmsetup mknodes
-    targetcli /backstores/block create name="${2}blk" dev="/dev/mapper/$2" >/dev/null
-    loopback_lun "/backstores/block/${2}blk" >/dev/null
-    row "$1" "$name" "$(lun_dev "${2}blk")" "$2"
-    targetcli clearconfig confirm=True >/dev/null
-    dmsetup remove "$2"
 }
 echo "guest: $(guest_cpu); ${RT} s per job, ${ROUNDS} rounds" | tee "$out"
 printf "$fmt" "round" "device" "randwrite" "randwrite" "randread" | tee -a "$out"
 printf "$fmt" "" "(IOPS, 4 KiB, QD32)" "" "fsync/32" "" | tee -a "$out"
 keys=(lc wc ramlc wbl)
-for r in $(seq 1 "$ROUNDS"); do
+for round in $(seq 1 "$ROUNDS"); do
     for i in 0 1 2 3; do
-        k=${keys[$(((i + r - 1) % 4))]}
+        k=${keys[$(((i + round - 1) % 4))]}
         case $k in
-            lc | ramlc) lc_row "$r" "$k" ;;
-            wc) dm_row "$r" wc ;;
-            wbl) dm_row "$r" wb ;;
+            lc | ramlc) lc_row "$k" ;;
+            wc) dm_row wc ;;
+            wbl) dm_row wb ;;
         esac
     done
 done
