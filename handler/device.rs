@@ -46,6 +46,7 @@ fn io_err(e: lc_cache::Error, request: Option<(u64, u64)>) -> IoError {
         | E::Superblock(_)
         | E::LogBlocked { .. }
         | E::BadFormat { .. }
+        | E::Rotten { .. }
         | E::Version { .. }
         | E::Invalid(_)
         | E::Tunable { .. } => IoErrorKind::Target,

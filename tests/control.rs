@@ -121,8 +121,9 @@ fn cli_commands_reach_the_daemon_caches() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `lc serve` running"));
 }
 
-/// A cache whose log was damaged in the middle (one flipped byte in a durable segment):
-/// `lc check` says which data is lost and exits 1, the daemon serves it with the loss
+/// A cache whose log was damaged in the middle (a flipped byte in three lines of a
+/// durable segment): `lc check` says which data is lost (those lines, not the rest of
+/// their segment) and exits 1, the daemon serves it with the loss
 /// visible in `lc status` / `lc stats`, reads of the lost data fail, and `lc
 /// accept-loss` names what was lost and lets the older data be read again.
 #[test]
@@ -169,11 +170,13 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         c.close().unwrap();
         a
     };
-    // Flip one data byte in round B's first whole segment (segment id a+1, slot a):
-    // after two header copies of one block each, line 5.
+    // Flip a data byte in lines 5, 6 and 7 of round B's first whole segment (segment
+    // id a+1, slot a; after two header copies of one block each): blocks 7, 8 and 9.
     let mut img = std::fs::read(&cache).unwrap();
-    let off = (64 << 10) * (1 + round_a_end as usize) + 2 * 4096 + 5 * 4096 + 17;
-    img[off] ^= 0x20;
+    for line in 5..8 {
+        let off = (64 << 10) * (1 + round_a_end as usize) + 2 * 4096 + line * 4096 + 17;
+        img[off] ^= 0x20;
+    }
     std::fs::write(&cache, &img).unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_lc"))
@@ -188,7 +191,7 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
         "{text}"
     );
     assert!(
-        text.contains("backing 3 (\"disk0\"): 14 lines lost"),
+        text.contains("backing 3 (\"disk0\"): 3 lines lost"),
         "{text}"
     );
 
@@ -197,40 +200,43 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     let out = lc(&socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("DAMAGED") && text.contains("lost 14 lines"),
+        text.contains("DAMAGED") && text.contains("lost 3 lines"),
         "{text}"
     );
     let v: serde_json::Value =
         serde_json::from_slice(&lc(&socket, &["status", "--json"]).stdout).unwrap();
-    assert_eq!(v["luns"][0]["lost_lines"], 14);
+    assert_eq!(v["luns"][0]["lost_lines"], 3);
     let v: serde_json::Value =
         serde_json::from_slice(&lc(&socket, &["stats", "c0", "--json"]).stdout).unwrap();
     assert_eq!(
         v["stats"]["c0"]["damage"]["lost_ranges"][0]["sectors"],
-        14 * 8
+        3 * 8
     );
     assert_eq!(v["stats"]["c0"]["damage"]["lost_ranges"][0]["lun"], "disk0");
 
     let (c, id) = shared.lun_cache("disk0").unwrap();
     let mut buf = vec![0u8; 4096];
-    // Round B's blocks 0 and 1 filled round A's last segment; 2..16 are lost.
+    // Round B's blocks 0 and 1 filled round A's last segment; 2..16 are in the damaged
+    // one, of which 7..10 are lost.
     assert!(matches!(
-        c.read(id, 2 * 4096, &mut buf),
+        c.read(id, 7 * 4096, &mut buf),
         Err(lc_cache::Error::Lost { .. })
     ));
-    c.read(id, 39 * 4096, &mut buf).unwrap();
-    assert!(
-        buf.iter().all(|&b| b == 2),
-        "intact round B data after the damage"
-    );
+    for b in [2, 6, 10, 39] {
+        c.read(id, b * 4096, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == 2),
+            "intact round B data after the damage (block {b})"
+        );
+    }
 
     let out = lc(&socket, &["accept-loss", "c0"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("lost: backing 3 (disk0) sectors 16..+112"),
+        out.status.success() && text.contains("lost: backing 3 (disk0) sectors 56..+24"),
         "{text}"
     );
-    c.read(id, 2 * 4096, &mut buf).unwrap();
+    c.read(id, 7 * 4096, &mut buf).unwrap();
     assert!(
         buf.iter().all(|&b| b == 1),
         "round A after the loss was accepted"

@@ -161,6 +161,13 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         Ok((bytes + CP_HEADER as u64, entries.len()))
     })();
     let mut st = inner.lock();
+    if std::mem::take(&mut st.cp_retire) {
+        // Damage was found while this one was written: it may cover the rotten copy.
+        drop(st);
+        let retired = zero_headers(inner);
+        st = inner.lock();
+        retired_or_fail(inner, &mut st, retired);
+    }
     st.cp_busy = false;
     st.cp_crc_want = None;
     st.cp_crc_got = None;
@@ -184,6 +191,59 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
                 inner.worker_cv.notify_all();
             }
             Err(e)
+        }
+    }
+}
+
+/// Retires every checkpoint after damage found while serving (docs/FORMAT.md, "Damage
+/// found while serving"): both area headers are overwritten with zeros and the cache
+/// device flushed, so the next recovery walks the whole log and finds the damage again
+/// instead of loading an index that points at the rotten copy. A checkpoint being
+/// written meanwhile does it when it ends (none starts while the damage is kept).
+pub(crate) fn retire(inner: &Inner) {
+    if !inner.geo.appends() {
+        return;
+    }
+    {
+        let mut st = inner.lock();
+        if st.cp_busy {
+            st.cp_retire = true;
+            return;
+        }
+        st.cp_busy = true;
+    }
+    let r = zero_headers(inner);
+    let mut st = inner.lock();
+    retired_or_fail(inner, &mut st, r);
+    st.cp_busy = false;
+}
+
+/// Writes zeros over both checkpoint area headers, then flushes the cache device.
+fn zero_headers(inner: &Inner) -> Result<()> {
+    let desc = inner.cache.describe();
+    for area in 0..2 {
+        let off = inner.geo.checkpoint_offset(area);
+        inner
+            .cache
+            .write_at(&AlignedBuf::new(CP_HEADER), off)
+            .map_err(|e| Error::io(&desc, off, e))?;
+    }
+    inner.cache.flush().map_err(|e| Error::io(&desc, 0, e))
+}
+
+/// After [`zero_headers`]: logged, and an I/O error fails the cache (a checkpoint left
+/// on the device would let a restart serve the rotten copy).
+fn retired_or_fail(inner: &Inner, st: &mut State, r: Result<()>) {
+    match r {
+        Ok(()) => info!(
+            inner.log,
+            "checkpoints retired: the next recovery walks the whole log"
+        ),
+        Err(e) => {
+            warn!(inner.log, "retiring the checkpoints failed; cache stops"; "error" => %e);
+            if st.failed.is_none() {
+                inner.fail(st, e);
+            }
         }
     }
 }

@@ -47,7 +47,9 @@
 //!   so its moves always have slots that may be written.
 //! - Damage: the cleaner stops before the first damaged segment while anything is lost
 //!   (`Damage::writeback_limit`), and a segment with a live line that is lost (or of
-//!   unknown content) is never moved: it is left to writeback.
+//!   unknown content) is never moved: it is left to writeback. A live line that
+//!   fails its crc when read back becomes such damage (`logio::found_rot`) instead of
+//!   failing the cache, and the step ends without moving anything.
 //! - Moving never touches the backing devices, so a failing backing device does not
 //!   stop the cleaning of segments whose live lines can be moved; under pressure with
 //!   a device failing, even a tail too live for the rule is moved (rotated) while the
@@ -63,7 +65,9 @@ use crate::device::AlignedBuf;
 use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
 use crate::index::{key, Loc};
-use crate::logio::{check_lines, commit, read_for_moves, read_lines, READ_GAP};
+use crate::logio::{
+    check_lines, commit, found_rot, read_for_moves, read_lines, unlisted, READ_GAP,
+};
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
 
@@ -330,10 +334,7 @@ impl Cleaner {
         // except a damaged segment recovery took at an older append: the index holds
         // that append's lines (read with its header, as writeback does).
         let skip: Vec<u64> = (first..=last)
-            .filter(|&id| {
-                (st.damage.segments.contains(&id) && !st.recovered_gens.contains_key(&id))
-                    || st.index.seg_lines(id).live == 0
-            })
+            .filter(|&id| st.index.seg_lines(id).live == 0)
             .collect();
         let gens = st
             .recovered_gens
@@ -352,6 +353,8 @@ impl Cleaner {
         drop(st);
         let (bufs, headers) = match read_live(inner, &plan, &gens) {
             Ok(r) => r,
+            // Recorded as damage: the next step plans up to it.
+            Err(Error::Rotten { .. }) => return Step::Worked,
             Err(e) => {
                 cache_failed(inner, e);
                 return Step::Worked;
@@ -430,27 +433,62 @@ fn read_live(
     let mut headers = Vec::new();
     let mut bytes = 0;
     for &(id, whole) in plan {
-        let (buf, h, n) = read_for_moves(inner, id, whole, gens)?;
+        let (buf, h, n) = read_for_moves(inner, id, whole, gens).inspect_err(|e| {
+            if matches!(e, Error::Rotten { .. }) {
+                found_rot(inner, e, id, None);
+            }
+        })?;
         bufs.push(buf);
         headers.push(h);
         bytes += n;
     }
-    let live: Vec<Vec<usize>> = {
+    type Copies = Vec<(u64, u16)>;
+    let (live, missing): (Vec<Vec<usize>>, Vec<Copies>) = {
         let st = inner.lock();
         headers
             .iter()
             .map(|h| {
-                (0..h.entries.len())
+                let live = (0..h.entries.len())
                     .filter(|&slot| live_at(&st, h, slot).is_some_and(|(_, l)| !l.clean))
-                    .collect()
+                    .collect();
+                (live, unlisted(&st, h))
             })
-            .collect()
+            .unzip()
     };
+    // Live copies its header does not list (an older append's header was read).
+    if let Some((h, m)) = headers.iter().zip(&missing).find(|(_, m)| !m.is_empty()) {
+        let e = Error::Rotten {
+            device: inner.cache.describe(),
+            segment: h.id,
+            slots: Some(m.iter().map(|&(_, s)| s as usize).collect()),
+        };
+        found_rot(inner, &e, h.id, Some(m));
+        return Err(e);
+    }
     for (((buf, h), slots), &(_, whole)) in bufs.iter_mut().zip(&headers).zip(&live).zip(plan) {
-        if whole {
-            check_lines(inner, buf, h, slots)?;
+        let checked = if whole {
+            check_lines(inner, buf, h, slots)
         } else {
-            bytes += read_lines(inner, buf, h, slots)?;
+            read_lines(inner, buf, h, slots).map(|n| bytes += n)
+        };
+        if let Err(e) = checked {
+            if let Error::Rotten {
+                slots: Some(bad), ..
+            } = &e
+            {
+                let copies: Vec<(u64, u16)> = bad
+                    .iter()
+                    .map(|&s| {
+                        let en = &h.entries[s];
+                        (
+                            key(en.dev, en.sector / crate::format::SECTORS_PER_LINE),
+                            s as u16,
+                        )
+                    })
+                    .collect();
+                found_rot(inner, &e, h.id, Some(&copies));
+            }
+            return Err(e);
         }
     }
     inner.lock().clean.bytes_read += bytes;
@@ -563,6 +601,7 @@ fn release(inner: &Inner, upto: u64, clean: &[(u64, Loc)]) -> Result<(), Error> 
         st.index.remove_if(k, l);
     }
     st.damage.passed(upto);
+    st.unreadable = st.unreadable.split_off(&(upto + 1));
     st.recovered_gens = st.recovered_gens.split_off(&(upto + 1));
     st.index.forget_segments(upto);
     st.need_space = false;

@@ -1,11 +1,15 @@
-//! Log damage found by recovery, and what it means for reads, writes and writeback.
+//! Log damage found by recovery or while serving, and what it means for reads, writes
+//! and writeback.
 //!
 //! A segment in the middle of the log that fails its checks although a later segment
 //! proves it was durable (see `docs/FORMAT.md`, "Recovery") is *damaged*: the data of
-//! its lines is gone. Recovery replays the intact segments after it, so every line
-//! with a newer copy reads that copy; the lines whose newest durable copy was in the
-//! damaged segment are *lost* and reads of them fail (MEDIUM ERROR in the daemon)
-//! instead of returning the older copy or the backing device's older data.
+//! its lines that fail their crcs is gone. Recovery replays the intact segments (and
+//! the intact lines of a damaged one) after it, so every line with a newer copy reads
+//! that copy; the lines whose newest durable copy was rotten are *lost* and reads of
+//! them fail (MEDIUM ERROR in the daemon) instead of returning the older copy or the
+//! backing device's older data. Writeback and the cleaner record the same when a copy
+//! they read back fails its crc ([`Damage::lose`], FORMAT.md "Damage found while
+//! serving").
 //!
 //! - When the damaged segment's header is intact, its entries say exactly which
 //!   sectors are lost ([`Damage::lost`]).
@@ -60,29 +64,26 @@ impl Damage {
     pub fn add_segment(&mut self, id: u64, entries: Option<&[Entry]>) {
         self.segments.insert(id);
         match entries {
-            Some(es) => {
-                // A clean copy holds what the backing device holds: nothing is lost
-                // with it.
-                for e in es.iter().filter(|e| !e.is_clean()) {
-                    let k = key(e.dev, e.sector / SECTORS_PER_LINE);
-                    let bits = if e.is_tombstone() { FULL_LINE } else { e.dirty };
-                    *self.lost.entry(k).or_insert(0) |= bits;
-                }
-            }
+            Some(es) => es.iter().for_each(|e| self.lose_entry(id, e)),
             None => self.unknown_upto = self.unknown_upto.max(id),
         }
     }
 
-    /// Recovery: segment `id` was taken at an earlier append; its newer, durable append
-    /// failed its checks and held `entries` (those lines are lost, the earlier ones
-    /// are not).
-    pub fn add_lost(&mut self, id: u64, entries: &[Entry]) {
+    /// Recovery: the copy `e` of damaged segment `id` failed its check. A clean copy
+    /// holds what the backing device holds: nothing is lost with it.
+    pub fn lose_entry(&mut self, id: u64, e: &Entry) {
         self.segments.insert(id);
-        for e in entries.iter().filter(|e| !e.is_clean()) {
+        if !e.is_clean() {
             let k = key(e.dev, e.sector / SECTORS_PER_LINE);
-            let bits = if e.is_tombstone() { FULL_LINE } else { e.dirty };
-            *self.lost.entry(k).or_insert(0) |= bits;
+            self.lose(id, k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
         }
+    }
+
+    /// While serving: the newest copy of line `k`, in segment `id`, failed its check;
+    /// its sectors `bits` are lost.
+    pub fn lose(&mut self, id: u64, k: u64, bits: u8) {
+        self.segments.insert(id);
+        *self.lost.entry(k).or_insert(0) |= bits;
     }
 
     /// A newer copy of line `k` holding sectors `bits` (a discard record: all of them).

@@ -81,6 +81,19 @@ pub enum Error {
     /// device: the superblock there is the previous one.
     #[error("superblock commit failed: {0}")]
     Superblock(#[source] Arc<Error>),
+    /// A segment read back for writeback or cleaning failed its checks: the line copies
+    /// in `slots` do not hold what was written (`None`: its header is unreadable, so
+    /// every copy in it). Not a cache failure: the engine records the live ones as
+    /// damage (docs/FORMAT.md, "Damage found while serving").
+    #[error("{device}: segment {segment} failed its checks for writeback or cleaning: {}", rot_text(.slots))]
+    Rotten {
+        /// The cache device.
+        device: String,
+        /// The segment id.
+        segment: u64,
+        /// The line slots whose copy failed, ascending (`None`: the header failed).
+        slots: Option<Vec<usize>>,
+    },
     /// The cache stopped accepting writes: an unrecoverable cache-device error, or it is
     /// closing or was killed.
     #[error("cache failed: {0}")]
@@ -92,8 +105,9 @@ pub enum Error {
 pub enum Failure {
     /// The cache device failed a write or flush of the log, a checkpoint or the
     /// superblock, or a read the writeback thread or the cleaner needed: the error it
-    /// returned (an [`Error::Io`] with the cache device's offset and the `io::Error`,
-    /// or an [`Error::BadFormat`] for a segment that failed its checks).
+    /// returned (an [`Error::Io`] with the cache device's offset and the `io::Error`).
+    /// A segment that reads back but fails its checks ([`Error::Rotten`]) is damage,
+    /// not a failure.
     #[error(transparent)]
     Device(Arc<Error>),
     /// The cache was killed (`Cache::kill`, tests and benchmarks).
@@ -107,6 +121,14 @@ pub enum Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure::Device(Arc::new(e))
+    }
+}
+
+fn rot_text(slots: &Option<Vec<usize>>) -> String {
+    match slots {
+        None => "no readable header of it".into(),
+        Some(s) if s.len() == 1 => format!("line {} checksum mismatch", s[0]),
+        Some(s) => format!("lines {s:?} checksum mismatch"),
     }
 }
 
@@ -174,6 +196,23 @@ mod tests {
 
     fn eio() -> Error {
         Error::io("/dev/x", 4096, io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn a_rotten_segment_names_its_lines_or_its_header() {
+        let e = |slots| Error::Rotten {
+            device: "ssd".into(),
+            segment: 2,
+            slots,
+        };
+        assert_eq!(
+            e(Some(vec![100])).to_string(),
+            "ssd: segment 2 failed its checks for writeback or cleaning: line 100 checksum mismatch"
+        );
+        assert!(e(Some(vec![1, 5]))
+            .to_string()
+            .ends_with("lines [1, 5] checksum mismatch"));
+        assert!(e(None).to_string().ends_with("no readable header of it"));
     }
 
     #[test]

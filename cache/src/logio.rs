@@ -4,10 +4,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use slog::{info, warn};
+
 use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::format::{decode_copies, newest_header, SegmentHeader, Superblock, LINE};
-use crate::state::{backing_table, Inner};
+use crate::format::{
+    decode_copies, newest_header, SegmentHeader, Superblock, FULL_LINE, LINE, SECTORS_PER_LINE,
+};
+use crate::index::{key, unkey};
+use crate::state::{backing_table, Inner, State};
 
 /// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
 pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
@@ -63,29 +68,120 @@ pub(crate) fn commit(inner: &Inner, new_wb: Option<u64>) -> Result<()> {
     }
 }
 
-/// Reads segments `first..=last` but `skip` back from the cache device and checks them.
-/// A segment's newest header is used unless recovery took an older one (`gens`: its
-/// newest append failed its checks), so writeback sees the lines the index was built
-/// from.
+/// Copies of segment `seg` found rotten while serving (docs/FORMAT.md, "Damage found
+/// while serving"), as (line key, slot); `None`: every copy the index holds in it (its
+/// header is unreadable). Each that is still its line's newest copy leaves the index: a
+/// clean copy is simply dropped (the backing device holds its data), a dirty copy or a
+/// discard record makes its sectors lost and its segment damaged. Returns whether
+/// anything was lost (the checkpoints must then be retired).
+pub(crate) fn lose_copies(st: &mut State, seg: u64, copies: Option<&[(u64, u16)]>) -> bool {
+    let listed: Vec<(u64, u16)> = match copies {
+        Some(c) => c.to_vec(),
+        None => st
+            .index
+            .iter()
+            .filter(|(_, l)| l.seg == seg)
+            .map(|(k, l)| (k, l.slot))
+            .collect(),
+    };
+    let mut lost = false;
+    for (k, slot) in listed {
+        let Some(l) = st.index.get(k).filter(|l| l.seg == seg && l.slot == slot) else {
+            continue;
+        };
+        st.index.remove_if(k, l);
+        if l.clean {
+            continue;
+        }
+        if let Some(b) = st.backing[unkey(k).0 as usize].as_mut() {
+            b.dirty = b.dirty.saturating_sub(1);
+        }
+        st.damage
+            .lose(seg, k, if l.tomb { FULL_LINE } else { l.dirty });
+        lost = true;
+    }
+    lost
+}
+
+/// Copies the index holds in segment `h.id` that its header `h` does not list: its
+/// newest header copy rotted and an older append's header was read, which lacks the
+/// lines added since. Their crcs went with that header, so they count as rotten (the
+/// caller loses them, [`lose_copies`]); left in the index, they would point into a slot
+/// released for reuse. Under the lock; the index is scanned only when the header lists
+/// fewer live copies than the segment holds.
+pub(crate) fn unlisted(st: &State, h: &SegmentHeader) -> Vec<(u64, u16)> {
+    let key_at = |slot: usize| {
+        h.entries
+            .get(slot)
+            .map(|e| key(e.dev, e.sector / SECTORS_PER_LINE))
+    };
+    let listed = (0..h.entries.len())
+        .filter(|&s| {
+            st.index
+                .get(key_at(s).expect("listed"))
+                .is_some_and(|l| l.seg == h.id && l.slot as usize == s)
+        })
+        .count();
+    if listed as u32 >= st.index.seg_lines(h.id).live {
+        return Vec::new();
+    }
+    st.index
+        .iter()
+        .filter(|&(k, l)| l.seg == h.id && key_at(l.slot as usize) != Some(k))
+        .map(|(k, l)| (k, l.slot))
+        .collect()
+}
+
+/// Rotten copies found by writeback or the cleaner (`e`, an [`Error::Rotten`] of
+/// segment `seg`; `copies` as for [`lose_copies`]): the ones still live are lost, and
+/// when any was, the checkpoints are retired. The cache does not fail.
+pub(crate) fn found_rot(inner: &Inner, e: &Error, seg: u64, copies: Option<&[(u64, u16)]>) {
+    let lost = {
+        let mut st = inner.lock();
+        let lost = lose_copies(&mut st, seg, copies);
+        inner.io_cv.notify_all();
+        inner.worker_cv.notify_all();
+        lost
+    };
+    if lost {
+        warn!(inner.log, "rotten line copies on the cache device: their data is lost and reads of it fail; the segment is kept as damage";
+              "error" => %e, "segment" => seg);
+        crate::checkpoint::retire(inner);
+    } else {
+        info!(inner.log, "rotten line copies on the cache device were no longer needed"; "error" => %e);
+    }
+}
+
+/// Segments read back for writeback: per segment its bytes, its header, and the slots
+/// whose line failed its check (ascending; empty when all are sound).
+pub(crate) type ReadBack = (Vec<AlignedBuf>, Vec<SegmentHeader>, Vec<Vec<usize>>);
+
+/// Reads segments `first..=last` but `skip` back from the cache device and checks each
+/// line ([`rotten_slots`]): a rotten line is reported, not an error, since only the
+/// copies writeback takes matter. A segment's newest header is used unless recovery
+/// took an older one (`gens`: its newest append failed its checks), so writeback sees
+/// the lines the index was built from; no header of it is [`Error::Rotten`].
 pub(crate) fn read_segments(
     inner: &Inner,
     first: u64,
     last: u64,
     skip: &[u64],
     gens: &BTreeMap<u64, u16>,
-) -> Result<(Vec<AlignedBuf>, Vec<SegmentHeader>)> {
+) -> Result<ReadBack> {
     let geo = &inner.geo;
     let mut bufs = Vec::new();
     let mut headers = Vec::new();
+    let mut rots = Vec::new();
     for id in (first..=last).filter(|id| !skip.contains(id)) {
         let mut buf = AlignedBuf::new(geo.segment_size as usize);
         read_part(inner, &mut buf, id, 0, geo.segment_size as usize)?;
         let h = pick_header(inner, &buf, id, gens)?;
-        check_data(inner, &buf, &h)?;
+        let all: Vec<usize> = (0..h.entries.len()).collect();
+        rots.push(rotten_slots(inner, &buf, &h, &all));
         headers.push(h);
         bufs.push(buf);
     }
-    Ok((bufs, headers))
+    Ok((bufs, headers, rots))
 }
 
 /// Reads segment `id` for the cleaner: the whole slot when `whole`, else only its
@@ -147,30 +243,49 @@ pub(crate) fn read_lines(
     Ok(bytes)
 }
 
-/// Checks the lines `slots` of segment `h` in `buf`: each against its crc in the
-/// header when every one of them has one, else the whole segment against its data crc
-/// (headers from before line checksums; `buf` must hold all its lines then).
+/// Checks the lines `slots` of segment `h` in `buf` ([`rotten_slots`]): the ones that
+/// fail are [`Error::Rotten`].
 pub(crate) fn check_lines(
     inner: &Inner,
     buf: &[u8],
     h: &SegmentHeader,
     slots: &[usize],
 ) -> Result<()> {
+    let bad = rotten_slots(inner, buf, h, slots);
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Rotten {
+        device: inner.cache.describe(),
+        segment: h.id,
+        slots: Some(bad),
+    })
+}
+
+/// Which of the lines `slots` (ascending) of segment `h` in `buf` fail their check:
+/// each against its crc in the header when every one of them has one, else the whole
+/// segment against its data crc (headers from before line checksums; `buf` must hold
+/// all its lines then), which when it fails fails them all.
+pub(crate) fn rotten_slots(
+    inner: &Inner,
+    buf: &[u8],
+    h: &SegmentHeader,
+    slots: &[usize],
+) -> Vec<usize> {
     let (ds, line) = (inner.geo.data_start(), LINE as usize);
     if !line_crcs(h, slots) {
-        return check_data(inner, buf, h);
+        let n = h.entries.len();
+        let sound = crate::format::crc(&buf[ds..ds + n * line]) == h.data_crc;
+        return if sound { Vec::new() } else { slots.to_vec() };
     }
-    for &s in slots {
-        let at = ds + s * line;
-        if Some(crate::format::crc(&buf[at..at + line])) != h.entries[s].crc {
-            return Err(unreadable(
-                inner,
-                h.id,
-                format!("line {s} checksum mismatch"),
-            ));
-        }
-    }
-    Ok(())
+    slots
+        .iter()
+        .copied()
+        .filter(|&s| {
+            let at = ds + s * line;
+            Some(crate::format::crc(&buf[at..at + line])) != h.entries[s].crc
+        })
+        .collect()
 }
 
 /// True when the header of `h` records the crc of every line in `slots` (false for
@@ -186,13 +301,6 @@ fn read_part(inner: &Inner, buf: &mut [u8], id: u64, from: usize, to: usize) -> 
         .cache
         .read_at(&mut buf[from..to], off)
         .map_err(|e| Error::io(&inner.cache.describe(), off, e))
-}
-
-fn unreadable(inner: &Inner, id: u64, reason: String) -> Error {
-    Error::BadFormat {
-        device: inner.cache.describe(),
-        reason: format!("segment {id} unreadable for writeback or cleaning: {reason}"),
-    }
 }
 
 /// Segment `id`'s header among the copies at the start of `buf`: the newest, or the
@@ -211,16 +319,9 @@ fn pick_header(
             .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
         None => newest_header(buf, geo, id, &inner.uuid),
     };
-    h.map(|(h, _)| h)
-        .ok_or_else(|| unreadable(inner, id, "no header of this segment".into()))
-}
-
-/// Checks the lines of `h` in `buf` against its data crc.
-fn check_data(inner: &Inner, buf: &[u8], h: &SegmentHeader) -> Result<()> {
-    let ds = inner.geo.data_start();
-    let n = h.entries.len();
-    if crate::format::crc(&buf[ds..ds + n * LINE as usize]) != h.data_crc {
-        return Err(unreadable(inner, h.id, "data checksum mismatch".into()));
-    }
-    Ok(())
+    h.map(|(h, _)| h).ok_or_else(|| Error::Rotten {
+        device: inner.cache.describe(),
+        segment: id,
+        slots: None,
+    })
 }

@@ -466,6 +466,10 @@ struct Bad {
     proven: bool,
     /// The crc of its other, older header, when that one is sound too.
     older_crc: Option<u32>,
+    /// The crc of every prefix of its lines (as [`Slot::data_crcs`]), when its newest
+    /// header is sound and chained and only the data crc failed: its intact lines can
+    /// be told from the rotten ones.
+    prefix: Option<Vec<u32>>,
 }
 
 /// Walks the log from the superblock's writeback point (FORMAT.md, "Recovery"): replays
@@ -667,17 +671,17 @@ fn walk<'scope, 'env>(
                     break;
                 }
                 Resolution::Lost { follow } => {
-                    if let Pending::Newer {
-                        id: x,
-                        gen,
-                        lines,
-                        crc,
-                    } = &p
-                    {
-                        lost_append(&mut damage, &mut report, *x, *gen, lines);
+                    if let Pending::Newer { crc, .. } = &p {
                         if follow {
                             last_crc = *crc;
                         }
+                        lost_append(
+                            &mut index,
+                            &mut damage,
+                            &mut report,
+                            &mut recovered_gens,
+                            &p,
+                        );
                     }
                 }
                 Resolution::Unknown => {
@@ -707,7 +711,7 @@ fn walk<'scope, 'env>(
         };
         // A later append of the segment failed its checks and an earlier one is taken:
         // the newer header, kept to tell what it held.
-        let mut newer: Option<(SegmentHeader, u32)> = None;
+        let mut newer: Option<(SegmentHeader, u32, Vec<u32>)> = None;
         let checked: std::result::Result<(SegmentHeader, u32), Bad> = if mine.is_empty() {
             Err(Bad {
                 header: None,
@@ -719,6 +723,7 @@ fn walk<'scope, 'env>(
                 foreign,
                 proven: false,
                 older_crc: None,
+                prefix: None,
             })
         } else {
             let h = &mine[0].0;
@@ -734,6 +739,7 @@ fn walk<'scope, 'env>(
                     foreign: false,
                     proven: false,
                     older_crc: None,
+                    prefix: None,
                 })
             } else if !chain_known && !claims.cover(dev, sb, &mut ahead, id, window_end)? {
                 // After a damaged segment of unknown content only a segment proven
@@ -745,6 +751,7 @@ fn walk<'scope, 'env>(
                     foreign: false,
                     proven: false,
                     older_crc: None,
+                    prefix: None,
                 })
             } else {
                 let most = mine.iter().map(|(h, _)| h.entries.len()).max();
@@ -753,7 +760,8 @@ fn walk<'scope, 'env>(
                 match mine.iter().position(|(h, _)| sound(h)) {
                     Some(0) => Ok(mine[0].clone()),
                     Some(i) => {
-                        newer = Some(mine[0].clone());
+                        let (nh, ncrc) = mine[0].clone();
+                        newer = Some((nh, ncrc, crcs.to_vec()));
                         Ok(mine[i].clone())
                     }
                     None => Err(Bad {
@@ -765,6 +773,7 @@ fn walk<'scope, 'env>(
                         header: Some(mine[0].clone()),
                         reason: "data checksum mismatch".into(),
                         foreign: false,
+                        prefix: Some(crcs.to_vec()),
                     }),
                 }
             }
@@ -772,19 +781,7 @@ fn walk<'scope, 'env>(
         match checked {
             Ok((h, hcrc)) => {
                 for (slot, e) in h.entries.iter().enumerate() {
-                    let k = key(e.dev, e.sector / SECTORS_PER_LINE);
-                    damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
-                    index.insert(
-                        k,
-                        Loc {
-                            seg: id,
-                            slot: slot as u16,
-                            dirty: e.dirty,
-                            tomb: e.is_tombstone(),
-                            clean: e.is_clean(),
-                        },
-                    );
-                    report.restored_lines += 1;
+                    replay_entry(&mut index, &mut damage, &mut report, id, slot, e);
                 }
                 report.replayed_segments += 1;
                 chain.insert(id - 1, h.prev_crc);
@@ -802,13 +799,15 @@ fn walk<'scope, 'env>(
                     Err(_) => slot.head[i * hl..(i + 1) * hl].iter().any(|&b| b != 0),
                 });
                 pending = match newer {
-                    Some((nh, ncrc)) => {
+                    Some((nh, ncrc, prefix)) => {
                         recovered_gens.insert(id, h.gen);
                         Some(Pending::Newer {
                             id,
                             gen: nh.gen,
+                            first: h.entries.len(),
                             lines: nh.entries[h.entries.len()..].to_vec(),
                             crc: ncrc,
+                            prefix,
                         })
                     }
                     None if unreadable => Some(Pending::Unreadable { id, gen: h.gen }),
@@ -816,8 +815,21 @@ fn walk<'scope, 'env>(
                 };
             }
             Err(bad) if bad.proven || claims.cover(dev, sb, &mut ahead, id, window_end)? => {
-                // A later segment says this one was durable: damage, not the end.
-                damage.add_segment(id, bad.header.as_ref().map(|(h, _)| &h.entries[..]));
+                // A later segment says this one was durable: damage, not the end. Its
+                // lines that match their crcs are replayed, the others are lost.
+                match (&bad.header, &bad.prefix) {
+                    (Some((h, _)), Some(prefix)) => {
+                        for (slot, e) in h.entries.iter().enumerate() {
+                            if line_intact(prefix, slot, e.crc) {
+                                replay_entry(&mut index, &mut damage, &mut report, id, slot, e);
+                            } else {
+                                damage.lose_entry(id, e);
+                            }
+                        }
+                        damage.segments.insert(id);
+                    }
+                    (h, _) => damage.add_segment(id, h.as_ref().map(|(h, _)| &h.entries[..])),
+                }
                 report.damaged.push((id, bad.reason));
                 match bad.header {
                     Some((_, hcrc)) => {
@@ -843,13 +855,14 @@ fn walk<'scope, 'env>(
     if let Some(p) = pending.take() {
         let durable = claims.cover(dev, sb, &mut ahead, p.id(), start + geo.nr_segments)?;
         match (resolve(&p, None, last_crc, durable), p) {
-            (
-                Resolution::Lost { .. },
-                Pending::Newer {
-                    id: x, gen, lines, ..
-                },
-            ) => {
-                lost_append(&mut damage, &mut report, x, gen, &lines);
+            (Resolution::Lost { .. }, p @ Pending::Newer { .. }) => {
+                lost_append(
+                    &mut index,
+                    &mut damage,
+                    &mut report,
+                    &mut recovered_gens,
+                    &p,
+                );
             }
             (Resolution::Unknown, Pending::Unreadable { id: x, gen }) => {
                 unknown_final(&mut damage, &mut recovered_gens, &mut report, x, gen);
@@ -896,8 +909,12 @@ enum Pending {
     Newer {
         id: u64,
         gen: u16,
+        /// The slot of `lines[0]` (the line count of the append taken).
+        first: usize,
         lines: Vec<crate::format::Entry>,
         crc: u32,
+        /// The crc of every prefix of the segment's lines (as [`Slot::data_crcs`]).
+        prefix: Vec<u32>,
     },
     /// A header copy is unreadable and append `gen` was taken. If the next segment is
     /// durable but follows no header taken, the unreadable copy was the final header.
@@ -947,17 +964,79 @@ fn resolve(p: &Pending, follows: Option<u32>, taken: u32, durable: bool) -> Reso
 
 /// Records that append `gen` of segment `id`, durable, failed its data check: the
 /// `lines` it added are lost.
-fn lost_append(
+/// True when line `slot` of a segment, whose prefix crcs are `prefix` (`prefix[n]`:
+/// the crc of lines `0..n`), matches its crc `want` from the header (none recorded:
+/// false). The line's own crc is `prefix[slot + 1] ^ Z(prefix[slot])` (see
+/// [`crate::format::crc_extend_line`]).
+fn line_intact(prefix: &[u32], slot: usize, want: Option<u32>) -> bool {
+    match (want, prefix.get(slot), prefix.get(slot + 1)) {
+        (Some(w), Some(&a), Some(&b)) => b ^ crate::format::crc_extend_line(a, 0) == w,
+        _ => false,
+    }
+}
+
+/// Replays copy `e` in slot `slot` of segment `id`: it becomes its line's newest copy.
+fn replay_entry(
+    index: &mut Index,
     damage: &mut Damage,
     report: &mut RecoveryReport,
     id: u64,
-    gen: u16,
-    lines: &[crate::format::Entry],
+    slot: usize,
+    e: &crate::format::Entry,
 ) {
-    damage.add_lost(id, lines);
+    let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+    damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
+    index.insert(
+        k,
+        Loc {
+            seg: id,
+            slot: slot as u16,
+            dirty: e.dirty,
+            tomb: e.is_tombstone(),
+            clean: e.is_clean(),
+        },
+    );
+    report.restored_lines += 1;
+}
+
+/// The newer append of pending segment `p` ([`Pending::Newer`]) was durable but failed
+/// its data check: of the lines it added, those matching their crcs are replayed and the
+/// others lost. When any was replayed the segment is no longer taken at the older
+/// append: writeback and the cleaner read it with its newest header, which lists them.
+fn lost_append(
+    index: &mut Index,
+    damage: &mut Damage,
+    report: &mut RecoveryReport,
+    gens: &mut BTreeMap<u64, u16>,
+    p: &Pending,
+) {
+    let Pending::Newer {
+        id,
+        gen,
+        first,
+        lines,
+        prefix,
+        ..
+    } = p
+    else {
+        return;
+    };
+    let mut kept = false;
+    for (i, e) in lines.iter().enumerate() {
+        if line_intact(prefix, first + i, e.crc) {
+            replay_entry(index, damage, report, *id, first + i, e);
+            kept = true;
+        } else {
+            damage.lose_entry(*id, e);
+        }
+    }
+    damage.segments.insert(*id);
+    if kept {
+        gens.remove(id);
+    }
     report
         .damaged
-        .push((id, format!("append {gen} data checksum mismatch")));
+        .push((*id, format!("append {gen} data checksum mismatch")));
 }
 
 /// Records that segment `id`, proven durable and taken at append `gen`, lost its final

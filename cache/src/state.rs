@@ -467,6 +467,12 @@ pub(crate) struct State {
     pub cp_upto: u64,
     pub checkpoints: u64,
     pub cp_busy: bool,
+    /// Segments whose header writeback found unreadable while serving, with the end of
+    /// the log then: passed unread once that is durable (`writeback.rs`).
+    pub unreadable: BTreeMap<u64, Pos>,
+    /// Damage found while serving asked for the checkpoint headers to be retired while
+    /// one was being written: its writer retires them when it ends.
+    pub cp_retire: bool,
     pub stop_checkpoint: bool,
 }
 
@@ -561,6 +567,8 @@ impl State {
             cp_upto: r.cp_upto,
             checkpoints: 0,
             cp_busy: false,
+            unreadable: BTreeMap::new(),
+            cp_retire: false,
             stop_checkpoint: false,
         }
     }

@@ -25,8 +25,8 @@ use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::Error;
 use crate::format::{SegmentHeader, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
-use crate::logio::{commit, read_segments};
-use crate::state::{BackingFailure, Inner, State};
+use crate::logio::{commit, found_rot, lose_copies, read_segments, unlisted};
+use crate::state::{BackingFailure, Inner, Pos, State};
 
 /// One line copy picked for writeback.
 struct Item {
@@ -141,7 +141,7 @@ pub(crate) fn run(inner: &Inner) {
                 .0;
             continue;
         }
-        let (first, last) = range.unwrap_or_else(|| {
+        let (first, mut last) = range.unwrap_or_else(|| {
             (
                 st.wb_id + 1,
                 st.flushed_id
@@ -150,15 +150,32 @@ pub(crate) fn run(inner: &Inner) {
             )
         });
         let sort = st.tunables.writeback_sort;
-        // Damaged segments hold nothing that can be written back.
-        // (unless recovery kept an older append of them: those lines are in the index).
-        let skip: Vec<u64> = st
+        // Damaged segments hold nothing that can be written back, unless a line of
+        // theirs was indexed (an older append recovery kept, the intact lines of a
+        // segment with rotten ones): those are read and written back as any.
+        let mut skip: Vec<u64> = st
             .damage
             .segments
             .range(first..=last)
-            .filter(|id| !st.recovered_gens.contains_key(id))
+            .filter(|&&id| st.index.seg_lines(id).lines == 0)
             .copied()
             .collect();
+        // A segment whose header became unreadable while serving holds nothing the
+        // index points at; it is passed unread once every line written before it was
+        // found is durable (a line superseded before then has its newer copy durable,
+        // so its copy there is not needed). Until then the batch stops before it.
+        for (&id, &head) in st.unreadable.range(first..=last) {
+            if st.durable_pos() >= head {
+                skip.push(id);
+            } else {
+                last = id - 1;
+                break;
+            }
+        }
+        if last < first {
+            last_error = Some((Instant::now(), RETRY_DELAY));
+            continue;
+        }
         drop(st);
         match write_back(inner, first, last, &skip, sort) {
             Ok(()) => {
@@ -168,6 +185,11 @@ pub(crate) fn run(inner: &Inner) {
             Err(WbError::Cache(e)) => {
                 warn!(inner.log, "cache device failed during writeback; cache stops"; "error" => %e);
                 inner.fail(&mut inner.lock(), e);
+            }
+            Err(WbError::Rotten) => {
+                // Recorded as damage (the next batch stops before it), or waiting for
+                // a newer copy's flush: retried after a pause.
+                last_error = Some((Instant::now(), RETRY_DELAY));
             }
             Err(WbError::Backing(failures)) => {
                 let mut st = inner.lock();
@@ -200,11 +222,13 @@ pub(crate) fn run(inner: &Inner) {
     info!(inner.log, "writeback stopped"; "last_writeback_id" => st.wb_id);
 }
 
-/// A writeback failure: on the cache device (fatal) or on backing devices (each
-/// failing device with its error; retried).
+/// A writeback failure: on the cache device (fatal), on backing devices (each
+/// failing device with its error; retried), or a copy to write back that failed its
+/// check (recorded as damage, or waiting for a newer copy's flush; retried).
 enum WbError {
     Cache(Error),
     Backing(Vec<(u8, Error)>),
+    Rotten,
 }
 
 fn write_back(
@@ -221,8 +245,21 @@ fn write_back(
             .map(|(&k, &v)| (k, v))
             .collect()
     };
-    let (bufs, headers) = read_segments(inner, first, last, skip, &gens).map_err(WbError::Cache)?;
-    let items = write_items(inner, &bufs, &headers, sort).map_err(WbError::Backing)?;
+    let (bufs, headers, rots) = match read_segments(inner, first, last, skip, &gens) {
+        Ok(r) => r,
+        Err(e @ Error::Rotten { segment, .. }) => {
+            // No readable header: every copy the index holds in it is lost, and it is
+            // passed unread once what was written before now is durable.
+            found_rot(inner, &e, segment, None);
+            let mut st = inner.lock();
+            let head = st.last_written_pos();
+            st.unreadable.entry(segment).or_insert(head);
+            inner.request_durable(&mut st, head);
+            return Err(WbError::Rotten);
+        }
+        Err(e) => return Err(WbError::Cache(e)),
+    };
+    let items = write_items(inner, &bufs, &headers, &rots, sort)?;
     {
         // Every device of the batch took its lines: none of them is failing now.
         let mut st = inner.lock();
@@ -239,6 +276,7 @@ fn write_back(
     let mut st = inner.lock();
     st.wb_id = last;
     st.damage.passed(last);
+    st.unreadable = st.unreadable.split_off(&(last + 1));
     st.recovered_gens = st.recovered_gens.split_off(&(last + 1));
     st.clean.written_back_lines += items.iter().filter(|it| !it.clean).count() as u64;
     for it in &items {
@@ -265,30 +303,53 @@ fn write_back(
 
 /// Picks the copies to write back, writes them (sorted and merged when `sort`) and
 /// flushes the backing devices. Returns the copies written, or every device that
-/// failed with its error (the other devices' copies were written and flushed).
+/// failed with its error (the other devices' copies were written and flushed). A copy
+/// to write back that is in `rots` (per segment, the slots whose line failed its
+/// check) stops the batch before anything is written: the live ones are lost, and a
+/// stale one waits for its newer copy's flush (docs/FORMAT.md, "Damage found while
+/// serving").
 fn write_items(
     inner: &Inner,
     bufs: &[AlignedBuf],
     headers: &[SegmentHeader],
+    rots: &[Vec<usize>],
     sort: bool,
-) -> Result<Vec<Item>, Vec<(u8, Error)>> {
+) -> Result<Vec<Item>, WbError> {
     let hl = inner.geo.data_start();
     // Decide, under the lock, which copies to write.
     let mut items: Vec<Item> = Vec::new();
     let devs: HashMap<u8, Arc<dyn BlockDevice>>;
     {
-        let st = inner.lock();
+        let mut st = inner.lock();
         let flushed = st.flushed_id;
         let mut pos: HashMap<u64, usize> = HashMap::new();
+        // Rotten copies: the live ones per segment, and whether a stale one is needed.
+        let mut lost: Vec<(u64, Vec<(u64, u16)>)> = Vec::new();
+        let mut wait = false;
         for (b, h) in headers.iter().enumerate() {
             for (slot, e) in h.entries.iter().enumerate() {
                 let k = key(e.dev, e.sector / SECTORS_PER_LINE);
-                let take = match st.index.get(k) {
+                let newest = st.index.get(k);
+                let take = match newest {
                     Some(l) if l.seg == h.id && l.slot as usize == slot => true,
                     Some(l) => l.seg > h.id && l.seg > flushed,
                     None => false,
                 };
                 if !take {
+                    continue;
+                }
+                if rots[b].binary_search(&slot).is_ok() {
+                    match newest {
+                        Some(l) if l.seg == h.id => match lost.last_mut() {
+                            Some((seg, c)) if *seg == h.id => c.push((k, slot as u16)),
+                            _ => lost.push((h.id, vec![(k, slot as u16)])),
+                        },
+                        Some(l) => {
+                            inner.request_durable(&mut st, Pos::all(l.seg));
+                            wait = true;
+                        }
+                        None => {}
+                    }
                     continue;
                 }
                 let it = Item {
@@ -311,6 +372,26 @@ fn write_items(
                     }
                 }
             }
+        }
+        for h in headers {
+            let missing = unlisted(&st, h);
+            if !missing.is_empty() {
+                lost.push((h.id, missing));
+            }
+        }
+        if !lost.is_empty() || wait {
+            let mut any = false;
+            for (seg, copies) in &lost {
+                any |= lose_copies(&mut st, *seg, Some(copies));
+            }
+            inner.io_cv.notify_all();
+            drop(st);
+            if any {
+                warn!(inner.log, "rotten line copies on the cache device: their data is lost and reads of it fail; the segments are kept as damage";
+                      "segments" => format!("{:?}", lost.iter().map(|(s, c)| (s, c.len())).collect::<Vec<_>>()));
+                crate::checkpoint::retire(inner);
+            }
+            return Err(WbError::Rotten);
         }
         devs = st
             .backing
@@ -398,7 +479,7 @@ fn write_items(
     }
     inner.lock().backing_bytes_written += written;
     if !failed.is_empty() {
-        return Err(failed);
+        return Err(WbError::Backing(failed));
     }
     Ok(items)
 }

@@ -400,9 +400,10 @@ fn a_lost_line_is_never_moved() {
     assert_eq!(c.stats().last_flushed_id, 4);
     let mut img = vec![0u8; cache.size() as usize];
     cache.read_at(&mut img, 0).unwrap();
-    std::mem::forget(c); // killed
-                         // Flip a data byte of segment 3 (slot 2): durable (segment 4 says so), so damage.
-    img[SEG as usize * 3 + 4096 + 5 * 4096 + 7] ^= 1;
+    // Killed. Flip a byte of line 0's newest copy, segment 3 (slot 2) slot 0: durable
+    // (segment 4 says so), so damage.
+    std::mem::forget(c);
+    img[SEG as usize * 3 + 4096 + 7] ^= 1;
     let reopen = |img: Vec<u8>| {
         let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
         let c = open(
@@ -419,6 +420,12 @@ fn a_lost_line_is_never_moved() {
         matches!(c.read(0, 0, &mut b), Err(Error::Lost { .. }))
     };
     assert!(lost(&c), "line 0 is lost");
+    // Only line 0: the intact lines of segment 3 are replayed.
+    let mut b = vec![0u8; 4096];
+    for l in 20..34 {
+        c.read(0, l * 4096, &mut b).unwrap();
+        assert!(b == line(3, l), "line {l}");
+    }
     // Pressure: overwrite other lines until the log is blocked behind the damage.
     let mut blocked = false;
     for i in 0..47 * 15 * 4u64 {
@@ -691,27 +698,118 @@ fn the_cleaner_reads_live_lines_alone() {
 }
 
 /// A live line that fails its crc is never moved (a new copy would carry a fresh crc
-/// over rotten data): the cache fails, and after a restart the line reads as lost.
+/// over rotten data): it is lost, not the cache. Reads of it fail from then on, every
+/// other line reads as written, the log fills up to the damaged segment and no
+/// further (writes fail with `LogBlocked`), a restart finds the same loss, and once the
+/// loss is accepted cleaning goes on past the segment, moving its intact line.
 #[test]
-fn a_rotten_live_line_is_never_moved() {
+fn a_rotten_live_line_is_lost_not_the_cache() {
     use lc_cache::Error;
-    let (c, dev, _, err) = sparse_tails(Some((2, 100)));
-    let err = err.expect("writes stop");
-    assert!(matches!(err, Error::Failed(_)), "{err}");
-    assert!(
-        format!("{err:?}").contains("line 100 checksum mismatch"),
-        "{err:?}"
-    );
-    let lps = c.geometry().lines_per_segment as u64;
+    let (c, dev, mut serial, err) = sparse_tails(Some((2, 100)));
+    let rotten = c.geometry().lines_per_segment as u64 + 100;
+    let err = err.expect("writes stop at the damage");
+    assert!(matches!(err, Error::LogBlocked { segment: 2 }), "{err}");
+    assert_eq!(c.failure(), None);
+    let lost = |c: &lc_cache::Cache| {
+        let mut b = vec![0u8; 4096];
+        match c.read(0, rotten * 4096, &mut b) {
+            Err(Error::Lost { dev: 0, offset }) => assert_eq!(offset, rotten * 4096),
+            r => panic!("the rotten line reads {r:?}"),
+        }
+        let d = c.stats().damage.expect("damage reported");
+        assert_eq!(d.segments, vec![2]);
+        assert_eq!(d.lost_ranges, vec![(0, rotten * 8, 8)]);
+    };
+    lost(&c);
+    let mut others = serial.clone();
+    others[rotten as usize] = 0;
+    check_lines(&c, &others);
+    // Killed and restarted: the same line is lost, the others (those of segment 2 too)
+    // read as written.
     let mut img = vec![0u8; dev.size() as usize];
     dev.read_at(&mut img, 0).unwrap();
-    std::mem::forget(c); // killed
+    std::mem::forget(c);
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
-    let c = open(dev, &[backing], tunables("0.8"), 4);
+    let (c, r) = open_report(dev, &[backing], tunables("0.8"), 4);
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
+    lost(&c);
+    check_lines(&c, &others);
+    // The log is full up to the damage, so the line cannot be rewritten: the operator
+    // accepts the loss, and the line reads the backing device's older data (zeros).
+    let e = put(&c, &mut serial, rotten, 7).unwrap_err();
+    assert!(matches!(e, Error::LogBlocked { segment: 2 }), "{e}");
+    let report = c.accept_loss();
+    assert_eq!(report.lost_ranges, vec![(0, rotten * 8, 8)]);
+    let mut b = vec![1u8; 4096];
+    c.read(0, rotten * 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    // Then the cleaner passes segment 2, moving its intact line.
+    let err = rewrite_until_moved(&c, &mut serial);
+    assert!(err.is_none(), "{err:?}");
+    put(&c, &mut serial, rotten, 7).unwrap();
+    let err = rewrite_until_moved(&c, &mut serial);
+    assert!(err.is_none(), "{err:?}");
+    let s = c.stats();
+    assert!(s.last_writeback_id >= 8 && s.damage.is_none(), "{s:?}");
+    check_lines(&c, &serial);
+    c.check_line_counts().unwrap();
+    c.close().unwrap();
+}
+
+/// A checkpoint covering the rotten line's segment would make the next recovery index
+/// the rotten copy without reading it: finding the line retires the checkpoints, and
+/// the restart walks the log and finds the same loss.
+#[test]
+fn a_rotten_line_found_while_serving_stays_lost_after_a_restart_from_a_checkpoint() {
+    use lc_cache::Error;
+    let cache = mem_cache(BIG * (SLOTS + 1), 512, BIG as u32);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
+    let mut t = tunables("0.8");
+    // No periodic checkpoint: the one below is the only one.
+    t.checkpoint_interval_segments = 0;
+    let c = open(cache.clone(), std::slice::from_ref(&backing), t.clone(), 4);
+    let mut serial = vec![0u64; HOT as usize + 1];
+    fill_sparse(&c, &mut serial);
+    assert!(c.checkpoint().unwrap());
+    // A restart now would load a checkpoint covering segment 2.
+    let mut img = vec![0u8; cache.size() as usize];
+    cache.read_at(&mut img, 0).unwrap();
+    let copy: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
+    let spare: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(
+        {
+            let mut b = vec![0u8; backing.size() as usize];
+            backing.read_at(&mut b, 0).unwrap();
+            b
+        },
+        "backing",
+    ));
+    let (c2, r) = open_report(copy, &[spare], t.clone(), 4);
+    assert!(
+        r.checkpoint.as_ref().is_some_and(|cp| cp.upto >= 2),
+        "{r:?}"
+    );
+    c2.kill();
+    let rotten = c.geometry().lines_per_segment as u64 + 100;
+    let off = c.geometry().line_offset(2, 100) + 100;
+    let mut b = vec![0u8; 512];
+    cache.read_at(&mut b, off & !511).unwrap();
+    b[(off % 512) as usize] ^= 0x10;
+    cache.write_at(&b, off & !511).unwrap();
+    let err = rewrite_until_moved(&c, &mut serial);
+    assert!(matches!(err, Some(Error::LogBlocked { .. })), "{err:?}");
+    let mut img = vec![0u8; cache.size() as usize];
+    cache.read_at(&mut img, 0).unwrap();
+    std::mem::forget(c);
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
+    let (c, r) = open_report(dev, &[backing], t, 4);
+    assert!(r.checkpoint.is_none(), "{r:?}");
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
     let mut b = vec![0u8; 4096];
-    let r = c.read(0, (lps + 100) * 4096, &mut b);
-    assert!(matches!(r, Err(Error::Lost { .. })), "{r:?}");
+    let read = c.read(0, rotten * 4096, &mut b);
+    assert!(matches!(read, Err(Error::Lost { .. })), "{read:?}");
+    serial[rotten as usize] = 0;
+    check_lines(&c, &serial);
 }
 
 #[test]
