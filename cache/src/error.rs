@@ -58,8 +58,9 @@ pub enum Error {
         offset: u64,
     },
     /// Writes cannot proceed: the log is full up to a damaged segment that is kept as
-    /// evidence while data it held is lost (rewrite the lost data or accept the loss).
-    #[error("cache log full up to damaged segment {segment}; rewrite the lost data or run `lc accept-loss`")]
+    /// evidence while data it held is lost. A rewrite of the lost data needs log space
+    /// too, so only accepting the loss lets writes go on.
+    #[error("cache log full up to damaged segment {segment}, kept while data it held is lost; run `lc accept-loss` to let writes continue")]
     LogBlocked {
         /// The first damaged segment id.
         segment: u64,
