@@ -188,8 +188,9 @@ pub(crate) fn run(inner: &Inner) {
             }
             Err(WbError::Rotten) => {
                 // Recorded as damage (the next batch stops before it), or waiting for
-                // a newer copy's flush: retried after a pause.
-                last_error = Some((Instant::now(), RETRY_DELAY));
+                // a newer copy's flush: retried after a pause (doubling while it waits).
+                let pause = last_error.map_or(RETRY_DELAY, |(_, p)| (p * 2).min(MAX_RETRY_DELAY));
+                last_error = Some((Instant::now(), pause));
             }
             Err(WbError::Backing(failures)) => {
                 let mut st = inner.lock();
@@ -345,7 +346,10 @@ fn write_items(
                             _ => lost.push((h.id, vec![(k, slot as u16)])),
                         },
                         Some(l) => {
+                            // Writeback counts a copy durable once its segment is
+                            // written whole: the open one is sealed for it.
                             inner.request_durable(&mut st, Pos::all(l.seg));
+                            st.seal_requested |= st.open.as_ref().is_some_and(|o| o.id == l.seg);
                             wait = true;
                         }
                         None => {}
