@@ -412,6 +412,16 @@ fn no_checkpoint_is_taken_while_segments_wait_in_ram_beyond_the_ring() {
     let c2 = c.clone();
     std::thread::spawn(move || tx.send(c2.checkpoint().map_err(|e| e.to_string())));
     let r = rx.recv_timeout(std::time::Duration::from_secs(20));
+    // The flusher writes the ring's segments on its own time: the image below must
+    // hold them all (under load it was taken before the last ones were written).
+    let t0 = std::time::Instant::now();
+    while c.stats().last_flushed_id < nr {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the ring's segments never written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Killed (a close would wait for the segments that cannot be written).
     std::mem::forget(c);
     assert_eq!(r.expect("the checkpoint returned"), Ok(false));
