@@ -66,7 +66,7 @@ use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
 use crate::index::{key, Loc};
 use crate::logio::{
-    check_lines, commit, found_rot, read_for_moves, read_lines, unlisted, READ_GAP,
+    check_lines, commit, found_rot, read_for_moves, read_lines, rotten_copies, unlisted, READ_GAP,
 };
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
@@ -457,13 +457,7 @@ fn read_live(
     };
     // Live copies its header does not list (an older append's header was read).
     if let Some((h, m)) = headers.iter().zip(&missing).find(|(_, m)| !m.is_empty()) {
-        let e = Error::Rotten {
-            device: inner.cache.describe(),
-            segment: h.id,
-            slots: Some(m.iter().map(|&(_, s)| s as usize).collect()),
-        };
-        found_rot(inner, &e, h.id, Some(m));
-        return Err(e);
+        return Err(rotten_copies(inner, h.id, m));
     }
     for (((buf, h), slots), &(_, whole)) in bufs.iter_mut().zip(&headers).zip(&live).zip(plan) {
         let checked = if whole {
@@ -471,11 +465,10 @@ fn read_live(
         } else {
             read_lines(inner, buf, h, slots).map(|n| bytes += n)
         };
-        if let Err(e) = checked {
-            if let Error::Rotten {
+        match checked {
+            Err(Error::Rotten {
                 slots: Some(bad), ..
-            } = &e
-            {
+            }) => {
                 let copies: Vec<(u64, u16)> = bad
                     .iter()
                     .map(|&s| {
@@ -486,9 +479,10 @@ fn read_live(
                         )
                     })
                     .collect();
-                found_rot(inner, &e, h.id, Some(&copies));
+                return Err(rotten_copies(inner, h.id, &copies));
             }
-            return Err(e);
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
     }
     inner.lock().clean.bytes_read += bytes;

@@ -152,6 +152,18 @@ pub(crate) fn found_rot(inner: &Inner, e: &Error, seg: u64, copies: Option<&[(u6
     }
 }
 
+/// [`found_rot`] for the copies `copies` (line key, slot) of segment `seg` that failed
+/// their checks; returns the [`Error::Rotten`] it logged.
+pub(crate) fn rotten_copies(inner: &Inner, seg: u64, copies: &[(u64, u16)]) -> Error {
+    let e = Error::Rotten {
+        device: inner.cache.describe(),
+        segment: seg,
+        slots: Some(copies.iter().map(|&(_, s)| s as usize).collect()),
+    };
+    found_rot(inner, &e, seg, Some(copies));
+    e
+}
+
 /// Segments read back for writeback: per segment its bytes, its header, and the slots
 /// whose line failed its check (ascending; empty when all are sound).
 pub(crate) type ReadBack = (Vec<AlignedBuf>, Vec<SegmentHeader>, Vec<Vec<usize>>);

@@ -819,14 +819,15 @@ fn walk<'scope, 'env>(
                 // lines that match their crcs are replayed, the others are lost.
                 match (&bad.header, &bad.prefix) {
                     (Some((h, _)), Some(prefix)) => {
-                        for (slot, e) in h.entries.iter().enumerate() {
-                            if line_intact(prefix, slot, e.crc) {
-                                replay_entry(&mut index, &mut damage, &mut report, id, slot, e);
-                            } else {
-                                damage.lose_entry(id, e);
-                            }
-                        }
-                        damage.segments.insert(id);
+                        salvage(
+                            &mut index,
+                            &mut damage,
+                            &mut report,
+                            id,
+                            0,
+                            &h.entries,
+                            prefix,
+                        );
                     }
                     (h, _) => damage.add_segment(id, h.as_ref().map(|(h, _)| &h.entries[..])),
                 }
@@ -962,8 +963,6 @@ fn resolve(p: &Pending, follows: Option<u32>, taken: u32, durable: bool) -> Reso
     }
 }
 
-/// Records that append `gen` of segment `id`, durable, failed its data check: the
-/// `lines` it added are lost.
 /// True when line `slot` of a segment, whose prefix crcs are `prefix` (`prefix[n]`:
 /// the crc of lines `0..n`), matches its crc `want` from the header (none recorded:
 /// false). The line's own crc is `prefix[slot + 1] ^ Z(prefix[slot])` (see
@@ -973,6 +972,31 @@ fn line_intact(prefix: &[u32], slot: usize, want: Option<u32>) -> bool {
         (Some(w), Some(&a), Some(&b)) => b ^ crate::format::crc_extend_line(a, 0) == w,
         _ => false,
     }
+}
+
+/// The copies `entries` of damaged segment `id`, from slot `first` on (`prefix`: the
+/// segment's prefix crcs): those matching their line crcs are replayed, the others
+/// lost. Returns whether any was replayed.
+fn salvage(
+    index: &mut Index,
+    damage: &mut Damage,
+    report: &mut RecoveryReport,
+    id: u64,
+    first: usize,
+    entries: &[crate::format::Entry],
+    prefix: &[u32],
+) -> bool {
+    damage.segments.insert(id);
+    let mut kept = false;
+    for (i, e) in entries.iter().enumerate() {
+        if line_intact(prefix, first + i, e.crc) {
+            replay_entry(index, damage, report, id, first + i, e);
+            kept = true;
+        } else {
+            damage.lose_entry(id, e);
+        }
+    }
+    kept
 }
 
 /// Replays copy `e` in slot `slot` of segment `id`: it becomes its line's newest copy.
@@ -1021,17 +1045,7 @@ fn lost_append(
     else {
         return;
     };
-    let mut kept = false;
-    for (i, e) in lines.iter().enumerate() {
-        if line_intact(prefix, first + i, e.crc) {
-            replay_entry(index, damage, report, *id, first + i, e);
-            kept = true;
-        } else {
-            damage.lose_entry(*id, e);
-        }
-    }
-    damage.segments.insert(*id);
-    if kept {
+    if salvage(index, damage, report, *id, *first, lines, prefix) {
         gens.remove(id);
     }
     report

@@ -25,7 +25,7 @@ use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::Error;
 use crate::format::{SegmentHeader, LINE, SECTOR, SECTORS_PER_LINE};
 use crate::index::{key, Loc};
-use crate::logio::{commit, found_rot, lose_copies, read_segments, unlisted};
+use crate::logio::{commit, found_rot, read_segments, rotten_copies, unlisted};
 use crate::state::{BackingFailure, Inner, Pos, State};
 
 /// One line copy picked for writeback.
@@ -384,16 +384,11 @@ fn write_items(
             }
         }
         if !lost.is_empty() || wait {
-            let mut any = false;
-            for (seg, copies) in &lost {
-                any |= lose_copies(&mut st, *seg, Some(copies));
-            }
-            inner.io_cv.notify_all();
             drop(st);
-            if any {
-                warn!(inner.log, "rotten line copies on the cache device: their data is lost and reads of it fail; the segments are kept as damage";
-                      "segments" => format!("{:?}", lost.iter().map(|(s, c)| (s, c.len())).collect::<Vec<_>>()));
-                crate::checkpoint::retire(inner);
+            // Each copy is checked again under the lock `found_rot` takes: one
+            // superseded meanwhile is stale now, and the retry sees it as such.
+            for (seg, copies) in &lost {
+                rotten_copies(inner, *seg, copies);
             }
             return Err(WbError::Rotten);
         }
