@@ -111,7 +111,7 @@ impl BlockBackend for EngineBackend {
             fd,
             align,
             reads,
-            finish: Box::new(move || cache.finish_read(plan)),
+            finish: Box::new(move |bufs| cache.finish_read(plan, bufs)),
         })
     }
     fn try_write(&self, offset: u64, data: &[&[u8]]) -> Option<Result<(), IoError>> {
@@ -132,7 +132,7 @@ pub struct ReadTag {
     command: scsi::Command,
     /// Bytes the answer places in the Data-In.
     placed: usize,
-    finish: Box<dyn FnOnce() -> bool + Send>,
+    finish: scsi::FinishRead,
 }
 
 /// The event loop's io_uring reads into loans.
@@ -559,7 +559,7 @@ impl Device {
         if !matches!(self.state, State::Serving | State::Draining) {
             return;
         }
-        let good = ok && !lent.is_gone() && (tag.finish)();
+        let good = ok && !lent.is_gone() && (tag.finish)(&lent.slices());
         let mut data = JobData::In(lent);
         if good {
             self.uring_reads += 1;

@@ -27,8 +27,9 @@ use crate::format::{
     Entry, Geometry, ENTRY_CLEAN, ENTRY_TOMBSTONE, FULL_LINE, LINE, MAX_BACKING, SECTOR,
     SECTORS_PER_LINE,
 };
-use crate::index::{key, Loc};
+use crate::index::{key, unkey, Loc};
 use crate::iov::{Gather, Scatter};
+use crate::linecrc::LineCheck;
 use crate::state::{BackingSlot, Inner, Pos, State, MISS_TABLE_MAX};
 use crate::stats::{counter_index, Stats};
 use crate::tunables::Tunables;
@@ -123,6 +124,22 @@ impl ReadSpan {
     }
 }
 
+/// What each line of `plan` read from the cache device is checked against (line key,
+/// copy, check), under the engine lock with the plan.
+fn line_checks(st: &State, dev: u8, first_line: u64, plan: &[Src]) -> Vec<(u64, Loc, LineCheck)> {
+    plan.iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Src::Disk(l) => Some((
+                key(dev, first_line + i as u64),
+                *l,
+                st.line_crcs.check(l.seg, l.slot),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A READ whose cache-device reads the caller performs itself (the daemon's io_uring),
 /// from [`Cache::start_read`]: every line it covers was in a RAM segment buffer (already
 /// copied into the caller's buffers), discarded (already zeroed), or has every wanted
@@ -136,6 +153,8 @@ pub struct DeviceReads {
     /// Segments read from: the bytes are sound only if none of their slots was
     /// reused before the reads ended.
     segs: Vec<u64>,
+    /// Lines to check: (position in the buffers, line key, copy, crc).
+    checks: Vec<(usize, u64, Loc, u32)>,
     /// Access counters, counted when the read is sound.
     counted: Vec<usize>,
 }
@@ -245,7 +264,7 @@ impl Inner {
         Ok((plan, counted))
     }
 
-    fn slot_reused(&self, st: &State, seg: u64) -> bool {
+    pub(crate) fn slot_reused(&self, st: &State, seg: u64) -> bool {
         seg + self.geo.nr_segments <= st.slot_claimed_id
     }
 
@@ -264,6 +283,43 @@ impl Inner {
         let mut out = Box::new([0u8; LINE as usize]);
         out.copy_from_slice(self.ram_slice(st, loc)?);
         Some(out)
+    }
+
+    /// Deals with the cache-device lines of a read that cannot be checked yet
+    /// (`checks`: line key, copy, check): reads the header of each segment whose crcs
+    /// are not known ([`crate::logio::load_line_crcs`]) and loses the copies their
+    /// header does not list. The read is planned again afterwards.
+    fn resolve_checks(&self, checks: &[(u64, Loc, LineCheck)]) -> Result<()> {
+        let mut unknown: Vec<u64> = Vec::new();
+        let mut unlisted: Vec<(u64, Loc)> = Vec::new();
+        for &(k, l, c) in checks {
+            match c {
+                LineCheck::Unknown if !unknown.contains(&l.seg) => unknown.push(l.seg),
+                LineCheck::Unlisted => unlisted.push((k, l)),
+                _ => {}
+            }
+        }
+        for seg in unknown {
+            crate::logio::load_line_crcs(self, seg)?;
+        }
+        self.lose_rotten(&unlisted);
+        Ok(())
+    }
+
+    /// Copies (line key, where) a read found rotten: each still the newest copy of its
+    /// line is lost (a clean one dropped), per segment ([`crate::logio::rotten_copies`]).
+    fn lose_rotten(&self, copies: &[(u64, Loc)]) {
+        let mut segs: Vec<u64> = copies.iter().map(|(_, l)| l.seg).collect();
+        segs.sort_unstable();
+        segs.dedup();
+        for seg in segs {
+            let these: Vec<(u64, u16)> = copies
+                .iter()
+                .filter(|(_, l)| l.seg == seg)
+                .map(|&(k, l)| (k, l.slot))
+                .collect();
+            crate::logio::rotten_copies(self, seg, &these);
+        }
     }
 
     fn read_cache_line(&self, loc: Loc, buf: &mut [u8]) -> Result<()> {
@@ -426,16 +482,34 @@ impl Inner {
                             if !wait {
                                 return (st, Ok(None));
                             }
+                            let check = st.line_crcs.check(loc.seg, loc.slot);
                             drop(st);
                             let mut b = Box::new([0u8; LINE as usize]);
-                            let r = self.read_cache_line(loc, &mut b[..]);
+                            let r = match check {
+                                LineCheck::Crc(_) | LineCheck::Unchecked => {
+                                    self.read_cache_line(loc, &mut b[..])
+                                }
+                                _ => self.resolve_checks(&[(k, loc, check)]),
+                            };
                             st = self.lock();
                             if let Err(e) = r {
                                 return (st, Err(e));
                             }
-                            if !self.slot_reused(&st, loc.seg) {
-                                fetched = Some((loc, b));
+                            if matches!(check, LineCheck::Unknown | LineCheck::Unlisted)
+                                || self.slot_reused(&st, loc.seg)
+                            {
+                                continue;
                             }
+                            if matches!(check, LineCheck::Crc(c) if c != crate::format::crc(&b[..]))
+                            {
+                                // Merged into a new copy, rotten sectors would get a
+                                // fresh crc: the copy is lost (or dropped, if clean).
+                                drop(st);
+                                crate::logio::rotten_copies(self, loc.seg, &[(k, loc.slot)]);
+                                st = self.lock();
+                                continue;
+                            }
+                            fetched = Some((loc, b));
                             continue;
                         }
                         base_bits = keep;
@@ -922,12 +996,21 @@ impl Cache {
         let (plan, counted) = inner.plan_lines(&st, dev, &sp, &mut buf)?;
         let mut reads: Vec<DeviceRead> = Vec::new();
         let mut segs: Vec<u64> = Vec::new();
+        let mut checks: Vec<(usize, u64, Loc, u32)> = Vec::new();
         for (i, s) in plan.iter().enumerate() {
             let (at, in_line, len) = sp.part(i);
             match s {
                 Src::Copied => {}
                 Src::Zero => buf.zero(at, len),
-                Src::Disk(l) if sp.wanted(i) & !l.dirty == 0 => {
+                // Whole lines whose crc is known (or which have none to check).
+                Src::Disk(l) if sp.wanted(i) & !l.dirty == 0 && len == LINE as usize => {
+                    match st.line_crcs.check(l.seg, l.slot) {
+                        LineCheck::Crc(c) => {
+                            checks.push((at, key(dev, sp.first_line + i as u64), *l, c))
+                        }
+                        LineCheck::Unchecked => {}
+                        LineCheck::Unknown | LineCheck::Unlisted => return Ok(None),
+                    }
                     let from = inner.geo.line_offset(l.seg, l.slot as u32) + in_line as u64;
                     match reads.last_mut() {
                         Some(r)
@@ -956,18 +1039,39 @@ impl Cache {
             reads,
             dev,
             segs,
+            checks,
             counted,
         }))
     }
 
     /// Ends a read begun by [`Cache::start_read`] after every one of its reads filled
-    /// its bytes: `true` when they are sound (no slot they came from was reused for a
-    /// newer segment meanwhile; the read is counted), `false` when the read must be
-    /// done again with [`Cache::read_vectored`].
-    pub fn finish_read(&self, r: DeviceReads) -> bool {
+    /// its bytes in `bufs` (the buffers given to it): `true` when they are sound (no
+    /// slot they came from was reused for a newer segment meanwhile, and every line
+    /// matches its crc; the read is counted), `false` when the read must be done again
+    /// with [`Cache::read_vectored`] (a rotten line is dealt with first, so that read
+    /// reports its loss).
+    pub fn finish_read(&self, r: DeviceReads, bufs: &[&[u8]]) -> bool {
         let inner = &self.inner;
+        {
+            let st = inner.lock();
+            if r.segs.iter().any(|&seg| inner.slot_reused(&st, seg)) {
+                return false;
+            }
+        }
+        let all = Gather::new(bufs);
+        let rotten: Vec<(u64, Loc)> = r
+            .checks
+            .iter()
+            .filter(|&&(at, _, _, want)| all.split_at(at).1.split_at(LINE as usize).0.crc() != want)
+            .map(|&(_, k, l, _)| (k, l))
+            .collect();
         let mut st = inner.lock();
         if r.segs.iter().any(|&seg| inner.slot_reused(&st, seg)) {
+            return false;
+        }
+        if !rotten.is_empty() {
+            drop(st);
+            inner.lose_rotten(&rotten);
             return false;
         }
         for c in r.counted {
@@ -1017,11 +1121,24 @@ impl Cache {
         'retry: loop {
             // 1. Plan every line under the lock; copy RAM-resident data now.
             let epoch;
-            let (mut plan, counted) = {
+            let (mut plan, counted, checks) = {
                 let st = inner.lock();
                 epoch = st.index.removals();
-                inner.plan_lines(&st, dev, &sp, buf)?
+                let (plan, counted) = inner.plan_lines(&st, dev, &sp, buf)?;
+                let checks = line_checks(&st, dev, first_line, &plan);
+                (plan, counted, checks)
             };
+            // Segments whose line crcs are not known yet, and copies with none.
+            if checks
+                .iter()
+                .any(|c| matches!(c.2, LineCheck::Unknown | LineCheck::Unlisted))
+            {
+                if !wait {
+                    return Ok(None);
+                }
+                inner.resolve_checks(&checks)?;
+                continue 'retry;
+            }
             // 2. Backing reads for every run of lines that needs backing data, straight
             // into the caller's buffers (a piece per buffer the run covers).
             let needs_backing = |i: usize, s: &Src| match s {
@@ -1065,8 +1182,9 @@ impl Cache {
             let on_disk = plan
                 .iter()
                 .any(|s| matches!(s, Src::Disk(_) | Src::DiskDirect(_)));
+            // A whole line: its crc is checked over the caller's buffers.
             let direct = |i: usize, s: &Src| match s {
-                Src::Disk(l) if wanted(i) & !l.dirty == 0 => Some(*l),
+                Src::Disk(l) if wanted(i) & !l.dirty == 0 && span(i).2 == LINE as usize => Some(*l),
                 _ => None,
             };
             let mut i = 0;
@@ -1116,6 +1234,23 @@ impl Cache {
                 disk.push((i, b));
                 i += 1;
             }
+            // Every line read from the cache device against its crc.
+            let mut rotten: Vec<(u64, Loc)> = Vec::new();
+            for &(k, l, c) in &checks {
+                let LineCheck::Crc(want) = c else { continue };
+                let i = (unkey(k).1 - first_line) as usize;
+                let got = match &plan[i] {
+                    Src::DiskDirect(_) => buf.crc(span(i).0, LINE as usize),
+                    Src::Disk(_) => {
+                        let b = disk.iter().find(|(j, _)| *j == i).expect("bounce");
+                        crate::format::crc(&b.1[..])
+                    }
+                    _ => continue,
+                };
+                if got != want {
+                    rotten.push((k, l));
+                }
+            }
             {
                 let mut st = inner.lock();
                 if on_disk {
@@ -1129,9 +1264,17 @@ impl Cache {
                         }
                     }
                 }
-                for c in counted {
-                    st.count(dev, c);
+                if rotten.is_empty() {
+                    for c in counted {
+                        st.count(dev, c);
+                    }
                 }
+            }
+            if !rotten.is_empty() {
+                // Planned again once the copies are dealt with: a dirty one's sectors
+                // then fail as lost, a clean one's come from the backing device.
+                inner.lose_rotten(&rotten);
+                continue 'retry;
             }
             // Whole lines read from the backing device: candidates for promotion.
             let full = |i: usize| span(i).2 == LINE as usize;
@@ -1226,7 +1369,7 @@ impl Cache {
                 .damage
                 .lost
                 .range(key(dev, l0)..key(dev, l1))
-                .map(|(&k, _)| crate::index::unkey(k).1);
+                .map(|(&k, _)| unkey(k).1);
             let mut v: Vec<u64> = if l1 - l0 <= st.index.len() as u64 {
                 (l0..l1)
                     .filter(|&l| st.index.get(key(dev, l)).is_some())
@@ -1234,7 +1377,7 @@ impl Cache {
             } else {
                 st.index
                     .iter()
-                    .map(|(k, _)| crate::index::unkey(k))
+                    .map(|(k, _)| unkey(k))
                     .filter(|&(d, l)| d == dev && l >= l0 && l < l1)
                     .map(|(_, l)| l)
                     .collect()
@@ -1431,7 +1574,9 @@ impl Cache {
             bypassed_bytes: st.bypassed_bytes,
             device_bypassed_bytes: per_device(&st, |b| b.bypassed_bytes),
             device_bypassed_writes: per_device(&st, |b| b.bypassed_writes),
-            ram_bytes: buffers.max(st.ram_buffers) as u64 * seg + st.index.memory_bytes() as u64,
+            ram_bytes: buffers.max(st.ram_buffers) as u64 * seg
+                + st.index.memory_bytes() as u64
+                + st.line_crcs.memory_bytes() as u64,
             index_bytes: st.index.memory_bytes() as u64,
             index_entries: st.index.len() as u64,
             partial_segments: st.partial_segments,
@@ -1537,7 +1682,7 @@ impl Cache {
             .damage
             .lost
             .keys()
-            .filter(|&&k| crate::index::unkey(k).0 == dev)
+            .filter(|&&k| unkey(k).0 == dev)
             .count();
         if lost > 0 {
             return Err(Error::Invalid(format!(
@@ -1548,7 +1693,7 @@ impl Cache {
         let clean: Vec<(u64, Loc)> = st
             .index
             .iter()
-            .filter(|&(k, l)| l.clean && crate::index::unkey(k).0 == dev)
+            .filter(|&(k, l)| l.clean && unkey(k).0 == dev)
             .collect();
         for (k, l) in clean {
             st.index.remove_if(k, l);
@@ -1717,12 +1862,12 @@ impl Cache {
         for (k, l) in st.index.iter() {
             *clean.entry(l.seg).or_default() += l.clean as u32;
             if !l.clean {
-                dirty[crate::index::unkey(k).0 as usize] += 1;
+                dirty[unkey(k).0 as usize] += 1;
             }
             if l.seg <= st.wb_id {
                 return Err(format!(
                     "line {:?} lives in segment {} <= last_writeback_id {}",
-                    crate::index::unkey(k),
+                    unkey(k),
                     l.seg,
                     st.wb_id
                 ));

@@ -166,11 +166,12 @@ pub(crate) fn run(inner: &Inner) {
         let mut bytes = 0u64;
         let mut result = Ok(());
         let mut crcs = Vec::with_capacity(batch.len());
+        let mut line_crcs = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(WRITE_CHUNK_SEGMENTS) {
             let headers: Vec<Option<AlignedBuf>> = chunk
                 .iter()
                 .map(|seg| {
-                    let h = final_header(inner, seg, &mut prev_crc);
+                    let h = final_header(inner, seg, &mut prev_crc, &mut line_crcs);
                     crcs.push((seg.id, prev_crc));
                     h
                 })
@@ -199,6 +200,11 @@ pub(crate) fn run(inner: &Inner) {
                 }
                 st.written_id = last;
                 st.unflushed_since.get_or_insert(Instant::now());
+                // Before the segments leave RAM: reads of their lines from the device
+                // check them against these (appends recorded the lines before).
+                for (id, first, c) in line_crcs {
+                    st.line_crcs.record(id, first, c.into_iter());
+                }
                 // The segments are readable from the cache device now. Readers copy
                 // under the lock and keep no clone, so once the batch's clones are gone
                 // each buffer comes back to the pool.
@@ -234,12 +240,19 @@ const WRITE_CHUNK_SEGMENTS: usize = 8;
 const MAX_RUN: usize = 8 << 20;
 
 /// Encodes the final header of a sealed segment (when it needs one) after the header
-/// of crc `prev_crc`, and leaves this segment's header crc there.
-fn final_header(inner: &Inner, seg: &Sealed, prev_crc: &mut u32) -> Option<AlignedBuf> {
+/// of crc `prev_crc`, and leaves this segment's header crc there; adds the line crcs
+/// it computed to `lines` (segment id, first line, crcs).
+fn final_header(
+    inner: &Inner,
+    seg: &Sealed,
+    prev_crc: &mut u32,
+    lines: &mut Vec<(u64, usize, Vec<Option<u32>>)>,
+) -> Option<AlignedBuf> {
     match &seg.header {
         Some(h) => {
-            let (b, crc) = h.encode(inner, seg, *prev_crc);
+            let (b, crc, crcs) = h.encode(inner, seg, *prev_crc);
             *prev_crc = crc;
+            lines.push((seg.id, h.written, crcs));
             Some(b)
         }
         None => {
@@ -474,6 +487,8 @@ fn append<'a>(inner: &'a Inner, mut st: MutexGuard<'a, State>) -> MutexGuard<'a,
         Ok(()) => {
             // Unless a seal took the segment meanwhile (its final header covers these
             // lines again, from `written` on).
+            st.line_crcs
+                .record(id, written, hdr.entries[written..n].iter().map(|e| e.crc));
             if let Some(o) = st.open.as_mut().filter(|o| o.id == id) {
                 o.written = n;
                 o.crc = hdr.data_crc;

@@ -50,6 +50,22 @@ impl<'a> Gather<'a> {
         (head, tail)
     }
 
+    /// The crc32c of the run.
+    pub(crate) fn crc(&self) -> u32 {
+        let (mut skip, mut left, mut crc) = (self.skip, self.len, 0);
+        for p in self.parts {
+            if left == 0 {
+                break;
+            }
+            let src = p.get(skip..).unwrap_or_default();
+            skip = 0;
+            let n = src.len().min(left);
+            crc = crc32c::crc32c_append(crc, &src[..n]);
+            left -= n;
+        }
+        crc
+    }
+
     /// Copies the run into `dst`, which must be exactly [`Gather::len`] bytes.
     pub(crate) fn copy_to(&self, dst: &mut [u8]) {
         debug_assert_eq!(dst.len(), self.len);
@@ -123,6 +139,13 @@ impl<'a, 'b> Scatter<'a, 'b> {
         });
     }
 
+    /// The crc32c of `[pos, pos + len)`.
+    pub(crate) fn crc(&mut self, pos: usize, len: usize) -> u32 {
+        let mut crc = 0;
+        self.for_each(pos, len, |_, d| crc = crc32c::crc32c_append(crc, d));
+        crc
+    }
+
     /// Zeroes `[pos, pos + len)`.
     pub(crate) fn zero(&mut self, pos: usize, len: usize) {
         self.for_each(pos, len, |_, d| d.fill(0));
@@ -153,6 +176,25 @@ mod tests {
             r.copy_to(&mut d);
             assert_eq!(c, &data[cut..(cut + 3).min(100)]);
             assert_eq!(d, &data[(cut + 3).min(100)..]);
+        }
+    }
+
+    #[test]
+    fn crcs_across_parts_equal_the_crc_of_the_bytes() {
+        let mut data: Vec<u8> = (0..100u8).map(|b| b.wrapping_mul(37)).collect();
+        let want = |a: usize, b: usize, d: &[u8]| crc32c::crc32c(&d[a..b]);
+        let expect: Vec<u32> = (0..=100).map(|cut| want(cut, 100, &data)).collect();
+        let parts: Vec<&[u8]> = vec![&data[..7], &data[7..7], &data[7..50], &data[50..]];
+        for (cut, &want) in expect.iter().enumerate() {
+            let (_, t) = Gather::new(&parts).split_at(cut);
+            assert_eq!(t.crc(), want);
+        }
+        let (a, rest) = data.split_at_mut(7);
+        let (b, c) = rest.split_at_mut(43);
+        let mut parts: Vec<&mut [u8]> = vec![a, b, c];
+        let mut s = Scatter::new(&mut parts);
+        for (cut, &want) in expect.iter().enumerate() {
+            assert_eq!(s.crc(cut, 100 - cut), want);
         }
     }
 

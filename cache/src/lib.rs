@@ -20,6 +20,7 @@ mod flush;
 pub mod format;
 pub mod index;
 mod iov;
+mod linecrc;
 mod logio;
 mod open;
 mod readahead;

@@ -164,6 +164,39 @@ pub(crate) fn rotten_copies(inner: &Inner, seg: u64, copies: &[(u64, u16)]) -> E
     e
 }
 
+/// Reads segment `seg`'s header back and records its line crcs for reads (docs/
+/// DESIGN.md, "Line checks on reads"): the copy recovery took, else the newest. A
+/// header that no longer reads is rot of every copy the index holds in the segment
+/// ([`found_rot`]). Nothing is recorded when the slot was reused meanwhile (the read
+/// is planned again and no longer finds the segment).
+pub(crate) fn load_line_crcs(inner: &Inner, seg: u64) -> Result<()> {
+    let gens: BTreeMap<u64, u16> = {
+        let st = inner.lock();
+        st.recovered_gens
+            .get(&seg)
+            .map(|&g| (seg, g))
+            .into_iter()
+            .collect()
+    };
+    let r = read_for_moves(inner, seg, false, &gens);
+    let mut st = inner.lock();
+    if inner.slot_reused(&st, seg) {
+        return Ok(());
+    }
+    match r {
+        Ok((_, h, _)) => {
+            st.line_crcs.record_header(&h);
+            Ok(())
+        }
+        Err(e @ Error::Rotten { .. }) => {
+            drop(st);
+            found_rot(inner, &e, seg, None);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Segments read back for writeback: per segment its bytes, its header, and the slots
 /// whose line failed its check (ascending; empty when all are sound).
 pub(crate) type ReadBack = (Vec<AlignedBuf>, Vec<SegmentHeader>, Vec<Vec<usize>>);

@@ -93,8 +93,14 @@ pub(crate) struct PendingHeader {
 
 impl PendingHeader {
     /// Encodes `seg`'s final header after the header of crc `prev_crc` into a buffer
-    /// of one header copy; returns it with its crc (the next header's `prev_crc`).
-    pub(crate) fn encode(&self, inner: &Inner, seg: &Sealed, prev_crc: u32) -> (AlignedBuf, u32) {
+    /// of one header copy; returns it with its crc (the next header's `prev_crc`) and
+    /// the crcs of lines `written..n`, which it computed.
+    pub(crate) fn encode(
+        &self,
+        inner: &Inner,
+        seg: &Sealed,
+        prev_crc: u32,
+    ) -> (AlignedBuf, u32, Vec<Option<u32>>) {
         let geo = &inner.geo;
         let (ds, line) = (geo.data_start(), LINE as usize);
         let mut entries = self.entries.clone();
@@ -116,7 +122,8 @@ impl PendingHeader {
         };
         let mut b = AlignedBuf::new(geo.header_len());
         let crc = hdr.encode_into(&mut b);
-        (b, crc)
+        let lines = hdr.entries[self.written..].iter().map(|e| e.crc).collect();
+        (b, crc, lines)
     }
 }
 
@@ -446,6 +453,8 @@ pub(crate) struct State {
     pub failed: Option<Failure>,
     /// Damaged log segments and the data lost with them (see `damage.rs`).
     pub damage: Damage,
+    /// The crc of every line on the cache device that reads check (`linecrc.rs`).
+    pub line_crcs: crate::linecrc::LineCrcs,
     /// Segments recovery took at an older append than their newest header (whose
     /// lines failed their checks): id -> the generation the index was built from.
     pub recovered_gens: BTreeMap<u64, u16>,
@@ -557,6 +566,7 @@ impl State {
             append_locked_us: 0,
             failed: None,
             damage: r.damage,
+            line_crcs: crate::linecrc::LineCrcs::new(geo),
             recovered_gens: r.recovered_gens,
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,

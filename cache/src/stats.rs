@@ -43,7 +43,8 @@ pub struct Stats {
     pub device_bypassed_bytes: Vec<(u8, u64)>,
     /// Writes that went around the cache, per attached backing device id.
     pub device_bypassed_writes: Vec<(u8, u64)>,
-    /// RAM held by segment buffers and the index, in bytes.
+    /// RAM held by segment buffers, the index and the line crcs reads check
+    /// against, in bytes.
     pub ram_bytes: u64,
     /// Index bytes alone.
     pub index_bytes: u64,

@@ -339,6 +339,128 @@ fn rotten_lines_found_by_writeback_are_lost_not_served() {
     );
 }
 
+/// Reads every 4 KiB line whole (the path that reads a line straight into the caller's
+/// buffer): each sector of a line that reads is its newest value; a line may fail as
+/// lost. Returns how many lines failed.
+fn check_line_reads(c: &Cache, hist: &[Vec<u64>], ctx: &str) -> usize {
+    let mut lost = 0;
+    let mut buf = vec![0u8; 4096];
+    for (l, h) in hist.chunks(8).enumerate() {
+        match c.read(0, l as u64 * 4096, &mut buf) {
+            Ok(()) => {
+                for (i, h) in h.iter().enumerate() {
+                    let s = (l * 8 + i) as u64;
+                    assert_eq!(
+                        decode_sector(0, s, &buf[i * 512..(i + 1) * 512]),
+                        Some(*h.last().unwrap()),
+                        "{ctx}: sector {s} read whole-line an older or damaged value, history {h:?}"
+                    );
+                }
+            }
+            Err(lc_cache::Error::Lost { .. }) => lost += 1,
+            Err(e) => panic!("{ctx}: line {l}: {e}"),
+        }
+    }
+    lost
+}
+
+/// The same flips as above, found by reads alone (writeback off, nothing moved): the
+/// lines of a segment indexed from the checkpoint have their crcs loaded from its header
+/// by the first read, and every line read from the cache device is checked. A rotten
+/// newest copy fails the read that finds it (and every read after), never returns its
+/// bytes; the cache does not fail; the checkpoints are retired; a restart finds the same
+/// loss.
+#[test]
+fn rotten_lines_found_by_reads_are_lost_not_served() {
+    let base = seed("corruption-read-rot");
+    let (img, back, hist) = build_with(base, 2);
+    let g = Geometry::new(512, SEG, img.len() as u64).unwrap();
+    let mut rng = rng(base);
+    let (mut found, mut harmless) = (0, 0);
+    let wb_off = Tunables {
+        writeback_enabled: false,
+        ..Tunables::default()
+    };
+    for case in 0..cases(60) {
+        let mut bad = img.clone();
+        let slot = rng.gen_range(0..g.nr_segments);
+        let in_lines = rng.gen_bool(0.67);
+        let at = g.segment_offset(slot + 1) as usize
+            + if in_lines {
+                g.data_start() + rng.gen_range(0..SEG as usize - g.data_start())
+            } else {
+                rng.gen_range(0..g.data_start())
+            };
+        bad[at] ^= 1 << rng.gen_range(0..8);
+        let ctx = format!("seed {base} case {case} flip at {at}");
+        let cdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(bad, "cache"));
+        let (c, r, bdev) = open_devices(cdev.clone(), &back, wb_off.clone()).unwrap();
+        assert!(
+            r.checkpoint.is_some() && r.damaged.is_empty(),
+            "{ctx}: {r:?}"
+        );
+        // Half the cases read whole lines first, the others sector by sector.
+        let whole = rng.gen_bool(0.5);
+        let lines_lost = if whole {
+            check_line_reads(&c, &hist, &ctx)
+        } else {
+            0
+        };
+        let lost = check_reads(&c, &hist, false, &ctx);
+        assert_eq!(c.failure(), None, "{ctx}");
+        let report = c.stats().damage.unwrap_or_default();
+        assert_eq!(
+            lost as u64,
+            report.lost_ranges.iter().map(|r| r.2).sum::<u64>(),
+            "{ctx}: {report:?}"
+        );
+        if whole {
+            assert!(
+                lines_lost * 8 >= lost && (lines_lost > 0) == (lost > 0),
+                "{ctx}: {lines_lost} lines, {lost} sectors"
+            );
+        }
+        if lost == 0 {
+            assert!(report.segments.is_empty(), "{ctx}: {report:?}");
+            harmless += 1;
+            continue;
+        }
+        found += 1;
+        let t0 = std::time::Instant::now();
+        while !(0..2).all(|a| {
+            let mut h = vec![1u8; 4096];
+            cdev.read_at(&mut h, g.checkpoint_offset(a)).unwrap();
+            h.iter().all(|&b| b == 0)
+        }) {
+            assert!(
+                t0.elapsed().as_secs() < 20,
+                "{ctx}: checkpoints never retired"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let mut cimg = vec![0u8; cdev.size() as usize];
+        cdev.read_at(&mut cimg, 0).unwrap();
+        let mut bimg = vec![0u8; bdev.size() as usize];
+        bdev.read_at(&mut bimg, 0).unwrap();
+        c.kill();
+        let (c, r, _) = open_image(cimg, &bimg).unwrap();
+        assert!(
+            r.checkpoint.is_none() && !r.damaged.is_empty(),
+            "{ctx}: {r:?}"
+        );
+        let again = check_reads(&c, &hist, false, &ctx);
+        if in_lines {
+            assert_eq!(again, lost, "{ctx}");
+        } else {
+            assert!(again >= lost, "{ctx}: {again} < {lost}");
+        }
+    }
+    assert!(
+        found > 0 && harmless > 0,
+        "found {found}, harmless {harmless}"
+    );
+}
+
 /// A segment whose header no longer reads while every line in it has a newer copy holds
 /// nothing to write back: writeback passes it unread (once what was written before is
 /// durable) instead of failing to read it on every retry (a drain never finished).

@@ -70,7 +70,10 @@ fn check_reads(
                 dev.read_at(&mut buf[r.pos..r.pos + r.len], r.device_offset)
                     .unwrap();
             }
-            assert!(c.finish_read(plan), "{what}: nothing was reused");
+            assert!(
+                c.finish_read(plan, &pieces(&buf, &cuts)),
+                "{what}: nothing was reused"
+            );
             assert!(buf == want, "{what}: start_read cut at {cuts:?} differs");
             started += 1;
         }
@@ -280,7 +283,7 @@ fn reads_handed_out_by_start_read_are_refused_once_their_slot_was_reused() {
         dev.read_at(&mut buf[r.pos..r.pos + r.len], r.device_offset)
             .unwrap();
     }
-    assert!(!c.finish_read(plan), "the slot was reused");
+    assert!(!c.finish_read(plan, &[&buf[..]]), "the slot was reused");
     check_reads(&c, &dev, 0, &model[..8 * 4096], "after the reuse");
     c.close().unwrap();
 }

@@ -99,6 +99,9 @@ pub trait BlockBackend: Send + Sync {
     }
 }
 
+/// [`StartedRead::finish`]: given the filled buffer, whether its bytes are the answer.
+pub type FinishRead = Box<dyn FnOnce(&[&[u8]]) -> bool + Send>;
+
 /// A READ begun with [`BlockBackend::start_read`], whose device reads the caller
 /// performs itself (the event loop's io_uring): `reads` from `fd` into the command's
 /// buffer, then `finish`.
@@ -109,9 +112,10 @@ pub struct StartedRead {
     pub align: usize,
     /// (byte offset in `fd`, position in the buffer, length).
     pub reads: Vec<(u64, usize, usize)>,
-    /// Called once every read filled its bytes: `true` when they are the answer,
-    /// `false` when the read must be done again with [`BlockBackend::read`].
-    pub finish: Box<dyn FnOnce() -> bool + Send>,
+    /// Called once every read filled its bytes, with the buffer they filled: `true`
+    /// when they are the answer, `false` when the read must be done again with
+    /// [`BlockBackend::read`].
+    pub finish: FinishRead,
 }
 
 /// A command's data as the transport holds it: the pieces of its buffer in order (a

@@ -1,0 +1,190 @@
+//! Line checks on reads (docs/DESIGN.md): every line a read takes from the cache device
+//! is checked against its line crc before any of it is returned or merged, whichever
+//! path reads it (a whole line into the caller's buffer, a partial line through a
+//! bounce, the caller's own reads of `start_read`, the older data a partial write
+//! merges with). A rotten dirty copy fails the read as lost, loudly and from then on;
+//! a rotten clean copy is read again from the backing device; the cache never fails.
+//! The crcs of lines written since the open come from the appends and the flusher;
+//! those of a restart are loaded from the headers (`corruption.rs` flips those).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lc_cache::{BlockDevice, Cache, Error, MemDevice, Tunables};
+
+const SEG: u32 = 64 << 10;
+const LINE: u64 = 4096;
+
+fn tunables() -> Tunables {
+    Tunables {
+        writeback_enabled: false,
+        flush_interval_s: 0,
+        ..Tunables::default()
+    }
+}
+
+/// Flips one bit of byte `off` of `dev`.
+fn flip(dev: &Arc<dyn BlockDevice>, off: u64) {
+    let mut b = vec![0u8; 512];
+    dev.read_at(&mut b, off & !511).unwrap();
+    b[(off % 512) as usize] ^= 0x04;
+    dev.write_at(&b, off & !511).unwrap();
+}
+
+/// Lines written (64 KiB segments hold 15).
+const LINES: u64 = 12;
+
+/// A fresh cache with lines `0..12` written as [`tagged_block`] serial 1 into segment
+/// 1 (slot = line): lines 0..6 made durable by an append (their crcs come from it),
+/// then lines 6..12 and the seal (theirs from the final header the flusher writes).
+/// Every line is on the cache device and out of RAM.
+fn twelve_lines() -> (Cache, Arc<dyn BlockDevice>) {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let c = open(cache.clone(), &[backing], tunables(), 4);
+    assert!(LINES < c.geometry().lines_per_segment as u64);
+    for l in 0..LINES {
+        c.write(0, l * LINE, &tagged_block(1, l), false).unwrap();
+        if l == 5 {
+            c.flush().unwrap();
+            assert_eq!(c.stats().appends, 1, "lines 0..6 appended");
+        }
+    }
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    (c, cache)
+}
+
+fn expect_lost(r: lc_cache::Result<()>, line: u64, what: &str) {
+    match r {
+        Err(Error::Lost { dev: 0, offset }) => {
+            assert_eq!(offset / LINE, line, "{what}: lost at {offset}")
+        }
+        r => panic!("{what}: the rotten line {line} gave {r:?}"),
+    }
+}
+
+#[test]
+fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
+    let (c, cache) = twelve_lines();
+    let g = c.geometry();
+    // One rotten line per path; 3 and 5 have their crcs from the append, 9 and 11
+    // from the flusher's final header.
+    for l in [3, 5, 9, 11] {
+        flip(&cache, g.line_offset(1, l as u32) + 777);
+    }
+    // (First: `start_read` hands nothing out once anything is lost.)
+    // The caller's own device reads (the daemon's io_uring): the plan is handed out,
+    // the check in `finish_read` refuses the bytes, and the full read reports the loss.
+    let mut b = vec![0u8; LINE as usize];
+    let plan = c
+        .start_read(0, 11 * LINE, &mut [&mut b[..]])
+        .unwrap()
+        .expect("a whole line with a known crc is handed out");
+    for r in &plan.reads {
+        cache
+            .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
+            .unwrap();
+    }
+    assert!(!c.finish_read(plan, &[&b[..]]), "rotten bytes accepted");
+    expect_lost(c.read(0, 11 * LINE, &mut b), 11, "read after finish_read");
+    // A whole line read straight into the caller's buffers.
+    expect_lost(c.read(0, 3 * LINE, &mut b), 3, "whole-line read");
+    // A partial read (through the 4 KiB bounce).
+    let mut s = vec![0u8; 512];
+    expect_lost(c.read(0, 9 * LINE + 1024, &mut s), 9, "partial read");
+    // A partial write would merge the line's other sectors into a new copy with a
+    // fresh crc: it finds them rotten and carries none over. Its own sector reads the
+    // new data; the others stay lost.
+    c.write(0, 5 * LINE, &[0xabu8; 512], false).unwrap();
+    c.read(0, 5 * LINE, &mut s).unwrap();
+    assert!(s.iter().all(|&x| x == 0xab));
+    expect_lost(
+        c.read(0, 5 * LINE + 512, &mut s),
+        5,
+        "after the partial write",
+    );
+    expect_lost(
+        c.read(0, 5 * LINE, &mut b),
+        5,
+        "whole line after the partial write",
+    );
+    // Exactly those four lines are lost, every other reads as written, nothing failed.
+    assert_eq!(c.failure(), None);
+    let d = c.stats().damage.expect("damage reported");
+    assert_eq!(d.segments, vec![1]);
+    let mut lost: Vec<u64> = d.lost_ranges.iter().map(|r| r.1 / 8).collect();
+    lost.sort_unstable();
+    assert_eq!(lost, vec![3, 5, 9, 11], "{d:?}");
+    for l in (0..LINES).filter(|l| ![3, 5, 9, 11].contains(l)) {
+        c.read(0, l * LINE, &mut b).unwrap();
+        assert!(b == tagged_block(1, l), "line {l}");
+    }
+    // A whole rewrite needs nothing old: it is taken, and reads the new data.
+    c.write(0, 3 * LINE, &tagged_block(2, 3), false).unwrap();
+    c.read(0, 3 * LINE, &mut b).unwrap();
+    assert!(b == tagged_block(2, 3));
+    c.check_line_counts().unwrap();
+    c.close().unwrap();
+}
+
+/// A sound line is read by every path as written, including the caller's own reads:
+/// the check does not refuse good data (and `start_read` hands out lines whose crc is
+/// known).
+#[test]
+fn sound_lines_pass_the_check_on_every_path() {
+    let (c, cache) = twelve_lines();
+    for l in 0..LINES {
+        let mut b = vec![0u8; LINE as usize];
+        let plan = c
+            .start_read(0, l * LINE, &mut [&mut b[..]])
+            .unwrap()
+            .expect("handed out");
+        for r in &plan.reads {
+            cache
+                .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
+                .unwrap();
+        }
+        assert!(c.finish_read(plan, &[&b[..]]), "line {l} refused");
+        assert!(b == tagged_block(1, l), "line {l}");
+        let mut s = vec![0u8; 512];
+        c.read(0, l * LINE + 512, &mut s).unwrap();
+        assert!(s[..] == tagged_block(1, l)[512..1024], "line {l}");
+    }
+    // The whole range in one read (runs of lines straight into the buffer).
+    let mut all = vec![0u8; (LINES * LINE) as usize];
+    c.read(0, 0, &mut all).unwrap();
+    for l in 0..LINES {
+        assert!(all[(l * LINE) as usize..((l + 1) * LINE) as usize] == tagged_block(1, l));
+    }
+    assert_eq!(c.stats().damage, None);
+    c.close().unwrap();
+}
+
+/// A clean copy (promoted on a read miss) that rots is dropped, not lost: the read
+/// that finds it returns the backing device's data.
+#[test]
+fn a_rotten_clean_copy_is_read_from_the_backing_device() {
+    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+    let data: Vec<u8> = (0..(1u64 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(data.clone(), "b"));
+    let t = Tunables {
+        read_promote_threshold: 1,
+        ..tunables()
+    };
+    let c = open(cache.clone(), &[backing], t, 4);
+    let mut b = vec![0u8; LINE as usize];
+    c.read(0, 0, &mut b).unwrap();
+    assert_eq!(c.stats().promoted_lines, 1);
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    flip(&cache, c.geometry().line_offset(1, 0) + 10);
+    b.fill(0);
+    c.read(0, 0, &mut b).unwrap();
+    assert!(b[..] == data[..LINE as usize], "the backing device's data");
+    assert_eq!(c.stats().damage, None);
+    assert_eq!(c.failure(), None);
+    c.close().unwrap();
+}
