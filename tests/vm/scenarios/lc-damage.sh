@@ -3,7 +3,8 @@
 # killed; one byte flipped in round B's block 100 on the cache device; the daemon
 # started again. Every block must read its newest data or fail with an I/O error
 # (MEDIUM ERROR) — never round A's — and `lc status` / `lc check` must show the damage.
-# `lc accept-loss` then lists the loss and lets the older data be read.
+# `lc accept-loss` then lists the loss and lets the older data be read. Then, while
+# serving, a line flipped under the daemon fails its read (the line checks on reads).
 source /payload/scenarios/lib.sh
 lc format -y --force /dev/vdb
 start_lc
@@ -101,6 +102,49 @@ for b in $(seq 64 127); do
         || fail "block $b unreadable after accept-loss"
 done
 lc status | grep -q DAMAGED && fail "still DAMAGED after accept-loss"
+
+step "while serving: a line rots under the daemon; reading it fails, never returns its bytes"
+pattern D 200 8
+dd if=/tmp/round-D of="$dev" bs=4096 seek=200 count=8 oflag=direct conv=fsync status=none \
+    || fail "round D write"
+# 4 MiB more, so that round D's segment is sealed, written and out of the daemon's RAM.
+dd if=/dev/urandom of="$dev" bs=1M seek=8 count=4 oflag=direct conv=fsync status=none \
+    || fail "filler write"
+python3 - <<'PY' || fail "flip while serving"
+import os
+needle = b"round D block 0203 "
+fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
+import mmap
+buf = mmap.mmap(-1, 8 << 20)
+found, off = None, 0
+while found is None and off < 512 << 20:
+    n = os.preadv(fd, [buf], off)
+    at = buf.find(needle, 0, n)
+    while at >= 0 and at % 4096:
+        at = buf.find(needle, at + 1, n)
+    if at >= 0:
+        found = off + at
+    off += n
+assert found is not None, "round D block 203 not found on the cache device"
+blk = mmap.mmap(-1, 4096)
+os.preadv(fd, [blk], found)
+blk[777] ^= 0x08
+os.pwritev(fd, [blk], found)
+os.close(fd)
+print(f"flipped byte {found + 777} (the line at {found})")
+PY
+for b in $(seq 200 207); do
+    if dd if="$dev" of=/tmp/blk bs=4096 skip="$b" count=1 iflag=direct status=none 2>/dev/null; then
+        [ "$b" -ne 203 ] || fail "block 203 (rotten under the daemon) read without an error"
+        cmp -s /tmp/blk <(dd if=/tmp/round-D bs=4096 skip=$((b - 200)) count=1 status=none) \
+            || fail "block $b read wrong data"
+    else
+        [ "$b" -eq 203 ] || fail "block $b failed to read"
+    fi
+done
+lc status | grep -q DAMAGED || fail "lc status does not show the damage found by a read"
+lc accept-loss c0 | tee /tmp/accept2.out
+grep -q "lost: backing 0 (disk0)" /tmp/accept2.out || fail "accept-loss does not list the rotten line"
 
 step "after a clean stop, enabling a user: device through configfs does not hang"
 stop_lc
