@@ -189,6 +189,7 @@ impl Cache {
                 cp_upto: r.cp_upto,
                 chain: r.chain,
                 wb_crc: r.wb_crc,
+                line_crcs: r.line_crcs,
             },
             &geo,
             ram_buffers,

@@ -208,6 +208,8 @@ pub(crate) struct Replay {
     pub chain: BTreeMap<u64, u32>,
     /// That crc for `wb_id`, when known.
     pub wb_crc: Option<u32>,
+    /// The line crcs of the segments replayed (`linecrc.rs`).
+    pub line_crcs: crate::linecrc::LineCrcs,
     pub report: RecoveryReport,
     /// The newest checkpoint sequence number whose area header is valid (0: none).
     pub cp_seq: u64,
@@ -494,6 +496,10 @@ fn walk<'scope, 'env>(
     let hl = geo.header_len();
     let mut damage = Damage::default();
     let mut recovered_gens = BTreeMap::new();
+    // The line crcs of the segments replayed whole, for reads to check (a header that
+    // passed every check records its lines' crcs truly, whatever the walk decides
+    // later; the others are loaded from their headers when read).
+    let mut line_crcs = crate::linecrc::LineCrcs::new(geo);
     // Format 2: the newest valid checkpoint not older than the writeback point.
     let headers = checkpoint_headers(dev, sb)?;
     let cp_seq = headers
@@ -783,6 +789,7 @@ fn walk<'scope, 'env>(
                 for (slot, e) in h.entries.iter().enumerate() {
                     replay_entry(&mut index, &mut damage, &mut report, id, slot, e);
                 }
+                line_crcs.record(id, 0, h.entries.iter().map(|e| e.crc));
                 report.replayed_segments += 1;
                 chain.insert(id - 1, h.prev_crc);
                 last_crc = hcrc;
@@ -883,6 +890,7 @@ fn walk<'scope, 'env>(
     chain.insert(last_id, last_crc);
     report.walk_time = walk_started.elapsed();
     Ok(Replay {
+        line_crcs,
         chain,
         wb_crc,
         cp_seq,

@@ -501,6 +501,8 @@ pub(crate) struct Recovered {
     pub cp_upto: u64,
     pub chain: BTreeMap<u64, u32>,
     pub wb_crc: Option<u32>,
+    /// The line crcs recovery found (`linecrc.rs`).
+    pub line_crcs: crate::linecrc::LineCrcs,
 }
 
 impl State {
@@ -566,7 +568,7 @@ impl State {
             append_locked_us: 0,
             failed: None,
             damage: r.damage,
-            line_crcs: crate::linecrc::LineCrcs::new(geo),
+            line_crcs: r.line_crcs,
             recovered_gens: r.recovered_gens,
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,

@@ -12,6 +12,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use lc_cache::testing::HoldDevice;
 use lc_cache::{BlockDevice, Cache, Error, MemDevice, Tunables};
 
 const SEG: u32 = 64 << 10;
@@ -26,7 +27,7 @@ fn tunables() -> Tunables {
 }
 
 /// Flips one bit of byte `off` of `dev`.
-fn flip(dev: &Arc<dyn BlockDevice>, off: u64) {
+fn flip(dev: &dyn BlockDevice, off: u64) {
     let mut b = vec![0u8; 512];
     dev.read_at(&mut b, off & !511).unwrap();
     b[(off % 512) as usize] ^= 0x04;
@@ -40,10 +41,17 @@ const LINES: u64 = 12;
 /// 1 (slot = line): lines 0..6 made durable by an append (their crcs come from it),
 /// then lines 6..12 and the seal (theirs from the final header the flusher writes).
 /// Every line is on the cache device and out of RAM.
-fn twelve_lines() -> (Cache, Arc<dyn BlockDevice>) {
-    let cache = mem_cache(SEG as u64 * 8, 512, SEG);
+fn twelve_lines() -> (Cache, Arc<HoldDevice>) {
+    let (c, cache, _) = twelve_lines_with(tunables());
+    (c, cache)
+}
+
+/// [`twelve_lines`] with tunables `t`; also returns the backing device.
+/// The cache device counts its reads.
+fn twelve_lines_with(t: Tunables) -> (Cache, Arc<HoldDevice>, Arc<dyn BlockDevice>) {
+    let cache = Arc::new(HoldDevice::new(mem_cache(SEG as u64 * 8, 512, SEG), false));
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let c = open(cache.clone(), &[backing], tunables(), 4);
+    let c = open(cache.clone(), std::slice::from_ref(&backing), t, 4);
     assert!(LINES < c.geometry().lines_per_segment as u64);
     for l in 0..LINES {
         c.write(0, l * LINE, &tagged_block(1, l), false).unwrap();
@@ -54,7 +62,7 @@ fn twelve_lines() -> (Cache, Arc<dyn BlockDevice>) {
     }
     c.seal_now().unwrap();
     c.flush().unwrap();
-    (c, cache)
+    (c, cache, backing)
 }
 
 fn expect_lost(r: lc_cache::Result<()>, line: u64, what: &str) {
@@ -73,7 +81,7 @@ fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
     // One rotten line per path; 3 and 5 have their crcs from the append, 9 and 11
     // from the flusher's final header.
     for l in [3, 5, 9, 11] {
-        flip(&cache, g.line_offset(1, l as u32) + 777);
+        flip(cache.as_ref(), g.line_offset(1, l as u32) + 777);
     }
     // (First: `start_read` hands nothing out once anything is lost.)
     // The caller's own device reads (the daemon's io_uring): the plan is handed out,
@@ -136,6 +144,13 @@ fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
 #[test]
 fn sound_lines_pass_the_check_on_every_path() {
     let (c, cache) = twelve_lines();
+    // The crcs of lines written since the open are known: a read of a line is one
+    // device read (no header read).
+    let before = cache.reads();
+    let mut b = vec![0u8; LINE as usize];
+    c.read(0, 7 * LINE, &mut b).unwrap();
+    c.read(0, 2 * LINE, &mut b).unwrap();
+    assert_eq!(cache.reads() - before, 2);
     for l in 0..LINES {
         let mut b = vec![0u8; LINE as usize];
         let plan = c
@@ -180,11 +195,62 @@ fn a_rotten_clean_copy_is_read_from_the_backing_device() {
     assert_eq!(c.stats().promoted_lines, 1);
     c.seal_now().unwrap();
     c.flush().unwrap();
-    flip(&cache, c.geometry().line_offset(1, 0) + 10);
+    flip(cache.as_ref(), c.geometry().line_offset(1, 0) + 10);
     b.fill(0);
     c.read(0, 0, &mut b).unwrap();
     assert!(b[..] == data[..LINE as usize], "the backing device's data");
     assert_eq!(c.stats().damage, None);
     assert_eq!(c.failure(), None);
     c.close().unwrap();
+}
+
+/// After a restart the crcs come from recovery's walk (a replayed segment) or, for a
+/// segment indexed from a checkpoint, from its header read by the first read of one of
+/// its lines: a line that rots after the restart fails its read either way.
+#[test]
+fn after_a_restart_a_line_that_rots_fails_its_read() {
+    for checkpoint in [false, true] {
+        let t = Tunables {
+            checkpoint_interval_segments: 0,
+            ..tunables()
+        };
+        let (c, cache, backing) = twelve_lines_with(t.clone());
+        if checkpoint {
+            assert!(c.checkpoint().unwrap());
+        }
+        let image = |d: &dyn BlockDevice| {
+            let mut b = vec![0u8; d.size() as usize];
+            d.read_at(&mut b, 0).unwrap();
+            Arc::new(MemDevice::from_bytes(b, "copy")) as Arc<dyn BlockDevice>
+        };
+        let (cdev, bdev) = (image(cache.as_ref()), image(backing.as_ref()));
+        let g = c.geometry();
+        c.kill();
+        let counted = Arc::new(HoldDevice::new(cdev.clone(), false));
+        let (c, r) = open_report(counted.clone(), &[bdev], t, 4);
+        assert_eq!(r.checkpoint.is_some(), checkpoint, "{r:?}");
+        assert_eq!(r.replayed_segments > 0, !checkpoint, "{r:?}");
+        // The first read of a line: its segment's header first only when the
+        // checkpoint indexed it (the walk recorded the crcs of what it replayed).
+        let mut b = vec![0u8; LINE as usize];
+        let before = counted.reads();
+        c.read(0, 0, &mut b).unwrap();
+        assert!(b == tagged_block(1, 0));
+        let header_reads = if checkpoint { 1 } else { 0 };
+        assert_eq!(
+            counted.reads() - before,
+            1 + header_reads,
+            "checkpoint {checkpoint}"
+        );
+        flip(cdev.as_ref(), g.line_offset(1, 4) + 5);
+        expect_lost(c.read(0, 4 * LINE, &mut b), 4, "after the restart");
+        for l in (0..LINES).filter(|&l| l != 4) {
+            c.read(0, l * LINE, &mut b).unwrap();
+            assert!(
+                b == tagged_block(1, l),
+                "line {l} (checkpoint {checkpoint})"
+            );
+        }
+        c.kill();
+    }
 }
