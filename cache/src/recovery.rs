@@ -1128,11 +1128,79 @@ pub struct CheckReport {
     pub superblock_copies: [Option<String>; 2],
 }
 
+/// `lc check` after a walk that started from a checkpoint: the lines the checkpoint
+/// indexed (segments up to its `upto`) were not read, so each is read now and checked
+/// against its line crc, as the serving cache checks a line it reads (FORMAT.md,
+/// "Damage found while serving"): a rotten copy, or one its segment's header does not
+/// list, is lost (a clean copy is only dropped: the backing device holds it); a header
+/// that no longer reads loses every copy indexed in its segment. A copy whose header
+/// records no line crc is not checked.
+fn scrub_checkpointed(dev: &dyn BlockDevice, sb: &Superblock, r: &mut Replay) -> Result<()> {
+    let Some(cp) = r.report.checkpoint.as_ref().map(|c| (c.seq, c.upto)) else {
+        return Ok(());
+    };
+    let geo = &sb.geometry;
+    let mut by_seg: BTreeMap<u64, Vec<(u64, Loc)>> = BTreeMap::new();
+    for (k, l) in r.index.iter().filter(|(_, l)| l.seg <= cp.1) {
+        by_seg.entry(l.seg).or_default().push((k, l));
+    }
+    let mut buf = AlignedBuf::new(geo.segment_size as usize);
+    for (seg, copies) in by_seg {
+        let off = geo.segment_offset(seg);
+        dev.read_at(&mut buf, off)
+            .map_err(|e| Error::io(&dev.describe(), off, e))?;
+        let header = match r.recovered_gens.get(&seg) {
+            Some(&gen) => crate::format::decode_copies(&buf, geo)
+                .into_iter()
+                .flatten()
+                .find(|(h, _)| h.id == seg && h.uuid == sb.uuid && h.gen == gen),
+            None => crate::format::newest_header(&buf, geo, seg, &sb.uuid),
+        }
+        .map(|(h, _)| h);
+        let mut lost = 0;
+        for (k, l) in copies {
+            let at = geo.data_start() + l.slot as usize * LINE as usize;
+            let sound = header.as_ref().is_some_and(|h| {
+                h.entries.get(l.slot as usize).is_some_and(|e| {
+                    e.crc
+                        .is_none_or(|c| crate::format::crc(&buf[at..at + LINE as usize]) == c)
+                })
+            });
+            if sound {
+                continue;
+            }
+            r.index.remove_if(k, l);
+            if !l.clean {
+                r.damage
+                    .lose(seg, k, if l.tomb { FULL_LINE } else { l.dirty });
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            let why = match header {
+                Some(_) => "line checksum mismatch",
+                None => "header unreadable",
+            };
+            r.report.damaged.push((
+                seg,
+                format!(
+                    "{why} (covered by checkpoint {}, read by lc check): {lost} lines lost",
+                    cp.0
+                ),
+            ));
+        }
+    }
+    r.report.damaged.sort_by_key(|d| d.0);
+    Ok(())
+}
+
 /// Read-only metadata check of a cache device: reads the superblock and walks the log
-/// exactly as recovery would, without writing anything or starting threads.
+/// exactly as recovery would, without writing anything or starting threads; then reads
+/// and checks every line a checkpoint indexed (`scrub_checkpointed`).
 pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
     let sb = superblock_of(dev)?;
-    let r = replay(dev, &sb, 1024)?;
+    let mut r = replay(dev, &sb, 1024)?;
+    scrub_checkpointed(dev, &sb, &mut r)?;
     let mut counts = vec![0u64; MAX_BACKING];
     for (k, _) in r.index.iter() {
         counts[crate::index::unkey(k).0 as usize] += 1;
