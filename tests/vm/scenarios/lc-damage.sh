@@ -146,8 +146,36 @@ lc status | grep -q DAMAGED || fail "lc status does not show the damage found by
 lc accept-loss c0 | tee /tmp/accept2.out
 grep -q "lost: backing 0 (disk0)" /tmp/accept2.out || fail "accept-loss does not list the rotten line"
 
-step "after a clean stop, enabling a user: device through configfs does not hang"
+step "after a clean stop (a checkpoint), a line that rots is found by lc check"
 stop_lc
+lc check /dev/vdb >/tmp/check2.out || { cat /tmp/check2.out; fail "lc check: damage after accept-loss and a clean stop"; }
+grep -q "checkpoint .* used" /tmp/check2.out || { cat /tmp/check2.out; fail "lc check did not start from the clean stop's checkpoint"; }
+python3 - <<'PY' || fail "flip after the stop"
+import mmap, os
+needle = b"round D block 0205 "
+fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
+buf = mmap.mmap(-1, 8 << 20)
+found, off = None, 0
+while found is None and off < 512 << 20:
+    n = os.preadv(fd, [buf], off)
+    at = buf.find(needle, 0, n)
+    while at >= 0 and at % 4096:
+        at = buf.find(needle, at + 1, n)
+    if at >= 0:
+        found = off + at
+    off += n
+assert found is not None, "round D block 205 not found on the cache device"
+blk = mmap.mmap(-1, 4096)
+os.preadv(fd, [blk], found)
+blk[100] ^= 0x02
+os.pwritev(fd, [blk], found)
+os.close(fd)
+PY
+lc check /dev/vdb >/tmp/check3.out && { cat /tmp/check3.out; fail "lc check calls a rotten line under the checkpoint intact"; }
+cat /tmp/check3.out
+grep -q "line checksum mismatch" /tmp/check3.out || fail "lc check does not name the rotten line's segment"
+
+step "after a clean stop, enabling a user: device through configfs does not hang"
 d=/sys/kernel/config/target/core/user_9/late
 mkdir -p "$d"
 echo -n "dev_config=lc/disk0" >"$d/control"
