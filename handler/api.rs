@@ -53,6 +53,12 @@ pub enum Request {
         /// Cache name.
         cache: String,
     },
+    /// Read every line a cache holds on its cache device and check it against its
+    /// line checksum (progress lines, then a final line).
+    Scrub {
+        /// Cache name.
+        cache: String,
+    },
     /// Write back every dirty line of a LUN's backing device (progress lines, then a
     /// final line).
     Drain {
@@ -83,6 +89,8 @@ pub enum Response {
     Accepted(Accepted),
     /// To `drain`.
     Drained(Drained),
+    /// To `scrub`.
+    Scrubbed(Scrubbed),
     /// To `set`, `flush`, `commit`, `clear_stats` and `check`: no fields.
     Done(Done),
 }
@@ -363,6 +371,23 @@ pub struct Drained {
     pub dirty_lines: u64,
 }
 
+/// `scrub`: what was checked and found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scrubbed {
+    /// The cache.
+    pub cache: String,
+    /// Log segments checked.
+    pub segments: u64,
+    /// Line copies read and checked.
+    pub lines: u64,
+    /// Bytes read from the cache device.
+    pub bytes_read: u64,
+    /// Copies that failed their check (dirty ones are lost, clean ones dropped).
+    pub rotten: u64,
+    /// The cache's damage afterwards (what is lost, found by this scrub or before).
+    pub damage: Option<Damage>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,6 +536,16 @@ mod tests {
         };
         assert_documented("drain", &drained, &[]);
         assert_documented("drain", &Progress::default(), &[]);
+        let scrubbed = Scrubbed {
+            cache: "c0".into(),
+            segments: 1,
+            lines: 1,
+            bytes_read: 1,
+            rotten: 1,
+            damage: Some(damage()),
+        };
+        assert_documented("scrub", &scrubbed, &[]);
+        assert_documented("scrub", &Progress::default(), &[]);
         for cmd in ["set", "flush", "commit", "clear_stats", "check"] {
             assert_documented(cmd, &Done {}, &[]);
         }

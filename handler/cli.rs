@@ -180,6 +180,34 @@ fn reload_text(v: &Reloaded) -> String {
     out
 }
 
+/// The lines of a `scrub` answer: what was checked, what was found, what is lost.
+fn scrubbed_text(s: &crate::api::Scrubbed) -> String {
+    let mut t = format!(
+        "{}: {} lines in {} segments checked ({} read), {} rotten\n",
+        s.cache,
+        s.lines,
+        s.segments,
+        crate::units::human(s.bytes_read),
+        s.rotten
+    );
+    if let Some(d) = &s.damage {
+        t += &format!(
+            "DAMAGED: segments {}; reads of these fail until rewritten or `lc accept-loss`:\n",
+            json(&d.segments)
+        );
+        for r in &d.lost_ranges {
+            t += &format!(
+                "lost: backing {} ({}) sectors {}..+{}\n",
+                r.backing_id,
+                r.lun.as_deref().unwrap_or("-"),
+                r.sector,
+                r.sectors
+            );
+        }
+    }
+    t
+}
+
 /// The lines of an `accept_loss` answer.
 fn accepted_text(v: &Accepted) -> String {
     let a = &v.accepted;
@@ -240,6 +268,7 @@ fn table(req: &Request, v: Value) -> Result<String> {
         Request::Stats { .. } => stats_text(&parse(v)?),
         Request::Reload => reload_text(&parse(v)?),
         Request::AcceptLoss { .. } => accepted_text(&parse(v)?),
+        Request::Scrub { .. } => scrubbed_text(&parse(v)?),
         _ => String::new(),
     })
 }
@@ -469,14 +498,16 @@ pub fn prometheus_text(v: &StatsReply) -> String {
 
 /// Sends `req` and prints the answer (a table, or JSON with `json`).
 pub fn run(socket: &Path, req: Request, json: bool) -> Result<()> {
-    let drain = matches!(req, Request::Drain { .. });
-    let bar = drain.then(|| {
+    let template = match req {
+        Request::Drain { .. } => Some("draining {bar:40} {pos}/{len} lines written back ({eta})"),
+        Request::Scrub { .. } => Some("scrubbing {bar:40} {pos}/{len} segments checked ({eta})"),
+        _ => None,
+    };
+    let bar = template.map(|t| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "draining {bar:40} {pos}/{len} lines written back ({eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(t)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     });

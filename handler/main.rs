@@ -135,6 +135,15 @@ enum Cmd {
         #[arg(value_parser = ["lc", "lc.toml"], default_value = "lc")]
         page: String,
     },
+    /// Read every line a cache holds on its cache device and check it against its
+    /// line checksum: rotten dirty lines are reported lost (as a read of them would
+    /// find), rotten clean copies dropped.
+    Scrub {
+        /// Cache name.
+        cache: String,
+        #[command(flatten)]
+        c: Conn,
+    },
     /// Write back every dirty line of a LUN's backing device (the detach step).
     Drain {
         /// LUN name.
@@ -221,6 +230,7 @@ fn main() -> ExitCode {
             lc::cli::run(&c.socket, Request::AcceptLoss { cache }, c.json)
         }
         Cmd::Drain { lun, c } => lc::cli::run(&c.socket, Request::Drain { lun }, c.json),
+        Cmd::Scrub { cache, c } => lc::cli::run(&c.socket, Request::Scrub { cache }, c.json),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lc", &mut std::io::stdout());
             Ok(())

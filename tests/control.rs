@@ -243,6 +243,64 @@ fn damaged_log_is_reported_and_accept_loss_releases_it() {
     );
 }
 
+/// `lc scrub`: every cached line is read and checked while the daemon serves; a line
+/// rotten on the cache device, which nobody read, is reported (and lost from then on),
+/// and `lc status` shows it; a scrub of a sound cache finds nothing.
+#[test]
+fn scrub_reports_a_line_rotten_under_the_daemon() {
+    let files = images();
+    let cache_file = files.cache.clone();
+    let d = serve(files, Limits::default());
+    let (c, id) = d.shared.lun_cache("disk0").unwrap();
+    for b in 0..20u64 {
+        c.write(id, b * 4096, &[b as u8 + 1; 4096], false).unwrap();
+    }
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    let out = lc(&d.socket, &["scrub", "c0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("20 lines in 2 segments checked") && text.contains(", 0 rotten"),
+        "{text}"
+    );
+    // Block 5 is slot 5 of segment 1 (a fresh cache fills it in order).
+    let at = c.geometry().line_offset(1, 5) + 1000;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cache_file)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+        f.sync_all().unwrap();
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&lc(&d.socket, &["scrub", "c0", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["rotten"].as_u64()),
+        (Some(true), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["damage"]["lost_ranges"][0]["sector"], 5 * 8, "{v}");
+    assert_eq!(v["damage"]["lost_ranges"][0]["lun"], "disk0", "{v}");
+    let text = String::from_utf8_lossy(&lc(&d.socket, &["status"]).stdout).into_owned();
+    assert!(
+        text.contains("DAMAGED") && text.contains("lost 1 lines"),
+        "{text}"
+    );
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        c.read(id, 5 * 4096, &mut buf),
+        Err(lc_cache::Error::Lost { .. })
+    ));
+    c.read(id, 6 * 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 7));
+}
+
 /// A formatted 16 MiB cache file (64 KiB segments) and an 8 MiB backing file.
 struct Images {
     dir: tempfile::TempDir,

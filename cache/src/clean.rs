@@ -491,7 +491,7 @@ fn read_live(
 
 /// The index key of the line in slot `slot` of segment `h`, and its location in the
 /// index if that is this copy (the line is live here).
-fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<(u64, Loc)> {
+pub(crate) fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<(u64, Loc)> {
     let e = &h.entries[slot];
     let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
     st.index

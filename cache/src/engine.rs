@@ -1431,6 +1431,18 @@ impl Cache {
         r
     }
 
+    /// Reads every line the index holds on the cache device and checks it against its
+    /// line crc (`lc scrub`), calling `progress` after each segment; rotten copies are
+    /// dealt with as any found while serving (a dirty one's sectors are lost, reported
+    /// in [`Cache::stats`]' damage; a clean one is dropped). Runs on the caller's
+    /// thread, beside user I/O.
+    pub fn scrub(
+        &self,
+        progress: &mut dyn FnMut(crate::ScrubProgress),
+    ) -> Result<crate::ScrubReport> {
+        crate::scrub::scrub(&self.inner, progress)
+    }
+
     /// Writes back every dirty line of backing device `dev` (the detach step), calling
     /// `progress` as lines are written back; returns when the device has no dirty line.
     /// Fails, rather than wait forever, when writeback cannot get there: the device's

@@ -25,6 +25,7 @@ mod logio;
 mod open;
 mod readahead;
 mod recovery;
+mod scrub;
 mod sidewrite;
 mod state;
 pub mod stats;
@@ -41,5 +42,6 @@ pub use open::OpenOptions;
 pub use recovery::{
     check_device, format_device, probe, CheckReport, CheckpointUse, FormatOptions, RecoveryReport,
 };
+pub use scrub::{ScrubProgress, ScrubReport};
 pub use stats::Stats;
 pub use tunables::Tunables;

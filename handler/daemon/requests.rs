@@ -11,7 +11,7 @@ use super::Shared;
 use crate::api::{
     Accepted, CacheStats, CacheStatus, CachedLunStatus, Damage, DirtyLines, Done, Drained,
     LostLines, LostRange, LunStats, LunStatus, Progress, RamLunStatus, Reloaded, Request, Response,
-    StatsReply, Status, WritebackFailure,
+    Scrubbed, StatsReply, Status, WritebackFailure,
 };
 use crate::config::LunSection;
 use crate::control::Handler;
@@ -268,6 +268,34 @@ impl Handler for Shared {
                       "lost_lines" => format!("{:?}", report.lost_lines), "unknown_upto" => report.unknown_upto);
                 Ok(Response::Accepted(Accepted {
                     accepted: damage(&report, &t.cfg.luns, &cache),
+                }))
+            }
+            Request::Scrub { cache } => {
+                let c = self.cache(&cache)?;
+                let r = c
+                    .scrub(&mut |p| {
+                        progress(Progress {
+                            remaining: p.total - p.done,
+                            total: p.total,
+                        })
+                    })
+                    .map_err(|source| Error::CacheRequest {
+                        cache: cache.clone(),
+                        source,
+                    })?;
+                let found = c.stats().damage;
+                if r.rotten > 0 {
+                    warn!(self.log, "scrub found rotten line copies"; "cache" => &cache, "rotten" => r.rotten);
+                } else {
+                    info!(self.log, "scrub found nothing"; "cache" => &cache, "lines" => r.lines);
+                }
+                Ok(Response::Scrubbed(Scrubbed {
+                    damage: found.as_ref().map(|d| damage(d, &t.cfg.luns, &cache)),
+                    cache,
+                    segments: r.segments,
+                    lines: r.lines,
+                    bytes_read: r.bytes_read,
+                    rotten: r.rotten,
                 }))
             }
             Request::Drain { lun } => {
