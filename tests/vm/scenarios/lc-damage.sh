@@ -146,6 +146,44 @@ lc status | grep -q DAMAGED || fail "lc status does not show the damage found by
 lc accept-loss c0 | tee /tmp/accept2.out
 grep -q "lost: backing 0 (disk0)" /tmp/accept2.out || fail "accept-loss does not list the rotten line"
 
+step "lc scrub finds a line rotten under the daemon that nobody reads"
+pattern E 300 4
+dd if=/tmp/round-E of="$dev" bs=4096 seek=300 count=4 oflag=direct conv=fsync status=none \
+    || fail "round E write"
+dd if=/dev/urandom of="$dev" bs=1M seek=16 count=4 oflag=direct conv=fsync status=none \
+    || fail "filler write"
+lc scrub c0 >/tmp/scrub1.out || { cat /tmp/scrub1.out; fail "lc scrub"; }
+cat /tmp/scrub1.out
+grep -q ", 0 rotten" /tmp/scrub1.out || fail "lc scrub finds rot in a sound cache"
+python3 - <<'PY' || fail "flip for the scrub"
+import mmap, os
+needle = b"round E block 0301 "
+fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
+buf = mmap.mmap(-1, 8 << 20)
+found, off = None, 0
+while found is None and off < 512 << 20:
+    n = os.preadv(fd, [buf], off)
+    at = buf.find(needle, 0, n)
+    while at >= 0 and at % 4096:
+        at = buf.find(needle, at + 1, n)
+    if at >= 0:
+        found = off + at
+    off += n
+assert found is not None, "round E block 301 not found on the cache device"
+blk = mmap.mmap(-1, 4096)
+os.preadv(fd, [blk], found)
+blk[2000] ^= 0x80
+os.pwritev(fd, [blk], found)
+os.close(fd)
+PY
+lc scrub c0 >/tmp/scrub2.out || { cat /tmp/scrub2.out; fail "lc scrub"; }
+cat /tmp/scrub2.out
+grep -q ", 1 rotten" /tmp/scrub2.out || fail "lc scrub did not find the rotten line"
+grep -q "lost: backing 0 (disk0) sectors 2408..+8" /tmp/scrub2.out || fail "lc scrub does not name block 301"
+dd if="$dev" of=/tmp/blk bs=4096 skip=301 count=1 iflag=direct status=none 2>/dev/null \
+    && fail "block 301 read without an error after the scrub found it rotten"
+lc accept-loss c0 >/dev/null || fail "accept-loss after the scrub"
+
 step "after a clean stop (a checkpoint), a line that rots is found by lc check"
 stop_lc
 lc check /dev/vdb >/tmp/check2.out || { cat /tmp/check2.out; fail "lc check: damage after accept-loss and a clean stop"; }
