@@ -195,32 +195,32 @@ fn scrubbed_text(s: &crate::api::Scrubbed) -> String {
             "DAMAGED: segments {}; reads of these fail until rewritten or `lc accept-loss`:\n",
             json(&d.segments)
         );
-        for r in &d.lost_ranges {
-            t += &format!(
-                "lost: backing {} ({}) sectors {}..+{}\n",
+        t += &lost_lines(&d.lost_ranges, "");
+    }
+    t
+}
+
+/// One line per lost sector range: `lost: backing ID (LUN) sectors FIRST..+N` and `tail`.
+fn lost_lines(ranges: &[crate::api::LostRange], tail: &str) -> String {
+    ranges
+        .iter()
+        .map(|r| {
+            format!(
+                "lost: backing {} ({}) sectors {}..+{}{tail}\n",
                 r.backing_id,
                 r.lun.as_deref().unwrap_or("-"),
                 r.sector,
                 r.sectors
-            );
-        }
-    }
-    t
+            )
+        })
+        .collect()
 }
 
 /// The lines of an `accept_loss` answer.
 fn accepted_text(v: &Accepted) -> String {
     let a = &v.accepted;
     let mut out = format!("damaged segments {}: loss accepted\n", json(&a.segments));
-    for r in &a.lost_ranges {
-        out += &format!(
-            "lost: backing {} ({}) sectors {}..+{} now read older data\n",
-            r.backing_id,
-            r.lun.as_deref().unwrap_or("-"),
-            r.sector,
-            r.sectors
-        );
-    }
+    out += &lost_lines(&a.lost_ranges, " now read older data");
     if let Some(s) = a.unknown_after_segment {
         out += &format!("lines not rewritten since segment {s} now read older data\n");
     }

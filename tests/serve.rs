@@ -987,26 +987,8 @@ fn reads_of_data_on_the_cache_device_go_through_io_uring_and_the_rest_to_the_wor
     // (zeros where nothing was).
     let f = files();
     let cache = open_cache_with(&f, true);
-    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    el.enable_io_uring();
-    if !el.io_uring() {
-        eprintln!("io_uring refused by this kernel: only the workers' path was tested");
-    }
     let mut emu = Emulator::new_mapped((1 << 20) - CMDR_OFF as u32, 8 << 20, FLAG_OOOC);
-    // Nothing inline: a read the page cache holds (a file system that refused
-    // O_DIRECT, e.g. an old tmpfs) still takes the io_uring path.
-    let mut dev = device(&emu, &cache, "disk0");
-    dev.set_inline(false);
-    let id = el.add_device(dev).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let waker = el.waker();
-    let thread = std::thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            el.run_once(Some(Duration::from_millis(20))).unwrap();
-        }
-        el
-    });
+    let el = UringLoop::start(&emu, &cache);
     // 48 lines at every other 4 KiB block, and a 64 KiB run.
     let mut model = vec![0u8; 1 << 20];
     let mut ids = Vec::new();
@@ -1055,20 +1037,13 @@ fn reads_of_data_on_the_cache_device_go_through_io_uring_and_the_rest_to_the_wor
             );
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = waker.wake();
-    let mut el = thread.join().unwrap();
-    let uring = el.device(id).unwrap().uring_reads();
-    if el.io_uring() {
-        // 48 lines and the 2 parts of the run made of whole lines, twice (the 3 KiB
-        // inside one line goes to a worker, which reads the whole line to check its
-        // crc); the mixed read the second time only (the first, on the workers,
-        // promoted the uncached lines it read whole).
+    // 48 lines and the 2 parts of the run made of whole lines, twice (the 3 KiB inside
+    // one line goes to a worker, which reads the whole line to check its crc); the
+    // mixed read the second time only (the first, on the workers, promoted the
+    // uncached lines it read whole).
+    if let Some(uring) = el.stop() {
         assert_eq!(uring, 2 * 50 + 1, "reads answered from io_uring");
-    } else {
-        assert_eq!(uring, 0);
     }
-    drop(el.shutdown());
 }
 
 #[test]
@@ -1079,21 +1054,8 @@ fn a_rotten_line_read_through_io_uring_fails_with_medium_error_not_wrong_data() 
     // lines read as written, through io_uring.
     let f = files();
     let cache = open_cache_with(&f, true);
-    let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
-    el.enable_io_uring();
     let mut emu = Emulator::new_mapped((1 << 20) - CMDR_OFF as u32, 8 << 20, FLAG_OOOC);
-    let mut dev = device(&emu, &cache, "disk0");
-    dev.set_inline(false);
-    let id = el.add_device(dev).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let waker = el.waker();
-    let thread = std::thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            el.run_once(Some(Duration::from_millis(20))).unwrap();
-        }
-        el
-    });
+    let el = UringLoop::start(&emu, &cache);
     let mut ids = Vec::new();
     for k in 0..8u64 {
         ids.push(submit(
@@ -1143,14 +1105,60 @@ fn a_rotten_line_read_through_io_uring_fails_with_medium_error_not_wrong_data() 
         assert!(c.data_in == pattern(4096, k as u8), "line {k}");
     }
     assert_eq!(cache.failure(), None);
-    stop.store(true, Ordering::Relaxed);
-    let _ = waker.wake();
-    let mut el = thread.join().unwrap();
-    if el.io_uring() {
-        // The sound line before the flip; the rotten one was read there and refused
-        // (then read again on a worker), and with data lost every read goes to the
-        // workers.
-        assert_eq!(el.device(id).unwrap().uring_reads(), 1);
+    // The sound line before the flip; the rotten one was read there and refused (then
+    // read again on a worker), and with data lost every read goes to the workers.
+    if let Some(uring) = el.stop() {
+        assert_eq!(uring, 1);
     }
-    drop(el.shutdown());
+}
+
+/// An event loop with io_uring serving a cache as one device, on a thread. Nothing is
+/// served inline: a read the page cache holds (a file system that refused O_DIRECT,
+/// e.g. an old tmpfs) still takes the io_uring path.
+struct UringLoop {
+    id: usize,
+    stop: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+    thread: std::thread::JoinHandle<EventLoop>,
+}
+
+impl UringLoop {
+    fn start(emu: &Emulator, cache: &Arc<Cache>) -> Self {
+        let mut el = EventLoop::new(4, slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        el.enable_io_uring();
+        if !el.io_uring() {
+            eprintln!("io_uring refused by this kernel: only the workers' path was tested");
+        }
+        let mut dev = device(emu, cache, "disk0");
+        dev.set_inline(false);
+        let id = el.add_device(dev).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let waker = el.waker();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                el.run_once(Some(Duration::from_millis(20))).unwrap();
+            }
+            el
+        });
+        UringLoop {
+            id,
+            stop,
+            waker,
+            thread,
+        }
+    }
+
+    /// Stops the loop; how many READs its io_uring answered (`None`: the kernel
+    /// refused io_uring, and none was).
+    fn stop(self) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.wake();
+        let mut el = self.thread.join().unwrap();
+        let uring = el.device(self.id).unwrap().uring_reads();
+        let on = el.io_uring();
+        drop(el.shutdown());
+        assert!(on || uring == 0);
+        on.then_some(uring)
+    }
 }

@@ -170,14 +170,7 @@ pub(crate) fn rotten_copies(inner: &Inner, seg: u64, copies: &[(u64, u16)]) -> E
 /// ([`found_rot`]). Nothing is recorded when the slot was reused meanwhile (the read
 /// is planned again and no longer finds the segment).
 pub(crate) fn load_line_crcs(inner: &Inner, seg: u64) -> Result<()> {
-    let gens: BTreeMap<u64, u16> = {
-        let st = inner.lock();
-        st.recovered_gens
-            .get(&seg)
-            .map(|&g| (seg, g))
-            .into_iter()
-            .collect()
-    };
+    let gens = gens_of(&inner.lock(), seg);
     let r = read_for_moves(inner, seg, false, &gens);
     let mut st = inner.lock();
     if inner.slot_reused(&st, seg) {
@@ -195,6 +188,16 @@ pub(crate) fn load_line_crcs(inner: &Inner, seg: u64) -> Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The append recovery took segment `seg` at, when not its newest (`recovered_gens`),
+/// as the map [`read_for_moves`] takes.
+pub(crate) fn gens_of(st: &State, seg: u64) -> BTreeMap<u64, u16> {
+    st.recovered_gens
+        .get(&seg)
+        .map(|&g| (seg, g))
+        .into_iter()
+        .collect()
 }
 
 /// Segments read back for writeback: per segment its bytes, its header, and the slots

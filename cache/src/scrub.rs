@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::format::SECTORS_PER_LINE;
 use crate::index::key;
-use crate::logio::{found_rot, read_for_moves, read_lines, rotten_copies, unlisted};
+use crate::logio::{found_rot, gens_of, read_for_moves, read_lines, rotten_copies, unlisted};
 use crate::state::Inner;
 
 /// Progress of a scrub: segments of the log holding indexed lines, checked so far.
@@ -68,11 +68,7 @@ fn scrub_segment(inner: &Inner, id: u64, report: &mut ScrubReport) -> Result<()>
         if inner.slot_reused(&st, id) || st.index.seg_lines(id).live == 0 {
             return Ok(());
         }
-        st.recovered_gens
-            .get(&id)
-            .map(|&g| (id, g))
-            .into_iter()
-            .collect()
+        gens_of(&st, id)
     };
     let read = read_for_moves(inner, id, false, &gens);
     let (mut buf, h, n) = match read {

@@ -230,6 +230,23 @@ fn drain_or_exit(c: &Cache, ctx: &str) -> lc_cache::Result<()> {
 }
 
 /// Writeback reads back every copy it writes back and checks it against its line crc.
+/// `img` with one random bit flipped in a random segment slot: a third of the flips in
+/// the header copies, the rest in the lines. Returns the image, the byte flipped and
+/// whether it is in the lines.
+fn flip_one_bit(rng: &mut impl Rng, img: &[u8], g: &Geometry) -> (Vec<u8>, usize, bool) {
+    let mut bad = img.to_vec();
+    let slot = rng.gen_range(0..g.nr_segments);
+    let in_lines = rng.gen_bool(0.67);
+    let at = g.segment_offset(slot + 1) as usize
+        + if in_lines {
+            g.data_start() + rng.gen_range(0..SEG as usize - g.data_start())
+        } else {
+            rng.gen_range(0..g.data_start())
+        };
+    bad[at] ^= 1 << rng.gen_range(0..8);
+    (bad, at, in_lines)
+}
+
 /// With a checkpoint covering the whole log, recovery does not re-read the lines, so a
 /// byte flipped in one is found only then: a live line is lost (reads of it fail, the
 /// cache does not fail, the log is kept from the damaged segment on), a stale one does
@@ -248,17 +265,7 @@ fn rotten_lines_found_by_writeback_are_lost_not_served() {
         ..Tunables::default()
     };
     for case in 0..cases(60) {
-        let mut bad = img.clone();
-        let slot = rng.gen_range(0..g.nr_segments);
-        // A third of the flips in the header copies, the rest in the lines.
-        let in_lines = rng.gen_bool(0.67);
-        let at = g.segment_offset(slot + 1) as usize
-            + if in_lines {
-                g.data_start() + rng.gen_range(0..SEG as usize - g.data_start())
-            } else {
-                rng.gen_range(0..g.data_start())
-            };
-        bad[at] ^= 1 << rng.gen_range(0..8);
+        let (bad, at, in_lines) = flip_one_bit(&mut rng, &img, &g);
         let ctx = format!("seed {base} case {case} flip at {at}");
         let cdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(bad, "cache"));
         let (c, r, bdev) = open_devices(cdev.clone(), &back, wb_on.clone()).unwrap();
@@ -293,45 +300,7 @@ fn rotten_lines_found_by_writeback_are_lost_not_served() {
             continue;
         }
         found += 1;
-        // The checkpoints are retired right after the loss is recorded (a crash in
-        // between restarts from one: FORMAT.md, "Damage found while serving").
-        let t0 = std::time::Instant::now();
-        while !(0..2).all(|a| {
-            let mut h = vec![1u8; 4096];
-            cdev.read_at(&mut h, g.checkpoint_offset(a)).unwrap();
-            h.iter().all(|&b| b == 0)
-        }) {
-            assert!(
-                t0.elapsed().as_secs() < 20,
-                "{ctx}: checkpoints never retired"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        // Killed, restarted: the log is walked again and the same sectors are lost.
-        let mut cimg = vec![0u8; cdev.size() as usize];
-        cdev.read_at(&mut cimg, 0).unwrap();
-        let mut bimg = vec![0u8; bdev.size() as usize];
-        bdev.read_at(&mut bimg, 0).unwrap();
-        c.kill();
-        let (c, r, _) = open_image(cimg, &bimg).unwrap();
-        assert!(
-            r.checkpoint.is_none() && !r.damaged.is_empty(),
-            "{ctx}: {r:?}"
-        );
-        let again = check_reads(&c, &hist, false, &ctx);
-        if in_lines {
-            assert_eq!(again, lost, "{ctx}");
-            assert_eq!(
-                c.stats().damage.unwrap_or_default().lost_ranges,
-                report.lost_ranges,
-                "{ctx}"
-            );
-        } else {
-            // A header the serving cache could not read lost the copies its index held
-            // in the segment; recovery, without that index, refuses every line whose
-            // newest copy may have been there (FORMAT.md, "Recovery" step 4).
-            assert!(again >= lost, "{ctx}: {again} < {lost}");
-        }
+        retired_and_lost_again(c, &cdev, &bdev, &hist, in_lines, lost, &report, &ctx);
     }
     assert!(
         found > 0 && harmless > 0,
@@ -382,16 +351,7 @@ fn rotten_lines_found_by_reads_are_lost_not_served() {
         ..Tunables::default()
     };
     for case in 0..cases(60) {
-        let mut bad = img.clone();
-        let slot = rng.gen_range(0..g.nr_segments);
-        let in_lines = rng.gen_bool(0.67);
-        let at = g.segment_offset(slot + 1) as usize
-            + if in_lines {
-                g.data_start() + rng.gen_range(0..SEG as usize - g.data_start())
-            } else {
-                rng.gen_range(0..g.data_start())
-            };
-        bad[at] ^= 1 << rng.gen_range(0..8);
+        let (bad, at, in_lines) = flip_one_bit(&mut rng, &img, &g);
         let ctx = format!("seed {base} case {case} flip at {at}");
         let cdev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(bad, "cache"));
         let (c, r, bdev) = open_devices(cdev.clone(), &back, wb_off.clone()).unwrap();
@@ -426,39 +386,66 @@ fn rotten_lines_found_by_reads_are_lost_not_served() {
             continue;
         }
         found += 1;
-        let t0 = std::time::Instant::now();
-        while !(0..2).all(|a| {
-            let mut h = vec![1u8; 4096];
-            cdev.read_at(&mut h, g.checkpoint_offset(a)).unwrap();
-            h.iter().all(|&b| b == 0)
-        }) {
-            assert!(
-                t0.elapsed().as_secs() < 20,
-                "{ctx}: checkpoints never retired"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        let mut cimg = vec![0u8; cdev.size() as usize];
-        cdev.read_at(&mut cimg, 0).unwrap();
-        let mut bimg = vec![0u8; bdev.size() as usize];
-        bdev.read_at(&mut bimg, 0).unwrap();
-        c.kill();
-        let (c, r, _) = open_image(cimg, &bimg).unwrap();
-        assert!(
-            r.checkpoint.is_none() && !r.damaged.is_empty(),
-            "{ctx}: {r:?}"
-        );
-        let again = check_reads(&c, &hist, false, &ctx);
-        if in_lines {
-            assert_eq!(again, lost, "{ctx}");
-        } else {
-            assert!(again >= lost, "{ctx}: {again} < {lost}");
-        }
+        retired_and_lost_again(c, &cdev, &bdev, &hist, in_lines, lost, &report, &ctx);
     }
     assert!(
         found > 0 && harmless > 0,
         "found {found}, harmless {harmless}"
     );
+}
+
+/// After rot found while serving (`lost` sectors, `report` the damage reported): the
+/// checkpoints are retired (right after the loss is recorded; a crash in between
+/// restarts from one: FORMAT.md, "Damage found while serving"); killed and restarted,
+/// the log is walked again and the same sectors are lost (a flip in line data), or at
+/// least those (a header flip: the serving cache lost the copies its index held in the
+/// segment; recovery, without that index, refuses every line whose newest copy may have
+/// been there: FORMAT.md, "Recovery" step 4).
+#[allow(clippy::too_many_arguments)]
+fn retired_and_lost_again(
+    c: Cache,
+    cdev: &Arc<dyn BlockDevice>,
+    bdev: &Arc<dyn BlockDevice>,
+    hist: &[Vec<u64>],
+    in_lines: bool,
+    lost: usize,
+    report: &lc_cache::DamageReport,
+    ctx: &str,
+) {
+    let g = c.geometry();
+    let t0 = std::time::Instant::now();
+    while !(0..2).all(|a| {
+        let mut h = vec![1u8; 4096];
+        cdev.read_at(&mut h, g.checkpoint_offset(a)).unwrap();
+        h.iter().all(|&b| b == 0)
+    }) {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "{ctx}: checkpoints never retired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let mut cimg = vec![0u8; cdev.size() as usize];
+    cdev.read_at(&mut cimg, 0).unwrap();
+    let mut bimg = vec![0u8; bdev.size() as usize];
+    bdev.read_at(&mut bimg, 0).unwrap();
+    c.kill();
+    let (c, r, _) = open_image(cimg, &bimg).unwrap();
+    assert!(
+        r.checkpoint.is_none() && !r.damaged.is_empty(),
+        "{ctx}: {r:?}"
+    );
+    let again = check_reads(&c, hist, false, ctx);
+    if in_lines {
+        assert_eq!(again, lost, "{ctx}");
+        assert_eq!(
+            c.stats().damage.unwrap_or_default().lost_ranges,
+            report.lost_ranges,
+            "{ctx}"
+        );
+    } else {
+        assert!(again >= lost, "{ctx}: {again} < {lost}");
+    }
 }
 
 /// A segment whose header no longer reads while every line in it has a newer copy holds

@@ -23,6 +23,33 @@ with open(f"/tmp/round-{r}", "wb") as f:
         f.write((tag * (4096 // len(tag) + 1))[:4096])
 PY
 }
+# Flips one bit of the 4 KiB line on the cache device that starts with "round R block
+# BBBB " (found by reading /dev/vdb with O_DIRECT, so under a running daemon too).
+flip_line() { # round, block, byte in the line, bit mask
+    python3 - "$@" <<'PY'
+import mmap, os, sys
+r, b, byte, mask = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
+needle = f"round {r} block {b:04d} ".encode()
+fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
+buf = mmap.mmap(-1, 8 << 20)
+found, off = None, 0
+while found is None and off < 512 << 20:
+    n = os.preadv(fd, [buf], off)
+    at = buf.find(needle, 0, n)
+    while at >= 0 and at % 4096:
+        at = buf.find(needle, at + 1, n)
+    if at >= 0:
+        found = off + at
+    off += n
+assert found is not None, f"round {r} block {b} not found on the cache device"
+blk = mmap.mmap(-1, 4096)
+os.preadv(fd, [blk], found)
+blk[byte] ^= mask
+os.pwritev(fd, [blk], found)
+os.close(fd)
+print(f"flipped byte {found + byte} (the line at {found})")
+PY
+}
 flushed() { lc stats c0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["stats"]["c0"]["last_flushed_id"])'; }
 declare -A last
 for r in A B C; do
@@ -38,23 +65,7 @@ echo "flushed ids: A ${last[A]} B ${last[B]} C ${last[C]}"
 
 step "kill -9 the daemon; flip one byte in the cache device's copy of round B's block 100"
 pid=$(cat /tmp/lc.pid); kill -9 "$pid"; wait "$pid" 2>/dev/null || true
-python3 - <<'PY' || fail "flip"
-import os
-needle = b"round B block 0100 "
-fd = os.open("/dev/vdb", os.O_RDWR)
-found, off, chunk = None, 0, 8 << 20
-while found is None and off < 512 << 20:
-    buf = os.pread(fd, chunk, off)
-    for b in range(0, len(buf), 4096):
-        if buf[b:b + len(needle)] == needle:
-            found = off + b
-            break
-    off += chunk
-assert found is not None, "round B block 100 not found on the cache device"
-at = found + 123
-b = bytearray(os.pread(fd, 1, at)); b[0] ^= 0x01; os.pwrite(fd, bytes(b), at); os.fsync(fd); os.close(fd)
-print(f"flipped byte {at} (the line at {found})")
-PY
+flip_line B 100 123 0x01 || fail "flip"
 echo 3 >/proc/sys/vm/drop_caches
 lc check /dev/vdb >/tmp/check.out && { cat /tmp/check.out; fail "lc check calls a damaged log intact"; }
 cat /tmp/check.out
@@ -110,29 +121,7 @@ dd if=/tmp/round-D of="$dev" bs=4096 seek=200 count=8 oflag=direct conv=fsync st
 # 4 MiB more, so that round D's segment is sealed, written and out of the daemon's RAM.
 dd if=/dev/urandom of="$dev" bs=1M seek=8 count=4 oflag=direct conv=fsync status=none \
     || fail "filler write"
-python3 - <<'PY' || fail "flip while serving"
-import os
-needle = b"round D block 0203 "
-fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
-import mmap
-buf = mmap.mmap(-1, 8 << 20)
-found, off = None, 0
-while found is None and off < 512 << 20:
-    n = os.preadv(fd, [buf], off)
-    at = buf.find(needle, 0, n)
-    while at >= 0 and at % 4096:
-        at = buf.find(needle, at + 1, n)
-    if at >= 0:
-        found = off + at
-    off += n
-assert found is not None, "round D block 203 not found on the cache device"
-blk = mmap.mmap(-1, 4096)
-os.preadv(fd, [blk], found)
-blk[777] ^= 0x08
-os.pwritev(fd, [blk], found)
-os.close(fd)
-print(f"flipped byte {found + 777} (the line at {found})")
-PY
+flip_line D 203 777 0x08 || fail "flip while serving"
 for b in $(seq 200 207); do
     if dd if="$dev" of=/tmp/blk bs=4096 skip="$b" count=1 iflag=direct status=none 2>/dev/null; then
         [ "$b" -ne 203 ] || fail "block 203 (rotten under the daemon) read without an error"
@@ -155,27 +144,7 @@ dd if=/dev/urandom of="$dev" bs=1M seek=16 count=4 oflag=direct conv=fsync statu
 lc scrub c0 >/tmp/scrub1.out || { cat /tmp/scrub1.out; fail "lc scrub"; }
 cat /tmp/scrub1.out
 grep -q ", 0 rotten" /tmp/scrub1.out || fail "lc scrub finds rot in a sound cache"
-python3 - <<'PY' || fail "flip for the scrub"
-import mmap, os
-needle = b"round E block 0301 "
-fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
-buf = mmap.mmap(-1, 8 << 20)
-found, off = None, 0
-while found is None and off < 512 << 20:
-    n = os.preadv(fd, [buf], off)
-    at = buf.find(needle, 0, n)
-    while at >= 0 and at % 4096:
-        at = buf.find(needle, at + 1, n)
-    if at >= 0:
-        found = off + at
-    off += n
-assert found is not None, "round E block 301 not found on the cache device"
-blk = mmap.mmap(-1, 4096)
-os.preadv(fd, [blk], found)
-blk[2000] ^= 0x80
-os.pwritev(fd, [blk], found)
-os.close(fd)
-PY
+flip_line E 301 2000 0x80 || fail "flip for the scrub"
 lc scrub c0 >/tmp/scrub2.out || { cat /tmp/scrub2.out; fail "lc scrub"; }
 cat /tmp/scrub2.out
 grep -q ", 1 rotten" /tmp/scrub2.out || fail "lc scrub did not find the rotten line"
@@ -188,27 +157,7 @@ step "after a clean stop (a checkpoint), a line that rots is found by lc check"
 stop_lc
 lc check /dev/vdb >/tmp/check2.out || { cat /tmp/check2.out; fail "lc check: damage after accept-loss and a clean stop"; }
 grep -q "checkpoint .* used" /tmp/check2.out || { cat /tmp/check2.out; fail "lc check did not start from the clean stop's checkpoint"; }
-python3 - <<'PY' || fail "flip after the stop"
-import mmap, os
-needle = b"round D block 0205 "
-fd = os.open("/dev/vdb", os.O_RDWR | os.O_DIRECT)
-buf = mmap.mmap(-1, 8 << 20)
-found, off = None, 0
-while found is None and off < 512 << 20:
-    n = os.preadv(fd, [buf], off)
-    at = buf.find(needle, 0, n)
-    while at >= 0 and at % 4096:
-        at = buf.find(needle, at + 1, n)
-    if at >= 0:
-        found = off + at
-    off += n
-assert found is not None, "round D block 205 not found on the cache device"
-blk = mmap.mmap(-1, 4096)
-os.preadv(fd, [blk], found)
-blk[100] ^= 0x02
-os.pwritev(fd, [blk], found)
-os.close(fd)
-PY
+flip_line D 205 100 0x02 || fail "flip after the stop"
 lc check /dev/vdb >/tmp/check3.out && { cat /tmp/check3.out; fail "lc check calls a rotten line under the checkpoint intact"; }
 cat /tmp/check3.out
 grep -q "line checksum mismatch" /tmp/check3.out || fail "lc check does not name the rotten line's segment"
