@@ -190,9 +190,10 @@ fn scrubbed_text(s: &crate::api::Scrubbed) -> String {
         crate::units::human(s.bytes_read),
         s.rotten
     );
-    if let Some(d) = &s.damage {
+    // What is lost now (found by this scrub or before; an accepted loss is not).
+    if let Some(d) = s.damage.as_ref().filter(|d| !d.lost_ranges.is_empty()) {
         t += &format!(
-            "DAMAGED: segments {}; reads of these fail until rewritten or `lc accept-loss`:\n",
+            "DAMAGED: segments {}; reads of these sectors fail until rewritten or `lc accept-loss`:\n",
             json(&d.segments)
         );
         t += &lost_lines(&d.lost_ranges, "");

@@ -153,11 +153,21 @@ dd if="$dev" of=/tmp/blk bs=4096 skip=301 count=1 iflag=direct status=none 2>/de
     && fail "block 301 read without an error after the scrub found it rotten"
 lc accept-loss c0 >/dev/null || fail "accept-loss after the scrub"
 
-step "after a clean stop (a checkpoint), a line that rots is found by lc check"
+step "a fresh cache stopped cleanly (a checkpoint): a line that rots is found by lc check"
+# The accepted damage above stays in the log until writeback passes it (a restart
+# reports it again; FORMAT.md): a fresh cache, so that the clean stop checkpoints.
 stop_lc
-lc check /dev/vdb >/tmp/check2.out || { cat /tmp/check2.out; fail "lc check: damage after accept-loss and a clean stop"; }
+lc format -y --force /dev/vdb >/dev/null
+start_lc
+lc set c0 writeback_enabled false
+for _ in $(seq 50); do lc status | grep -q uio && break; sleep 0.2; done
+pattern F 400 8
+dd if=/tmp/round-F of="$dev" bs=4096 seek=400 count=8 oflag=direct conv=fsync status=none \
+    || fail "round F write"
+stop_lc
+lc check /dev/vdb >/tmp/check2.out || { cat /tmp/check2.out; fail "lc check: damage in a fresh cache"; }
 grep -q "checkpoint .* used" /tmp/check2.out || { cat /tmp/check2.out; fail "lc check did not start from the clean stop's checkpoint"; }
-flip_line D 205 100 0x02 || fail "flip after the stop"
+flip_line F 403 100 0x02 || fail "flip after the stop"
 lc check /dev/vdb >/tmp/check3.out && { cat /tmp/check3.out; fail "lc check calls a rotten line under the checkpoint intact"; }
 cat /tmp/check3.out
 grep -q "line checksum mismatch" /tmp/check3.out || fail "lc check does not name the rotten line's segment"
