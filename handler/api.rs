@@ -286,6 +286,9 @@ pub struct CacheStats {
     pub moved_lines: u64,
     /// See `lc_cache::Stats`.
     #[serde(default)]
+    pub rotten_found: u64,
+    /// See `lc_cache::Stats`.
+    #[serde(default)]
     pub cleaner_bytes_read: u64,
     /// See `lc_cache::Stats`.
     pub written_back_lines: u64,

@@ -391,6 +391,12 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             vec![],
         ),
         (
+            "lc_rotten_copies_total",
+            "counter",
+            "Line copies (or segment headers) found rotten on the cache device: media damage.",
+            vec![],
+        ),
+        (
             "lc_cleaner_read_bytes_total",
             "counter",
             "Bytes the cleaner read from the cache device (segment headers and live lines).",
@@ -436,6 +442,7 @@ pub fn prometheus_text(v: &StatsReply) -> String {
             (s.live_lines, "lc_live_lines"),
             (s.stale_lines, "lc_stale_lines"),
             (s.moved_lines, "lc_moved_lines_total"),
+            (s.rotten_found, "lc_rotten_copies_total"),
             (s.cleaner_bytes_read, "lc_cleaner_read_bytes_total"),
             (s.written_back_lines, "lc_written_back_lines_total"),
             (s.promoted_lines, "lc_promoted_lines_total"),

@@ -287,6 +287,9 @@ fn scrub_reports_a_line_rotten_under_the_daemon() {
     );
     assert_eq!(v["damage"]["lost_ranges"][0]["sector"], 5 * 8, "{v}");
     assert_eq!(v["damage"]["lost_ranges"][0]["lun"], "disk0", "{v}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&lc(&d.socket, &["stats", "c0", "--json"]).stdout).unwrap();
+    assert_eq!(v["stats"]["c0"]["rotten_found"], 1, "{v}");
     let text = String::from_utf8_lossy(&lc(&d.socket, &["status"]).stdout).into_owned();
     assert!(
         text.contains("DAMAGED") && text.contains("lost 1 lines"),

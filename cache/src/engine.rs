@@ -1606,6 +1606,7 @@ impl Cache {
                 .map(|(_, n)| (n.lines - n.live) as u64)
                 .sum(),
             moved_lines: st.clean.moved_lines,
+            rotten_found: st.rotten_found,
             cleaner_bytes_read: st.clean.bytes_read,
             written_back_lines: st.clean.written_back_lines,
             damage: (!st.damage.segments.is_empty() || st.damage.unresolved())

@@ -138,6 +138,7 @@ pub(crate) fn unlisted(st: &State, h: &SegmentHeader) -> Vec<(u64, u16)> {
 pub(crate) fn found_rot(inner: &Inner, e: &Error, seg: u64, copies: Option<&[(u64, u16)]>) {
     let lost = {
         let mut st = inner.lock();
+        st.rotten_found += copies.map_or(1, |c| c.len() as u64);
         let lost = lose_copies(&mut st, seg, copies);
         inner.io_cv.notify_all();
         inner.worker_cv.notify_all();

@@ -455,6 +455,8 @@ pub(crate) struct State {
     pub damage: Damage,
     /// The crc of every line on the cache device that reads check (`linecrc.rs`).
     pub line_crcs: crate::linecrc::LineCrcs,
+    /// Line copies (and segment headers) found rotten on the cache device since open.
+    pub rotten_found: u64,
     /// Segments recovery took at an older append than their newest header (whose
     /// lines failed their checks): id -> the generation the index was built from.
     pub recovered_gens: BTreeMap<u64, u16>,
@@ -569,6 +571,7 @@ impl State {
             failed: None,
             damage: r.damage,
             line_crcs: r.line_crcs,
+            rotten_found: 0,
             recovered_gens: r.recovered_gens,
             unclaimed: if r.ambiguous { r.last_id } else { 0 },
             stop_flush: false,

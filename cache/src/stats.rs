@@ -78,6 +78,10 @@ pub struct Stats {
     pub stale_lines: u64,
     /// Lines the cleaner moved to the head of the log (instead of writing them back).
     pub moved_lines: u64,
+    /// Line copies found rotten on the cache device since open (by reads, writeback,
+    /// the cleaner or a scrub; a segment header that no longer reads counts one),
+    /// whether or not they were still needed: media damage to watch.
+    pub rotten_found: u64,
     /// Bytes the cleaner read from the cache device to move lines (segment headers,
     /// and live lines alone where the headers hold line checksums).
     pub cleaner_bytes_read: u64,

@@ -126,6 +126,7 @@ fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
     let mut lost: Vec<u64> = d.lost_ranges.iter().map(|r| r.1 / 8).collect();
     lost.sort_unstable();
     assert_eq!(lost, vec![3, 5, 9, 11], "{d:?}");
+    assert_eq!(c.stats().rotten_found, 4);
     for l in (0..LINES).filter(|l| ![3, 5, 9, 11].contains(l)) {
         c.read(0, l * LINE, &mut b).unwrap();
         assert!(b == tagged_block(1, l), "line {l}");
@@ -200,6 +201,7 @@ fn a_rotten_clean_copy_is_read_from_the_backing_device() {
     c.read(0, 0, &mut b).unwrap();
     assert!(b[..] == data[..LINE as usize], "the backing device's data");
     assert_eq!(c.stats().damage, None);
+    assert_eq!(c.stats().rotten_found, 1);
     assert_eq!(c.failure(), None);
     c.close().unwrap();
 }
@@ -355,6 +357,7 @@ fn scrub_finds_rot_in_lines_nobody_reads() {
     let mut lost: Vec<u64> = d.lost_ranges.iter().map(|r| r.1 / 8).collect();
     lost.sort_unstable();
     assert_eq!(lost, vec![3, lps]);
+    assert_eq!(c.stats().rotten_found, 3, "the clean copy counts too");
     for l in 0..40 {
         let r = c.read(0, l * LINE, &mut b);
         if l == 3 || l == lps {

@@ -119,6 +119,7 @@ fn cache_stats(c: &Cache, luns: &[LunSection], cache: &str) -> CacheStats {
         live_lines: s.live_lines,
         stale_lines: s.stale_lines,
         moved_lines: s.moved_lines,
+        rotten_found: s.rotten_found,
         cleaner_bytes_read: s.cleaner_bytes_read,
         written_back_lines: s.written_back_lines,
         promoted_lines: s.promoted_lines,
