@@ -35,7 +35,7 @@ mod writeback;
 
 pub use damage::DamageReport;
 pub use device::{BlockDevice, FileDevice, MemDevice};
-pub use engine::{Backing, Cache, DeviceRead, DeviceReads, DrainProgress};
+pub use engine::{Backing, Cache, DeviceRead, DeviceReads, DrainProgress, URING_CHECKED_LINES};
 pub use error::{Error, Failure, Result};
 pub use format::Geometry;
 pub use open::OpenOptions;
