@@ -450,23 +450,22 @@ fn cached_reads(p: &Path) {
     c.close().expect("close");
 }
 
+/// The scratch directory: under `LC_BENCH_DIR`, else under the current directory.
+fn scratch_dir() -> tempfile::TempDir {
+    match std::env::var("LC_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d),
+        Err(_) => tempfile::tempdir_in("."),
+    }
+    .expect("scratch dir")
+}
+
 fn main() {
     if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("reads") {
-        let dir = match std::env::var("LC_BENCH_DIR") {
-            Ok(d) => tempfile::tempdir_in(d),
-            Err(_) => tempfile::tempdir_in("."),
-        }
-        .expect("scratch dir");
-        cached_reads(dir.path());
+        cached_reads(scratch_dir().path());
         return;
     }
     if std::env::var("LC_BENCH_ONLY").as_deref() == Ok("overwrite") {
-        let dir = match std::env::var("LC_BENCH_DIR") {
-            Ok(d) => tempfile::tempdir_in(d),
-            Err(_) => tempfile::tempdir_in("."),
-        }
-        .expect("scratch dir");
-        overwrite_case(dir.path());
+        overwrite_case(scratch_dir().path());
         return;
     }
     // `cargo bench` passes `--bench`; accept and ignore arguments.
@@ -474,11 +473,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
-    let dir = match std::env::var("LC_BENCH_DIR") {
-        Ok(d) => tempfile::tempdir_in(d),
-        Err(_) => tempfile::tempdir_in("."),
-    }
-    .expect("scratch dir");
+    let dir = scratch_dir();
     let p = dir.path();
     let cp_gib: u64 = std::env::var("LC_BENCH_RESTART_GIB")
         .ok()
