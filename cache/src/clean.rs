@@ -64,9 +64,10 @@ use slog::warn;
 use crate::device::AlignedBuf;
 use crate::error::Error;
 use crate::format::{Entry, Geometry, SegmentHeader, ENTRY_TOMBSTONE, FULL_LINE, LINE};
-use crate::index::{key, Loc};
+use crate::index::Loc;
 use crate::logio::{
-    check_lines, commit, found_rot, read_for_moves, read_lines, rotten_copies, unlisted, READ_GAP,
+    check_lines, commit, copies_at, found_rot, read_for_moves, read_lines, rotten_copies, unlisted,
+    READ_GAP,
 };
 use crate::state::{Inner, Pos, State};
 use crate::tunables::Tunables;
@@ -469,17 +470,7 @@ fn read_live(
             Err(Error::Rotten {
                 slots: Some(bad), ..
             }) => {
-                let copies: Vec<(u64, u16)> = bad
-                    .iter()
-                    .map(|&s| {
-                        let en = &h.entries[s];
-                        (
-                            key(en.dev, en.sector / crate::format::SECTORS_PER_LINE),
-                            s as u16,
-                        )
-                    })
-                    .collect();
-                return Err(rotten_copies(inner, h.id, &copies));
+                return Err(rotten_copies(inner, h.id, &copies_at(h, &bad)));
             }
             Err(e) => return Err(e),
             Ok(()) => {}
@@ -492,8 +483,7 @@ fn read_live(
 /// The index key of the line in slot `slot` of segment `h`, and its location in the
 /// index if that is this copy (the line is live here).
 pub(crate) fn live_at(st: &State, h: &SegmentHeader, slot: usize) -> Option<(u64, Loc)> {
-    let e = &h.entries[slot];
-    let k = key(e.dev, e.sector / crate::format::SECTORS_PER_LINE);
+    let k = h.entries[slot].line_key();
     st.index
         .get(k)
         .filter(|l| l.seg == h.id && l.slot as usize == slot)

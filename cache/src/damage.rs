@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::{Entry, FULL_LINE, SECTORS_PER_LINE};
-use crate::index::{key, unkey, Loc};
+use crate::index::{unkey, Loc};
 
 /// What recovery found damaged and what of it is still lost.
 #[derive(Clone, Debug, Default)]
@@ -74,8 +74,11 @@ impl Damage {
     pub fn lose_entry(&mut self, id: u64, e: &Entry) {
         self.segments.insert(id);
         if !e.is_clean() {
-            let k = key(e.dev, e.sector / SECTORS_PER_LINE);
-            self.lose(id, k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
+            self.lose(
+                id,
+                e.line_key(),
+                if e.is_tombstone() { FULL_LINE } else { e.dirty },
+            );
         }
     }
 
@@ -164,6 +167,7 @@ impl Damage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::key;
 
     fn entry(dev: u8, line: u64, dirty: u8) -> Entry {
         Entry {

@@ -515,6 +515,11 @@ impl Entry {
     pub fn is_clean(&self) -> bool {
         self.flags & ENTRY_CLEAN != 0
     }
+
+    /// The index key of the line this entry is a copy of.
+    pub fn line_key(&self) -> u64 {
+        crate::index::key(self.dev, self.sector / SECTORS_PER_LINE)
+    }
 }
 
 /// A segment header.

@@ -8,10 +8,8 @@ use slog::{info, warn};
 
 use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::format::{
-    decode_copies, newest_header, SegmentHeader, Superblock, FULL_LINE, LINE, SECTORS_PER_LINE,
-};
-use crate::index::{key, unkey};
+use crate::format::{decode_copies, newest_header, SegmentHeader, Superblock, FULL_LINE, LINE};
+use crate::index::unkey;
 use crate::state::{backing_table, Inner, State};
 
 /// Writes the superblock with `wb_id` (or the current one), then flushes the cache device.
@@ -110,11 +108,7 @@ pub(crate) fn lose_copies(st: &mut State, seg: u64, copies: Option<&[(u64, u16)]
 /// released for reuse. Under the lock; the index is scanned only when the header lists
 /// fewer live copies than the segment holds.
 pub(crate) fn unlisted(st: &State, h: &SegmentHeader) -> Vec<(u64, u16)> {
-    let key_at = |slot: usize| {
-        h.entries
-            .get(slot)
-            .map(|e| key(e.dev, e.sector / SECTORS_PER_LINE))
-    };
+    let key_at = |slot: usize| h.entries.get(slot).map(|e| e.line_key());
     let listed = (0..h.entries.len())
         .filter(|&s| {
             st.index
@@ -129,6 +123,15 @@ pub(crate) fn unlisted(st: &State, h: &SegmentHeader) -> Vec<(u64, u16)> {
         .iter()
         .filter(|&(k, l)| l.seg == h.id && key_at(l.slot as usize) != Some(k))
         .map(|(k, l)| (k, l.slot))
+        .collect()
+}
+
+/// The copies (line key, slot) in slots `slots` of segment `h`, as [`lose_copies`]
+/// takes them.
+pub(crate) fn copies_at(h: &SegmentHeader, slots: &[usize]) -> Vec<(u64, u16)> {
+    slots
+        .iter()
+        .map(|&s| (h.entries[s].line_key(), s as u16))
         .collect()
 }
 

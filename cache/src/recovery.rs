@@ -18,9 +18,9 @@ use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{
     CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER, FULL_LINE, LINE,
-    MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD, SECTORS_PER_LINE,
+    MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD,
 };
-use crate::index::{key, Index, Loc};
+use crate::index::{Index, Loc};
 use crate::readahead::{ReadAhead, Slot};
 
 /// Options for [`format_device`].
@@ -1016,7 +1016,7 @@ fn replay_entry(
     slot: usize,
     e: &crate::format::Entry,
 ) {
-    let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+    let k = e.line_key();
     damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
     index.insert(
         k,

@@ -6,9 +6,9 @@
 //! copy is dropped, the checkpoints are retired.
 
 use crate::error::{Error, Result};
-use crate::format::SECTORS_PER_LINE;
-use crate::index::key;
-use crate::logio::{found_rot, gens_of, read_for_moves, read_lines, rotten_copies, unlisted};
+use crate::logio::{
+    copies_at, found_rot, gens_of, read_for_moves, read_lines, rotten_copies, unlisted,
+};
 use crate::state::Inner;
 
 /// Progress of a scrub: segments of the log holding indexed lines, checked so far.
@@ -109,13 +109,7 @@ fn scrub_segment(inner: &Inner, id: u64, report: &mut ScrubReport) -> Result<()>
             if inner.slot_reused(&inner.lock(), id) {
                 return Ok(());
             }
-            let copies: Vec<(u64, u16)> = bad
-                .iter()
-                .map(|&s| {
-                    let e = &h.entries[s];
-                    (key(e.dev, e.sector / SECTORS_PER_LINE), s as u16)
-                })
-                .collect();
+            let copies = copies_at(&h, &bad);
             report.rotten += copies.len() as u64;
             rotten_copies(inner, id, &copies);
         }

@@ -329,7 +329,7 @@ fn write_items(
         let mut wait = false;
         for (b, h) in headers.iter().enumerate() {
             for (slot, e) in h.entries.iter().enumerate() {
-                let k = key(e.dev, e.sector / SECTORS_PER_LINE);
+                let k = e.line_key();
                 let newest = st.index.get(k);
                 let take = match newest {
                     Some(l) if l.seg == h.id && l.slot as usize == slot => true,
