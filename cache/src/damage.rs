@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::{Entry, FULL_LINE, SECTORS_PER_LINE};
-use crate::index::{unkey, Loc};
+use crate::index::{unkey, Index, Loc};
 
 /// What recovery found damaged and what of it is still lost.
 #[derive(Clone, Debug, Default)]
@@ -87,6 +87,19 @@ impl Damage {
     pub fn lose(&mut self, id: u64, k: u64, bits: u8) {
         self.segments.insert(id);
         *self.lost.entry(k).or_insert(0) |= bits;
+    }
+
+    /// Copy `l` of line `k`, in segment `seg`, found rotten while it is the line's
+    /// newest: it leaves `index`, and a dirty copy's sectors (all 8 of a discard
+    /// record's) are lost. Returns whether anything was lost (a clean copy is only
+    /// dropped: the backing device holds its data).
+    pub fn lose_copy(&mut self, index: &mut Index, seg: u64, k: u64, l: Loc) -> bool {
+        index.remove_if(k, l);
+        if l.clean {
+            return false;
+        }
+        self.lose(seg, k, if l.tomb { FULL_LINE } else { l.dirty });
+        true
     }
 
     /// A newer copy of line `k` holding sectors `bits` (a discard record: all of them).

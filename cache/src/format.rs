@@ -772,6 +772,25 @@ pub fn newest_header(
         .max_by_key(|(h, _)| h.gen)
 }
 
+/// Segment `id`'s header among the copies in `buf`: append `gen` when given (the one
+/// recovery took, its newest having failed its checks), else the newest.
+pub fn segment_header(
+    buf: &[u8],
+    g: &Geometry,
+    id: u64,
+    uuid: &[u8; 16],
+    gen: Option<u16>,
+) -> Option<SegmentHeader> {
+    match gen {
+        Some(gen) => decode_copies(buf, g)
+            .into_iter()
+            .flatten()
+            .find(|(h, _)| h.id == id && &h.uuid == uuid && h.gen == gen),
+        None => newest_header(buf, g, id, uuid),
+    }
+    .map(|(h, _)| h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

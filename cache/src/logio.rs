@@ -8,7 +8,7 @@ use slog::{info, warn};
 
 use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::format::{decode_copies, newest_header, SegmentHeader, Superblock, FULL_LINE, LINE};
+use crate::format::{segment_header, SegmentHeader, Superblock, LINE};
 use crate::index::unkey;
 use crate::state::{backing_table, Inner, State};
 
@@ -88,14 +88,12 @@ pub(crate) fn lose_copies(st: &mut State, seg: u64, copies: Option<&[(u64, u16)]
             continue;
         };
         st.index.remove_if(k, l);
-        if l.clean {
+        if !st.damage.lose_copy(&mut st.index, seg, k, l) {
             continue;
         }
         if let Some(b) = st.backing[unkey(k).0 as usize].as_mut() {
             b.dirty = b.dirty.saturating_sub(1);
         }
-        st.damage
-            .lose(seg, k, if l.tomb { FULL_LINE } else { l.dirty });
         lost = true;
     }
     lost
@@ -363,17 +361,11 @@ fn pick_header(
     id: u64,
     gens: &BTreeMap<u64, u16>,
 ) -> Result<SegmentHeader> {
-    let geo = &inner.geo;
-    let h = match gens.get(&id) {
-        Some(&gen) => decode_copies(buf, geo)
-            .into_iter()
-            .flatten()
-            .find(|(h, _)| h.id == id && h.uuid == inner.uuid && h.gen == gen),
-        None => newest_header(buf, geo, id, &inner.uuid),
-    };
-    h.map(|(h, _)| h).ok_or_else(|| Error::Rotten {
-        device: inner.cache.describe(),
-        segment: id,
-        slots: None,
+    segment_header(buf, &inner.geo, id, &inner.uuid, gens.get(&id).copied()).ok_or_else(|| {
+        Error::Rotten {
+            device: inner.cache.describe(),
+            segment: id,
+            slots: None,
+        }
     })
 }

@@ -1149,14 +1149,8 @@ fn scrub_checkpointed(dev: &dyn BlockDevice, sb: &Superblock, r: &mut Replay) ->
         let off = geo.segment_offset(seg);
         dev.read_at(&mut buf, off)
             .map_err(|e| Error::io(&dev.describe(), off, e))?;
-        let header = match r.recovered_gens.get(&seg) {
-            Some(&gen) => crate::format::decode_copies(&buf, geo)
-                .into_iter()
-                .flatten()
-                .find(|(h, _)| h.id == seg && h.uuid == sb.uuid && h.gen == gen),
-            None => crate::format::newest_header(&buf, geo, seg, &sb.uuid),
-        }
-        .map(|(h, _)| h);
+        let gen = r.recovered_gens.get(&seg).copied();
+        let header = crate::format::segment_header(&buf, geo, seg, &sb.uuid, gen);
         let mut lost = 0;
         for (k, l) in copies {
             let at = geo.data_start() + l.slot as usize * LINE as usize;
@@ -1169,10 +1163,7 @@ fn scrub_checkpointed(dev: &dyn BlockDevice, sb: &Superblock, r: &mut Replay) ->
             if sound {
                 continue;
             }
-            r.index.remove_if(k, l);
-            if !l.clean {
-                r.damage
-                    .lose(seg, k, if l.tomb { FULL_LINE } else { l.dirty });
+            if r.damage.lose_copy(&mut r.index, seg, k, l) {
                 lost += 1;
             }
         }
