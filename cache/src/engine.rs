@@ -1067,12 +1067,8 @@ impl Cache {
     /// reports its loss).
     pub fn finish_read(&self, r: DeviceReads, bufs: &[&[u8]]) -> bool {
         let inner = &self.inner;
-        {
-            let st = inner.lock();
-            if r.segs.iter().any(|&seg| inner.slot_reused(&st, seg)) {
-                return false;
-            }
-        }
+        // Checked outside the lock; bytes from a slot reused meanwhile are refused below
+        // whatever their crc (a reuse is never undone).
         let all = Gather::new(bufs);
         let rotten: Vec<(u64, Loc)> = r
             .checks

@@ -74,8 +74,10 @@ fn scrub_segment(inner: &Inner, id: u64, report: &mut ScrubReport) -> Result<()>
     let (mut buf, h, n) = match read {
         Ok(r) => r,
         Err(e @ Error::Rotten { .. }) => {
-            if !inner.slot_reused(&inner.lock(), id) {
-                report.rotten += inner.lock().index.seg_lines(id).live as u64;
+            let st = inner.lock();
+            if !inner.slot_reused(&st, id) {
+                report.rotten += st.index.seg_lines(id).live as u64;
+                drop(st);
                 found_rot(inner, &e, id, None);
             }
             return Ok(());
