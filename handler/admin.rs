@@ -179,6 +179,7 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome> {
             "lost_lines": d.lost_lines.iter().map(|(id, n)| serde_json::json!({"backing_id": id, "label": lun_of(*id), "lines": n})).collect::<Vec<_>>(),
             "lost_ranges": d.lost_ranges.iter().map(|(id, s, n)| serde_json::json!({"backing_id": id, "sector": s, "sectors": n})).collect::<Vec<_>>(),
             "unknown_after_segment": (d.unknown_upto > 0).then_some(d.unknown_upto),
+            "recorded_lines": r.log.loss_records.map_or(0, |(_, n)| n),
         })
     });
     let text = if json {
@@ -282,6 +283,9 @@ pub fn check(device: &Path, json: bool) -> Result<CheckOutcome> {
                         "DAMAGE: segment {}'s header is unreadable: every line not written again after it is refused\n",
                         d.unknown_upto
                     );
+                }
+                if let Some((seq, n)) = r.log.loss_records {
+                    t += &format!("DAMAGE: checkpoint {seq} records {n} lines with lost sectors (found while serving or by an earlier recovery)\n");
                 }
             }
         }

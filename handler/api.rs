@@ -204,6 +204,10 @@ pub struct Damage {
     pub lost_ranges: Vec<LostRange>,
     /// When a damaged segment's header was unreadable, its id.
     pub unknown_after_segment: Option<u64>,
+    /// The loss is recorded in the cache's checkpoints (format 2): the damaged segments
+    /// no longer hold the log back.
+    #[serde(default)]
+    pub recorded: bool,
 }
 
 /// Lines lost on one backing device.
@@ -432,6 +436,7 @@ mod tests {
                 sectors: 8,
             }],
             unknown_after_segment: Some(3),
+            recorded: true,
         }
     }
 

@@ -298,8 +298,13 @@ fn cache_state(c: &CacheStatus) -> String {
             json(&d.segments)
         );
     }
+    let held = if d.recorded {
+        " (recorded: the log goes on)"
+    } else {
+        ""
+    };
     format!(
-        "DAMAGED: segments {} lost {lost} lines{unknown}; rewrite them or `lc accept-loss`",
+        "DAMAGED: segments {} lost {lost} lines{unknown}{held}; rewrite them or `lc accept-loss`",
         json(&d.segments)
     )
 }

@@ -16,7 +16,7 @@ use slog::{info, warn};
 
 use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::format::{CheckpointHeader, CP_ENTRY, CP_HEADER, LINE};
+use crate::format::{lost_record, CheckpointHeader, CP_ENTRY, CP_HEADER, LINE};
 use crate::state::{Inner, Pos, State};
 
 /// Table slots copied per lock hold (1 MiB).
@@ -24,12 +24,12 @@ pub(crate) const CHUNK: usize = 64 << 10;
 /// Bytes of entries written per device write.
 const WRITE_CHUNK: usize = 4 << 20;
 
-/// True when recovery's damage state allows a checkpoint (that state is not in it).
+/// True when recovery's damage state allows a checkpoint: the lost sectors are in it
+/// (loss records), the lines of an unreadable header are not (nobody knows them). (Nor
+/// are the generations recovery took segments at: while there are any, only a record
+/// without an index is written, see [`write`].)
 fn eligible(st: &State) -> bool {
-    st.failed.is_none()
-        && st.damage.segments.is_empty()
-        && !st.damage.unresolved()
-        && st.recovered_gens.is_empty()
+    st.failed.is_none() && st.damage.unknown_upto == 0
 }
 
 /// Body of the checkpoint thread.
@@ -40,13 +40,48 @@ pub(crate) fn run(inner: &Inner) {
             break;
         }
         let n = st.tunables.checkpoint_interval_segments as u64;
-        if n > 0 && inner.geo.appends() && st.flushed_id >= st.cp_upto + n && eligible(&st) {
+        let periodic = n > 0 && st.flushed_id >= st.cp_upto + n;
+        let flushed = st.flushed_id;
+        st.damage.heals_durable(flushed);
+        // A change to the lost set is recorded at once, checkpoints on or off
+        // (docs/FORMAT.md, "Loss records").
+        let record = st.damage.needs_record(st.flushed_id);
+        if inner.geo.appends() && (periodic || record) && eligible(&st) {
             drop(st);
-            if let Err(e) = write(inner) {
-                warn!(inner.log, "checkpoint failed"; "error" => %e);
-            }
+            let r = write(inner);
             st = inner.lock();
-            continue;
+            if record {
+                // Writers blocked behind the damage wait for the record, or fail.
+                st.record_failed = r.is_err();
+                inner.io_cv.notify_all();
+            }
+            let wrote = r.unwrap_or_else(|e| {
+                warn!(inner.log, "checkpoint failed"; "error" => %e);
+                false
+            });
+            if wrote {
+                continue;
+            }
+            if record
+                && !st.damage.unresolved()
+                && st.damage.needs_record(st.flushed_id)
+                && !st.cp_busy
+            {
+                // Nothing is lost any more, but no checkpoint can be written now (sealed
+                // segments wait beyond the ring, or recovery's uncertain last segment):
+                // retiring the checkpoints removes the stale records as well.
+                st.cp_busy = true;
+                drop(st);
+                let r = zero_headers(inner);
+                st = inner.lock();
+                st.cp_busy = false;
+                retired_or_fail(inner, &mut st, r);
+                if st.failed.is_none() {
+                    st.damage.records_retired();
+                    inner.worker_cv.notify_all();
+                }
+                continue;
+            }
         }
         st = inner
             .worker_cv
@@ -63,7 +98,7 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
     if !geo.appends() {
         return Ok(false);
     }
-    let (mut snap, upto, upto_crc, wb, seq) = {
+    let (snap, upto, upto_crc, wb, seq, lost, changes) = {
         let mut st = inner.lock();
         if st.cp_busy || !eligible(&st) {
             return Ok(false);
@@ -72,46 +107,95 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         // The last sealed segment (an open segment left has no lines: it may never be
         // written).
         let upto = st.open.as_ref().map_or(st.next_id, |o| o.id) - 1;
-        // Not while sealed segments wait in RAM for a slot beyond the ring (the
-        // cleaner off, writeback failing): they may never be written, and the area
-        // holds the ring's lines, no more. (Nor can it stop at the ring's end: the
-        // snapshot holds each line's newest copy, so a line whose newest copy waits
-        // in RAM would be missing its older durable one.)
-        if upto > st.wb_id + geo.nr_segments {
+        let record = st.damage.needs_record(st.flushed_id);
+        // No index while sealed segments wait in RAM for a slot beyond the ring (the
+        // cleaner off, writeback failing, or held back by damage not yet recorded):
+        // they may never be written, and the area holds the ring's lines, no more.
+        // (Nor can it stop at the ring's end: the snapshot holds each line's newest
+        // copy, so a line whose newest copy waits in RAM would be missing its older
+        // durable one.) A loss is recorded all the same, alone: its record applies
+        // from segment `upto + 1` on and needs nothing durable.
+        // So is a record while the index cannot be written for recovery's state: the
+        // generations it took segments at, the last segment it took at an uncertain
+        // header (its final header is not known).
+        let record_only = upto > st.wb_id + geo.nr_segments
+            || !st.recovered_gens.is_empty()
+            || (st.unclaimed != 0 && upto <= st.unclaimed);
+        let nothing_to_record = !record || st.damage.record(st.flushed_id.max(st.wb_id)).is_empty();
+        if record_only && nothing_to_record {
             return Ok(false);
         }
-        // Nothing new; or all written back; or the last segment is the one recovery
-        // took at an uncertain header (its final header is not known).
-        if upto <= st.cp_upto.max(st.wb_id) || (st.unclaimed != 0 && upto <= st.unclaimed) {
+        // Nothing new (unless the lost set changed: its record is due).
+        if !record_only && upto <= st.cp_upto.max(st.wb_id) && !record {
             return Ok(false);
         }
         st.cp_busy = true;
-        let snap = st.index.begin_snapshot();
+        let snap = (!record_only).then(|| st.index.begin_snapshot());
+        // The lost set as of the same instant (docs/FORMAT.md, "Loss records"). With
+        // an index, `upto` is durable before the checkpoint is written; a record alone
+        // applies from the durable point on instead, and lists as lost what copies
+        // after it healed.
+        let durable = if record_only {
+            st.flushed_id.max(st.wb_id)
+        } else {
+            upto
+        };
+        let lost = st.damage.record(durable);
+        let changes = st.damage.changes;
         // The crc of segment `upto`'s final header: known now if the flusher already
         // wrote it (then it is the newest), else once it writes the segment
-        // (`flush.rs`).
-        let upto_crc = if st.written_id == upto {
+        // (`flush.rs`). A record alone chains nothing.
+        let upto_crc = if record_only {
+            Some(0)
+        } else if st.written_id == upto {
             Some(st.prev_crc)
         } else {
             st.cp_crc_want = Some(upto);
             st.cp_crc_got = None;
             None
         };
-        (snap, upto, upto_crc, st.wb_id, st.cp_seq + 1)
+        (
+            snap,
+            durable,
+            upto_crc,
+            st.wb_id,
+            st.cp_seq + 1,
+            lost,
+            changes,
+        )
     };
+    let record_only = snap.is_none();
     let r = (|| -> Result<(u64, usize)> {
-        let journal = loop {
-            let mut st = inner.lock();
-            if !st.index.snapshot_chunk(&mut snap, CHUNK) {
-                break st.index.end_snapshot();
+        let mut entries = match snap {
+            Some(mut snap) => {
+                let journal = loop {
+                    let mut st = inner.lock();
+                    if !st.index.snapshot_chunk(&mut snap, CHUNK) {
+                        break st.index.end_snapshot();
+                    }
+                };
+                let mut entries = snap.merge(journal);
+                entries.retain(|&(_, v)| crate::index::Loc::unpack(v).seg > wb);
+                debug_assert!(entries
+                    .iter()
+                    .all(|&(_, v)| crate::index::Loc::unpack(v).seg <= upto));
+                entries
             }
+            None => Vec::new(),
         };
-        let mut entries = snap.merge(journal);
-        entries.retain(|&(_, v)| crate::index::Loc::unpack(v).seg > wb);
-        debug_assert!(entries
-            .iter()
-            .all(|&(_, v)| crate::index::Loc::unpack(v).seg <= upto));
-        inner.wait_durable(Pos::all(upto))?;
+        // The area holds the ring's lines: a record that does not fit with them (every
+        // slot of the ring live, and losses besides) keeps the evidence instead.
+        if entries.len() + lost.len() > geo.total_lines() as usize {
+            return Err(Error::Invalid(format!(
+                "checkpoint: {} entries and {} loss records exceed the area",
+                entries.len(),
+                lost.len()
+            )));
+        }
+        entries.extend(lost.iter().map(|&(k, b)| (k, lost_record(upto, b))));
+        if !record_only {
+            inner.wait_durable(Pos::all(upto))?;
+        }
         let (durable_id, upto_crc) = {
             let st = inner.lock();
             let crc = upto_crc.or(st.cp_crc_got).ok_or_else(|| {
@@ -150,6 +234,8 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             nr_entries: entries.len() as u64,
             durable_id,
             nr_segments: geo.nr_segments,
+            nr_lost: lost.len() as u64,
+            record_only,
         };
         let mut hb = AlignedBuf::new(CP_HEADER);
         hb.copy_from_slice(&h.encode());
@@ -161,13 +247,6 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         Ok((bytes + CP_HEADER as u64, entries.len()))
     })();
     let mut st = inner.lock();
-    if std::mem::take(&mut st.cp_retire) {
-        // Damage was found while this one was written: it may cover the rotten copy.
-        drop(st);
-        let retired = zero_headers(inner);
-        st = inner.lock();
-        retired_or_fail(inner, &mut st, retired);
-    }
     st.cp_busy = false;
     st.cp_crc_want = None;
     st.cp_crc_got = None;
@@ -176,10 +255,18 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
     match r {
         Ok((bytes, n)) => {
             st.cp_seq = seq;
-            st.cp_upto = upto;
+            if !record_only {
+                st.cp_upto = upto;
+            }
             st.checkpoints += 1;
             st.cache_bytes_written += bytes;
-            info!(inner.log, "checkpoint written"; "seq" => seq, "upto" => upto, "entries" => n);
+            if inner.geo.appends() {
+                st.damage.record_written(changes, upto, !lost.is_empty());
+                // Writeback may pass the evidence once the record is complete.
+                inner.worker_cv.notify_all();
+            }
+            info!(inner.log, "checkpoint written"; "seq" => seq, "upto" => upto, "entries" => n,
+                  "loss_records" => lost.len());
             Ok(true)
         }
         Err(e) => {
@@ -193,29 +280,6 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             Err(e)
         }
     }
-}
-
-/// Retires every checkpoint after damage found while serving (docs/FORMAT.md, "Damage
-/// found while serving"): both area headers are overwritten with zeros and the cache
-/// device flushed, so the next recovery walks the whole log and finds the damage again
-/// instead of loading an index that points at the rotten copy. A checkpoint being
-/// written meanwhile does it when it ends (none starts while the damage is kept).
-pub(crate) fn retire(inner: &Inner) {
-    if !inner.geo.appends() {
-        return;
-    }
-    {
-        let mut st = inner.lock();
-        if st.cp_busy {
-            st.cp_retire = true;
-            return;
-        }
-        st.cp_busy = true;
-    }
-    let r = zero_headers(inner);
-    let mut st = inner.lock();
-    retired_or_fail(inner, &mut st, r);
-    st.cp_busy = false;
 }
 
 /// Writes zeros over both checkpoint area headers, then flushes the cache device.
@@ -232,7 +296,7 @@ fn zero_headers(inner: &Inner) -> Result<()> {
 }
 
 /// After [`zero_headers`]: logged, and an I/O error fails the cache (a checkpoint left
-/// on the device would let a restart serve the rotten copy).
+/// on the device would bring back loss records nobody needs).
 fn retired_or_fail(inner: &Inner, st: &mut State, r: Result<()>) {
     match r {
         Ok(()) => info!(

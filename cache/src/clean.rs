@@ -278,7 +278,7 @@ impl Cleaner {
             || (moving
                 && !beyond
                 && tail < st.next_id
-                && tail <= st.damage.writeback_limit()
+                && tail <= st.damage.writeback_limit(st.flushed_id)
                 && self.unmovable != Some(tail)
                 && (rotation || passes(&st, tail)));
         let movable = |st: &State, id: u64| rotate || passes(st, id);
@@ -290,7 +290,7 @@ impl Cleaner {
         let first = st.wb_id.max(self.pending.map_or(0, |p| p.upto)) + 1;
         let end = st
             .flushed_id
-            .min(st.damage.writeback_limit())
+            .min(st.damage.writeback_limit(st.flushed_id))
             .min(st.wb_id + geo.nr_segments);
         let open_room = st
             .open

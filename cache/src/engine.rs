@@ -278,7 +278,7 @@ impl Inner {
     }
 
     /// Line `slot` of an in-RAM segment (open or sealed and not yet released).
-    fn ram_slice<'a>(&self, st: &'a State, loc: Loc) -> Option<&'a [u8]> {
+    pub(crate) fn ram_slice<'a>(&self, st: &'a State, loc: Loc) -> Option<&'a [u8]> {
         let s = self.geo.data_start() + loc.slot as usize * LINE as usize;
         let buf = match st.open.as_ref().filter(|o| o.id == loc.seg) {
             Some(o) => &o.buf,
@@ -442,7 +442,7 @@ impl Inner {
                 // Its crc is taken when its header is encoded (not yet: slot >= staged).
                 e.crc = None;
                 o.last_write = now;
-                st.damage.supersede(k, mask);
+                st.damage.supersede(k, mask, open_id);
                 st.index.insert(
                     k,
                     Loc {
@@ -466,6 +466,27 @@ impl Inner {
                     lines: loc.slot as u32 + 1,
                 };
                 return (st, Ok(Some(pos)));
+            }
+            // With loss records, a copy that leaves sectors of the line lost must not
+            // reach the device before the loss is recorded: a restart from an older
+            // checkpoint would take it for the line's newest copy and read the lost
+            // sectors from the backing device (docs/FORMAT.md, "Loss records").
+            if st.damage.unrecorded_loss(k, mask) {
+                if st.record_failed {
+                    return (
+                        st,
+                        Err(Error::Lost {
+                            dev,
+                            offset: line * LINE,
+                        }),
+                    );
+                }
+                if !wait {
+                    return (st, Ok(None));
+                }
+                self.worker_cv.notify_all();
+                st = self.wait_io(st, Duration::from_millis(10));
+                continue;
             }
             // Older data this partial write must keep (never sectors lost to damage).
             let Some(keep) = st.damage.mergeable(k, old, mask) else {
@@ -556,7 +577,7 @@ impl Inner {
                 tomb,
                 clean: false,
             };
-            st.damage.supersede(k, mask);
+            st.damage.supersede(k, mask, open_id);
             // A new dirty line: none was cached, or only a clean copy.
             if st.index.insert(k, loc).is_none_or(|o| o.clean) {
                 if let Some(b) = st.backing[dev as usize].as_mut() {
@@ -1458,7 +1479,9 @@ impl Cache {
     /// `progress` as lines are written back; returns when the device has no dirty line.
     /// Fails, rather than wait forever, when writeback cannot get there: the device's
     /// writeback failing past `writeback_fail_timeout_s` (or another device's, with no
-    /// progress for as long), or the log stopped before damage kept as evidence.
+    /// progress for as long), or the log stopped before damage kept as evidence; and
+    /// with [`Error::Lost`] when sectors of the device are lost to damage (until they
+    /// are rewritten or the loss is accepted: the backing device holds older data).
     pub fn drain(&self, dev: u8, progress: &mut dyn FnMut(DrainProgress)) -> Result<()> {
         let inner = &self.inner;
         let mut st = inner.lock();
@@ -1484,7 +1507,21 @@ impl Cache {
             progress(DrainProgress { total, remaining });
             st = inner.lock();
             if remaining == 0 {
-                break Ok(());
+                // Nothing dirty is left, but lost sectors of the device would read the
+                // backing device's older data once lc is gone: the loss is the
+                // operator's to accept first.
+                break match st
+                    .damage
+                    .lost
+                    .range(key(dev, 0)..=key(dev, crate::index::LINE_MASK))
+                    .next()
+                {
+                    Some((&k, _)) => Err(Error::Lost {
+                        dev,
+                        offset: unkey(k).1 * LINE,
+                    }),
+                    None => Ok(()),
+                };
             }
             if let Some(f) = &st.failed {
                 break Err(Error::Failed(f.clone()));
@@ -1620,8 +1657,13 @@ impl Cache {
             rotten_found: st.rotten_found,
             cleaner_bytes_read: st.clean.bytes_read,
             written_back_lines: st.clean.written_back_lines,
-            damage: (!st.damage.segments.is_empty() || st.damage.unresolved())
-                .then(|| st.damage.report()),
+            damage: (!st.damage.segments.is_empty()
+                || st.damage.unresolved()
+                || st.damage.needs_record(st.flushed_id))
+            .then(|| DamageReport {
+                recorded: st.damage.records && !st.damage.needs_record(st.flushed_id),
+                ..st.damage.report()
+            }),
             writeback_failures: st
                 .backing
                 .iter()
@@ -1745,8 +1787,9 @@ impl Cache {
                   "lost_lines" => format!("{:?}", report.lost_lines),
                   "unknown_upto" => report.unknown_upto);
         }
-        st.damage.lost.clear();
-        st.damage.unknown_upto = 0;
+        // Format 2: the checkpoint thread records the acceptance (the loss records of
+        // the newest checkpoint would bring the loss back at a restart).
+        st.damage.accept();
         self.inner.worker_cv.notify_all();
         report
     }
@@ -1820,10 +1863,13 @@ impl Cache {
         if self.threads.len() == 2 {
             let _ = self.threads.pop().expect("checkpoint thread").join();
         }
-        // The final checkpoint: the next open replays nothing.
+        // The final checkpoint: the next open replays nothing (and a loss not yet
+        // recorded is, even with periodic checkpoints off).
         let final_cp = {
             let st = self.inner.lock();
-            st.failed.is_none() && st.tunables.checkpoint_interval_segments > 0
+            st.failed.is_none()
+                && (st.tunables.checkpoint_interval_segments > 0
+                    || st.damage.needs_record(st.flushed_id))
         };
         if final_cp {
             if let Err(e) = crate::checkpoint::write(&self.inner) {
@@ -1846,7 +1892,13 @@ impl Cache {
         // log one after (writers are gone; the cleaner and read promotion check
         // `stop_flush` under the lock they log under).
         let left = st.open.as_ref().map_or(0, |o| o.entries.len()) + st.ram.len();
-        if st.failed.is_none() && left > 0 {
+        let unwritten = (st.failed.is_none() && left > 0)
+            .then(|| st.stuck_refusal())
+            .flatten();
+        if let Some(e) = &unwritten {
+            warn!(self.inner.log, "segments waiting for a slot writeback could not free were not written (never acknowledged durable)";
+                  "open_lines_and_sealed_segments" => left, "error" => %e);
+        } else if st.failed.is_none() && left > 0 {
             warn!(self.inner.log, "lines logged after the flusher stopped were not written";
                   "open_lines_and_sealed_segments" => left);
             debug_assert_eq!(left, 0, "lines logged after the flusher stopped");
@@ -1855,6 +1907,9 @@ impl Cache {
             .sb_failed
             .as_ref()
             .filter(|(seq, _)| *seq >= last_commit && st.sb_committed < last_commit);
+        if let Some(e) = unwritten {
+            return Err(e);
+        }
         match (&st.failed, commit_failed) {
             (Some(f), _) => {
                 warn!(self.inner.log, "cache closed after failure"; "error" => %f);

@@ -54,7 +54,16 @@ pub(crate) fn run(inner: &Inner) {
                 && now
                     >= open.last_write + Duration::from_secs(st.tunables.flush_interval_s as u64);
             let full = open_lines >= inner.geo.lines_per_segment as usize;
-            if deadline_due && inner.geo.appends() && !full && !st.stop_flush {
+            // A seal someone asked for (writeback waiting for a line to be immutable)
+            // comes before an append that waits for a slot: that may be the slot the
+            // asker frees.
+            let beyond = open.id > st.wb_id + inner.geo.nr_segments;
+            if deadline_due
+                && inner.geo.appends()
+                && !full
+                && !st.stop_flush
+                && !(st.seal_requested && beyond)
+            {
                 append_due = open.written < open_lines;
             } else if deadline_due || idle || full || st.seal_requested || st.stop_flush {
                 inner.seal(&mut st);
@@ -127,7 +136,12 @@ pub(crate) fn run(inner: &Inner) {
             let nothing_left = st.ram.is_empty()
                 && st.open.as_ref().is_none_or(|o| o.entries.is_empty())
                 && st.written_id == st.flushed_id;
-            if st.stop_flush && (nothing_left || st.failed.is_some()) {
+            // Segments that wait for a slot writeback cannot free (damage kept for
+            // good, a backing device failing past its timeout: writes and flushes get
+            // that error) are never written: nothing acknowledged durable is in them,
+            // and `close` reports them.
+            let stuck = blocked && st.stuck_refusal().is_some();
+            if st.stop_flush && (nothing_left || st.failed.is_some() || stuck) {
                 break;
             }
             // Sleep until work arrives or the next timer fires.

@@ -680,6 +680,27 @@ pub struct CheckpointHeader {
     pub durable_id: u64,
     /// The geometry's `nr_segments`.
     pub nr_segments: u64,
+    /// Of the entries, loss records (the last `nr_lost`; docs/FORMAT.md, "Loss
+    /// records").
+    pub nr_lost: u64,
+    /// A record-only checkpoint: loss records and no index (the walk starts at the
+    /// writeback point; the records apply from segment `upto + 1` on).
+    pub record_only: bool,
+}
+
+/// Bit 2 of a checkpoint entry's `loc`: a loss record (the line's sectors `dirty` are
+/// lost) instead of a line copy.
+pub const CP_LOST: u64 = 1 << 2;
+
+/// The `loc` of a loss record of sectors `bits` in checkpoint `upto`.
+pub fn lost_record(upto: u64, bits: u8) -> u64 {
+    upto << 24 | (bits as u64) << 4 | CP_LOST
+}
+
+/// The lost sectors of a well-formed loss record of checkpoint `upto`, else `None`.
+pub fn decode_lost_record(v: u64, upto: u64) -> Option<u8> {
+    let bits = (v >> 4) as u8;
+    (v == lost_record(upto, bits) && bits != 0).then_some(bits)
 }
 
 impl CheckpointHeader {
@@ -688,6 +709,7 @@ impl CheckpointHeader {
         let mut b = vec![0u8; CP_HEADER];
         b[0..8].copy_from_slice(&CP_MAGIC);
         put_u32(&mut b, 8, (self.seq % 2) as u32);
+        put_u32(&mut b, 12, self.record_only as u32);
         b[16..32].copy_from_slice(&self.uuid);
         put_u64(&mut b, 32, self.seq);
         put_u64(&mut b, 40, self.last_writeback_id);
@@ -697,6 +719,7 @@ impl CheckpointHeader {
         put_u64(&mut b, 64, self.nr_entries);
         put_u64(&mut b, 72, self.durable_id);
         put_u64(&mut b, 80, self.nr_segments);
+        put_u64(&mut b, 88, self.nr_lost);
         let c = crc(&b[..CP_HEADER - 4]);
         put_u32(&mut b, CP_HEADER - 4, c);
         b
@@ -728,7 +751,12 @@ impl CheckpointHeader {
             nr_entries: le_u64(b, 64),
             durable_id: le_u64(b, 72),
             nr_segments: le_u64(b, 80),
+            nr_lost: le_u64(b, 88),
+            record_only: le_u32(b, 12) == 1,
         };
+        if le_u32(b, 12) > 1 {
+            return Err(format!("checkpoint {}: unknown flags", h.seq));
+        }
         if &h.uuid != uuid {
             return Err("checkpoint of another cache (uuid)".into());
         }
@@ -738,7 +766,12 @@ impl CheckpointHeader {
         if h.nr_segments != g.nr_segments {
             return Err("checkpoint of another geometry".into());
         }
-        if h.nr_entries > g.total_lines() || h.last_writeback_id >= h.upto {
+        if h.nr_entries > g.total_lines()
+            || h.nr_lost > h.nr_entries
+            || (h.last_writeback_id >= h.upto && !h.record_only)
+            || (h.record_only
+                && (h.nr_lost != h.nr_entries || h.nr_lost == 0 || h.last_writeback_id > h.upto))
+        {
             return Err("checkpoint header inconsistent".into());
         }
         Ok(h)
@@ -906,6 +939,8 @@ mod tests {
             nr_entries: 30,
             durable_id: 21,
             nr_segments: g.nr_segments,
+            nr_lost: 2,
+            record_only: false,
         };
         let b = h.encode();
         assert_eq!(b.len(), CP_HEADER);

@@ -134,8 +134,8 @@ pub(crate) fn copies_at(h: &SegmentHeader, slots: &[usize]) -> Vec<(u64, u16)> {
 }
 
 /// Rotten copies found by writeback or the cleaner (`e`, an [`Error::Rotten`] of
-/// segment `seg`; `copies` as for [`lose_copies`]): the ones still live are lost, and
-/// when any was, the checkpoints are retired. The cache does not fail.
+/// segment `seg`; `copies` as for [`lose_copies`]): the ones still live are lost (the
+/// checkpoint thread records the loss, woken here). The cache does not fail.
 pub(crate) fn found_rot(inner: &Inner, e: &Error, seg: u64, copies: Option<&[(u64, u16)]>) {
     let lost = {
         let mut st = inner.lock();
@@ -146,9 +146,8 @@ pub(crate) fn found_rot(inner: &Inner, e: &Error, seg: u64, copies: Option<&[(u6
         lost
     };
     if lost {
-        warn!(inner.log, "rotten line copies on the cache device: their data is lost and reads of it fail; the segment is kept as damage";
+        warn!(inner.log, "rotten line copies on the cache device: their data is lost and reads of it fail; the segment is kept as damage until a checkpoint records the loss";
               "error" => %e, "segment" => seg);
-        crate::checkpoint::retire(inner);
     } else {
         info!(inner.log, "rotten line copies on the cache device were no longer needed"; "error" => %e);
     }

@@ -17,8 +17,8 @@ use crate::damage::Damage;
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::{
-    CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER, FULL_LINE, LINE,
-    MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD,
+    decode_lost_record, CheckpointHeader, Geometry, SegmentHeader, Superblock, CP_ENTRY, CP_HEADER,
+    FULL_LINE, LINE, MAX_BACKING, SB_COPY_SIZE, SEAL_AHEAD,
 };
 use crate::index::{Index, Loc};
 use crate::readahead::{ReadAhead, Slot};
@@ -66,6 +66,9 @@ pub struct RecoveryReport {
     /// Checkpoint areas not used, and why (a torn or damaged area, one of another
     /// cache, one whose segments were all written back since).
     pub checkpoint_skipped: Vec<String>,
+    /// The loss records recovery started from: (checkpoint seq, lines with lost
+    /// sectors), when the checkpoint used held any (docs/FORMAT.md, "Loss records").
+    pub loss_records: Option<(u64, u64)>,
     /// Time spent loading checkpoints (reading them and building the index).
     pub checkpoint_time: Duration,
     /// Time spent walking the log after the checkpoint (or the whole log).
@@ -222,6 +225,8 @@ struct Base {
     index: Index,
     header: CheckpointHeader,
     loaded: u64,
+    /// Its loss records: (line key, lost sectors).
+    lost: Vec<(u64, u8)>,
 }
 
 /// Reads the header of each checkpoint area: (area, header or why not).
@@ -321,6 +326,7 @@ fn load_checkpoint(
         let mut index = Index::with_capacity(planned);
         let mut bulk = index.begin_bulk(wb + 1, h.upto);
         let mut loaded = 0u64;
+        let mut lost = Vec::with_capacity(h.nr_lost as usize);
         let mut crc = 0u32;
         let mut early: BTreeMap<usize, (AlignedBuf, usize, u32)> = BTreeMap::new();
         let mut malformed = None;
@@ -353,6 +359,20 @@ fn load_checkpoint(
             for (i, e) in buf[..len].chunks_exact(CP_ENTRY).enumerate() {
                 let k = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
                 let v = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+                let n = next * chunk / CP_ENTRY + i;
+                // The last `nr_lost` entries are loss records, the others line copies.
+                if (n as u64) >= h.nr_entries - h.nr_lost {
+                    match decode_lost_record(v, h.upto) {
+                        Some(bits) if (crate::index::unkey(k).0 as usize) < MAX_BACKING => {
+                            lost.push((k, bits));
+                            continue;
+                        }
+                        _ => {
+                            malformed = Some(n);
+                            break 'chunks;
+                        }
+                    }
+                }
                 let loc = Loc::unpack(v);
                 let sound = loc.pack() == v
                     && (crate::index::unkey(k).0 as usize) < MAX_BACKING
@@ -362,7 +382,7 @@ fn load_checkpoint(
                     && (loc.dirty == 0) == loc.tomb
                     && !(loc.clean && (loc.tomb || loc.dirty != FULL_LINE));
                 if !sound {
-                    malformed = Some(next * chunk / CP_ENTRY + i);
+                    malformed = Some(n);
                     break 'chunks;
                 }
                 if loc.seg > wb {
@@ -393,6 +413,7 @@ fn load_checkpoint(
             index,
             header: h.clone(),
             loaded,
+            lost,
         }))
     })
 }
@@ -494,7 +515,7 @@ fn walk<'scope, 'env>(
 ) -> Result<Replay> {
     let geo = &sb.geometry;
     let hl = geo.header_len();
-    let mut damage = Damage::default();
+    let mut damage;
     let mut recovered_gens = BTreeMap::new();
     // The line crcs of the segments replayed whole, for reads to check (a header that
     // passed every check records its lines' crcs truly, whatever the walk decides
@@ -511,6 +532,9 @@ fn walk<'scope, 'env>(
     let mut cp_durable = 0;
     let mut cp_time = Duration::ZERO;
     let mut base: Option<Base> = None;
+    // The loss records of the checkpoint used, applied before the walk replays a
+    // segment after its `U`.
+    let mut record: Option<Record> = None;
     let mut wb = sb.last_writeback_id;
     let mut ahead: Option<ReadAhead> = None;
     if !headers.is_empty() {
@@ -541,22 +565,47 @@ fn walk<'scope, 'env>(
             ));
         }
         let started = Instant::now();
+        // The newest checkpoint that loads is used: its index when it covers segments
+        // not yet written back, its loss records in any case (docs/FORMAT.md, "Loss
+        // records").
         for (area, h) in valid {
             let name = ["A", "B"][area as usize];
             cp_durable = cp_durable.max(h.durable_id);
-            if h.upto <= wb {
-                skipped.push(format!(
-                    "area {name}: checkpoint {} covers segments up to {}, all written back",
-                    h.seq, h.upto
-                ));
-                continue;
-            }
-            if base.is_some() {
+            if record.is_some() {
                 skipped.push(format!("area {name}: checkpoint {} older", h.seq));
                 continue;
             }
+            let written_back = format!(
+                "area {name}: checkpoint {} covers segments up to {}, all written back",
+                h.seq, h.upto
+            );
+            if h.upto <= wb && h.nr_lost == 0 {
+                skipped.push(written_back);
+                record = Some(Record {
+                    seq: h.seq,
+                    upto: h.upto,
+                    lost: Vec::new(),
+                });
+                continue;
+            }
             match load_checkpoint(dev, sb, area, &h, wb, planned, CP_READ)? {
-                Ok(b) => base = Some(b),
+                Ok(mut b) => {
+                    record = Some(Record {
+                        seq: h.seq,
+                        upto: h.upto,
+                        lost: std::mem::take(&mut b.lost),
+                    });
+                    if h.record_only {
+                        skipped.push(format!(
+                            "area {name}: checkpoint {} holds loss records alone (the log is walked)",
+                            h.seq
+                        ));
+                    } else if h.upto > wb {
+                        base = Some(b);
+                    } else {
+                        skipped.push(format!("{written_back} (its loss records used)"));
+                    }
+                }
                 Err(e) => skipped.push(format!("area {name}: {e}")),
             }
         }
@@ -582,7 +631,7 @@ fn walk<'scope, 'env>(
             seq: b.header.seq,
             upto: b.header.upto,
             last_writeback_id: b.header.last_writeback_id,
-            entries: b.header.nr_entries,
+            entries: b.header.nr_entries - b.header.nr_lost,
             loaded: b.loaded,
         });
         report.restored_lines = b.loaded;
@@ -593,6 +642,10 @@ fn walk<'scope, 'env>(
     } else {
         index = Index::with_capacity(planned);
     }
+    // The record applies from the first segment written after its snapshot on: a copy
+    // in one heals the sectors it holds.
+    let mut record_due;
+    (damage, record_due) = walk_damage(geo, &record, &mut report, first_id);
     // Another header crc of the last segment the next may chain to: when the last
     // segment is damaged, the next follows whichever of its headers was final.
     let mut alt_crc: Option<u32> = None;
@@ -635,7 +688,9 @@ fn walk<'scope, 'env>(
                 ..Default::default()
             };
             index = Index::with_capacity(planned);
-            damage = Damage::default();
+            // The walk restarts after the checkpoint's segments (`proven` is at least
+            // the slot's id, after `U`): its loss records hold as before.
+            (damage, record_due) = walk_damage(geo, &record, &mut report, proven + 1);
             recovered_gens.clear();
             pending = None;
             claims = Claims {
@@ -697,6 +752,10 @@ fn walk<'scope, 'env>(
                     }
                 }
             }
+        }
+        if record_due && record.as_ref().is_some_and(|r| id > r.upto) {
+            record_due = false;
+            apply_record(&mut damage, &mut report, record.as_ref());
         }
         // A slot holds no segment of this log when no copy has the magic, or each is
         // another cache's or an earlier lap's.
@@ -879,6 +938,9 @@ fn walk<'scope, 'env>(
             (_, p) => ambiguous = p.id() == last_id,
         }
     }
+    if record_due {
+        apply_record(&mut damage, &mut report, record.as_ref());
+    }
     // Also when the segment after it ended the log: nothing after it is durable to
     // tell which of its headers was final (a claim covering it now would make the next
     // recovery take its torn newer append for a durable one).
@@ -982,6 +1044,44 @@ fn line_intact(prefix: &[u32], slot: usize, want: Option<u32>) -> bool {
     }
 }
 
+/// The loss records of the checkpoint recovery uses (docs/FORMAT.md, "Loss records").
+struct Record {
+    seq: u64,
+    /// Its `U`: the records hold as of the walk's arrival at segment `upto + 1`.
+    upto: u64,
+    /// (line key, lost sectors).
+    lost: Vec<(u64, u8)>,
+}
+
+/// The damage a walk starting at segment `first_id` starts from, and whether
+/// `record` is still due (applied when the walk passes its `U`).
+fn walk_damage(
+    geo: &Geometry,
+    record: &Option<Record>,
+    report: &mut RecoveryReport,
+    first_id: u64,
+) -> (Damage, bool) {
+    let mut damage = Damage {
+        records: geo.appends(),
+        ..Default::default()
+    };
+    report.loss_records = None;
+    let due = record.as_ref().is_some_and(|r| r.upto >= first_id);
+    if !due {
+        apply_record(&mut damage, report, record.as_ref());
+    }
+    (damage, due)
+}
+
+/// Adds `record`'s lost sectors to `damage` (every segment walked so far is older than
+/// its snapshot, every one after is newer).
+fn apply_record(damage: &mut Damage, report: &mut RecoveryReport, record: Option<&Record>) {
+    if let Some(r) = record {
+        damage.load_record(&r.lost);
+        report.loss_records = (!r.lost.is_empty()).then_some((r.seq, r.lost.len() as u64));
+    }
+}
+
 /// The copies `entries` of damaged segment `id`, from slot `first` on (`prefix`: the
 /// segment's prefix crcs): those matching their line crcs are replayed, the others
 /// lost. Returns whether any was replayed.
@@ -1017,7 +1117,7 @@ fn replay_entry(
     e: &crate::format::Entry,
 ) {
     let k = e.line_key();
-    damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty });
+    damage.supersede(k, if e.is_tombstone() { FULL_LINE } else { e.dirty }, id);
     index.insert(
         k,
         Loc {
@@ -1212,7 +1312,7 @@ pub fn check_device(dev: &dyn BlockDevice) -> Result<CheckReport> {
         superblock: sb,
         log: r.report,
         dirty_lines,
-        damage: (!r.damage.segments.is_empty()).then(|| r.damage.report()),
+        damage: (!r.damage.segments.is_empty() || r.damage.unresolved()).then(|| r.damage.report()),
         superblock_copies: [status(0), status(1)],
     })
 }

@@ -349,10 +349,14 @@ impl State {
         self.any_backing_refusal()
     }
 
-    /// Writeback stopped before a damaged segment kept as evidence.
+    /// Writeback stopped before a damaged segment kept as evidence, for good: not
+    /// while the checkpoint thread is about to record the loss (milliseconds), unless
+    /// that cannot be done (format 1, lines unknown, a record that failed).
     pub(crate) fn log_blocked(&self) -> Option<Error> {
-        let limit = self.damage.writeback_limit();
-        (limit <= self.wb_id).then(|| Error::LogBlocked { segment: limit + 1 })
+        let limit = self.damage.writeback_limit(self.flushed_id);
+        let recordable =
+            self.damage.records && self.damage.unknown_upto == 0 && !self.record_failed;
+        (limit <= self.wb_id && !recordable).then(|| Error::LogBlocked { segment: limit + 1 })
     }
 
     /// [`State::backing_refusal`] of the first device that has one.
@@ -481,10 +485,10 @@ pub(crate) struct State {
     /// Segments whose header writeback found unreadable while serving, with the end of
     /// the log then: passed unread once that is durable (`writeback.rs`).
     pub unreadable: BTreeMap<u64, Pos>,
-    /// Damage found while serving asked for the checkpoint headers to be retired while
-    /// one was being written: its writer retires them when it ends.
-    pub cp_retire: bool,
     pub stop_checkpoint: bool,
+    /// The last checkpoint written to record a loss failed: writes blocked behind the
+    /// damage fail instead of waiting for it.
+    pub record_failed: bool,
 }
 
 /// What [`State::new`] starts from: recovery's result.
@@ -583,8 +587,8 @@ impl State {
             checkpoints: 0,
             cp_busy: false,
             unreadable: BTreeMap::new(),
-            cp_retire: false,
             stop_checkpoint: false,
+            record_failed: false,
         }
     }
 }

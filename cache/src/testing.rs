@@ -84,6 +84,16 @@ impl CrashWorld {
         })
     }
 
+    /// Device `idx` (in `add` order), another handle to it.
+    pub fn device(&self, idx: usize) -> Arc<CrashDevice> {
+        let w = self.lock();
+        Arc::new(CrashDevice {
+            world: self.inner.clone(),
+            idx,
+            size: w.devs[idx].current.len() as u64,
+        })
+    }
+
     /// Cuts the power after `n` more device operations (reads, writes, flushes).
     pub fn cut_after(&self, n: u64) {
         let mut w = self.lock();

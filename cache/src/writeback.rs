@@ -49,7 +49,7 @@ const RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 fn should_run(inner: &Inner, st: &State) -> bool {
-    if st.wb_id >= st.flushed_id.min(st.damage.writeback_limit()) {
+    if st.wb_id >= st.flushed_id.min(st.damage.writeback_limit(st.flushed_id)) {
         return false;
     }
     let t = &st.tunables;
@@ -146,7 +146,7 @@ pub(crate) fn run(inner: &Inner) {
                 st.wb_id + 1,
                 st.flushed_id
                     .min(st.wb_id + st.tunables.writeback_batch as u64)
-                    .min(st.damage.writeback_limit()),
+                    .min(st.damage.writeback_limit(st.flushed_id)),
             )
         });
         let sort = st.tunables.writeback_sort;
@@ -320,6 +320,8 @@ fn write_items(
     // Decide, under the lock, which copies to write.
     let mut items: Vec<Item> = Vec::new();
     let devs: HashMap<u8, Arc<dyn BlockDevice>>;
+    // Newer copies' data taken from RAM (items past `bufs`).
+    let mut newer: Vec<AlignedBuf> = Vec::new();
     {
         let mut st = inner.lock();
         let flushed = st.flushed_id;
@@ -346,6 +348,40 @@ fn write_items(
                             _ => lost.push((h.id, vec![(k, slot as u16)])),
                         },
                         Some(l) => {
+                            // The older copy was needed in case the newer one does not
+                            // become durable. When the newer copy is in RAM and can no
+                            // longer change (a sealed segment, or a line of the open one
+                            // already staged), its data is written back instead: a later
+                            // value is what a crash may leave. (Waiting for it to become
+                            // durable could wait forever: its segment may need the slot
+                            // this batch frees.)
+                            let open = st.open.as_ref().filter(|o| o.id == l.seg);
+                            let fixed =
+                                open.is_none_or(|o| (l.slot as usize) < o.staged) && !l.clean;
+                            if let Some(data) = fixed.then(|| inner.ram_slice(&st, l)).flatten() {
+                                let mut b = AlignedBuf::new(LINE as usize);
+                                b.copy_from_slice(data);
+                                newer.push(b);
+                                let it = Item {
+                                    dev: e.dev,
+                                    sector: e.sector,
+                                    dirty: l.dirty,
+                                    tomb: l.tomb,
+                                    clean: false,
+                                    seg: l.seg,
+                                    slot: l.slot,
+                                    data_off: 0,
+                                    buf: bufs.len() + newer.len() - 1,
+                                };
+                                match pos.get(&k) {
+                                    Some(&i) => items[i] = it,
+                                    None => {
+                                        pos.insert(k, items.len());
+                                        items.push(it);
+                                    }
+                                }
+                                continue;
+                            }
                             // Writeback counts a copy durable once its segment is
                             // written whole: the open one is sealed for it.
                             inner.request_durable(&mut st, Pos::all(l.seg));
@@ -449,7 +485,10 @@ fn write_items(
             }
             continue;
         }
-        let data = &bufs[it.buf][it.data_off..it.data_off + LINE as usize];
+        let b = bufs
+            .get(it.buf)
+            .unwrap_or_else(|| &newer[it.buf - bufs.len()]);
+        let data = &b[it.data_off..it.data_off + LINE as usize];
         for sec in 0..SECTORS_PER_LINE {
             if it.dirty & (1 << sec) == 0 {
                 flush_run(&mut run, &mut run_start, &mut written, &mut failed);

@@ -697,119 +697,179 @@ fn the_cleaner_reads_live_lines_alone() {
     c.close().unwrap();
 }
 
-/// A live line that fails its crc is never moved (a new copy would carry a fresh crc
-/// over rotten data): it is lost, not the cache. Reads of it fail from then on, every
-/// other line reads as written, the log fills up to the damaged segment and no
-/// further (writes fail with `LogBlocked`), a restart finds the same loss, and once the
-/// loss is accepted cleaning goes on past the segment, moving its intact line.
-#[test]
-fn a_rotten_live_line_is_lost_not_the_cache() {
-    use lc_cache::Error;
-    let (c, dev, mut serial, err) = sparse_tails(Some((2, 100)));
-    let rotten = c.geometry().lines_per_segment as u64 + 100;
-    let err = err.expect("writes stop at the damage");
-    assert!(matches!(err, Error::LogBlocked { segment: 2 }), "{err}");
-    assert_eq!(c.failure(), None);
-    let lost = |c: &lc_cache::Cache| {
-        let mut b = vec![0u8; 4096];
-        match c.read(0, rotten * 4096, &mut b) {
-            Err(Error::Lost { dev: 0, offset }) => assert_eq!(offset, rotten * 4096),
-            r => panic!("the rotten line reads {r:?}"),
+/// Flips a bit of line `slot` of segment `id` on `cache`.
+fn rot_line(c: &lc_cache::Cache, cache: &Arc<dyn BlockDevice>, id: u64, slot: u32) {
+    let off = c.geometry().line_offset(id, slot) + 100;
+    let mut b = vec![0u8; 512];
+    cache.read_at(&mut b, off & !511).unwrap();
+    b[(off % 512) as usize] ^= 0x10;
+    cache.write_at(&b, off & !511).unwrap();
+}
+
+/// A copy of device `d` as it is now.
+fn copy_of(d: &Arc<dyn BlockDevice>, name: &str) -> Arc<dyn BlockDevice> {
+    let mut b = vec![0u8; d.size() as usize];
+    d.read_at(&mut b, 0).unwrap();
+    Arc::new(MemDevice::from_bytes(b, name))
+}
+
+/// A cache serving copies of devices: the cache, its devices (cache, backing).
+type Reopened = (
+    lc_cache::Cache,
+    lc_cache::RecoveryReport,
+    [Arc<dyn BlockDevice>; 2],
+);
+
+/// Opens copies of devices `devs` (cache, backing) as they are now (a power cut of
+/// whatever serves them).
+fn reopened_copy(devs: &[Arc<dyn BlockDevice>; 2], t: Tunables) -> Reopened {
+    let copies = [copy_of(&devs[0], "cache"), copy_of(&devs[1], "backing")];
+    let (c, r) = open_report(copies[0].clone(), &copies[1..], t, 4);
+    (c, r, copies)
+}
+
+/// Kills `c` (nothing more is written) and opens copies of its devices as they are.
+fn killed_and_reopened(
+    c: lc_cache::Cache,
+    devs: &[Arc<dyn BlockDevice>; 2],
+    t: Tunables,
+) -> Reopened {
+    c.kill();
+    reopened_copy(devs, t)
+}
+
+/// Line `l` fails its reads with `Lost` and is the one loss reported.
+fn only_lost(c: &lc_cache::Cache, l: u64) -> lc_cache::DamageReport {
+    let mut b = vec![0u8; 4096];
+    match c.read(0, l * 4096, &mut b) {
+        Err(lc_cache::Error::Lost { dev: 0, offset }) => assert_eq!(offset, l * 4096),
+        r => panic!("the rotten line reads {r:?}"),
+    }
+    let d = c.stats().damage.expect("damage reported");
+    assert_eq!(d.lost_ranges, vec![(0, l * 8, 8)]);
+    d
+}
+
+/// Waits until the loss (or its end) is recorded: nothing holds writeback back.
+fn recorded(c: &lc_cache::Cache) -> lc_cache::Stats {
+    let t0 = Instant::now();
+    loop {
+        let s = c.stats();
+        if s.damage.as_ref().is_none_or(|d| d.recorded) {
+            return s;
         }
-        let d = c.stats().damage.expect("damage reported");
-        assert_eq!(d.segments, vec![2]);
-        assert_eq!(d.lost_ranges, vec![(0, rotten * 8, 8)]);
-    };
-    lost(&c);
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never recorded: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A live line that fails its crc is never moved (a new copy would carry a fresh crc
+/// over rotten data): it is lost, not the cache, and not the log. Reads of it fail
+/// from then on and every other line reads as written; a checkpoint records the loss
+/// (FORMAT.md, "Loss records"), after which the cleaner passes the damaged segment,
+/// moving its intact line, and writes go on through laps of the log (without the
+/// record they failed with `LogBlocked` once the log was full up to the damage).
+/// Killed and restarted after the segment's slot was reused, the same line is lost
+/// (the record says so) and the others read as written; a rewrite heals it, across a
+/// restart right after it and after its record too.
+#[test]
+fn a_rotten_live_line_is_lost_not_the_cache_nor_the_log() {
+    let (c, cache, backing, mut serial) = sparse_cache();
+    let t = tunables("0.8");
+    let rotten = c.geometry().lines_per_segment as u64 + 100;
+    rot_line(&c, &cache, 2, 100);
+    let err = rewrite_until_moved(&c, &mut serial);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(c.failure(), None);
+    let d = only_lost(&c, rotten);
+    assert!(d.recorded, "{d:?}");
+    // Two more laps: segment 2's slot is reused.
+    let lps = c.geometry().lines_per_segment as u64;
+    for i in 0..2 * SLOTS * lps {
+        put(&c, &mut serial, HOT, 1_000_000 + i).unwrap();
+        c.flush().unwrap();
+    }
+    let s = c.stats();
+    assert!(s.last_writeback_id > SLOTS + 2, "{s:?}");
+    assert!(only_lost(&c, rotten).segments.is_empty());
     let mut others = serial.clone();
     others[rotten as usize] = 0;
     check_lines(&c, &others);
-    // Killed and restarted: the same line is lost, the others (those of segment 2 too)
-    // read as written.
-    let mut img = vec![0u8; dev.size() as usize];
-    dev.read_at(&mut img, 0).unwrap();
-    std::mem::forget(c);
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
-    let (c, r) = open_report(dev, &[backing], tunables("0.8"), 4);
-    assert_eq!(r.damaged.len(), 1, "{r:?}");
-    lost(&c);
+    let (c, r, devs) = killed_and_reopened(c, &[cache, backing], t.clone());
+    assert!(r.loss_records.is_some() && r.damaged.is_empty(), "{r:?}");
+    only_lost(&c, rotten);
     check_lines(&c, &others);
-    // The log is full up to the damage, so the line cannot be rewritten: the operator
-    // accepts the loss, and the line reads the backing device's older data (zeros).
-    let e = put(&c, &mut serial, rotten, 7).unwrap_err();
-    assert!(matches!(e, Error::LogBlocked { segment: 2 }), "{e}");
-    let report = c.accept_loss();
-    assert_eq!(report.lost_ranges, vec![(0, rotten * 8, 8)]);
-    let mut b = vec![1u8; 4096];
-    c.read(0, rotten * 4096, &mut b).unwrap();
-    assert!(b.iter().all(|&x| x == 0));
-    // Then the cleaner passes segment 2, moving its intact line.
-    let err = rewrite_until_moved(&c, &mut serial);
-    assert!(err.is_none(), "{err:?}");
+    // A rewrite heals it; a restart right after replays the rewrite over the record.
     put(&c, &mut serial, rotten, 7).unwrap();
+    c.flush().unwrap();
+    check_lines(&c, &serial);
+    let (c, _, devs) = killed_and_reopened(c, &devs, t.clone());
+    check_lines(&c, &serial);
+    let s = recorded(&c);
+    assert!(s.damage.is_none(), "{s:?}");
     let err = rewrite_until_moved(&c, &mut serial);
     assert!(err.is_none(), "{err:?}");
-    let s = c.stats();
-    assert!(s.last_writeback_id >= 8 && s.damage.is_none(), "{s:?}");
+    let (c, r, _) = killed_and_reopened(c, &devs, t);
+    assert!(r.loss_records.is_none(), "{r:?}");
     check_lines(&c, &serial);
     c.check_line_counts().unwrap();
     c.close().unwrap();
 }
 
-/// A checkpoint covering the rotten line's segment would make the next recovery index
-/// the rotten copy without reading it: finding the line retires the checkpoints, and
-/// the restart walks the log and finds the same loss.
+/// A checkpoint covering the rotten line's segment lets the next recovery index the
+/// rotten copy without reading it: the loss found while serving is recorded in a newer
+/// checkpoint, so the restart loads that one and refuses the line at once; once the
+/// operator accepts the loss, that is recorded too and the restart reads the older
+/// data (the backing device's zeros).
 #[test]
 fn a_rotten_line_found_while_serving_stays_lost_after_a_restart_from_a_checkpoint() {
-    use lc_cache::Error;
     let cache = mem_cache(BIG * (SLOTS + 1), 512, BIG as u32);
     let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 << 20));
     let mut t = tunables("0.8");
-    // No periodic checkpoint: the one below is the only one.
+    // No periodic checkpoint: the one below, and the loss records.
     t.checkpoint_interval_segments = 0;
     let c = open(cache.clone(), std::slice::from_ref(&backing), t.clone(), 4);
     let mut serial = vec![0u64; HOT as usize + 1];
     fill_sparse(&c, &mut serial);
     assert!(c.checkpoint().unwrap());
-    // A restart now would load a checkpoint covering segment 2.
-    let mut img = vec![0u8; cache.size() as usize];
-    cache.read_at(&mut img, 0).unwrap();
-    let copy: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-    let spare: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(
-        {
-            let mut b = vec![0u8; backing.size() as usize];
-            backing.read_at(&mut b, 0).unwrap();
-            b
-        },
-        "backing",
-    ));
-    let (c2, r) = open_report(copy, &[spare], t.clone(), 4);
+    let rotten = c.geometry().lines_per_segment as u64 + 100;
+    rot_line(&c, &cache, 2, 100);
+    let devs = [cache, backing];
+    // Killed now, the restart loads a checkpoint covering segment 2 (the rot is found
+    // by the first read).
+    let (c2, r, _) = reopened_copy(&devs, t.clone());
     assert!(
         r.checkpoint.as_ref().is_some_and(|cp| cp.upto >= 2),
         "{r:?}"
     );
+    assert!(r.loss_records.is_none(), "{r:?}");
+    only_lost(&c2, rotten);
     c2.kill();
-    let rotten = c.geometry().lines_per_segment as u64 + 100;
-    let off = c.geometry().line_offset(2, 100) + 100;
-    let mut b = vec![0u8; 512];
-    cache.read_at(&mut b, off & !511).unwrap();
-    b[(off % 512) as usize] ^= 0x10;
-    cache.write_at(&b, off & !511).unwrap();
     let err = rewrite_until_moved(&c, &mut serial);
-    assert!(matches!(err, Some(Error::LogBlocked { .. })), "{err:?}");
-    let mut img = vec![0u8; cache.size() as usize];
-    cache.read_at(&mut img, 0).unwrap();
-    std::mem::forget(c);
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(img, "cache"));
-    let (c, r) = open_report(dev, &[backing], t, 4);
-    assert!(r.checkpoint.is_none(), "{r:?}");
-    assert_eq!(r.damaged.len(), 1, "{r:?}");
-    let mut b = vec![0u8; 4096];
-    let read = c.read(0, rotten * 4096, &mut b);
-    assert!(matches!(read, Err(Error::Lost { .. })), "{read:?}");
+    assert!(err.is_none(), "{err:?} {:?}", c.stats());
+    only_lost(&c, rotten);
     serial[rotten as usize] = 0;
+    let (c, r, devs) = killed_and_reopened(c, &devs, t.clone());
+    // The record is in a checkpoint with an index, or alone (written while sealed
+    // segments waited beyond the ring).
+    assert!(r.loss_records.is_some_and(|(_, n)| n == 1), "{r:?}");
+    assert!(r.damaged.is_empty(), "{r:?}");
+    only_lost(&c, rotten);
     check_lines(&c, &serial);
+    let report = c.accept_loss();
+    assert_eq!(report.lost_ranges, vec![(0, rotten * 8, 8)]);
+    let s = recorded(&c);
+    assert!(s.damage.is_none(), "{s:?}");
+    let (c, r, _) = killed_and_reopened(c, &devs, t);
+    assert!(r.loss_records.is_none(), "{r:?}");
+    let mut b = vec![1u8; 4096];
+    c.read(0, rotten * 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    check_lines(&c, &serial);
+    c.close().unwrap();
 }
 
 #[test]

@@ -47,6 +47,7 @@ fn damage(d: &lc_cache::DamageReport, luns: &[LunSection], cache: &str) -> Damag
             })
             .collect(),
         unknown_after_segment: (d.unknown_upto > 0).then_some(d.unknown_upto),
+        recorded: d.recorded,
     }
 }
 
