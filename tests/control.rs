@@ -302,6 +302,45 @@ fn scrub_reports_a_line_rotten_under_the_daemon() {
     ));
     c.read(id, 6 * 4096, &mut buf).unwrap();
     assert!(buf.iter().all(|&x| x == 7));
+    // The checkpoint thread records the loss: `lc status` says so, and the log goes on
+    // past the damaged segment (16 MiB cache: writes of 40 MiB lap it twice).
+    let t0 = std::time::Instant::now();
+    let text = loop {
+        let text = String::from_utf8_lossy(&lc(&d.socket, &["status"]).stdout).into_owned();
+        if text.contains("(recorded: the log goes on)") {
+            break text;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "never recorded: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(text.contains("lost 1 lines"), "{text}");
+    for i in 0..10_240u64 {
+        let b = 20 + i % 1000;
+        c.write(id, b * 4096, &[(i % 251) as u8; 4096], false)
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+        if i % 64 == 0 {
+            c.flush().unwrap();
+        }
+    }
+    c.flush().unwrap();
+    assert!(matches!(
+        c.read(id, 5 * 4096, &mut buf),
+        Err(lc_cache::Error::Lost { .. })
+    ));
+    let v: serde_json::Value =
+        serde_json::from_slice(&lc(&d.socket, &["stats", "c0", "--json"]).stdout).unwrap();
+    // Laps: the segment ids went past twice the ring.
+    let st = &v["stats"]["c0"];
+    assert!(
+        st["open_segment_id"].as_u64().unwrap() > 2 * st["nr_segments"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(st["damage"]["recorded"], true, "{v}");
+    assert_eq!(
+        v["stats"]["c0"]["damage"]["segments"],
+        serde_json::json!([]),
+        "{v}"
+    );
 }
 
 /// A formatted 16 MiB cache file (64 KiB segments) and an 8 MiB backing file.

@@ -333,9 +333,12 @@ fn write_items(
             for (slot, e) in h.entries.iter().enumerate() {
                 let k = e.line_key();
                 let newest = st.index.get(k);
+                // An older copy is written back while its newer one is not durable
+                // (a crash may take that one), unless the newer one is a clean copy:
+                // the backing device holds its data already.
                 let take = match newest {
                     Some(l) if l.seg == h.id && l.slot as usize == slot => true,
-                    Some(l) => l.seg > h.id && l.seg > flushed,
+                    Some(l) => l.seg > h.id && l.seg > flushed && !l.clean,
                     None => false,
                 };
                 if !take {
@@ -356,8 +359,7 @@ fn write_items(
                             // durable could wait forever: its segment may need the slot
                             // this batch frees.)
                             let open = st.open.as_ref().filter(|o| o.id == l.seg);
-                            let fixed =
-                                open.is_none_or(|o| (l.slot as usize) < o.staged) && !l.clean;
+                            let fixed = open.is_none_or(|o| (l.slot as usize) < o.staged);
                             if let Some(data) = fixed.then(|| inner.ram_slice(&st, l)).flatten() {
                                 let mut b = AlignedBuf::new(LINE as usize);
                                 b.copy_from_slice(data);
