@@ -384,25 +384,42 @@ fn run_case(seed: u64, reads: bool) -> (u64, u64, u64) {
     (moved, promoted, bypassed)
 }
 
-/// A random byte of a segment that the image proves durable (the superblock's
-/// `durable_id` or a later header's claim covers it): damage there is not a torn tail.
-/// Returns the segment id and the byte's offset in the image.
-fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<(u64, usize)> {
-    use lc_cache::format::{newest_header, CheckpointHeader, Superblock, SB_COPY_SIZE};
+/// The newest sound superblock of cache image `img`, and the last segment the image
+/// proves durable (the superblock's `durable_id` or a later header's claim).
+fn proven_log(img: &[u8]) -> Option<(lc_cache::format::Superblock, u64)> {
+    use lc_cache::format::{Superblock, SB_COPY_SIZE};
     let sb = (0..2)
         .filter_map(|i| {
             Superblock::decode(&img[i * SB_COPY_SIZE..(i + 1) * SB_COPY_SIZE], "c").ok()
         })
         .max_by_key(|sb| sb.seq)?;
-    let g = sb.geometry;
-    let w = sb.last_writeback_id;
-    let header = |id: u64| {
-        let off = g.segment_offset(id) as usize;
-        newest_header(&img[off..off + g.data_start()], &g, id, &sb.uuid).map(|(h, _)| h)
-    };
+    let (g, w) = (sb.geometry, sb.last_writeback_id);
     let proven = (w + 1..=w + g.nr_segments)
-        .filter_map(|id| header(id).map(|h| h.durable))
+        .filter_map(|id| header_in(img, &sb, id).map(|h| h.durable))
         .fold(sb.durable_id, u64::max);
+    Some((sb, proven))
+}
+
+/// Segment `id`'s newest header in cache image `img`.
+fn header_in(
+    img: &[u8],
+    sb: &lc_cache::format::Superblock,
+    id: u64,
+) -> Option<lc_cache::format::SegmentHeader> {
+    let g = &sb.geometry;
+    let off = g.segment_offset(id) as usize;
+    lc_cache::format::newest_header(&img[off..off + g.data_start()], g, id, &sb.uuid)
+        .map(|(h, _)| h)
+}
+
+/// A random byte of a segment that the image proves durable (the superblock's
+/// `durable_id` or a later header's claim covers it): damage there is not a torn tail.
+/// Returns the segment id and the byte's offset in the image.
+fn byte_of_a_durable_segment(img: &[u8], rng: &mut SmallRng) -> Option<(u64, usize)> {
+    use lc_cache::format::CheckpointHeader;
+    let (sb, proven) = proven_log(img)?;
+    let (g, w) = (sb.geometry, sb.last_writeback_id);
+    let header = |id: u64| header_in(img, &sb, id);
     // Segments a checkpoint covers are not re-read by recovery (FORMAT.md,
     // "Checkpoint"): damage there is not detected by it. Damage only segments after it.
     let areas = if g.version >= 2 { 0..2u64 } else { 0..0 };
@@ -622,25 +639,12 @@ fn loss_case(seed: u64) -> u64 {
 /// header lists the line): its offset, and the line's backing device and first sector; `None` when no
 /// segment holds one.
 fn a_line_byte(img: &[u8], rng: &mut SmallRng) -> Option<(usize, u8, u64)> {
-    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
-    let sb = (0..2)
-        .filter_map(|i| {
-            Superblock::decode(&img[i * SB_COPY_SIZE..(i + 1) * SB_COPY_SIZE], "c").ok()
-        })
-        .max_by_key(|sb| sb.seq)?;
-    let g = sb.geometry;
-    let w = sb.last_writeback_id;
-    let header = |id: u64| {
-        let off = g.segment_offset(id) as usize;
-        newest_header(&img[off..off + g.data_start()], &g, id, &sb.uuid).map(|(h, _)| h)
-    };
     // Damage in a segment nothing proves durable is a torn tail (FORMAT.md, "Why the
     // proof is sound, and its one gap").
-    let proven = (w + 1..=w + g.nr_segments)
-        .filter_map(|id| header(id).map(|h| h.durable))
-        .fold(sb.durable_id, u64::max);
-    let held: Vec<(u64, lc_cache::format::SegmentHeader)> = (w + 1..=proven)
-        .filter_map(|id| header(id).map(|h| (id, h)))
+    let (sb, proven) = proven_log(img)?;
+    let g = sb.geometry;
+    let held: Vec<(u64, lc_cache::format::SegmentHeader)> = (sb.last_writeback_id + 1..=proven)
+        .filter_map(|id| header_in(img, &sb, id).map(|h| (id, h)))
         .filter(|(_, h)| !h.entries.is_empty())
         .collect();
     let (id, h) = held.get(rng.gen_range(0..held.len().max(1)))?;
