@@ -945,6 +945,9 @@ mod tests {
         let b = h.encode();
         assert_eq!(b.len(), CP_HEADER);
         assert_eq!(&b[0..8], b"lcCKPT\0\0");
+        // Loss records: flags at 12 (0 here), nr_lost at 88.
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[88..96], &2u64.to_le_bytes());
         assert_eq!((le_u32(&b, 8), le_u64(&b, 48)), (1, 20));
         assert_eq!(CheckpointHeader::decode(&b, &g, &[3; 16], 1).unwrap(), h);
         assert!(CheckpointHeader::decode(&b, &g, &[3; 16], 0).is_err());
@@ -957,6 +960,24 @@ mod tests {
                 "flip at {i} accepted"
             );
         }
+        // A record alone: every entry a loss record, at least one; unknown flags refused.
+        let alone = |nr_entries, nr_lost, flags: u32| {
+            let mut b = CheckpointHeader {
+                nr_entries,
+                nr_lost,
+                record_only: true,
+                ..h.clone()
+            }
+            .encode();
+            put_u32(&mut b, 12, flags);
+            let c = crc(&b[..CP_HEADER - 4]);
+            put_u32(&mut b, CP_HEADER - 4, c);
+            CheckpointHeader::decode(&b, &g, &[3; 16], 1)
+        };
+        assert!(alone(3, 3, 1).is_ok_and(|h| h.record_only));
+        assert!(alone(3, 2, 1).is_err());
+        assert!(alone(0, 0, 1).is_err());
+        assert!(alone(3, 3, 2).is_err());
     }
 
     #[test]
