@@ -304,14 +304,14 @@ fn scrub_reports_a_line_rotten_under_the_daemon() {
     assert!(buf.iter().all(|&x| x == 7));
     // The checkpoint thread records the loss: `lc status` says so, and the log goes on
     // past the damaged segment (16 MiB cache: writes of 40 MiB lap it twice).
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let text = loop {
         let text = String::from_utf8_lossy(&lc(&d.socket, &["status"]).stdout).into_owned();
         if text.contains("(recorded: the log goes on)") {
             break text;
         }
         assert!(t0.elapsed().as_secs() < 20, "never recorded: {text}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert!(text.contains("lost 1 lines"), "{text}");
     for i in 0..10_240u64 {
