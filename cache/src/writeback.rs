@@ -352,14 +352,16 @@ fn write_items(
                         },
                         Some(l) => {
                             // The older copy was needed in case the newer one does not
-                            // become durable. When the newer copy is in RAM and can no
-                            // longer change (a sealed segment, or a line of the open one
-                            // already staged), its data is written back instead: a later
-                            // value is what a crash may leave. (Waiting for it to become
-                            // durable could wait forever: its segment may need the slot
-                            // this batch frees.)
+                            // become durable, so the batch waits for that. But when the
+                            // newer copy's segment waits for a slot beyond the ring
+                            // (possibly the one this batch frees: waiting would be
+                            // forever) and it can no longer change (a sealed segment,
+                            // or a line of the open one already staged), its data is
+                            // written back instead: a later value is what a crash may
+                            // leave.
                             let open = st.open.as_ref().filter(|o| o.id == l.seg);
-                            let fixed = open.is_none_or(|o| (l.slot as usize) < o.staged);
+                            let fixed = l.seg > st.wb_id + inner.geo.nr_segments
+                                && open.is_none_or(|o| (l.slot as usize) < o.staged);
                             if let Some(data) = fixed.then(|| inner.ram_slice(&st, l)).flatten() {
                                 let mut b = AlignedBuf::new(LINE as usize);
                                 b.copy_from_slice(data);
