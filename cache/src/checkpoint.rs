@@ -118,7 +118,9 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         // So is a record while the index cannot be written for recovery's state: the
         // generations it took segments at, the last segment it took at an uncertain
         // header (its final header is not known).
+        // And when everything sealed was written back: nothing to index.
         let record_only = upto > st.wb_id + geo.nr_segments
+            || upto <= st.wb_id
             || !st.recovered_gens.is_empty()
             || (st.unclaimed != 0 && upto <= st.unclaimed);
         let nothing_to_record = !record || st.damage.record(st.flushed_id.max(st.wb_id)).is_empty();
@@ -239,6 +241,9 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         };
         let mut hb = AlignedBuf::new(CP_HEADER);
         hb.copy_from_slice(&h.encode());
+        // Never a header recovery would refuse: a loss record in it would be lost.
+        CheckpointHeader::decode(&hb, geo, &inner.uuid, area)
+            .map_err(|why| Error::Invalid(format!("checkpoint {seq} not written: {why}")))?;
         inner
             .cache
             .write_at(&hb, base)

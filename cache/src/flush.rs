@@ -54,15 +54,17 @@ pub(crate) fn run(inner: &Inner) {
                 && now
                     >= open.last_write + Duration::from_secs(st.tunables.flush_interval_s as u64);
             let full = open_lines >= inner.geo.lines_per_segment as usize;
-            // A seal someone asked for (writeback waiting for a line to be immutable)
-            // comes before an append that waits for a slot: that may be the slot the
-            // asker frees.
+            // A seal someone asked for (writeback waiting for a line to be immutable,
+            // or for its segment to be written whole) is not lost to an append that
+            // waits for a slot (that may be the slot the asker frees), nor to a flush
+            // request with nothing left to append.
             let beyond = open.id > st.wb_id + inner.geo.nr_segments;
+            let nothing_new = open.written >= open_lines;
             if deadline_due
                 && inner.geo.appends()
                 && !full
                 && !st.stop_flush
-                && !(st.seal_requested && beyond)
+                && !(st.seal_requested && (beyond || nothing_new))
             {
                 append_due = open.written < open_lines;
             } else if deadline_due || idle || full || st.seal_requested || st.stop_flush {
