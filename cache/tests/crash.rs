@@ -321,41 +321,50 @@ fn read_all(c: &Cache, dev: usize, setup: &Setup) -> lc_cache::Result<Vec<Option
 /// The "value" of a sector whose data was lost to media damage: its reads fail.
 const LOST: u64 = u64::MAX;
 
-/// Runs one case (`reads`: the read-heavy mix); returns the lines the cleaner moved,
-/// the lines promoted and the bytes written around the cache.
-fn run_case(seed: u64, reads: bool) -> (u64, u64, u64) {
-    let mut rng = rng(seed);
+/// A random setup and a cache of 3..8 slots (at least `min_slots`) formatted in a new
+/// world (format `version`, or 1 and 2 at random), opened and checked: the setup, its
+/// model, the world and the cache.
+fn fresh_case(
+    rng: &mut SmallRng,
+    min_slots: u64,
+    version: Option<u32>,
+    ctx: &str,
+) -> (Setup, Model, CrashWorld, Cache) {
     let block = if rng.gen_bool(0.5) { 512u32 } else { 4096 };
     let setup = Setup {
         ndev: rng.gen_range(1..=2),
         backing_size: rng.gen_range(8..32u64) * 4096,
         block: block as u64,
     };
-    let slots = rng.gen_range(3..8u64);
+    let slots = rng.gen_range(min_slots..8u64);
     let world = CrashWorld::new();
     let cache = world.add("cache", vec![0u8; (SEG * (slots + 1)) as usize]);
+    let version = version.unwrap_or_else(|| if rng.gen_bool(0.25) { 1 } else { 2 });
     format_device(
         cache.as_ref(),
         FormatOptions {
             block_size: block,
             segment_size: SEG as u32,
-            // Format 1 caches still open, serve and write back: crash them too.
-            version: if rng.gen_bool(0.25) { 1 } else { 2 },
+            version,
         },
     )
     .unwrap();
-    let mut images = vec![world.crash_images(&mut rng).remove(0)];
+    let mut images = vec![world.crash_images(rng).remove(0)];
     for _ in 0..setup.ndev {
         images.push(vec![0u8; setup.backing_size as usize]);
     }
     let mut m = Model::new(setup.ndev, (setup.backing_size / 512) as usize);
-    let (mut world, mut c) = recover_and_check(
-        images,
-        &mut m,
-        &setup,
-        &mut rng,
-        &format!("seed {seed} initial"),
-    );
+    let (world, c) = recover_and_check(images, &mut m, &setup, rng, ctx);
+    (setup, m, world, c)
+}
+
+/// Runs one case (`reads`: the read-heavy mix); returns the lines the cleaner moved,
+/// the lines promoted and the bytes written around the cache.
+fn run_case(seed: u64, reads: bool) -> (u64, u64, u64) {
+    let mut rng = rng(seed);
+    // Format 1 caches still open, serve and write back: crash them too.
+    let (setup, mut m, mut world, mut c) =
+        fresh_case(&mut rng, 3, None, &format!("seed {seed} initial"));
     let (mut moved, mut promoted, mut bypassed) = (0, 0, 0);
     for round in 0..3 {
         let ctx = format!("seed {seed} round {round}");
@@ -540,31 +549,8 @@ fn losses_found_while_serving_survive_power_cuts() {
 /// found.
 fn loss_case(seed: u64) -> u64 {
     let mut rng = rng(seed);
-    let block = if rng.gen_bool(0.5) { 512u32 } else { 4096 };
-    let setup = Setup {
-        ndev: rng.gen_range(1..=2),
-        backing_size: rng.gen_range(8..32u64) * 4096,
-        block: block as u64,
-    };
-    let slots = rng.gen_range(4..8u64);
-    let world = CrashWorld::new();
-    let cache = world.add("cache", vec![0u8; (SEG * (slots + 1)) as usize]);
-    format_device(
-        cache.as_ref(),
-        FormatOptions {
-            block_size: block,
-            segment_size: SEG as u32,
-            version: 2,
-        },
-    )
-    .unwrap();
-    let mut images = vec![world.crash_images(&mut rng).remove(0)];
-    for _ in 0..setup.ndev {
-        images.push(vec![0u8; setup.backing_size as usize]);
-    }
-    let mut m = Model::new(setup.ndev, (setup.backing_size / 512) as usize);
     let ctx = format!("seed {seed}");
-    let (world, c) = recover_and_check(images, &mut m, &setup, &mut rng, &ctx);
+    let (setup, mut m, world, c) = fresh_case(&mut rng, 4, Some(2), &ctx);
     workload(&c, &world, &mut m, &setup, &mut rng, 200, false);
     if c.flush().is_err() {
         return 0;
