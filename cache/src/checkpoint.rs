@@ -108,33 +108,22 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
         // written).
         let upto = st.open.as_ref().map_or(st.next_id, |o| o.id) - 1;
         let record = st.damage.needs_record(st.flushed_id);
-        // No index while sealed segments wait in RAM for a slot beyond the ring (the
-        // cleaner off, writeback failing, or held back by damage not yet recorded):
-        // they may never be written, and the area holds the ring's lines, no more.
-        // (Nor can it stop at the ring's end: the snapshot holds each line's newest
-        // copy, so a line whose newest copy waits in RAM would be missing its older
-        // durable one.) A loss is recorded all the same, alone: its record applies
-        // from segment `upto + 1` on and needs nothing durable.
-        // So is a record while the index cannot be written for recovery's state: the
-        // generations it took segments at, the last segment it took at an uncertain
-        // header (its final header is not known).
-        // And when everything sealed was written back: nothing to index.
+        // No index (a record alone, when a loss needs recording) while:
+        // - sealed segments wait in RAM for a slot beyond the ring (the cleaner off,
+        //   writeback failing, or held back by damage not yet recorded): they may never
+        //   be written, and the area holds the ring's lines, no more (nor can it stop at
+        //   the ring's end: the snapshot holds each line's newest copy, so a line whose
+        //   newest copy waits in RAM would be missing its older durable one);
+        // - everything sealed was written back: nothing to index;
+        // - recovery's state is not in an index: the generations it took segments at,
+        //   the last segment it took at an uncertain header (its final header is not
+        //   known).
         let record_only = upto > st.wb_id + geo.nr_segments
             || upto <= st.wb_id
             || !st.recovered_gens.is_empty()
             || (st.unclaimed != 0 && upto <= st.unclaimed);
-        let nothing_to_record = !record || st.damage.record(st.flushed_id.max(st.wb_id)).is_empty();
-        if record_only && nothing_to_record {
-            return Ok(false);
-        }
-        // Nothing new (unless the lost set changed: its record is due).
-        if !record_only && upto <= st.cp_upto.max(st.wb_id) && !record {
-            return Ok(false);
-        }
-        st.cp_busy = true;
-        let snap = (!record_only).then(|| st.index.begin_snapshot());
-        // The lost set as of the same instant (docs/FORMAT.md, "Loss records"). With
-        // an index, `upto` is durable before the checkpoint is written; a record alone
+        // The lost set as of this instant (docs/FORMAT.md, "Loss records"). With an
+        // index, `upto` is durable before the checkpoint is written; a record alone
         // applies from the durable point on instead, and lists as lost what copies
         // after it healed.
         let durable = if record_only {
@@ -143,6 +132,15 @@ pub(crate) fn write(inner: &Inner) -> Result<bool> {
             upto
         };
         let lost = st.damage.record(durable);
+        if record_only && (!record || lost.is_empty()) {
+            return Ok(false);
+        }
+        // Nothing new (unless the lost set changed: its record is due).
+        if !record_only && upto <= st.cp_upto.max(st.wb_id) && !record {
+            return Ok(false);
+        }
+        st.cp_busy = true;
+        let snap = (!record_only).then(|| st.index.begin_snapshot());
         let changes = st.damage.changes;
         // The crc of segment `upto`'s final header: known now if the flusher already
         // wrote it (then it is the newest), else once it writes the segment
