@@ -419,7 +419,8 @@ impl Cleaner {
 
 /// Reads what the cleaner needs of the segments `plan` lists (id, and whether to read
 /// it whole) and checks the live dirty lines of each against their crcs
-/// ([`check_lines`]), not the whole segment. A segment not read whole is read as its
+/// ([`check_lines`]), not the whole segment (nor discard records: their bytes carry
+/// nothing, and a move writes zeros for them). A segment not read whole is read as its
 /// header, then (after the engine lock was taken once for all of them, to list the
 /// live lines) its live lines alone ([`read_lines`]), so that cleaning a mostly stale
 /// segment reads little more than its live data. Live lines only ever become stale (a
@@ -450,7 +451,7 @@ fn read_live(
             .iter()
             .map(|h| {
                 let live = (0..h.entries.len())
-                    .filter(|&slot| live_at(&st, h, slot).is_some_and(|(_, l)| !l.clean))
+                    .filter(|&slot| live_at(&st, h, slot).is_some_and(|(_, l)| !l.clean && !l.tomb))
                     .collect();
                 (live, unlisted(&st, h))
             })
@@ -544,7 +545,12 @@ fn move_segment(
         let new_slot = o.entries.len();
         let src = ds + slot * LINE as usize;
         let dst = ds + new_slot * LINE as usize;
-        o.buf[dst..dst + LINE as usize].copy_from_slice(&buf[src..src + LINE as usize]);
+        if l.tomb {
+            // A discard record's bytes are zeros (they are not read: see `read_live`).
+            o.buf[dst..dst + LINE as usize].fill(0);
+        } else {
+            o.buf[dst..dst + LINE as usize].copy_from_slice(&buf[src..src + LINE as usize]);
+        }
         o.entries.push(Entry {
             sector: e.sector,
             dev: e.dev,

@@ -312,7 +312,8 @@ pub(crate) fn check_lines(
 }
 
 /// Which of the lines `slots` (ascending) of segment `h` in `buf` fail their check:
-/// each against its crc in the header when every one of them has one, else the whole
+/// each against its crc in the header when every one of them has one (a discard
+/// record never fails: its bytes carry nothing), else the whole
 /// segment against its data crc (headers from before line checksums; `buf` must hold
 /// all its lines then), which when it fails fails them all.
 pub(crate) fn rotten_slots(
@@ -327,12 +328,16 @@ pub(crate) fn rotten_slots(
         let sound = crate::format::crc(&buf[ds..ds + n * line]) == h.data_crc;
         return if sound { Vec::new() } else { slots.to_vec() };
     }
+    // A discard record's bytes carry nothing (it reads as zeros whatever they hold,
+    // and its header entry, under the header crc, is the record): their rot loses
+    // nothing.
     slots
         .iter()
         .copied()
         .filter(|&s| {
             let at = ds + s * line;
-            Some(crate::format::crc(&buf[at..at + line])) != h.entries[s].crc
+            !h.entries[s].is_tombstone()
+                && Some(crate::format::crc(&buf[at..at + line])) != h.entries[s].crc
         })
         .collect()
 }

@@ -1083,8 +1083,8 @@ fn apply_record(damage: &mut Damage, report: &mut RecoveryReport, record: Option
 }
 
 /// The copies `entries` of damaged segment `id`, from slot `first` on (`prefix`: the
-/// segment's prefix crcs): those matching their line crcs are replayed, the others
-/// lost. Returns whether any was replayed.
+/// segment's prefix crcs): those matching their line crcs, and discard records, are
+/// replayed, the others lost. Returns whether any was replayed.
 fn salvage(
     index: &mut Index,
     damage: &mut Damage,
@@ -1097,7 +1097,9 @@ fn salvage(
     damage.segments.insert(id);
     let mut kept = false;
     for (i, e) in entries.iter().enumerate() {
-        if line_intact(prefix, first + i, e.crc) {
+        // A discard record carries no data: its entry, under the sound header, is all
+        // of it.
+        if e.is_tombstone() || line_intact(prefix, first + i, e.crc) {
             replay_entry(index, damage, report, id, first + i, e);
             kept = true;
         } else {
@@ -1234,7 +1236,7 @@ pub struct CheckReport {
 /// "Damage found while serving"): a rotten copy, or one its segment's header does not
 /// list, is lost (a clean copy is only dropped: the backing device holds it); a header
 /// that no longer reads loses every copy indexed in its segment. A copy whose header
-/// records no line crc is not checked.
+/// records no line crc, or a discard record, is not checked.
 fn scrub_checkpointed(dev: &dyn BlockDevice, sb: &Superblock, r: &mut Replay) -> Result<()> {
     let Some(cp) = r.report.checkpoint.as_ref().map(|c| (c.seq, c.upto)) else {
         return Ok(());
@@ -1255,9 +1257,11 @@ fn scrub_checkpointed(dev: &dyn BlockDevice, sb: &Superblock, r: &mut Replay) ->
         for (k, l) in copies {
             let at = geo.data_start() + l.slot as usize * LINE as usize;
             let sound = header.as_ref().is_some_and(|h| {
+                // A discard record's bytes carry nothing.
                 h.entries.get(l.slot as usize).is_some_and(|e| {
-                    e.crc
-                        .is_none_or(|c| crate::format::crc(&buf[at..at + LINE as usize]) == c)
+                    e.is_tombstone()
+                        || e.crc
+                            .is_none_or(|c| crate::format::crc(&buf[at..at + LINE as usize]) == c)
                 })
             });
             if sound {

@@ -435,3 +435,110 @@ fn scrub_beside_writes_slot_reuse_and_cleaning_finds_no_false_rot() {
         assert!(b == tagged_block(1, l), "line {l}");
     }
 }
+
+/// A discard record's slot holds zeros nothing needs (the record is its header entry,
+/// and it reads as zeros): rot there loses nothing, whichever path meets it, a read, the
+/// scrub, recovery's walk of the segment it damaged or `lc check` of a checkpoint that
+/// indexed it, writeback. The paths must agree: when writeback took such rot for a loss
+/// but a read did not look, a restart read the backing device's older data where the
+/// running cache had refused the line.
+#[test]
+fn a_rotten_discard_record_loses_nothing() {
+    for checkpoint in [false, true] {
+        rotten_discard_record(checkpoint);
+    }
+}
+
+/// [`a_rotten_discard_record_loses_nothing`], the restart from a checkpoint covering the
+/// record or walking the log.
+fn rotten_discard_record(checkpoint: bool) {
+    use lc_cache::format::{newest_header, Superblock, SB_COPY_SIZE};
+    let t = Tunables {
+        checkpoint_interval_segments: 0,
+        ..tunables()
+    };
+    // Room for the log: nothing is written back before the copy below.
+    let cache = Arc::new(HoldDevice::new(mem_cache(SEG as u64 * 32, 512, SEG), false));
+    let older = vec![7u8; 1 << 20];
+    let backing: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(older, "b"));
+    let c = open(cache.clone(), std::slice::from_ref(&backing), t.clone(), 4);
+    for l in 0..LINES {
+        c.write(0, l * LINE, &tagged_block(1, l), false).unwrap();
+    }
+    c.flush().unwrap();
+    c.discard(0, 4 * LINE, LINE).unwrap();
+    // Three segments more, and a superblock commit: the record's segment is proven
+    // durable (else its rot is a torn tail, FORMAT.md "Why the proof is sound").
+    let end = 4 * c.geometry().lines_per_segment as u64;
+    for l in LINES..end {
+        c.write(0, l * LINE, &tagged_block(1, l), false).unwrap();
+    }
+    c.seal_now().unwrap();
+    c.flush().unwrap();
+    c.commit_superblock().unwrap();
+    if checkpoint {
+        assert!(c.checkpoint().unwrap());
+    }
+    // Where the discard record lies, from the headers on the device.
+    let g = c.geometry();
+    let mut img = vec![0u8; cache.size() as usize];
+    cache.read_at(&mut img, 0).unwrap();
+    let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c").unwrap();
+    let (id, slot) = (1..4)
+        .find_map(|id| {
+            let off = g.segment_offset(id) as usize;
+            let (h, _) = newest_header(&img[off..off + g.data_start()], &g, id, &sb.uuid)?;
+            let slot = h.entries.iter().position(|e| e.is_tombstone())?;
+            Some((id, slot as u32))
+        })
+        .expect("a discard record on the device");
+    flip(cache.as_ref(), g.line_offset(id, slot) + 9);
+    let copy = |d: &dyn BlockDevice| {
+        let mut b = vec![0u8; d.size() as usize];
+        d.read_at(&mut b, 0).unwrap();
+        Arc::new(MemDevice::from_bytes(b, "copy")) as Arc<dyn BlockDevice>
+    };
+    let (cdev, bdev) = (copy(cache.as_ref()), copy(backing.as_ref()));
+    let reads_as_written = |c: &Cache, what: &str| {
+        let mut b = vec![0u8; LINE as usize];
+        for l in 0..end {
+            c.read(0, l * LINE, &mut b).unwrap();
+            let want = if l == 4 {
+                vec![0u8; LINE as usize]
+            } else {
+                tagged_block(1, l)
+            };
+            assert!(b == want, "{what}: line {l}");
+        }
+        let lost = c.stats().damage.map(|d| d.lost_ranges);
+        assert!(
+            lost.as_ref().is_none_or(|l| l.is_empty()),
+            "{what}: {lost:?}"
+        );
+    };
+    reads_as_written(&c, "read");
+    let r = c.scrub(&mut |_| {}).unwrap();
+    assert_eq!(r.rotten, 0, "{r:?}");
+    c.drain(0, &mut |_| {}).unwrap();
+    reads_as_written(&c, "written back");
+    c.close().unwrap();
+    if checkpoint {
+        // `lc check` reads and checks the lines the checkpoint indexed.
+        let r = lc_cache::check_device(cdev.as_ref()).unwrap();
+        assert!(r.log.checkpoint.is_some(), "{:?}", r.log);
+        assert_eq!(r.damage, None);
+    }
+    // The restart: recovery's walk finds the segment's data crc failing and keeps the
+    // record; or the checkpoint indexes it unread.
+    let (c, r) = open_report(cdev, &[bdev], t, 4);
+    let ctx = format!("checkpoint {checkpoint}: {r:?} (record: segment {id} slot {slot})");
+    assert_eq!(r.checkpoint.is_some(), checkpoint, "{ctx}");
+    let walked = r.damaged.first().map(|d| d.0);
+    assert_eq!(walked, (!checkpoint).then_some(id), "{ctx}");
+    reads_as_written(&c, &format!("after the restart, {ctx}"));
+    let r = c.scrub(&mut |_| {}).unwrap();
+    assert_eq!(r.rotten, 0, "{ctx}: {r:?}");
+    c.drain(0, &mut |_| {}).unwrap();
+    reads_as_written(&c, &format!("written back after the restart, {ctx}"));
+    c.close().unwrap();
+}
