@@ -622,7 +622,6 @@ impl Inner {
         if threshold == 0
             || !settled
             || st.failed.is_some()
-            || st.damage.unresolved()
             || st.stop_flush
             || st.discards > 0
             || !st.bypassing.is_empty()
@@ -633,7 +632,9 @@ impl Inner {
         let hl = self.geo.data_start();
         for &(line, at) in cands {
             let k = key(dev, line);
-            if st.index.get(k).is_some() {
+            // Not a line lost to damage (or of unknown content): a clean copy replayed
+            // at a restart would make it readable again.
+            if st.index.get(k).is_some() || !st.damage.readable(k, FULL_LINE, None) {
                 continue;
             }
             if threshold > 1 {
@@ -885,7 +886,7 @@ impl Cache {
             let b = st.backing.get(dev as usize)?.as_ref()?;
             let eligible = st.failed.is_none()
                 && !st.stop_flush
-                && !st.damage.unresolved()
+                && st.damage.unknown_upto == 0
                 && b.failing.is_none()
                 && !st.bypass_overlaps(dev, offset, len)
                 && st
@@ -1020,10 +1021,11 @@ impl Cache {
         let sp = ReadSpan::new(offset, total);
         let mut st = inner.lock();
         inner.check_range(&st, dev, offset, total)?;
-        if st.damage.unresolved() {
-            return Ok(None);
-        }
-        let (plan, counted) = inner.plan_lines(&st, dev, &sp, &mut buf)?;
+        let (plan, counted) = match inner.plan_lines(&st, dev, &sp, &mut buf) {
+            // The full read reports the loss.
+            Err(Error::Lost { .. }) => return Ok(None),
+            r => r?,
+        };
         let mut reads: Vec<DeviceRead> = Vec::new();
         let mut segs: Vec<u64> = Vec::new();
         let mut checks: Vec<(usize, u64, Loc, u32)> = Vec::new();

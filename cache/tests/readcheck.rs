@@ -83,7 +83,7 @@ fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
     for l in [3, 5, 9, 11] {
         flip(cache.as_ref(), g.line_offset(1, l as u32) + 777);
     }
-    // (First: `start_read` hands nothing out once anything is lost.)
+    // (First: `start_read` declines a line once it is known lost.)
     // The caller's own device reads (the daemon's io_uring): the plan is handed out,
     // the check in `finish_read` refuses the bytes, and the full read reports the loss.
     let mut b = vec![0u8; LINE as usize];
@@ -540,5 +540,71 @@ fn rotten_discard_record(checkpoint: bool) {
     assert_eq!(r.rotten, 0, "{ctx}: {r:?}");
     c.drain(0, &mut |_| {}).unwrap();
     reads_as_written(&c, &format!("written back after the restart, {ctx}"));
+    c.close().unwrap();
+}
+
+/// A lost line fails its reads until it is rewritten or the operator accepts the loss,
+/// which may be long: meanwhile the rest of the cache keeps its fast paths. Reads of
+/// other cached lines are still handed out for io_uring, read misses of other lines are
+/// promoted, and a stream past the cutoff over other lines goes around the cache. The
+/// lost line gets none of them: its read is declined there (the full read fails it as
+/// lost), and a stream over it is cached, which heals it.
+#[test]
+fn a_lost_line_leaves_the_rest_of_the_cache_its_fast_paths() {
+    let t = Tunables {
+        read_promote_threshold: 1,
+        // Always busy: streams past the cutoff go around from the start.
+        writeback_threshold: 0,
+        ..tunables()
+    };
+    let (c, cache, _) = twelve_lines_with(t);
+    // (The twelve lines are a stream too: the cutoff only from here.)
+    c.set_tunable("sequential_cutoff", &(2 * LINE).to_string())
+        .unwrap();
+    let g = c.geometry();
+    flip(cache.as_ref(), g.line_offset(1, 4) + 5);
+    let mut b = vec![0u8; LINE as usize];
+    expect_lost(c.read(0, 4 * LINE, &mut b), 4, "the rotten line");
+    assert!(c.stats().damage.is_some());
+    // io_uring: another cached line is handed out and read; the lost one is declined.
+    let plan = c
+        .start_read(0, 2 * LINE, &mut [&mut b[..]])
+        .unwrap()
+        .expect("a sound cached line is handed out beside a loss");
+    for r in &plan.reads {
+        cache
+            .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
+            .unwrap();
+    }
+    assert!(c.finish_read(plan, &[&b[..]]));
+    assert!(b == tagged_block(1, 2));
+    assert!(c
+        .start_read(0, 4 * LINE, &mut [&mut b[..]])
+        .unwrap()
+        .is_none());
+    // A read miss of another line is promoted.
+    let promoted = c.stats().promoted_lines;
+    c.read(0, 100 * LINE, &mut b).unwrap();
+    assert_eq!(c.stats().promoted_lines, promoted + 1);
+    // A stream over other lines goes around; one over the lost line is cached and
+    // heals it.
+    let stream = |first: u64, tag: u64| {
+        for l in first..first + 6 {
+            c.write(0, l * LINE, &tagged_block(tag, l), false).unwrap();
+        }
+    };
+    stream(200, 2);
+    let bypassed = c.stats().bypassed_bytes;
+    assert!(bypassed >= 3 * LINE, "{bypassed}");
+    stream(1, 3);
+    assert_eq!(c.stats().bypassed_bytes, bypassed, "around the lost line");
+    assert_eq!(c.stats().damage.map(|d| d.lost_ranges), Some(vec![]));
+    for l in (200..206).chain(1..7) {
+        c.read(0, l * LINE, &mut b).unwrap();
+        assert!(
+            b == tagged_block(if l < 200 { 3 } else { 2 }, l),
+            "line {l}"
+        );
+    }
     c.close().unwrap();
 }
