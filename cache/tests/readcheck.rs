@@ -65,6 +65,21 @@ fn twelve_lines_with(t: Tunables) -> (Cache, Arc<HoldDevice>, Arc<dyn BlockDevic
     (c, cache, backing)
 }
 
+/// Line `line` read as the daemon's io_uring path does: the plan `start_read` must hand
+/// out, the device reads into `b`, then `finish_read`'s verdict on the bytes.
+fn uring_read(c: &Cache, cache: &dyn BlockDevice, line: u64, b: &mut [u8]) -> bool {
+    let plan = c
+        .start_read(0, line * LINE, &mut [&mut b[..]])
+        .unwrap()
+        .unwrap_or_else(|| panic!("line {line} not handed out"));
+    for r in &plan.reads {
+        cache
+            .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
+            .unwrap();
+    }
+    c.finish_read(plan, &[&b[..]])
+}
+
 fn expect_lost(r: lc_cache::Result<()>, line: u64, what: &str) {
     match r {
         Err(Error::Lost { dev: 0, offset }) => {
@@ -87,16 +102,10 @@ fn every_read_path_fails_a_rotten_line_instead_of_returning_it() {
     // The caller's own device reads (the daemon's io_uring): the plan is handed out,
     // the check in `finish_read` refuses the bytes, and the full read reports the loss.
     let mut b = vec![0u8; LINE as usize];
-    let plan = c
-        .start_read(0, 11 * LINE, &mut [&mut b[..]])
-        .unwrap()
-        .expect("a whole line with a known crc is handed out");
-    for r in &plan.reads {
-        cache
-            .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
-            .unwrap();
-    }
-    assert!(!c.finish_read(plan, &[&b[..]]), "rotten bytes accepted");
+    assert!(
+        !uring_read(&c, cache.as_ref(), 11, &mut b),
+        "rotten bytes accepted"
+    );
     expect_lost(c.read(0, 11 * LINE, &mut b), 11, "read after finish_read");
     // A whole line read straight into the caller's buffers.
     expect_lost(c.read(0, 3 * LINE, &mut b), 3, "whole-line read");
@@ -154,16 +163,10 @@ fn sound_lines_pass_the_check_on_every_path() {
     assert_eq!(cache.reads() - before, 2);
     for l in 0..LINES {
         let mut b = vec![0u8; LINE as usize];
-        let plan = c
-            .start_read(0, l * LINE, &mut [&mut b[..]])
-            .unwrap()
-            .expect("handed out");
-        for r in &plan.reads {
-            cache
-                .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
-                .unwrap();
-        }
-        assert!(c.finish_read(plan, &[&b[..]]), "line {l} refused");
+        assert!(
+            uring_read(&c, cache.as_ref(), l, &mut b),
+            "line {l} refused"
+        );
         assert!(b == tagged_block(1, l), "line {l}");
         let mut s = vec![0u8; 512];
         c.read(0, l * LINE + 512, &mut s).unwrap();
@@ -567,16 +570,7 @@ fn a_lost_line_leaves_the_rest_of_the_cache_its_fast_paths() {
     expect_lost(c.read(0, 4 * LINE, &mut b), 4, "the rotten line");
     assert!(c.stats().damage.is_some());
     // io_uring: another cached line is handed out and read; the lost one is declined.
-    let plan = c
-        .start_read(0, 2 * LINE, &mut [&mut b[..]])
-        .unwrap()
-        .expect("a sound cached line is handed out beside a loss");
-    for r in &plan.reads {
-        cache
-            .read_at(&mut b[r.pos..r.pos + r.len], r.device_offset)
-            .unwrap();
-    }
-    assert!(c.finish_read(plan, &[&b[..]]));
+    assert!(uring_read(&c, cache.as_ref(), 2, &mut b));
     assert!(b == tagged_block(1, 2));
     assert!(c
         .start_read(0, 4 * LINE, &mut [&mut b[..]])
