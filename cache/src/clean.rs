@@ -580,8 +580,20 @@ fn cache_failed(inner: &Inner, e: Error) {
 }
 
 /// Persists `wb_id = upto` (every segment up to it is empty of needed data now) and
-/// frees the slots, dropping the clean copies `clean` still live in them.
+/// frees the slots, dropping the clean copies `clean` still live in them. Not past
+/// damage that holds the evidence: a loss found after the lines were read (by a read,
+/// the scrub) took its copy out of the index, so the move left it behind and the
+/// segment looked done; the moved segments from the damaged one on stay (their moved
+/// lines are duplicates now) until the loss is recorded.
 fn release(inner: &Inner, upto: u64, clean: &[(u64, Loc)]) -> Result<(), Error> {
+    let upto = {
+        let st = inner.lock();
+        let upto = upto.min(st.damage.writeback_limit(st.flushed_id));
+        if upto <= st.wb_id {
+            return Ok(());
+        }
+        upto
+    };
     commit(inner, Some(upto))?;
     let mut st = inner.lock();
     if upto > st.wb_id {

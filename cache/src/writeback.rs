@@ -260,7 +260,7 @@ fn write_back(
         }
         Err(e) => return Err(WbError::Cache(e)),
     };
-    let items = write_items(inner, &bufs, &headers, &rots, sort)?;
+    let items = write_items(inner, last, &bufs, &headers, &rots, sort)?;
     {
         // Every device of the batch took its lines: none of them is failing now.
         let mut st = inner.lock();
@@ -308,9 +308,11 @@ fn write_back(
 /// to write back that is in `rots` (per segment, the slots whose line failed its
 /// check) stops the batch before anything is written: the live ones are lost, and a
 /// stale one waits for its newer copy's flush (docs/FORMAT.md, "Damage found while
-/// serving").
+/// serving"). So does damage found meanwhile that holds segments up to `last` (the
+/// batch's end) back.
 fn write_items(
     inner: &Inner,
+    last: u64,
     bufs: &[AlignedBuf],
     headers: &[SegmentHeader],
     rots: &[Vec<usize>],
@@ -325,6 +327,13 @@ fn write_items(
     {
         let mut st = inner.lock();
         let flushed = st.flushed_id;
+        // A loss found since the batch was planned (a read, the cleaner, the scrub)
+        // holds the evidence: its copy left the index, so the loop below would not
+        // take it and the batch would pass its segment before the loss is recorded.
+        // Planned again, the batch stops before it.
+        if last > st.damage.writeback_limit(flushed) {
+            return Err(WbError::Rotten);
+        }
         let mut pos: HashMap<u64, usize> = HashMap::new();
         // Rotten copies: the live ones per segment, and whether a stale one is needed.
         let mut lost: Vec<(u64, Vec<(u64, u16)>)> = Vec::new();
