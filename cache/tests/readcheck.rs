@@ -34,6 +34,18 @@ fn flip(dev: &dyn BlockDevice, off: u64) {
     dev.write_at(&b, off & !511).unwrap();
 }
 
+/// The bytes of `d`, whole.
+fn image(d: &dyn BlockDevice) -> Vec<u8> {
+    let mut b = vec![0u8; d.size() as usize];
+    d.read_at(&mut b, 0).unwrap();
+    b
+}
+
+/// A copy of `d` as it is now (a power cut of whatever serves it).
+fn copy_of(d: &dyn BlockDevice) -> Arc<dyn BlockDevice> {
+    Arc::new(MemDevice::from_bytes(image(d), "copy"))
+}
+
 /// Lines written (64 KiB segments hold 15).
 const LINES: u64 = 12;
 
@@ -223,12 +235,7 @@ fn after_a_restart_a_line_that_rots_fails_its_read() {
         if checkpoint {
             assert!(c.checkpoint().unwrap());
         }
-        let image = |d: &dyn BlockDevice| {
-            let mut b = vec![0u8; d.size() as usize];
-            d.read_at(&mut b, 0).unwrap();
-            Arc::new(MemDevice::from_bytes(b, "copy")) as Arc<dyn BlockDevice>
-        };
-        let (cdev, bdev) = (image(cache.as_ref()), image(backing.as_ref()));
+        let (cdev, bdev) = (copy_of(cache.as_ref()), copy_of(backing.as_ref()));
         let g = c.geometry();
         c.kill();
         let counted = Arc::new(HoldDevice::new(cdev.clone(), false));
@@ -273,8 +280,7 @@ fn check_device_reads_the_lines_a_checkpoint_indexed() {
     let (c, cache, _) = twelve_lines_with(t);
     assert!(c.checkpoint().unwrap());
     let g = c.geometry();
-    let mut img = vec![0u8; cache.size() as usize];
-    cache.read_at(&mut img, 0).unwrap();
+    let img = image(cache.as_ref());
     c.kill();
     let check = |img: &[u8]| {
         let dev = MemDevice::from_bytes(img.to_vec(), "copy");
@@ -484,8 +490,7 @@ fn rotten_discard_record(checkpoint: bool) {
     }
     // Where the discard record lies, from the headers on the device.
     let g = c.geometry();
-    let mut img = vec![0u8; cache.size() as usize];
-    cache.read_at(&mut img, 0).unwrap();
+    let img = image(cache.as_ref());
     let sb = Superblock::decode(&img[..SB_COPY_SIZE], "c").unwrap();
     let (id, slot) = (1..4)
         .find_map(|id| {
@@ -496,12 +501,7 @@ fn rotten_discard_record(checkpoint: bool) {
         })
         .expect("a discard record on the device");
     flip(cache.as_ref(), g.line_offset(id, slot) + 9);
-    let copy = |d: &dyn BlockDevice| {
-        let mut b = vec![0u8; d.size() as usize];
-        d.read_at(&mut b, 0).unwrap();
-        Arc::new(MemDevice::from_bytes(b, "copy")) as Arc<dyn BlockDevice>
-    };
-    let (cdev, bdev) = (copy(cache.as_ref()), copy(backing.as_ref()));
+    let (cdev, bdev) = (copy_of(cache.as_ref()), copy_of(backing.as_ref()));
     let reads_as_written = |c: &Cache, what: &str| {
         let mut b = vec![0u8; LINE as usize];
         for l in 0..end {
@@ -604,30 +604,34 @@ fn a_lost_line_leaves_the_rest_of_the_cache_its_fast_paths() {
 }
 
 /// The cache device of [`a_loss_found_while_writeback_reads_its_segment_holds_it_back`]:
-/// reads of segment `seg` whole (writeback's) wait while `armed`; once `slow` is set,
+/// reads of segment `seg` whole (writeback's) wait while `hold` is set; while `slow` is,
 /// every other write but a superblock's waits 0.3 s (the loss records come late); and
 /// at the first superblock commit whose writeback point passes `seg` it copies itself
 /// and `backing` (a power cut right then).
 struct WritebackGate {
     inner: Arc<dyn BlockDevice>,
     backing: Arc<dyn BlockDevice>,
-    seg: (u64, usize, u64),
-    state: std::sync::Mutex<(bool, bool, bool)>,
+    seg: u64,
+    /// Segment `seg`'s byte offset and size: writeback's read of it.
+    seg_read: (u64, usize),
+    state: std::sync::Mutex<GateState>,
     cv: std::sync::Condvar,
     cut: std::sync::Mutex<Option<[Vec<u8>; 2]>>,
 }
 
+#[derive(Default)]
+struct GateState {
+    hold: bool,
+    /// A read of the segment came (and waits while `hold`).
+    held: bool,
+    slow: bool,
+}
+
 impl WritebackGate {
-    fn set(&self, f: impl FnOnce(&mut (bool, bool, bool))) {
+    fn set(&self, f: impl FnOnce(&mut GateState)) {
         f(&mut self.state.lock().unwrap());
         self.cv.notify_all();
     }
-}
-
-fn image(d: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; d.size() as usize];
-    d.read_at(&mut b, 0).unwrap();
-    b
 }
 
 impl BlockDevice for WritebackGate {
@@ -635,11 +639,11 @@ impl BlockDevice for WritebackGate {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if (offset, buf.len()) == (self.seg.0, self.seg.1) {
+        if (offset, buf.len()) == self.seg_read {
             let mut s = self.state.lock().unwrap();
-            s.1 = true;
+            s.held = true;
             self.cv.notify_all();
-            while s.0 {
+            while s.hold {
                 s = self.cv.wait(s).unwrap();
             }
         }
@@ -650,11 +654,11 @@ impl BlockDevice for WritebackGate {
         let sb = (offset < 2 * SB_COPY_SIZE as u64)
             .then(|| Superblock::decode(&data[..SB_COPY_SIZE], "c").ok())
             .flatten();
-        if sb.is_none() && self.state.lock().unwrap().2 {
+        if sb.is_none() && self.state.lock().unwrap().slow {
             std::thread::sleep(std::time::Duration::from_millis(300));
         }
         self.inner.write_at(data, offset)?;
-        if sb.is_some_and(|sb| sb.last_writeback_id >= self.seg.2) {
+        if sb.is_some_and(|sb| sb.last_writeback_id >= self.seg) {
             let mut cut = self.cut.lock().unwrap();
             if cut.is_none() {
                 *cut = Some([image(self.inner.as_ref()), image(self.backing.as_ref())]);
@@ -689,8 +693,9 @@ fn a_loss_found_while_writeback_reads_its_segment_holds_it_back() {
     let gate = Arc::new(WritebackGate {
         inner: mem.clone(),
         backing: backing.clone(),
-        seg: (g.segment_offset(1), g.segment_size as usize, 1),
-        state: std::sync::Mutex::new((false, false, false)),
+        seg: 1,
+        seg_read: (g.segment_offset(1), g.segment_size as usize),
+        state: std::sync::Mutex::new(GateState::default()),
         cv: std::sync::Condvar::new(),
         cut: std::sync::Mutex::new(None),
     });
@@ -702,23 +707,23 @@ fn a_loss_found_while_writeback_reads_its_segment_holds_it_back() {
     c.flush().unwrap();
     flip(mem.as_ref(), g.line_offset(1, 4) + 5);
     // Writeback reads segment 1 and waits there.
-    gate.set(|s| s.0 = true);
+    gate.set(|s| s.hold = true);
     c.set_tunable("writeback_threshold", "0").unwrap();
     c.set_tunable("writeback_enabled", "true").unwrap();
     {
         let s = gate.state.lock().unwrap();
         let (s, t) = gate
             .cv
-            .wait_timeout_while(s, std::time::Duration::from_secs(20), |s| !s.1)
+            .wait_timeout_while(s, std::time::Duration::from_secs(20), |s| !s.held)
             .unwrap();
         assert!(!t.timed_out(), "writeback never read segment 1");
         drop(s);
     }
     // The loss records come late; a read finds the loss; writeback goes on.
-    gate.set(|s| s.2 = true);
+    gate.set(|s| s.slow = true);
     let mut b = vec![0u8; LINE as usize];
     expect_lost(c.read(0, 4 * LINE, &mut b), 4, "found by a read");
-    gate.set(|s| s.0 = false);
+    gate.set(|s| s.hold = false);
     let t0 = std::time::Instant::now();
     while c.stats().last_writeback_id < 1 {
         assert!(
@@ -727,7 +732,7 @@ fn a_loss_found_while_writeback_reads_its_segment_holds_it_back() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    gate.set(|s| s.2 = false);
+    gate.set(|s| s.slow = false);
     let [cache_img, backing_img] = gate.cut.lock().unwrap().take().expect("the cut");
     c.kill();
     let (c, r) = open_report(
